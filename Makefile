@@ -1,0 +1,25 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: deps demo test test-unit test-bpf test-e2e bench clean
+
+deps:
+	./scripts/install-deps
+
+demo: deps
+	$(PY) -m agent.lab.demo
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: deps
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-bpf: deps
+	$(PY) -m pytest -m bpf $(PYTEST_ARGS)
+
+test-e2e: deps
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

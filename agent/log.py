@@ -1,0 +1,72 @@
+"""Logging: structlog configured once for the whole agent.
+
+Every logger carries a ``subsys`` field naming the part of vipd that speaks, so operators
+can filter one concern (the same convention as Cilium's ``subsys=bgp-control-plane``):
+
+    bgp-control-plane, datapath, lb, routes, config, api
+
+Output is JSON lines when stdout is not a TTY (journald, kubectl logs, CI) and a coloured
+console rendering otherwise. Stdlib loggers (grpc, pyroute2, asyncio) are routed through the
+same processors so there is one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+SUBSYSTEMS = ("bgp-control-plane", "datapath", "lb", "routes", "config", "api", "daemon", "lab")
+
+_configured = False
+
+
+def configure(level: str | int = "INFO", *, json: bool | None = None) -> None:
+    """Configure structlog and the stdlib root logger. Idempotent; later calls only change level."""
+    global _configured
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    if json is None:
+        json = not sys.stdout.isatty()
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    if not _configured:
+        root.handlers[:] = [handler]
+    root.setLevel(level)
+    _configured = True
+
+
+def get_logger(subsys: str, **bound):
+    """A structlog logger bound to ``subsys`` (one of SUBSYSTEMS)."""
+    if subsys not in SUBSYSTEMS:
+        raise ValueError(f"unknown subsys {subsys!r}; use one of {SUBSYSTEMS}")
+    if not _configured:
+        configure()
+    return structlog.get_logger(f"vipd.{subsys}").bind(subsys=subsys, **bound)
