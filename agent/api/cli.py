@@ -1,0 +1,270 @@
+"""``vipctl``: the command-line client of vipd's API (and two offline tools).
+
+    vipctl bgp peers                                   (alias: neighbors)
+    vipctl bgp routes [available|advertised] [ipv4|ipv6] [unicast] [vrouter ASN] [peer|neighbor ADDR]
+    vipctl bgp route-policies [vrouter ASN]            (alias: rps)
+    vipctl status
+    vipctl config validate DIR                         (offline: no daemon needed)
+    vipctl migrate FILE...                             (offline: legacy -> v2 resources as YAML)
+
+Global options, accepted before or after the command: ``-o table|json``, ``--socket PATH``
+(repeatable: several nodes print one cluster-wide table with a Node column, as
+``cilium bgp peers`` does). ``VIPD_SOCKET`` (comma-separated) sets the default socket(s).
+Exit status: 0 ok, 1 daemon unreachable or API error, 2 usage error or invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from agent.api.gen import ensure_generated
+
+ensure_generated()
+import grpc  # noqa: E402
+from google.protobuf.json_format import MessageToDict  # noqa: E402
+
+from agent.api import printers, vipd_pb2, vipd_pb2_grpc  # noqa: E402
+
+DEFAULT_SOCKET = "/run/vipd/vipd.sock"
+TIMEOUT = 10.0
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------------
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS so an option given at the top level is not reset by a subcommand's default.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
+                   help="table (default) or json (the API model, verbatim)")
+    p.add_argument("--socket", action="append", default=argparse.SUPPRESS, metavar="PATH",
+                   help="vipd API socket (repeatable; default $VIPD_SOCKET or " + DEFAULT_SOCKET + ")")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="vipctl", parents=[common],
+                                     description="Inspect and configure vipd.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    bgp = sub.add_parser("bgp", parents=[common], help="BGP control plane state")
+    bsub = bgp.add_subparsers(dest="bgp_cmd", required=True, metavar="SUBCOMMAND")
+    peers = bsub.add_parser("peers", aliases=["neighbors"], parents=[common],
+                            help="BGP peering state (cilium-dbg bgp peers)")
+    peers.add_argument("--cluster", action="store_true",
+                       help="cluster layout with a Node column (implied by several --socket)")
+    peers.set_defaults(func=cmd_peers)
+    routes = bsub.add_parser(
+        "routes", parents=[common], help="routes available (loc-rib) or advertised (per peer)",
+        description="vipctl bgp routes <available|advertised> <afi> <safi> [vrouter <asn>] "
+                    "[peer|neighbor <address>]\n\nExample:\n  vipctl bgp routes advertised ipv4 unicast peer 10.0.5.1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    routes.add_argument("words", nargs="*", metavar="ARG")
+    routes.add_argument("--cluster", action="store_true", help="cluster layout with a Node column")
+    routes.set_defaults(func=cmd_routes)
+    rps = bsub.add_parser("route-policies", aliases=["rps"], parents=[common],
+                          help="route policies computed from the advertisements")
+    rps.add_argument("words", nargs="*", metavar="vrouter ASN")
+    rps.add_argument("--families", action="store_true", help="add the Match Families column")
+    rps.set_defaults(func=cmd_route_policies)
+
+    status = sub.add_parser("status", parents=[common], help="conditions, reconcile errors, config errors")
+    status.set_defaults(func=cmd_status)
+
+    config = sub.add_parser("config", parents=[common], help="offline configuration tools")
+    csub = config.add_subparsers(dest="config_cmd", required=True, metavar="SUBCOMMAND")
+    validate = csub.add_parser("validate", parents=[common],
+                               help="load and validate every *.yaml/*.yml in DIR (no daemon needed)")
+    validate.add_argument("dir")
+    validate.set_defaults(func=cmd_config_validate)
+
+    migrate = sub.add_parser("migrate", parents=[common],
+                             help="convert CiliumBGPPeeringPolicy / MetalLB bgp-config to v2 resources")
+    migrate.add_argument("files", nargs="+", metavar="FILE")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def parse_routes_words(words: Sequence[str]) -> tuple[vipd_pb2.ListRoutesRequest, list[str]]:
+    """Cilium's positional grammar; returns the request and notes such as '(Defaulting to ...)'."""
+    words = list(words)
+    notes = []
+    table = words.pop(0) if words and words[0] in ("available", "advertised") else None
+    afi = words.pop(0) if words and words[0] in ("ipv4", "ipv6") else None
+    safi = words.pop(0) if words and words[0] in ("unicast",) else None
+    if table is None or afi is None or safi is None:
+        table, afi, safi = table or "available", afi or "ipv4", safi or "unicast"
+        notes.append(f"(Defaulting to `{table} {afi} {safi}` routes, please see help for more options)")
+    req = vipd_pb2.ListRoutesRequest(
+        table=vipd_pb2.AVAILABLE if table == "available" else vipd_pb2.ADVERTISED, afi=afi, safi=safi)
+    while words:
+        key = words.pop(0)
+        if not words:
+            raise CliError(f"missing value after {key!r}", 2)
+        value = words.pop(0)
+        if key == "vrouter":
+            if not value.isdigit():
+                raise CliError(f"vrouter must be an ASN, got {value!r}", 2)
+            req.vrouter = int(value)
+        elif key in ("peer", "neighbor"):
+            req.peer = value
+        else:
+            raise CliError(f"unexpected argument {key!r}; expected vrouter <asn> or peer <address>", 2)
+    if req.peer and req.table != vipd_pb2.ADVERTISED:
+        raise CliError("a peer filter needs `advertised` routes", 2)
+    return req, notes
+
+
+# --------------------------------------------------------------------------------------------
+# talking to daemons
+# --------------------------------------------------------------------------------------------
+
+def sockets_from(args) -> list[str]:
+    given = getattr(args, "socket", None)
+    if given:
+        return list(given)
+    env = os.environ.get("VIPD_SOCKET", "")
+    return [s for s in env.split(",") if s] or [DEFAULT_SOCKET]
+
+
+def _target(sock: str) -> str:
+    if sock.startswith("unix:"):
+        return sock
+    return "unix://" + os.path.abspath(sock)
+
+
+def call(sock: str, method: str, request) -> object:
+    with grpc.insecure_channel(_target(sock)) as channel:
+        stub = vipd_pb2_grpc.VipdStub(channel)
+        try:
+            return getattr(stub, method)(request, timeout=TIMEOUT)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise CliError(f"cannot reach vipd at {sock}: {exc.details()} "
+                               "(is `vipd run` up? select it with --socket or VIPD_SOCKET)") from None
+            raise CliError(f"vipd at {sock}: {code.name}: {exc.details()}") from None
+
+
+def to_json(msg) -> dict:
+    return MessageToDict(msg, always_print_fields_with_no_presence=True)
+
+
+def _gather(args, method: str, request) -> list:
+    return [call(s, method, request) for s in sockets_from(args)]
+
+
+def _print_json(responses: list) -> None:
+    data = [to_json(r) for r in responses]
+    print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+
+
+def _cluster(args, responses) -> bool:
+    return getattr(args, "cluster", False) or len(responses) > 1
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+def cmd_peers(args) -> int:
+    responses = _gather(args, "ListPeers", vipd_pb2.ListPeersRequest())
+    if args.output == "json":
+        _print_json(responses)
+        return 0
+    peers = [p for r in responses for p in r.peers]
+    sys.stdout.write(printers.peers_table(peers, cluster=_cluster(args, responses)))
+    return 0
+
+
+def cmd_routes(args) -> int:
+    request, notes = parse_routes_words(args.words)
+    for note in notes:
+        print(note, file=sys.stderr)
+    responses = _gather(args, "ListRoutes", request)
+    if args.output == "json":
+        _print_json(responses)
+        return 0
+    routes = [r for resp in responses for r in resp.routes]
+    sys.stdout.write(printers.routes_table(routes, advertised=request.table == vipd_pb2.ADVERTISED,
+                                           cluster=_cluster(args, responses)))
+    return 0
+
+
+def cmd_route_policies(args) -> int:
+    request = vipd_pb2.ListRoutePoliciesRequest()
+    words = list(args.words)
+    if words:
+        if len(words) != 2 or words[0] != "vrouter" or not words[1].isdigit():
+            raise CliError("usage: vipctl bgp route-policies [vrouter <asn>]", 2)
+        request.vrouter = int(words[1])
+    responses = _gather(args, "ListRoutePolicies", request)
+    if args.output == "json":
+        _print_json(responses)
+        return 0
+    for resp in responses:
+        if len(responses) > 1:
+            print(f"Node: {resp.node}")
+        sys.stdout.write(printers.route_policies_table(resp.policies, families=args.families))
+    return 0
+
+
+def cmd_status(args) -> int:
+    responses = _gather(args, "GetStatus", vipd_pb2.GetStatusRequest())
+    if args.output == "json":
+        _print_json(responses)
+        return 0
+    sys.stdout.write("\n".join(printers.status_text(r) for r in responses))
+    return 0
+
+
+def cmd_config_validate(args) -> int:
+    from agent.sources.files import validate_dir
+
+    report = validate_dir(args.dir)
+    if args.output == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        sys.stdout.write(report.text())
+    return 0 if report.ok else 2
+
+
+def cmd_migrate(args) -> int:
+    from agent.sources.files import migrate_files
+
+    text = migrate_files(args.files)
+    sys.stdout.write(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "output"):
+        args.output = "table"
+    func: Callable = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        print(f"vipctl: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

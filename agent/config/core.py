@@ -1,0 +1,274 @@
+"""Kubernetes core objects, modelled only as far as the control-plane rules read them.
+
+Unknown fields are ignored (``kubectl get -o yaml`` output must load), but the fields we read are
+validated: addresses must be addresses, policies must be one of Kubernetes' values.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from agent.config.cilium import Resource, check_ip
+from agent.config.meta import LooseModel
+
+SERVICE_NAME_LABEL = "io.kubernetes.service.name"
+SERVICE_NAMESPACE_LABEL = "io.kubernetes.service.namespace"
+ENDPOINTSLICE_SERVICE_LABEL = "kubernetes.io/service-name"
+
+
+class CoreResource(Resource):
+    model_config = {"extra": "ignore"}
+    NAMESPACED = True
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+
+# ----------------------------------------------------------------------------------------- Node
+
+
+class NodeAddress(LooseModel):
+    type: str
+    address: str
+
+
+class NodeSpec(LooseModel):
+    pod_cidr: str | None = Field(None, alias="podCIDR")
+    pod_cidrs: list[str] | None = Field(None, alias="podCIDRs")
+
+    @field_validator("pod_cidr")
+    @classmethod
+    def _one(cls, v):
+        if v is not None:
+            _check_cidr(v)
+        return v
+
+    @field_validator("pod_cidrs")
+    @classmethod
+    def _many(cls, v):
+        for c in v or []:
+            _check_cidr(c)
+        return v
+
+
+def _check_cidr(v: str) -> None:
+    try:
+        ipaddress.ip_network(v, strict=True)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a network in CIDR form (host bits must be zero)") from None
+
+
+class NodeStatus(LooseModel):
+    addresses: list[NodeAddress] = Field(default_factory=list)
+
+
+class Node(CoreResource):
+    KIND = "Node"
+    API_VERSIONS = ("v1",)
+    NAMESPACED = False
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+    status: NodeStatus = Field(default_factory=NodeStatus)
+
+    @property
+    def namespace(self) -> None:
+        return None
+
+    @property
+    def pod_cidrs(self) -> list[str]:
+        """spec.podCIDRs, else spec.podCIDR (older objects), de-duplicated, in order."""
+        out: list[str] = []
+        for c in list(self.spec.pod_cidrs or []) + ([self.spec.pod_cidr] if self.spec.pod_cidr
+                                                    else []):
+            c = str(ipaddress.ip_network(c))
+            if c not in out:
+                out.append(c)
+        return out
+
+    def addresses(self, version: int) -> list[str]:
+        """Node addresses of one IP version, InternalIP first (Cilium's node IP choice)."""
+        order = {"InternalIP": 0, "ExternalIP": 1}
+        found = []
+        for a in self.status.addresses:
+            try:
+                ip = ipaddress.ip_address(a.address)
+            except ValueError:
+                continue
+            if ip.version == version:
+                found.append((order.get(a.type, 2), str(ip)))
+        return [ip for _, ip in sorted(found, key=lambda t: t[0])]
+
+
+# -------------------------------------------------------------------------------------- Service
+
+
+class ServicePort(LooseModel):
+    name: str | None = None
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+    target_port: int | str | None = None
+    node_port: int | None = None
+
+
+class ServiceSpec(LooseModel):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
+    cluster_ip: str | None = Field(None, alias="clusterIP")
+    cluster_ips: list[str] | None = Field(None, alias="clusterIPs")
+    external_ips: list[str] | None = Field(None, alias="externalIPs")
+    load_balancer_ip: str | None = Field(None, alias="loadBalancerIP")
+    load_balancer_class: str | None = None
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    ports: list[ServicePort] = Field(default_factory=list)
+    selector: dict[str, str] | None = None
+    ip_families: list[Literal["IPv4", "IPv6"]] | None = None
+    ip_family_policy: Literal["SingleStack", "PreferDualStack", "RequireDualStack"] | None = None
+
+    @field_validator("cluster_ip", "load_balancer_ip")
+    @classmethod
+    def _ip(cls, v):
+        if v in (None, "", "None"):
+            return v
+        return check_ip(v)
+
+    @field_validator("cluster_ips", "external_ips")
+    @classmethod
+    def _ips(cls, v):
+        for ip in v or []:
+            if ip not in ("", "None"):
+                check_ip(ip)
+        return v
+
+
+class LoadBalancerIngress(LooseModel):
+    ip: str | None = None
+    hostname: str | None = None
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v):
+        return None if v is None else check_ip(v)
+
+
+class LoadBalancerStatus(LooseModel):
+    ingress: list[LoadBalancerIngress] | None = None
+
+
+class ServiceStatus(LooseModel):
+    load_balancer: LoadBalancerStatus | None = None
+    conditions: list[dict] | None = None
+
+
+class Service(CoreResource):
+    KIND = "Service"
+    API_VERSIONS = ("v1",)
+    spec: ServiceSpec = Field(default_factory=ServiceSpec)
+    status: ServiceStatus = Field(default_factory=ServiceStatus)
+
+    @property
+    def selector_labels(self) -> dict[str, str]:
+        """Labels plus the synthetic name/namespace labels Cilium's selectors can match."""
+        return {**self.metadata.labels, SERVICE_NAME_LABEL: self.name,
+                SERVICE_NAMESPACE_LABEL: self.namespace}
+
+    @property
+    def cluster_ips(self) -> list[str]:
+        ips = list(self.spec.cluster_ips or [])
+        if self.spec.cluster_ip and self.spec.cluster_ip not in ips:
+            ips.insert(0, self.spec.cluster_ip)
+        return [ip for ip in ips if ip not in ("", "None")]
+
+    @property
+    def ingress_ips(self) -> list[str]:
+        lb = self.status.load_balancer
+        return [i.ip for i in (lb.ingress or []) if i.ip] if lb else []
+
+
+# -------------------------------------------------------------------------------- EndpointSlice
+
+
+class EndpointConditions(LooseModel):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+
+class Endpoint(LooseModel):
+    addresses: list[str] = Field(min_length=1)
+    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+    node_name: str | None = None
+
+    @field_validator("addresses")
+    @classmethod
+    def _ips(cls, v):
+        for ip in v:
+            check_ip(ip)
+        return v
+
+    @property
+    def is_active(self) -> bool:
+        """Cilium counts only Active backends: ready (nil means ready, per the k8s API) and not
+        terminating."""
+        c = self.conditions
+        return c.ready is not False and c.terminating is not True
+
+
+class EndpointPort(LooseModel):
+    name: str | None = None
+    port: int | None = None
+    protocol: str | None = "TCP"
+
+
+class EndpointSlice(CoreResource):
+    KIND = "EndpointSlice"
+    API_VERSIONS = ("discovery.k8s.io/v1",)
+    address_type: Literal["IPv4", "IPv6", "FQDN"] = "IPv4"
+    endpoints: list[Endpoint] | None = None
+    ports: list[EndpointPort] | None = None
+
+    @property
+    def service_name(self) -> str | None:
+        return self.metadata.labels.get(ENDPOINTSLICE_SERVICE_LABEL)
+
+
+# --------------------------------------------------------------------------------------- Secret
+
+
+class Secret(CoreResource):
+    KIND = "Secret"
+    API_VERSIONS = ("v1",)
+    data: dict[str, str] | None = None
+    string_data: dict[str, str] | None = None
+    type: str | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _b64(cls, v):
+        for k, val in (v or {}).items():
+            try:
+                base64.b64decode(val, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"data.{k} is not base64 (use stringData for plain text)") \
+                    from None
+        return v
+
+    def value(self, key: str) -> str | None:
+        if self.string_data and key in self.string_data:
+            return self.string_data[key]
+        if self.data and key in self.data:
+            return base64.b64decode(self.data[key]).decode()
+        return None
+
+
+class ConfigMap(CoreResource):
+    KIND = "ConfigMap"
+    API_VERSIONS = ("v1",)
+    data: dict[str, str] | None = None
+
+
+CORE_KINDS = (Node, Service, EndpointSlice, Secret, ConfigMap)

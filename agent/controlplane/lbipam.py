@@ -1,0 +1,338 @@
+"""LB-IPAM: allocate status.loadBalancer.ingress IPs from CiliumLoadBalancerIPPools.
+
+A pure re-statement of Cilium's operator/pkg/lbipam for one snapshot of objects:
+
+* dormant (no result at all) until the first pool exists;
+* handles ``type: LoadBalancer`` Services whose loadBalancerClass is unset or one Cilium handles;
+* pools are processed oldest first; a pool whose block overlaps an earlier pool's block is marked
+  ``cilium.io/PoolConflict`` and never allocated from;
+* previous allocations (persisted by the daemon) and existing ingress IPs are restored first when
+  still valid, so allocations are stable across restarts and re-computation;
+* requested IPs (``lbipam.cilium.io/ips`` / ``io.cilium/lb-ipam-ips``, ``spec.loadBalancerIP``)
+  and sharing keys follow Cilium's compatibility rules and condition reasons.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from agent.config import ObjectSet
+from agent.config.cilium import BGP_LOAD_BALANCER_CLASS, L2_LOAD_BALANCER_CLASS
+from agent.config.core import Service
+from agent.controlplane.types import Condition, LbIpamResult
+
+IPS_ANNOTATIONS = ("lbipam.cilium.io/ips", "io.cilium/lb-ipam-ips")
+SHARING_KEY_ANNOTATIONS = ("lbipam.cilium.io/sharing-key", "io.cilium/lb-ipam-sharing-key")
+SHARING_NS_ANNOTATIONS = ("lbipam.cilium.io/sharing-cross-namespace",
+                          "io.cilium/lb-ipam-sharing-cross-namespace")
+HANDLED_CLASSES = (BGP_LOAD_BALANCER_CLASS, L2_LOAD_BALANCER_CLASS)
+
+REQUEST_SATISFIED = "cilium.io/IPAMRequestSatisfied"
+POOL_CONFLICT = "cilium.io/PoolConflict"
+IPS_TOTAL, IPS_AVAILABLE, IPS_USED = "cilium.io/IPsTotal", "cilium.io/IPsAvailable", \
+    "cilium.io/IPsUsed"
+NO_POOL_MSG = "There are no enabled CiliumLoadBalancerIPPools that match this service"
+OUT_OF_IPS_MSG = ("All enabled CiliumLoadBalancerIPPools that match this service ran out of "
+                  "allocatable IPs")
+
+
+def _annotation(svc: Service, keys: tuple[str, ...]) -> str:
+    for k in keys:
+        v = svc.metadata.annotations.get(k, "")
+        if v:
+            return v
+    return ""
+
+
+@dataclass
+class _Range:
+    pool: str
+    text: str          # as shown in conflict messages
+    version: int
+    first: int
+    last: int
+    reserved: frozenset[int]
+    disabled: bool     # pool.spec.disabled: no new allocations
+    pool_labels: object = None   # the pool's serviceSelector
+
+    def contains(self, ip: int, version: int) -> bool:
+        return version == self.version and self.first <= ip <= self.last
+
+    def overlaps(self, other: "_Range") -> bool:
+        return self.version == other.version and self.first <= other.last and \
+            other.first <= self.last
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1 - len(self.reserved)
+
+
+@dataclass
+class _View:
+    key: str
+    namespace: str
+    labels: dict[str, str]
+    sharing_key: str
+    cross_ns: list[str]
+    etp: str
+    ports: set[int]
+    selector: dict[str, str]
+    requested: list[str]
+    want_v4: bool
+    want_v6: bool
+    allocated: list[str] = field(default_factory=list)
+    condition: Condition | None = None
+
+    def fail(self, reason: str, message: str) -> None:
+        self.condition = Condition(REQUEST_SATISFIED, "False", reason, message)
+
+    def satisfied(self) -> bool:
+        if self.requested:
+            return all(ip in self.allocated for ip in self.requested)
+        have4 = any(ipaddress.ip_address(i).version == 4 for i in self.allocated)
+        have6 = any(ipaddress.ip_address(i).version == 6 for i in self.allocated)
+        return not ((self.want_v4 and not have4) or (self.want_v6 and not have6))
+
+
+def is_compatible(a: _View, b: _View) -> tuple[bool, str]:
+    """Cilium's ServiceView.isCompatible: may ``a`` share an IP with ``b``?"""
+    if a.sharing_key != b.sharing_key:
+        return False, "different sharing key"
+    if a.namespace != b.namespace:
+        if (b.namespace not in a.cross_ns and "*" not in a.cross_ns) or \
+                (a.namespace not in b.cross_ns and "*" not in b.cross_ns):
+            return False, "different and not permitted namespace"
+    if a.ports & b.ports:   # protocol ignored: the datapath cannot tell them apart
+        return False, "same port"
+    if a.etp != b.etp:
+        return False, "different ExternalTrafficPolicy"
+    if a.etp == "Local" and (not a.selector or not b.selector or a.selector != b.selector):
+        return False, "compatible ExternalTrafficPolicy local but selecting different set of pods"
+    return True, ""
+
+
+def is_handled(svc: Service) -> bool:
+    if svc.spec.type != "LoadBalancer":
+        return False
+    cls = svc.spec.load_balancer_class
+    return cls is None or cls in HANDLED_CLASSES
+
+
+def _view(svc: Service) -> _View:
+    requested: list[str] = []
+    for raw in [svc.spec.load_balancer_ip or ""] + _annotation(svc, IPS_ANNOTATIONS).split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            ip = str(ipaddress.ip_address(raw))
+        except ValueError:
+            continue   # Cilium logs and ignores unparsable requests
+        if ip not in requested:
+            requested.append(ip)
+    families = svc.spec.ip_families or ["IPv4"]
+    policy = svc.spec.ip_family_policy or "SingleStack"
+    if policy == "SingleStack":
+        want = {families[0]}
+    else:
+        want = {"IPv4", "IPv6"}
+    cross = [x.strip() for x in _annotation(svc, SHARING_NS_ANNOTATIONS).split(",") if x.strip()]
+    return _View(
+        key=f"{svc.namespace}/{svc.name}", namespace=svc.namespace, labels=svc.selector_labels,
+        sharing_key=_annotation(svc, SHARING_KEY_ANNOTATIONS), cross_ns=cross,
+        etp=svc.spec.external_traffic_policy, ports={p.port for p in svc.spec.ports},
+        selector=dict(svc.spec.selector or {}), requested=requested,
+        want_v4="IPv4" in want, want_v6="IPv6" in want)
+
+
+def _ranges(objects: ObjectSet) -> tuple[list[_Range], dict[str, str]]:
+    """All ranges of non-conflicting pools, and pool -> conflict message."""
+    accepted: list[_Range] = []
+    conflicts: dict[str, str] = {}
+    for pool in objects.lb_pools:
+        mine: list[_Range] = []
+        for b in pool.spec.all_blocks:
+            if b.cidr:
+                net = ipaddress.ip_network(b.cidr, strict=False)
+                first, last = int(net.network_address), int(net.broadcast_address)
+                reserved: frozenset[int] = frozenset()
+                # allowFirstLastIPs: unset means Yes (Cilium >= 1.16); /31,/32,/127,/128 exempt
+                if pool.spec.allow_first_last_ips == "No" and net.prefixlen < net.max_prefixlen - 1:
+                    reserved = frozenset({first, last})
+                mine.append(_Range(pool.name, str(net), net.version, first, last, reserved,
+                                   pool.spec.disabled, pool.spec.service_selector))
+            else:
+                start = ipaddress.ip_address(b.start)
+                stop = ipaddress.ip_address(b.stop or b.start)
+                mine.append(_Range(pool.name, f"{start} - {stop}", start.version, int(start),
+                                   int(stop), frozenset(), pool.spec.disabled,
+                                   pool.spec.service_selector))
+        clash = next(((r, o) for r in mine for o in accepted if r.overlaps(o)), None)
+        if clash:
+            r, o = clash
+            conflicts[pool.name] = (f"Pool conflicts since range '{r.text}' overlaps range "
+                                    f"'{o.text}' from IP Pool '{o.pool}'")
+            continue
+        accepted.extend(mine)
+    return accepted, conflicts
+
+
+class _Allocator:
+    def __init__(self, ranges: list[_Range]):
+        self.ranges = ranges
+        self.clusters: dict[str, list[_View]] = {}   # ip -> services sharing it
+        self.origin: dict[str, _Range] = {}
+        self.by_key: dict[str, list[str]] = {}       # sharing key -> ips
+
+    def find_range(self, view: _View, ip: str, *, allow_disabled: bool) -> tuple[_Range | None,
+                                                                                  bool]:
+        addr = ipaddress.ip_address(ip)
+        found_pool = False
+        for r in self.ranges:
+            if (r.disabled and not allow_disabled) or not r.contains(int(addr), addr.version):
+                continue
+            found_pool = True
+            if r.pool_labels is not None and not r.pool_labels.matches(view.labels):
+                continue
+            if int(addr) in r.reserved:
+                continue
+            return r, False
+        return None, found_pool
+
+    def take(self, view: _View, ip: str, r: _Range) -> None:
+        self.clusters.setdefault(ip, []).append(view)
+        self.origin[ip] = r
+        view.allocated.append(ip)
+        if view.sharing_key and ip not in self.by_key.setdefault(view.sharing_key, []):
+            self.by_key[view.sharing_key].append(ip)
+
+    def compatible_with_cluster(self, view: _View, ip: str) -> tuple[bool, str]:
+        for other in self.clusters[ip]:
+            ok, reason = is_compatible(view, other)
+            if not ok:
+                return False, reason
+        return True, ""
+
+    def alloc_any(self, view: _View, version: int) -> tuple[str | None, bool]:
+        full = False
+        for r in self.ranges:
+            if r.disabled or r.version != version:
+                continue
+            if r.pool_labels is not None and not r.pool_labels.matches(view.labels):
+                continue
+            for n in range(r.first, r.last + 1):
+                if n in r.reserved:
+                    continue
+                ip = str(ipaddress.ip_address(n))
+                if ip not in self.clusters:
+                    self.take(view, ip, r)
+                    return ip, False
+            full = True
+        return None, full
+
+
+def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]] | None = None
+             ) -> LbIpamResult:
+    if not objects.lb_pools:
+        return LbIpamResult()    # dormant until the first pool exists
+    previous = previous_allocations or {}
+    ranges, conflicts = _ranges(objects)
+    alloc = _Allocator(ranges)
+    views = [_view(s) for s in objects.services if is_handled(s)]
+    ingress = {f"{s.namespace}/{s.name}": s.ingress_ips for s in objects.services}
+
+    # 1. restore: previous allocations first, then ingress IPs already in the object
+    for v in views:
+        for ip in list(previous.get(v.key, ())) + ingress.get(v.key, []):
+            try:
+                ip = str(ipaddress.ip_address(ip))
+            except ValueError:
+                continue
+            if ip in v.allocated:
+                continue
+            if v.requested and ip not in v.requested:
+                continue   # not in a changed request list
+            version = ipaddress.ip_address(ip).version
+            if (version == 4 and not v.want_v4 and not v.requested) or \
+                    (version == 6 and not v.want_v6 and not v.requested):
+                continue   # family no longer requested
+            r, _ = alloc.find_range(v, ip, allow_disabled=True)   # disabled keeps existing
+            if r is None or ip in alloc.clusters:
+                continue   # pool gone / selector no longer matches / in use: regular logic
+            alloc.take(v, ip, r)
+
+    # 2. satisfy
+    for v in views:
+        if v.requested:
+            for ip in v.requested:
+                if ip in v.allocated:
+                    continue
+                r, found_pool = alloc.find_range(v, ip, allow_disabled=False)
+                if r is None:
+                    if found_pool:
+                        v.fail("pool_selector_mismatch",
+                               f"The pool with the CIDR containing '{ip}', doesn't select this "
+                               "service")
+                    else:
+                        v.fail("no_pool", f"No pool exists with a CIDR containing '{ip}'")
+                    continue
+                if ip in alloc.clusters:
+                    if not v.sharing_key:
+                        v.fail("already_allocated",
+                               f"The IP '{ip}' is already allocated to another service")
+                        continue
+                    ok, reason = alloc.compatible_with_cluster(v, ip)
+                    if not ok:
+                        v.fail("already_allocated_incompatible_service",
+                               f"The IP '{ip}' is already allocated to an incompatible service. "
+                               f"Reason: {reason}")
+                        continue
+                alloc.take(v, ip, r)
+        else:
+            for version, wanted in ((4, v.want_v4), (6, v.want_v6)):
+                if not wanted or any(ipaddress.ip_address(i).version == version
+                                     for i in v.allocated):
+                    continue
+                shared = False
+                for ip in alloc.by_key.get(v.sharing_key, []) if v.sharing_key else []:
+                    if ipaddress.ip_address(ip).version == version and \
+                            alloc.compatible_with_cluster(v, ip)[0]:
+                        alloc.take(v, ip, alloc.origin[ip])
+                        shared = True
+                        break
+                if shared:
+                    continue
+                ip, full = alloc.alloc_any(v, version)
+                if ip is None:
+                    if full:
+                        v.fail("out_of_ips", OUT_OF_IPS_MSG)
+                    else:
+                        v.fail("no_pool", NO_POOL_MSG)
+        if v.satisfied():
+            v.condition = Condition(REQUEST_SATISFIED, "True", "satisfied", "")
+
+    allocations = {v.key: tuple(sorted(v.allocated, key=_ip_sort)) for v in views if v.allocated}
+    service_conditions = {v.key: v.condition for v in views if v.condition is not None}
+
+    pool_conditions: dict[str, tuple[Condition, ...]] = {}
+    for pool in objects.lb_pools:
+        mine = [r for r in ranges if r.pool == pool.name]
+        total = sum(r.size for r in mine)
+        used = sum(1 for ip, r in alloc.origin.items() if r.pool == pool.name)
+        conds = [
+            Condition(IPS_AVAILABLE, "Unknown", "noreason", str(total - used)),
+            Condition(IPS_TOTAL, "Unknown", "noreason", str(total)),
+            Condition(IPS_USED, "Unknown", "noreason", str(used)),
+        ]
+        if pool.name in conflicts:
+            conds.append(Condition(POOL_CONFLICT, "True", "cidr_overlap", conflicts[pool.name]))
+        else:
+            conds.append(Condition(POOL_CONFLICT, "False", "resolved", ""))
+        pool_conditions[pool.name] = tuple(sorted(conds, key=lambda c: c.type))
+    return LbIpamResult(allocations, service_conditions, pool_conditions)
+
+
+def _ip_sort(ip: str):
+    a = ipaddress.ip_address(ip)
+    return (a.version, int(a))

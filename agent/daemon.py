@@ -1,0 +1,197 @@
+"""vipd, the node agent: ``vipd run --config DIR --node-name NAME``.
+
+Wiring only (the logic lives in the pure control plane and the reconcilers):
+
+    FileSource(DIR) --snapshots--> Store --> Controller (LB-IPAM, node config, neighbors,
+                                             advertisements, status) --> BGP speakers
+    ApiServer(unix socket) <-- ControllerProvider (read-only views for vipctl)
+
+Signals:
+  SIGTERM / SIGINT  graceful-restart stop: every speaker closes its TCP sessions *without* a
+                    NOTIFICATION (``stop(notify=False)``), so peers that negotiated graceful
+                    restart keep our routes for restartTime; the datapath (BPF programs and
+                    pinned maps) is left attached and keeps forwarding. A new vipd adopts it.
+  SIGHUP            re-read the config directory now (it is also watched continuously).
+  ``vipd run --shutdown-mode=notify`` makes SIGTERM send Cease instead (peers withdraw at
+  once), for decommissioning a node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from agent.log import configure, get_logger
+
+DEFAULT_STATE_DIR = "/var/lib/vipd"
+DEFAULT_SOCKET = "/run/vipd/vipd.sock"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vipd")
+    except Exception:  # noqa: BLE001
+        return "dev"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vipd", description="vipd node agent")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the agent with the file source (a directory of manifests)")
+    run.add_argument("--config", required=True, metavar="DIR",
+                     help="directory of *.yaml/*.yml manifests (watched; changes apply without restart)")
+    run.add_argument("--node-name", required=True, metavar="NAME",
+                     help="this node's Node object name (default: none; required)")
+    run.add_argument("--api-socket", default=DEFAULT_SOCKET, metavar="PATH",
+                     help=f"gRPC API unix socket (default {DEFAULT_SOCKET})")
+    run.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                     help=f"LB-IPAM allocations and status.yaml (default {DEFAULT_STATE_DIR})")
+    run.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
+                     help="serve Prometheus metrics on this address (default: off)")
+    run.add_argument("--shutdown-mode", choices=("graceful", "notify"), default="graceful",
+                     help="SIGTERM behaviour: graceful (no NOTIFICATION, peers keep routes under "
+                          "graceful restart) or notify (Cease, peers withdraw now)")
+    run.add_argument("--log-level", default=os.environ.get("VIPD_LOG_LEVEL", "info"))
+    run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    return parser
+
+
+def speaker_factory(instance):
+    """One BGP speaker per instance (Cilium runs one GoBGP server per instance)."""
+    from agent.bgp.api import BgpSpeaker, SpeakerConfig
+
+    config = SpeakerConfig(asn=instance.local_asn, router_id=instance.router_id,
+                           listen_port=instance.local_port)
+    return BgpSpeaker(config, logger=get_logger("bgp-control-plane", instance=instance.name))
+
+
+def _sd_notify(message: str) -> None:
+    """systemd Type=notify readiness (a datagram to $NOTIFY_SOCKET); no-op elsewhere."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), addr)
+        except OSError:
+            pass
+
+
+class StateDirLock:
+    """An exclusive flock on <state-dir>/vipd.lock: two agents must never share allocations."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "vipd.lock"
+        self.fd: int | None = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise SystemExit(f"vipd: another vipd is running with state dir {self.path.parent}")
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
+    from agent.api.provider import ControllerProvider
+    from agent.api.server import ApiServer
+    from agent.reconcilers.controller import Controller
+    from agent.sources.files import FileSource
+    from agent.store import Store
+
+    log = get_logger("daemon", node=args.node_name)
+    state_dir = Path(args.state_dir)
+    store = Store()
+    source = FileSource(args.config, store)
+    source.load()
+    controller = Controller(args.node_name, store, state_dir=state_dir, speaker_factory=speaker_factory,
+                            log=get_logger("bgp-control-plane", node=args.node_name))
+    api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_stop(signame: str) -> None:
+        received.append(signame)
+        log.info("signal received; stopping", signal=signame)
+        stop.set()
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading configuration")
+        try:
+            source.load()
+        except Exception as exc:  # noqa: BLE001
+            log.error("reload failed", error=str(exc))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    metrics_server = None
+    if args.metrics_addr:
+        from agent.api.metrics import serve_metrics
+
+        metrics_server = serve_metrics(args.metrics_addr, controller)
+
+    # The first pass runs before the API opens: neighbors and their full tables are in place.
+    await controller.reconcile_once()
+    await api.start()
+    _sd_notify("READY=1")
+    log.info("vipd running", config=str(args.config), state_dir=str(state_dir),
+             socket=str(args.api_socket), generation=store.current.generation)
+    tasks = [asyncio.create_task(controller.run(stop), name="controller"),
+             asyncio.create_task(source.run(stop), name="file-source")]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    for task in done:
+        if task is not stopper and task.exception() is not None:
+            log.error("task failed; stopping", task=task.get_name(), error=repr(task.exception()))
+            exit_code = 1
+    stop.set()
+    _sd_notify("STOPPING=1")
+    graceful = args.shutdown_mode == "graceful"
+    # Stop the speakers first: with graceful restart the peers must see a plain TCP close.
+    await controller.shutdown(graceful=graceful)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await api.stop()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    log.info("vipd stopped", graceful=graceful, signal=received[0] if received else None)
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None, *, speaker_factory=speaker_factory) -> int:
+    args = build_parser().parse_args(argv)
+    configure(args.log_level, json=None if args.log_format == "auto" else args.log_format == "json")
+    if args.cmd == "run":
+        with StateDirLock(Path(args.state_dir)):
+            return asyncio.run(run_agent(args, speaker_factory=speaker_factory))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

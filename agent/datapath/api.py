@@ -1,0 +1,780 @@
+"""The datapath's public API: compile and load the BPF programs, attach them, program services.
+
+One :class:`Datapath` per node (``instance`` names its pin directory). It owns the BPF maps
+under ``<pin_root>/<instance>`` and is the only writer of them.
+
+Life cycle::
+
+    dp = Datapath("node-a")            # nothing touches the kernel yet
+    dp.load()                          # compile (bcc), create or ADOPT the pinned maps
+    dp.set_node_addresses(v4="10.0.0.1")
+    dp.attach_xdp("eth0"); dp.attach_tc("eth0", "egress"); dp.attach_tc("eth0", "ingress")
+    dp.upsert_service(Service(...))    # writes only what changed
+    dp.close()                         # programs stay attached, maps stay pinned
+
+A new process doing the same ``load()`` finds the pinned maps, reads back what they program
+(services, backends, Maglev slots, source ranges) and from then on writes only differences,
+so an agent restart neither loses conntrack nor rewrites unchanged tables. Re-attaching
+replaces the programs atomically (same maps, new program).
+
+See docs/datapath.md for the maps, flags, drop reasons and policies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from agent.datapath import abi
+from agent.datapath.abi import BackendFlag, CtDir, CtFlag, DropReason, Hook, MapName, Stat, SvcFlag
+from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc
+from agent.datapath.model import (
+    Backend, IPAddress, IPNetwork, Mode, Proto, Service, ServiceKey, backend_name,
+)
+from agent.datapath.netns import in_netns
+from agent.log import get_logger
+
+__all__ = ["Datapath", "Features", "Counters", "CtEntry", "ServiceChange", "DatapathError"]
+
+log = get_logger("datapath")
+
+TableBuilder = Callable[[Sequence[tuple[str, int]], int], list[int]]
+
+
+class DatapathError(RuntimeError):
+    """A datapath operation failed; the message says which object and why."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """Compile-time settings (become -D flags; changing them needs a fresh pin directory)."""
+
+    max_services: int = 65536
+    max_backends: int = 65536
+    maglev_slots: int = 1 << 22       # u32 slots shared by all services' Maglev tables (16 MiB)
+    ct_size: int = 1 << 18
+    affinity_size: int = 65536
+    src_range_size: int = 16384
+    hash_seed: int = 0x4A4C6676       # flow hash seed: equal on every node
+    snat_port_min: int = 61000
+    snat_port_max: int = 65535
+
+    def defines(self, pin_dir: Path) -> dict[str, object]:
+        return {
+            "PIN_DIR": str(pin_dir), "MAX_SERVICES": self.max_services,
+            "MAX_BACKENDS": self.max_backends, "MAGLEV_SLOTS": self.maglev_slots,
+            "CT_SIZE": self.ct_size, "AFFINITY_SIZE": self.affinity_size,
+            "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
+            "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
+        }
+
+
+@dataclass(frozen=True)
+class ServiceChange:
+    """What one upsert wrote."""
+
+    created: bool          # a new service id / frontend entry
+    slots_written: int     # Maglev slots written (delta) or filled (swap)
+    swapped: bool          # a fresh table range was filled and swapped in atomically
+    service_written: bool  # the frontend entry (flags, table pointer) was rewritten
+
+
+@dataclass(frozen=True)
+class Counters:
+    stats: dict[str, int] = field(default_factory=dict)        # "xdp.pass", "tc_egress.revnat", ...
+    drops: dict[str, int] = field(default_factory=dict)        # DropReason name -> packets
+    services: dict[ServiceKey, tuple[int, int]] = field(default_factory=dict)  # (packets, bytes)
+
+    def stat(self, hook: str, name: str) -> int:
+        return self.stats.get(f"{hook}.{name}", 0)
+
+
+@dataclass(frozen=True)
+class CtEntry:
+    direction: str         # "service" | "reply"
+    proto: Proto
+    saddr: IPAddress
+    sport: int
+    daddr: IPAddress
+    dport: int
+    backend_id: int
+    service_id: int
+    flags: CtFlag
+    rewrite_saddr: IPAddress | None = None   # reply: new source (VIP)
+    rewrite_sport: int | None = None
+    nat_port: int = 0
+
+
+@dataclass
+class _Programmed:
+    """What the maps currently hold for one frontend."""
+
+    svc_id: int
+    flags: int
+    table_off: int
+    table_cap: int
+    table: list[int]              # backend id per slot ([] = no backend for new flows)
+    affinity_timeout: int
+    ranges: frozenset
+    service: Service | None       # the model last upserted (None after adoption)
+
+
+# ---------------------------------------------------------------------------- byte helpers
+
+def _words(addr: IPAddress) -> tuple[int, int, int, int]:
+    """An address as the four raw network-order u32 words of the C structs (little-endian host)."""
+    raw = addr.packed.ljust(16, b"\0")
+    return tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+
+
+def _addr_from_words(words, family: int) -> IPAddress:
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
+
+
+def _htons(v: int) -> int:
+    return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF)
+
+
+_ntohs = _htons
+
+_HOOK_NAMES = {Hook.XDP: "xdp", Hook.TC_INGRESS: "tc_ingress", Hook.TC_EGRESS: "tc_egress"}
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+
+class _RangeAllocator:
+    """First-fit allocator of Maglev slot ranges; freed ranges rest a while before reuse so a
+    packet still reading a just-swapped-out table never sees another service's slots."""
+
+    QUARANTINE_S = 2.0
+
+    def __init__(self, size: int):
+        self.size = size
+        self.used: dict[int, int] = {}            # off -> length
+        self.resting: list[tuple[float, int, int]] = []
+
+    def reserve(self, off: int, length: int) -> None:
+        self.used[off] = length
+
+    def alloc(self, length: int) -> int:
+        now = time.monotonic()
+        self.resting = [r for r in self.resting if r[0] > now]
+        busy = sorted([*self.used.items(), *((o, n) for _, o, n in self.resting)])
+        cur = 0
+        for off, n in busy:
+            if off - cur >= length:
+                break
+            cur = max(cur, off + n)
+        if cur + length > self.size:
+            raise DatapathError(f"Maglev slot space exhausted ({self.size} slots); "
+                                "raise Features.maglev_slots or use smaller maglev_m")
+        self.used[cur] = length
+        return cur
+
+    def free(self, off: int) -> None:
+        n = self.used.pop(off, None)
+        if n:
+            self.resting.append((time.monotonic() + self.QUARANTINE_S, off, n))
+
+
+# ---------------------------------------------------------------------------- the datapath
+
+class Datapath:
+    """Load, attach and program vipd's BPF datapath (see module docstring)."""
+
+    def __init__(self, instance: str, *, pin_root: str | os.PathLike = "/sys/fs/bpf/vipd",
+                 features: Features = Features(), table_builder: TableBuilder | None = None):
+        if not instance or "/" in instance or instance.startswith("."):
+            raise ValueError(f"instance must be a plain name, got {instance!r}")
+        self.instance = instance
+        self.pin_dir = Path(pin_root) / instance
+        self.features = features
+        self._table_builder = table_builder
+        self._xdp_bpf = None
+        self._tc_bpf = None
+        self._fns: dict[str, object] = {}
+        self._programmed: dict[ServiceKey, _Programmed] = {}
+        self._wildcards: dict[tuple[int, IPAddress], int] = {}
+        self._backend_ids: dict[tuple[IPAddress, int], int] = {}
+        self._backend_vals: dict[int, tuple[IPAddress, int, int]] = {}   # id -> (addr, port, flags)
+        self._free_svc_ids: list[int] = []
+        self._next_svc_id = 1
+        self._next_backend_id = 1
+        self._alloc = _RangeAllocator(features.maglev_slots)
+        self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
+
+    # ------------------------------------------------------------------ load / adopt
+
+    def load(self) -> None:
+        """Compile both programs and open (or create) the pinned maps, then adopt their state."""
+        _ensure_bpffs(self.pin_dir)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        bcc = import_bcc()
+        defines = self.features.defines(self.pin_dir)
+        t0 = time.monotonic()
+        self._xdp_bpf = compile_program(bundle(BPF_DIR / "xdp_lb.c"), defines)
+        self._fns["xdp"] = self._xdp_bpf.load_func(b"xdp_lb", bcc.BPF.XDP)
+        self._tc_bpf = compile_program(bundle(BPF_DIR / "tc_lb.c"), defines)
+        self._fns["tc-egress"] = self._tc_bpf.load_func(b"tc_egress", bcc.BPF.SCHED_CLS)
+        self._fns["tc-ingress"] = self._tc_bpf.load_func(b"tc_ingress", bcc.BPF.SCHED_CLS)
+        log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
+                 compile_s=round(time.monotonic() - t0, 2))
+        self._adopt()
+
+    @property
+    def loaded(self) -> bool:
+        return self._xdp_bpf is not None
+
+    def program_fd(self, name: str) -> int:
+        """File descriptor of a loaded program: "xdp", "tc-egress" or "tc-ingress"."""
+        self._require_loaded()
+        return self._fns[name].fd
+
+    def table(self, name: MapName | str):
+        """The bcc table object of a map (for tests and the CLI)."""
+        self._require_loaded()
+        name = name.value if isinstance(name, MapName) else name
+        return self._xdp_bpf[name.encode()]
+
+    def _require_loaded(self):
+        if self._xdp_bpf is None:
+            raise DatapathError("datapath not loaded: call load() first")
+
+    def _adopt(self) -> None:
+        """Rebuild the in-memory view (ids, tables, ranges) from the pinned maps."""
+        backends = self.table(MapName.BACKENDS)
+        for k, v in _array_items(backends):
+            if v.flags & BackendFlag.ACTIVE:
+                addr = _addr_from_words(v.addr, v.family)
+                port = _ntohs(v.port)
+                self._backend_ids[(addr, port)] = k
+                self._backend_vals[k] = (addr, port, v.flags)
+                self._next_backend_id = max(self._next_backend_id, k + 1)
+        ranges: dict[int, set] = {}
+        for k, _ in self.table(MapName.SRC_RANGES).items():
+            plen = k.prefixlen - 32
+            fam_bits = plen
+            ranges.setdefault(k.svc_id, set()).add((tuple(k.addr), fam_bits))
+        maglev = self.table(MapName.MAGLEV)
+        used_ids = set()
+        for k, v in self.table(MapName.SERVICES).items():
+            addr = _addr_from_words(k.addr, k.family)
+            if v.flags & SvcFlag.WILDCARD:
+                self._wildcards[(k.family, addr)] = 0   # recounted below
+                continue
+            key = ServiceKey(addr, _ntohs(k.port), Proto(k.proto))
+            table = _array_read_range(maglev, v.table_off, v.table_size) if v.table_size else []
+            nets = frozenset(
+                ipaddress.ip_network((_addr_from_words(a, k.family), plen))
+                for a, plen in ranges.get(v.id, ()))
+            self._programmed[key] = _Programmed(
+                svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
+                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None)
+            self._alloc.reserve(v.table_off, v.table_cap)
+            used_ids.add(v.id)
+        for key in self._programmed:
+            wk = (key.family, key.vip)
+            self._wildcards[wk] = self._wildcards.get(wk, 0) + 1
+        for wk, n in list(self._wildcards.items()):
+            if n == 0:   # a leftover wildcard without services
+                self._write_wildcard(wk, present=False)
+                del self._wildcards[wk]
+        if used_ids:
+            self._next_svc_id = max(used_ids) + 1
+            self._free_svc_ids = sorted(set(range(1, self._next_svc_id)) - used_ids, reverse=True)
+        if self._programmed or self._backend_ids:
+            log.info("adopted pinned datapath state", services=len(self._programmed),
+                     backends=len(self._backend_ids))
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach_xdp(self, ifname: str, *, netns: str | None = None, mode: str = "native") -> None:
+        """Attach (or atomically replace) the XDP program on ``ifname``.
+
+        ``mode``: "native" (driver XDP; veth supports it) or "generic" (skb mode, any device).
+        """
+        self._require_loaded()
+        bcc = import_bcc()
+        flags = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}[mode]
+        fn = self._fns["xdp"]
+        in_netns(netns, lambda: bcc.BPF.attach_xdp(ifname.encode(), fn, flags))
+        self._remember(ifname, "xdp", netns)
+        log.info("xdp attached", ifname=ifname, netns=netns, mode=mode)
+
+    def attach_tc(self, ifname: str, direction: str, *, netns: str | None = None) -> None:
+        """Attach (or replace) the tc program for ``direction`` ("ingress" | "egress")."""
+        self._require_loaded()
+        if direction not in ("ingress", "egress"):
+            raise ValueError("direction must be 'ingress' or 'egress'")
+        fn = self._fns[f"tc-{direction}"]
+
+        def work():
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                idx = _ifindex(ipr, ifname, netns)
+                try:
+                    ipr.tc("add", "clsact", idx)
+                except Exception as exc:  # noqa: BLE001 - EEXIST: clsact already there
+                    if "exists" not in str(exc).lower():
+                        raise
+                parent = "ffff:fff2" if direction == "ingress" else "ffff:fff3"
+                ipr.tc("replace-filter", "bpf", idx, handle=1, prio=1, fd=fn.fd, name=fn.name,
+                       parent=parent, classid=1, direct_action=True)
+
+        in_netns(netns, work)
+        self._remember(ifname, f"tc-{direction}", netns)
+        log.info("tc attached", ifname=ifname, netns=netns, direction=direction)
+
+    def detach(self, ifname: str, hook: str, *, netns: str | None = None) -> None:
+        """Detach ``hook`` ("xdp" | "tc-ingress" | "tc-egress") from ``ifname``."""
+        if hook == "xdp":
+            bcc = import_bcc()
+            in_netns(netns, lambda: bcc.BPF.remove_xdp(ifname.encode(), 0))
+            try:
+                in_netns(netns, lambda: bcc.BPF.remove_xdp(ifname.encode(), XDP_FLAGS_SKB_MODE))
+            except Exception:  # noqa: BLE001 - nothing attached in generic mode
+                pass
+        elif hook in ("tc-ingress", "tc-egress"):
+            def work():
+                from pyroute2 import IPRoute
+                with IPRoute() as ipr:
+                    idx = _ifindex(ipr, ifname, netns)
+                    parent = "ffff:fff2" if hook == "tc-ingress" else "ffff:fff3"
+                    try:
+                        ipr.tc("del-filter", "bpf", idx, handle=1, prio=1, parent=parent)
+                    except Exception as exc:  # noqa: BLE001
+                        if "no such" not in str(exc).lower() and "not found" not in str(exc).lower():
+                            raise
+            in_netns(netns, work)
+        else:
+            raise ValueError(f"unknown hook {hook!r}")
+        self._attached = [a for a in self._attached if a != (ifname, hook, netns)]
+        log.info("detached", ifname=ifname, hook=hook, netns=netns)
+
+    def _remember(self, ifname, hook, netns):
+        entry = (ifname, hook, netns)
+        if entry not in self._attached:
+            self._attached.append(entry)
+
+    # ------------------------------------------------------------------ node config
+
+    def set_node_addresses(self, v4: str | None = None, v6: str | None = None) -> None:
+        """The node's own addresses: the source of SNAT-mode flows (None = not configured)."""
+        tbl = self.table(MapName.NODE_CFG)
+        for idx, value in ((0, v4), (1, v6)):
+            leaf = tbl.Leaf()
+            if value is not None:
+                addr = ipaddress.ip_address(value)
+                if addr.version != (4 if idx == 0 else 6):
+                    raise ValueError(f"node address {value} is not IPv{4 if idx == 0 else 6}")
+                for i, w in enumerate(_words(addr)):
+                    leaf.addr[i] = w
+                leaf.valid = 1
+            tbl[tbl.Key(idx)] = leaf
+
+    # ------------------------------------------------------------------ services
+
+    def services(self) -> dict[ServiceKey, Service]:
+        """The services the maps program now (reconstructed from maps after adoption)."""
+        out = {}
+        for key, p in self._programmed.items():
+            if p.service is not None:
+                out[key] = p.service
+                continue
+            ids = sorted(set(p.table))
+            backends = tuple(
+                Backend(self._backend_vals[i][0], self._backend_vals[i][1],
+                        local=bool(self._backend_vals[i][2] & BackendFlag.LOCAL),
+                        terminating=bool(self._backend_vals[i][2] & BackendFlag.TERMINATING), id=i)
+                for i in ids if i in self._backend_vals)
+            out[key] = Service(
+                key, backends, traffic_policy_local=bool(p.flags & SvcFlag.LOCAL_ONLY),
+                mode=Mode.DSR if p.flags & SvcFlag.DSR else Mode.SNAT,
+                affinity_timeout=p.affinity_timeout if p.flags & SvcFlag.AFFINITY else 0,
+                source_ranges=tuple(sorted(p.ranges, key=str)),
+                stateless=bool(p.flags & SvcFlag.STATELESS), maglev_m=p.table_cap)
+        return out
+
+    def service_id(self, key: ServiceKey) -> int | None:
+        p = self._programmed.get(key)
+        return p.svc_id if p else None
+
+    def backend_id(self, addr, port: int) -> int | None:
+        return self._backend_ids.get((ipaddress.ip_address(addr), port))
+
+    def maglev_table(self, key: ServiceKey) -> list[int]:
+        """The backend ids of a service's Maglev slots as programmed ([] = none)."""
+        return list(self._programmed[key].table)
+
+    def upsert_service(self, svc: Service, *, atomic: bool = False) -> ServiceChange:
+        """Program ``svc``; writes only what differs from what the maps hold.
+
+        The Maglev table is updated slot by slot (only changed slots, one batch), or with
+        ``atomic=True`` (and whenever M changes) filled into a fresh range and swapped in by
+        one update of the frontend entry, so no packet sees a half-written table.
+        """
+        self._require_loaded()
+        if svc.stateless and svc.mode is Mode.SNAT and any(not b.local for b in svc.backends):
+            raise ValueError(f"service {svc.key}: stateless needs mode DSR or local backends only "
+                             "(SNAT keeps per-flow port state)")
+        key = svc.key
+        old = self._programmed.get(key)
+        created = old is None
+
+        # 1. backends first, so every id a slot will name is programmed before the slot
+        ids = [self._program_backend(b) for b in svc.backends]
+        selectable = svc.selectable_backends()
+        sel_ids = [ids[svc.backends.index(b)] for b in selectable]
+        idx_table = self._build_table([(b.name, b.weight) for b in selectable], svc.maglev_m)
+        table = [sel_ids[i] for i in idx_table]
+
+        flags = 0
+        if svc.traffic_policy_local:
+            flags |= SvcFlag.LOCAL_ONLY
+        if svc.mode is Mode.DSR:
+            flags |= SvcFlag.DSR
+        if svc.affinity_timeout:
+            flags |= SvcFlag.AFFINITY
+        if svc.source_ranges:
+            flags |= SvcFlag.SOURCE_RANGES
+        if svc.stateless:
+            flags |= SvcFlag.STATELESS
+
+        # 2. source ranges before the flag that enforces them
+        svc_id = old.svc_id if old else self._alloc_svc_id()
+        old_ranges = old.ranges if old else frozenset()
+        new_ranges = frozenset(svc.source_ranges)
+        self._write_ranges(svc_id, new_ranges - old_ranges, present=True)
+
+        # 3. table: delta in place, or fill a fresh range and swap
+        swapped = False
+        if old and old.table_cap == svc.maglev_m and not atomic:
+            off, cap = old.table_off, old.table_cap
+            changes = _slot_diff(old.table, table)
+            _array_write(self.table(MapName.MAGLEV), [(off + s, v) for s, v in changes])
+            written = len(changes)
+        else:
+            cap = svc.maglev_m
+            off = self._alloc.alloc(cap)
+            _array_write(self.table(MapName.MAGLEV), [(off + s, v) for s, v in enumerate(table)])
+            written = len(table)
+            swapped = old is not None
+
+        # 4. the frontend entry (one atomic update: flags, table pointer)
+        table_size = len(table)
+        service_written = (created or swapped or old.flags != flags or old.affinity_timeout != svc.affinity_timeout
+                           or (len(old.table) == 0) != (table_size == 0))
+        if service_written:
+            self._write_service(key, svc_id, flags, off, table_size, cap, svc.affinity_timeout)
+        if created:
+            self._wildcard_ref(key, +1)
+        if old and swapped:
+            self._alloc.free(old.table_off)
+
+        # 5. clean-ups after the switch
+        self._write_ranges(svc_id, old_ranges - new_ranges, present=False)
+        self._programmed[key] = _Programmed(svc_id, flags, off, cap, table, svc.affinity_timeout,
+                                            new_ranges, svc)
+        self._gc_backends()
+        change = ServiceChange(created, written, swapped, service_written)
+        log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
+        return change
+
+    def delete_service(self, key: ServiceKey) -> bool:
+        """Remove a frontend; returns False when it was not programmed."""
+        self._require_loaded()
+        old = self._programmed.pop(key, None)
+        if old is None:
+            return False
+        svcs = self.table(MapName.SERVICES)
+        try:
+            del svcs[self._svc_key(key.vip, key.port, key.proto)]
+        except KeyError:
+            pass
+        self._wildcard_ref(key, -1)
+        self._write_ranges(old.svc_id, old.ranges, present=False)
+        self._alloc.free(old.table_off)
+        self._free_svc_ids.append(old.svc_id)
+        self._gc_backends()
+        log.debug("service deleted", service=str(key))
+        return True
+
+    def reconcile(self, services: Iterable[Service]) -> dict[str, int]:
+        """Make the maps program exactly ``services``: upsert each, delete the rest."""
+        want = {s.key: s for s in services}
+        stats = {"upserted": 0, "deleted": 0, "slots_written": 0}
+        for key in [k for k in self._programmed if k not in want]:
+            self.delete_service(key)
+            stats["deleted"] += 1
+        for svc in want.values():
+            ch = self.upsert_service(svc)
+            stats["upserted"] += 1
+            stats["slots_written"] += ch.slots_written
+        return stats
+
+    # ------------------------------------------------------------------ reading
+
+    def counters(self) -> Counters:
+        """Per-CPU counters summed over CPUs."""
+        self._require_loaded()
+        stats = {}
+        tbl = self.table(MapName.STATS)
+        for hook in Hook:
+            for st in Stat:
+                v = tbl[tbl.Key(hook * abi.NUM_STATS + st)]
+                stats[f"{_HOOK_NAMES[hook]}.{st.name.lower()}"] = int(sum(v))
+        drops = {}
+        dt = self.table(MapName.DROPS)
+        for r in DropReason:
+            drops[r.name] = int(sum(dt[dt.Key(r)]))
+        services = {}
+        st = self.table(MapName.SVC_STATS)
+        for key, p in self._programmed.items():
+            vals = st[st.Key(p.svc_id)]
+            services[key] = (int(sum(c.packets for c in vals)), int(sum(c.bytes for c in vals)))
+        return Counters(stats, drops, services)
+
+    def conntrack(self) -> list[CtEntry]:
+        self._require_loaded()
+        out = []
+        for k, v in self.table(MapName.CT).items():
+            fam = k.family
+            reply = k.dir == CtDir.REPLY
+            out.append(CtEntry(
+                direction="reply" if reply else "service", proto=Proto(k.proto),
+                saddr=_addr_from_words(k.saddr, fam), sport=_ntohs(k.sport),
+                daddr=_addr_from_words(k.daddr, fam), dport=_ntohs(k.dport),
+                backend_id=v.backend_id, service_id=v.svc_id, flags=CtFlag(v.flags),
+                rewrite_saddr=_addr_from_words(v.raddr, fam) if reply else None,
+                rewrite_sport=_ntohs(v.rport) if reply else None,
+                nat_port=_ntohs(v.nat_port)))
+        return out
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Drop this process's handles. Attached programs keep running; maps stay pinned."""
+        for b in (self._xdp_bpf, self._tc_bpf):
+            if b is not None:
+                b.cleanup()
+        self._xdp_bpf = self._tc_bpf = None
+        self._fns.clear()
+
+    def destroy(self) -> None:
+        """Detach what this instance attached, close, and remove the pin directory."""
+        for ifname, hook, netns in list(self._attached):
+            try:
+                self.detach(ifname, hook, netns=netns)
+            except Exception as exc:  # noqa: BLE001 - the link may be gone with its netns
+                log.warning("detach failed", ifname=ifname, hook=hook, error=str(exc))
+        self.close()
+        if self.pin_dir.exists():
+            shutil.rmtree(self.pin_dir)
+
+    # ------------------------------------------------------------------ internals
+
+    def _build_table(self, backends: list[tuple[str, int]], m: int) -> list[int]:
+        if self._table_builder is None:
+            from agent.lb.maglev import build_table
+            self._table_builder = build_table
+        return self._table_builder(backends, m) if backends else []
+
+    def _alloc_svc_id(self) -> int:
+        if self._free_svc_ids:
+            return self._free_svc_ids.pop()
+        if self._next_svc_id >= self.features.max_services:
+            raise DatapathError(f"too many services (max {self.features.max_services - 1})")
+        self._next_svc_id += 1
+        return self._next_svc_id - 1
+
+    def _program_backend(self, b: Backend) -> int:
+        ident = (b.addr, b.port)
+        bid = self._backend_ids.get(ident)
+        if b.id is not None:
+            if bid is not None and bid != b.id:
+                raise DatapathError(f"backend {b.name} already has id {bid}, asked for {b.id}")
+            other = self._backend_vals.get(b.id)
+            if other and (other[0], other[1]) != ident:
+                raise DatapathError(f"backend id {b.id} is taken by {backend_name(other[0], other[1])}")
+            bid = b.id
+        if bid is None:
+            bid = self._next_backend_id
+            while bid in self._backend_vals:
+                bid += 1
+            if bid >= self.features.max_backends:
+                raise DatapathError(f"too many backends (max {self.features.max_backends - 1})")
+            self._next_backend_id = bid + 1
+        flags = BackendFlag.ACTIVE
+        if b.local:
+            flags |= BackendFlag.LOCAL
+        if b.terminating:
+            flags |= BackendFlag.TERMINATING
+        if self._backend_vals.get(bid) != (b.addr, b.port, int(flags)):
+            tbl = self.table(MapName.BACKENDS)
+            leaf = tbl.Leaf()
+            for i, w in enumerate(_words(b.addr)):
+                leaf.addr[i] = w
+            leaf.port = _htons(b.port)
+            leaf.family = b.addr.version
+            leaf.flags = int(flags)
+            tbl[tbl.Key(bid)] = leaf
+            self._backend_vals[bid] = (b.addr, b.port, int(flags))
+        self._backend_ids[ident] = bid
+        return bid
+
+    def _gc_backends(self) -> None:
+        """Deactivate backends no service references any more (their flows re-balance)."""
+        used = set()
+        for p in self._programmed.values():
+            used.update(p.table)
+            if p.service is not None:
+                used.update(self._backend_ids.get((b.addr, b.port)) for b in p.service.backends)
+        tbl = self.table(MapName.BACKENDS)
+        for bid in [i for i in self._backend_vals if i not in used]:
+            addr, port, _ = self._backend_vals.pop(bid)
+            self._backend_ids.pop((addr, port), None)
+            tbl[tbl.Key(bid)] = tbl.Leaf()   # flags 0: not active
+
+    def _svc_key(self, vip: IPAddress, port: int, proto: int):
+        tbl = self.table(MapName.SERVICES)
+        k = tbl.Key()
+        for i, w in enumerate(_words(vip)):
+            k.addr[i] = w
+        k.port = _htons(port)
+        k.proto = int(proto)
+        k.family = vip.version
+        return k
+
+    def _write_service(self, key: ServiceKey, svc_id, flags, off, size, cap, affinity_timeout):
+        tbl = self.table(MapName.SERVICES)
+        v = tbl.Leaf()
+        v.id, v.flags, v.table_off, v.table_size = svc_id, int(flags), off, size
+        v.affinity_timeout, v.table_cap = affinity_timeout, cap
+        tbl[self._svc_key(key.vip, key.port, key.proto)] = v
+
+    def _wildcard_ref(self, key: ServiceKey, delta: int) -> None:
+        wk = (key.family, key.vip)
+        n = self._wildcards.get(wk, 0) + delta
+        if n > 0 and wk not in self._wildcards:
+            self._write_wildcard(wk, present=True)
+        if n <= 0:
+            self._wildcards.pop(wk, None)
+            self._write_wildcard(wk, present=False)
+        else:
+            self._wildcards[wk] = n
+
+    def _write_wildcard(self, wk, present: bool) -> None:
+        tbl = self.table(MapName.SERVICES)
+        k = self._svc_key(wk[1], 0, 0)
+        if present:
+            v = tbl.Leaf()
+            v.flags = int(SvcFlag.WILDCARD)
+            tbl[k] = v
+        else:
+            try:
+                del tbl[k]
+            except KeyError:
+                pass
+
+    def _write_ranges(self, svc_id: int, nets: Iterable[IPNetwork], present: bool) -> None:
+        tbl = self.table(MapName.SRC_RANGES)
+        for net in nets:
+            k = tbl.Key()
+            k.prefixlen = 32 + net.prefixlen
+            k.svc_id = svc_id
+            for i, w in enumerate(_words(net.network_address)):
+                k.addr[i] = w
+            if present:
+                tbl[k] = ctypes.c_uint8(1)
+            else:
+                try:
+                    del tbl[k]
+                except KeyError:
+                    pass
+
+
+# ---------------------------------------------------------------------------- map helpers
+
+def _slot_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int]]:
+    if len(old) != len(new):
+        # size change within the same range (table emptied / refilled): write all new slots
+        return list(enumerate(new))
+    return [(s, v) for s, (u, v) in enumerate(zip(old, new)) if u != v]
+
+
+def _array_write(tbl, items: list[tuple[int, int]]) -> None:
+    """Batch-update u32 -> u32 array slots (one syscall per 64k slots)."""
+    if not items:
+        return
+    from bcc.libbcc import lib
+    chunk = 65536
+    for i in range(0, len(items), chunk):
+        part = items[i:i + chunk]
+        n = len(part)
+        keys = (ctypes.c_uint32 * n)(*(k for k, _ in part))
+        vals = (ctypes.c_uint32 * n)(*(v for _, v in part))
+        cnt = ctypes.c_uint32(n)
+        if lib.bpf_update_batch(tbl.map_fd, ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt)) != 0:
+            err = ctypes.get_errno()
+            # kernels without batch ops on arrays: fall back to single updates
+            if err not in (22, 95, 524):
+                raise DatapathError(f"BPF_MAP_UPDATE_BATCH failed: {os.strerror(err)}")
+            for k, v in part:
+                tbl[tbl.Key(k)] = tbl.Leaf(v)
+
+
+def _array_read_range(tbl, start: int, count: int) -> list[int]:
+    """Read ``count`` u32 slots of an array starting at ``start`` (batch lookup)."""
+    from bcc.libbcc import lib
+    out: list[int] = []
+    keys = (ctypes.c_uint32 * count)()
+    vals = (ctypes.c_uint32 * count)()
+    cnt = ctypes.c_uint32(count)
+    out_batch = ctypes.c_uint32(0)
+    if start == 0:
+        rc = lib.bpf_lookup_batch(tbl.map_fd, None, ctypes.byref(out_batch), ctypes.byref(keys),
+                                  ctypes.byref(vals), ctypes.byref(cnt))
+    else:
+        in_batch = ctypes.c_uint32(start - 1)   # the batch cursor is the key *before* the first
+        rc = lib.bpf_lookup_batch(tbl.map_fd, ctypes.byref(in_batch), ctypes.byref(out_batch),
+                                  ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
+    if rc == 0 or cnt.value:
+        got = {keys[i]: vals[i] for i in range(cnt.value)}
+        if all(start + i in got for i in range(count)):
+            return [got[start + i] for i in range(count)]
+    for i in range(count):
+        out.append(tbl[tbl.Key(start + i)].value)
+    return out
+
+
+def _array_items(tbl):
+    """(index, value) of every array element whose value is not all-zero."""
+    for k, v in tbl.items_lookup_batch():
+        if any(bytes(v)):
+            yield int(k.value) if hasattr(k, "value") else int(k), v
+
+
+def _ifindex(ipr, ifname: str, netns: str | None) -> int:
+    links = ipr.link_lookup(ifname=ifname)
+    if not links:
+        raise DatapathError(f"no interface {ifname!r} in netns {netns or '(root)'}")
+    return links[0]
+
+
+def _ensure_bpffs(pin_dir: Path) -> None:
+    """bpffs must be mounted at /sys/fs/bpf for pinning (mount it if the host did not)."""
+    root = Path("/sys/fs/bpf")
+    if not str(pin_dir).startswith(str(root)):
+        return
+    with open("/proc/mounts") as f:
+        if any(line.split()[1] == str(root) and line.split()[2] == "bpf" for line in f):
+            return
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)

@@ -1,0 +1,458 @@
+"""The seed 002 lab with vipd nodes: ``python -m agent.demo`` (``make demo``; root).
+
+Topology (addresses and ASNs exactly as in seed 002, VyOS routers replaced by FRR):
+
+                 client 192.168.0.2
+                        |
+      spine01 AS500   spine02 AS1000 (announces 192.168.0.0/24)
+         |      \\     /     |
+         |       \\   /      |
+      leaf01 AS65005     leaf02 AS65010     (route reflectors; nodes are iBGP RR clients)
+      10.0.5.1/24        10.0.10.1/24
+       |      |           |       |
+      cp     worker     worker2  worker3     four `vipd run` nodes, each with a "pod"
+   10.0.5.11 10.0.5.12  10.0.10.11 10.0.10.12  namespace at .10 of its PodCIDR
+  10.1.0.0/24 10.1.3.0/24 10.1.2.0/24 10.1.1.0/24
+
+Every node runs ``vipd run --config <its dir>`` with the same manifests: the four Node objects
+(labels rack=rack0|rack1, spec.podCIDRs) and either the seed's CiliumBGPPeeringPolicy (legacy)
+or the equivalent v2 CiliumBGPClusterConfig / PeerConfig / Advertisement. Pod CIDRs are routed
+natively: the routers learn them over BGP and FRR's zebra installs them in the kernel.
+
+The same builder serves the e2e test (tests/e2e/controlplane/test_seed002_lab.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.lab import Host, Lab, wait_until
+from agent.lab.peers import Announce, FrrPeer, Neighbor
+
+__all__ = ["NodeSpec", "NODES", "Seed002Lab", "nodes_yaml", "LEGACY_POLICY_YAML", "V2_BGP_YAML",
+           "service_yaml", "main"]
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str          # the Kubernetes Node name (as kind named them in the seed)
+    host: str          # lab host (namespace) name
+    rack: str
+    address: str
+    pod_cidr: str
+    leaf: str
+
+    @property
+    def pod_address(self) -> str:
+        return self.pod_cidr.rsplit(".", 1)[0] + ".10"
+
+    @property
+    def leaf_address(self) -> str:
+        return "10.0.5.1" if self.rack == "rack0" else "10.0.10.1"
+
+    @property
+    def pod_gateway(self) -> str:
+        return self.pod_cidr.rsplit(".", 1)[0] + ".1"
+
+
+# PodCIDRs as kind assigned them in the seed's run (see the routing tables there).
+NODES = (
+    NodeSpec("cilium-bgp-control-plane", "cp", "rack0", "10.0.5.11", "10.1.0.0/24", "leaf01"),
+    NodeSpec("cilium-bgp-worker", "worker", "rack0", "10.0.5.12", "10.1.3.0/24", "leaf01"),
+    NodeSpec("cilium-bgp-worker2", "worker2", "rack1", "10.0.10.11", "10.1.2.0/24", "leaf02"),
+    NodeSpec("cilium-bgp-worker3", "worker3", "rack1", "10.0.10.12", "10.1.1.0/24", "leaf02"),
+)
+
+
+def nodes_yaml() -> str:
+    docs = []
+    for n in NODES:
+        docs.append(f"""\
+apiVersion: v1
+kind: Node
+metadata:
+  name: {n.name}
+  labels:
+    rack: {n.rack}
+    kubernetes.io/hostname: {n.name}
+spec:
+  podCIDR: {n.pod_cidr}
+  podCIDRs:
+  - {n.pod_cidr}
+status:
+  addresses:
+  - type: InternalIP
+    address: {n.address}
+  - type: Hostname
+    address: {n.name}
+""")
+    return "---\n".join(docs)
+
+
+# Seed 002, verbatim (comments translated).
+LEGACY_POLICY_YAML = """\
+apiVersion: "cilium.io/v2alpha1"
+kind: CiliumBGPPeeringPolicy
+metadata:
+  name: "rack0-65005"
+spec:
+  # which Kubernetes nodes this policy applies to
+  nodeSelector:
+    matchLabels:
+      rack: rack0
+  virtualRouters:
+    - localASN: 65005 # the ASN of these worker nodes
+      # export the Pod CIDR to announce. Must be set.
+      exportPodCIDR: true
+      # the BGP neighbors (peers)
+      neighbors:
+        - peerAddress: "10.0.5.1/24" # the BGP RR's address
+          peerASN: 65005 # the peer's ASN
+---
+apiVersion: "cilium.io/v2alpha1"
+kind: CiliumBGPPeeringPolicy
+metadata:
+  name: "rack1-65010"
+spec:
+  nodeSelector:
+    matchLabels:
+      rack: rack1
+  virtualRouters:
+    - localASN: 65010
+      exportPodCIDR: true
+      neighbors:
+        - peerAddress: "10.0.10.1/24"
+          peerASN: 65010
+"""
+
+# The same intent in cilium.io/v2 resources. Services are advertised too (selected with the
+# NotIn trick = every service), with communities and local-pref for the leaves.
+V2_BGP_YAML = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPClusterConfig
+metadata:
+  name: rack0
+spec:
+  nodeSelector:
+    matchLabels:
+      rack: rack0
+  bgpInstances:
+  - name: "65005"
+    localASN: 65005
+    peers:
+    - name: leaf01
+      peerASN: 65005
+      peerAddress: 10.0.5.1
+      peerConfigRef:
+        name: route-reflector
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPClusterConfig
+metadata:
+  name: rack1
+spec:
+  nodeSelector:
+    matchLabels:
+      rack: rack1
+  bgpInstances:
+  - name: "65010"
+    localASN: 65010
+    peers:
+    - name: leaf02
+      peerASN: 65010
+      peerAddress: 10.0.10.1
+      peerConfigRef:
+        name: route-reflector
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPPeerConfig
+metadata:
+  name: route-reflector
+spec:
+  timers:
+    connectRetryTimeSeconds: 5
+  families:
+  - afi: ipv4
+    safi: unicast
+    advertisements:
+      matchLabels:
+        advertise: bgp
+  - afi: ipv6
+    safi: unicast
+    advertisements:
+      matchLabels:
+        advertise: bgp
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPAdvertisement
+metadata:
+  name: pod-cidr
+  labels:
+    advertise: bgp
+spec:
+  advertisements:
+  - advertisementType: PodCIDR
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPAdvertisement
+metadata:
+  name: services
+  labels:
+    advertise: bgp
+spec:
+  advertisements:
+  - advertisementType: Service
+    service:
+      addresses:
+      - LoadBalancerIP
+    selector:
+      matchExpressions:
+      - {key: somekey, operator: NotIn, values: ["never-used-value"]}
+    attributes:
+      communities:
+        standard: ["65000:99"]
+        large: ["65000:1:1"]
+      localPreference: 200
+"""
+
+VIP_POOL_CIDR = "172.20.0.0/28"
+
+
+def service_yaml(*, traffic_policy: str = "Local", endpoint_node: str | None = "cilium-bgp-worker",
+                 ready: bool = True) -> str:
+    """A LoadBalancer Service with an IP from an LB-IPAM pool and one endpoint on ``endpoint_node``."""
+    endpoints = "[]"
+    if endpoint_node:
+        node = next(n for n in NODES if n.name == endpoint_node)
+        endpoints = f"""
+- addresses: ["{node.pod_address}"]
+  conditions: {{ready: {str(ready).lower()}, serving: {str(ready).lower()}, terminating: false}}
+  nodeName: {node.name}"""
+    return f"""\
+apiVersion: cilium.io/v2
+kind: CiliumLoadBalancerIPPool
+metadata:
+  name: vips
+spec:
+  blocks:
+  - cidr: {VIP_POOL_CIDR}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+  labels:
+    app: web
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: {traffic_policy}
+  selector:
+    app: web
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: 80
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- port: 80
+  protocol: TCP
+endpoints: {endpoints}
+"""
+
+
+@dataclass
+class VipdNode:
+    spec: NodeSpec
+    host: Host
+    config_dir: Path
+    state_dir: Path
+    socket: Path
+    proc: subprocess.Popen | None = None
+
+    def write(self, filename: str, text: str | None) -> None:
+        """Atomically replace (or with None remove) one manifest in this node's config dir."""
+        path = self.config_dir / filename
+        if text is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = self.config_dir / f".{filename}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+@dataclass
+class Seed002Lab:
+    lab: Lab
+    routers: dict = field(default_factory=dict)      # name -> FrrDaemon
+    nodes: dict[str, VipdNode] = field(default_factory=dict)   # k8s node name -> VipdNode
+    client: Host | None = None
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self, *, zebra: bool = True, pods: bool = True) -> "Seed002Lab":
+        lab = self.lab
+        h = {name: lab.host(name, forwarding=True) for name in ("spine01", "spine02", "leaf01", "leaf02")}
+        self.client = lab.host("client")
+        lab.link(h["leaf01"], h["spine01"], ["10.0.101.2/24"], ["10.0.101.1/24"])
+        lab.link(h["leaf01"], h["spine02"], ["10.0.103.2/24"], ["10.0.103.1/24"])
+        lab.link(h["leaf02"], h["spine02"], ["10.0.102.2/24"], ["10.0.102.1/24"])
+        lab.link(h["leaf02"], h["spine01"], ["10.0.104.2/24"], ["10.0.104.1/24"])
+        lab.link(self.client, h["spine02"], ["192.168.0.2/24"], ["192.168.0.1/24"])
+        self.client.route("default", via="192.168.0.1")
+        node_hosts = {n.name: lab.host(n.host, forwarding=True) for n in NODES}
+        for rack, leaf, gw in (("rack0", "leaf01", "10.0.5.1/24"), ("rack1", "leaf02", "10.0.10.1/24")):
+            members = [(h[leaf], [gw])] + [(node_hosts[n.name], [f"{n.address}/24"])
+                                          for n in NODES if n.rack == rack]
+            lab.segment(f"{rack}-br", members)
+        for n in NODES:
+            host = node_hosts[n.name]
+            host.route("default", via=n.leaf_address)
+            if pods:
+                pod = lab.host(f"pod-{n.host}")
+                lab.link(host, pod, [f"{n.pod_gateway}/24"], [f"{n.pod_address}/24"],
+                         a_if="pods", b_if="eth0")
+                pod.route("default", via=n.pod_gateway)
+        # Routers: the seed's VyOS configuration, in FRR. Leaves reflect between their nodes.
+        rr = lambda addr, asn: Neighbor(addr, asn, rr_client=True)  # noqa: E731
+        self.routers["spine01"] = lab.frr(h["spine01"], FrrPeer(
+            asn=500, router_id="10.0.101.1", zebra=zebra,
+            neighbors=[Neighbor("10.0.101.2", 65005), Neighbor("10.0.104.2", 65010)]))
+        self.routers["spine02"] = lab.frr(h["spine02"], FrrPeer(
+            asn=1000, router_id="10.0.102.1", zebra=zebra,
+            neighbors=[Neighbor("10.0.102.2", 65010), Neighbor("10.0.103.2", 65005)],
+            announce=[Announce("192.168.0.0/24")]))
+        self.routers["leaf01"] = lab.frr(h["leaf01"], FrrPeer(
+            asn=65005, router_id="10.0.5.1", zebra=zebra,
+            neighbors=[Neighbor("10.0.101.1", 500), Neighbor("10.0.103.1", 1000),
+                       rr("10.0.5.11", 65005), rr("10.0.5.12", 65005)],
+            announce=[Announce("10.0.5.0/24")]))
+        self.routers["leaf02"] = lab.frr(h["leaf02"], FrrPeer(
+            asn=65010, router_id="10.0.10.1", zebra=zebra,
+            neighbors=[Neighbor("10.0.102.1", 1000), Neighbor("10.0.104.1", 500),
+                       rr("10.0.10.11", 65010), rr("10.0.10.12", 65010)],
+            announce=[Announce("10.0.10.0/24")]))
+        for n in NODES:
+            base = lab.workdir / f"vipd-{n.host}"
+            node = VipdNode(n, node_hosts[n.name], base / "config", base / "state", base / "run" / "vipd.sock")
+            node.config_dir.mkdir(parents=True)
+            self.nodes[n.name] = node
+        return self
+
+    def write_all(self, filename: str, text: str | None) -> None:
+        for node in self.nodes.values():
+            node.write(filename, text)
+
+    def start_nodes(self) -> None:
+        for node in self.nodes.values():
+            argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(node.config_dir),
+                    "--node-name", node.spec.name, "--api-socket", str(node.socket),
+                    "--state-dir", str(node.state_dir), "--log-format", "json"]
+            node.proc = node.host.spawn(argv, log_path=node.config_dir.parent / "vipd.log",
+                                        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        for node in self.nodes.values():
+            wait_until(lambda: node.socket.exists() or node.proc.poll() is not None, timeout=30,
+                       what=f"vipd API socket of {node.spec.name}")
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"vipd on {node.spec.name} exited:\n{self.vipd_log(node.spec.name)[-3000:]}")
+
+    def vipd_log(self, name: str) -> str:
+        return (self.nodes[name].config_dir.parent / "vipd.log").read_text(errors="replace")
+
+    # -- inspecting ----------------------------------------------------------------------------
+    def vipctl(self, name: str, *args: str, check: bool = True) -> str:
+        node = self.nodes[name]
+        proc = subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(node.socket), *args],
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"vipctl {' '.join(args)} on {name} failed ({proc.returncode}): {proc.stderr}")
+        return proc.stdout
+
+    def peers_json(self, name: str) -> dict:
+        return json.loads(self.vipctl(name, "bgp", "peers", "-o", "json"))
+
+    def sessions_established(self) -> bool:
+        for leaf, rack in (("leaf01", "rack0"), ("leaf02", "rack1")):
+            sessions = self.routers[leaf].sessions()
+            for n in NODES:
+                if n.rack == rack and (n.address not in sessions or sessions[n.address].state != "established"):
+                    return False
+        return True
+
+    def routes_by_prefix(self, router: str) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for r in self.routers[router].routes("ipv4"):
+            out.setdefault(r.prefix, []).append(r)
+        return out
+
+    def learned_pod_cidrs(self) -> bool:
+        for router in self.routers:
+            table = self.routes_by_prefix(router)
+            if not all(n.pod_cidr in table for n in NODES):
+                return False
+        return True
+
+
+def _step(t0: float, text: str) -> None:
+    print(f"[{time.monotonic() - t0:6.1f}s] {text}", flush=True)
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    if os.geteuid() != 0:
+        print("agent.demo needs root (network namespaces, FRR)", file=sys.stderr)
+        return 1
+    with Lab("s002") as lab:
+        _step(t0, "building the seed 002 lab: 2 spines (AS 500, AS 1000), 2 leaves as route reflectors "
+                  "(AS 65005, AS 65010), 4 vipd nodes, a client behind spine02")
+        env = Seed002Lab(lab).build()
+        env.write_all("nodes.yaml", nodes_yaml())
+        env.write_all("bgp.yaml", LEGACY_POLICY_YAML)
+        _step(t0, "FRR routers up; starting `vipd run` on the four nodes with the seed's CiliumBGPPeeringPolicy")
+        env.start_nodes()
+        wait_until(env.sessions_established, timeout=60, what="all node sessions established at the leaves")
+        _step(t0, "all four nodes established with their leaf")
+        wait_until(env.learned_pod_cidrs, timeout=60, what="every router learning all four PodCIDRs")
+        first = NODES[0]
+        _step(t0, f"vipctl bgp peers   (on {first.name})")
+        print(env.vipctl(first.name, "bgp", "peers"), flush=True)
+        _step(t0, f"vipctl bgp routes advertised ipv4 unicast   (on {first.name})")
+        print(env.vipctl(first.name, "bgp", "routes", "advertised", "ipv4", "unicast"), flush=True)
+        for spine in ("spine01", "spine02"):
+            _step(t0, f"{spine}: BGP table (show ip bgp)")
+            out = env.routers[spine].vtysh("show ip bgp")
+            print("\n".join(line for line in out.splitlines()
+                            if line.strip() and not line.startswith(("Default local pref", "Status codes",
+                                                                     "Nexthop codes", "RPKI", "Origin codes",
+                                                                     "               ", "BGP table version"))),
+                  flush=True)
+        _step(t0, "ping from the client (192.168.0.2) to a pod address in each rack, routed natively")
+        failures = 0
+        for n in NODES:
+            r = subprocess.run(env.client.exec_argv(["ping", "-c", "1", "-W", "2", n.pod_address]),
+                               capture_output=True, text=True)
+            line = next((l for l in r.stdout.splitlines() if "bytes from" in l), "no reply")
+            print(f"  {n.rack} {n.name:<26} pod {n.pod_address:<11} -> {line}", flush=True)
+            failures += r.returncode != 0
+        _step(t0, "tearing down")
+    _step(t0, f"done; {'all pings answered' if not failures else f'{failures} ping(s) failed'}; "
+              "no namespaces or processes left behind")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

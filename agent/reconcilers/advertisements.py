@@ -1,0 +1,113 @@
+"""Advertisements: desired paths per (instance, peer, family) -> the speaker's Adj-RIB-Out.
+
+The desired paths are a pure function of the objects (``agent.controlplane.desired_paths``);
+the current paths are what the speaker holds for the peer (``adj_rib_out``), so there is no
+second copy to drift. Per peer, every withdrawal is issued before any advertisement (a
+prefix that moves between families or aggregations is never briefly doubled), and an
+unchanged path is not touched, so a second pass with the same inputs does nothing.
+
+The reconciler also remembers when each path was (re)advertised, for the ``Age`` column of
+``vipctl bgp routes``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from agent.reconcilers.errors import ErrorBook
+
+__all__ = ["AdvertisementReconciler"]
+
+NAME = "advertisements"
+
+
+class AdvertisementReconciler:
+    name = NAME
+
+    def __init__(self, neighbors, desired_paths: Callable[..., dict], families: tuple, *, log=None,
+                 clock: Callable[[], float] | None = None):
+        """``neighbors``: the NeighborReconciler (its running instances are the speakers).
+        ``desired_paths(instance, peer) -> {Family: {prefix: PathAttributes}}`` for this pass.
+        ``families``: every Family the speaker knows (to withdraw from families no longer desired)."""
+        import time
+
+        self.neighbors = neighbors
+        self.desired_paths = desired_paths
+        self.families = families
+        self.log = log
+        self.clock = clock or time.time
+        # (instance, peer, family, prefix) -> wall time the current attributes were advertised
+        self.advertised_at: dict[tuple, float] = {}
+        # instance -> {(family, prefix): (attrs, first seen)}: the instance's loc-rib view
+        self.available: dict[str, dict[tuple, tuple[Any, float]]] = {}
+
+    async def reconcile(self, node_config, errors: ErrorBook, now: float,
+                        desired_paths: Callable[..., dict] | None = None) -> None:
+        compute = desired_paths or self.desired_paths
+        instances = {i.name: i for i in node_config.instances}
+        errors.clear_missing(NAME, set(instances))
+        for name in [n for n in self.available if n not in instances]:
+            del self.available[name]
+        for key in [k for k in self.advertised_at if k[0] not in instances]:
+            del self.advertised_at[key]
+        for inst in instances.values():
+            run = self.neighbors.running.get(inst.name)
+            if run is None:
+                continue  # the neighbor reconciler failed for it and recorded why
+            try:
+                self._reconcile_instance(inst, run, compute)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
+                rec = errors.record(NAME, inst.name, exc, now)
+                self._log("error", "reconcile failed", instance=inst.name, error=rec.error,
+                          attempts=rec.attempts)
+            else:
+                errors.clear(NAME, inst.name)
+
+    def _reconcile_instance(self, inst, run, compute) -> None:
+        speaker = run.speaker
+        wall = self.clock()
+        loc_rib: dict[tuple, Any] = {}
+        for peer in inst.peers:
+            if peer.address not in run.neighbors:
+                continue
+            desired = compute(inst, peer)
+            changes = self._reconcile_peer(inst.name, speaker, peer.address, desired, wall)
+            for fam, paths in desired.items():
+                for prefix, attrs in paths.items():
+                    loc_rib.setdefault((fam, prefix), attrs)
+            if changes:
+                self._log("info", "advertisements changed", instance=inst.name, peer=peer.address,
+                          withdrawn=changes[0], advertised=changes[1])
+        previous = self.available.get(inst.name, {})
+        self.available[inst.name] = {
+            key: (attrs, previous[key][1] if key in previous else wall) for key, attrs in loc_rib.items()}
+        # forget ages of peers that are gone
+        peers = set(run.neighbors)
+        for key in [k for k in self.advertised_at if k[0] == inst.name and k[1] not in peers]:
+            del self.advertised_at[key]
+
+    def _reconcile_peer(self, instance: str, speaker, address: str, desired: dict, wall: float):
+        current = {fam: dict(speaker.adj_rib_out(address, fam)) for fam in self.families}
+        withdrawn = advertised = 0
+        # 1. withdraw everything that is no longer desired, in every family
+        for fam in self.families:
+            want = desired.get(fam, {})
+            for prefix in [p for p in current[fam] if p not in want]:
+                speaker.withdraw(address, fam, prefix)
+                self.advertised_at.pop((instance, address, fam, prefix), None)
+                withdrawn += 1
+        # 2. then advertise what is new or has different attributes
+        for fam, want in desired.items():
+            have = current.get(fam, {})
+            for prefix, attrs in want.items():
+                if have.get(prefix) == attrs:
+                    self.advertised_at.setdefault((instance, address, fam, prefix), wall)
+                    continue
+                speaker.advertise(address, fam, prefix, attrs)
+                self.advertised_at[(instance, address, fam, prefix)] = wall
+                advertised += 1
+        return (withdrawn, advertised) if withdrawn or advertised else None
+
+    def _log(self, level: str, event: str, **kw) -> None:
+        if self.log is not None:
+            getattr(self.log, level)(event, reconciler=NAME, **kw)

@@ -1,0 +1,260 @@
+"""The controller: one reconcile pass = the pure control plane, then each effect in order.
+
+    snapshot (store) -> LB-IPAM allocation (persisted) -> node config derivation
+      -> neighbors (speaker instances/peers) -> advertisements (Adj-RIB-Out)
+      -> route policies, conditions -> status YAML in the state dir
+
+Passes run on every new snapshot and when a failed reconciler's backoff expires. Each
+reconciler records its own failures (:class:`ErrorBook`) and the pass goes on with the
+others; everything is idempotent, so a retry pass only changes what still differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from agent.reconcilers.advertisements import AdvertisementReconciler
+from agent.reconcilers.errors import ErrorBook
+from agent.reconcilers.neighbors import NeighborReconciler
+
+__all__ = ["Controller", "ConditionClock", "atomic_write_yaml"]
+
+STATUS_FILE = "status.yaml"
+LBIPAM_FILE = "lbipam-allocations.yaml"
+STATUS_INTERVAL = 5.0  # Cilium pushes NodeConfig status every 5 s
+
+
+def atomic_write_yaml(path: Path, data: Any) -> None:
+    """Write via a temp file + rename so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    os.replace(tmp, path)
+
+
+class ConditionClock:
+    """lastTransitionTime bookkeeping: the time a condition's status last changed."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def stamp(self, obj: str, cond) -> dict:
+        d = cond.to_dict() if hasattr(cond, "to_dict") else dict(cond)
+        key = (obj, d["type"])
+        prev = self._seen.get(key)
+        if prev is None or prev[0] != d["status"]:
+            prev = (d["status"], self.clock())
+            self._seen[key] = prev
+        d["lastTransitionTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(prev[1]))
+        return d
+
+
+class Controller:
+    def __init__(self, node_name: str, store, *, state_dir: str | Path, speaker_factory: Callable,
+                 options=None, log=None, clock: Callable[[], float] = time.time):
+        from agent.controlplane.types import AgentOptions, Family
+
+        self.node_name = node_name
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.options = options or AgentOptions()
+        self.log = log
+        self.clock = clock
+        self.errors = ErrorBook()
+        self.neighbors = NeighborReconciler(speaker_factory, log=log)
+        self.advertisements = AdvertisementReconciler(self.neighbors, None, tuple(Family), log=log,
+                                                      clock=clock)
+        self.conditions = ConditionClock(clock)
+        self.started_at = clock()
+        self.applied_generation = 0
+        self.passes = 0
+        self.objects = None
+        self.effective_objects = None
+        self.node_config = None
+        self.lbipam = None
+        self.policies: list = []
+        self.cluster_conditions: dict = {}
+        self.peer_conditions: dict = {}
+        self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()
+        self._status_written: Any = None
+        self._issues_logged: tuple = ()
+
+    # -- LB-IPAM persistence --------------------------------------------------------------------
+    def _load_allocations(self) -> dict[str, tuple[str, ...]]:
+        path = self.state_dir / LBIPAM_FILE
+        if not path.exists():
+            return {}
+        data = yaml.safe_load(path.read_text()) or {}
+        return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
+
+    def _save_allocations(self) -> None:
+        atomic_write_yaml(self.state_dir / LBIPAM_FILE,
+                          {"allocations": {k: list(v) for k, v in sorted(self.allocations.items())}})
+
+    # -- one pass -------------------------------------------------------------------------------
+    async def reconcile_once(self) -> None:
+        from agent.controlplane import (all_desired_paths, cluster_config_conditions,  # noqa: F401
+                                        derive_node_config, desired_paths, effective_services,
+                                        lbipam, peer_config_conditions, route_policies)
+
+        snap = self.store.current
+        objects = self.store.objects()
+        now = time.monotonic()
+        self.passes += 1
+
+        try:
+            lb = lbipam.allocate(objects, self.allocations)
+            if dict(lb.allocations) != self.allocations:
+                self.allocations = {k: tuple(v) for k, v in lb.allocations.items()}
+                self._save_allocations()
+            self.lbipam = lb
+            self.errors.clear("lbipam", "")
+        except Exception as exc:  # noqa: BLE001
+            self._record("lbipam", "", exc, now)
+            lb = self.lbipam
+        effective = effective_services(objects, lb) if lb is not None else objects
+
+        try:
+            node_config = derive_node_config(effective, self.node_name, self.options)
+            self.errors.clear("node-config", "")
+        except Exception as exc:  # noqa: BLE001 - keep the running state; never tear down on a bug
+            self._record("node-config", "", exc, now)
+            return
+        self.objects, self.effective_objects, self.node_config = objects, effective, node_config
+        if node_config.issues != self._issues_logged:  # log each new set once, not every pass
+            self._issues_logged = node_config.issues
+            for issue in node_config.issues:
+                self._log("warning" if issue.severity == "warning" else "error", "node config issue",
+                          issue=str(issue))
+
+        await self.neighbors.reconcile(node_config, self.errors, now)
+
+        def desired(inst, peer):
+            return desired_paths(effective, self.node_name, inst, peer, lb, self.options)
+
+        await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
+
+        try:
+            self.policies = list(route_policies(effective, node_config, lb, self.options))
+            self.cluster_conditions = cluster_config_conditions(effective, self.options)
+            self.peer_conditions = peer_config_conditions(effective, self.options)
+            self.errors.clear("status", "")
+        except Exception as exc:  # noqa: BLE001
+            self._record("status", "", exc, now)
+        self.applied_generation = snap.generation
+        self.write_status()
+
+    def _record(self, reconciler: str, instance: str, exc: BaseException, now: float) -> None:
+        rec = self.errors.record(reconciler, instance, exc, now)
+        self._log("error", "reconcile failed", reconciler=reconciler, instance=instance,
+                  error=rec.error, attempts=rec.attempts, exc_info=exc)
+
+    def _log(self, level: str, event: str, **kw) -> None:
+        if self.log is not None:
+            getattr(self.log, level)(event, **kw)
+
+    # -- loop -----------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        status_task = asyncio.create_task(self._status_loop(stop))
+        try:
+            while not stop.is_set():
+                generation = self.store.current.generation
+                await self.reconcile_once()
+                retry_at = self.errors.next_retry()
+                timeout = None if retry_at is None else max(0.05, retry_at - time.monotonic())
+                waiters = [asyncio.ensure_future(self.store.wait_for_change(generation)),
+                           asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+        finally:
+            status_task.cancel()
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        # Peer states change without config changes; refresh the status file like Cilium's 5 s push.
+        while not stop.is_set():
+            await asyncio.sleep(STATUS_INTERVAL)
+            try:
+                self.write_status()
+            except Exception as exc:  # noqa: BLE001
+                self._log("warning", "status write failed", error=str(exc))
+
+    async def shutdown(self, *, graceful: bool = True) -> None:
+        await self.neighbors.stop_all(graceful=graceful)
+
+    # -- status ---------------------------------------------------------------------------------
+    def peer_states(self) -> list[tuple[Any, Any]]:
+        """[(RunningInstance, PeerState)] for every running peer."""
+        out = []
+        for run in self.neighbors.running.values():
+            for st in run.speaker.peers():
+                out.append((run, st))
+        return out
+
+    def reconcile_error_condition(self) -> dict:
+        lines = sorted(f"{r.instance or self.node_name}: {r.reconciler}: {r.error}"
+                       for r in self.errors.records())
+        text = "\n".join(lines)[:32 * 1024]
+        from agent.controlplane.types import Condition
+
+        cond = Condition("cilium.io/BGPReconcileError", "True" if lines else "False",
+                         "BGPReconcileError", text)
+        return self.conditions.stamp("CiliumBGPNodeConfig/" + self.node_name, cond)
+
+    def status_document(self) -> dict:
+        from agent.controlplane import node_config_object, node_config_status
+
+        snap = self.store.current
+        doc: dict[str, Any] = {
+            "node": self.node_name,
+            "configDir": snap.source,
+            "configGeneration": snap.generation,
+            "appliedGeneration": self.applied_generation,
+            "configErrors": [str(e) for e in snap.errors],
+        }
+        if self.node_config is not None:
+            node_status: dict = {}
+            try:
+                node_status = node_config_status(self.node_config, [s for _, s in self.peer_states()],
+                                                 self.errors.by_instance(), self.clock())
+            except Exception as exc:  # noqa: BLE001 - status must not fail on a partial state
+                node_status = {"error": str(exc)}
+            node_status = dict(node_status)
+            node_status["conditions"] = [self.reconcile_error_condition()]
+            doc["ciliumBGPNodeConfig"] = {"spec": node_config_object(self.node_config).get("spec", {}),
+                                          "status": node_status}
+            doc["nodeConfigIssues"] = [str(i) for i in self.node_config.issues]
+        doc["ciliumBGPClusterConfigs"] = {
+            name: {"conditions": [self.conditions.stamp(f"CiliumBGPClusterConfig/{name}", c) for c in conds]}
+            for name, conds in sorted(self.cluster_conditions.items())}
+        doc["ciliumBGPPeerConfigs"] = {
+            name: {"conditions": [self.conditions.stamp(f"CiliumBGPPeerConfig/{name}", c) for c in conds]}
+            for name, conds in sorted(self.peer_conditions.items())}
+        if self.lbipam is not None:
+            doc["services"] = {
+                key: {"loadBalancerIngress": list(self.lbipam.allocations.get(key, ())),
+                      "conditions": [self.conditions.stamp(f"Service/{key}", cond)]}
+                for key, cond in sorted(self.lbipam.service_conditions.items())}
+            doc["ciliumLoadBalancerIPPools"] = {
+                name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)
+                                      for c in conds]}
+                for name, conds in sorted(self.lbipam.pool_conditions.items())}
+        doc["reconcileErrors"] = [
+            {"reconciler": r.reconciler, "instance": r.instance, "error": r.error, "attempts": r.attempts}
+            for r in self.errors.records()]
+        return doc
+
+    def write_status(self) -> None:
+        doc = self.status_document()
+        if doc == self._status_written:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_yaml(self.state_dir / STATUS_FILE, doc)
+        self._status_written = doc

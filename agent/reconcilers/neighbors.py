@@ -1,0 +1,130 @@
+"""BGP instances and neighbors: the node config's instances/peers -> running speakers.
+
+Runs before the advertisement reconciler (Cilium gives the Neighbor reconciler the higher
+priority): on a (re)start, every neighbor and then every path is configured in the same pass,
+before any session can reach Established, so the first UPDATEs carry the full table and
+End-of-RIB follows it.
+
+Running state per instance (the speaker, its identity, the NeighborConfig last applied per
+peer) is updated step by step, so a failure halfway keeps what was applied and the next
+attempt only does the rest.
+
+Reset rules (Cilium ``pkg/bgp/gobgp/peer.go``): an identity change of the instance (ASN,
+router ID, listen port) re-creates the speaker (Cease to the peers); a change of peer ASN is
+delete + add; other neighbor changes go through ``update_neighbor``, which only resets when an
+OPEN-affecting field changed. ``NeighborConfig`` carries nothing about advertisements, so a
+change to advertisements alone never touches this reconciler's effects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from agent.reconcilers.errors import ErrorBook
+
+__all__ = ["NeighborReconciler", "RunningInstance", "instance_identity"]
+
+NAME = "neighbors"
+
+
+def instance_identity(instance) -> tuple:
+    """What forces a new speaker when it changes (each instance is its own BGP server)."""
+    return (instance.local_asn, instance.router_id, instance.local_port)
+
+
+@dataclass
+class RunningInstance:
+    name: str
+    identity: tuple
+    speaker: Any
+    local_asn: int
+    neighbors: dict[str, Any] = field(default_factory=dict)   # address -> NeighborConfig applied
+
+
+class NeighborReconciler:
+    name = NAME
+
+    def __init__(self, speaker_factory: Callable[[Any], Any], *, log=None):
+        """``speaker_factory(instance)`` returns an un-started speaker for a BgpInstance."""
+        self.speaker_factory = speaker_factory
+        self.running: dict[str, RunningInstance] = {}
+        self.log = log
+
+    async def reconcile(self, node_config, errors: ErrorBook, now: float) -> None:
+        desired = {inst.name: inst for inst in node_config.instances}
+        for name in [n for n in self.running if n not in desired]:
+            run = self.running[name]
+            try:
+                # The node is no longer selected (or the instance was deleted): Cease, peers withdraw.
+                await run.speaker.stop(notify=True, message="BGP instance removed from configuration")
+            except Exception as exc:  # noqa: BLE001 - the speaker is dropped either way
+                self._log("warning", "speaker stop failed", instance=name, error=str(exc))
+            del self.running[name]
+            self._log("info", "instance removed", instance=name)
+        errors.clear_missing(NAME, set(desired))
+        for inst in desired.values():
+            try:
+                await self._reconcile_instance(inst)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
+                rec = errors.record(NAME, inst.name, exc, now)
+                self._log("error", "reconcile failed", instance=inst.name, error=rec.error,
+                          attempts=rec.attempts)
+            else:
+                errors.clear(NAME, inst.name)
+
+    async def _reconcile_instance(self, inst) -> None:
+        identity = instance_identity(inst)
+        run = self.running.get(inst.name)
+        if run is not None and run.identity != identity:
+            self._log("info", "instance identity changed; re-creating speaker", instance=inst.name,
+                      old=run.identity, new=identity)
+            del self.running[inst.name]
+            await run.speaker.stop(notify=True, message="BGP instance configuration changed")
+            run = None
+        if run is None:
+            speaker = self.speaker_factory(inst)
+            await speaker.start()
+            run = RunningInstance(inst.name, identity, speaker, inst.local_asn)
+            self.running[inst.name] = run
+            self._log("info", "instance started", instance=inst.name, asn=inst.local_asn,
+                      router_id=inst.router_id, listen_port=inst.local_port)
+        desired = {p.address: p.neighbor_config() for p in inst.peers}
+        for address in [a for a in run.neighbors if a not in desired]:
+            await run.speaker.remove_neighbor(address, "Peer de-configured")
+            del run.neighbors[address]
+            self._log("info", "neighbor removed", instance=inst.name, peer=address)
+        for address, cfg in desired.items():
+            current = run.neighbors.get(address)
+            if current == cfg:
+                continue
+            if current is None:
+                await run.speaker.add_neighbor(cfg)
+                self._log("info", "neighbor added", instance=inst.name, peer=address, peer_asn=cfg.peer_asn)
+            elif current.peer_asn != cfg.peer_asn or current.port != cfg.port:
+                # The neighbor's identity changed: delete + add, as Cilium does.
+                await run.speaker.remove_neighbor(address, "Peer configuration changed")
+                run.neighbors.pop(address, None)
+                await run.speaker.add_neighbor(cfg)
+                self._log("info", "neighbor re-created", instance=inst.name, peer=address)
+            else:
+                await run.speaker.update_neighbor(cfg)
+                self._log("info", "neighbor updated", instance=inst.name, peer=address)
+            run.neighbors[address] = cfg
+
+    async def stop_all(self, *, graceful: bool) -> None:
+        """Agent shutdown. ``graceful``: close TCP without NOTIFICATION (graceful restart: peers
+        keep our routes for restartTime while the datapath keeps forwarding)."""
+        for name, run in list(self.running.items()):
+            try:
+                if graceful:
+                    await run.speaker.stop(notify=False)
+                else:
+                    await run.speaker.stop(notify=True, message="vipd shutting down")
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                self._log("warning", "speaker stop failed", instance=name, error=str(exc))
+        self.running.clear()
+
+    def _log(self, level: str, event: str, **kw) -> None:
+        if self.log is not None:
+            getattr(self.log, level)(event, reconciler=NAME, **kw)

@@ -1,0 +1,414 @@
+/* lb.h: the service path of the XDP program.
+ *
+ * lb_handle():  service lookup (VIP, port, proto) -> source-range check -> conntrack ->
+ *               (affinity | Maglev) -> local DNAT (pass to the stack) or remote backend
+ *               (SNAT or DSR option, FIB lookup, XDP_TX / redirect).
+ * snat_reply(): replies to SNATed flows, addressed to node:nat_port, reversed to VIP -> client.
+ * Every rewrite happens only after every check that could refuse the packet has passed,
+ * so a refused packet is never half-rewritten.
+ */
+#pragma once
+
+static __always_inline int verdict(__u32 hook, int action)
+{
+	switch (action) {
+	case XDP_PASS: stat_inc(hook, STAT_PASS); break;
+	case XDP_TX: stat_inc(hook, STAT_TX); break;
+	case XDP_REDIRECT: stat_inc(hook, STAT_REDIRECT); break;
+	default: stat_inc(hook, STAT_DROP); break;
+	}
+	return action;
+}
+
+static __always_inline int drop(__u32 reason)
+{
+	drop_inc(reason);
+	return verdict(HOOK_XDP, XDP_DROP);
+}
+
+/* Flow hash for Maglev: saddr, ports, protocol; never the destination address, so every node
+ * (and every VIP of the same backend set) derives the same slot. */
+static __always_inline __u32 flow_hash(const struct pkt *p, __be16 sport)
+{
+	__u32 a;
+
+	if (p->family == 4) {
+		a = bpf_ntohl(p->saddr[0]);
+	} else {
+		a = jhash_2words(jhash_2words(bpf_ntohl(p->saddr[0]), bpf_ntohl(p->saddr[1]), HASH_SEED),
+				 jhash_2words(bpf_ntohl(p->saddr[2]), bpf_ntohl(p->saddr[3]), HASH_SEED),
+				 HASH_SEED);
+	}
+	return jhash_3words(a, ((__u32)bpf_ntohs(p->dport) << 16) | bpf_ntohs(sport), p->proto, HASH_SEED);
+}
+
+/* FIB lookup towards dst before anything is rewritten; fills fib (MACs, egress ifindex). */
+static __always_inline int fib_lookup_to(struct xdp_md *ctx, const struct pkt *p, const __u32 *src,
+					 const __u32 *dst, __u32 tot_len, struct bpf_fib_lookup *fib)
+{
+	fib->ifindex = ctx->ingress_ifindex;
+	fib->l4_protocol = p->proto;
+	fib->tot_len = tot_len;
+	if (p->family == 4) {
+		fib->family = 2;  /* AF_INET */
+		fib->ipv4_src = src[0];
+		fib->ipv4_dst = dst[0];
+	} else {
+		fib->family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib->ipv6_src, src, 16);
+		__builtin_memcpy(fib->ipv6_dst, dst, 16);
+	}
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS ? 0 : -1;
+}
+
+/* After the rewrite: new MACs, then XDP_TX (same link) or redirect (another link). */
+static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
+{
+	void *data = ctx_data(ctx), *data_end = ctx_data_end(ctx);
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(DROP_REWRITE);
+	__builtin_memcpy(eth->h_dest, fib->dmac, 6);
+	__builtin_memcpy(eth->h_source, fib->smac, 6);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return verdict(HOOK_XDP, XDP_TX);
+	return verdict(HOOK_XDP, bpf_redirect(fib->ifindex, 0));
+}
+
+/* Insert the DSR option after the IP header (which has no options / extension headers). */
+static __always_inline int dsr_insert(struct xdp_md *ctx, const struct pkt *p, const __u32 *vip,
+				      __be16 vport)
+{
+	void *data, *data_end;
+
+	if (p->family == 4) {
+		struct ethhdr eth;
+		struct iphdr iph;
+		__be16 vlan[2];
+		void *old = ctx_data(ctx), *old_end = ctx_data_end(ctx);
+		int tagged = p->l3_off == 18;
+
+		if (old + p->l3_off + sizeof(iph) > old_end || old + 18 > old_end)
+			return -1;
+		__builtin_memcpy(&eth, old, sizeof(eth));
+		__builtin_memcpy(vlan, old + 14, 4);
+		__builtin_memcpy(&iph, old + p->l3_off, sizeof(iph));
+		if (bpf_xdp_adjust_head(ctx, -DSR_IPV4_OPT_LEN))
+			return -2;
+		data = ctx_data(ctx);
+		data_end = ctx_data_end(ctx);
+		iph.ihl = 5 + DSR_IPV4_OPT_LEN / 4;
+		iph.tot_len = bpf_htons(bpf_ntohs(iph.tot_len) + DSR_IPV4_OPT_LEN);
+		iph.check = 0;
+		__u8 opt[DSR_IPV4_OPT_LEN] = { DSR_IPV4_OPT_TYPE, DSR_IPV4_OPT_LEN };
+		__builtin_memcpy(opt + 2, &vport, 2);
+		__builtin_memcpy(opt + 4, &vip[0], 4);
+		__u32 w[7];
+		__builtin_memcpy(w, &iph, 20);
+		__builtin_memcpy(&w[5], opt, 8);
+		__u64 s = 0;
+#pragma unroll
+		for (int i = 0; i < 7; i++)
+			s += w[i];
+		iph.check = ~csum_fold64(s);
+		if (tagged) {
+			if (data + 18 + sizeof(iph) + DSR_IPV4_OPT_LEN > data_end)
+				return -1;
+			__builtin_memcpy(data, &eth, sizeof(eth));
+			__builtin_memcpy(data + 14, vlan, 4);
+			__builtin_memcpy(data + 18, &iph, sizeof(iph));
+			__builtin_memcpy(data + 18 + sizeof(iph), opt, DSR_IPV4_OPT_LEN);
+		} else {
+			if (data + 14 + sizeof(iph) + DSR_IPV4_OPT_LEN > data_end)
+				return -1;
+			__builtin_memcpy(data, &eth, sizeof(eth));
+			__builtin_memcpy(data + 14 + sizeof(iph), opt, DSR_IPV4_OPT_LEN);
+			__builtin_memcpy(data + 14, &iph, sizeof(iph));
+		}
+		return 0;
+	} else {
+		struct ethhdr eth;
+		struct ipv6hdr ip6;
+		__be16 vlan[2];
+		void *old = ctx_data(ctx), *old_end = ctx_data_end(ctx);
+		int tagged = p->l3_off == 18;
+		__u8 opt[24] = {};
+
+		if (old + p->l3_off + sizeof(ip6) > old_end || old + 18 > old_end)
+			return -1;
+		__builtin_memcpy(&eth, old, sizeof(eth));
+		__builtin_memcpy(vlan, old + 14, 4);
+		__builtin_memcpy(&ip6, old + p->l3_off, sizeof(ip6));
+		if (bpf_xdp_adjust_head(ctx, -24))
+			return -2;
+		opt[0] = ip6.nexthdr;
+		opt[1] = DSR_IPV6_EXT_LEN;
+		opt[2] = DSR_IPV6_OPT_TYPE;
+		opt[3] = DSR_IPV6_OPT_LEN;
+		__builtin_memcpy(opt + 4, vip, 16);
+		__builtin_memcpy(opt + 20, &vport, 2);
+		ip6.nexthdr = NEXTHDR_DEST;
+		ip6.payload_len = bpf_htons(bpf_ntohs(ip6.payload_len) + 24);
+		data = ctx_data(ctx);
+		data_end = ctx_data_end(ctx);
+		if (tagged) {
+			if (data + 18 + sizeof(ip6) + 24 > data_end)
+				return -1;
+			__builtin_memcpy(data, &eth, sizeof(eth));
+			__builtin_memcpy(data + 14, vlan, 4);
+			__builtin_memcpy(data + 18, &ip6, sizeof(ip6));
+			__builtin_memcpy(data + 18 + sizeof(ip6), opt, 24);
+		} else {
+			if (data + 14 + sizeof(ip6) + 24 > data_end)
+				return -1;
+			__builtin_memcpy(data, &eth, sizeof(eth));
+			__builtin_memcpy(data + 14, &ip6, sizeof(ip6));
+			__builtin_memcpy(data + 14 + sizeof(ip6), opt, 24);
+		}
+		return 0;
+	}
+}
+
+static __always_inline void fill_reply_val(struct ct_val *rv, const struct pkt *p, __u32 bid,
+					   __u32 svc_id, __u16 flags)
+{
+	addr_copy(rv->raddr, p->daddr);   /* replies leave from VIP:port */
+	rv->rport = p->dport;
+	addr_copy(rv->rdaddr, p->saddr);  /* SNAT replies go back to the client */
+	rv->rdport = p->sport;
+	rv->backend_id = bid;
+	rv->svc_id = svc_id;
+	rv->flags = flags;
+	rv->created_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct svc_val *svc)
+{
+	struct ct_key ck = {};
+	struct ct_val *cv = NULL;
+	struct backend *be = NULL;
+	struct bpf_fib_lookup fib = {};
+	__u32 svc_id = svc->id, flags = svc->flags, bid = 0;
+	__be16 nat_port = 0;
+	int new_flow = 0;
+
+	struct svc_counter *sc = svc_stats_v1.lookup(&svc_id);
+	if (sc) {
+		sc->packets += 1;
+		sc->bytes += ctx_len(ctx);
+	}
+	if (flags & SVC_F_SOURCE_RANGES) {
+		struct src_range_key rk = {};
+		rk.prefixlen = 32 + (p->family == 4 ? 32 : 128);
+		rk.svc_id = svc_id;
+		addr_copy(rk.addr, p->saddr);
+		if (!src_ranges_v1.lookup(&rk))
+			return drop(DROP_SOURCE_RANGE);
+	}
+
+	addr_copy(ck.saddr, p->saddr);
+	addr_copy(ck.daddr, p->daddr);
+	ck.sport = p->sport;
+	ck.dport = p->dport;
+	ck.proto = p->proto;
+	ck.family = p->family;
+	ck.dir = CT_DIR_SERVICE;
+	if (!(flags & SVC_F_STATELESS)) {
+		cv = ct_v1.lookup(&ck);
+		if (cv) {
+			bid = cv->backend_id;
+			nat_port = cv->nat_port;
+			be = backends_v1.lookup(&bid);
+			/* gone: re-balance; terminating: keep the flow but a new SYN re-balances */
+			if (be && (!(be->flags & BE_F_ACTIVE) ||
+				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
+				be = NULL;
+			if (be)
+				stat_inc(HOOK_XDP, STAT_CT_HIT);
+			else
+				nat_port = 0;
+		}
+	}
+	if (!be) {
+		__u32 m = svc->table_size;
+		if (m == 0)
+			return drop(flags & SVC_F_LOCAL_ONLY ? DROP_NO_LOCAL_BACKEND : DROP_NO_BACKEND);
+		bid = 0;
+		if (flags & SVC_F_AFFINITY) {
+			struct affinity_key ak = {};
+			addr_copy(ak.addr, p->saddr);
+			ak.svc_id = svc_id;
+			struct affinity_val *av = affinity_v1.lookup(&ak);
+			if (av && bpf_ktime_get_ns() - av->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
+				__u32 abid = av->backend_id;
+				struct backend *ab = backends_v1.lookup(&abid);
+				if (ab && (ab->flags & BE_F_ACTIVE) && !(ab->flags & BE_F_TERMINATING)) {
+					bid = abid;
+					stat_inc(HOOK_XDP, STAT_AFFINITY);
+				}
+			}
+		}
+		if (!bid) {
+			/* with affinity the source port is not hashed: one client, one backend */
+			__u32 slot = svc->table_off + flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport) % m;
+			__u32 *sb = maglev_v1.lookup(&slot);
+			if (sb)
+				bid = *sb;
+		}
+		if (!bid)
+			return drop(DROP_NO_BACKEND);
+		be = backends_v1.lookup(&bid);
+		if (!be || !(be->flags & BE_F_ACTIVE))
+			return drop(DROP_STALE_BACKEND);
+		if (flags & SVC_F_AFFINITY) {
+			struct affinity_key ak = {};
+			struct affinity_val av = {};
+			addr_copy(ak.addr, p->saddr);
+			ak.svc_id = svc_id;
+			av.backend_id = bid;
+			av.last_used_ns = bpf_ktime_get_ns();
+			affinity_v1.update(&ak, &av);
+		}
+		new_flow = 1;
+		stat_inc(HOOK_XDP, STAT_CT_NEW);
+	}
+
+	__u32 baddr[4];
+	__be16 bport = be->port;
+	addr_copy(baddr, be->addr);
+
+	if (be->flags & BE_F_LOCAL) {
+		/* local backend: DNAT and let the stack deliver it; tc egress reverses the reply */
+		struct ct_key rk = {};
+		struct ct_val rv = {};
+		addr_copy(rk.saddr, baddr);
+		addr_copy(rk.daddr, p->saddr);
+		rk.sport = bport;
+		rk.dport = p->sport;
+		rk.proto = p->proto;
+		rk.family = p->family;
+		rk.dir = CT_DIR_REPLY;
+		if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
+			fill_reply_val(&rv, p, bid, svc_id, CT_F_LOCAL);
+			ct_v1.update(&rk, &rv);
+		}
+		if (new_flow && !(flags & SVC_F_STATELESS)) {
+			struct ct_val fv = {};
+			fv.backend_id = bid;
+			fv.svc_id = svc_id;
+			fv.flags = CT_F_LOCAL;
+			fv.created_ns = bpf_ktime_get_ns();
+			ct_v1.update(&ck, &fv);
+		}
+		if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
+			return drop(DROP_REWRITE);
+		return verdict(HOOK_XDP, XDP_PASS);
+	}
+
+	if (flags & SVC_F_DSR) {
+		int add_opt = new_flow || p->proto == IPPROTO_UDP || (p->tcp_flags & TCP_FLAG_SYN);
+		__u32 grow = add_opt ? (p->family == 4 ? DSR_IPV4_OPT_LEN : 24) : 0;
+		if (add_opt && p->ip_opts)
+			return drop(DROP_DSR_UNSUPPORTED);
+		if (fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, &fib))
+			return drop(DROP_FIB_LOOKUP);
+		if (new_flow && !(flags & SVC_F_STATELESS)) {
+			struct ct_val fv = {};
+			fv.backend_id = bid;
+			fv.svc_id = svc_id;
+			fv.flags = CT_F_DSR;
+			fv.created_ns = bpf_ktime_get_ns();
+			ct_v1.update(&ck, &fv);
+		}
+		__u32 vip[4];
+		__be16 vport = p->dport;
+		addr_copy(vip, p->daddr);
+		if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
+			return drop(DROP_REWRITE);
+		if (add_opt) {
+			int rc = dsr_insert(ctx, p, vip, vport);
+			if (rc == -2)
+				return drop(DROP_HEADROOM);
+			if (rc)
+				return drop(DROP_REWRITE);
+			stat_inc(HOOK_XDP, STAT_DSR_OPT);
+		}
+		return fib_forward(ctx, &fib);
+	}
+
+	/* SNAT: DNAT to the backend and SNAT to node_addr:nat_port, so replies come back here */
+	__u32 nidx = p->family == 4 ? 0 : 1;
+	struct node_addr *na = node_cfg_v1.lookup(&nidx);
+	if (!na || !na->valid)
+		return drop(DROP_NO_NODE_ADDR);
+	__u32 naddr[4];
+	addr_copy(naddr, na->addr);
+	if (fib_lookup_to(ctx, p, naddr, baddr, p->l3_end - p->l3_off, &fib))
+		return drop(DROP_FIB_LOOKUP);
+	if (!nat_port) {
+		struct ct_key rk = {};
+		struct ct_val rv = {};
+		__u32 h = jhash_3words(ck.saddr[0] ^ ck.saddr[1] ^ ck.saddr[2] ^ ck.saddr[3],
+				       ((__u32)p->sport << 16) | p->dport, ck.daddr[0] ^ ck.daddr[3], HASH_SEED);
+		addr_copy(rk.saddr, baddr);
+		addr_copy(rk.daddr, naddr);
+		rk.sport = bport;
+		rk.proto = p->proto;
+		rk.family = p->family;
+		rk.dir = CT_DIR_REPLY;
+		fill_reply_val(&rv, p, bid, svc_id, CT_F_SNAT);
+#pragma unroll
+		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
+			__u16 port = SNAT_PORT_MIN + (h + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1);
+			rk.dport = bpf_htons(port);
+			if (ct_v1.insert(&rk, &rv) == 0) {
+				nat_port = rk.dport;
+				break;
+			}
+		}
+		if (!nat_port)
+			return drop(DROP_SNAT_NO_PORT);
+		struct ct_val fv = {};
+		fv.backend_id = bid;
+		fv.svc_id = svc_id;
+		fv.flags = CT_F_SNAT;
+		fv.nat_port = nat_port;
+		fv.created_ns = bpf_ktime_get_ns();
+		ct_v1.update(&ck, &fv);
+	}
+	if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
+		return drop(DROP_REWRITE);
+	if (nat_rewrite(ctx, p, NAT_SRC, naddr, nat_port))
+		return drop(DROP_REWRITE);
+	return fib_forward(ctx, &fib);
+}
+
+/* Not a service: maybe a reply to a SNATed flow (to node_addr:port in the SNAT range). */
+static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
+{
+	__u16 dport = bpf_ntohs(p->dport);
+	struct bpf_fib_lookup fib = {};
+
+	if (dport < SNAT_PORT_MIN || dport > SNAT_PORT_MAX)
+		return -1;
+	__u32 nidx = p->family == 4 ? 0 : 1;
+	struct node_addr *na = node_cfg_v1.lookup(&nidx);
+	if (!na || !na->valid || !addr_eq(na->addr, p->daddr))
+		return -1;
+	struct ct_key rk = {};
+	reply_key(&rk, p);
+	struct ct_val *rv = ct_v1.lookup(&rk);
+	if (!rv || !(rv->flags & CT_F_SNAT))
+		return -1;
+	__u32 vip[4], client[4];
+	__be16 vport = rv->rport, cport = rv->rdport;
+	addr_copy(vip, rv->raddr);
+	addr_copy(client, rv->rdaddr);
+	if (fib_lookup_to(ctx, p, vip, client, p->l3_end - p->l3_off, &fib))
+		return drop(DROP_FIB_LOOKUP);
+	if (nat_rewrite(ctx, p, NAT_SRC, vip, vport) || nat_rewrite(ctx, p, NAT_DST, client, cport))
+		return drop(DROP_REWRITE);
+	stat_inc(HOOK_XDP, STAT_SNAT_REPLY);
+	return fib_forward(ctx, &fib);
+}

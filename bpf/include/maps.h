@@ -1,0 +1,45 @@
+/* maps.h: every map of the datapath, pinned under PIN_DIR so the maps outlive the agent.
+ *
+ * bcc's "type:path" section opens the pin when it exists (adoption after a restart) and
+ * creates + pins it otherwise. Names carry a layout version (_v1): a changed layout gets a
+ * new name instead of silently reusing an old pin.
+ */
+#pragma once
+
+/* frontend -> service (plus one wildcard entry per VIP address) */
+BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, services_v1, MAX_SERVICES * 2,
+		 PIN_DIR "/services_v1");
+/* backend id -> address; id 0 is never written ("no backend") */
+BPF_TABLE_PINNED("array", __u32, struct backend, backends_v1, MAX_BACKENDS, PIN_DIR "/backends_v1");
+/* all Maglev tables: service s owns slots [table_off, table_off + table_size) */
+BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, PIN_DIR "/maglev_v1");
+/* connection tracking: flows keep their backend; replies find their rewrite */
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v1, CT_SIZE, PIN_DIR "/ct_v1");
+/* ClientIP session affinity */
+BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_val, affinity_v1, AFFINITY_SIZE,
+		 PIN_DIR "/affinity_v1");
+/* loadBalancerSourceRanges allow lists */
+BPF_TABLE_PINNED("lpm_trie", struct src_range_key, __u8, src_ranges_v1, SRC_RANGE_SIZE,
+		 PIN_DIR "/src_ranges_v1", BPF_F_NO_PREALLOC);
+/* node addresses used as SNAT source */
+BPF_TABLE_PINNED("array", __u32, struct node_addr, node_cfg_v1, 2, PIN_DIR "/node_cfg_v1");
+/* counters */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, stats_v1, NUM_HOOKS * NUM_STATS, PIN_DIR "/stats_v1");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, drops_v1, DROP_MAX, PIN_DIR "/drops_v1");
+BPF_TABLE_PINNED("percpu_array", __u32, struct svc_counter, svc_stats_v1, MAX_SERVICES,
+		 PIN_DIR "/svc_stats_v1");
+
+static __always_inline void stat_inc(__u32 hook, __u32 stat)
+{
+	__u32 idx = hook * NUM_STATS + stat;
+	__u64 *v = stats_v1.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void drop_inc(__u32 reason)
+{
+	__u64 *v = drops_v1.lookup(&reason);
+	if (v)
+		*v += 1;
+}

@@ -1,0 +1,82 @@
+/* structs.h: the key/value layouts of every map, declared once.
+ *
+ * Python never re-declares these: it reads the layouts bcc derives from this file
+ * (BPF[...].Key / .Leaf ctypes) and only fills fields by name. Addresses are stored as four
+ * raw network-order 32-bit words; an IPv4 address uses word 0 and words 1..3 are zero.
+ * Ports are network order (__be16) everywhere.
+ */
+#pragma once
+
+struct svc_key {            /* services: frontend (VIP, port, protocol) */
+	__u32 addr[4];
+	__be16 port;        /* 0 in an SVC_F_WILDCARD entry */
+	__u8 proto;         /* IPPROTO_TCP / IPPROTO_UDP; 0 in a wildcard entry */
+	__u8 family;        /* 4 or 6 */
+};
+
+struct svc_val {
+	__u32 id;           /* service id: index of svc_stats, part of affinity/src_ranges keys */
+	__u32 flags;        /* SVC_F_* */
+	__u32 table_off;    /* first slot of this service's Maglev table in maglev[] */
+	__u32 table_size;   /* M (prime); 0 = no backend for new flows */
+	__u32 affinity_timeout; /* seconds, with SVC_F_AFFINITY */
+	__u32 table_cap;    /* slots allocated at table_off (== M): kept when the table is empty */
+};
+
+struct backend {            /* backends[id] */
+	__u32 addr[4];
+	__be16 port;
+	__u8 family;
+	__u8 flags;         /* BE_F_* */
+};
+
+struct ct_key {             /* conntrack (LRU) */
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 dir;           /* CT_DIR_SERVICE / CT_DIR_REPLY */
+	__u8 pad;
+};
+
+struct ct_val {
+	__u32 raddr[4];     /* REPLY: new source address (the VIP) */
+	__u32 rdaddr[4];    /* REPLY with CT_F_SNAT: new destination address (the client) */
+	__be16 rport;       /* REPLY: new source port (the service port) */
+	__be16 rdport;      /* REPLY with CT_F_SNAT: new destination port (the client's port) */
+	__be16 nat_port;    /* SERVICE with CT_F_SNAT: the node port allocated to the flow */
+	__u16 flags;        /* CT_F_* */
+	__u32 backend_id;   /* SERVICE: the flow's backend */
+	__u32 svc_id;
+	__u32 pad;
+	__u64 created_ns;   /* bpf_ktime_get_ns() at creation */
+};
+
+struct affinity_key {
+	__u32 addr[4];      /* client address */
+	__u32 svc_id;
+};
+
+struct affinity_val {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+struct src_range_key {      /* LPM trie: prefixlen counts svc_id (32 bits) + address bits */
+	__u32 prefixlen;
+	__u32 svc_id;
+	__u32 addr[4];
+};
+
+struct node_addr {          /* node_cfg[0] = IPv4, node_cfg[1] = IPv6: source of SNAT */
+	__u32 addr[4];
+	__u32 valid;
+};
+
+struct svc_counter {        /* svc_stats[svc_id] (per CPU) */
+	__u64 packets;
+	__u64 bytes;
+};

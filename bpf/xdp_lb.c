@@ -1,0 +1,61 @@
+/* xdp_lb.c: the XDP program on the node's uplink(s): services, SNAT replies, ICMP errors,
+ * fragment policy. Everything else passes untouched. */
+#include "kernel.h"
+#include "consts.h"
+#include "drop_reasons.h"
+#include "structs.h"
+#include "maps.h"
+#include "csum.h"
+#include "ctx_xdp.h"
+#include "jhash.h"
+#include "parse.h"
+#include "nat.h"
+#include "revnat.h"
+#include "lb.h"
+#include "icmp.h"
+
+/* Fragments carry no (trustworthy) ports: one addressed to a VIP is dropped with a reason,
+ * never guessed onto a backend; any other fragment passes untouched. */
+static __always_inline int handle_fragment(struct xdp_md *ctx, const struct pkt *p)
+{
+	struct svc_key k = {};
+
+	stat_inc(HOOK_XDP, STAT_FRAGMENT);
+	addr_copy(k.addr, p->daddr);
+	k.family = p->family;
+	if (services_v1.lookup(&k))
+		return drop(DROP_FRAGMENT);
+	return verdict(HOOK_XDP, XDP_PASS);
+}
+
+int xdp_lb(struct xdp_md *ctx)
+{
+	struct pkt p = {};
+	int rc;
+
+	if (parse_packet(ctx, &p) != PARSE_OK) {
+		stat_inc(HOOK_XDP, STAT_UNPARSED);
+		return verdict(HOOK_XDP, XDP_PASS);
+	}
+	if (p.frag)
+		return handle_fragment(ctx, &p);
+	if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
+		struct svc_key k = {};
+		addr_copy(k.addr, p.daddr);
+		k.port = p.dport;
+		k.proto = p.proto;
+		k.family = p.family;
+		struct svc_val *svc = services_v1.lookup(&k);
+		if (svc)
+			return lb_handle(ctx, &p, svc);
+		rc = snat_reply(ctx, &p);
+		if (rc >= 0)
+			return rc;
+	} else if (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
+		rc = icmp_error_to_local(ctx, &p);
+		if (rc >= 0)
+			return rc;
+	}
+	stat_inc(HOOK_XDP, STAT_NON_SERVICE);
+	return verdict(HOOK_XDP, XDP_PASS);
+}

@@ -1,0 +1,105 @@
+"""Fixtures for the packet tests: one loaded Datapath per test module (bcc compiles take
+seconds), emptied between tests; helpers to run frames and compare them field by field."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw
+
+from agent.datapath.abi import MapName
+from agent.datapath.api import Datapath, Features
+from agent.datapath.testrun import RunResult, test_run
+
+_seq = itertools.count()
+PIN_ROOT = "/sys/fs/bpf/vipd-test"
+
+# Small compile-time sizes keep map memory low in tests; semantics are unchanged.
+TEST_FEATURES = Features(max_services=4096, max_backends=4096, maglev_slots=1 << 20, ct_size=65536,
+                         affinity_size=4096, src_range_size=1024)
+
+
+def new_datapath(name: str, features: Features = TEST_FEATURES) -> Datapath:
+    dp = Datapath(f"{name}-{os.getpid()}-{next(_seq)}", pin_root=PIN_ROOT, features=features)
+    dp.load()
+    return dp
+
+
+@pytest.fixture(scope="module")
+def module_dp():
+    dp = new_datapath("t")
+    yield dp
+    dp.destroy()
+    try:
+        os.rmdir(PIN_ROOT)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def dp(module_dp):
+    """The module's datapath, emptied after each test (services, conntrack, affinity).
+    Counters are cumulative: tests compare before/after."""
+    yield module_dp
+    module_dp.reconcile([])
+    for name in (MapName.CT, MapName.AFFINITY):
+        module_dp.table(name).clear()
+    module_dp.set_node_addresses()
+
+
+def run_xdp(dp: Datapath, frame, netns: str | None = None) -> RunResult:
+    return test_run(dp.program_fd("xdp"), bytes(frame), netns=netns)
+
+
+def run_tc(dp: Datapath, direction: str, frame) -> RunResult:
+    return test_run(dp.program_fd(f"tc-{direction}"), bytes(frame))
+
+
+def assert_frame(got: bytes, want: Packet) -> None:
+    """Compare an output frame with the expected scapy packet layer by layer, field by field,
+    then byte for byte; checksums in ``want`` are recomputed by scapy, so this also proves
+    the program's incremental checksum updates."""
+    want = Ether(bytes(want))
+    g = Ether(got)
+    gl, wl = g, want
+    while wl is not None and not isinstance(wl, Raw) and wl.name != "NoPayload":
+        assert type(gl) is type(wl), f"layer {wl.name}: got {gl.name}"
+        for f in wl.fields_desc:
+            gv, wv = gl.getfieldval(f.name), wl.getfieldval(f.name)
+            assert gv == wv, f"{wl.name}.{f.name}: got {gv!r}, want {wv!r}"
+        gl, wl = gl.payload, wl.payload
+    assert got == bytes(want), f"bytes differ:\n got {got.hex()}\nwant {bytes(want).hex()}"
+    assert_checksums_valid(got)
+
+
+def assert_checksums_valid(frame: bytes) -> None:
+    """Every IPv4/TCP/UDP/ICMP checksum in the frame equals what scapy computes from scratch."""
+    p = Ether(frame)
+    q = p.copy()
+    for layer in (IP, TCP, UDP, ICMP):
+        if q.haslayer(layer):
+            q[layer].chksum = None
+    q = Ether(bytes(q))
+    for layer in (IP, TCP, UDP, ICMP):
+        if p.haslayer(layer) and not (layer is UDP and p[UDP].chksum == 0):
+            assert p[layer].chksum == q[layer].chksum, \
+                f"{layer.__name__} checksum {p[layer].chksum:#06x}, correct {q[layer].chksum:#06x}"
+
+
+def expected(pkt: Packet, **changes) -> Packet:
+    """Copy of ``pkt`` with layer fields changed (``IP_dst=...``, ``TCP_dport=...``) and all
+    checksums recomputed."""
+    out = Ether(bytes(pkt))
+    for k, v in changes.items():
+        layer, field = k.split("_", 1)
+        cls = {"IP": IP, "IPv6": IPv6, "TCP": TCP, "UDP": UDP, "Ether": Ether, "ICMP": ICMP}[layer]
+        setattr(out[cls], field, v)
+    for layer in (IP, TCP, UDP, ICMP):
+        if out.haslayer(layer):
+            out[layer].chksum = None
+    return Ether(bytes(out))

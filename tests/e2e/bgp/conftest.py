@@ -1,0 +1,45 @@
+"""Fixtures for the speaker interop tests.
+
+Topology (built once per test module; daemons and the speaker are started per test)::
+
+       spk 10.0.0.1 fd00::1 (vipd speaker, AS 65001)
+        |
+   [lan bridge] ---- frr 10.0.0.2 fd00::2 (FRR, AS 65002)
+        |  \\------- gobgp 10.0.0.3 fd00::3 (GoBGP, AS 65003)
+        |
+       mid 10.0.0.4 ==== 10.1.0.1 | 10.1.0.2 far (FRR or GoBGP, multihop: two IP hops from spk)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.lab import Lab
+from bgp_helpers import FAR_ADDR, SPEAKER_V4, SPEAKER_V6, BgpCase, Topo
+
+
+@pytest.fixture(scope="module")
+def topo():
+    with Lab("bgpe2e") as lab:
+        spk = lab.host("spk")
+        frr, gobgp = lab.host("frr"), lab.host("gobgp")
+        mid, far = lab.host("mid", forwarding=True), lab.host("far")
+        lab.segment("lan", [(spk, [f"{SPEAKER_V4}/24", f"{SPEAKER_V6}/64"]),
+                            (frr, ["10.0.0.2/24", "fd00::2/64"]),
+                            (gobgp, ["10.0.0.3/24", "fd00::3/64"]),
+                            (mid, ["10.0.0.4/24", "fd00::4/64"])])
+        lab.link(mid, far, ["10.1.0.1/24"], [f"{FAR_ADDR}/24"])
+        spk.route("10.1.0.0/24", via="10.0.0.4")
+        far.route("10.0.0.0/24", via="10.1.0.1")
+        yield Topo(lab, spk, {"frr": frr, "gobgp": gobgp}, mid, far)
+
+
+@pytest.fixture
+def bgp(topo):
+    case = BgpCase(topo)
+    try:
+        yield case
+    finally:
+        case.close()
+
+

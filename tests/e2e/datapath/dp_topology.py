@@ -1,0 +1,85 @@
+"""The datapath e2e lab: client -> router -> two nodes on a LAN -> "pods" behind each node.
+
+::
+
+    client 10.10.0.2 ── router 10.10.0.1 | 10.20.0.1 ──[lan bridge]── node-a 10.20.0.11 ── a1 10.30.1.2, a2 10.30.1.6
+                                                              └────── node-b 10.20.0.12 ── b1 10.30.2.2, b2 10.30.2.6
+
+Pods are routed natively (no overlay): the router has a route per node's pod CIDR and one for
+the VIP range via node-a (the load-balancing node); each node has a direct route to the
+other node's pod CIDR (autoDirectNodeRoutes). All routes go through agent.routing's
+RouteManager, the component the daemon uses for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.lab import Host, Lab, wait_until
+from agent.routing.manager import RouteManager
+from agent.routing.model import NextHop, Route
+
+HERE = Path(__file__).resolve().parent
+POD_PORT = 8080
+NODE_ADDR = {"node-a": "10.20.0.11", "node-b": "10.20.0.12"}
+POD_CIDR = {"node-a": "10.30.1.0/24", "node-b": "10.30.2.0/24"}
+PODS = {  # pod -> (node, node-side address, pod address), each on its own /30
+    "a1": ("node-a", "10.30.1.1", "10.30.1.2"),
+    "a2": ("node-a", "10.30.1.5", "10.30.1.6"),
+    "b1": ("node-b", "10.30.2.1", "10.30.2.2"),
+    "b2": ("node-b", "10.30.2.5", "10.30.2.6"),
+}
+VIP_RANGE = "10.96.0.0/24"
+CLIENT = "10.10.0.2"
+
+
+@dataclass
+class DatapathLab:
+    lab: Lab
+    client: Host
+    router: Host
+    nodes: dict[str, Host]
+    pods: dict[str, Host]
+
+    def pod_addr(self, pod: str) -> str:
+        return PODS[pod][2]
+
+    def node_of(self, pod: str) -> str:
+        return PODS[pod][0]
+
+
+def _sync(host: Host, routes: list[Route]) -> None:
+    asyncio.run(RouteManager(netns=host.ns).sync(routes)).raise_for_failures()
+
+
+def build(lab: Lab) -> DatapathLab:
+    client = lab.host("client")
+    router = lab.host("router", forwarding=True)
+    nodes = {name: lab.host(name, forwarding=True) for name in NODE_ADDR}
+    lab.link(router, client, ["10.10.0.1/24"], [f"{CLIENT}/24"])
+    lan = lab.segment("lan", [(router, ["10.20.0.1/24"]),
+                              *[(nodes[n], [f"{a}/24"]) for n, a in NODE_ADDR.items()]])
+    # XDP_TX / redirect out of a veth needs NAPI on its peer: enable GRO on the bridge ports.
+    for name in NODE_ADDR:
+        lan.run("ethtool", "-K", f"p-{name}", "gro", "on")
+    client.route("0.0.0.0/0", via="10.10.0.1")
+    pods = {}
+    for pod, (node, node_side, pod_addr) in PODS.items():
+        pods[pod] = host = lab.host(pod)
+        lab.link(nodes[node], host, [f"{node_side}/30"], [f"{pod_addr}/30"])
+        host.route("0.0.0.0/0", via=node_side)
+    _sync(router, [Route(POD_CIDR[n], [NextHop(NODE_ADDR[n])]) for n in NODE_ADDR]
+          + [Route(VIP_RANGE, [NextHop(NODE_ADDR["node-a"])])])
+    for name, node in nodes.items():
+        other = "node-b" if name == "node-a" else "node-a"
+        _sync(node, [Route("0.0.0.0/0", [NextHop("10.20.0.1")]),
+                     Route(POD_CIDR[other], [NextHop(NODE_ADDR[other])])])
+    for pod, host in pods.items():
+        proc = host.spawn([sys.executable, str(HERE / "pod_server.py"), pod, str(POD_PORT)])
+        host.proc = proc  # type: ignore[attr-defined]
+    for pod, host in pods.items():
+        wait_until(lambda: f":{POD_PORT}" in host.run("ss", "-ltn"), timeout=15, what=f"pod {pod} server")
+    return DatapathLab(lab, client, router, nodes, pods)

@@ -1,0 +1,67 @@
+"""A minimal vipd agent for the datapath e2e tests: one process per node.
+
+``python lbagent.py CONFIG.json [--hold]`` loads the datapath (adopting pinned maps left by
+a previous process), attaches the programs, reconciles the services to exactly the ones in
+the config, prints a JSON summary and exits — leaving programs attached and maps pinned, as
+the real daemon does. With ``--hold`` it then sleeps until killed (to test a crash mid-stream).
+
+Config: {"instance", "pin_root", "netns", "node_v4", "xdp": [if], "tc_ingress": [if],
+"tc_egress": [if], "services": [{"vip", "port", "proto", "mode", "backends": [{"addr", "port",
+"local", "weight"}]}]}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from agent.datapath.api import Datapath  # noqa: E402
+from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey  # noqa: E402
+
+
+def service_from(d: dict) -> Service:
+    key = ServiceKey(d["vip"], d["port"], Proto[d.get("proto", "TCP").upper()])
+    backends = tuple(Backend(b["addr"], b["port"], weight=b.get("weight", 1), local=b.get("local", False),
+                             terminating=b.get("terminating", False)) for b in d["backends"])
+    return Service(key, backends, mode=Mode(d.get("mode", "snat")), maglev_m=d.get("maglev_m", 16381))
+
+
+def apply(cfg: dict) -> dict:
+    t0 = time.monotonic()
+    dp = Datapath(instance=cfg["instance"], pin_root=cfg["pin_root"])
+    dp.load()
+    adopted = len(dp.services())
+    if cfg.get("node_v4"):
+        dp.set_node_addresses(v4=cfg["node_v4"])
+    for ifname in cfg.get("xdp", ()):
+        dp.attach_xdp(ifname, netns=cfg["netns"], mode="native")
+    for ifname in cfg.get("tc_ingress", ()):
+        dp.attach_tc(ifname, "ingress", netns=cfg["netns"])
+    for ifname in cfg.get("tc_egress", ()):
+        dp.attach_tc(ifname, "egress", netns=cfg["netns"])
+    desired = {s.key: s for s in map(service_from, cfg.get("services", ()))}
+    written = 0
+    for svc in desired.values():
+        written += dp.upsert_service(svc).slots_written
+    for key in set(dp.services()) - set(desired):
+        dp.delete_service(key)
+    summary = {"adopted_services": adopted, "services": len(desired), "slots_written": written,
+               "seconds": round(time.monotonic() - t0, 3)}
+    dp.close()
+    return summary
+
+
+def main() -> None:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    print(json.dumps(apply(cfg)), flush=True)
+    if "--hold" in sys.argv:
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The datapath end to end: real TCP/UDP connections to Service VIPs through vipd's XDP/tc programs.
+
+Lab (see topology.py): client -> router -> node-a / node-b on a LAN -> pods a1, a2 (node-a)
+and b1, b2 (node-b), routed natively. The router sends the VIP range to node-a, which load
+balances; each node runs its own agent process (lbagent.py) with its own pinned maps.
+
+Services (TCP :80 and UDP :53, backends on :8080):
+  10.96.0.10  local: a1, a2 (DNAT on node-a, replies reverse-translated on node-a's uplink)
+  10.96.0.11  SNAT:  b1, b2 (DNAT+SNAT on node-a, replies come back through node-a)
+  10.96.0.12  DSR:   b1, b2 (VIP carried to node-b, replies go straight to the router)
+  10.96.0.20  mixed SNAT: a1, a2, b1, b2 (distribution, CT stickiness, removal, restart)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agent.datapath.api import Datapath, Features
+from agent.datapath.flowhash import flow_hash
+from agent.datapath.model import Backend, Service, ServiceKey
+from agent.lab import Lab, wait_until
+from agent.lb.maglev import build_table
+
+import dp_topology as topology
+from dp_topology import CLIENT, NODE_ADDR, PODS, POD_PORT
+
+HERE = Path(__file__).resolve().parent
+LOCAL, SNAT, DSR, MIX = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.20"
+SERVICE_PODS = {LOCAL: ("a1", "a2"), SNAT: ("b1", "b2"), DSR: ("b1", "b2"), MIX: ("a1", "a2", "b1", "b2")}
+MODES = {LOCAL: "snat", SNAT: "snat", DSR: "dsr", MIX: "snat"}
+PORTS = {"tcp": 80, "udp": 53}
+
+
+def services_for(node: str, mix_pods=SERVICE_PODS[MIX], weights: dict[str, int] | None = None) -> list[dict]:
+    out = []
+    for vip, pods in SERVICE_PODS.items():
+        pods = mix_pods if vip == MIX else pods
+        for proto, port in PORTS.items():
+            out.append({"vip": vip, "port": port, "proto": proto, "mode": MODES[vip], "backends": [
+                {"addr": PODS[p][2], "port": POD_PORT, "local": PODS[p][0] == node,
+                 "weight": (weights or {}).get(p, 1)} for p in pods]})
+    return out
+
+
+class Node:
+    """One node's agent: a config file and the one-shot/holding agent process."""
+
+    def __init__(self, env, name: str):
+        self.env, self.name = env, name
+        self.host = env.nodes[name]
+        self.instance = f"e2e-{name}-{self.host.ns}"
+        self.pin_root = f"/sys/fs/bpf/vipd-e2e-{self.host.ns}"
+        self.config_path = env.lab.workdir / f"{name}.json"
+
+    def config(self, **kw) -> dict:
+        return {"instance": self.instance, "pin_root": self.pin_root, "netns": self.host.ns,
+                "node_v4": NODE_ADDR[self.name], "xdp": ["eth-lan"], "tc_ingress": ["eth-lan"],
+                "tc_egress": ["eth-lan"], "services": services_for(self.name, **kw)}
+
+    def apply(self, **kw) -> dict:
+        self.config_path.write_text(json.dumps(self.config(**kw)))
+        proc = subprocess.run([sys.executable, str(HERE / "lbagent.py"), str(self.config_path)],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"agent on {self.name} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def spawn_holding(self) -> subprocess.Popen:
+        self.config_path.write_text(json.dumps(self.config()))
+        return subprocess.Popen([sys.executable, str(HERE / "lbagent.py"), str(self.config_path), "--hold"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def destroy(self) -> None:
+        dp = Datapath(instance=self.instance, pin_root=self.pin_root)
+        dp.load()
+        dp.destroy()
+
+
+@pytest.fixture(scope="module")
+def env():
+    with Lab("dpe2e") as lab:
+        env = topology.build(lab)
+        env.agents = {name: Node(env, name) for name in NODE_ADDR}
+        try:
+            for node in env.agents.values():
+                node.apply()
+            yield env
+        finally:
+            for node in env.agents.values():
+                try:
+                    node.destroy()
+                except Exception as exc:  # noqa: BLE001 - report, keep tearing down
+                    print(f"destroy {node.name}: {exc}", file=sys.stderr)
+
+
+def traffic(env, *args, timeout=120) -> object:
+    out = env.client.run(sys.executable, str(HERE / "traffic.py"), *map(str, args), timeout=timeout)
+    return json.loads(out)
+
+
+def pod_by_addr() -> dict[str, str]:
+    return {addr: pod for pod, (_, _, addr) in PODS.items()}
+
+
+def predicted(vip: str, proto: str, sports, pods=None) -> dict[int, str]:
+    """Which pod the Maglev model says serves each source port."""
+    pods = pods or SERVICE_PODS[vip]
+    svc = Service(ServiceKey(vip, PORTS[proto], 6 if proto == "tcp" else 17),
+                  tuple(Backend(PODS[p][2], POD_PORT) for p in pods))
+    backends = svc.selectable_backends()
+    table = build_table([(b.name, b.weight) for b in backends], svc.maglev_m)
+    seed = Features().hash_seed
+    names = pod_by_addr()
+    return {sp: names[str(backends[table[flow_hash(CLIENT, sp, PORTS[proto], int(svc.key.proto), seed)
+                                           % svc.maglev_m]].addr)] for sp in sports}
+
+
+# -- connectivity in every mode ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("vip", [LOCAL, SNAT, DSR], ids=["local", "snat", "dsr"])
+def test_connections_succeed_and_come_from_the_vip(env, vip, proto):
+    sport0 = {LOCAL: 21000, SNAT: 22000, DSR: 23000}[vip] + (500 if proto == "udp" else 0)
+    results = traffic(env, "burst", vip, PORTS[proto], proto, sport0, 40)
+    failures = [r for r in results if "served_by" not in r]
+    assert not failures, failures[:5]
+    assert {r["from"] for r in results} == {vip}          # the client only ever sees the VIP
+    served = Counter(r["served_by"] for r in results)
+    assert set(served) == set(SERVICE_PODS[vip]), served  # both backends get flows
+    # and each flow went exactly where the Maglev model says
+    assert {r["sport"]: r["served_by"] for r in results} == predicted(vip, proto, range(sport0, sport0 + 40))
+
+
+# -- DSR: replies bypass the load-balancing node ---------------------------------------------------
+
+def _capture(env, vips, action) -> list:
+    from scapy.all import Ether, IP, rdpcap
+    pcap = env.lab.workdir / f"router-{time.monotonic_ns()}.pcap"
+    flt = " or ".join(f"host {v}" for v in vips)
+    proc = env.router.spawn(["tcpdump", "-i", "eth-lan", "-n", "-U", "-w", str(pcap), flt])
+    wait_until(lambda: "listening on" in Path(proc.log_path).read_text(), timeout=10, what="tcpdump")
+    action()
+    time.sleep(0.3)
+    proc.terminate()
+    proc.wait(timeout=5)
+    return [(p[Ether].src, p[Ether].dst, p[IP].src, p[IP].dst, p[IP].proto) for p in rdpcap(str(pcap)) if IP in p]
+
+
+def mac(host, ifname="eth-lan") -> str:
+    return json.loads(host.run("ip", "-j", "link", "show", ifname))[0]["address"]
+
+
+def test_dsr_reply_bypasses_the_lb_node(env):
+    mac_a, mac_b = mac(env.nodes["node-a"]), mac(env.nodes["node-b"])
+
+    def act():
+        for proto, base in (("tcp", 24000), ("udp", 24500)):
+            for vip in (SNAT, DSR):
+                res = traffic(env, "burst", vip, PORTS[proto], proto, base + (100 if vip == DSR else 0), 10)
+                assert all("served_by" in r for r in res), res
+    pkts = _capture(env, [SNAT, DSR], act)
+    replies = {vip: {src_mac for src_mac, _, src, _, _ in pkts if src == vip} for vip in (SNAT, DSR)}
+    requests = {vip: {dst_mac for _, dst_mac, _, dst, _ in pkts if dst == vip} for vip in (SNAT, DSR)}
+    assert requests[DSR] == requests[SNAT] == {mac_a}  # the router sends every request to node-a
+    assert replies[SNAT] == {mac_a}                    # SNAT: replies come back through node-a
+    assert replies[DSR] == {mac_b}                     # DSR: node-b answers the router directly
+    assert sum(1 for _, _, src, _, _ in pkts if src == DSR) >= 40
+
+
+# -- Maglev distribution ----------------------------------------------------------------------------
+
+def test_1000_connections_spread_as_the_maglev_model_predicts(env):
+    sports = range(30000, 31000)
+    results = traffic(env, "burst", MIX, 80, "tcp", sports.start, len(sports))
+    assert all("served_by" in r for r in results), [r for r in results if "served_by" not in r][:5]
+    want = predicted(MIX, "tcp", sports)
+    got = {r["sport"]: r["served_by"] for r in results}
+    mismatched = [sp for sp in sports if got[sp] != want[sp]]
+    assert not mismatched, f"{len(mismatched)} flows not on the predicted backend, e.g. {mismatched[:5]}"
+    # Statistical bound: with 4 equal backends each count ~ Binomial(1000, 1/4); allow 4 sigma.
+    counts = Counter(got.values())
+    sigma = math.sqrt(1000 * 0.25 * 0.75)
+    for pod in SERVICE_PODS[MIX]:
+        assert abs(counts[pod] - 250) <= 4 * sigma, counts
+
+
+# -- table changes: conntrack keeps flows, removal breaks only the removed backend's flows ---------
+
+def test_removing_a_backend_breaks_only_its_connections(env):
+    node_a = env.agents["node-a"]
+    holder = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "hold", MIX, 80,
+                                                    "40000", "80"]), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        initial = {r["sport"]: r["served_by"] for r in json.loads(holder.stdout.readline())}
+        assert set(initial.values()) == set(SERVICE_PODS[MIX])
+
+        def probe() -> dict[int, str]:
+            holder.stdin.write("probe\n")
+            holder.stdin.flush()
+            return {r["sport"]: r.get("served_by") or r["error"] for r in json.loads(holder.stdout.readline())}
+
+        # Reweighting moves many Maglev slots; established flows stay on their backend (conntrack).
+        node_a.apply(weights={"a1": 4})
+        moved = predicted(MIX, "tcp", initial, pods=None)
+        assert probe() == initial
+        # Remove b2: every connection not on b2 keeps working on its backend.
+        node_a.apply(mix_pods=("a1", "a2", "b1"))
+        after = probe()
+        survivors = {sp: pod for sp, pod in initial.items() if pod != "b2"}
+        assert {sp: after[sp] for sp in survivors} == survivors
+        # New connections never go to b2 any more, and follow the new table.
+        new = traffic(env, "burst", MIX, 80, "tcp", 41000, 100)
+        assert all(r.get("served_by") in ("a1", "a2", "b1") for r in new), new[:5]
+        assert {r["sport"]: r["served_by"] for r in new} == predicted(MIX, "tcp", range(41000, 41100),
+                                                                     pods=("a1", "a2", "b1"))
+        del moved
+    finally:
+        holder.stdin.close()
+        holder.terminate()
+        holder.wait(timeout=5)
+        node_a.apply()
+
+
+# -- agent restart ---------------------------------------------------------------------------------
+
+def test_agent_restart_during_a_stream_loses_no_connection(env):
+    node_a = env.agents["node-a"]
+    holding = node_a.spawn_holding()
+    first = json.loads(holding.stdout.readline())
+    stream = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream", MIX, 80,
+                                                    "8"]), stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        holding.kill()                      # a crash: no cleanup at all
+        holding.wait(timeout=5)
+        second = node_a.apply()             # a new process adopts the pinned maps
+        third = node_a.apply()
+        out, _ = stream.communicate(timeout=60)
+    finally:
+        if holding.poll() is None:
+            holding.kill()
+        if stream.poll() is None:
+            stream.kill()
+    result = json.loads(out)
+    assert result["failures"] == [], result["failures"][:5]
+    assert result["ok"] > 200
+    n = len(services_for("node-a"))
+    assert first["services"] == second["adopted_services"] == third["adopted_services"] == n
+    assert third["slots_written"] == 0      # nothing changed: the new process writes nothing

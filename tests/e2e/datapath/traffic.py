@@ -1,0 +1,111 @@
+"""The client side of the datapath e2e tests, run inside the client namespace.
+
+Commands (JSON on stdout):
+
+``burst VIP PORT PROTO SPORT_FIRST COUNT``
+    one connection (TCP) or one request (UDP) per source port; reports for each source port
+    who served, the address the answer came from, or the error.
+``stream VIP PORT SECONDS``
+    back-to-back TCP connections (kernel-chosen ports) until SECONDS elapse; reports the
+    number that completed and every failure.
+``hold VIP PORT SPORT_FIRST COUNT``
+    opens COUNT long-lived TCP connections, prints who served each, then for every line on
+    stdin ("probe") sends one line on every connection and prints who answered (or the error).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+TIMEOUT = 2.0
+
+
+def tcp_once(vip: str, port: int, sport: int | None) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(TIMEOUT)
+    try:
+        if sport:
+            s.bind(("0.0.0.0", sport))
+        s.connect((vip, port))
+        peer = s.getpeername()[0]
+        name = s.makefile("rb").readline().strip().decode()
+        if not name:
+            return {"sport": sport, "error": "closed without a name"}
+        return {"sport": sport, "served_by": name, "from": peer}
+    except OSError as exc:
+        return {"sport": sport, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        s.close()
+
+
+def udp_once(vip: str, port: int, sport: int) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(TIMEOUT)
+    try:
+        s.bind(("0.0.0.0", sport))
+        for _ in range(3):  # UDP: retry a lost datagram twice
+            s.sendto(b"who", (vip, port))
+            try:
+                data, peer = s.recvfrom(2048)
+                return {"sport": sport, "served_by": data.decode(), "from": peer[0]}
+            except socket.timeout:
+                continue
+        return {"sport": sport, "error": "timeout"}
+    finally:
+        s.close()
+
+
+def burst(vip, port, proto, first, count):
+    once = tcp_once if proto == "tcp" else udp_once
+    return [once(vip, int(port), int(first) + i) for i in range(int(count))]
+
+
+def stream(vip, port, seconds):
+    end = time.monotonic() + float(seconds)
+    ok, failures = 0, []
+    while time.monotonic() < end:
+        r = tcp_once(vip, int(port), None)
+        if "served_by" in r:
+            ok += 1
+        else:
+            failures.append(r["error"])
+    return {"ok": ok, "failures": failures}
+
+
+def hold(vip, port, first, count):
+    conns = []
+    for i in range(int(count)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.settimeout(TIMEOUT)
+        s.bind(("0.0.0.0", int(first) + i))
+        s.connect((vip, int(port)))
+        f = s.makefile("rb")
+        conns.append((int(first) + i, s, f, f.readline().strip().decode()))
+    print(json.dumps([{"sport": sp, "served_by": name} for sp, _, _, name in conns]), flush=True)
+    for _ in sys.stdin:
+        out = []
+        for sp, s, f, _ in conns:
+            try:
+                s.sendall(b"probe\n")
+                name = f.readline().strip().decode()
+                out.append({"sport": sp, "served_by": name} if name else {"sport": sp, "error": "closed"})
+            except OSError as exc:
+                out.append({"sport": sp, "error": f"{type(exc).__name__}: {exc}"})
+        print(json.dumps(out), flush=True)
+
+
+def main() -> None:
+    cmd, *args = sys.argv[1:]
+    if cmd == "hold":
+        hold(*args)
+        return
+    print(json.dumps({"burst": burst, "stream": stream}[cmd](*args)))
+
+
+if __name__ == "__main__":
+    main()

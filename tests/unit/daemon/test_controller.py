@@ -1,0 +1,129 @@
+"""The controller wiring the real pure control plane to (recording) speakers, on the seed 002
+manifests: what each node advertises, LB-IPAM persistence across restarts, status YAML, and the
+API views built from it. Every pass is repeated to prove idempotency."""
+
+import asyncio
+import ipaddress
+
+import yaml
+from fake_speaker import FakeSpeaker
+
+from agent import demo
+from agent.api import printers
+from agent.api.model import vipd_pb2
+from agent.api.provider import ControllerProvider
+from agent.config import load_documents
+from agent.controlplane.types import Family
+from agent.reconcilers.controller import Controller
+from agent.store import Store
+
+V4 = Family.IPV4_UNICAST
+N = ipaddress.ip_network
+
+
+def make_store(*texts):
+    store = Store()
+    objs = [o for t in texts for o in load_documents(t, "x.yaml").objects.all()]
+    from agent.config import ObjectSet
+    store.replace(ObjectSet.from_objects(objs), fingerprint=str(hash(texts)), source="/cfg")
+    return store
+
+
+class World:
+    def __init__(self, node, store, state_dir):
+        self.calls = []
+        self.speakers = []
+        self.controller = Controller(node, store, state_dir=state_dir, speaker_factory=self.factory,
+                                     clock=lambda: 2000.0)
+
+    def factory(self, inst):
+        sp = FakeSpeaker(inst, self.calls)
+        self.speakers.append(sp)
+        return sp
+
+    def reconcile(self):
+        start = len(self.calls)
+        asyncio.run(self.controller.reconcile_once())
+        return self.calls[start:]
+
+    def rib(self, peer="10.0.5.1", family=V4):
+        return {str(p): a for p, a in self.speakers[-1].adj_rib_out(peer, family).items()}
+
+
+def test_legacy_peering_policy_from_seed_002_advertises_each_nodes_pod_cidr(tmp_path):
+    for spec in demo.NODES:
+        w = World(spec.name, make_store(demo.nodes_yaml(), demo.LEGACY_POLICY_YAML), tmp_path / spec.host)
+        calls = w.reconcile()
+        assert [c[1] for c in calls] == ["start", "add_neighbor", "advertise"]
+        assert w.reconcile() == []
+        assert list(w.rib(spec.leaf_address)) == [spec.pod_cidr]
+        run = w.controller.neighbors.running[next(iter(w.controller.neighbors.running))]
+        assert run.local_asn == (65005 if spec.rack == "rack0" else 65010)
+        assert w.speakers[0].instance.router_id == spec.address
+
+
+def test_v2_resources_with_service_etp_local_and_cluster(tmp_path):
+    store_local = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml(traffic_policy="Local"))
+    worker = World("cilium-bgp-worker", store_local, tmp_path / "w")
+    cp = World("cilium-bgp-control-plane", store_local, tmp_path / "cp")
+    worker.reconcile(), cp.reconcile()
+    assert worker.reconcile() == [] and cp.reconcile() == []
+    vip = worker.controller.allocations["default/web"][0]
+    assert ipaddress.ip_address(vip) in N(demo.VIP_POOL_CIDR)
+    assert cp.controller.allocations["default/web"] == (vip,)          # every node computes the same IP
+    # eTP=Local: only the node with the ready endpoint announces the VIP
+    assert set(worker.rib()) == {"10.1.3.0/24", f"{vip}/32"}
+    assert set(cp.rib()) == {"10.1.0.0/24"}
+    attrs = worker.rib()[f"{vip}/32"]
+    assert attrs.local_pref == 200 and (65000 << 16 | 99) in attrs.communities
+    assert (65000, 1, 1) in attrs.large_communities
+    # eTP=Cluster: every selected node announces it
+    store_cluster = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml(traffic_policy="Cluster"))
+    cp.controller.store = store_cluster
+    calls = cp.reconcile()
+    assert calls == [("65005", "advertise", "10.0.5.1", V4, f"{vip}/32")]   # no session touched
+    assert cp.reconcile() == []
+
+
+def test_lbipam_allocation_survives_restart_and_status_yaml_is_written(tmp_path):
+    store = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml())
+    w = World("cilium-bgp-worker", store, tmp_path)
+    w.reconcile()
+    saved = yaml.safe_load((tmp_path / "lbipam-allocations.yaml").read_text())
+    assert saved == {"allocations": {"default/web": list(w.controller.allocations["default/web"])}}
+    status = yaml.safe_load((tmp_path / "status.yaml").read_text())
+    assert status["node"] == "cilium-bgp-worker" and status["appliedGeneration"] == 1
+    assert status["ciliumBGPNodeConfig"]["status"]["conditions"][0]["type"] == "cilium.io/BGPReconcileError"
+    assert status["ciliumBGPNodeConfig"]["status"]["conditions"][0]["status"] == "False"
+    assert status["services"]["default/web"]["loadBalancerIngress"] == saved["allocations"]["default/web"]
+    # a new agent on the same state dir reuses the allocation
+    restarted = World("cilium-bgp-worker", store, tmp_path)
+    assert restarted.controller.allocations == w.controller.allocations
+
+
+def test_api_views_from_the_controller(tmp_path):
+    store = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml())
+    w = World("cilium-bgp-worker", store, tmp_path)
+    w.reconcile()
+    provider = ControllerProvider(w.controller)
+    peers = provider.list_peers()
+    (p,) = peers.peers
+    assert (p.local_asn, p.peer_asn, p.peer_address, p.peer_port, p.instance) == (65005, 65005, "10.0.5.1", 179, "65005")
+    assert [f.afi for f in p.families] == ["ipv4", "ipv6"]
+    assert [f.advertised for f in p.families] == [2, 0]
+    avail = provider.list_routes(vipd_pb2.ListRoutesRequest(table=vipd_pb2.AVAILABLE, afi="ipv4", safi="unicast"))
+    assert sorted(r.prefix for r in avail.routes) == sorted(["10.1.3.0/24", w.controller.allocations["default/web"][0] + "/32"])
+    assert all(r.next_hop == "0.0.0.0" for r in avail.routes)
+    adv = provider.list_routes(vipd_pb2.ListRoutesRequest(table=vipd_pb2.ADVERTISED, afi="ipv4", safi="unicast",
+                                                          peer="10.0.5.1"))
+    vip_route = next(r for r in adv.routes if r.prefix.endswith("/32"))
+    assert vip_route.has_local_pref and vip_route.local_pref == 200 and vip_route.as_path == []
+    assert "{Communities: 65000:99}" in vip_route.attrs
+    table = printers.routes_table(adv.routes, advertised=True)
+    assert table.splitlines()[0].split() == ["VRouter", "Peer", "Prefix", "NextHop", "Age", "Attrs"]
+    pols = provider.list_route_policies(vipd_pb2.ListRoutePoliciesRequest())
+    assert pols.policies, "route policies are computed for the peer"
+    text = printers.route_policies_table(pols.policies)
+    assert "10.1.3.0/24 (24..24)" in text
+    status = provider.get_status()
+    assert any(r.kind == "CiliumBGPClusterConfig" for r in status.resources)

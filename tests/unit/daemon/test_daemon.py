@@ -1,0 +1,112 @@
+"""The daemon process: API socket up after the first pass, config edits applied live, SIGTERM =
+graceful-restart stop (speakers stopped without NOTIFICATION), socket removed, state dir locked.
+
+The daemon runs as a real subprocess (signals are real) with recording speakers injected
+through ``run_agent(speaker_factory=...)``; the real speaker is covered by the e2e lab."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent import demo
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[2]
+
+DRIVER = r"""
+import asyncio, sys, json
+sys.path.insert(0, {here!r})
+from fake_speaker import FakeSpeaker
+from agent import daemon
+calls = []
+def factory(inst):
+    return FakeSpeaker(inst, calls)
+code = daemon.main(sys.argv[1:], speaker_factory=factory)
+print("CALLS " + json.dumps([[str(x) for x in c] for c in calls]), flush=True)
+sys.exit(code)
+"""
+
+
+def wait_for(pred, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def vipctl(sock, *args):
+    return subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(sock), *args],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+def start(tmp_path, node="cilium-bgp-worker"):
+    cfg, state, sock = tmp_path / "cfg", tmp_path / "state", tmp_path / "run" / "vipd.sock"
+    cfg.mkdir(exist_ok=True)
+    (cfg / "nodes.yaml").write_text(demo.nodes_yaml())
+    (cfg / "bgp.yaml").write_text(demo.V2_BGP_YAML)
+    argv = [sys.executable, "-c", DRIVER.format(here=str(HERE)), "run", "--config", str(cfg), "--node-name", node,
+            "--api-socket", str(sock), "--state-dir", str(state), "--log-format", "json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return proc, cfg, state, sock
+
+
+def test_daemon_serves_applies_edits_and_stops_gracefully_on_sigterm(tmp_path):
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        assert proc.poll() is None, proc.stdout.read()
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)
+        assert [(p["peerAddress"], p["localASN"]) for p in peers["peers"]] == [("10.0.5.1", 65005)]
+        # a live edit: the service manifest appears, its VIP gets advertised without a restart
+        (cfg / "svc.yaml").write_text(demo.service_yaml(traffic_policy="Cluster"))
+
+        def vip_routes():
+            out = vipctl(sock, "bgp", "routes", "available", "ipv4", "unicast", "-o", "json").stdout
+            return [r["prefix"] for r in json.loads(out)["routes"] if r["prefix"].endswith("/32")]
+        assert wait_for(vip_routes, what="VIP advertised after the edit") == ["172.20.0.0/32"]
+        status = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+        assert status["configGeneration"] == 2 and status["reconcileErrors"] == []
+        assert (state / "status.yaml").exists() and (state / "lbipam-allocations.yaml").exists()
+        # a second daemon on the same state dir refuses to start
+        other = subprocess.run([sys.executable, "-m", "agent.daemon", "run", "--config", str(cfg),
+                                "--node-name", "x", "--api-socket", str(tmp_path / "other.sock"),
+                                "--state-dir", str(state)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert other.returncode != 0 and "another vipd is running" in other.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    calls = json.loads(next(l for l in out.splitlines() if l.startswith("CALLS "))[6:])
+    assert calls[-1] == ["65005", "stop", "False"], "SIGTERM must stop the speaker without NOTIFICATION"
+    assert '"graceful": true' in out and "vipd stopped" in out
+    assert not sock.exists()
+
+
+def test_bad_edit_keeps_running_state_and_reports_the_error(tmp_path):
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        (cfg / "broken.yaml").write_text("apiVersion: cilium.io/v2\nkind: CiliumBGPPeerConfig\n"
+                                         "metadata: {name: bad}\nspec:\n  timers: {holdTimeSeconds: 1}\n")
+
+        def errors():
+            st = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+            return st["configErrors"]
+        (err,) = wait_for(errors, what="config error reported")
+        assert err["file"].endswith("broken.yaml") and "CiliumBGPPeerConfig/bad" in err["object"]
+        assert "holdTimeSeconds" in err["message"]
+        text = vipctl(sock, "status").stdout
+        assert "broken.yaml" in text
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
+        assert len(peers) == 1, "the valid objects still apply"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
