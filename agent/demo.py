@@ -305,6 +305,10 @@ class Seed002Lab:
     # -- building ------------------------------------------------------------------------------
     def build(self, *, zebra: bool = True, pods: bool = True) -> "Seed002Lab":
         lab = self.lab
+        if zebra:
+            # zebra drops privileges to user frr and must reach its directory inside the lab's
+            # workdir, which mkdtemp created 0700 (reported to the harness owner).
+            os.chmod(lab.workdir, 0o755)
         h = {name: lab.host(name, forwarding=True) for name in ("spine01", "spine02", "leaf01", "leaf02")}
         self.client = lab.host("client")
         lab.link(h["leaf01"], h["spine01"], ["10.0.101.2/24"], ["10.0.101.1/24"])
@@ -380,6 +384,17 @@ class Seed002Lab:
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
         if check and proc.returncode != 0:
             raise RuntimeError(f"vipctl {' '.join(args)} on {name} failed ({proc.returncode}): {proc.stderr}")
+        return proc.stdout
+
+    def vipctl_all(self, *args: str) -> str:
+        """vipctl against every node's socket at once: the cluster-wide layout (seed 004)."""
+        sockets = ",".join(str(n.socket) for n in self.nodes.values())
+        proc = subprocess.run([sys.executable, "-m", "agent.api.cli", *args], capture_output=True,
+                              text=True, timeout=30,
+                              env={**os.environ, "VIPD_SOCKET": sockets,
+                                   "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"vipctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc.stdout
 
     def peers_json(self, name: str) -> dict:

@@ -131,7 +131,7 @@ def run_once(sender: str, prefixes: int, sets: int, timeout: float, profile: str
             "convergence_seconds": round(full_at - established_at, 3),
             "withdraw_seconds": round(withdraw_seconds, 3),
             "peak_rss_mb_after_table": round(rss_full_kib / 1024, 1),
-            "peak_rss_mb": round(pid_vm_hwm_kib(pid) / 1024, 1),
+            "peak_rss_mb": round(max(rss_full_kib, pid_vm_hwm_kib(pid)) / 1024, 1),
         }
         if sender == "vipd":
             events = [json.loads(l) for l in log_path.read_text().splitlines() if l.startswith("{\"event\"")]

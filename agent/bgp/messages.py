@@ -317,9 +317,9 @@ class LargeCommunities(Attribute):
 class UnknownAttribute(Attribute):
     """An attribute we do not implement. Optional transitive ones are kept (RFC 4271 §5)."""
 
-    flags: int
-    type_code: int
-    value: bytes
+    flags: int = 0xC0
+    type_code: int = 0
+    value: bytes = b""
 
 
 # --------------------------------------------------------------------------- messages

@@ -8,6 +8,7 @@ directory can be pointed at vipd unchanged.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,8 +110,16 @@ class ObjectSet:
                     None)
 
     def endpoint_slices_for(self, namespace: str, service_name: str) -> list[core.EndpointSlice]:
-        return [e for e in self.endpoint_slices
-                if e.namespace == namespace and e.service_name == service_name]
+        return self._slices_by_service.get((namespace, service_name), [])
+
+    @functools.cached_property
+    def _slices_by_service(self) -> dict[tuple[str, str], list[core.EndpointSlice]]:
+        # built once per snapshot: advertisement rules look endpoints up per service
+        index: dict[tuple[str, str], list[core.EndpointSlice]] = {}
+        for e in self.endpoint_slices:
+            if e.service_name:
+                index.setdefault((e.namespace, e.service_name), []).append(e)
+        return index
 
 
 def _age_key(obj: Resource):

@@ -1,13 +1,14 @@
 """Kubernetes metadata pieces shared by every resource: ObjectMeta, LabelSelector, Condition.
 
-LabelSelector follows k8s ``metav1.LabelSelectorAsSelector`` semantics: ``matchLabels`` and every
-``matchExpressions`` requirement are ANDed; an empty (non-nil) selector matches everything. Whether a
-*nil* selector means "everything" or "nothing" depends on the field (Cilium differs per field), so
-callers decide that with ``selector is None`` before calling :meth:`LabelSelector.matches`.
+LabelSelector follows k8s ``metav1.LabelSelectorAsSelector`` semantics: ``matchLabels`` and
+every ``matchExpressions`` requirement are ANDed; an empty (non-nil) selector matches everything.
+Whether a *nil* selector means "everything" or "nothing" depends on the field (Cilium differs
+per field), so callers decide with ``selector is None`` before calling ``matches``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Literal
 
@@ -96,6 +97,9 @@ class LabelSelector(Model):
 
     def to_dict(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True)
+
+    def __hash__(self) -> int:   # dict fields are unhashable; selectors end up in frozen specs
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
 
 def selector_matches(selector: LabelSelector | None, labels: dict[str, str] | None,

@@ -17,6 +17,7 @@ from agent.controlplane.conditions import (  # noqa: F401
     reconcile_error_condition,
 )
 from agent.controlplane.nodeconfig import derive_node_config  # noqa: F401
+from agent.controlplane.validation import validate_objects  # noqa: F401
 from agent.controlplane.types import (  # noqa: F401
     AgentOptions,
     BgpInstance,

@@ -77,12 +77,16 @@ class Selection:
 
 
 def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None) -> ObjectSet:
-    """Services with status.loadBalancer.ingress replaced by LB-IPAM's allocations."""
-    if lbipam is None or not lbipam.allocations:
+    """Services LB-IPAM is responsible for get status.loadBalancer.ingress = its allocations
+    (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says)."""
+    if lbipam is None or not (lbipam.allocations or lbipam.service_conditions):
         return objects
     out = []
     for svc in objects.services:
-        ips = lbipam.allocations.get(f"{svc.namespace}/{svc.name}")
+        key = f"{svc.namespace}/{svc.name}"
+        ips = lbipam.allocations.get(key)
+        if ips is None and key in lbipam.service_conditions:
+            ips = ()
         if ips is not None:
             lb = LoadBalancerStatus(ingress=[LoadBalancerIngress(ip=ip) for ip in ips])
             svc = svc.model_copy(update={"status": svc.status.model_copy(

@@ -87,15 +87,21 @@ _FAMILY_AFI_SAFI = {Family.IPV4_UNICAST: ("ipv4", "unicast"),
                     Family.IPV6_UNICAST: ("ipv6", "unicast")}
 
 
-def node_config_status(node_config: NodeConfigResult, peer_states: dict[str, list[Any]],
+def node_config_status(node_config: NodeConfigResult,
+                       peer_states: dict[str, list[Any]] | list[Any],
                        reconcile_errors: dict[str, list[str]] | None = None,
                        now: float | None = None) -> dict[str, Any]:
     """CiliumBGPNodeConfig .status. ``peer_states``: instance name -> the speaker's PeerState
-    list (agent.bgp.api.PeerState). ``now`` is used for establishedTime when the speaker gives
-    only an uptime."""
+    list (agent.bgp.api.PeerState), or one flat list (matched by local ASN and address).
+    ``now`` is used for establishedTime when the speaker gives only an uptime."""
     instances = []
     for inst in node_config.instances:
-        states = {s.address: s for s in peer_states.get(inst.name, [])}
+        if isinstance(peer_states, dict):
+            mine = peer_states.get(inst.name, [])
+        else:
+            mine = [s for s in peer_states
+                    if getattr(s, "local_asn", inst.local_asn) == inst.local_asn]
+        states = {s.address: s for s in mine}
         peers = []
         for p in inst.peers:
             s = states.get(p.address)

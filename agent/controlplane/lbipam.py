@@ -184,6 +184,7 @@ class _Allocator:
         self.clusters: dict[str, list[_View]] = {}   # ip -> services sharing it
         self.origin: dict[str, _Range] = {}
         self.by_key: dict[str, list[str]] = {}       # sharing key -> ips
+        self.hint: dict[int, int] = {}                # range -> lowest possibly free address
 
     def find_range(self, view: _View, ip: str, *, allow_disabled: bool) -> tuple[_Range | None,
                                                                                   bool]:
@@ -221,13 +222,17 @@ class _Allocator:
                 continue
             if r.pool_labels is not None and not r.pool_labels.matches(view.labels):
                 continue
-            for n in range(r.first, r.last + 1):
-                if n in r.reserved:
-                    continue
+            # Nothing is freed during one allocation pass, so the lowest free address of a
+            # range never moves backwards: resume the scan where the previous one stopped.
+            n = self.hint.get(id(r), r.first)
+            while n <= r.last:
                 ip = str(ipaddress.ip_address(n))
-                if ip not in self.clusters:
+                if n not in r.reserved and ip not in self.clusters:
+                    self.hint[id(r)] = n + 1
                     self.take(view, ip, r)
                     return ip, False
+                n += 1
+            self.hint[id(r)] = n
             full = True
         return None, full
 

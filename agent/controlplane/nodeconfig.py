@@ -11,7 +11,9 @@ Sources, in Cilium's order of precedence for one node:
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+from dataclasses import dataclass
 from typing import Iterable
 
 from agent.config import ObjectSet
@@ -66,12 +68,16 @@ def node_owners(objects: ObjectSet) -> dict[str, str]:
 
 def derive_node_config(objects: ObjectSet, node_name: str, options: AgentOptions = AgentOptions(),
                        *, router_id_mac: str | None = None,
-                       interfaces: dict[str, list[str]] | None = None) -> NodeConfigResult:
+                       interfaces: dict[str, list[str]] | None = None,
+                       default_gateways: dict[str, str] | None = None) -> NodeConfigResult:
     """This node's BGP instances and peers (see module docstring for the precedence rules).
 
     ``interfaces``: interface name -> addresses on this node, used for PeerConfig
     ``transport.sourceInterface``; None means "unknown" (the option is then ignored with a warning).
+    ``default_gateways``: {"ipv4": addr, "ipv6": addr} of this node's lowest-metric default
+    routes, for peers with ``autoDiscovery.mode: DefaultGateway``.
     """
+    host = _Host(interfaces, default_gateways or {})
     issues: list[ConfigIssue] = []
     node = objects.node(node_name)
     if node is None:
@@ -108,12 +114,12 @@ def derive_node_config(objects: ObjectSet, node_name: str, options: AgentOptions
                 f"not applied on this node: it is already selected by CiliumBGPClusterConfig "
                 f"{owner.name!r} (ConflictingClusterConfig)"))
         instances = _from_cluster_config(objects, owner, node, node_name, options, router_id_mac,
-                                         interfaces, issues)
+                                         host, issues)
         return NodeConfigResult(node_name, instances, f"CiliumBGPClusterConfig/{owner.name}",
                                 tuple(issues))
     explicit = next((n for n in objects.node_configs if n.name == node_name), None)
     if explicit is not None:
-        instances = _from_node_config(objects, explicit, node, options, router_id_mac, interfaces,
+        instances = _from_node_config(objects, explicit, node, options, router_id_mac, host,
                                       issues)
         return NodeConfigResult(node_name, instances, f"CiliumBGPNodeConfig/{explicit.name}",
                                 tuple(issues))
@@ -125,7 +131,8 @@ def derive_node_config(objects: ObjectSet, node_name: str, options: AgentOptions
 
 def router_id_for(node: Node | None, override: str | None, mac: str | None,
                   issues: list[ConfigIssue], where: str) -> str | None:
-    """Override, else the node's IPv4 address, else (IPv6-only) 4 bytes of a MAC / the IPv6."""
+    """Override, else the node's IPv4 address, else (IPv6-only) the low 4 bytes of a MAC, else a
+    hash of the node's IPv6 address."""
     if override:
         return override
     if node is not None:
@@ -138,9 +145,15 @@ def router_id_for(node: Node | None, override: str | None, mac: str | None,
             return ".".join(str(o) for o in octets[-4:])
     if node is not None:
         for v6 in node.addresses(6):
-            low = ipaddress.IPv6Address(v6).packed[-4:]
-            if any(low):
-                return str(ipaddress.IPv4Address(low))
+            # No cilium_host MAC here: hash the whole address, since the last 4 bytes of IPv6
+            # node addresses (…::2) repeat across subnets and router IDs must be unique.
+            digest = hashlib.sha256(ipaddress.IPv6Address(v6).packed).digest()[:4]
+            if any(digest):
+                rid = str(ipaddress.IPv4Address(digest))
+                issues.append(ConfigIssue("warning", where, f"IPv6-only node: router ID {rid} "
+                                          f"derived from {v6}; set routerID in a "
+                                          "CiliumBGPNodeConfigOverride to choose it"))
+                return rid
     issues.append(ConfigIssue("error", where, "cannot choose a router ID: the node has no IPv4 "
                               "address; set routerID in a CiliumBGPNodeConfigOverride"))
     return None
@@ -149,7 +162,15 @@ def router_id_for(node: Node | None, override: str | None, mac: str | None,
 # ------------------------------------------------------------------------- ClusterConfig (v2)
 
 
-def _from_cluster_config(objects, cc, node, node_name, options, mac, interfaces, issues):
+@dataclass(frozen=True)
+class _Host:
+    """Facts about this host that the pure rules need (supplied by the daemon)."""
+
+    interfaces: dict[str, list[str]] | None
+    default_gateways: dict[str, str]
+
+
+def _from_cluster_config(objects, cc, node, node_name, options, mac, host, issues):
     where = f"CiliumBGPClusterConfig/{cc.name}"
     override = objects.node_config_override(node_name)
     ov_instances = {i.name: i for i in (override.spec.bgp_instances if override else [])}
@@ -183,7 +204,7 @@ def _from_cluster_config(objects, cc, node, node_name, options, mac, interfaces,
             spec = _resolve_peer(objects, options, where, inst.name, p.name, p.peer_address,
                                  p.auto_discovery, p.peer_asn,
                                  p.peer_config_ref.name if p.peer_config_ref else None,
-                                 local_address, interfaces, issues)
+                                 local_address, host, issues)
             if spec is not None:
                 peers.append(spec)
         out.append(BgpInstance(inst.name, local_asn, router_id, local_port, tuple(peers),
@@ -191,7 +212,7 @@ def _from_cluster_config(objects, cc, node, node_name, options, mac, interfaces,
     return tuple(out)
 
 
-def _from_node_config(objects, nc: CiliumBGPNodeConfig, node, options, mac, interfaces, issues):
+def _from_node_config(objects, nc: CiliumBGPNodeConfig, node, options, mac, host, issues):
     where = f"CiliumBGPNodeConfig/{nc.name}"
     out = []
     for inst in nc.spec.bgp_instances:
@@ -207,7 +228,7 @@ def _from_node_config(objects, nc: CiliumBGPNodeConfig, node, options, mac, inte
             spec = _resolve_peer(objects, options, where, inst.name, p.name, p.peer_address,
                                  p.auto_discovery, p.peer_asn,
                                  p.peer_config_ref.name if p.peer_config_ref else None,
-                                 p.local_address, interfaces, issues)
+                                 p.local_address, host, issues)
             if spec is not None:
                 peers.append(spec)
         out.append(BgpInstance(inst.name, inst.local_asn, router_id, inst.local_port,
@@ -248,8 +269,22 @@ def _usable_source(addresses: Iterable[str], version: int) -> list[str]:
 
 
 def _resolve_peer(objects, options, where, instance, name, address, auto_discovery, peer_asn,
-                  ref, local_address, interfaces, issues) -> PeerSpec | None:
+                  ref, local_address, host, issues) -> PeerSpec | None:
     peer_where = f"{where} instance {instance!r} peer {name!r}"
+    interfaces = host.interfaces
+    if address is None and auto_discovery is not None and \
+            auto_discovery.mode == "DefaultGateway":
+        fam = auto_discovery.default_gateway.address_family
+        gw = host.default_gateways.get(fam)
+        if gw is None:
+            issues.append(ConfigIssue("error", peer_where, f"autoDiscovery DefaultGateway: no "
+                                      f"{fam} default gateway on this node; peer skipped"))
+            return None
+        if ipaddress.ip_address(gw).is_link_local:
+            issues.append(ConfigIssue("error", peer_where, f"autoDiscovery DefaultGateway: "
+                                      f"link-local gateway {gw} is not supported; peer skipped"))
+            return None
+        address = gw
     if address is None:
         if auto_discovery is not None:
             issues.append(ConfigIssue("error", peer_where, f"autoDiscovery mode "
@@ -325,7 +360,9 @@ def parse_virtual_router_annotation(value: str) -> dict[str, str]:
     return out
 
 
-def communities_of(c: Communities | None) -> tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
+def communities_of(c: Communities | None
+                   ) -> tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
+    """(standard + well-known values, large communities), each de-duplicated and sorted."""
     if c is None:
         return (), ()
     std = {parse_standard_community(s) for s in c.standard or []}

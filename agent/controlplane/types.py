@@ -1,9 +1,10 @@
 """Output types of the pure control plane (what the daemon's reconcilers consume).
 
 Everything here is a frozen dataclass: values, comparable with ``==`` so a reconciler can diff
-desired against running state, and printable as data (``to_dict``) for the API and golden files.
-The BGP-facing value types (``Family``, ``PathAttributes``, ``Origin``, ``NeighborConfig``) come from
-the speaker contract ``agent.bgp.api`` (docs/internal/speaker-api.md).
+desired against running state, and printable as data (``to_data``) for the API and golden
+files. The BGP-facing value types (``Family``, ``PathAttributes``, ``Origin``,
+``NeighborConfig``) come from the speaker contract ``agent.bgp.api``
+(docs/internal/speaker-api.md).
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from typing import Any
 
 from agent.config.meta import LabelSelector
 
-try:  # the speaker contract; see docs/internal/speaker-api.md
-    from agent.bgp.api import Family, NeighborConfig, Origin, PathAttributes
-except ImportError:  # pragma: no cover - until agent/bgp/api.py lands; same shapes as the contract
-    from agent.controlplane._speaker_contract import Family, NeighborConfig, Origin, PathAttributes
+from agent.bgp.api import Family, NeighborConfig, Origin, PathAttributes  # speaker contract
 
 Prefix = IPv4Network | IPv6Network
 

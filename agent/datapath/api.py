@@ -124,6 +124,7 @@ class _Programmed:
     affinity_timeout: int
     ranges: frozenset
     service: Service | None       # the model last upserted (None after adoption)
+    refs: frozenset = frozenset()  # backend ids this service keeps alive (table + listed backends)
 
 
 # ---------------------------------------------------------------------------- byte helpers
@@ -151,33 +152,41 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 
 
 class _RangeAllocator:
-    """First-fit allocator of Maglev slot ranges; freed ranges rest a while before reuse so a
-    packet still reading a just-swapped-out table never sees another service's slots."""
+    """Maglev slot ranges: a bump pointer plus free lists per size (tables come in a handful
+    of prime sizes, so exact-size reuse keeps fragmentation low). Freed ranges rest a while
+    before reuse so a packet still reading a just-swapped-out table never sees another
+    service's slots."""
 
     QUARANTINE_S = 2.0
 
     def __init__(self, size: int):
         self.size = size
-        self.used: dict[int, int] = {}            # off -> length
+        self.top = 0
+        self.used: dict[int, int] = {}                 # off -> length
+        self.free_by_len: dict[int, list[int]] = {}
         self.resting: list[tuple[float, int, int]] = []
 
     def reserve(self, off: int, length: int) -> None:
+        """Mark a range in use (adoption); gaps below the top become free lists lazily."""
         self.used[off] = length
+        self.top = max(self.top, off + length)
 
     def alloc(self, length: int) -> int:
         now = time.monotonic()
-        self.resting = [r for r in self.resting if r[0] > now]
-        busy = sorted([*self.used.items(), *((o, n) for _, o, n in self.resting)])
-        cur = 0
-        for off, n in busy:
-            if off - cur >= length:
-                break
-            cur = max(cur, off + n)
-        if cur + length > self.size:
-            raise DatapathError(f"Maglev slot space exhausted ({self.size} slots); "
-                                "raise Features.maglev_slots or use smaller maglev_m")
-        self.used[cur] = length
-        return cur
+        while self.resting and self.resting[0][0] <= now:
+            _, off, n = self.resting.pop(0)
+            self.free_by_len.setdefault(n, []).append(off)
+        free = self.free_by_len.get(length)
+        if free:
+            off = free.pop()
+        else:
+            if self.top + length > self.size:
+                raise DatapathError(f"Maglev slot space exhausted ({self.size} slots); "
+                                    "raise Features.maglev_slots or use smaller maglev_m")
+            off = self.top
+            self.top += length
+        self.used[off] = length
+        return off
 
     def free(self, off: int) -> None:
         n = self.used.pop(off, None)
@@ -205,6 +214,7 @@ class Datapath:
         self._wildcards: dict[tuple[int, IPAddress], int] = {}
         self._backend_ids: dict[tuple[IPAddress, int], int] = {}
         self._backend_vals: dict[int, tuple[IPAddress, int, int]] = {}   # id -> (addr, port, flags)
+        self._backend_refs: dict[int, int] = {}                           # id -> services using it
         self._free_svc_ids: list[int] = []
         self._next_svc_id = 1
         self._next_backend_id = 1
@@ -275,9 +285,11 @@ class Datapath:
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
                 for a, plen in ranges.get(v.id, ()))
+            refs = frozenset(table)
             self._programmed[key] = _Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
-                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None)
+                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None, refs=refs)
+            self._ref_backends(refs, +1)
             self._alloc.reserve(v.table_off, v.table_cap)
             used_ids.add(v.id)
         for key in self._programmed:
@@ -481,9 +493,12 @@ class Datapath:
 
         # 5. clean-ups after the switch
         self._write_ranges(svc_id, old_ranges - new_ranges, present=False)
+        refs = frozenset(ids) | frozenset(table)
         self._programmed[key] = _Programmed(svc_id, flags, off, cap, table, svc.affinity_timeout,
-                                            new_ranges, svc)
-        self._gc_backends()
+                                            new_ranges, svc, refs)
+        self._ref_backends(refs, +1)
+        if old:
+            self._ref_backends(old.refs, -1)
         change = ServiceChange(created, written, swapped, service_written)
         log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
         return change
@@ -503,7 +518,7 @@ class Datapath:
         self._write_ranges(old.svc_id, old.ranges, present=False)
         self._alloc.free(old.table_off)
         self._free_svc_ids.append(old.svc_id)
-        self._gc_backends()
+        self._ref_backends(old.refs, -1)
         log.debug("service deleted", service=str(key))
         return True
 
@@ -630,18 +645,21 @@ class Datapath:
         self._backend_ids[ident] = bid
         return bid
 
-    def _gc_backends(self) -> None:
-        """Deactivate backends no service references any more (their flows re-balance)."""
-        used = set()
-        for p in self._programmed.values():
-            used.update(p.table)
-            if p.service is not None:
-                used.update(self._backend_ids.get((b.addr, b.port)) for b in p.service.backends)
-        tbl = self.table(MapName.BACKENDS)
-        for bid in [i for i in self._backend_vals if i not in used]:
-            addr, port, _ = self._backend_vals.pop(bid)
-            self._backend_ids.pop((addr, port), None)
-            tbl[tbl.Key(bid)] = tbl.Leaf()   # flags 0: not active
+    def _ref_backends(self, ids: Iterable[int], delta: int) -> None:
+        """Count services per backend; one that no service uses any more is deactivated in the
+        map (flags 0), so its conntrack entries re-balance instead of reaching a stale address."""
+        tbl = None
+        for bid in ids:
+            n = self._backend_refs.get(bid, 0) + delta
+            if n > 0:
+                self._backend_refs[bid] = n
+                continue
+            self._backend_refs.pop(bid, None)
+            val = self._backend_vals.pop(bid, None)
+            if val is not None:
+                self._backend_ids.pop((val[0], val[1]), None)
+                tbl = tbl or self.table(MapName.BACKENDS)
+                tbl[tbl.Key(bid)] = tbl.Leaf()
 
     def _svc_key(self, vip: IPAddress, port: int, proto: int):
         tbl = self.table(MapName.SERVICES)
@@ -719,8 +737,8 @@ def _array_write(tbl, items: list[tuple[int, int]]) -> None:
     for i in range(0, len(items), chunk):
         part = items[i:i + chunk]
         n = len(part)
-        keys = (ctypes.c_uint32 * n)(*(k for k, _ in part))
-        vals = (ctypes.c_uint32 * n)(*(v for _, v in part))
+        keys = (ctypes.c_uint32 * n)(*[k for k, _ in part])
+        vals = (ctypes.c_uint32 * n)(*[v for _, v in part])
         cnt = ctypes.c_uint32(n)
         if lib.bpf_update_batch(tbl.map_fd, ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt)) != 0:
             err = ctypes.get_errno()

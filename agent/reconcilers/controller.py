@@ -74,6 +74,7 @@ class Controller:
         self.conditions = ConditionClock(clock)
         self.started_at = clock()
         self.applied_generation = 0
+        self.attempted_generation = -1
         self.passes = 0
         self.objects = None
         self.effective_objects = None
@@ -108,6 +109,7 @@ class Controller:
         objects = self.store.objects()
         now = time.monotonic()
         self.passes += 1
+        self.attempted_generation = snap.generation
 
         try:
             lb = lbipam.allocate(objects, self.allocations)
@@ -166,7 +168,15 @@ class Controller:
         try:
             while not stop.is_set():
                 generation = self.store.current.generation
-                await self.reconcile_once()
+                retry_at = self.errors.next_retry()
+                # Skip the pass only when the daemon's initial pass already covered this generation.
+                if (generation != self.attempted_generation
+                        or (retry_at is not None and retry_at <= time.monotonic())):
+                    try:
+                        await self.reconcile_once()
+                        self.errors.clear("controller", "")
+                    except Exception as exc:  # noqa: BLE001 - a bug in one pass must not stop the agent
+                        self._record("controller", "", exc, time.monotonic())
                 retry_at = self.errors.next_retry()
                 timeout = None if retry_at is None else max(0.05, retry_at - time.monotonic())
                 waiters = [asyncio.ensure_future(self.store.wait_for_change(generation)),

@@ -84,9 +84,12 @@ class FileSource:
             return p.suffix in SUFFIXES and not p.name.startswith(".") and p.parent == self.directory
 
         self.directory = self.directory.resolve()
+        # yield_on_timeout: also re-check every 2 s, so a change made before the watcher was
+        # armed (or lost by the OS) is picked up; unchanged content is a cheap no-op.
         async for _changes in watchfiles.awatch(self.directory, watch_filter=yaml_only,
                                                 debounce=self.debounce_ms, step=50,
-                                                stop_event=stop, recursive=False):
+                                                stop_event=stop, recursive=False,
+                                                rust_timeout=2000, yield_on_timeout=True):
             try:
                 self.load()
             except Exception as exc:  # noqa: BLE001 - a bad edit must never kill the watcher

@@ -19,6 +19,9 @@
 #ifndef CT_SIZE
 #define CT_SIZE (1 << 18)         /* conntrack LRU entries (two per NATed flow) */
 #endif
+#ifndef CT_MAP_FLAGS
+#define CT_MAP_FLAGS 0
+#endif
 #ifndef AFFINITY_SIZE
 #define AFFINITY_SIZE 65536
 #endif

@@ -28,24 +28,31 @@ static __always_inline int drop(__u32 reason)
 
 /* Flow hash for Maglev: saddr, ports, protocol; never the destination address, so every node
  * (and every VIP of the same backend set) derives the same slot. */
-static __always_inline __u32 flow_hash(const struct pkt *p, __be16 sport)
+static __always_inline __u32 flow_hash_tuple(const __u32 *saddr, __u8 family, __be16 sport,
+					       __be16 dport, __u8 proto)
 {
 	__u32 a;
 
-	if (p->family == 4) {
-		a = bpf_ntohl(p->saddr[0]);
+	if (family == 4) {
+		a = bpf_ntohl(saddr[0]);
 	} else {
-		a = jhash_2words(jhash_2words(bpf_ntohl(p->saddr[0]), bpf_ntohl(p->saddr[1]), HASH_SEED),
-				 jhash_2words(bpf_ntohl(p->saddr[2]), bpf_ntohl(p->saddr[3]), HASH_SEED),
+		a = jhash_2words(jhash_2words(bpf_ntohl(saddr[0]), bpf_ntohl(saddr[1]), HASH_SEED),
+				 jhash_2words(bpf_ntohl(saddr[2]), bpf_ntohl(saddr[3]), HASH_SEED),
 				 HASH_SEED);
 	}
-	return jhash_3words(a, ((__u32)bpf_ntohs(p->dport) << 16) | bpf_ntohs(sport), p->proto, HASH_SEED);
+	return jhash_3words(a, ((__u32)bpf_ntohs(dport) << 16) | bpf_ntohs(sport), proto, HASH_SEED);
+}
+
+static __always_inline __u32 flow_hash(const struct pkt *p, __be16 sport)
+{
+	return flow_hash_tuple(p->saddr, p->family, sport, p->dport, p->proto);
 }
 
 /* FIB lookup towards dst before anything is rewritten; fills fib (MACs, egress ifindex). */
 static __always_inline int fib_lookup_to(struct xdp_md *ctx, const struct pkt *p, const __u32 *src,
 					 const __u32 *dst, __u32 tot_len, struct bpf_fib_lookup *fib)
 {
+	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->ifindex = ctx->ingress_ifindex;
 	fib->l4_protocol = p->proto;
 	fib->tot_len = tot_len;
@@ -78,7 +85,7 @@ static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_
 
 /* Insert the DSR option after the IP header (which has no options / extension headers). */
 static __always_inline int dsr_insert(struct xdp_md *ctx, const struct pkt *p, const __u32 *vip,
-				      __be16 vport)
+			       __be16 vport)
 {
 	void *data, *data_end;
 
@@ -101,16 +108,11 @@ static __always_inline int dsr_insert(struct xdp_md *ctx, const struct pkt *p, c
 		iph.ihl = 5 + DSR_IPV4_OPT_LEN / 4;
 		iph.tot_len = bpf_htons(bpf_ntohs(iph.tot_len) + DSR_IPV4_OPT_LEN);
 		iph.check = 0;
-		__u8 opt[DSR_IPV4_OPT_LEN] = { DSR_IPV4_OPT_TYPE, DSR_IPV4_OPT_LEN };
+		__u8 opt[DSR_IPV4_OPT_LEN] __attribute__((aligned(4))) = { DSR_IPV4_OPT_TYPE, DSR_IPV4_OPT_LEN };
 		__builtin_memcpy(opt + 2, &vport, 2);
 		__builtin_memcpy(opt + 4, &vip[0], 4);
-		__u32 w[7];
-		__builtin_memcpy(w, &iph, 20);
-		__builtin_memcpy(&w[5], opt, 8);
-		__u64 s = 0;
-#pragma unroll
-		for (int i = 0; i < 7; i++)
-			s += w[i];
+		const __u32 *w = (const __u32 *)&iph, *o = (const __u32 *)opt;
+		__u64 s = (__u64)w[0] + w[1] + w[2] + w[3] + w[4] + o[0] + o[1];
 		iph.check = ~csum_fold64(s);
 		if (tagged) {
 			if (data + 18 + sizeof(iph) + DSR_IPV4_OPT_LEN > data_end)
@@ -173,6 +175,7 @@ static __always_inline int dsr_insert(struct xdp_md *ctx, const struct pkt *p, c
 static __always_inline void fill_reply_val(struct ct_val *rv, const struct pkt *p, __u32 bid,
 					   __u32 svc_id, __u16 flags)
 {
+	__builtin_memset(rv, 0, sizeof(*rv));
 	addr_copy(rv->raddr, p->daddr);   /* replies leave from VIP:port */
 	rv->rport = p->dport;
 	addr_copy(rv->rdaddr, p->saddr);  /* SNAT replies go back to the client */
@@ -183,15 +186,33 @@ static __always_inline void fill_reply_val(struct ct_val *rv, const struct pkt *
 	rv->created_ns = bpf_ktime_get_ns();
 }
 
+static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_id, __u16 flags,
+					 __be16 nat_port)
+{
+	__builtin_memset(v, 0, sizeof(*v));
+	v->backend_id = bid;
+	v->svc_id = svc_id;
+	v->flags = flags;
+	v->nat_port = nat_port;
+	v->created_ns = bpf_ktime_get_ns();
+}
+
 static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct svc_val *svc)
 {
-	struct ct_key ck = {};
+	struct ct_key ck = {}, rk = {};
 	struct ct_val *cv = NULL;
 	struct backend *be = NULL;
-	struct bpf_fib_lookup fib = {};
 	__u32 svc_id = svc->id, flags = svc->flags, bid = 0;
 	__be16 nat_port = 0;
 	int new_flow = 0;
+
+	/* large temporaries live in a per-CPU scratch slot: the BPF stack is 512 bytes */
+	__u32 zero = 0;
+	struct scratch *scr = scratch_v1.lookup(&zero);
+	if (!scr)
+		return drop(DROP_REWRITE);
+	struct ct_val *vp = &scr->v;
+	struct bpf_fib_lookup *fib = &scr->fib;
 
 	struct svc_counter *sc = svc_stats_v1.lookup(&svc_id);
 	if (sc) {
@@ -252,9 +273,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (!bid) {
 			/* with affinity the source port is not hashed: one client, one backend */
 			__u32 slot = svc->table_off + flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport) % m;
+#ifdef BENCH_NO_MAGLEV
+			bid = 1;
+#else
 			__u32 *sb = maglev_v1.lookup(&slot);
 			if (sb)
 				bid = *sb;
+#endif
 		}
 		if (!bid)
 			return drop(DROP_NO_BACKEND);
@@ -280,8 +305,6 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 
 	if (be->flags & BE_F_LOCAL) {
 		/* local backend: DNAT and let the stack deliver it; tc egress reverses the reply */
-		struct ct_key rk = {};
-		struct ct_val rv = {};
 		addr_copy(rk.saddr, baddr);
 		addr_copy(rk.daddr, p->saddr);
 		rk.sport = bport;
@@ -289,18 +312,18 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		rk.proto = p->proto;
 		rk.family = p->family;
 		rk.dir = CT_DIR_REPLY;
+#ifndef BENCH_NO_REPLY
 		if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
-			fill_reply_val(&rv, p, bid, svc_id, CT_F_LOCAL);
-			ct_v1.update(&rk, &rv);
+			fill_reply_val(vp, p, bid, svc_id, CT_F_LOCAL);
+			ct_v1.update(&rk, vp);
 		}
+#endif
+#ifndef BENCH_NO_FWD
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
-			struct ct_val fv = {};
-			fv.backend_id = bid;
-			fv.svc_id = svc_id;
-			fv.flags = CT_F_LOCAL;
-			fv.created_ns = bpf_ktime_get_ns();
-			ct_v1.update(&ck, &fv);
+			fill_fwd_val(vp, bid, svc_id, CT_F_LOCAL, 0);
+			ct_v1.update(&ck, vp);
 		}
+#endif
 		if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
 			return drop(DROP_REWRITE);
 		return verdict(HOOK_XDP, XDP_PASS);
@@ -311,15 +334,11 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		__u32 grow = add_opt ? (p->family == 4 ? DSR_IPV4_OPT_LEN : 24) : 0;
 		if (add_opt && p->ip_opts)
 			return drop(DROP_DSR_UNSUPPORTED);
-		if (fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, &fib))
+		if (fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, fib))
 			return drop(DROP_FIB_LOOKUP);
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
-			struct ct_val fv = {};
-			fv.backend_id = bid;
-			fv.svc_id = svc_id;
-			fv.flags = CT_F_DSR;
-			fv.created_ns = bpf_ktime_get_ns();
-			ct_v1.update(&ck, &fv);
+			fill_fwd_val(vp, bid, svc_id, CT_F_DSR, 0);
+			ct_v1.update(&ck, vp);
 		}
 		__u32 vip[4];
 		__be16 vport = p->dport;
@@ -334,7 +353,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 				return drop(DROP_REWRITE);
 			stat_inc(HOOK_XDP, STAT_DSR_OPT);
 		}
-		return fib_forward(ctx, &fib);
+		return fib_forward(ctx, fib);
 	}
 
 	/* SNAT: DNAT to the backend and SNAT to node_addr:nat_port, so replies come back here */
@@ -344,11 +363,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		return drop(DROP_NO_NODE_ADDR);
 	__u32 naddr[4];
 	addr_copy(naddr, na->addr);
-	if (fib_lookup_to(ctx, p, naddr, baddr, p->l3_end - p->l3_off, &fib))
+	if (fib_lookup_to(ctx, p, naddr, baddr, p->l3_end - p->l3_off, fib))
 		return drop(DROP_FIB_LOOKUP);
 	if (!nat_port) {
-		struct ct_key rk = {};
-		struct ct_val rv = {};
 		__u32 h = jhash_3words(ck.saddr[0] ^ ck.saddr[1] ^ ck.saddr[2] ^ ck.saddr[3],
 				       ((__u32)p->sport << 16) | p->dport, ck.daddr[0] ^ ck.daddr[3], HASH_SEED);
 		addr_copy(rk.saddr, baddr);
@@ -357,41 +374,40 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		rk.proto = p->proto;
 		rk.family = p->family;
 		rk.dir = CT_DIR_REPLY;
-		fill_reply_val(&rv, p, bid, svc_id, CT_F_SNAT);
+		fill_reply_val(vp, p, bid, svc_id, CT_F_SNAT);
 #pragma unroll
 		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
 			__u16 port = SNAT_PORT_MIN + (h + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1);
 			rk.dport = bpf_htons(port);
-			if (ct_v1.insert(&rk, &rv) == 0) {
+			if (ct_v1.insert(&rk, vp) == 0) {
 				nat_port = rk.dport;
 				break;
 			}
 		}
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
-		struct ct_val fv = {};
-		fv.backend_id = bid;
-		fv.svc_id = svc_id;
-		fv.flags = CT_F_SNAT;
-		fv.nat_port = nat_port;
-		fv.created_ns = bpf_ktime_get_ns();
-		ct_v1.update(&ck, &fv);
+		fill_fwd_val(vp, bid, svc_id, CT_F_SNAT, nat_port);
+		ct_v1.update(&ck, vp);
 	}
 	if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
 		return drop(DROP_REWRITE);
 	if (nat_rewrite(ctx, p, NAT_SRC, naddr, nat_port))
 		return drop(DROP_REWRITE);
-	return fib_forward(ctx, &fib);
+	return fib_forward(ctx, fib);
 }
 
 /* Not a service: maybe a reply to a SNATed flow (to node_addr:port in the SNAT range). */
 static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 {
 	__u16 dport = bpf_ntohs(p->dport);
-	struct bpf_fib_lookup fib = {};
 
 	if (dport < SNAT_PORT_MIN || dport > SNAT_PORT_MAX)
 		return -1;
+	__u32 zero = 0;
+	struct scratch *scr = scratch_v1.lookup(&zero);
+	if (!scr)
+		return -1;
+	struct bpf_fib_lookup *fib = &scr->fib;
 	__u32 nidx = p->family == 4 ? 0 : 1;
 	struct node_addr *na = node_cfg_v1.lookup(&nidx);
 	if (!na || !na->valid || !addr_eq(na->addr, p->daddr))
@@ -405,10 +421,10 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 	__be16 vport = rv->rport, cport = rv->rdport;
 	addr_copy(vip, rv->raddr);
 	addr_copy(client, rv->rdaddr);
-	if (fib_lookup_to(ctx, p, vip, client, p->l3_end - p->l3_off, &fib))
+	if (fib_lookup_to(ctx, p, vip, client, p->l3_end - p->l3_off, fib))
 		return drop(DROP_FIB_LOOKUP);
 	if (nat_rewrite(ctx, p, NAT_SRC, vip, vport) || nat_rewrite(ctx, p, NAT_DST, client, cport))
 		return drop(DROP_REWRITE);
 	stat_inc(HOOK_XDP, STAT_SNAT_REPLY);
-	return fib_forward(ctx, &fib);
+	return fib_forward(ctx, fib);
 }

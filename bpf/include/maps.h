@@ -14,7 +14,8 @@ BPF_TABLE_PINNED("array", __u32, struct backend, backends_v1, MAX_BACKENDS, PIN_
 /* all Maglev tables: service s owns slots [table_off, table_off + table_size) */
 BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, PIN_DIR "/maglev_v1");
 /* connection tracking: flows keep their backend; replies find their rewrite */
-BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v1, CT_SIZE, PIN_DIR "/ct_v1");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v1, CT_SIZE, PIN_DIR "/ct_v1",
+		 CT_MAP_FLAGS);
 /* ClientIP session affinity */
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_val, affinity_v1, AFFINITY_SIZE,
 		 PIN_DIR "/affinity_v1");
@@ -28,6 +29,13 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, stats_v1, NUM_HOOKS * NUM_STATS, 
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, drops_v1, DROP_MAX, PIN_DIR "/drops_v1");
 BPF_TABLE_PINNED("percpu_array", __u32, struct svc_counter, svc_stats_v1, MAX_SERVICES,
 		 PIN_DIR "/svc_stats_v1");
+
+/* per-CPU scratch space for large temporaries (not pinned: holds no state between packets) */
+struct scratch {
+	struct ct_val v;
+	struct bpf_fib_lookup fib;
+};
+BPF_TABLE("percpu_array", __u32, struct scratch, scratch_v1, 1);
 
 static __always_inline void stat_inc(__u32 hook, __u32 stat)
 {

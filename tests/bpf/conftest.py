@@ -26,7 +26,11 @@ TEST_FEATURES = Features(max_services=4096, max_backends=4096, maglev_slots=1 <<
 
 def new_datapath(name: str, features: Features = TEST_FEATURES) -> Datapath:
     dp = Datapath(f"{name}-{os.getpid()}-{next(_seq)}", pin_root=PIN_ROOT, features=features)
-    dp.load()
+    try:
+        dp.load()
+    except BaseException:
+        dp.destroy()   # load may have pinned maps before failing
+        raise
     return dp
 
 

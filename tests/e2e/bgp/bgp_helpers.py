@@ -87,14 +87,14 @@ class SpeakerProcess:
                                     env=env, log_path=self.log_path, cwd=REPO)
 
         def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"speaker exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            return self.control.exists() and self.call("peers") is not None
+            return self.proc.poll() is not None or (self.control.exists() and self.call("peers") is not None)
 
         try:
             wait_until(ready, timeout=20, interval=0.05, what=f"{self.name} control socket")
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{self.log()[-3000:]}") from exc
+        if self.proc.poll() is not None:
+            raise AssertionError(f"speaker exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
         return self
 
     @property
@@ -192,6 +192,8 @@ class BgpCase:
         else:
             raise ValueError(kind)
         self.daemons.append(daemon)
+        # A restarted FRR finds its old vty socket file: wait until the new daemon answers.
+        wait_until(lambda: daemon.sessions() is not None, timeout=15, what=f"{daemon!r} answers queries")
         return daemon
 
     def speaker(self, neighbors: list[dict], paths: list[dict] = (), *, asn: int = SPEAKER_ASN,

@@ -12,6 +12,8 @@ Topology (built once per test module; daemons and the speaker are started per te
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agent.lab import Lab
@@ -21,6 +23,8 @@ from bgp_helpers import FAR_ADDR, SPEAKER_V4, SPEAKER_V6, BgpCase, Topo
 @pytest.fixture(scope="module")
 def topo():
     with Lab("bgpe2e") as lab:
+        # zebra drops to user frr and must reach its socket dir below the lab's 0700 mkdtemp dir.
+        os.chmod(lab.workdir, 0o711)
         spk = lab.host("spk")
         frr, gobgp = lab.host("frr"), lab.host("gobgp")
         mid, far = lab.host("mid", forwarding=True), lab.host("far")

@@ -198,6 +198,14 @@ def test_lbipam_allocations_replace_object_ingress():
     assert prefixes(paths(o, lbipam=lb)) == ["203.0.113.5/32"]
 
 
+def test_unsatisfied_lbipam_service_has_no_vip_even_with_ingress_in_yaml():
+    from agent.controlplane.types import Condition
+    o = setup(advertisement("a", ADV, [service_entry()]), service("web", **LB))
+    cond = Condition("cilium.io/IPAMRequestSatisfied", "False", "no_pool", "")
+    lb = LbIpamResult(service_conditions={"default/web": cond})
+    assert prefixes(paths(o, lbipam=lb)) == []
+
+
 def test_legacy_origin_option_marks_load_balancer_routes_incomplete():
     o = setup(advertisement("a", ADV, [service_entry(), {"advertisementType": "PodCIDR"}]),
               service("web", **LB))
@@ -239,3 +247,18 @@ def test_route_policies_as_data():
 def test_every_peer_family_key_present_so_stale_routes_get_withdrawn():
     o = setup()
     assert paths(o) == {V4: {}, V6: {}}
+
+
+def test_merge_does_not_depend_on_advertisement_order():
+    def attrs(lp, comm):
+        return {"communities": {"standard": [comm]}, "localPreference": lp}
+
+    def build(first, second):
+        return setup(advertisement(first, ADV, [service_entry(attributes=attrs(10, "1:1"))]),
+                     advertisement(second, ADV, [service_entry(attributes=attrs(20, "2:2"))]),
+                     service("web", **LB), peer_asn=65001)
+
+    a, b = paths(build("aa", "zz")), paths(build("zz", "aa"))
+    assert a == b
+    pa = a[V4][net("192.0.2.10/32")]
+    assert pa.communities == ((1 << 16) | 1, (2 << 16) | 2) and pa.local_pref == 20

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+
 import pytest
 
 from agent.controlplane import AgentOptions, derive_node_config
@@ -87,7 +90,9 @@ def test_cluster_config_node_selector(selector, labels, selected):
     ("override wins", dict(ipv4="10.0.0.5"), "192.168.10.1", None, "192.168.10.1"),
     ("node IPv4", dict(ipv4="10.0.0.5", ipv6="fd00::5"), None, None, "10.0.0.5"),
     ("IPv6-only: MAC", dict(ipv4=None, ipv6="fd00::5"), None, "02:42:ac:11:00:02", "172.17.0.2"),
-    ("IPv6-only: address", dict(ipv4=None, ipv6="fd00:10::a:b0c:d0e"), None, None, "11.12.13.14"),
+    ("IPv6-only: hash of the address", dict(ipv4=None, ipv6="fd00:10::2"), None, None,
+     str(ipaddress.IPv4Address(hashlib.sha256(ipaddress.IPv6Address("fd00:10::2").packed)
+                               .digest()[:4]))),
 ])
 def test_router_id_rules(case, node_kw, override_rid, mac, expected):
     docs = [node("n1", **node_kw), cluster_config("cc", [instance()])]
@@ -95,6 +100,14 @@ def test_router_id_rules(case, node_kw, override_rid, mac, expected):
         docs.append(override("n1", [{"name": "i1", "routerID": override_rid}]))
     nc = derive(objs(*docs), router_id_mac=mac)
     assert nc.instances[0].router_id == expected, case
+
+
+def test_ipv6_only_nodes_get_distinct_router_ids_and_a_warning():
+    cc = cluster_config("cc", [instance()])
+    a = derive(objs(node("n1", ipv4=None, ipv6="fd00:10:0:1::2"), cc))
+    b = derive(objs(node("n1", ipv4=None, ipv6="fd00:11:0:1::2"), cc))
+    assert a.instances[0].router_id != b.instances[0].router_id
+    assert "IPv6-only node" in a.issues[0].message
 
 
 def test_no_router_id_possible_is_an_error():
@@ -208,12 +221,24 @@ def test_secrets_namespace_option():
     assert nc.instances[0].peers[0].password == "pw"
 
 
-def test_auto_discovery_peer_is_skipped_with_reason():
-    cc = cluster_config("cc", [instance(peers=[{"name": "gw", "autoDiscovery": {
-        "mode": "DefaultGateway", "defaultGateway": {"addressFamily": "ipv4"}}}])])
-    nc = derive(objs(node("n1"), cc))
-    assert nc.instances[0].peers == ()
-    assert "autoDiscovery mode DefaultGateway is not supported" in nc.errors[0].message
+@pytest.mark.parametrize("mode_block,gateways,address,error", [
+    ({"mode": "DefaultGateway", "defaultGateway": {"addressFamily": "ipv4"}},
+     {"ipv4": "10.0.0.1"}, "10.0.0.1", None),
+    ({"mode": "DefaultGateway", "defaultGateway": {"addressFamily": "ipv6"}},
+     {"ipv4": "10.0.0.1"}, None, "no ipv6 default gateway"),
+    ({"mode": "DefaultGateway", "defaultGateway": {"addressFamily": "ipv6"}},
+     {"ipv6": "fe80::1"}, None, "link-local gateway fe80::1 is not supported"),
+    ({"mode": "Unnumbered", "unnumbered": {"interface": "eth0"}}, {}, None,
+     "autoDiscovery mode Unnumbered is not supported"),
+])
+def test_auto_discovery(mode_block, gateways, address, error):
+    cc = cluster_config("cc", [instance(peers=[{"name": "gw", "autoDiscovery": mode_block}])])
+    nc = derive(objs(node("n1"), cc), default_gateways=gateways)
+    if address:
+        assert nc.instances[0].peers[0].address == address and not nc.issues
+    else:
+        assert nc.instances[0].peers == ()
+        assert error in nc.errors[0].message
 
 
 @pytest.mark.parametrize("addrs,expected", [

@@ -127,3 +127,21 @@ def test_api_views_from_the_controller(tmp_path):
     assert "10.1.3.0/24 (24..24)" in text
     status = provider.get_status()
     assert any(r.kind == "CiliumBGPClusterConfig" for r in status.resources)
+
+
+def test_metrics_use_cilium_names_and_labels(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent.api.metrics import ControllerCollector
+
+    store = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml())
+    w = World("cilium-bgp-worker", store, tmp_path)
+    w.reconcile()
+    registry = CollectorRegistry()
+    registry.register(ControllerCollector(w.controller))
+    text = generate_latest(registry).decode()
+    assert ('vipd_bgp_control_plane_session_state{neighbor="10.0.5.1:179",neighbor_asn="65005",'
+            'vrouter="65005"} 1.0') in text
+    assert ('vipd_bgp_control_plane_advertised_routes{afi="ipv4",neighbor="10.0.5.1:179",safi="unicast",'
+            'vrouter="65005"} 2.0') in text
+    assert "vipd_config_generation 1.0" in text

@@ -1,0 +1,190 @@
+"""Remote backends: SNAT mode (DNAT + SNAT to the node, FIB lookup + redirect, replies reversed)
+and DSR mode (DNAT + Cilium "opt" IPv4 option / IPv6 Destination Option on the first packet;
+on the backend's node tc ingress records it and tc egress rewrites the reply to VIP:port).
+
+bpf_fib_lookup under BPF_PROG_TEST_RUN uses the namespace the run happens in, so the runs
+happen inside a lab namespace "node" with a veth towards "peer" (the next hop to clients and
+to remote backends) and a permanent neighbour entry for it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scapy.layers.inet import IP, IPOption, IPOption_NOP, TCP, UDP
+from scapy.layers.inet6 import HBHOptUnknown, IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from agent.datapath.abi import MapName, TcAction, XdpAction
+from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
+from agent.lab import Lab
+from tests.bpf.conftest import assert_checksums_valid, assert_frame, expected, run_tc, run_xdp
+
+NODE4, PEER4, NODE6, PEER6 = "10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"
+VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
+C4, C6 = "192.0.2.10", "2001:db8::10"
+B4, B6 = "10.2.0.5", "fd00:2::5"
+
+
+def _mac(host, ifname):
+    return json.loads(host.run("ip", "-j", "link", "show", ifname))[0]["address"]
+
+
+@pytest.fixture(scope="module")
+def net():
+    with Lab("dpfib") as lab:
+        node = lab.host("node", forwarding=True)
+        peer = lab.host("peer")
+        n_if, p_if = lab.link(node, peer, [f"{NODE4}/24", f"{NODE6}/64"], [f"{PEER4}/24", f"{PEER6}/64"])
+        for prefix, via in (("10.2.0.0/16", PEER4), ("192.0.2.0/24", PEER4),
+                            ("fd00:2::/64", PEER6), ("2001:db8::/64", PEER6)):
+            node.run("ip", "route", "add", prefix, "via", via)
+        peer_mac = _mac(peer, p_if)
+        for via in (PEER4, PEER6):
+            node.run("ip", "neigh", "replace", via, "lladdr", peer_mac, "dev", n_if, "nud", "permanent")
+        yield {"ns": node.ns, "node_mac": _mac(node, n_if), "peer_mac": peer_mac, "node": node}
+
+
+def _svc(vip, proto, backend, mode, **kw):
+    return Service(ServiceKey(vip, 80, proto), (Backend(backend, 8080),), mode=mode, maglev_m=251, **kw)
+
+
+def _req(client, vip, l4="tcp", sport=40000, flags="S"):
+    ip = IP(src=client, dst=vip) if ":" not in vip else IPv6(src=client, dst=vip)
+    l4p = TCP(sport=sport, dport=80, flags=flags, seq=7) if l4 == "tcp" else UDP(sport=sport, dport=80)
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / l4p / Raw(b"request")
+
+
+@pytest.mark.parametrize("family,l4", [(4, "tcp"), (4, "udp"), (6, "tcp"), (6, "udp")])
+def test_snat_to_remote_backend_and_reply_reversal(dp, net, family, l4):
+    vip, client, backend, node = (VIP4, C4, B4, NODE4) if family == 4 else (VIP6, C6, B6, NODE6)
+    proto = Proto.TCP if l4 == "tcp" else Proto.UDP
+    IPX, L4X = (IP if family == 4 else IPv6).__name__, ("TCP" if l4 == "tcp" else "UDP")
+    dp.set_node_addresses(v4=NODE4, v6=NODE6)
+    dp.upsert_service(_svc(vip, proto, backend, Mode.SNAT))
+
+    req = _req(client, vip, l4)
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    (fwd,) = [e for e in dp.conntrack() if e.direction == "service"]
+    nat_port = fwd.nat_port
+    assert 61000 <= nat_port <= 65535
+    want = expected(req, Ether_src=net["node_mac"], Ether_dst=net["peer_mac"],
+                    **{f"{IPX}_src": node, f"{IPX}_dst": backend, f"{L4X}_sport": nat_port, f"{L4X}_dport": 8080})
+    assert_frame(r.data, want)
+
+    # the same flow keeps its port
+    r2 = run_xdp(dp, _req(client, vip, l4, flags="A"), netns=net["ns"])
+    out = Ether(r2.data)
+    assert out[L4X].sport == nat_port and out[IPX].dst == backend
+
+    # the backend's reply comes back to node:nat_port and leaves as VIP:80 -> client
+    reply = Ether(src="02:00:00:00:00:09", dst=net["node_mac"]) / (IP if family == 4 else IPv6)(src=backend, dst=node) \
+        / (TCP(sport=8080, dport=nat_port, flags="SA") if l4 == "tcp" else UDP(sport=8080, dport=nat_port)) / Raw(b"answer")
+    before = dp.counters().stat("xdp", "snat_reply")
+    r = run_xdp(dp, reply, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    want = expected(reply, Ether_src=net["node_mac"], Ether_dst=net["peer_mac"],
+                    **{f"{IPX}_src": vip, f"{IPX}_dst": client, f"{L4X}_sport": 80, f"{L4X}_dport": 40000})
+    assert_frame(r.data, want)
+    assert dp.counters().stat("xdp", "snat_reply") == before + 1
+
+
+def test_snat_flows_get_distinct_ports(dp, net):
+    dp.set_node_addresses(v4=NODE4)
+    dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.SNAT))
+    ports = set()
+    for s in range(2000, 2100):
+        out = Ether(run_xdp(dp, _req(C4, VIP4, sport=s), netns=net["ns"]).data)
+        ports.add(out[TCP].sport)
+    assert len(ports) == 100
+
+
+def test_snat_without_node_address_drops_with_reason(dp, net):
+    dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.SNAT))
+    before = dp.counters().drops["NO_NODE_ADDR"]
+    assert run_xdp(dp, _req(C4, VIP4), netns=net["ns"]).retval == XdpAction.DROP
+    assert dp.counters().drops["NO_NODE_ADDR"] == before + 1
+
+
+def test_unroutable_backend_drops_with_fib_reason_and_leaves_no_state(dp, net):
+    dp.set_node_addresses(v4=NODE4)
+    dp.upsert_service(_svc(VIP4, Proto.TCP, "10.3.0.5", Mode.SNAT))   # no route to 10.3/16
+    before = dp.counters().drops["FIB_LOOKUP"]
+    assert run_xdp(dp, _req(C4, VIP4), netns=net["ns"]).retval == XdpAction.DROP
+    assert dp.counters().drops["FIB_LOOKUP"] == before + 1
+    assert dp.conntrack() == []
+
+
+def _dsr_opt4(vip, port):
+    import ipaddress
+    return IPOption(b"\x9a\x08" + port.to_bytes(2, "big") + ipaddress.ip_address(vip).packed)
+
+
+@pytest.mark.parametrize("l4", ["tcp", "udp"])
+def test_dsr_ipv4_option_on_first_packet_and_backend_side_reply(dp, net, l4):
+    proto = Proto.TCP if l4 == "tcp" else Proto.UDP
+    L4X = "TCP" if l4 == "tcp" else "UDP"
+    dp.upsert_service(_svc(VIP4, proto, B4, Mode.DSR))
+    req = _req(C4, VIP4, l4)
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    l4p = req[L4X].copy()
+    l4p.dport = 8080
+    l4p.chksum = None
+    want = Ether(src=net["node_mac"], dst=net["peer_mac"]) / IP(src=C4, dst=B4, id=req[IP].id, options=[_dsr_opt4(VIP4, 80)]) / l4p
+    assert_frame(r.data, want)
+    assert Ether(r.data)[IP].ihl == 7
+
+    if l4 == "tcp":   # the rest of a TCP flow carries no option
+        r = run_xdp(dp, _req(C4, VIP4, flags="A"), netns=net["ns"])
+        out = Ether(r.data)
+        assert out[IP].ihl == 5 and out[IP].dst == B4 and out[TCP].dport == 8080
+        assert_checksums_valid(r.data)
+
+    # backend node: tc ingress records the option, tc egress rewrites the reply from VIP:80
+    before = dp.counters().stat("tc_ingress", "dsr_record")
+    dsr_pkt = Ether(bytes(want))
+    rin = run_tc(dp, "ingress", dsr_pkt)
+    assert rin.retval == TcAction.OK and rin.data == bytes(dsr_pkt)
+    assert dp.counters().stat("tc_ingress", "dsr_record") == before + 1
+    reply = Ether() / IP(src=B4, dst=C4) / (TCP(sport=8080, dport=40000, flags="SA") if l4 == "tcp"
+                                            else UDP(sport=8080, dport=40000)) / Raw(b"direct")
+    rout = run_tc(dp, "egress", reply)
+    assert_frame(rout.data, expected(reply, IP_src=VIP4, **{f"{L4X}_sport": 80}))
+
+
+def test_dsr_ipv6_destination_option(dp, net):
+    import ipaddress
+    dp.upsert_service(_svc(VIP6, Proto.TCP, B6, Mode.DSR))
+    req = _req(C6, VIP6)
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    data = ipaddress.ip_address(VIP6).packed + (80).to_bytes(2, "big") + b"\0\0"
+    l4p = req[TCP].copy(); l4p.dport = 8080; l4p.chksum = None
+    want = (Ether(src=net["node_mac"], dst=net["peer_mac"]) / IPv6(src=C6, dst=B6)
+            / IPv6ExtHdrDestOpt(nh=6, len=2, options=[HBHOptUnknown(otype=0x1B, optlen=20, optdata=data)]) / l4p)
+    assert_frame(r.data, want)
+    assert len(r.data) == len(bytes(req)) + 24
+    rin = run_tc(dp, "ingress", Ether(r.data))
+    assert rin.retval == TcAction.OK
+    reply = Ether() / IPv6(src=B6, dst=C6) / TCP(sport=8080, dport=40000, flags="SA")
+    assert_frame(run_tc(dp, "egress", reply).data, expected(reply, IPv6_src=VIP6, TCP_sport=80))
+
+
+def test_dsr_cannot_add_option_to_packet_with_ip_options(dp, net):
+    dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.DSR))
+    before = dp.counters().drops["DSR_UNSUPPORTED"]
+    pkt = Ether() / IP(src=C4, dst=VIP4, options=[IPOption_NOP()] * 4) / TCP(sport=1, dport=80, flags="S")
+    assert run_xdp(dp, pkt, netns=net["ns"]).retval == XdpAction.DROP
+    assert dp.counters().drops["DSR_UNSUPPORTED"] == before + 1
+
+
+def test_stateless_snat_is_rejected():
+    from agent.datapath.api import Datapath
+    with pytest.raises(ValueError, match="stateless"):
+        dp = Datapath("unused")
+        dp._xdp_bpf = object()   # bypass load: validation happens before any map access
+        dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.SNAT, stateless=True))

@@ -1,0 +1,196 @@
+"""Seed 002 end to end: the spine-leaf lab in namespaces with real FRR routers and four
+`vipd run` nodes (agent.demo builds it). One lab for the module; the steps build on each other:
+
+1. the seed's CiliumBGPPeeringPolicy, unchanged: every leaf and spine learns all four PodCIDRs
+   with the right next hops; `vipctl bgp peers` shows the seed's columns, established;
+2. the same intent as v2 ClusterConfig/PeerConfig/Advertisement, swapped in by editing the
+   config dirs (applied live): the same routes, from the v2 instances;
+3. a LoadBalancer Service with an LB-IPAM address and eTP=Local: announced only by the node
+   with a ready local endpoint; the announcement moves with the endpoint; eTP=Cluster: every
+   node announces it; the Advertisement's communities and local-pref arrive at the leaves;
+4. the client pings a pod in each rack over the natively routed PodCIDRs.
+"""
+
+import ipaddress
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from agent import demo
+from agent.demo import NODES, Seed002Lab
+from agent.lab import Lab, wait_until
+
+LEAF_OF_RACK = {"rack0": "leaf01", "rack1": "leaf02"}
+# spine -> rack -> the leaf address that spine uses as next hop for that rack (direct eBGP link)
+SPINE_NEXT_HOP = {"spine01": {"rack0": "10.0.101.2", "rack1": "10.0.104.2"},
+                  "spine02": {"rack0": "10.0.103.2", "rack1": "10.0.102.2"}}
+RACK_ASN = {"rack0": 65005, "rack1": 65010}
+SPINES_OF_LEAF = {"leaf01": {"10.0.101.1", "10.0.103.1"}, "leaf02": {"10.0.102.1", "10.0.104.1"}}
+
+
+@pytest.fixture(scope="module")
+def env():
+    with Lab("s002") as lab:
+        env = Seed002Lab(lab).build()
+        env.write_all("nodes.yaml", demo.nodes_yaml())
+        env.write_all("bgp.yaml", demo.LEGACY_POLICY_YAML)
+        env.start_nodes()
+        try:
+            yield env
+        except BaseException:
+            raise
+        finally:
+            for name in env.nodes:
+                if env.nodes[name].proc and env.nodes[name].proc.poll() is not None:
+                    print(f"--- vipd {name} exited; log tail:\n{env.vipd_log(name)[-3000:]}")
+
+
+def assert_pod_cidrs_everywhere(env: Seed002Lab) -> None:
+    """Leaves: own rack's PodCIDRs from the nodes themselves (RR clients), the other rack's via
+    a spine; spines: each PodCIDR via the directly connected leaf of its rack (AS path = leaf)."""
+    for n in NODES:
+        for leaf_rack, leaf in LEAF_OF_RACK.items():
+            paths = env.routes_by_prefix(leaf)[n.pod_cidr]
+            if leaf_rack == n.rack:
+                assert [p.next_hop for p in paths] == [n.address], (leaf, n.pod_cidr, paths)
+                assert paths[0].as_path == () and paths[0].local_pref == 100
+            else:
+                assert paths and all(p.next_hop in SPINES_OF_LEAF[leaf] for p in paths), paths
+                assert all(p.as_path[-1] == RACK_ASN[n.rack] for p in paths), paths
+        for spine, hops in SPINE_NEXT_HOP.items():
+            paths = env.routes_by_prefix(spine)[n.pod_cidr]
+            direct = [p for p in paths if p.as_path == (RACK_ASN[n.rack],)]
+            assert [p.next_hop for p in direct] == [hops[n.rack]], (spine, n.pod_cidr, paths)
+
+
+def peers_rows(text: str) -> list[list[str]]:
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()]
+
+
+def test_1_seed_peering_policy_announces_all_pod_cidrs(env):
+    wait_until(env.sessions_established, timeout=60, what="every node established with its leaf")
+    wait_until(env.learned_pod_cidrs, timeout=60, what="all routers learning the four PodCIDRs")
+    assert_pod_cidrs_everywhere(env)
+    for n in NODES:
+        text = env.vipctl(n.name, "bgp", "peers")
+        lines = text.splitlines()
+        # the seed's columns, in its layout (cilium-dbg / agent view)
+        assert re.split(r"\s{2,}", lines[0]) == ["Local AS", "Peer AS", "Peer Address", "Session", "Uptime",
+                                                 "Family", "Received", "Advertised"]
+        row = lines[1].split()
+        asn = str(RACK_ASN[n.rack])
+        assert row[:4] == [asn, asn, f"{n.leaf_address}:179", "established"]
+        assert re.fullmatch(r"(\d+h)?(\d+m)?\d+s", row[4]) and row[5] == "ipv4/unicast"
+        assert int(row[6]) >= 1 and row[7] == "1"      # received reflected routes; advertised: own PodCIDR
+        assert lines[2].split() == ["ipv6/unicast", "0", "0"]
+        # -o json is the API model
+        (peer,) = env.peers_json(n.name)["peers"]
+        assert (peer["localASN"], peer["peerASN"], peer["peerAddress"], peer["peerPort"],
+                peer["sessionState"]) == (int(asn), int(asn), n.leaf_address, 179, "established")
+        assert peer["timers"]["appliedHoldTimeSeconds"] == 90 and peer["uptimeSeconds"] >= 0
+
+
+def test_2_equivalent_v2_resources_applied_live(env):
+    env.write_all("bgp.yaml", demo.V2_BGP_YAML)
+
+    def v2_everywhere():
+        # the v2 peer names (legacy peers are named after their address)
+        return all(p["name"] in ("leaf01", "leaf02") and p["sessionState"] == "established"
+                   and p["timers"]["appliedHoldTimeSeconds"] == 90
+                   for n in NODES for p in env.peers_json(n.name)["peers"])
+    wait_until(v2_everywhere, timeout=60, what="v2 instances established on every node")
+    wait_until(env.sessions_established, timeout=60, what="sessions re-established at the leaves")
+    wait_until(env.learned_pod_cidrs, timeout=60, what="PodCIDRs learned from the v2 config")
+    assert_pod_cidrs_everywhere(env)
+    text = env.vipctl(NODES[0].name, "bgp", "routes", "advertised", "ipv4", "unicast")
+    rows = peers_rows(text)
+    assert rows[0] == ["VRouter", "Peer", "Prefix", "NextHop", "Age", "Attrs"]
+    assert rows[1][:4] == ["65005", "10.0.5.1", "10.1.0.0/24", "10.0.5.11"]
+    avail = peers_rows(env.vipctl(NODES[1].name, "bgp", "routes", "available", "ipv4", "unicast"))
+    assert avail[0] == ["VRouter", "Prefix", "NextHop", "Age", "Attrs"]
+    assert avail[1][:3] == ["65005", "10.1.3.0/24", "0.0.0.0"] and avail[1][4] == "[{Origin: i} {Nexthop: 0.0.0.0}]"
+    # the cluster-wide tables of seed 004, over all four agents' sockets
+    cluster = env.vipctl_all("bgp", "peers").splitlines()
+    assert re.split(r"\s{2,}", cluster[0]) == ["Node", "Local AS", "Peer AS", "Peer Address", "Session State",
+                                               "Uptime", "Family", "Received", "Advertised"]
+    first_cells = [line.split()[0] for line in cluster[1:] if not line.startswith(" ")]
+    assert first_cells == sorted(n.name for n in NODES)
+    cluster_routes = peers_rows(env.vipctl_all("bgp", "routes", "available", "ipv4", "unicast"))
+    assert cluster_routes[0] == ["Node", "VRouter", "Prefix", "NextHop", "Age", "Attrs"]
+    assert sorted(r[2] for r in cluster_routes[1:]) == sorted(n.pod_cidr for n in NODES)
+    rps = peers_rows(env.vipctl(NODES[0].name, "bgp", "route-policies"))
+    assert rps[0] == ["VRouter", "Policy Name", "Type", "Match Peers", "Match Prefixes (Min..Max Len)",
+                      "RIB Action", "Path Actions"]
+    assert any("10.1.0.0/24 (24..24)" in " ".join(r) for r in rps[1:])
+
+
+def vip_of(env) -> str:
+    state = env.nodes[NODES[0].name].state_dir / "lbipam-allocations.yaml"
+    ips = wait_until(lambda: state.exists() and yaml.safe_load(state.read_text())["allocations"].get("default/web"),
+                     timeout=30, what="LB-IPAM allocation")
+    (ip,) = ips
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(demo.VIP_POOL_CIDR)
+    return ip
+
+
+def announcers(env, prefix: str) -> dict[str, set[str]]:
+    """leaf -> next hops of paths for prefix learned from its own rack's nodes."""
+    out = {}
+    for rack, leaf in LEAF_OF_RACK.items():
+        nodes = {n.address for n in NODES if n.rack == rack}
+        out[leaf] = {p.next_hop for p in env.routes_by_prefix(leaf).get(prefix, []) if p.next_hop in nodes}
+    return out
+
+
+def test_3_lb_service_etp_local_follows_the_ready_endpoint(env):
+    env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker"))
+    vip = vip_of(env)
+    prefix = f"{vip}/32"
+    wait_until(lambda: announcers(env, prefix) == {"leaf01": {"10.0.5.12"}, "leaf02": set()},
+               timeout=30, what="VIP announced only by cilium-bgp-worker")
+    # all nodes agree on the allocation (persisted per node, same pool, same answer)
+    for n in NODES:
+        alloc = yaml.safe_load((env.nodes[n.name].state_dir / "lbipam-allocations.yaml").read_text())
+        assert alloc["allocations"]["default/web"] == [vip]
+    # communities and local-pref from the CiliumBGPAdvertisement arrive at the leaf
+    (path,) = [p for p in env.routes_by_prefix("leaf01")[prefix] if p.next_hop == "10.0.5.12"]
+    assert path.local_pref == 200
+    assert "65000:99" in path.communities and "65000:1:1" in path.large_communities
+    # the endpoint moves to rack1: the announcement moves with it
+    env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker3"))
+    wait_until(lambda: announcers(env, prefix) == {"leaf01": set(), "leaf02": {"10.0.10.12"}},
+               timeout=30, what="VIP announcement moved to cilium-bgp-worker3")
+    # a not-ready endpoint is no local endpoint: nobody announces
+    env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker3",
+                                                ready=False))
+    wait_until(lambda: announcers(env, prefix) == {"leaf01": set(), "leaf02": set()},
+               timeout=30, what="VIP withdrawn when the only endpoint is not ready")
+    # the PodCIDR sessions were never reset by advertisement-only changes
+    for n in NODES:
+        (peer,) = env.peers_json(n.name)["peers"]
+        assert peer["sessionState"] == "established"
+
+
+def test_4_lb_service_etp_cluster_announced_by_every_node(env):
+    env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Cluster", endpoint_node="cilium-bgp-worker"))
+    prefix = f"{vip_of(env)}/32"
+    wait_until(lambda: announcers(env, prefix) == {"leaf01": {"10.0.5.11", "10.0.5.12"},
+                                                   "leaf02": {"10.0.10.11", "10.0.10.12"}},
+               timeout=30, what="VIP announced by all four nodes")
+    for leaf in ("leaf01", "leaf02"):
+        for p in env.routes_by_prefix(leaf)[prefix]:
+            if p.as_path == ():
+                assert p.local_pref == 200 and "65000:99" in p.communities
+    # the spines see the VIP too (via the leaves)
+    for spine in ("spine01", "spine02"):
+        assert prefix in env.routes_by_prefix(spine)
+
+
+def test_5_client_reaches_a_pod_in_each_rack(env):
+    for n in NODES:
+        proc = subprocess.run(env.client.exec_argv(["ping", "-c", "1", "-W", "2", n.pod_address]),
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"client -> pod {n.pod_address} on {n.name}: {proc.stdout}{proc.stderr}"
