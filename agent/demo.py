@@ -177,6 +177,9 @@ metadata:
 spec:
   timers:
     connectRetryTimeSeconds: 5
+  gracefulRestart:
+    enabled: true
+    restartTimeSeconds: 120
   families:
   - afi: ipv4
     safi: unicast
@@ -330,8 +333,9 @@ class Seed002Lab:
                 lab.link(host, pod, [f"{n.pod_gateway}/24"], [f"{n.pod_address}/24"],
                          a_if="pods", b_if="eth0")
                 pod.route("default", via=n.pod_gateway)
-        # Routers: the seed's VyOS configuration, in FRR. Leaves reflect between their nodes.
-        rr = lambda addr, asn: Neighbor(addr, asn, rr_client=True)  # noqa: E731
+        # Routers: the seed's VyOS configuration, in FRR. Leaves reflect between their nodes and
+        # are graceful-restart helpers for them (used once the PeerConfig enables it).
+        rr = lambda addr, asn: Neighbor(addr, asn, rr_client=True, graceful_restart=True)  # noqa: E731
         self.routers["spine01"] = lab.frr(h["spine01"], FrrPeer(
             asn=500, router_id="10.0.101.1", zebra=zebra,
             neighbors=[Neighbor("10.0.101.2", 65005), Neighbor("10.0.104.2", 65010)]))
@@ -340,12 +344,12 @@ class Seed002Lab:
             neighbors=[Neighbor("10.0.102.2", 65010), Neighbor("10.0.103.2", 65005)],
             announce=[Announce("192.168.0.0/24")]))
         self.routers["leaf01"] = lab.frr(h["leaf01"], FrrPeer(
-            asn=65005, router_id="10.0.5.1", zebra=zebra,
+            asn=65005, router_id="10.0.5.1", zebra=zebra, graceful_restart=True,
             neighbors=[Neighbor("10.0.101.1", 500), Neighbor("10.0.103.1", 1000),
                        rr("10.0.5.11", 65005), rr("10.0.5.12", 65005)],
             announce=[Announce("10.0.5.0/24")]))
         self.routers["leaf02"] = lab.frr(h["leaf02"], FrrPeer(
-            asn=65010, router_id="10.0.10.1", zebra=zebra,
+            asn=65010, router_id="10.0.10.1", zebra=zebra, graceful_restart=True,
             neighbors=[Neighbor("10.0.102.1", 1000), Neighbor("10.0.104.1", 500),
                        rr("10.0.10.11", 65010), rr("10.0.10.12", 65010)],
             announce=[Announce("10.0.10.0/24")]))
@@ -360,18 +364,26 @@ class Seed002Lab:
         for node in self.nodes.values():
             node.write(filename, text)
 
-    def start_nodes(self) -> None:
-        for node in self.nodes.values():
+    def start_nodes(self, names: list[str] | None = None, *extra_args: str) -> None:
+        """Start `vipd run` on the given nodes (default all) and wait for their API sockets."""
+        chosen = [self.nodes[n] for n in (names or list(self.nodes))]
+        for node in chosen:
             argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(node.config_dir),
                     "--node-name", node.spec.name, "--api-socket", str(node.socket),
-                    "--state-dir", str(node.state_dir), "--log-format", "json"]
+                    "--state-dir", str(node.state_dir), "--log-format", "json", *extra_args]
             node.proc = node.host.spawn(argv, log_path=node.config_dir.parent / "vipd.log",
                                         env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-        for node in self.nodes.values():
+        for node in chosen:
             wait_until(lambda: node.socket.exists() or node.proc.poll() is not None, timeout=30,
                        what=f"vipd API socket of {node.spec.name}")
             if node.proc.poll() is not None:
                 raise RuntimeError(f"vipd on {node.spec.name} exited:\n{self.vipd_log(node.spec.name)[-3000:]}")
+
+    def stop_node(self, name: str, sig: int = 15, timeout: float = 20) -> int:
+        """Signal one node's vipd (default SIGTERM) and wait for it; returns its exit status."""
+        proc = self.nodes[name].proc
+        proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
 
     def vipd_log(self, name: str) -> str:
         return (self.nodes[name].config_dir.parent / "vipd.log").read_text(errors="replace")
@@ -414,6 +426,16 @@ class Seed002Lab:
             out.setdefault(r.prefix, []).append(r)
         return out
 
+    def reflected_routes_received(self) -> bool:
+        """Every node got what its route reflector sends it: the seed's "Received 6" (the two
+        leaf subnets, 192.168.0.0/24, and the three other PodCIDRs)."""
+        for name in self.nodes:
+            for peer in self.peers_json(name)["peers"]:
+                v4 = next(f for f in peer["families"] if f["afi"] == "ipv4")
+                if v4["received"] < 6:
+                    return False
+        return True
+
     def learned_pod_cidrs(self) -> bool:
         for router in self.routers:
             table = self.routes_by_prefix(router)
@@ -442,9 +464,12 @@ def main() -> int:
         wait_until(env.sessions_established, timeout=60, what="all node sessions established at the leaves")
         _step(t0, "all four nodes established with their leaf")
         wait_until(env.learned_pod_cidrs, timeout=60, what="every router learning all four PodCIDRs")
+        wait_until(env.reflected_routes_received, timeout=30, what="each node receiving the reflected routes")
         first = NODES[0]
-        _step(t0, f"vipctl bgp peers   (on {first.name})")
+        _step(t0, f"vipctl bgp peers   (on {first.name}; the table of seed 002)")
         print(env.vipctl(first.name, "bgp", "peers"), flush=True)
+        _step(t0, "vipctl --socket <each node> bgp peers   (cluster-wide, the table of seed 004)")
+        print(env.vipctl_all("bgp", "peers"), flush=True)
         _step(t0, f"vipctl bgp routes advertised ipv4 unicast   (on {first.name})")
         print(env.vipctl(first.name, "bgp", "routes", "advertised", "ipv4", "unicast"), flush=True)
         for spine in ("spine01", "spine02"):
@@ -464,9 +489,13 @@ def main() -> int:
             print(f"  {n.rack} {n.name:<26} pod {n.pod_address:<11} -> {line}", flush=True)
             failures += r.returncode != 0
         _step(t0, "tearing down")
+        prefix, procs = lab.prefix, [n.proc for n in env.nodes.values()]
+    left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if ns.startswith(prefix)]
+    running = [p.pid for p in procs if p is not None and p.poll() is None]
     _step(t0, f"done; {'all pings answered' if not failures else f'{failures} ping(s) failed'}; "
-              "no namespaces or processes left behind")
-    return 1 if failures else 0
+              f"namespaces left: {len(left)}, vipd processes left: {len(running)}")
+    return 1 if failures or left or running else 0
 
 
 if __name__ == "__main__":

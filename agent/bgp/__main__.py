@@ -166,6 +166,8 @@ class Runner:
     async def reload(self) -> None:
         try:
             doc = json.loads(self.path.read_text())
+            if doc.get("speaker") != self.doc.get("speaker"):
+                self.log.warning("the speaker section changed; it applies only after a restart")
             await self.apply(doc)
             self.doc = doc
         except Exception as exc:  # noqa: BLE001 - a bad edit must not kill the running speaker

@@ -121,8 +121,9 @@ class SessionDriver:
     """Owns the effects of one Session: its transport, its connect task, its timer."""
 
     def __init__(self, session: Session, loop: asyncio.AbstractEventLoop,
-                 on_events: Callable[["SessionDriver", list], None]):
+                 on_events: Callable[["SessionDriver", list], None], *, link_local_next_hop: bool = True):
         self.session = session
+        self.link_local_next_hop = link_local_next_hop
         self.loop = loop
         self.on_events = on_events
         self.protocol: BgpProtocol | None = None
@@ -208,7 +209,7 @@ class SessionDriver:
         local = transport.get_extra_info("sockname")[0]
         remote = transport.get_extra_info("peername")[0]
         self.call(self.session.connection_made, self.loop.time(), local, remote, outgoing=outgoing,
-                  link_local=link_local_for(local, remote))
+                  link_local=link_local_for(local, remote) if self.link_local_next_hop else None)
 
     def data_received(self, protocol: BgpProtocol, data: bytes) -> None:
         if protocol is not self.protocol:

@@ -33,6 +33,10 @@ class NeighborConfig:
     graceful_restart: bool = False
     restart_time: int = 120
     name: str = ""
+    # Extension (not in the original contract, defaults keep it compatible): add our IPv6
+    # link-local address to IPv6 next hops towards directly connected peers (RFC 2545 §3).
+    # FRR without zebra (bgpd -Z) cannot use it and resets the session: set False there.
+    link_local_next_hop: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "address", str(ip_address(self.address)))

@@ -173,3 +173,24 @@ def transition(state: State, event: Event) -> tuple[Action, State]:
     except KeyError:
         raise BgpProtocolError(ErrorCode.FSM, fsm_error_subcode(state),
                                reason=f"event {event.name} is not allowed in state {state.name}") from None
+
+
+def render_markdown() -> str:
+    """The transition table as Markdown (docs/bgp-speaker.md embeds it; a test keeps them equal).
+    Pairs not listed are FSM errors; IDLE's ignored events and the start/stop rows shared by all
+    states are summarised instead of repeated."""
+    lines = ["| state | event | action | next state |", "|---|---|---|---|"]
+    for (st, ev), (action, nxt) in TRANSITIONS.items():
+        if st is S.IDLE and action is A.IGNORE:
+            continue
+        if st is not S.IDLE and (ev in _STARTS or ev in (Ev.MANUAL_STOP, Ev.GRACEFUL_STOP)):
+            continue
+        lines.append(f"| {st.name} | {ev.name} ({ev.value}) | {action.value} | {nxt.name} |")
+    lines.append("| any but IDLE | start events | ignore | (same) |")
+    lines.append("| any but IDLE | MANUAL_STOP (2) / GRACEFUL_STOP | stop / stop_silent | IDLE |")
+    lines.append("| IDLE | anything else | ignore | IDLE |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m agent.bgp.fsm > table.md
+    print(render_markdown())

@@ -55,7 +55,7 @@ def shutdown_message(message: str) -> bytes:
 # NeighborConfig fields whose change needs a new session (they live in the OPEN or in the TCP
 # connection); everything else is applied in place.
 _RESET_FIELDS = ("peer_asn", "port", "local_address", "password", "hold_time", "keepalive", "families",
-                 "graceful_restart", "restart_time", "passive")
+                 "graceful_restart", "restart_time", "passive", "link_local_next_hop")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class _Peer:
     driver: SessionDriver | None = None
     candidates: list[SessionDriver] = field(default_factory=list)
     ever_established: bool = False
+    established_wall: float | None = None
     last_error: str | None = None
     removed: bool = False
 
@@ -194,7 +195,6 @@ class BgpSpeaker:
         from agent.bgp.api import FamilyCounts, PeerState
 
         now = self._now()
-        wall = time.time()
         result = []
         for peer in self._peers.values():
             cfg = peer.cfg
@@ -216,7 +216,7 @@ class BgpSpeaker:
                 peer_asn=(s.peer_asn if s is not None and s.peer_asn else cfg.peer_asn),
                 state=s.state.value if s is not None else "idle",
                 uptime_seconds=uptime,
-                established_at=(wall - uptime) if uptime is not None else None,
+                established_at=peer.established_wall if uptime is not None else None,
                 hold_time=s.hold_time if est else None,
                 keepalive=s.keepalive_time if est else None,
                 local_capabilities=s.local_capabilities() if s is not None else (),
@@ -259,9 +259,11 @@ class BgpSpeaker:
     def _new_driver(self, peer: _Peer) -> SessionDriver:
         session = Session(self._session_config(peer.cfg), peer.rib_out, rng=self._rng,
                           restarting=not peer.ever_established)
-        return SessionDriver(session, self._loop, lambda d, evs, p=peer: self._on_events(p, d, evs))
+        return SessionDriver(session, self._loop, lambda d, evs, p=peer: self._on_events(p, d, evs),
+                             link_local_next_hop=peer.cfg.link_local_next_hop)
 
     def _start_peer(self, peer: _Peer) -> None:
+        peer.removed = False
         peer.driver = self._new_driver(peer)
         peer.driver.call(peer.driver.session.start, self._now())
 
@@ -432,6 +434,7 @@ class BgpSpeaker:
             elif isinstance(ev, SessionEstablished):
                 peer.ever_established = True
                 peer.last_error = None
+                peer.established_wall = time.time()
                 s = driver.session
                 log.info("session established", peer=addr, peer_asn=s.peer_asn, hold_time=ev.hold_time,
                          keepalive=ev.keepalive, families=[f.short for f in ev.families],
@@ -441,6 +444,9 @@ class BgpSpeaker:
                 log.warning("connect failed", peer=addr, port=peer.cfg.port, reason=ev.reason,
                             hint=_connect_hint(ev, peer.cfg), retry_in=round(ev.retry_in, 1))
             elif isinstance(ev, SessionDown):
+                if driver is not peer.driver:  # a connection that lost a collision: not news
+                    log.info("extra connection closed", peer=addr, reason=ev.reason)
+                    continue
                 peer.last_error = driver.session.last_error or ev.reason
                 log.warning("session down", peer=addr, reason=ev.reason, was_established=ev.was_established,
                             hint=_down_hint(ev, peer.cfg, self.config.asn),
@@ -464,7 +470,8 @@ class BgpSpeaker:
         old = peer.driver
         peer.candidates.remove(winner)
         peer.driver = winner
-        for d in [old, *peer.candidates]:
+        others, peer.candidates = [old, *peer.candidates], []
+        for d in others:
             if d is None:
                 continue
             if d.session.state in (State.OPEN_SENT, State.OPEN_CONFIRM):
@@ -472,7 +479,6 @@ class BgpSpeaker:
             elif d.session.state is not State.IDLE or not d.session.admin_down:
                 d.call(d.session.stop, self._now(), notify=False)
             self._loop.call_soon(d.shutdown)
-        peer.candidates.clear()
 
     def _resolve_collision(self, peer: _Peer, driver: SessionDriver, ev: OpenReceived) -> None:
         """RFC 4271 §6.8 (+ RFC 6286 §2.3 for equal identifiers): when a connection has both
@@ -497,15 +503,15 @@ class BgpSpeaker:
                 continue  # no OPEN there yet: decided when it arrives
             self.log.info("connection collision resolved", peer=peer.cfg.address,
                           kept="outgoing" if winner.session.outgoing else "incoming")
-            if loser.session.state is State.ESTABLISHED:
-                loser.call(loser.session.stop, self._now(), notify=True, subcode=E.CONNECTION_COLLISION_RESOLUTION)
-            else:
-                loser.call(loser.session.collision_dump, self._now())
             if loser is peer.driver:
                 peer.candidates.remove(winner)
                 peer.driver = winner
             elif loser in peer.candidates:
                 peer.candidates.remove(loser)
+            if loser.session.state is State.ESTABLISHED:
+                loser.call(loser.session.stop, self._now(), notify=True, subcode=E.CONNECTION_COLLISION_RESOLUTION)
+            else:
+                loser.call(loser.session.collision_dump, self._now())
             self._loop.call_soon(loser.shutdown)
             if loser is driver:
                 return

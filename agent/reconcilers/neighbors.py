@@ -18,6 +18,7 @@ change to advertisements alone never touches this reconciler's effects.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,14 +46,17 @@ class RunningInstance:
 class NeighborReconciler:
     name = NAME
 
-    def __init__(self, speaker_factory: Callable[[Any], Any], *, log=None):
+    def __init__(self, speaker_factory: Callable[[Any], Any], *, log=None, settle_seconds: float = 1.0):
         """``speaker_factory(instance)`` returns an un-started speaker for a BgpInstance."""
         self.speaker_factory = speaker_factory
+        self.settle_seconds = settle_seconds
         self.running: dict[str, RunningInstance] = {}
         self.log = log
 
     async def reconcile(self, node_config, errors: ErrorBook, now: float) -> None:
         desired = {inst.name: inst for inst in node_config.instances}
+        self._adopt_renamed(desired)
+        stopped_any = False
         for name in [n for n in self.running if n not in desired]:
             run = self.running[name]
             try:
@@ -61,8 +65,11 @@ class NeighborReconciler:
             except Exception as exc:  # noqa: BLE001 - the speaker is dropped either way
                 self._log("warning", "speaker stop failed", instance=name, error=str(exc))
             del self.running[name]
+            stopped_any = stopped_any or bool(run.neighbors)
             self._log("info", "instance removed", instance=name)
         errors.clear_missing(NAME, set(desired))
+        if stopped_any and any(n not in self.running for n in desired):
+            await self._settle()
         for inst in desired.values():
             try:
                 await self._reconcile_instance(inst)
@@ -82,6 +89,7 @@ class NeighborReconciler:
             del self.running[inst.name]
             await run.speaker.stop(notify=True, message="BGP instance configuration changed")
             run = None
+            await self._settle()
         if run is None:
             speaker = self.speaker_factory(inst)
             await speaker.start()
@@ -111,6 +119,29 @@ class NeighborReconciler:
                 await run.speaker.update_neighbor(cfg)
                 self._log("info", "neighbor updated", instance=inst.name, peer=address)
             run.neighbors[address] = cfg
+
+    def _adopt_renamed(self, desired: dict) -> None:
+        """A running instance whose name disappeared and a new instance with the same identity
+        (ASN, router ID, port): the same BGP server under a new name, so keep the speaker and
+        its sessions. Migrating a CiliumBGPPeeringPolicy to v2 resources then resets nothing."""
+        orphans = {n: r for n, r in self.running.items() if n not in desired}
+        for name, inst in desired.items():
+            if name in self.running:
+                continue
+            match = next((n for n, r in orphans.items() if r.identity == instance_identity(inst)), None)
+            if match is None:
+                continue
+            run = orphans.pop(match)
+            del self.running[match]
+            run.name = name
+            self.running[name] = run
+            self._log("info", "instance renamed; sessions kept", old=match, instance=name)
+
+    async def _settle(self) -> None:
+        # The peer needs a moment to clear a session we just ended with a Cease; connecting again
+        # at once races with that and the retry would only come after connectRetryTime.
+        if self.settle_seconds:
+            await asyncio.sleep(self.settle_seconds)
 
     async def stop_all(self, *, graceful: bool) -> None:
         """Agent shutdown. ``graceful``: close TCP without NOTIFICATION (graceful restart: peers

@@ -20,7 +20,7 @@
 #define CT_SIZE (1 << 18)         /* conntrack LRU entries (two per NATed flow) */
 #endif
 #ifndef CT_MAP_FLAGS
-#define CT_MAP_FLAGS 0
+#define CT_MAP_FLAGS 0   /* common LRU (BPF_F_NO_COMMON_LRU measured no faster here) */
 #endif
 #ifndef AFFINITY_SIZE
 #define AFFINITY_SIZE 65536

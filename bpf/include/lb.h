@@ -183,7 +183,6 @@ static __always_inline void fill_reply_val(struct ct_val *rv, const struct pkt *
 	rv->backend_id = bid;
 	rv->svc_id = svc_id;
 	rv->flags = flags;
-	rv->created_ns = bpf_ktime_get_ns();
 }
 
 static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_id, __u16 flags,
@@ -194,7 +193,6 @@ static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_
 	v->svc_id = svc_id;
 	v->flags = flags;
 	v->nat_port = nat_port;
-	v->created_ns = bpf_ktime_get_ns();
 }
 
 static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct svc_val *svc)
@@ -261,7 +259,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			addr_copy(ak.addr, p->saddr);
 			ak.svc_id = svc_id;
 			struct affinity_val *av = affinity_v1.lookup(&ak);
-			if (av && bpf_ktime_get_ns() - av->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
+			if (av && bpf_ktime_get_coarse_ns() - av->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
 				__u32 abid = av->backend_id;
 				struct backend *ab = backends_v1.lookup(&abid);
 				if (ab && (ab->flags & BE_F_ACTIVE) && !(ab->flags & BE_F_TERMINATING)) {
@@ -273,13 +271,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (!bid) {
 			/* with affinity the source port is not hashed: one client, one backend */
 			__u32 slot = svc->table_off + flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport) % m;
-#ifdef BENCH_NO_MAGLEV
-			bid = 1;
-#else
 			__u32 *sb = maglev_v1.lookup(&slot);
 			if (sb)
 				bid = *sb;
-#endif
 		}
 		if (!bid)
 			return drop(DROP_NO_BACKEND);
@@ -292,7 +286,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			addr_copy(ak.addr, p->saddr);
 			ak.svc_id = svc_id;
 			av.backend_id = bid;
-			av.last_used_ns = bpf_ktime_get_ns();
+			av.last_used_ns = bpf_ktime_get_coarse_ns();
 			affinity_v1.update(&ak, &av);
 		}
 		new_flow = 1;
@@ -312,18 +306,14 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		rk.proto = p->proto;
 		rk.family = p->family;
 		rk.dir = CT_DIR_REPLY;
-#ifndef BENCH_NO_REPLY
 		if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
 			fill_reply_val(vp, p, bid, svc_id, CT_F_LOCAL);
 			ct_v1.update(&rk, vp);
 		}
-#endif
-#ifndef BENCH_NO_FWD
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
 			fill_fwd_val(vp, bid, svc_id, CT_F_LOCAL, 0);
 			ct_v1.update(&ck, vp);
 		}
-#endif
 		if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
 			return drop(DROP_REWRITE);
 		return verdict(HOOK_XDP, XDP_PASS);

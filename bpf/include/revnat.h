@@ -74,7 +74,6 @@ static __always_inline int dsr_record(CTX *ctx, const struct pkt *p)
 	k.family = p->family;
 	k.dir = CT_DIR_REPLY;
 	v.flags = CT_F_DSR;
-	v.created_ns = bpf_ktime_get_ns();
 	ct_v1.update(&k, &v);
 	return 1;
 }

@@ -34,15 +34,20 @@ def new_datapath(name: str, features: Features = TEST_FEATURES) -> Datapath:
     return dp
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_pin_root():
+    yield
+    try:
+        os.rmdir(PIN_ROOT)     # only when empty: every test removes its own instance dir
+    except OSError:
+        pass
+
+
 @pytest.fixture(scope="module")
 def module_dp():
     dp = new_datapath("t")
     yield dp
     dp.destroy()
-    try:
-        os.rmdir(PIN_ROOT)
-    except OSError:
-        pass
 
 
 @pytest.fixture

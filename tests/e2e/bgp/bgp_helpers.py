@@ -184,6 +184,10 @@ class BgpCase:
         asn = asn or PEER_ASNS[kind]
         router_id = router_id or {"frr": "10.0.0.2", "gobgp": "10.0.0.3"}[kind]
         if kind == "frr":
+            # FrrDaemon reuses host.workdir/frr-ASN: sockets left by a previous daemon there would
+            # make the harness (and bgpd, for zserv.api) believe the new one is already up.
+            for stale in ("zserv.api", "bgpd.vty", "zebra.vty"):
+                (host.workdir / f"frr-{asn}" / stale).unlink(missing_ok=True)
             daemon = self.topo.lab.frr(host, FrrPeer(asn=asn, router_id=router_id, neighbors=neighbors,
                                                      announce=list(announce), **peer_kw))
         elif kind == "gobgp":
@@ -230,7 +234,9 @@ def wait_established(speaker: SpeakerProcess, daemon, speaker_side: str, peer_si
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\nour peer state: {speaker.peers().get(peer_side)}\n"
                              f"speaker log tail:\n{speaker.log()[-2500:]}\n"
-                             f"peer log tail:\n{daemon.log()[-2500:]}") from exc
+                             f"peer log tail:\n{daemon.log()[-2500:]}\n"
+                             f"listening in the peer's namespace:\n{daemon.host.run('ss', '-tlnpH', check=False)}"
+                             ) from exc
 
 
 def learned(daemon, afi: str = "ipv4") -> dict[str, object]:
@@ -256,7 +262,7 @@ class Capture:
     def start(cls, host: Host, name: str = "bgp") -> "Capture":
         path = host.workdir / f"{name}-{time.monotonic_ns()}.pcap"
         log = host.workdir / f"{name}-tcpdump.log"
-        proc = host.spawn(["tcpdump", "-i", "any", "-U", "-n", "-w", str(path), "tcp"],
+        proc = host.spawn(["tcpdump", "-i", "any", "--immediate-mode", "-U", "-n", "-w", str(path), "tcp"],
                           log_path=log)
         wait_until(lambda: "listening on" in log.read_text(errors="replace") or proc.poll() is not None,
                    timeout=10, interval=0.05, what="tcpdump ready")

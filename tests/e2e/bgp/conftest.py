@@ -25,9 +25,13 @@ def topo():
     with Lab("bgpe2e") as lab:
         # zebra drops to user frr and must reach its socket dir below the lab's 0700 mkdtemp dir.
         os.chmod(lab.workdir, 0o711)
-        spk = lab.host("spk")
-        frr, gobgp = lab.host("frr"), lab.host("gobgp")
-        mid, far = lab.host("mid", forwarding=True), lab.host("far")
+        # FRR with `capability extended-nexthop` makes zebra send router advertisements; a host
+        # that accepts them gains a SLAAC address, which the kernel may then pick as the source
+        # of our IPv6 session (the router knows only fd00::1). Nodes here have static addresses.
+        no_ra = {"net.ipv6.conf.all.accept_ra": "0", "net.ipv6.conf.default.accept_ra": "0"}
+        spk = lab.host("spk", sysctls=no_ra)
+        frr, gobgp = lab.host("frr", sysctls=no_ra), lab.host("gobgp", sysctls=no_ra)
+        mid, far = lab.host("mid", forwarding=True, sysctls=no_ra), lab.host("far", sysctls=no_ra)
         lab.segment("lan", [(spk, [f"{SPEAKER_V4}/24", f"{SPEAKER_V6}/64"]),
                             (frr, ["10.0.0.2/24", "fd00::2/64"]),
                             (gobgp, ["10.0.0.3/24", "fd00::3/64"]),

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import re
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -74,6 +75,7 @@ def test_1_seed_peering_policy_announces_all_pod_cidrs(env):
     wait_until(env.sessions_established, timeout=60, what="every node established with its leaf")
     wait_until(env.learned_pod_cidrs, timeout=60, what="all routers learning the four PodCIDRs")
     assert_pod_cidrs_everywhere(env)
+    wait_until(env.reflected_routes_received, timeout=30, what="reflected routes received by every node")
     for n in NODES:
         text = env.vipctl(n.name, "bgp", "peers")
         lines = text.splitlines()
@@ -84,13 +86,33 @@ def test_1_seed_peering_policy_announces_all_pod_cidrs(env):
         asn = str(RACK_ASN[n.rack])
         assert row[:4] == [asn, asn, f"{n.leaf_address}:179", "established"]
         assert re.fullmatch(r"(\d+h)?(\d+m)?\d+s", row[4]) and row[5] == "ipv4/unicast"
-        assert int(row[6]) >= 1 and row[7] == "1"      # received reflected routes; advertised: own PodCIDR
+        # as in the seed: 6 received (2 leaf subnets, 192.168.0.0/24, 3 other PodCIDRs), 1 advertised
+        assert row[6:] == ["6", "1"]
         assert lines[2].split() == ["ipv6/unicast", "0", "0"]
         # -o json is the API model
         (peer,) = env.peers_json(n.name)["peers"]
         assert (peer["localASN"], peer["peerASN"], peer["peerAddress"], peer["peerPort"],
                 peer["sessionState"]) == (int(asn), int(asn), n.leaf_address, 179, "established")
         assert peer["timers"]["appliedHoldTimeSeconds"] == 90 and peer["uptimeSeconds"] >= 0
+
+
+def test_2a_vipctl_migrate_output_replaces_the_policy_live(env):
+    """`vipctl migrate` on the seed's policy; its v2 output in place of the legacy file."""
+    legacy = env.lab.workdir / "seed-policy.yaml"
+    legacy.write_text(demo.LEGACY_POLICY_YAML)
+    migrated = subprocess.run([sys.executable, "-m", "agent.api.cli", "migrate", str(legacy)],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+    kinds = [d["kind"] for d in yaml.safe_load_all(migrated) if d]
+    assert "CiliumBGPPeeringPolicy" not in kinds and kinds.count("CiliumBGPClusterConfig") == 2
+    env.write_all("bgp.yaml", migrated)
+
+    def migrated_everywhere():
+        return all(p["name"] != p["peerAddress"] and p["sessionState"] == "established"
+                   for n in NODES for p in env.peers_json(n.name)["peers"])
+    wait_until(migrated_everywhere, timeout=60, what="migrated v2 config established on every node")
+    wait_until(env.learned_pod_cidrs, timeout=60, what="PodCIDRs learned from the migrated config")
+    wait_until(env.reflected_routes_received, timeout=30, what="reflected routes received again")
+    assert_pod_cidrs_everywhere(env)
 
 
 def test_2_equivalent_v2_resources_applied_live(env):
@@ -145,7 +167,17 @@ def announcers(env, prefix: str) -> dict[str, set[str]]:
     return out
 
 
+def connections_established(env) -> dict[str, int]:
+    """FRR's per-neighbor count of sessions established so far (a reset increments it)."""
+    out = {}
+    for leaf in LEAF_OF_RACK.values():
+        for addr, sess in env.routers[leaf].sessions().items():
+            out[addr] = sess.raw.get("connectionsEstablished")
+    return out
+
+
 def test_3_lb_service_etp_local_follows_the_ready_endpoint(env):
+    before = connections_established(env)
     env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker"))
     vip = vip_of(env)
     prefix = f"{vip}/32"
@@ -168,10 +200,9 @@ def test_3_lb_service_etp_local_follows_the_ready_endpoint(env):
                                                 ready=False))
     wait_until(lambda: announcers(env, prefix) == {"leaf01": set(), "leaf02": set()},
                timeout=30, what="VIP withdrawn when the only endpoint is not ready")
-    # the PodCIDR sessions were never reset by advertisement-only changes
-    for n in NODES:
-        (peer,) = env.peers_json(n.name)["peers"]
-        assert peer["sessionState"] == "established"
+    # advertisement-only changes never reset a session
+    assert connections_established(env) == before
+    assert all(before[n.address] for n in NODES)
 
 
 def test_4_lb_service_etp_cluster_announced_by_every_node(env):
@@ -194,3 +225,44 @@ def test_5_client_reaches_a_pod_in_each_rack(env):
         proc = subprocess.run(env.client.exec_argv(["ping", "-c", "1", "-W", "2", n.pod_address]),
                               capture_output=True, text=True)
         assert proc.returncode == 0, f"client -> pod {n.pod_address} on {n.name}: {proc.stdout}{proc.stderr}"
+
+
+def stale_state(env, leaf: str, prefix: str, next_hop: str):
+    paths = [p for p in env.routes_by_prefix(leaf).get(prefix, []) if p.next_hop == next_hop]
+    return None if not paths else paths[0].stale
+
+
+def ping(env, address: str) -> bool:
+    return subprocess.run(env.client.exec_argv(["ping", "-c", "1", "-W", "2", address]),
+                          capture_output=True).returncode == 0
+
+
+def test_6_sigterm_is_a_graceful_restart_and_notify_mode_withdraws(env):
+    """The v2 PeerConfig enables graceful restart: SIGTERM closes the session without a
+    NOTIFICATION, the leaf keeps the node's routes (stale) and traffic to its pods keeps flowing;
+    the restarted agent refreshes them. `--shutdown-mode notify` makes the leaf withdraw at once."""
+    worker = next(n for n in NODES if n.name == "cilium-bgp-worker")
+    assert stale_state(env, "leaf01", worker.pod_cidr, worker.address) is False
+    assert env.stop_node(worker.name) == 0
+    wait_until(lambda: env.routers["leaf01"].sessions()[worker.address].state != "established",
+               timeout=10, what="leaf01 noticing the closed session")
+    wait_until(lambda: stale_state(env, "leaf01", worker.pod_cidr, worker.address) is True,
+               timeout=10, what="route kept as stale by the graceful-restart helper")
+    assert ping(env, worker.pod_address), "the datapath keeps forwarding while the agent is down"
+    assert worker.pod_cidr in env.routes_by_prefix("spine01"), "the spines never lost the route"
+    env.start_nodes([worker.name])
+    wait_until(lambda: stale_state(env, "leaf01", worker.pod_cidr, worker.address) is False
+               and env.routers["leaf01"].sessions()[worker.address].state == "established",
+               timeout=30, what="route refreshed after the restart (End-of-RIB)")
+    # the same stop with --shutdown-mode notify: Cease, the leaf withdraws immediately
+    other = next(n for n in NODES if n.name == "cilium-bgp-worker2")
+    assert env.stop_node(other.name) == 0
+    env.start_nodes([other.name], "--shutdown-mode", "notify")
+    wait_until(lambda: env.routers["leaf02"].sessions()[other.address].state == "established",
+               timeout=30, what="worker2 back")
+    assert env.stop_node(other.name) == 0
+    wait_until(lambda: stale_state(env, "leaf02", other.pod_cidr, other.address) is None,
+               timeout=10, what="leaf02 withdrawing worker2's PodCIDR after the Cease")
+    env.start_nodes([other.name])
+    wait_until(lambda: stale_state(env, "leaf02", other.pod_cidr, other.address) is False,
+               timeout=30, what="worker2's PodCIDR back")

@@ -14,6 +14,7 @@ RouteManager, the component the daemon uses for them.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,21 @@ class DatapathLab:
         return PODS[pod][0]
 
 
+XDP_PASS_LOADER = """
+import sys
+sys.path.append("/usr/lib/python3/dist-packages")
+from bcc import BPF
+b = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+fn = b.load_func("xdp_pass", BPF.XDP)
+for ifname in sys.argv[1:]:
+    b.attach_xdp(ifname, fn, 0)   # netlink attachment: stays after this process exits
+"""
+
+
+def attach_xdp_pass(host: Host, ifnames: list[str]) -> None:
+    host.run(sys.executable, "-c", XDP_PASS_LOADER, *ifnames, timeout=60)
+
+
 def _sync(host: Host, routes: list[Route]) -> None:
     asyncio.run(RouteManager(netns=host.ns).sync(routes)).raise_for_failures()
 
@@ -62,9 +78,9 @@ def build(lab: Lab) -> DatapathLab:
     lab.link(router, client, ["10.10.0.1/24"], [f"{CLIENT}/24"])
     lan = lab.segment("lan", [(router, ["10.20.0.1/24"]),
                               *[(nodes[n], [f"{a}/24"]) for n, a in NODE_ADDR.items()]])
-    # XDP_TX / redirect out of a veth needs NAPI on its peer: enable GRO on the bridge ports.
-    for name in NODE_ADDR:
-        lan.run("ethtool", "-K", f"p-{name}", "gro", "on")
+    # XDP_TX / redirect into a veth is dropped unless its peer runs NAPI, which a veth does
+    # only with an XDP program attached: give the bridge ports facing the nodes an XDP_PASS.
+    attach_xdp_pass(lan, [f"p-{name}" for name in NODE_ADDR])
     client.route("0.0.0.0/0", via="10.10.0.1")
     pods = {}
     for pod, (node, node_side, pod_addr) in PODS.items():
@@ -77,6 +93,17 @@ def build(lab: Lab) -> DatapathLab:
         other = "node-b" if name == "node-a" else "node-a"
         _sync(node, [Route("0.0.0.0/0", [NextHop("10.20.0.1")]),
                      Route(POD_CIDR[other], [NextHop(NODE_ADDR[other])])])
+    # veth hands locally generated packets on with CHECKSUM_PARTIAL (only the pseudo-header sum
+    # in the L4 checksum field). XDP sees raw bytes and XDP_TX/redirect drops that metadata, so
+    # every sender here computes full checksums, as packets from a physical wire always have.
+    for host in lab.hosts.values():
+        for link in json.loads(host.run("ip", "-j", "link", "show", "type", "veth")):
+            host.run("ethtool", "-K", link["ifname"], "tx", "off")
+    # XDP forwards with bpf_fib_lookup, which needs the next hop's neighbour entry; resolve the
+    # LAN neighbours first (Cilium's agent pre-resolves them the same way for XDP).
+    for name, node in nodes.items():
+        for peer in ["10.20.0.1", *[a for n, a in NODE_ADDR.items() if n != name]]:
+            node.run("ping", "-c", "1", "-W", "1", peer)
     for pod, host in pods.items():
         proc = host.spawn([sys.executable, str(HERE / "pod_server.py"), pod, str(POD_PORT)])
         host.proc = proc  # type: ignore[attr-defined]

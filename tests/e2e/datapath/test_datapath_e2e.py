@@ -82,6 +82,7 @@ class Node:
         dp = Datapath(instance=self.instance, pin_root=self.pin_root)
         dp.load()
         dp.destroy()
+        Path(self.pin_root).rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def _capture(env, vips, action) -> list:
     from scapy.all import Ether, IP, rdpcap
     pcap = env.lab.workdir / f"router-{time.monotonic_ns()}.pcap"
     flt = " or ".join(f"host {v}" for v in vips)
-    proc = env.router.spawn(["tcpdump", "-i", "eth-lan", "-n", "-U", "-w", str(pcap), flt])
+    proc = env.router.spawn(["tcpdump", "-Z", "root", "--immediate-mode", "-i", "eth-lan", "-n", "-U", "-w", str(pcap), flt])
     wait_until(lambda: "listening on" in Path(proc.log_path).read_text(), timeout=10, what="tcpdump")
     action()
     time.sleep(0.3)
@@ -196,7 +197,7 @@ def test_1000_connections_spread_as_the_maglev_model_predicts(env):
 
 def test_removing_a_backend_breaks_only_its_connections(env):
     node_a = env.agents["node-a"]
-    holder = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "hold", MIX, 80,
+    holder = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "hold", MIX, "80",
                                                     "40000", "80"]), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -236,14 +237,18 @@ def test_agent_restart_during_a_stream_loses_no_connection(env):
     node_a = env.agents["node-a"]
     holding = node_a.spawn_holding()
     first = json.loads(holding.stdout.readline())
-    stream = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream", MIX, 80,
+    stream = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream", MIX, "80",
                                                     "8"]), stdout=subprocess.PIPE, text=True)
     try:
+        events = [("stream", time.time())]
         time.sleep(1.0)
         holding.kill()                      # a crash: no cleanup at all
         holding.wait(timeout=5)
+        events.append(("killed", time.time()))
         second = node_a.apply()             # a new process adopts the pinned maps
+        events.append(("second applied", time.time()))
         third = node_a.apply()
+        events.append(("third applied", time.time()))
         out, _ = stream.communicate(timeout=60)
     finally:
         if holding.poll() is None:
@@ -251,7 +256,8 @@ def test_agent_restart_during_a_stream_loses_no_connection(env):
         if stream.poll() is None:
             stream.kill()
     result = json.loads(out)
-    assert result["failures"] == [], result["failures"][:5]
+    timeline = [(what, round(t - result["start"], 2)) for what, t in events]
+    assert result["failures"] == [], (result["failures"][:5], timeline)
     assert result["ok"] > 200
     n = len(services_for("node-a"))
     assert first["services"] == second["adopted_services"] == third["adopted_services"] == n

@@ -28,8 +28,8 @@ def tcp_once(vip: str, port: int, sport: int | None) -> dict:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.settimeout(TIMEOUT)
     try:
-        if sport:
-            s.bind(("0.0.0.0", sport))
+        s.bind(("0.0.0.0", sport or 0))
+        sport = s.getsockname()[1]
         s.connect((vip, port))
         peer = s.getpeername()[0]
         name = s.makefile("rb").readline().strip().decode()
@@ -70,15 +70,17 @@ def burst(vip, port, proto, first, count):
 
 
 def stream(vip, port, seconds):
-    end = time.monotonic() + float(seconds)
+    start = time.monotonic()
+    end = start + float(seconds)
     ok, failures = 0, []
     while time.monotonic() < end:
+        t = time.monotonic()
         r = tcp_once(vip, int(port), None)
         if "served_by" in r:
             ok += 1
         else:
-            failures.append(r["error"])
-    return {"ok": ok, "failures": failures}
+            failures.append(f"t={t - start:.2f}s sport={r['sport']}: {r['error']}")
+    return {"ok": ok, "failures": failures, "start": time.time() - (time.monotonic() - start)}
 
 
 def hold(vip, port, first, count):

@@ -165,3 +165,28 @@ def test_unreachable_daemon_is_explained(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bgp", "peers", env={"VIPD_SOCKET": str(tmp_path / "nope.sock")})
     assert code == 1
     assert f"cannot reach vipd at {tmp_path / 'nope.sock'}" in err and "VIPD_SOCKET" in err
+
+
+def test_migrate_prints_loadable_v2_resources(tmp_path, capsys):
+    from agent import demo
+    from agent.config import load_documents
+
+    src = tmp_path / "policy.yaml"
+    src.write_text(demo.LEGACY_POLICY_YAML)
+    code, out, _ = run_cli(capsys, "migrate", str(src))
+    assert code == 0
+    result = load_documents(out, "migrated.yaml")
+    assert result.errors == []
+    assert sorted(o.kind for o in result.objects.all()) == sorted(
+        ["CiliumBGPClusterConfig"] * 2 + ["CiliumBGPPeerConfig"] * 2 + ["CiliumBGPAdvertisement"] * 2)
+
+
+def test_config_validate_exit_status_and_json(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("apiVersion: cilium.io/v2\nkind: CiliumBGPPeerConfig\n"
+                                       "metadata: {name: p}\nspec:\n  timers: {holdTimeSeconds: 1}\n")
+    code, out, _ = run_cli(capsys, "config", "validate", str(tmp_path), "-o", "json")
+    report = json.loads(out)
+    assert code == 2 and not report["ok"] and "holdTimeSeconds" in report["errors"][0]
+    (tmp_path / "bad.yaml").unlink()
+    code, out, _ = run_cli(capsys, "config", "validate", str(tmp_path))
+    assert code == 0 and out.strip().endswith("OK")

@@ -145,3 +145,19 @@ def test_metrics_use_cilium_names_and_labels(tmp_path):
     assert ('vipd_bgp_control_plane_advertised_routes{afi="ipv4",neighbor="10.0.5.1:179",safi="unicast",'
             'vrouter="65005"} 2.0') in text
     assert "vipd_config_generation 1.0" in text
+
+
+def test_metrics_endpoint_serves_over_http(tmp_path):
+    import urllib.request
+
+    from agent.api.metrics import serve_metrics
+
+    store = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML)
+    w = World("cilium-bgp-worker", store, tmp_path)
+    w.reconcile()
+    server = serve_metrics("127.0.0.1:0", w.controller)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    assert 'vipd_bgp_control_plane_session_state{neighbor="10.0.5.1:179"' in body

@@ -37,7 +37,7 @@ class Harness:
         self.fail_on = fail_on if fail_on is not None else {}
         self.speakers: list[FakeSpeaker] = []
         self.errors = ErrorBook()
-        self.neighbors = NeighborReconciler(self._factory)
+        self.neighbors = NeighborReconciler(self._factory, settle_seconds=0)
         self.adverts = AdvertisementReconciler(self.neighbors, None, (V4, V6), clock=lambda: 1000.0)
         self.paths: dict = {}   # (instance, peer address) -> desired paths
         self.now = 0.0
@@ -186,3 +186,16 @@ def test_loc_rib_view_keeps_first_seen_time():
 
 def test_backoff_doubles_up_to_thirty_seconds():
     assert [backoff_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_renamed_instance_with_same_identity_keeps_its_speaker_and_sessions():
+    # e.g. a CiliumBGPPeeringPolicy replaced by the equivalent ClusterConfig with another name
+    h = Harness()
+    h.paths[("65005", "10.0.5.1")] = {V4: {N("10.1.0.0/24"): A}, V6: {}}
+    h.twice(node(instance("65005")))
+    h.paths[("instance-65005", "10.0.5.1")] = {V4: {N("10.1.0.0/24"): A}, V6: {}}
+    assert h.twice(node(instance("instance-65005"))) == []
+    assert list(h.neighbors.running) == ["instance-65005"] and len(h.speakers) == 1
+    # a different identity under the new name is a new speaker
+    calls = h.twice(node(instance("other", router_id="9.9.9.9")))
+    assert [c[1] for c in calls] == ["stop", "start", "add_neighbor"]

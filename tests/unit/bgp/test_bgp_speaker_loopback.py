@@ -1,0 +1,233 @@
+"""BgpSpeaker over real TCP on loopback (no root: 127.0.0.x addresses and ephemeral ports).
+
+Two speakers peer with each other (both active, so connection collision resolution runs), and
+the runner ``python -m agent.bgp`` is driven with signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from ipaddress import ip_network
+from pathlib import Path
+
+from agent.bgp.api import BgpSpeaker, Family, NeighborConfig, PathAttributes, SpeakerConfig
+
+V4 = Family.IPV4_UNICAST
+REPO = Path(__file__).resolve().parents[3]
+
+
+class Recorder:
+    """A logger that keeps what it was told (the speaker takes any structlog-like object)."""
+
+    def __init__(self):
+        self.records = []
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.records.append((level, event, kw))
+
+    def events(self, name):
+        return [kw for _, e, kw in self.records if e == name]
+
+
+async def wait_for(pred, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def speaker(asn, rid, addr, log=None):
+    s = BgpSpeaker(SpeakerConfig(asn, rid, listen_port=0, listen_addresses=(addr,)), logger=log)
+    await s.start()
+    return s
+
+
+def state(s, addr):
+    return next(p for p in s.peers() if p.address == addr)
+
+
+async def pair(**kw):
+    la, lb = Recorder(), Recorder()
+    a = await speaker(65001, "1.1.1.1", "127.0.0.1", la)
+    b = await speaker(65002, "2.2.2.2", "127.0.0.2", lb)
+    await a.add_neighbor(NeighborConfig("127.0.0.2", 65002, port=b.listening_port(), local_address="127.0.0.1",
+                                        connect_retry=1, families=(V4,), **kw))
+    await b.add_neighbor(NeighborConfig("127.0.0.1", 65001, port=a.listening_port(), local_address="127.0.0.2",
+                                        connect_retry=1, families=(V4,), **kw))
+    await wait_for(lambda: state(a, "127.0.0.2").state == state(b, "127.0.0.1").state == "established",
+                   what="both sessions established")
+    return a, b, la, lb
+
+
+def test_two_speakers_exchange_a_prefix_and_cease_on_removal():
+    async def main():
+        a, b, la, lb = await pair()
+        net = ip_network("10.9.0.0/24")
+        attrs = PathAttributes(med=7, communities=(0xFDE80001,), large_communities=((65000, 1, 1),))
+        a.advertise("127.0.0.2", V4, net, attrs)
+        await wait_for(lambda: net in b.adj_rib_in("127.0.0.1", V4), what="prefix at b")
+        got = b.adj_rib_in("127.0.0.1", V4)[net]
+        assert (got.med, got.communities, got.large_communities, got.next_hop) == \
+               (7, (0xFDE80001,), ((65000, 1, 1),), "127.0.0.1")
+        pa = state(a, "127.0.0.2")
+        assert pa.families[V4].advertised == 1 and pa.hold_time == 90 and pa.keepalive == 30
+        assert "4-octet-as(65002)" in pa.remote_capabilities and pa.uptime_seconds is not None
+        assert state(b, "127.0.0.1").families[V4].accepted == 1
+        # Changing paths never resets the session.
+        up_since = pa.established_at
+        for i in range(50):
+            a.advertise("127.0.0.2", V4, ip_network(f"10.50.{i}.0/24"), attrs)
+            a.withdraw("127.0.0.2", V4, ip_network(f"10.50.{i}.0/24"))
+        a.withdraw("127.0.0.2", V4, net)
+        await wait_for(lambda: not b.adj_rib_in("127.0.0.1", V4), what="withdrawal at b")
+        assert state(a, "127.0.0.2").established_at == up_since
+        await a.remove_neighbor("127.0.0.2")
+        await wait_for(lambda: "6/3 Peer De-configured" in (state(b, "127.0.0.1").last_error or ""),
+                       what="Cease 6/3 at b")
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_sends_administrative_shutdown_with_the_message():
+    async def main():
+        a, b, la, lb = await pair()
+        await a.stop(message="planned maintenance")
+        await wait_for(lambda: "6/2 Administrative Shutdown: planned maintenance" in
+                       (state(b, "127.0.0.1").last_error or ""), what="shutdown message at b")
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_update_neighbor_resets_only_for_open_fields():
+    async def main():
+        a, b, la, lb = await pair()
+        up = state(a, "127.0.0.2").established_at
+        cfg = NeighborConfig("127.0.0.2", 65002, port=b.listening_port(), local_address="127.0.0.1",
+                             connect_retry=5, families=(V4,), name="renamed")
+        await a.update_neighbor(cfg)
+        await asyncio.sleep(0.2)
+        assert state(a, "127.0.0.2").established_at == up
+        await a.update_neighbor(NeighborConfig(**{**cfg.__dict__, "hold_time": 30, "keepalive": 10}))
+        await wait_for(lambda: state(a, "127.0.0.2").state == "established" and
+                       state(a, "127.0.0.2").hold_time == 30, what="re-established with hold 30")
+        assert "6/6 Other Configuration Change" in (state(b, "127.0.0.1").last_error or "")
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_listener_refuses_unconfigured_peers():
+    async def main():
+        la, lc = Recorder(), Recorder()
+        a = await speaker(65001, "1.1.1.1", "127.0.0.1", la)
+        c = BgpSpeaker(SpeakerConfig(65003, "3.3.3.3"), logger=lc)
+        await c.start()
+        await c.add_neighbor(NeighborConfig("127.0.0.1", 65001, port=a.listening_port(), local_address="127.0.0.3",
+                                            connect_retry=30, families=(V4,)))
+        await wait_for(lambda: la.events("refused BGP connection from an unconfigured peer"), what="refusal")
+        await wait_for(lambda: "6/5 Connection Rejected" in (state(c, "127.0.0.1").last_error or ""),
+                       what="Cease 6/5 at the intruder")
+        await a.stop()
+        await c.stop()
+
+    asyncio.run(main())
+
+
+def test_connection_refused_is_explained():
+    async def main():
+        log = Recorder()
+        a = BgpSpeaker(SpeakerConfig(65001, "1.1.1.1"), logger=log)
+        await a.start()
+        await a.add_neighbor(NeighborConfig("127.0.0.9", 65002, port=1, connect_retry=30, families=(V4,)))
+        await wait_for(lambda: log.events("connect failed"), what="connect failure log")
+        ev = log.events("connect failed")[0]
+        assert ev["reason"] == "connection refused" and "nothing accepts connections on port 1" in ev["hint"]
+        assert state(a, "127.0.0.9").last_error == "connect failed: connection refused"
+        await a.stop()
+
+    asyncio.run(main())
+
+
+def test_runner_announces_reloads_and_shuts_down(tmp_path):
+    async def main():
+        log = Recorder()
+        me = await speaker(65002, "2.2.2.2", "127.0.0.2", log)
+        cfg = {"speaker": {"asn": 65001, "router_id": "1.1.1.1", "listen_port": None},
+               "neighbors": [{"address": "127.0.0.2", "peer_asn": 65002, "port": me.listening_port(),
+                              "local_address": "127.0.0.3", "families": ["ipv4"], "connect_retry": 1}],
+               "paths": [{"prefix": "10.9.0.0/24", "attrs": {"communities": ["65000:1", "no-export"]}}],
+               "generate": [{"neighbor": "127.0.0.2", "start": "11.0.0.0", "count": 1000, "attribute_sets": 4}],
+               "status_file": str(tmp_path / "status.json"), "log_level": "warning"}
+        path = tmp_path / "speaker.json"
+        path.write_text(json.dumps(cfg))
+        await me.add_neighbor(NeighborConfig("127.0.0.3", 65001, passive=True, families=(V4,)))
+        proc = subprocess.Popen([sys.executable, "-m", "agent.bgp", str(path)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_for(lambda: len(me.adj_rib_in("127.0.0.3", V4)) == 1001, timeout=20, what="1001 prefixes")
+            got = me.adj_rib_in("127.0.0.3", V4)
+            assert got[ip_network("10.9.0.0/24")].communities == (0xFDE80001, 0xFFFFFF01)
+            assert len({a.communities for a in got.values()}) == 5
+            up = state(me, "127.0.0.3").established_at
+            def status():
+                f = tmp_path / "status.json"
+                return json.loads(f.read_text())["peers"][0] if f.exists() else {}
+
+            await wait_for(lambda: status().get("state") == "established", what="status file")
+            assert status()["families"]["ipv4-unicast"]["advertised"] == 1001
+            cfg["paths"] = [{"prefix": "10.8.0.0/24"}]
+            cfg["generate"] = []
+            path.write_text(json.dumps(cfg))
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: list(me.adj_rib_in("127.0.0.3", V4)) == [ip_network("10.8.0.0/24")],
+                           what="reloaded paths")
+            assert state(me, "127.0.0.3").established_at == up  # no session reset
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            await wait_for(lambda: "6/2 Administrative Shutdown: vipd speaker shutting down" in
+                           (state(me, "127.0.0.3").last_error or ""), what="Cease at the peer")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await me.stop()
+
+    asyncio.run(main())
+
+
+def test_runner_sigusr1_closes_without_notification(tmp_path):
+    async def main():
+        me = await speaker(65002, "2.2.2.2", "127.0.0.2")
+        cfg = {"speaker": {"asn": 65001, "router_id": "1.1.1.1"},
+               "neighbors": [{"address": "127.0.0.2", "peer_asn": 65002, "port": me.listening_port(),
+                              "local_address": "127.0.0.4", "families": ["ipv4"], "graceful_restart": True}],
+               "paths": [{"prefix": "10.9.0.0/24"}], "log_level": "warning"}
+        (tmp_path / "s.json").write_text(json.dumps(cfg))
+        await me.add_neighbor(NeighborConfig("127.0.0.4", 65001, passive=True, families=(V4,), graceful_restart=True))
+        proc = subprocess.Popen([sys.executable, "-m", "agent.bgp", str(tmp_path / "s.json")], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_for(lambda: me.adj_rib_in("127.0.0.4", V4), timeout=20, what="prefix")
+            assert "graceful-restart(R,N," in " ".join(state(me, "127.0.0.4").remote_capabilities)
+            proc.send_signal(signal.SIGUSR1)
+            assert proc.wait(10) == 0
+            await wait_for(lambda: state(me, "127.0.0.4").state != "established", what="session down")
+            assert "NOTIFICATION" not in (state(me, "127.0.0.4").last_error or "")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await me.stop()
+
+    asyncio.run(main())
