@@ -7,7 +7,7 @@ deps:
 	./scripts/install-deps
 
 demo: deps
-	$(PY) -m agent.lab.demo
+	$(PY) -m agent.demo
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

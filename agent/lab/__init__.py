@@ -171,6 +171,7 @@ class Lab:
     def __init__(self, name: str = "lab", *, keep_workdir: bool = False):
         self.prefix = f"v{name[:6]}{os.getpid() % 100000}x{next(_counter)}-"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"vipd-lab-{name}-"))
+        os.chmod(self.workdir, 0o755)  # zebra drops to user frr and must reach its files here
         self.keep_workdir = keep_workdir
         self.hosts: dict[str, Host] = {}
         self._procs: list[subprocess.Popen] = []
