@@ -2,8 +2,9 @@
 
 Wiring only (the logic lives in the pure control plane and the reconcilers):
 
-    FileSource(DIR) --snapshots--> Store --> Controller (LB-IPAM, node config, neighbors,
-                                             advertisements, status) --> BGP speakers
+    FileSource(DIR) --snapshots--> Store --> Controller (LB-IPAM, node config, [services],
+                                             neighbors, advertisements, status)
+                                               --> BGP speakers, [eBPF datapath: --lb-interface]
     ApiServer(unix socket) <-- ControllerProvider (read-only views for vipctl)
 
 Signals:
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"LB-IPAM allocations and status.yaml (default {DEFAULT_STATE_DIR})")
     run.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
                      help="serve Prometheus metrics on this address (default: off)")
+    run.add_argument("--lb-interface", action="append", default=[], metavar="IFACE",
+                     help="program Services into the eBPF datapath and attach it (XDP + tc) to this "
+                          "uplink; repeatable (default: off, BGP only)")
+    run.add_argument("--lb-mode", choices=("snat", "dsr"), default="snat",
+                     help="forwarding to remote backends: snat (default) or dsr (Cilium's loadBalancer.mode)")
+    run.add_argument("--bpf-pin-root", default="/sys/fs/bpf/vipd", metavar="DIR",
+                     help="bpffs directory of the pinned maps (default /sys/fs/bpf/vipd)")
     run.add_argument("--shutdown-mode", choices=("graceful", "notify"), default="graceful",
                      help="SIGTERM behaviour: graceful (no NOTIFICATION, peers keep routes under "
                           "graceful restart) or notify (Cease, peers withdraw now)")
@@ -124,8 +132,21 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     store = Store()
     source = FileSource(args.config, store)
     source.load()
+    datapath = services = None
+    if args.lb_interface:
+        from agent.reconcilers.services import ServiceReconciler, open_datapath
+
+        dp_log = get_logger("lb", node=args.node_name)
+        try:
+            datapath = await asyncio.to_thread(open_datapath, store.objects().node(args.node_name),
+                                               args.node_name, args.lb_interface,
+                                               pin_root=args.bpf_pin_root, log=dp_log)
+        except Exception as exc:  # noqa: BLE001 - asked for a datapath that cannot load: say why, stop
+            log.error("datapath failed to load", error=str(exc), interfaces=args.lb_interface)
+            return 1
+        services = ServiceReconciler(datapath, args.node_name, mode=args.lb_mode, log=dp_log)
     controller = Controller(args.node_name, store, state_dir=state_dir, speaker_factory=speaker_factory,
-                            log=get_logger("bgp-control-plane", node=args.node_name))
+                            log=get_logger("bgp-control-plane", node=args.node_name), services=services)
     api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
 
     stop = asyncio.Event()
@@ -178,6 +199,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await api.stop()
+    if datapath is not None:
+        datapath.close()   # drop our handles only: programs stay attached, maps stay pinned
     if metrics_server is not None:
         metrics_server.shutdown()
     log.info("vipd stopped", graceful=graceful, signal=received[0] if received else None)

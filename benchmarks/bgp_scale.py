@@ -129,6 +129,8 @@ def run_once(sender: str, prefixes: int, sets: int, timeout: float, profile: str
         result = {
             "sender": sender, "prefixes": prefixes, "attribute_sets": len(prefix_sets),
             "convergence_seconds": round(full_at - established_at, 3),
+            # cross-check: from the first poll that saw Established (later than the log line)
+            "convergence_seconds_from_poll": round(full_at - first_seen_established, 3),
             "withdraw_seconds": round(withdraw_seconds, 3),
             "peak_rss_mb_after_table": round(rss_full_kib / 1024, 1),
             "peak_rss_mb": round(max(rss_full_kib, pid_vm_hwm_kib(pid)) / 1024, 1),

@@ -2,7 +2,8 @@
 
 Run as root:  .venv/bin/python benchmarks/datapath_conn.py [--services 1,1000,10000] [--seconds 3]
 
-Topology (namespaces created and removed by agent.lab; no traffic leaves them)::
+Topology (namespaces created and removed by agent.lab; no traffic leaves them), one
+independent chain per setup::
 
     client 10.111.0.2 ── lb 10.111.0.1 | 10.111.1.1 ── srv 10.111.1.2, backends 10.111.1.10-19:8080
 
@@ -15,12 +16,16 @@ Topology (namespaces created and removed by agent.lab; no traffic leaves them)::
     - **iptables**: kube-proxy's iptables-mode rules (KUBE-SERVICES -> KUBE-SVC-* with one
       ``statistic --mode random`` rule per endpoint -> KUBE-SEP-* DNAT, KUBE-MARK-MASQ +
       KUBE-POSTROUTING masquerade for clients outside the cluster), loaded with iptables-restore;
-    - **vipd**: the XDP datapath on lb's two interfaces, every service in SNAT mode (the same
-      client-visible behaviour as the masquerading iptables rules), Maglev M=16381 for the
-      measured service and M=251 for the others (the table size does not change the per-packet
-      cost, only memory: 10,000 x 16381 slots would not fit the slot budget).
-Each cell is the median of ``--reps`` runs of ``--seconds``. The last column is the cost of a
-connection relative to "direct" (us per connection above the routing-only baseline).
+    - **vipd**: the XDP datapath on lb's two interfaces, every service in DSR mode by default
+      (``--vipd-mode snat`` for SNAT: the same client-visible behaviour as the masquerading
+      iptables rules; at these rates it currently exhausts the SNAT port range, see
+      docs/load-balancing.md), Maglev M=16381 for the measured service and M=251 for the
+      others (the table size does not change the per-packet cost, only memory:
+      10,000 x 16381 slots would not fit the slot budget).
+All chains are built and programmed first, then measured in turns (``--reps`` rounds of
+``--seconds`` each), so the noise of a shared machine falls on every setup alike; each cell
+is the median over the rounds. The last column is the cost of a connection relative to
+"direct" (us per connection above the routing-only baseline).
 """
 
 from __future__ import annotations
@@ -111,6 +116,17 @@ int main(int argc, char **argv) {
 """
 
 
+XDP_PASS_LOADER = """
+import sys
+sys.path.append("/usr/lib/python3/dist-packages")
+from bcc import BPF
+b = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+fn = b.load_func("xdp_pass", BPF.XDP)
+for ifname in sys.argv[1:]:
+    b.attach_xdp(ifname, fn, 0)
+"""
+
+
 def build_connbench(workdir: Path) -> Path:
     if shutil.which("gcc") is None:
         raise SystemExit("gcc is needed to build the connection generator")
@@ -122,32 +138,47 @@ def build_connbench(workdir: Path) -> Path:
 
 # -- topology ------------------------------------------------------------------------------------
 
-def build_lab(lab: Lab, connbench: Path):
-    client, lb, srv = lab.host("client"), lab.host("lb", forwarding=True), lab.host("srv")
-    lab.link(client, lb, ["10.111.0.2/24"], ["10.111.0.1/24"])
-    lab.link(lb, srv, ["10.111.1.1/24"], ["10.111.1.2/24"])
-    client.route("0.0.0.0/0", via="10.111.0.1")
-    srv.route("0.0.0.0/0", via="10.111.1.1")
-    for addr in BACKENDS:
-        srv.add_address("eth-lb", f"{addr}/32")
-    for host in (client, srv):
-        host.sysctl("net.core.somaxconn", 65535)
-        host.sysctl("net.ipv4.tcp_max_syn_backlog", 65535)
-    client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")
-    srv.spawn([str(connbench), "server", str(BACKEND_PORT)])
-    wait_until(lambda: f":{BACKEND_PORT}" in srv.run("ss", "-ltn"), timeout=10, what="benchmark server")
-    return client, lb, srv
+class Chain:
+    """One independent client -> lb -> srv path (three namespaces) for one datapath setup.
 
+    Every setup gets its own chain so all of them exist at once and are measured in turns
+    (round robin), which spreads the noise of a shared machine over all of them alike.
+    """
 
-def measure(client, connbench: Path, dst: str, port: int, seconds: float, reps: int) -> tuple[float, int]:
-    """Median connections/s over ``reps`` runs, and the total of failed connections."""
-    rates, failed = [], 0
-    for _ in range(reps):
-        out = client.run(str(connbench), "client", dst, str(port), str(seconds), "64", timeout=seconds + 30)
+    def __init__(self, lab: Lab, tag: str, connbench: Path):
+        self.tag = tag
+        self.client = lab.host(f"c-{tag}")
+        self.lb = lab.host(f"lb-{tag}", forwarding=True)
+        self.srv = lab.host(f"s-{tag}")
+        client, lb, srv = self.client, self.lb, self.srv
+        lab.link(client, lb, ["10.111.0.2/24"], ["10.111.0.1/24"], a_if="eth-lb", b_if="eth-client")
+        lab.link(lb, srv, ["10.111.1.1/24"], ["10.111.1.2/24"], a_if="eth-srv", b_if="eth-lb")
+        client.route("0.0.0.0/0", via="10.111.0.1")
+        srv.route("0.0.0.0/0", via="10.111.1.1")
+        for addr in BACKENDS:
+            srv.add_address("eth-lb", f"{addr}/32")
+        for host in (client, srv):
+            host.sysctl("net.core.somaxconn", 65535)
+            host.sysctl("net.ipv4.tcp_max_syn_backlog", 65535)
+        client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        # Lab-only needs of XDP on veth (see tests/e2e/datapath/dp_topology.py): the peers of
+        # the interfaces lb's XDP transmits on run NAPI (an XDP_PASS program), senders compute
+        # full checksums (no CHECKSUM_PARTIAL), lb's neighbours are resolved for bpf_fib_lookup.
+        # Every chain gets the same treatment, whatever its datapath.
+        client.run(sys.executable, "-c", XDP_PASS_LOADER, "eth-lb", timeout=60)
+        srv.run(sys.executable, "-c", XDP_PASS_LOADER, "eth-lb", timeout=60)
+        for host, ifnames in ((client, ["eth-lb"]), (lb, ["eth-client", "eth-srv"]), (srv, ["eth-lb"])):
+            for ifname in ifnames:
+                host.run("ethtool", "-K", ifname, "tx", "off")
+        for neighbour in ["10.111.0.2", "10.111.1.2", *BACKENDS]:  # backends are on-link neighbours of lb
+            lb.run("ping", "-c", "1", "-W", "1", neighbour)
+        srv.spawn([str(connbench), "server", str(BACKEND_PORT)])
+        wait_until(lambda: f":{BACKEND_PORT}" in srv.run("ss", "-ltn"), timeout=10, what="benchmark server")
+
+    def run_once(self, connbench: Path, dst: str, port: int, seconds: float) -> tuple[float, int]:
+        out = self.client.run(str(connbench), "client", dst, str(port), str(seconds), "64", timeout=seconds + 30)
         ok, fail, elapsed = out.split()
-        rates.append(int(ok) / float(elapsed))
-        failed += int(fail)
-    return statistics.median(rates), failed
+        return int(ok) / float(elapsed), int(fail)
 
 
 # -- kube-proxy iptables mode -----------------------------------------------------------------------
@@ -203,39 +234,50 @@ def load_iptables(lb, n_services: int, flavour: str) -> tuple[float, int]:
     return time.monotonic() - t, text.count("\n-A ")
 
 
-def flush_iptables(lb, flavour: str) -> None:
-    lb.run(f"iptables-{flavour}", "-t", "nat", "-F")
-    lb.run(f"iptables-{flavour}", "-t", "nat", "-X")
-
-
 # -- vipd -----------------------------------------------------------------------------------------
 
 class Vipd:
-    """vipd's datapath on the lb namespace: XDP on both interfaces, services in SNAT mode."""
+    """vipd's datapath: XDP on lb's two interfaces; for DSR also tc on srv (the backends' node)."""
 
-    def __init__(self, lb, pin_root: str):
+    def __init__(self, lb, srv, mode: str, pin_root: str):
         from agent.datapath.api import Datapath
-        self.lb = lb
-        self.dp = Datapath(instance=f"bench-{lb.ns}", pin_root=pin_root)
+        from agent.datapath.model import Mode
+        self.mode = Mode(mode)
+        self.pin_root = pin_root
+        self.dp = Datapath(instance="lb", pin_root=pin_root)
         self.dp.load()
         self.dp.set_node_addresses(v4="10.111.1.1")
         for ifname in ("eth-client", "eth-srv"):
             self.dp.attach_xdp(ifname, netns=lb.ns, mode="native")
+        self.dp.attach_tc("eth-client", "egress", netns=lb.ns)
+        self.backend_dp = None
+        if self.mode is Mode.DSR:
+            self.backend_dp = Datapath(instance="srv", pin_root=pin_root)
+            self.backend_dp.load()
+            self.backend_dp.set_node_addresses(v4="10.111.1.2")
+            self.backend_dp.attach_tc("eth-lb", "ingress", netns=srv.ns)
+            self.backend_dp.attach_tc("eth-lb", "egress", netns=srv.ns)
         self.count = 0
 
     def services(self, n_services: int) -> float:
-        from agent.datapath.model import Backend, Mode, Service, ServiceKey
+        from agent.datapath.model import Backend, Service, ServiceKey
         backends = tuple(Backend(b, BACKEND_PORT) for b in BACKENDS)
         t = time.monotonic()
         for i in range(self.count, n_services - 1):
-            self.dp.upsert_service(Service(ServiceKey(filler_vip(i), VIP_PORT), backends, mode=Mode.SNAT,
+            self.dp.upsert_service(Service(ServiceKey(filler_vip(i), VIP_PORT), backends, mode=self.mode,
                                            maglev_m=251))
         self.count = max(self.count, n_services - 1)
-        self.dp.upsert_service(Service(ServiceKey(VIP, VIP_PORT), backends, mode=Mode.SNAT))
+        self.dp.upsert_service(Service(ServiceKey(VIP, VIP_PORT), backends, mode=self.mode))
         return time.monotonic() - t
 
     def close(self):
-        self.dp.destroy()
+        for dp in (self.dp, self.backend_dp):
+            if dp is not None:
+                dp.destroy()
+        try:
+            Path(self.pin_root).rmdir()
+        except OSError:
+            pass
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -247,37 +289,55 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iptables", default="nft", help="nft, legacy or nft,legacy")
     ap.add_argument("--no-vipd", action="store_true", help="only the iptables rows")
+    ap.add_argument("--vipd-mode", default="dsr", choices=["dsr", "snat"],
+                    help="forwarding mode of the vipd services (default dsr, see the module doc)")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.services.split(",")]
     flavours = args.iptables.split(",")
 
-    rows = []
     workdir = Path(tempfile.mkdtemp(prefix="vipd-connbench-"))
+    setups: list[dict] = []   # name, services, program time, chain, destination
+    vipds: list[Vipd] = []
+    rates: dict[int, list[float]] = {}
+    failed: dict[int, int] = {}
     try:
         connbench = build_connbench(workdir)
         with Lab("conn") as lab:
-            client, lb, srv = build_lab(lab, connbench)
-            rate, failed = measure(client, connbench, BACKENDS[0], BACKEND_PORT, args.seconds, args.reps)
-            rows.append(("direct (no LB)", 0, "-", rate, failed))
-            base = rate
+            print("building chains ...", flush=True)
+            chain = Chain(lab, "direct", connbench)
+            setups.append(dict(name="direct (no LB)", n=0, load="-", chain=chain, dst=(BACKENDS[0], BACKEND_PORT)))
+            if not args.no_vipd:
+                for n in counts:
+                    chain = Chain(lab, f"v{n}", connbench)
+                    vipd = Vipd(chain.lb, chain.srv, args.vipd_mode,
+                                pin_root=f"/sys/fs/bpf/vipd-bench-{chain.lb.ns}")
+                    vipds.append(vipd)
+                    load_s = vipd.services(n)
+                    setups.append(dict(name=f"vipd (XDP, {args.vipd_mode.upper()})", n=n, load=f"{load_s:.2f}s",
+                                       chain=chain, dst=(VIP, VIP_PORT)))
+                    print(f"  vipd with {n} services programmed in {load_s:.2f}s", flush=True)
             for flavour in flavours:
                 for n in counts:
-                    load_s, n_rules = load_iptables(lb, n, flavour)
-                    rate, failed = measure(client, connbench, VIP, VIP_PORT, args.seconds, args.reps)
-                    rows.append((f"iptables-{flavour}", n, f"{load_s:.2f}s ({n_rules} rules)", rate, failed))
-                    flush_iptables(lb, flavour)
-            if not args.no_vipd:
-                vipd = Vipd(lb, pin_root=f"/sys/fs/bpf/vipd-bench-{lb.ns}")
-                try:
-                    for n in counts:
-                        load_s = vipd.services(n)
-                        rate, failed = measure(client, connbench, VIP, VIP_PORT, args.seconds, args.reps)
-                        rows.append(("vipd (XDP, SNAT)", n, f"{load_s:.2f}s", rate, failed))
-                finally:
-                    vipd.close()
+                    chain = Chain(lab, f"i{flavour[0]}{n}", connbench)
+                    load_s, n_rules = load_iptables(chain.lb, n, flavour)
+                    setups.append(dict(name=f"iptables-{flavour}", n=n, load=f"{load_s:.2f}s ({n_rules} rules)",
+                                       chain=chain, dst=(VIP, VIP_PORT)))
+                    print(f"  iptables-{flavour} with {n} services loaded in {load_s:.2f}s", flush=True)
+            for rep in range(args.reps):
+                print(f"round {rep + 1}/{args.reps} ...", flush=True)
+                for i, setup in enumerate(setups):
+                    rate, fail = setup["chain"].run_once(connbench, *setup["dst"], args.seconds)
+                    rates.setdefault(i, []).append(rate)
+                    failed[i] = failed.get(i, 0) + fail
+            while vipds:
+                vipds.pop().close()
     finally:
+        while vipds:
+            vipds.pop().close()
         shutil.rmtree(workdir, ignore_errors=True)
 
+    rows = [(x["name"], x["n"], x["load"], statistics.median(rates[i]), failed[i]) for i, x in enumerate(setups)]
+    base = rows[0][3]
     print(f"\nNew TCP connections/s through {VIP}:{VIP_PORT} (10 backends, 64 in flight, "
           f"median of {args.reps} x {args.seconds:g}s)")
     header = ["datapath", "services", "program time", "conn/s", "failed", "us/conn over direct"]
@@ -293,7 +353,7 @@ def main(argv=None) -> None:
         for flavour in flavours:
             for n in counts:
                 ipt = by.get((f"iptables-{flavour}", n))
-                v = by.get(("vipd (XDP, SNAT)", n))
+                v = by.get((f"vipd (XDP, {args.vipd_mode.upper()})", n))
                 if ipt and v:
                     print(f"  {n:>6} services: vipd {v:,.0f} / iptables-{flavour} {ipt:,.0f} = {v / ipt:.2f}x")
 

@@ -1,5 +1,6 @@
 /* tc_lb.c: the tc programs (clsact, direct action).
- *   tc_egress  (uplink egress):  replies of local and DSR backends -> source VIP:port.
+ *   tc_egress  (uplink egress):  replies of local and DSR backends -> source VIP:port, and
+ *                                their ICMP errors about the flow -> from / about VIP:port.
  *   tc_ingress (uplink ingress): on a backend's node, record the DSR option of a request. */
 #include "kernel.h"
 #include "consts.h"
@@ -28,7 +29,10 @@ int tc_egress(struct __sk_buff *ctx)
 		stat_inc(HOOK_TC_EGRESS, STAT_UNPARSED);
 		return tc_verdict(HOOK_TC_EGRESS, TC_ACT_OK);
 	}
-	rc = revnat_reply(ctx, &p);
+	if (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6)
+		rc = revnat_icmp_error(ctx, &p);
+	else
+		rc = revnat_reply(ctx, &p);
 	if (rc < 0) {
 		drop_inc(DROP_REWRITE);
 		return tc_verdict(HOOK_TC_EGRESS, TC_ACT_SHOT);

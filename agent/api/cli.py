@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="BGP peering state (cilium-dbg bgp peers)")
     peers.add_argument("--cluster", action="store_true",
                        help="cluster layout with a Node column (implied by several --socket)")
+    peers.add_argument("-c", "--caps", action="store_true",
+                       help="print the capabilities advertised to / received from each peer")
     peers.set_defaults(func=cmd_peers)
     routes = bsub.add_parser(
         "routes", parents=[common], help="routes available (loc-rib) or advertised (per peer)",
@@ -185,6 +187,12 @@ def cmd_peers(args) -> int:
     responses = _gather(args, "ListPeers", vipd_pb2.ListPeersRequest())
     if args.output == "json":
         _print_json(responses)
+        return 0
+    if args.caps:
+        for resp in responses:
+            if len(responses) > 1:
+                print(f"Node: {resp.node}")
+            sys.stdout.write(printers.capabilities_text(resp.peers))
         return 0
     peers = [p for r in responses for p in r.peers]
     sys.stdout.write(printers.peers_table(peers, cluster=_cluster(args, responses)))

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 __all__ = [
     "tabwrite", "go_duration", "peers_table", "routes_table", "route_policies_table",
-    "status_text", "format_attrs", "family_label",
+    "status_text", "format_attrs", "family_label", "capabilities_text",
 ]
 
 MIN_WIDTH = 5
@@ -107,6 +107,33 @@ def peers_table(peers: Iterable, *, cluster: bool = False) -> str:
                                                    fam.advertised]
             rows.append((lead if i == 0 else [""] * len(lead)) + tail)
     return tabwrite(rows)
+
+
+def _cap_key(name: str) -> str:
+    # multiprotocol(ipv4-unicast) is per family; other capabilities match by kind, since their
+    # parameters (ASN, restart time) differ between the two sides.
+    return name if name.startswith("multiprotocol") else name.split("(", 1)[0]
+
+
+def capabilities_text(peers: Iterable) -> str:
+    """``bgp peers --caps``, in cilium-dbg's format: per neighbor, each capability seen in the
+    OPEN messages and whether it was advertised, received or both (our value shown)."""
+    out = []
+    for p in sorted(peers, key=_peer_sort_key):
+        out.append(f"BGP neighbor is {p.peer_address}, remote AS {p.peer_asn}")
+        out.append("Neighbor capabilities:")
+        local = {_cap_key(c): c for c in p.local_capabilities}
+        remote = {_cap_key(c): c for c in p.remote_capabilities}
+        for key in list(local) + [k for k in remote if k not in local]:
+            if key in local and key in remote:
+                how, shown = "advertised and received", local[key]
+            elif key in local:
+                how, shown = "advertised", local[key]
+            else:
+                how, shown = "received", remote[key]
+            out.append(f"\t{shown}: {how}")
+        out.append("")
+    return "\n".join(out)
 
 
 ORIGIN_LETTER = {"igp": "i", "egp": "e", "incomplete": "?", "i": "i", "e": "e", "?": "?"}

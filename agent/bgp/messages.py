@@ -111,6 +111,12 @@ class PathAttributes:
             if addr.is_unspecified or addr.is_multicast:
                 raise ValueError(f"next_hop {self.next_hop} is not a usable next hop")
             object.__setattr__(self, "next_hop", str(addr))
+        # The RIB hashes attribute sets per prefix: compute the hash once.
+        object.__setattr__(self, "_hash", hash((self.origin, self.med, self.local_pref, self.communities,
+                                                self.large_communities, self.next_hop)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 # --------------------------------------------------------------------------- capabilities

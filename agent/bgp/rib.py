@@ -275,10 +275,6 @@ class UpdateEncoder:
                             _H.pack(4 + mp_len + len(attrs_bytes)), b"\x90\x0e", _H.pack(mp_len),
                             mp_prefix, nlri, attrs_bytes))
 
-    def uses_mp(self, family: Family) -> bool:
-        return family is not Family.IPV4_UNICAST or (
-            self.local is not None and not isinstance(self.local, IPv4Address) and self.ext_nh_ipv4)
-
     def withdraw(self, family: Family, keys: Iterable[bytes]) -> Iterator[bytes]:
         max_size = self.max_size
         if family is Family.IPV4_UNICAST:

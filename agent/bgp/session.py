@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Iterator
 
@@ -32,9 +32,9 @@ from agent.bgp.codec import (
     KEEPALIVE_BYTES, MAX_EXTENDED_MESSAGE_SIZE, MAX_MESSAGE_SIZE, MessageReader, encode, encode_prefix,
 )
 from agent.bgp.errors import BgpProtocolError, ErrorCode as E, describe_notification
-from agent.bgp.fsm import TRANSITIONS, Action, Event as Ev, State, transition
+from agent.bgp.fsm import TRANSITIONS, Event as Ev, State, transition
 from agent.bgp.messages import (
-    AS_TRANS, As4Path, AsPath, AsSegment, ClusterList, EnhancedRouteRefreshCap, ExtendedMessage,
+    AS_TRANS, As4Path, AsPath, ClusterList, EnhancedRouteRefreshCap, ExtendedMessage,
     ExtendedNextHop, Family, FourOctetAs, GracefulRestart, Keepalive, LocalPref, MpReach, MpUnreach,
     MultiProtocol, NextHop, Notification, Open, OriginAttr, OriginatorId, RouteRefresh,
     RouteRefreshCap, UnknownCapability, Update,
@@ -45,10 +45,11 @@ __all__ = [
     "Session", "SessionConfig", "SessionEvent", "StateChanged", "ConnectRequested", "CloseConnection",
     "ConnectFailed", "OpenReceived", "SessionEstablished", "SessionDown", "UpdateReceived",
     "UpdateErrorHandled", "EndOfRibReceived", "RouteRefreshReceived", "capability_name",
-    "OPEN_SENT_HOLD_TIME",
+    "OPEN_SENT_HOLD_TIME", "IDLE_HOLD_TIME",
 ]
 
 OPEN_SENT_HOLD_TIME = 240  # RFC 4271 §8.2.2: "large value" while waiting for the peer's OPEN
+IDLE_HOLD_TIME = 5.0  # back-off base after a connection failed before Established (RFC 4271 §8.1.1)
 _CONNECTED = (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED)
 _FAMILIES = {f.value: f for f in Family}
 
@@ -194,14 +195,13 @@ class Session:
     """See the module docstring. Not thread-safe; one owner (the adapter) calls it."""
 
     def __init__(self, config: SessionConfig, rib_out: dict[Family, AdjRibOut] | None = None, *,
-                 rng: random.Random | None = None, restarting: bool = True, logger=None) -> None:
+                 rng: random.Random | None = None, restarting: bool = True) -> None:
         self.config = config
         self.rib_out = rib_out if rib_out is not None else {f: AdjRibOut() for f in Family}
         for f in Family:
             self.rib_out.setdefault(f, AdjRibOut())
         self.rib_in: dict[Family, AdjRibIn] = {f: AdjRibIn() for f in Family}
         self._rng = rng or random.Random()
-        self._log = logger
         self.state = State.IDLE
         self.admin_down = True
         # R bit (RFC 4724): set in OPENs until the first session reaches Established.
@@ -410,13 +410,18 @@ class Session:
             return Notification(E.CEASE, E.HARD_RESET, bytes((E.CEASE, subcode)) + data)
         return Notification(E.CEASE, subcode, data)
 
-    def _backoff(self) -> float:
-        """ConnectRetry with jitter in [T, 2T) and exponential back-off on repeated failures."""
-        t = self.config.connect_retry
+    def _backoff(self, base: float) -> float:
+        """Jitter in [base, 2·base) with exponential back-off on repeated failures.
+
+        ``base`` is the ConnectRetry time T after a failed TCP connection attempt, and
+        IDLE_HOLD_TIME after a connection that failed before Established (the peer closed it,
+        or an OPEN error): a peer that is up but still clearing our previous session is retried
+        soon (GoBGP's IdleHoldTimeAfterReset is 5 s), a persistent error backs off."""
         if self.failures <= 0:
             return self._rng.uniform(0.5, 1.0)  # first retry after a long-lived session ended
-        base = min(t * 2 ** (self.failures - 1), max(t, 300.0))
-        return base * self._rng.uniform(1.0, 2.0)
+        t = self.config.connect_retry
+        delay = min(base * 2 ** (self.failures - 1), max(t, 300.0))
+        return delay * self._rng.uniform(1.0, 2.0)
 
     def _clear_timers(self) -> None:
         self._t_idle_hold = self._t_connect = self._t_hold = self._t_keepalive = None
@@ -442,7 +447,7 @@ class Session:
             self.failures += 1
         retry = None
         if restart and not self.admin_down:
-            retry = self._backoff()
+            retry = self._backoff(min(IDLE_HOLD_TIME, self.config.connect_retry))
             self._t_idle_hold = self._now + retry
         self.established_at = None
         self._events.append(CloseConnection(reason))
@@ -472,7 +477,7 @@ class Session:
         self.failures += 1
         retry = None
         if not self.admin_down:
-            retry = self._backoff()
+            retry = self._backoff(self.config.connect_retry)
             self._t_idle_hold = self._now + retry
         self.last_error = f"connect failed: {self._fail_reason}"
         self._events.append(CloseConnection(f"connect failed: {self._fail_reason}"))

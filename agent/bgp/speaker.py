@@ -131,6 +131,9 @@ class BgpSpeaker:
             self._start_peer(peer)
         self.log.info("neighbor added", peer=key, peer_asn=cfg.peer_asn, port=cfg.port,
                       passive=cfg.passive, families=[f.short for f in cfg.families])
+        if cfg.passive and self.config.listen_port is None:
+            self.log.warning("passive neighbor but the speaker has no listener (listen_port is None): "
+                             "this session can never come up", peer=key)
 
     async def update_neighbor(self, cfg) -> None:
         peer = self._peer(cfg.address)
@@ -231,6 +234,9 @@ class BgpSpeaker:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
     def _peer(self, address: str) -> _Peer:
+        peer = self._peers.get(address)  # the common case: the same normalised string
+        if peer is not None:
+            return peer
         try:
             return self._peers[str(ip_address(address))]
         except (KeyError, ValueError):
@@ -373,7 +379,11 @@ class BgpSpeaker:
                 set_md5(sock, address, password)
 
     def _accepted(self, protocol: BgpProtocol, transport: asyncio.Transport) -> SessionDriver | None:
-        remote = transport.get_extra_info("peername")[0]
+        peername = transport.get_extra_info("peername")
+        if not peername:  # reset before we got to it
+            transport.close()
+            return None
+        remote = peername[0]
         try:
             key = str(ip_address(remote.split("%")[0]))
         except ValueError:
@@ -492,12 +502,8 @@ class BgpSpeaker:
             if st is State.ESTABLISHED and mine is not State.ESTABLISHED:
                 winner, loser = other, driver
             elif st in (State.OPEN_CONFIRM, State.ESTABLISHED):
-                local_id = int(ip_address(self.config.router_id))
-                remote_id = int(ev.router_id)
-                if local_id != remote_id:
-                    keep_outgoing = local_id > remote_id
-                else:
-                    keep_outgoing = self.config.asn > ev.peer_asn
+                keep_outgoing = collision_keeps_outgoing(self.config.router_id, str(ev.router_id),
+                                                         self.config.asn, ev.peer_asn)
                 winner, loser = (driver, other) if driver.session.outgoing == keep_outgoing else (other, driver)
             else:
                 continue  # no OPEN there yet: decided when it arrives
@@ -515,6 +521,16 @@ class BgpSpeaker:
             self._loop.call_soon(loser.shutdown)
             if loser is driver:
                 return
+
+
+def collision_keeps_outgoing(local_id: str, remote_id: str, local_asn: int, remote_asn: int) -> bool:
+    """RFC 4271 §6.8: keep the connection initiated by the speaker with the higher BGP
+    identifier, i.e. our outgoing one iff our identifier is higher. RFC 6286 §2.3: with equal
+    identifiers (possible on eBGP), the speaker with the larger AS number wins."""
+    lid, rid = int(ip_address(local_id)), int(ip_address(remote_id))
+    if lid != rid:
+        return lid > rid
+    return local_asn > remote_asn
 
 
 def _path_attributes(attrs: tuple) -> PathAttributes:

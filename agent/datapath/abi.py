@@ -41,6 +41,7 @@ class CtFlag(enum.IntFlag):        # CT_F_*
     SNAT = 1 << 1
     DSR = 1 << 2
     STATELESS = 1 << 3
+    CLOSING = 1 << 4
 
 
 class Hook(enum.IntEnum):          # HOOK_*
@@ -65,9 +66,11 @@ class Stat(enum.IntEnum):          # STAT_*: index hook * NUM_STATS + stat in st
     ICMP_MAPPED = 12
     AFFINITY = 13
     FRAGMENT = 14
+    NEIGH_PUNT = 15
+    SNAT_REUSE = 16
 
 
-NUM_STATS = 15
+NUM_STATS = 17
 
 
 class DropReason(enum.IntEnum):    # DROP_*: stable codes, never renumbered

@@ -237,6 +237,7 @@ class Datapath:
         self._fns["tc-ingress"] = self._tc_bpf.load_func(b"tc_ingress", bcc.BPF.SCHED_CLS)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
                  compile_s=round(time.monotonic() - t0, 2))
+        self._check_pins()
         self._adopt()
 
     @property
@@ -257,6 +258,21 @@ class Datapath:
     def _require_loaded(self):
         if self._xdp_bpf is None:
             raise DatapathError("datapath not loaded: call load() first")
+
+    def _check_pins(self) -> None:
+        """bcc reuses a pinned map without comparing it with the program's declaration; a pin
+        left by a build with other Features (sizes) or another layout must not be used."""
+        for name in MapName:
+            tbl = self.table(name)
+            info = _map_info(tbl.map_fd)
+            leaf = getattr(tbl, "sLeaf", tbl.Leaf)   # per-CPU tables: Leaf is the per-CPU array
+            want = (ctypes.sizeof(tbl.Key), ctypes.sizeof(leaf), tbl.max_entries)
+            got = (info.key_size, info.value_size, info.max_entries)
+            if got != want:
+                raise DatapathError(
+                    f"pinned map {self.pin_dir / name.value} has key/value/entries {got}, this build "
+                    f"expects {want}: it was created with other Features or another layout. Use the "
+                    f"same Features, or remove {self.pin_dir} (drops conntrack) to start afresh")
 
     def _adopt(self) -> None:
         """Rebuild the in-memory view (ids, tables, ranges) from the pinned maps."""
@@ -778,6 +794,27 @@ def _array_items(tbl):
     for k, v in tbl.items_lookup_batch():
         if any(bytes(v)):
             yield int(k.value) if hasattr(k, "value") else int(k), v
+
+
+class _BpfMapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 64)]
+
+
+def _map_info(fd: int) -> _BpfMapInfo:
+    """BPF_OBJ_GET_INFO_BY_FD through bcc's libbcc (bpf_obj_get_info)."""
+    from bcc.libbcc import lib
+    info = _BpfMapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    fn = lib.bpf_obj_get_info
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    if fn(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
+        raise DatapathError(f"BPF_OBJ_GET_INFO_BY_FD failed: {os.strerror(ctypes.get_errno())}")
+    return info
 
 
 def _ifindex(ipr, ifname: str, netns: str | None) -> int:

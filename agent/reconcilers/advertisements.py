@@ -12,11 +12,20 @@ The reconciler also remembers when each path was (re)advertised, for the ``Age``
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable
 
 from agent.reconcilers.errors import ErrorBook
 
-__all__ = ["AdvertisementReconciler"]
+__all__ = ["AdvertisementReconciler", "canonical"]
+
+
+def canonical(address: str) -> str:
+    """The speaker's form of a peer address (``FD00::1`` -> ``fd00::1``)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
 
 NAME = "advertisements"
 
@@ -68,15 +77,16 @@ class AdvertisementReconciler:
         wall = self.clock()
         loc_rib: dict[tuple, Any] = {}
         for peer in inst.peers:
-            if peer.address not in run.neighbors:
+            address = canonical(peer.address)
+            if address not in run.neighbors:
                 continue
             desired = compute(inst, peer)
-            changes = self._reconcile_peer(inst.name, speaker, peer.address, desired, wall)
+            changes = self._reconcile_peer(inst.name, speaker, address, desired, wall)
             for fam, paths in desired.items():
                 for prefix, attrs in paths.items():
                     loc_rib.setdefault((fam, prefix), attrs)
             if changes:
-                self._log("info", "advertisements changed", instance=inst.name, peer=peer.address,
+                self._log("info", "advertisements changed", instance=inst.name, peer=address,
                           withdrawn=changes[0], advertised=changes[1])
         previous = self.available.get(inst.name, {})
         self.available[inst.name] = {

@@ -1,8 +1,9 @@
 """The controller: one reconcile pass = the pure control plane, then each effect in order.
 
     snapshot (store) -> LB-IPAM allocation (persisted) -> node config derivation
+      -> [services: upserts into the datapath, when enabled]
       -> neighbors (speaker instances/peers) -> advertisements (Adj-RIB-Out)
-      -> route policies, conditions -> status YAML in the state dir
+      -> [services: deletions] -> route policies, conditions -> status YAML in the state dir
 
 Passes run on every new snapshot and when a failed reconciler's backoff expires. Each
 reconciler records its own failures (:class:`ErrorBook`) and the pass goes on with the
@@ -58,7 +59,7 @@ class ConditionClock:
 
 class Controller:
     def __init__(self, node_name: str, store, *, state_dir: str | Path, speaker_factory: Callable,
-                 options=None, log=None, clock: Callable[[], float] = time.time):
+                 options=None, log=None, clock: Callable[[], float] = time.time, services=None):
         from agent.controlplane.types import AgentOptions, Family
 
         self.node_name = node_name
@@ -71,6 +72,7 @@ class Controller:
         self.neighbors = NeighborReconciler(speaker_factory, log=log)
         self.advertisements = AdvertisementReconciler(self.neighbors, None, tuple(Family), log=log,
                                                       clock=clock)
+        self.services = services          # ServiceReconciler when the datapath is enabled
         self.conditions = ConditionClock(clock)
         self.started_at = clock()
         self.applied_generation = 0
@@ -136,12 +138,16 @@ class Controller:
                 self._log("warning" if issue.severity == "warning" else "error", "node config issue",
                           issue=str(issue))
 
+        if self.services is not None:  # program new/changed VIPs before announcing them
+            await self.services.reconcile(effective, self.errors, now, phase="upsert")
         await self.neighbors.reconcile(node_config, self.errors, now)
 
         def desired(inst, peer):
             return desired_paths(effective, self.node_name, inst, peer, lb, self.options)
 
         await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
+        if self.services is not None:  # drop removed VIPs only after they were withdrawn
+            await self.services.reconcile(effective, self.errors, now, phase="delete")
 
         try:
             self.policies = list(route_policies(effective, node_config, lb, self.options))

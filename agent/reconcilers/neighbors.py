@@ -92,12 +92,18 @@ class NeighborReconciler:
             await self._settle()
         if run is None:
             speaker = self.speaker_factory(inst)
-            await speaker.start()
+            try:
+                await speaker.start()
+            except BaseException:
+                # e.g. localPort in use: release whatever it did bind; the retry starts afresh
+                await speaker.stop(notify=False)
+                raise
             run = RunningInstance(inst.name, identity, speaker, inst.local_asn)
             self.running[inst.name] = run
             self._log("info", "instance started", instance=inst.name, asn=inst.local_asn,
                       router_id=inst.router_id, listen_port=inst.local_port)
-        desired = {p.address: p.neighbor_config() for p in inst.peers}
+        # keyed by the speaker's canonical address (NeighborConfig normalises e.g. IPv6 case)
+        desired = {cfg.address: cfg for cfg in (p.neighbor_config() for p in inst.peers)}
         for address in [a for a in run.neighbors if a not in desired]:
             await run.speaker.remove_neighbor(address, "Peer de-configured")
             del run.neighbors[address]

@@ -38,7 +38,16 @@
 #define SNAT_PORT_MAX 65535
 #endif
 #ifndef SNAT_PORT_TRIES
-#define SNAT_PORT_TRIES 4
+#define SNAT_PORT_TRIES 8         /* random probes for a free (or reusable) SNAT port */
+#endif
+#ifndef CT_CLOSE_TIMEOUT_S
+#define CT_CLOSE_TIMEOUT_S 10     /* a SNAT port whose TCP flow saw FIN/RST is reusable after this */
+#endif
+#ifndef CT_TCP_IDLE_TIMEOUT_S
+#define CT_TCP_IDLE_TIMEOUT_S 21600  /* ... or after this long without a reply (Cilium: 6 h) */
+#endif
+#ifndef CT_UDP_IDLE_TIMEOUT_S
+#define CT_UDP_IDLE_TIMEOUT_S 60
 #endif
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/vipd/default"
@@ -65,6 +74,7 @@
 #define CT_F_SNAT      (1 << 1)
 #define CT_F_DSR       (1 << 2)
 #define CT_F_STATELESS (1 << 3)
+#define CT_F_CLOSING   (1 << 4)   /* SNAT: FIN or RST seen; the port frees CT_CLOSE_TIMEOUT_S later */
 
 /* ---- hooks: index into stats (hook * NUM_STATS + stat) ---- */
 #define HOOK_XDP        0
@@ -88,7 +98,9 @@
 #define STAT_ICMP_MAPPED 12   /* ICMP error mapped to its service flow */
 #define STAT_AFFINITY    13   /* backend taken from the affinity map */
 #define STAT_FRAGMENT    14   /* fragment seen (dropped if to a VIP, else untouched) */
-#define NUM_STATS        15
+#define STAT_NEIGH_PUNT  15   /* rewritten, but no neighbour entry: passed to the stack to resolve it */
+#define STAT_SNAT_REUSE  16   /* a SNAT port of a closed/idle flow was taken over */
+#define NUM_STATS        17
 
 /* Ethernet / IP constants, big-endian where compared to packet fields. */
 #define ETH_P_IP_BE    0x0008

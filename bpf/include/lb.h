@@ -48,6 +48,15 @@ static __always_inline __u32 flow_hash(const struct pkt *p, __be16 sport)
 	return flow_hash_tuple(p->saddr, p->family, sport, p->dport, p->proto);
 }
 
+static __always_inline __u32 now_s(void)
+{
+	return bpf_ktime_get_coarse_ns() / 1000000000ULL;
+}
+
+#define FIB_OK    0
+#define FIB_PUNT  1   /* route found, neighbour unresolved: rewrite and let the stack resolve it */
+#define FIB_FAIL -1
+
 /* FIB lookup towards dst before anything is rewritten; fills fib (MACs, egress ifindex). */
 static __always_inline int fib_lookup_to(struct xdp_md *ctx, const struct pkt *p, const __u32 *src,
 					 const __u32 *dst, __u32 tot_len, struct bpf_fib_lookup *fib)
@@ -65,12 +74,23 @@ static __always_inline int fib_lookup_to(struct xdp_md *ctx, const struct pkt *p
 		__builtin_memcpy(fib->ipv6_src, src, 16);
 		__builtin_memcpy(fib->ipv6_dst, dst, 16);
 	}
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS ? 0 : -1;
+	switch (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0)) {
+	case BPF_FIB_LKUP_RET_SUCCESS: return FIB_OK;
+	case BPF_FIB_LKUP_RET_NO_NEIGH: return FIB_PUNT;
+	default: return FIB_FAIL;
+	}
 }
 
-/* After the rewrite: new MACs, then XDP_TX (same link) or redirect (another link). */
-static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
+/* After the rewrite: new MACs, then XDP_TX (same link) or redirect (another link); or, when
+ * the neighbour was unresolved, pass the rewritten packet to the stack, which resolves it
+ * (ARP/ND) and forwards it (a SNATed packet needs accept_local on the uplink, which
+ * Datapath.attach_xdp sets). Later packets find the neighbour and take the fast path. */
+static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, int fr)
 {
+	if (fr == FIB_PUNT) {
+		stat_inc(HOOK_XDP, STAT_NEIGH_PUNT);
+		return verdict(HOOK_XDP, XDP_PASS);
+	}
 	void *data = ctx_data(ctx), *data_end = ctx_data_end(ctx);
 	struct ethhdr *eth = data;
 
@@ -324,7 +344,8 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		__u32 grow = add_opt ? (p->family == 4 ? DSR_IPV4_OPT_LEN : 24) : 0;
 		if (add_opt && p->ip_opts)
 			return drop(DROP_DSR_UNSUPPORTED);
-		if (fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, fib))
+		int fr = fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, fib);
+		if (fr == FIB_FAIL)
 			return drop(DROP_FIB_LOOKUP);
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
 			fill_fwd_val(vp, bid, svc_id, CT_F_DSR, 0);
@@ -343,7 +364,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 				return drop(DROP_REWRITE);
 			stat_inc(HOOK_XDP, STAT_DSR_OPT);
 		}
-		return fib_forward(ctx, fib);
+		return fib_forward(ctx, fib, fr);
 	}
 
 	/* SNAT: DNAT to the backend and SNAT to node_addr:nat_port, so replies come back here */
@@ -353,24 +374,49 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		return drop(DROP_NO_NODE_ADDR);
 	__u32 naddr[4];
 	addr_copy(naddr, na->addr);
-	if (fib_lookup_to(ctx, p, naddr, baddr, p->l3_end - p->l3_off, fib))
+	int fr = fib_lookup_to(ctx, p, naddr, baddr, p->l3_end - p->l3_off, fib);
+	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
+	addr_copy(rk.saddr, baddr);
+	addr_copy(rk.daddr, naddr);
+	rk.sport = bport;
+	rk.proto = p->proto;
+	rk.family = p->family;
+	rk.dir = CT_DIR_REPLY;
 	if (!nat_port) {
-		__u32 h = jhash_3words(ck.saddr[0] ^ ck.saddr[1] ^ ck.saddr[2] ^ ck.saddr[3],
-				       ((__u32)p->sport << 16) | p->dport, ck.daddr[0] ^ ck.daddr[3], HASH_SEED);
-		addr_copy(rk.saddr, baddr);
-		addr_copy(rk.daddr, naddr);
-		rk.sport = bport;
-		rk.proto = p->proto;
-		rk.family = p->family;
-		rk.dir = CT_DIR_REPLY;
+		__u32 now = now_s();
+		__u32 start = bpf_get_prandom_u32();  /* a retried SYN probes other ports */
 		fill_reply_val(vp, p, bid, svc_id, CT_F_SNAT);
+		vp->last_seen = now;
 #pragma unroll
 		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
-			__u16 port = SNAT_PORT_MIN + (h + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1);
+			__u16 port = SNAT_PORT_MIN + (start + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1);
 			rk.dport = bpf_htons(port);
-			if (ct_v1.insert(&rk, vp) == 0) {
+			struct ct_val *old = ct_v1.lookup(&rk);
+			if (!old) {
+				if (ct_v1.insert(&rk, vp) == 0) {
+					nat_port = rk.dport;
+					break;
+				}
+				continue;
+			}
+			/* a closed (FIN/RST + grace) or idle flow's port is taken over; its forward
+			 * entry goes too, so a late packet of it starts a new flow on a new port */
+			__u32 age = now - old->last_seen;
+			if (((old->flags & CT_F_CLOSING) && age >= CT_CLOSE_TIMEOUT_S) ||
+			    age >= (p->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S)) {
+				struct ct_key fk = {};
+				addr_copy(fk.saddr, old->rdaddr);
+				addr_copy(fk.daddr, old->raddr);
+				fk.sport = old->rdport;
+				fk.dport = old->rport;
+				fk.proto = rk.proto;
+				fk.family = rk.family;
+				fk.dir = CT_DIR_SERVICE;
+				ct_v1.delete(&fk);
+				ct_v1.update(&rk, vp);
 				nat_port = rk.dport;
+				stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
 				break;
 			}
 		}
@@ -378,12 +424,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			return drop(DROP_SNAT_NO_PORT);
 		fill_fwd_val(vp, bid, svc_id, CT_F_SNAT, nat_port);
 		ct_v1.update(&ck, vp);
+	} else if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
+		rk.dport = nat_port;
+		struct ct_val *rv = ct_v1.lookup(&rk);
+		if (rv) {
+			rv->flags |= CT_F_CLOSING;
+			rv->last_seen = now_s();
+		}
 	}
 	if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
 		return drop(DROP_REWRITE);
 	if (nat_rewrite(ctx, p, NAT_SRC, naddr, nat_port))
 		return drop(DROP_REWRITE);
-	return fib_forward(ctx, fib);
+	return fib_forward(ctx, fib, fr);
 }
 
 /* Not a service: maybe a reply to a SNATed flow (to node_addr:port in the SNAT range). */
@@ -411,10 +464,16 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 	__be16 vport = rv->rport, cport = rv->rdport;
 	addr_copy(vip, rv->raddr);
 	addr_copy(client, rv->rdaddr);
-	if (fib_lookup_to(ctx, p, vip, client, p->l3_end - p->l3_off, fib))
+	__u32 now = now_s();
+	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		rv->flags |= CT_F_CLOSING;
+	if (rv->last_seen != now)
+		rv->last_seen = now;   /* keeps the port from being taken over as idle */
+	int fr = fib_lookup_to(ctx, p, vip, client, p->l3_end - p->l3_off, fib);
+	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
 	if (nat_rewrite(ctx, p, NAT_SRC, vip, vport) || nat_rewrite(ctx, p, NAT_DST, client, cport))
 		return drop(DROP_REWRITE);
 	stat_inc(HOOK_XDP, STAT_SNAT_REPLY);
-	return fib_forward(ctx, fib);
+	return fib_forward(ctx, fib, fr);
 }

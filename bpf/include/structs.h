@@ -50,6 +50,8 @@ struct ct_val {
 	__u16 flags;        /* CT_F_* */
 	__u32 backend_id;   /* SERVICE: the flow's backend */
 	__u32 svc_id;
+	__u32 last_seen;    /* REPLY with CT_F_SNAT: seconds (coarse clock) of the last packet */
+	__u32 pad;
 };  /* no timestamp: reading the clock cost ~40 ns per call on the new-flow path; the LRU ages entries */
 
 struct affinity_key {

@@ -4,6 +4,7 @@ seconds), emptied between tests; helpers to run frames and compare them field by
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import pytest
@@ -59,6 +60,32 @@ def dp(module_dp):
     for name in (MapName.CT, MapName.AFFINITY):
         module_dp.table(name).clear()
     module_dp.set_node_addresses()
+
+
+NODE4, PEER4, NODE6, PEER6 = "10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"
+
+
+def _mac(host, ifname):
+    return json.loads(host.run("ip", "-j", "link", "show", ifname))[0]["address"]
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A lab namespace "node" for runs that need bpf_fib_lookup (which uses the namespace the
+    test run happens in): a veth to "peer", the next hop towards clients (192.0.2.0/24,
+    2001:db8::/64) and remote backends (10.2.0.0/16, fd00:2::/64), with a permanent neighbour."""
+    from agent.lab import Lab
+    with Lab("dpfib") as lab:
+        node = lab.host("node", forwarding=True)
+        peer = lab.host("peer")
+        n_if, p_if = lab.link(node, peer, [f"{NODE4}/24", f"{NODE6}/64"], [f"{PEER4}/24", f"{PEER6}/64"])
+        for prefix, via in (("10.2.0.0/16", PEER4), ("192.0.2.0/24", PEER4),
+                            ("fd00:2::/64", PEER6), ("2001:db8::/64", PEER6)):
+            node.run("ip", "route", "add", prefix, "via", via)
+        peer_mac = _mac(peer, p_if)
+        for via in (PEER4, PEER6):
+            node.run("ip", "neigh", "replace", via, "lladdr", peer_mac, "dev", n_if, "nud", "permanent")
+        yield {"ns": node.ns, "node_mac": _mac(node, n_if), "peer_mac": peer_mac, "node": node}
 
 
 def run_xdp(dp: Datapath, frame, netns: str | None = None) -> RunResult:

@@ -55,7 +55,7 @@ def test_map_names_and_layouts_from_bcc(module_dp):
     assert sizes["services_v1"] == (20, 24)
     assert sizes["backends_v1"] == (4, 20)
     assert sizes["maglev_v1"] == (4, 4)
-    assert sizes["ct_v1"] == (40, 48)
+    assert sizes["ct_v1"] == (40, 56)
     assert sizes["src_ranges_v1"] == (24, 1)
     ct = module_dp.table(abi.MapName.CT)
     offsets = {f: getattr(ct.Key, f).offset for f, *_ in ct.Key._fields_}

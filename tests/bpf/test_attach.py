@@ -90,5 +90,19 @@ def test_attached_xdp_and_tc_survive_the_loader_and_translate_real_traffic():
             assert c.stat("xdp", "ct_new") >= 1
             assert c.stat("tc_egress", "revnat") >= 1
             assert ServiceKey(VIP, 80, Proto.UDP) in dp.services()
+
+            # a restarted agent re-attaches its freshly loaded programs: replaced in place,
+            # not stacked, and the VIP keeps working
+            xdp_id = link["xdp"]["prog"]["id"]
+            dp.attach_xdp(n_if, netns=node.ns)
+            dp.attach_tc(n_if, "egress", netns=node.ns)
+            link = json.loads(node.run("ip", "-j", "-d", "link", "show", n_if))[0]
+            assert link["xdp"]["prog"]["id"] != xdp_id
+            filters = json.loads(node.run("tc", "-j", "filter", "show", "dev", n_if, "egress"))
+            # tc lists a head line per (pref, kind) plus one line per filter (with options)
+            assert len([f for f in filters if f.get("kind") == "bpf" and "options" in f]) == 1, filters
+            answer = json.loads(wait_until(lambda: client.run(sys.executable, "-c", UDP_CLIENT).strip(),
+                                           timeout=20, what="UDP answer after re-attach"))
+            assert answer["src"] == [VIP, 80]
         finally:
             dp.destroy()

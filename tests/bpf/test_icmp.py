@@ -10,7 +10,8 @@ from scapy.packet import Raw
 
 from agent.datapath.abi import XdpAction
 from agent.datapath.model import Backend, Proto, Service, ServiceKey
-from tests.bpf.conftest import assert_checksums_valid, run_xdp
+from agent.datapath.abi import TcAction
+from tests.bpf.conftest import assert_checksums_valid, run_tc, run_xdp
 
 VIP4, C4, B4, R4 = "10.96.0.10", "192.0.2.10", "10.1.0.5", "198.51.100.1"
 VIP6, C6, B6, R6 = "fd00:96::10", "2001:db8::10", "fd00:1::5", "2001:db8:ffff::1"
@@ -71,3 +72,44 @@ def test_icmp_errors_about_other_flows_pass_untouched(dp):
     for pkt in others:
         r = run_xdp(dp, pkt)
         assert r.retval == XdpAction.PASS and r.data == bytes(pkt), pkt.summary()
+
+
+def test_backend_icmp_error_leaves_as_if_from_the_vip(dp):
+    """A local backend's port unreachable about a client's UDP packet: tc egress makes it come
+    from the VIP and quote the VIP:port the client used."""
+    dp.upsert_service(_svc(VIP4, B4, Proto.UDP))
+    run_xdp(dp, Ether() / IP(src=C4, dst=VIP4) / UDP(sport=5353, dport=80) / Raw(b"q"))   # the flow
+    quoted = bytes(IP(src=C4, dst=B4) / UDP(sport=5353, dport=8080) / Raw(b"q"))[:28]
+    err = Ether() / IP(src=B4, dst=C4) / ICMP(type=3, code=3) / Raw(quoted)
+    r = run_tc(dp, "egress", err)
+    assert r.retval == TcAction.OK
+    inner = IP(src=C4, dst=VIP4) / UDP(sport=5353, dport=80) / Raw(b"q")
+    # the quoted UDP checksum is left as the client sent it (the stack never checks it)
+    want_quoted = bytearray(bytes(inner)[:28])
+    want_quoted[26:28] = quoted[26:28]
+    want = Ether() / IP(src=VIP4, dst=C4) / ICMP(type=3, code=3) / Raw(bytes(want_quoted))
+    assert r.data == bytes(want)
+    assert_checksums_valid(r.data)
+    assert dp.counters().stat("tc_egress", "revnat") >= 1
+
+
+def test_backend_icmpv6_error_leaves_as_if_from_the_vip(dp):
+    dp.upsert_service(_svc(VIP6, B6, Proto.UDP))
+    run_xdp(dp, Ether() / IPv6(src=C6, dst=VIP6) / UDP(sport=5353, dport=80) / Raw(b"q"))
+    inner_b = IPv6(src=C6, dst=B6) / UDP(sport=5353, dport=8080) / Raw(b"q")
+    quoted = bytes(inner_b)
+    err = Ether() / IPv6(src=B6, dst=C6) / ICMPv6DestUnreach(code=4) / Raw(quoted)
+    r = run_tc(dp, "egress", err)
+    want_inner = bytearray(bytes(IPv6(src=C6, dst=VIP6) / UDP(sport=5353, dport=80) / Raw(b"q")))
+    want_inner[46:48] = quoted[46:48]     # quoted UDP checksum untouched
+    want = Ether() / IPv6(src=VIP6, dst=C6) / ICMPv6DestUnreach(code=4) / Raw(bytes(want_inner))
+    assert r.data == bytes(want)
+
+
+def test_router_icmp_error_about_backend_traffic_is_not_rewritten_by_tc(dp):
+    dp.upsert_service(_svc(VIP4, B4, Proto.UDP))
+    run_xdp(dp, Ether() / IP(src=C4, dst=VIP4) / UDP(sport=5353, dport=80) / Raw(b"q"))
+    quoted = bytes(IP(src=C4, dst=B4) / UDP(sport=5353, dport=8080) / Raw(b"q"))[:28]
+    err = Ether() / IP(src=R4, dst=C4) / ICMP(type=11) / Raw(quoted)    # not from the backend
+    r = run_tc(dp, "egress", err)
+    assert r.data == bytes(err)

@@ -288,3 +288,21 @@ def test_counters_per_service(dp):
         run_xdp(dp, pkt)
     p1, b1 = dp.counters().services[key]
     assert (p1 - p0, b1 - b0) == (3, 3 * len(bytes(pkt)))
+
+
+def test_session_affinity_expires_after_its_timeout(dp):
+    import time
+    bs = [f"10.1.0.{i}" for i in range(1, 4)]
+    grown = bs + [f"10.1.2.{i}" for i in range(1, 20)]
+    t1 = build_table([(f"{b}:8080", 1) for b in bs], 251)
+    t2 = build_table([(f"{b}:8080", 1) for b in grown], 251)
+    # a client whose (affinity) slot names another backend once the service grows
+    client = next(c for c in (f"192.0.2.{i}" for i in range(1, 250))
+                  if bs[t1[flow_hash(c, 0, 80, 6) % 251]] != grown[t2[flow_hash(c, 0, 80, 6) % 251]])
+    before, after = bs[t1[flow_hash(client, 0, 80, 6) % 251]], grown[t2[flow_hash(client, 0, 80, 6) % 251]]
+    dp.upsert_service(local_service(VIP4, Proto.TCP, bs, affinity_timeout=1))
+    assert _backend_of(run_xdp(dp, frame(client, VIP4, sport=1111)).data) == before
+    dp.upsert_service(local_service(VIP4, Proto.TCP, grown, affinity_timeout=1))
+    assert _backend_of(run_xdp(dp, frame(client, VIP4, sport=2222)).data) == before   # still pinned
+    time.sleep(1.3)
+    assert _backend_of(run_xdp(dp, frame(client, VIP4, sport=3333)).data) == after    # expired: Maglev

@@ -117,3 +117,49 @@ def test_malformed_headers_pass_untouched(services, name):
     r = test_run(services.program_fd("xdp"), data)
     assert r.retval == XdpAction.PASS and r.data == data
     assert services.counters().stat("xdp", "unparsed") == before + 1
+
+
+def _truncations_unchanged(dp, full: bytes, netns=None, what=""):
+    from agent.datapath.netns import in_netns
+    from agent.datapath.testrun import TestRunner
+    runner = TestRunner(dp.program_fd("xdp"))
+
+    def sweep():
+        out = []
+        for n in range(14, len(full)):
+            r = runner.run(full[:n])
+            out.append((n, r.retval, r.data))
+        return out
+
+    for n, rv, data in in_netns(netns, sweep):
+        assert rv in (XdpAction.PASS, XdpAction.DROP), f"{what}[:{n}]: verdict {rv}"
+        if rv == XdpAction.PASS:
+            assert data == full[:n], f"{what}[:{n}] was rewritten"
+
+
+def test_truncated_snat_dsr_and_icmp_packets_are_never_rewritten(dp, net):
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    from agent.datapath.model import Mode
+    from tests.bpf.conftest import NODE4
+    dp.set_node_addresses(v4=NODE4)
+    dp.upsert_service(Service(ServiceKey(VIP4, 80, Proto.TCP), (Backend("10.2.0.5", 8080),), maglev_m=251))
+    dp.upsert_service(Service(ServiceKey(VIP4, 80, Proto.UDP), (Backend("10.2.0.6", 8080),), mode=Mode.DSR,
+                              maglev_m=251))
+    dp.upsert_service(Service(ServiceKey(VIP6, 80, Proto.TCP), (Backend(B6, 8080, local=True),), maglev_m=251))
+    # full packets take the remote paths (redirect) ...
+    syn = bytes(VALID["v4-tcp"])
+    r = test_run(dp.program_fd("xdp"), syn, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    (fwd,) = [e for e in dp.conntrack() if e.direction == "service"]
+    reply = bytes(E / IP(src="10.2.0.5", dst=NODE4) / TCP(sport=8080, dport=fwd.nat_port, flags="SA") / Raw(b"r"))
+    assert test_run(dp.program_fd("xdp"), reply, netns=net["ns"]).retval == XdpAction.REDIRECT
+    dsr = bytes(VALID["v4-udp"])
+    assert test_run(dp.program_fd("xdp"), dsr, netns=net["ns"]).retval == XdpAction.REDIRECT
+    icmp = bytes(E / IPv6(src="2001:db8:ffff::1", dst=VIP6) / ICMPv6PacketTooBig()
+                 / Raw(bytes(IPv6(src=VIP6, dst=C6) / TCP(sport=80, dport=40000))[:48]))
+    test_run(dp.program_fd("xdp"), bytes(VALID["v6-tcp"]))   # the flow the error is about
+    assert test_run(dp.program_fd("xdp"), icmp).data != icmp
+    # ... and none of their truncations is rewritten
+    for name, pkt in (("snat-request", syn), ("snat-reply", reply), ("dsr-request", dsr), ("icmp6-error", icmp)):
+        _truncations_unchanged(dp, pkt, net["ns"], name)

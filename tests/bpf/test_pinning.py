@@ -105,3 +105,21 @@ def test_restart_adopts_maps_keeps_flows_and_writes_only_differences():
     finally:
         dp1.destroy()
     assert not (dp1.pin_dir).exists()
+
+
+def test_pins_from_a_build_with_other_sizes_are_refused_not_reused():
+    import dataclasses
+
+    import pytest
+
+    from agent.datapath.api import DatapathError
+    dp = new_datapath("pinsz")
+    try:
+        dp.close()
+        other = Datapath(dp.instance, pin_root=PIN_ROOT,
+                         features=dataclasses.replace(TEST_FEATURES, ct_size=TEST_FEATURES.ct_size * 2))
+        with pytest.raises(DatapathError, match="other Features"):
+            other.load()
+        other.close()
+    finally:
+        dp.destroy()

@@ -19,32 +19,12 @@ from scapy.packet import Raw
 
 from agent.datapath.abi import MapName, TcAction, XdpAction
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
-from agent.lab import Lab
 from tests.bpf.conftest import assert_checksums_valid, assert_frame, expected, run_tc, run_xdp
 
-NODE4, PEER4, NODE6, PEER6 = "10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"
+from tests.bpf.conftest import NODE4, NODE6
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 C4, C6 = "192.0.2.10", "2001:db8::10"
 B4, B6 = "10.2.0.5", "fd00:2::5"
-
-
-def _mac(host, ifname):
-    return json.loads(host.run("ip", "-j", "link", "show", ifname))[0]["address"]
-
-
-@pytest.fixture(scope="module")
-def net():
-    with Lab("dpfib") as lab:
-        node = lab.host("node", forwarding=True)
-        peer = lab.host("peer")
-        n_if, p_if = lab.link(node, peer, [f"{NODE4}/24", f"{NODE6}/64"], [f"{PEER4}/24", f"{PEER6}/64"])
-        for prefix, via in (("10.2.0.0/16", PEER4), ("192.0.2.0/24", PEER4),
-                            ("fd00:2::/64", PEER6), ("2001:db8::/64", PEER6)):
-            node.run("ip", "route", "add", prefix, "via", via)
-        peer_mac = _mac(peer, p_if)
-        for via in (PEER4, PEER6):
-            node.run("ip", "neigh", "replace", via, "lladdr", peer_mac, "dev", n_if, "nud", "permanent")
-        yield {"ns": node.ns, "node_mac": _mac(node, n_if), "peer_mac": peer_mac, "node": node}
 
 
 def _svc(vip, proto, backend, mode, **kw):

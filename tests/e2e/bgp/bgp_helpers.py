@@ -27,15 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.lab import Host, Lab, wait_until
-from agent.lab.peers import Announce, FrrPeer, GobgpPeer, Neighbor
+from agent.lab.peers import Announce, FrrPeer, GobgpPeer, Neighbor, Route, Session
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+from bird import BirdDaemon  # noqa: E402  (benchmarks/bird.py: BIRD is not in agent.lab)
 
 REPO = Path(__file__).resolve().parents[3]
 DRIVER = Path(__file__).with_name("speaker_driver.py")
 
 SPEAKER_ASN = 65001
 SPEAKER_V4, SPEAKER_V6 = "10.0.0.1", "fd00::1"
-PEER_ADDRS = {"frr": ("10.0.0.2", "fd00::2"), "gobgp": ("10.0.0.3", "fd00::3")}
-PEER_ASNS = {"frr": 65002, "gobgp": 65003}
+PEER_ADDRS = {"frr": ("10.0.0.2", "fd00::2"), "gobgp": ("10.0.0.3", "fd00::3"), "bird": ("10.0.0.5", "fd00::5")}
+PEER_ASNS = {"frr": 65002, "gobgp": 65003, "bird": 65005}
 FAR_ADDR = "10.1.0.2"
 
 # RFC 1997 well-known communities and how FRR/GoBGP (via agent.lab) print them.
@@ -182,7 +185,7 @@ class BgpCase:
         """Start FRR or GoBGP (``kind``) with the given neighbors; returns the daemon."""
         host = host or self.topo.hosts[kind]
         asn = asn or PEER_ASNS[kind]
-        router_id = router_id or {"frr": "10.0.0.2", "gobgp": "10.0.0.3"}[kind]
+        router_id = router_id or PEER_ADDRS[kind][0]
         if kind == "frr":
             # FrrDaemon reuses host.workdir/frr-ASN: sockets left by a previous daemon there would
             # make the harness (and bgpd, for zserv.api) believe the new one is already up.
@@ -193,6 +196,8 @@ class BgpCase:
         elif kind == "gobgp":
             daemon = self.topo.lab.gobgp(host, GobgpPeer(asn=asn, router_id=router_id, neighbors=neighbors,
                                                          announce=list(announce), **peer_kw))
+        elif kind == "bird":
+            daemon = BirdReceiver(host, asn=asn, router_id=router_id, neighbors=neighbors).start()
         else:
             raise ValueError(kind)
         self.daemons.append(daemon)
@@ -214,6 +219,92 @@ class BgpCase:
             spk.stop()
         for d in self.daemons:
             d.stop()
+
+
+class BirdReceiver:
+    """BIRD 2 as a router receiving our routes, answering like agent.lab's FRR/GoBGP daemons."""
+
+    def __init__(self, host: Host, *, asn: int, router_id: str, neighbors: list[Neighbor]):
+        self.host = host
+        self.neighbors = {f"n{i}": n for i, n in enumerate(neighbors)}
+        self.daemon = BirdDaemon(host, self.config_text(asn, router_id), name=f"bird-{time.monotonic_ns()}")
+
+    def __repr__(self) -> str:
+        return f"BirdReceiver({self.host.name})"
+
+    def config_text(self, asn: int, router_id: str) -> str:
+        lines = [f"router id {router_id};", "protocol device { scan time 1; }"]
+        for name, n in self.neighbors.items():
+            lines += [f"protocol bgp {name} {{", f"  local as {asn};", f"  neighbor {n.address} as {n.remote_asn};",
+                      "  connect delay time 1; connect retry time 1; error wait time 1, 2;"]
+            if n.passive:
+                lines.append("  passive on;")
+            if n.password:
+                lines.append(f'  password "{n.password}";')
+            if n.ebgp_multihop:
+                lines.append(f"  multihop {n.ebgp_multihop};")
+            if n.hold_time is not None:
+                lines.append(f"  hold time {n.hold_time};")
+            for fam in n.families:
+                # RFC 8212: BIRD needs explicit filters on eBGP channels.
+                ext = " extended next hop on;" if fam == "ipv4" and ":" in n.address else ""
+                lines.append(f"  {fam} {{ import all; export none;{ext} }};")
+            lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> "BirdReceiver":
+        self.daemon.start()
+        return self
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+    def log(self) -> str:
+        return self.daemon.log() + self.daemon.birdc("show", "protocols", "all", check=False)
+
+    def sessions(self) -> dict[str, Session]:
+        result = {}
+        for name, n in self.neighbors.items():
+            out = self.daemon.birdc("show", "protocols", "all", name)
+            state = next((l.split(":", 1)[1].strip() for l in out.splitlines() if "BGP state:" in l), "down")
+            hold = next((int(l.split("/")[-1]) for l in out.splitlines() if "Hold timer:" in l), None)
+            result[n.address] = Session(state=state.lower(), hold_time=hold, keepalive=None, uptime=None,
+                                        received=0, accepted=0, raw={"text": out})
+        return result
+
+    def routes(self, afi: str = "ipv4") -> list[Route]:
+        """`show route all` parsed: one Route per BGP route (BIRD keeps one table per family)."""
+        out = self.daemon.birdc("show", "route", "all", "table", "master4" if afi == "ipv4" else "master6")
+        routes, cur = [], None
+        for line in out.splitlines():
+            head = line.split()
+            if head and not line[0].isspace() and "/" in head[0]:
+                cur = {"prefix": head[0], "attrs": {}}
+                routes.append(cur)
+            elif cur is not None and ":" in line and line.strip().startswith("BGP."):
+                key, value = line.strip().split(":", 1)
+                cur["attrs"][key] = value.strip()
+        result = []
+        for r in routes:
+            a = r["attrs"]
+            if "BGP.origin" not in a:
+                continue
+            comms = tuple(_bird_pair(c) for c in a.get("BGP.community", "").replace(") (", ")|(").split("|") if c)
+            large = tuple(c.strip("() ").replace(", ", ":") for c in
+                          a.get("BGP.large_community", "").replace(") (", ")|(").split("|") if c)
+            result.append(Route(
+                prefix=r["prefix"], next_hop=a.get("BGP.next_hop", "").split()[0] if a.get("BGP.next_hop") else "",
+                next_hops=tuple(a.get("BGP.next_hop", "").split()),
+                as_path=tuple(int(x) for x in a.get("BGP.as_path", "").split()),
+                origin=a["BGP.origin"].lower(), med=int(a["BGP.med"]) if "BGP.med" in a else None,
+                local_pref=int(a["BGP.local_pref"]) if "BGP.local_pref" in a else None,
+                communities=comms, large_communities=large, source="bgp"))
+        return result
+
+
+def _bird_pair(text: str) -> str:
+    high, low = (int(x) for x in text.strip("() ").split(","))
+    return community_text((high << 16) | low)
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,23 +348,32 @@ class Capture:
     host: Host
     path: Path
     proc: object
+    name: str
 
     @classmethod
-    def start(cls, host: Host, name: str = "bgp") -> "Capture":
+    def start(cls, host: Host, name: str = "bgp", iface: str = "eth-lan") -> "Capture":
         path = host.workdir / f"{name}-{time.monotonic_ns()}.pcap"
         log = host.workdir / f"{name}-tcpdump.log"
-        proc = host.spawn(["tcpdump", "-i", "any", "--immediate-mode", "-U", "-n", "-w", str(path), "tcp"],
+        proc = host.spawn(["tcpdump", "-i", iface, "--immediate-mode", "-B", "16384", "-U", "-n", "-w", str(path), "tcp"],
                           log_path=log)
         wait_until(lambda: "listening on" in log.read_text(errors="replace") or proc.poll() is not None,
                    timeout=10, interval=0.05, what="tcpdump ready")
         if proc.poll() is not None:
             raise AssertionError(f"tcpdump failed: {log.read_text()}")
-        return cls(host, path, proc)
+        return cls(host, path, proc, name)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            time.sleep(0.5)  # let tcpdump drain its ring buffer: SIGINT drops what is still queued
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(timeout=5)
+
+    def text(self) -> str:
+        """tcpdump's own reading of the capture, for assertion messages."""
+        import subprocess
+        out = subprocess.run(["tcpdump", "-nr", str(self.path), "port", "179"], capture_output=True, text=True)
+        log = (self.host.workdir / f"{self.name}-tcpdump.log").read_text(errors="replace")
+        return (out.stdout + out.stderr)[-4000:] + "\n" + log[-1000:]
 
     def messages_from(self, address: str) -> list[bytes]:
         """Reassemble each TCP stream sent by ``address`` and split it into BGP messages."""
@@ -291,10 +391,14 @@ class Capture:
         messages = []
         for segments in streams.values():
             data = b"".join(segments[s] for s in sorted(segments))
-            while len(data) >= 19:
-                length = int.from_bytes(data[16:18], "big")
-                messages.append(data[:length])
-                data = data[length:]
+            i = data.find(MARKER)           # resynchronise on the marker if the capture began late
+            while i >= 0 and i + 19 <= len(data):
+                length = int.from_bytes(data[i + 16:i + 18], "big")
+                if data[i:i + 16] != MARKER or not 19 <= length <= 65535:
+                    i = data.find(MARKER, i + 1)
+                    continue
+                messages.append(data[i:i + length])
+                i += length
         return messages
 
 
@@ -317,6 +421,7 @@ def update_attribute_types(message: bytes) -> list[int]:
 
 
 BGP_UPDATE = 2
+MARKER = b"\xff" * 16
 
 
 def updates(messages: list[bytes]) -> list[bytes]:

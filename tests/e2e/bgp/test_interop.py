@@ -75,7 +75,7 @@ def test_ipv4_session_carries_communities_and_local_pref_exactly(bgp, kind, our_
     capture.stop()
     sent = [update_attribute_types(u) for u in updates(capture.messages_from(SPEAKER_V4))]
     with_nlri = [types for types in sent if 1 in types]          # ORIGIN present: not EoR/withdraw
-    assert with_nlri, "no UPDATE with NLRI captured"
+    assert with_nlri, f"no UPDATE with NLRI captured; the capture:\n{capture.text()}"
     for types in with_nlri:
         if relation == "ebgp":
             assert 5 not in types, f"LOCAL_PREF sent to an eBGP peer: attribute types {types}"
@@ -311,3 +311,27 @@ def test_fifty_vip_changes_do_not_reset_the_session(bgp, kind):
     assert _peer_connections(daemon, SPEAKER_V4) == 1
     assert daemon.sessions()[SPEAKER_V4].uptime > uptime0
     assert spk.peer(peer_v4)["families"]["IPV4_UNICAST"]["advertised"] == len(expected)
+
+
+# -------------------------------------------------------------------------------------------
+# BIRD 2 as the router (proves the BIRD snippet in docs/bgp-interop.md)
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("afi", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("our_side", ["active", "passive"])
+def test_bird_receives_our_routes_with_communities(bgp, our_side, afi):
+    v = 0 if afi == "ipv4" else 1
+    peer_addr, our_addr = PEER_ADDRS["bird"][v], (SPEAKER_V4, SPEAKER_V6)[v]
+    prefix = "10.9.5.0/24" if afi == "ipv4" else "2001:db8:5::/48"
+    spk_kw, peer_passive = sides(our_side)
+    daemon = bgp.peer("bird", [Neighbor(our_addr, SPEAKER_ASN, passive=peer_passive, families=(afi,))])
+    spk = bgp.speaker([neighbor(peer_addr, PEER_ASNS["bird"], families=[afi], passive=our_side == "passive")],
+                      [{"neighbor": peer_addr, "prefix": prefix,
+                        "attrs": {"communities": [community("65000:5"), NO_EXPORT],
+                                  "large_communities": [[65001, 5, 5]]}}], **spk_kw)
+    wait_established(spk, daemon, our_addr, peer_addr)
+    route = wait_routes(daemon, [prefix], afi=afi)[prefix]
+    assert route.next_hop == our_addr
+    assert route.as_path == (SPEAKER_ASN,)
+    assert sorted(route.communities) == ["65000:5", "no-export"]
+    assert route.large_communities == ("65001:5:5",)

@@ -41,12 +41,12 @@ def env():
         env.start_nodes()
         try:
             yield env
-        except BaseException:
-            raise
         finally:
-            for name in env.nodes:
-                if env.nodes[name].proc and env.nodes[name].proc.poll() is not None:
-                    print(f"--- vipd {name} exited; log tail:\n{env.vipd_log(name)[-3000:]}")
+            # a vipd that died is the first thing to look at when a step failed
+            for name, node in env.nodes.items():
+                if node.proc and node.proc.poll() is not None:
+                    print(f"--- vipd {name} exited ({node.proc.returncode}); log tail:\n"
+                          f"{env.vipd_log(name)[-3000:]}")
 
 
 def assert_pod_cidrs_everywhere(env: Seed002Lab) -> None:
@@ -94,6 +94,10 @@ def test_1_seed_peering_policy_announces_all_pod_cidrs(env):
         assert (peer["localASN"], peer["peerASN"], peer["peerAddress"], peer["peerPort"],
                 peer["sessionState"]) == (int(asn), int(asn), n.leaf_address, 179, "established")
         assert peer["timers"]["appliedHoldTimeSeconds"] == 90 and peer["uptimeSeconds"] >= 0
+    caps = env.vipctl(NODES[0].name, "bgp", "peers", "--caps").splitlines()
+    assert caps[:2] == ["BGP neighbor is 10.0.5.1, remote AS 65005", "Neighbor capabilities:"]
+    assert "\tmultiprotocol(ipv4-unicast): advertised and received" in caps
+    assert "\tmultiprotocol(ipv6-unicast): advertised" in caps   # FRR has only ipv4 activated
 
 
 def test_2a_vipctl_migrate_output_replaces_the_policy_live(env):
@@ -266,3 +270,56 @@ def test_6_sigterm_is_a_graceful_restart_and_notify_mode_withdraws(env):
     env.start_nodes([other.name])
     wait_until(lambda: stale_state(env, "leaf02", other.pod_cidr, other.address) is False,
                timeout=30, what="worker2's PodCIDR back")
+
+
+OVERRIDE_LOCAL_PORT = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPNodeConfigOverride
+metadata:
+  name: cilium-bgp-worker3
+spec:
+  bgpInstances:
+  - name: "65010"
+    localPort: 1790
+"""
+
+
+def test_7_failing_instance_reports_bgp_reconcile_error_retries_and_recovers(env):
+    """worker3's instance must listen on a port another process holds: the neighbor reconciler
+    fails, cilium.io/BGPReconcileError says why, retries back off, the other nodes are untouched;
+    once the port is free the retry succeeds and the condition clears."""
+    w3 = next(n for n in NODES if n.name == "cilium-bgp-worker3")
+    host = env.nodes[w3.name].host
+    blocker = host.spawn([sys.executable, "-c", "import socket, time\n"
+                          "s = socket.socket(); s.bind(('0.0.0.0', 1790)); s.listen(); time.sleep(600)"])
+    wait_until(lambda: "1790" in host.run("ss", "-ltn"), timeout=10, what="blocker listening")
+    others_before = {a: c for a, c in connections_established(env).items() if a != w3.address}
+    env.write_all("override.yaml", OVERRIDE_LOCAL_PORT)
+
+    def reconcile_error():
+        status = json.loads(env.vipctl(w3.name, "status", "-o", "json"))
+        errors = [e for e in status.get("reconcileErrors", []) if e["reconciler"] == "neighbors"]
+        return errors and errors[0]["attempts"] >= 2 and (status, errors[0])
+    status, err = wait_until(reconcile_error, timeout=30, what="BGPReconcileError with retries")
+    assert err["instance"] == "65010" and "1790" in err["error"] and "in use" in err["error"]
+    (node_cond,) = [c for r in status["resources"] if r["kind"] == "CiliumBGPNodeConfig" for c in r["conditions"]]
+    assert node_cond["type"] == "cilium.io/BGPReconcileError" and node_cond["status"] == "True"
+    assert "65010: neighbors:" in node_cond["message"]
+    assert "BGPReconcileError" in env.vipctl(w3.name, "status")
+    # nobody else was disturbed
+    assert {a: c for a, c in connections_established(env).items() if a != w3.address} == others_before
+    assert all(p["sessionState"] == "established" for n in NODES if n is not w3
+               for p in env.peers_json(n.name)["peers"])
+    # free the port: the next retry brings the instance up, listening, and clears the condition
+    blocker.kill()
+    blocker.wait(5)
+
+    def recovered():
+        status = json.loads(env.vipctl(w3.name, "status", "-o", "json"))
+        peers = env.peers_json(w3.name)["peers"]
+        return (not status["reconcileErrors"] and peers and peers[0]["sessionState"] == "established")
+    wait_until(recovered, timeout=45, what="instance recovered after the port was freed")
+    assert "1790" in host.run("ss", "-ltn")          # vipd itself listens on localPort now
+    wait_until(lambda: stale_state(env, "leaf02", w3.pod_cidr, w3.address) is False, timeout=30,
+               what="worker3's PodCIDR back at leaf02")
+    env.write_all("override.yaml", None)

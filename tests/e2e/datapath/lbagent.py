@@ -2,7 +2,7 @@
 
 ``python lbagent.py CONFIG.json [--hold]`` loads the datapath (adopting pinned maps left by
 a previous process), attaches the programs, reconciles the services to exactly the ones in
-the config, prints a JSON summary and exits — leaving programs attached and maps pinned, as
+the config, prints ``RESULT <json summary>`` and exits — leaving programs attached and maps pinned, as
 the real daemon does. With ``--hold`` it then sleeps until killed (to test a crash mid-stream).
 
 Config: {"instance", "pin_root", "netns", "node_v4", "xdp": [if], "tc_ingress": [if],
@@ -57,7 +57,7 @@ def apply(cfg: dict) -> dict:
 
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
-    print(json.dumps(apply(cfg)), flush=True)
+    print("RESULT " + json.dumps(apply(cfg)), flush=True)  # stdout also carries the JSON logs
     if "--hold" in sys.argv:
         while True:
             time.sleep(3600)

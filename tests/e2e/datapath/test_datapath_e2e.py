@@ -71,7 +71,7 @@ class Node:
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"agent on {self.name} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return _result(proc.stdout.splitlines())
 
     def spawn_holding(self) -> subprocess.Popen:
         self.config_path.write_text(json.dumps(self.config()))
@@ -83,6 +83,13 @@ class Node:
         dp.load()
         dp.destroy()
         Path(self.pin_root).rmdir()
+
+
+def _result(lines) -> dict:
+    for line in lines:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError("agent printed no RESULT line")
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +241,14 @@ def test_removing_a_backend_breaks_only_its_connections(env):
 # -- agent restart ---------------------------------------------------------------------------------
 
 def test_agent_restart_during_a_stream_loses_no_connection(env):
+    """Kill -9 the agent, start new ones, while the client keeps opening connections to a
+    local-backend VIP (tc reverse NAT on node-a) and a DSR VIP (XDP on node-a, tc on node-b)."""
     node_a = env.agents["node-a"]
     holding = node_a.spawn_holding()
-    first = json.loads(holding.stdout.readline())
-    stream = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream", MIX, "80",
-                                                    "8"]), stdout=subprocess.PIPE, text=True)
+    first = _result(iter(holding.stdout.readline, ""))
+    stream = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream",
+                                                    f"{LOCAL},{DSR}", "80", "8"]),
+                              stdout=subprocess.PIPE, text=True)
     try:
         events = [("stream", time.time())]
         time.sleep(1.0)
@@ -262,3 +272,13 @@ def test_agent_restart_during_a_stream_loses_no_connection(env):
     n = len(services_for("node-a"))
     assert first["services"] == second["adopted_services"] == third["adopted_services"] == n
     assert third["slots_written"] == 0      # nothing changed: the new process writes nothing
+
+
+# -- SNAT port reuse -------------------------------------------------------------------------------
+
+def test_snat_ports_are_reused_after_connections_close(env):
+    """Many more short SNAT connections than the SNAT port range holds (61000-65535) at once:
+    ports of closed flows must be reused, or new flows die with SNAT_NO_PORT."""
+    result = traffic(env, "stream", SNAT, 80, 10, timeout=120)
+    assert result["failures"] == [], (len(result["failures"]), result["failures"][:5], "ok", result["ok"])
+    assert result["ok"] > 4536, result["ok"]

@@ -5,9 +5,9 @@ Commands (JSON on stdout):
 ``burst VIP PORT PROTO SPORT_FIRST COUNT``
     one connection (TCP) or one request (UDP) per source port; reports for each source port
     who served, the address the answer came from, or the error.
-``stream VIP PORT SECONDS``
-    back-to-back TCP connections (kernel-chosen ports) until SECONDS elapse; reports the
-    number that completed and every failure.
+``stream VIP[,VIP...] PORT SECONDS``
+    back-to-back TCP connections (kernel-chosen ports, VIPs in turn) until SECONDS elapse;
+    reports the number that completed and every failure (with its time and source port).
 ``hold VIP PORT SPORT_FIRST COUNT``
     opens COUNT long-lived TCP connections, prints who served each, then for every line on
     stdin ("probe") sends one line on every connection and prints who answered (or the error).
@@ -69,17 +69,19 @@ def burst(vip, port, proto, first, count):
     return out
 
 
-def stream(vip, port, seconds):
+def stream(vips, port, seconds):
+    vips = vips.split(",")
     start = time.monotonic()
     end = start + float(seconds)
     ok, failures = 0, []
     while time.monotonic() < end:
         t = time.monotonic()
+        vip = vips[(ok + len(failures)) % len(vips)]
         r = tcp_once(vip, int(port), None)
         if "served_by" in r:
             ok += 1
         else:
-            failures.append(f"t={t - start:.2f}s sport={r['sport']}: {r['error']}")
+            failures.append(f"t={t - start:.2f}s {vip} sport={r['sport']}: {r['error']}")
     return {"ok": ok, "failures": failures, "start": time.time() - (time.monotonic() - start)}
 
 

@@ -169,3 +169,20 @@ def test_status_text_lists_conditions_and_reconcile_errors():
     assert "cilium.io/NoMatchingNode   True" in text
     assert "a.yaml, CiliumBGPPeerConfig/p: spec.families[0].afi" in text
     assert "advertisements   65005      3" in text
+
+
+def test_capabilities_text_marks_advertised_received_and_both():
+    p = vipd_pb2.Peer(peer_address="10.0.5.1", peer_asn=65005, local_asn=65005,
+                      local_capabilities=["multiprotocol(ipv4-unicast)", "multiprotocol(ipv6-unicast)",
+                                          "4-octet-as(65005)", "graceful-restart(R,N,time=120)"],
+                      remote_capabilities=["multiprotocol(ipv4-unicast)", "4-octet-as(65005)",
+                                           "route-refresh"])
+    assert printers.capabilities_text([p]).splitlines() == [
+        "BGP neighbor is 10.0.5.1, remote AS 65005",
+        "Neighbor capabilities:",
+        "\tmultiprotocol(ipv4-unicast): advertised and received",
+        "\tmultiprotocol(ipv6-unicast): advertised",
+        "\t4-octet-as(65005): advertised and received",
+        "\tgraceful-restart(R,N,time=120): advertised",
+        "\troute-refresh: received",
+    ]

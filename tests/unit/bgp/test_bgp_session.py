@@ -11,9 +11,9 @@ from agent.bgp.codec import KEEPALIVE_BYTES, MessageReader, decode, encode, enco
 from agent.bgp.errors import BgpProtocolError
 from agent.bgp.fsm import State
 from agent.bgp.messages import (
-    AsPath, AsSegment, As4Path, Communities, ExtendedMessage, ExtendedNextHop, FourOctetAs, GracefulRestart,
-    Keepalive, LocalPref, MpReach, MpUnreach, MultiProtocol, NextHop, Notification, Open, OriginAttr,
-    RouteRefresh, RouteRefreshCap, EnhancedRouteRefreshCap, UnknownCapability, Update,
+    AsPath, AsSegment, As4Path, Communities, ExtendedMessage, FourOctetAs, GracefulRestart, LocalPref,
+    MpReach, MpUnreach, MultiProtocol, NextHop, Notification, OriginAttr, RouteRefresh, UnknownCapability,
+    Update,
 )
 from agent.bgp.session import (
     CloseConnection, ConnectFailed, ConnectRequested, EndOfRibReceived, Session, SessionConfig, SessionDown,
@@ -429,3 +429,84 @@ def test_peer_notification_closes_and_schedules_restart():
     p.run()
     down = p.of_type("a", SessionDown)[-1]
     assert down.received == Notification(6, 4) and p.a.state is State.IDLE and p.a.next_deadline() is not None
+
+
+# ------------------------------------------------------------------ more receive-side rules
+
+def test_collision_rule_keeps_the_connection_of_the_higher_identifier():
+    from agent.bgp.speaker import collision_keeps_outgoing
+
+    assert collision_keeps_outgoing("2.2.2.2", "1.1.1.1", 65001, 65002) is True
+    assert collision_keeps_outgoing("1.1.1.1", "2.2.2.2", 65001, 65002) is False
+    # RFC 6286 §2.3: equal identifiers (eBGP) -> the larger AS number's connection stays
+    assert collision_keeps_outgoing("1.1.1.1", "1.1.1.1", 65002, 65001) is True
+    assert collision_keeps_outgoing("1.1.1.1", "1.1.1.1", 65001, 65002) is False
+
+
+def test_originator_id_or_cluster_list_with_our_router_id_is_rejected_on_ibgp():
+    from agent.bgp.messages import ClusterList, OriginatorId
+
+    p = Pair(cfg(65001, "1.1.1.1", 65001), cfg(65001, "2.2.2.2", 65001)).connect()
+    base = (OriginAttr(0), AsPath(()), NextHop(IPv4Address("10.0.0.2")), LocalPref(100))
+    p.call("a", p.a.receive_data, encode(Update((), base + (OriginatorId(IPv4Address("1.1.1.1")),),
+                                                (net("10.7.0.0/24"),)))
+           + encode(Update((), base + (ClusterList((IPv4Address("9.9.9.9"), IPv4Address("1.1.1.1"))),),
+                           (net("10.6.0.0/24"),)))
+           + encode(Update((), base + (OriginatorId(IPv4Address("3.3.3.3")),), (net("10.5.0.0/24"),))), p.now)
+    assert list(p.a.rib_in[V4].routes) == [encode_prefix(net("10.5.0.0/24"))]
+    assert len(p.a.rib_in[V4].rejected) == 2
+
+
+def test_as4_path_is_merged_for_loop_detection_from_a_two_octet_peer():
+    s = raw_established(cfg(4200000001, "1.1.1.1", 65002), open_bytes(caps=(MultiProtocol(1, 1),)))
+    looped = Update((), (OriginAttr(0), AsPath((AsSegment(2, (65002, 23456)),)), NextHop(IPv4Address("10.0.0.2")),
+                         As4Path((AsSegment(2, (4200000001,)),))), (net("10.7.0.0/24"),))
+    clean = Update((), (OriginAttr(0), AsPath((AsSegment(2, (65002, 23456)),)), NextHop(IPv4Address("10.0.0.2")),
+                        As4Path((AsSegment(2, (4200000077,)),))), (net("10.8.0.0/24"),))
+    s.receive_data(encode(looped, four_octet_as=False) + encode(clean, four_octet_as=False), 1.0)
+    assert list(s.rib_in[V4].routes) == [encode_prefix(net("10.8.0.0/24"))]
+    assert s.rib_in[V4].rejected == {encode_prefix(net("10.7.0.0/24"))}
+
+
+def test_unknown_optional_transitive_attribute_is_kept_with_the_route():
+    from agent.bgp.messages import UnknownAttribute
+
+    p = ebgp_pair().connect()
+    u = Update((), (OriginAttr(0), AsPath((AsSegment(2, (65002,)),)), NextHop(IPv4Address("10.0.0.2")),
+                    UnknownAttribute(0xC0, 99, b"opaque")), (net("10.7.0.0/24"),))
+    p.call("a", p.a.receive_data, encode(u), p.now)
+    assert UnknownAttribute(0xC0, 99, b"opaque") in p.a.rib_in[V4].routes[encode_prefix(net("10.7.0.0/24"))]
+
+
+def test_enhanced_route_refresh_from_the_peer_sweeps_stale_routes():
+    p = ebgp_pair().connect()
+    attrs = (OriginAttr(0), AsPath((AsSegment(2, (65002,)),)), NextHop(IPv4Address("10.0.0.2")))
+    p.call("a", p.a.receive_data, encode(Update((), attrs, (net("10.7.0.0/24"), net("10.8.0.0/24")))), p.now)
+    p.call("a", p.a.receive_data, encode(RouteRefresh(1, 1, 1)) + encode(Update((), attrs, (net("10.8.0.0/24"),)))
+           + encode(RouteRefresh(1, 1, 2)), p.now)
+    assert list(p.a.rib_in[V4].routes) == [encode_prefix(net("10.8.0.0/24"))]
+
+
+def test_end_of_rib_from_the_peer_is_reported_per_family():
+    p = ebgp_pair().connect()
+    assert p.of_type("a", EndOfRibReceived) == [EndOfRibReceived(V4), EndOfRibReceived(V6)]
+
+
+def test_a_connection_closed_before_established_is_retried_after_the_idle_hold_time():
+    s = Session(cfg(connect_retry=120), rng=random.Random(5))
+    s.start(0.0)
+    now, delays = 0.0, []
+    for _ in range(3):
+        s.connection_made(now, "10.0.0.1", "10.0.0.2", outgoing=True)
+        s.connection_failed(now, "closed by the peer")  # e.g. the peer is still clearing our old session
+        delays.append(s.next_deadline() - now)
+        now = s.next_deadline()
+        s.handle_timer(now)
+    assert 5 <= delays[0] < 10 and 10 <= delays[1] < 20 and 20 <= delays[2] < 40, delays
+
+
+def test_a_long_lived_session_that_ends_reconnects_within_a_second():
+    p = ebgp_pair().connect()
+    p.advance(60)
+    p.call("a", p.a.connection_failed, p.now, "connection reset")
+    assert p.a.state is State.IDLE and 0.5 <= p.a.next_deadline() - p.now < 1.0

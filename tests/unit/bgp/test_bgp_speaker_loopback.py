@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -229,5 +228,46 @@ def test_runner_sigusr1_closes_without_notification(tmp_path):
                 proc.kill()
                 proc.wait()
         await me.stop()
+
+    asyncio.run(main())
+
+
+def test_md5_matching_keys_establish_and_a_mismatch_is_explained():
+    async def main():
+        la, lb = Recorder(), Recorder()
+        a = await speaker(65001, "1.1.1.1", "127.0.0.1", la)
+        b = await speaker(65002, "2.2.2.2", "127.0.0.2", lb)
+        await b.add_neighbor(NeighborConfig("127.0.0.1", 65001, passive=True, password="s3cret", families=(V4,)))
+        await a.add_neighbor(NeighborConfig("127.0.0.2", 65002, port=b.listening_port(), local_address="127.0.0.1",
+                                            password="s3cret", connect_retry=1, families=(V4,)))
+        await wait_for(lambda: state(a, "127.0.0.2").state == "established", what="MD5 session")
+        await a.remove_neighbor("127.0.0.2")
+        await a.add_neighbor(NeighborConfig("127.0.0.2", 65002, port=b.listening_port(), local_address="127.0.0.1",
+                                            password="wrong", connect_retry=1, families=(V4,)))
+        await wait_for(lambda: la.events("connect failed"), timeout=15, what="connect timeout")
+        ev = la.events("connect failed")[0]
+        assert ev["reason"] == "timed out" and "TCP MD5 key mismatch is a likely cause" in ev["hint"]
+        assert state(a, "127.0.0.2").state != "established"
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_ttl_is_one_for_ebgp_unless_multihop_is_configured():
+    import socket
+
+    async def main():
+        a, b, la, lb = await pair()
+        sock = a._peers["127.0.0.2"].driver.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 90_000
+        await a.update_neighbor(NeighborConfig("127.0.0.2", 65002, port=b.listening_port(), local_address="127.0.0.1",
+                                               connect_retry=1, families=(V4,), ebgp_multihop_ttl=7))
+        sock = a._peers["127.0.0.2"].driver.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 7  # applied without a reset
+        assert state(a, "127.0.0.2").state == "established"
+        await a.stop()
+        await b.stop()
 
     asyncio.run(main())

@@ -20,11 +20,11 @@ ROOT = HERE.parents[2]
 DRIVER = r"""
 import asyncio, sys, json
 sys.path.insert(0, {here!r})
-from fake_speaker import FakeSpeaker
+from recording_speaker import RecordingSpeaker
 from agent import daemon
 calls = []
 def factory(inst):
-    return FakeSpeaker(inst, calls)
+    return RecordingSpeaker(inst, calls)
 code = daemon.main(sys.argv[1:], speaker_factory=factory)
 print("CALLS " + json.dumps([[str(x) for x in c] for c in calls]), flush=True)
 sys.exit(code)

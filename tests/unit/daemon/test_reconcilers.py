@@ -5,7 +5,7 @@ with backoff, advertisement-only changes never touch sessions, GR stop on shutdo
 import asyncio
 import ipaddress
 
-from fake_speaker import FakeSpeaker
+from recording_speaker import RecordingSpeaker
 
 from agent.controlplane.types import BgpInstance, Family, FamilySpec, PathAttributes, PeerSpec, NodeConfigResult
 from agent.reconcilers.advertisements import AdvertisementReconciler
@@ -35,7 +35,7 @@ class Harness:
     def __init__(self, fail_on=None):
         self.calls: list = []
         self.fail_on = fail_on if fail_on is not None else {}
-        self.speakers: list[FakeSpeaker] = []
+        self.speakers: list[RecordingSpeaker] = []
         self.errors = ErrorBook()
         self.neighbors = NeighborReconciler(self._factory, settle_seconds=0)
         self.adverts = AdvertisementReconciler(self.neighbors, None, (V4, V6), clock=lambda: 1000.0)
@@ -43,7 +43,7 @@ class Harness:
         self.now = 0.0
 
     def _factory(self, inst):
-        sp = FakeSpeaker(inst, self.calls, fail_on=self.fail_on.setdefault(inst.name, set()))
+        sp = RecordingSpeaker(inst, self.calls, fail_on=self.fail_on.setdefault(inst.name, set()))
         self.speakers.append(sp)
         return sp
 
@@ -199,3 +199,11 @@ def test_renamed_instance_with_same_identity_keeps_its_speaker_and_sessions():
     # a different identity under the new name is a new speaker
     calls = h.twice(node(instance("other", router_id="9.9.9.9")))
     assert [c[1] for c in calls] == ["stop", "start", "add_neighbor"]
+
+
+def test_ipv6_peer_written_in_upper_case_is_one_stable_neighbor():
+    h = Harness()
+    h.paths[("65005", "FD00:10::1")] = {V4: {}, V6: {N("fd00:1::/64"): A}}
+    calls = h.twice(node(instance(peers=[peer("FD00:10::1")])))
+    assert calls == [("65005", "start"), ("65005", "add_neighbor", "fd00:10::1"),
+                     ("65005", "advertise", "fd00:10::1", V6, "fd00:1::/64")]

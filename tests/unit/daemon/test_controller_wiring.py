@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 
 import yaml
-from fake_speaker import FakeSpeaker
+from recording_speaker import RecordingSpeaker
 
 from agent import demo
 from agent.api import printers
@@ -37,7 +37,7 @@ class World:
                                      clock=lambda: 2000.0)
 
     def factory(self, inst):
-        sp = FakeSpeaker(inst, self.calls)
+        sp = RecordingSpeaker(inst, self.calls)
         self.speakers.append(sp)
         return sp
 

@@ -34,7 +34,7 @@ class FakePeerState:
     last_error: str | None = None
 
 
-class FakeSpeaker:
+class RecordingSpeaker:
     def __init__(self, instance, log: list, *, fail_on: set[str] | None = None):
         self.instance = instance
         self.asn = instance.local_asn
