@@ -211,6 +211,10 @@ def main(argv: Sequence[str] | None = None, *, speaker_factory=speaker_factory) 
     args = build_parser().parse_args(argv)
     configure(args.log_level, json=None if args.log_format == "auto" else args.log_format == "json")
     if args.cmd == "run":
+        if not Path(args.config).is_dir():
+            print(f"vipd: --config {args.config}: not a directory (it holds the *.yaml manifests)",
+                  file=sys.stderr)
+            return 2
         with StateDirLock(Path(args.state_dir)):
             return asyncio.run(run_agent(args, speaker_factory=speaker_factory))
     return 2

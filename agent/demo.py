@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -278,6 +279,46 @@ endpoints: {endpoints}
 """
 
 
+# A "pod": a TCP server on port 80 that answers each connection with its name.
+POD_SERVER = r"""
+import socket, sys, threading
+name = sys.argv[1].encode()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 80)); s.listen(128)
+def serve(c):
+    with c:
+        c.sendall(name + b"\n")
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+# The client side: N fresh TCP connections to ADDR:80, one answer (or error) per line.
+TCP_CLIENT = r"""
+import socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+answers = []
+for i in range(n):
+    try:
+        with socket.create_connection((vip, 80), timeout=3) as c:
+            answers.append(c.recv(100).decode().strip() or "EMPTY")
+    except OSError as e:
+        answers.append("ERROR " + type(e).__name__)
+print("\n".join(answers))
+"""
+
+# veth XDP_TX / redirect needs an XDP program on the receiving peer (the bridge ports).
+XDP_PASS = r"""
+import sys
+sys.path.append("/usr/lib/python3/dist-packages")
+from bcc import BPF
+b = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+fn = b.load_func("xdp_pass", BPF.XDP)
+for ifname in sys.argv[1:]:
+    b.attach_xdp(ifname, fn, 0)
+"""
+
+
 @dataclass
 class VipdNode:
     spec: NodeSpec
@@ -385,6 +426,50 @@ class Seed002Lab:
         proc.send_signal(sig)
         return proc.wait(timeout=timeout)
 
+    def prepare_datapath(self) -> None:
+        """Pod servers in every pod namespace and XDP_PASS on the bridge ports, so that
+        `vipd run --lb-interface eth-<rack>-br` can serve VIPs in this lab."""
+        # veth hands locally generated packets on with CHECKSUM_PARTIAL (only the pseudo-header
+        # sum in the L4 checksum); XDP_TX drops that metadata. Senders compute full checksums, as
+        # packets from a physical wire always have them.
+        for host in self.lab.hosts.values():
+            for link in json.loads(host.run("ip", "-j", "link", "show", "type", "veth")):
+                host.run("ethtool", "-K", link["ifname"], "tx", "off")
+        for rack in ("rack0", "rack1"):
+            ports = [f"p-{n.host}" for n in NODES if n.rack == rack]
+            self.lab.hosts[f"{rack}-br"].run(sys.executable, "-c", XDP_PASS, *ports, timeout=120)
+        for n in NODES:
+            self.lab.hosts[f"pod-{n.host}"].spawn([sys.executable, "-c", POD_SERVER, f"pod-on-{n.name}"])
+
+    def lb_args(self, name: str) -> list[str]:
+        spec = self.nodes[name].spec
+        return ["--lb-interface", f"eth-{spec.rack}-br", "--bpf-pin-root", str(self.pin_root)]
+
+    @property
+    def pin_root(self) -> Path:
+        return Path("/sys/fs/bpf") / f"{self.lab.prefix}vipd"
+
+    def connect(self, address: str, n: int = 5) -> list[str]:
+        """n TCP connections from the client to address:80; the answers (pod names) or errors."""
+        out = subprocess.run(self.client.exec_argv([sys.executable, "-c", TCP_CLIENT, address, str(n)]),
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.split("\n")[:n]
+
+    def vip(self) -> str:
+        path = next(iter(self.nodes.values())).state_dir / "lbipam-allocations.yaml"
+
+        def allocated():
+            import yaml
+
+            return path.exists() and (yaml.safe_load(path.read_text()) or {}).get(
+                "allocations", {}).get("default/web", [None])[0]
+        return wait_until(allocated, timeout=30, what="LB-IPAM allocation of default/web")
+
+    def vip_announcers(self, prefix: str) -> set[str]:
+        """Next hops of the leaves' paths for prefix learned from their own nodes."""
+        return {p.next_hop for leaf in ("leaf01", "leaf02") for p in self.routes_by_prefix(leaf).get(prefix, [])
+                if p.as_path == ()}
+
     def vipd_log(self, name: str) -> str:
         return (self.nodes[name].config_dir.parent / "vipd.log").read_text(errors="replace")
 
@@ -448,54 +533,98 @@ def _step(t0: float, text: str) -> None:
     print(f"[{time.monotonic() - t0:6.1f}s] {text}", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.demo [--vip]``: --vip also runs vipd's eBPF datapath and serves a VIP."""
+    argv = sys.argv[1:] if argv is None else argv
+    with_vip = "--vip" in argv
     t0 = time.monotonic()
     if os.geteuid() != 0:
         print("agent.demo needs root (network namespaces, FRR)", file=sys.stderr)
         return 1
-    with Lab("s002") as lab:
-        _step(t0, "building the seed 002 lab: 2 spines (AS 500, AS 1000), 2 leaves as route reflectors "
-                  "(AS 65005, AS 65010), 4 vipd nodes, a client behind spine02")
-        env = Seed002Lab(lab).build()
-        env.write_all("nodes.yaml", nodes_yaml())
-        env.write_all("bgp.yaml", LEGACY_POLICY_YAML)
-        _step(t0, "FRR routers up; starting `vipd run` on the four nodes with the seed's CiliumBGPPeeringPolicy")
-        env.start_nodes()
-        wait_until(env.sessions_established, timeout=60, what="all node sessions established at the leaves")
-        _step(t0, "all four nodes established with their leaf")
-        wait_until(env.learned_pod_cidrs, timeout=60, what="every router learning all four PodCIDRs")
-        wait_until(env.reflected_routes_received, timeout=30, what="each node receiving the reflected routes")
-        first = NODES[0]
-        _step(t0, f"vipctl bgp peers   (on {first.name}; the table of seed 002)")
-        print(env.vipctl(first.name, "bgp", "peers"), flush=True)
-        _step(t0, "vipctl --socket <each node> bgp peers   (cluster-wide, the table of seed 004)")
-        print(env.vipctl_all("bgp", "peers"), flush=True)
-        _step(t0, f"vipctl bgp routes advertised ipv4 unicast   (on {first.name})")
-        print(env.vipctl(first.name, "bgp", "routes", "advertised", "ipv4", "unicast"), flush=True)
-        for spine in ("spine01", "spine02"):
-            _step(t0, f"{spine}: BGP table (show ip bgp)")
-            out = env.routers[spine].vtysh("show ip bgp")
-            print("\n".join(line for line in out.splitlines()
-                            if line.strip() and not line.startswith(("Default local pref", "Status codes",
-                                                                     "Nexthop codes", "RPKI", "Origin codes",
-                                                                     "               ", "BGP table version"))),
-                  flush=True)
-        _step(t0, "ping from the client (192.168.0.2) to a pod address in each rack, routed natively")
-        failures = 0
-        for n in NODES:
-            r = subprocess.run(env.client.exec_argv(["ping", "-c", "1", "-W", "2", n.pod_address]),
-                               capture_output=True, text=True)
-            line = next((l for l in r.stdout.splitlines() if "bytes from" in l), "no reply")
-            print(f"  {n.rack} {n.name:<26} pod {n.pod_address:<11} -> {line}", flush=True)
-            failures += r.returncode != 0
-        _step(t0, "tearing down")
-        prefix, procs = lab.prefix, [n.proc for n in env.nodes.values()]
+    lab = Lab("s002")
+    try:
+        with lab:
+            failures, procs = _run(t0, lab, with_vip)
+            _step(t0, "tearing down")
+    finally:
+        # pinned maps outlive the agents by design; the demo removes its own pin directory
+        shutil.rmtree(Path("/sys/fs/bpf") / f"{lab.prefix}vipd", ignore_errors=True)
     left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-            if ns.startswith(prefix)]
+            if ns.startswith(lab.prefix)]
     running = [p.pid for p in procs if p is not None and p.poll() is None]
-    _step(t0, f"done; {'all pings answered' if not failures else f'{failures} ping(s) failed'}; "
+    _step(t0, f"done; {'all checks passed' if not failures else f'{failures} check(s) failed'}; "
               f"namespaces left: {len(left)}, vipd processes left: {len(running)}")
     return 1 if failures or left or running else 0
+
+
+def _run(t0: float, lab: Lab, with_vip: bool) -> tuple[int, list]:
+    _step(t0, "building the seed 002 lab: 2 spines (AS 500, AS 1000), 2 leaves as route reflectors "
+              "(AS 65005, AS 65010), 4 vipd nodes, a client behind spine02")
+    env = Seed002Lab(lab).build()
+    env.write_all("nodes.yaml", nodes_yaml())
+    env.write_all("bgp.yaml", LEGACY_POLICY_YAML)
+    if with_vip:
+        env.prepare_datapath()
+        _step(t0, "FRR routers up; starting `vipd run --lb-interface ...` (BGP + eBPF datapath) on the "
+                  "four nodes with the seed's CiliumBGPPeeringPolicy")
+        for name in env.nodes:
+            env.start_nodes([name], *env.lb_args(name))
+    else:
+        _step(t0, "FRR routers up; starting `vipd run` on the four nodes with the seed's "
+                  "CiliumBGPPeeringPolicy")
+        env.start_nodes()
+    procs = [n.proc for n in env.nodes.values()]
+    wait_until(env.sessions_established, timeout=60, what="all node sessions established at the leaves")
+    _step(t0, "all four nodes established with their leaf")
+    wait_until(env.learned_pod_cidrs, timeout=60, what="every router learning all four PodCIDRs")
+    wait_until(env.reflected_routes_received, timeout=30, what="each node receiving the reflected routes")
+    first = NODES[0]
+    _step(t0, f"vipctl bgp peers   (on {first.name}; the table of seed 002)")
+    print(env.vipctl(first.name, "bgp", "peers"), flush=True)
+    _step(t0, "vipctl --socket <each node> bgp peers   (cluster-wide, the table of seed 004)")
+    print(env.vipctl_all("bgp", "peers"), flush=True)
+    _step(t0, f"vipctl bgp routes advertised ipv4 unicast   (on {first.name})")
+    print(env.vipctl(first.name, "bgp", "routes", "advertised", "ipv4", "unicast"), flush=True)
+    for spine in ("spine01", "spine02"):
+        _step(t0, f"{spine}: BGP table (show ip bgp)")
+        out = env.routers[spine].vtysh("show ip bgp")
+        print("\n".join(line for line in out.splitlines()
+                        if line.strip() and not line.startswith(("Default local pref", "Status codes",
+                                                                 "Nexthop codes", "RPKI", "Origin codes",
+                                                                 "               ", "BGP table version"))),
+              flush=True)
+    _step(t0, "ping from the client (192.168.0.2) to a pod address in each rack, routed natively")
+    failures = 0
+    for n in NODES:
+        r = subprocess.run(env.client.exec_argv(["ping", "-c", "1", "-W", "2", n.pod_address]),
+                           capture_output=True, text=True)
+        line = next((l for l in r.stdout.splitlines() if "bytes from" in l), "no reply")
+        print(f"  {n.rack} {n.name:<26} pod {n.pod_address:<11} -> {line}", flush=True)
+        failures += r.returncode != 0
+    if with_vip:
+        failures += _vip_act(t0, env)
+    return failures, procs
+
+
+def _vip_act(t0: float, env: Seed002Lab) -> int:
+    _step(t0, "act 2: the same intent as cilium.io/v2 resources plus a LoadBalancer Service "
+              "(LB-IPAM pool, externalTrafficPolicy=Local, its endpoint on cilium-bgp-worker), "
+              "written into the config dirs: applied live")
+    env.write_all("bgp.yaml", V2_BGP_YAML)
+    env.write_all("svc.yaml", service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker"))
+    vip = env.vip()
+    wait_until(lambda: env.vip_announcers(f"{vip}/32") == {"10.0.5.12"}, timeout=30,
+               what="the VIP announced by cilium-bgp-worker only")
+    _step(t0, f"VIP {vip} announced only by the node with the ready endpoint; "
+              "vipctl bgp routes advertised ipv4 unicast   (on cilium-bgp-worker)")
+    print(env.vipctl("cilium-bgp-worker", "bgp", "routes", "advertised", "ipv4", "unicast"), flush=True)
+    wait_until(lambda: env.connect(vip, 1) == ["pod-on-cilium-bgp-worker"], timeout=30,
+               what="the first connection through the VIP")
+    answers = env.connect(vip, 10)
+    ok = answers.count("pod-on-cilium-bgp-worker")
+    _step(t0, f"10 TCP connections from the client to {vip}:80 (XDP DNAT on the node): {ok} answered by "
+              f"{answers[0]}")
+    return 0 if ok == 10 else 1
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ independent chain per setup::
     - **iptables**: kube-proxy's iptables-mode rules (KUBE-SERVICES -> KUBE-SVC-* with one
       ``statistic --mode random`` rule per endpoint -> KUBE-SEP-* DNAT, KUBE-MARK-MASQ +
       KUBE-POSTROUTING masquerade for clients outside the cluster), loaded with iptables-restore;
-    - **vipd**: the XDP datapath on lb's two interfaces, every service in DSR mode by default
-      (``--vipd-mode snat`` for SNAT: the same client-visible behaviour as the masquerading
-      iptables rules; at these rates it currently exhausts the SNAT port range, see
-      docs/load-balancing.md), Maglev M=16381 for the measured service and M=251 for the
-      others (the table size does not change the per-packet cost, only memory:
-      10,000 x 16381 slots would not fit the slot budget).
+    - **vipd**: the XDP datapath on lb's two interfaces (plus tc on srv for DSR), in SNAT
+      mode (the same client-visible behaviour as the masquerading iptables rules: replies
+      return through lb) and in DSR mode (replies skip lb's load balancer), Maglev M=16381
+      for the measured service and M=251 for the others (the table size does not change the
+      per-packet cost, only memory: 10,000 x 16381 slots would not fit the slot budget).
 All chains are built and programmed first, then measured in turns (``--reps`` rounds of
 ``--seconds`` each), so the noise of a shared machine falls on every setup alike; each cell
 is the median over the rounds. The last column is the cost of a connection relative to
@@ -289,11 +288,12 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iptables", default="nft", help="nft, legacy or nft,legacy")
     ap.add_argument("--no-vipd", action="store_true", help="only the iptables rows")
-    ap.add_argument("--vipd-mode", default="dsr", choices=["dsr", "snat"],
-                    help="forwarding mode of the vipd services (default dsr, see the module doc)")
+    ap.add_argument("--vipd-mode", default="dsr,snat",
+                    help="forwarding modes of the vipd services: dsr, snat or dsr,snat (the default)")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.services.split(",")]
     flavours = args.iptables.split(",")
+    modes = args.vipd_mode.split(",")
 
     workdir = Path(tempfile.mkdtemp(prefix="vipd-connbench-"))
     setups: list[dict] = []   # name, services, program time, chain, destination
@@ -307,15 +307,15 @@ def main(argv=None) -> None:
             chain = Chain(lab, "direct", connbench)
             setups.append(dict(name="direct (no LB)", n=0, load="-", chain=chain, dst=(BACKENDS[0], BACKEND_PORT)))
             if not args.no_vipd:
-                for n in counts:
-                    chain = Chain(lab, f"v{n}", connbench)
-                    vipd = Vipd(chain.lb, chain.srv, args.vipd_mode,
-                                pin_root=f"/sys/fs/bpf/vipd-bench-{chain.lb.ns}")
-                    vipds.append(vipd)
-                    load_s = vipd.services(n)
-                    setups.append(dict(name=f"vipd (XDP, {args.vipd_mode.upper()})", n=n, load=f"{load_s:.2f}s",
-                                       chain=chain, dst=(VIP, VIP_PORT)))
-                    print(f"  vipd with {n} services programmed in {load_s:.2f}s", flush=True)
+                for mode in modes:
+                    for n in counts:
+                        chain = Chain(lab, f"v{mode[0]}{n}", connbench)
+                        vipd = Vipd(chain.lb, chain.srv, mode, pin_root=f"/sys/fs/bpf/vipd-bench-{chain.lb.ns}")
+                        vipds.append(vipd)
+                        load_s = vipd.services(n)
+                        setups.append(dict(name=f"vipd (XDP, {mode.upper()})", n=n, load=f"{load_s:.2f}s",
+                                           chain=chain, dst=(VIP, VIP_PORT)))
+                        print(f"  vipd {mode} with {n} services programmed in {load_s:.2f}s", flush=True)
             for flavour in flavours:
                 for n in counts:
                     chain = Chain(lab, f"i{flavour[0]}{n}", connbench)
@@ -327,6 +327,8 @@ def main(argv=None) -> None:
                 print(f"round {rep + 1}/{args.reps} ...", flush=True)
                 for i, setup in enumerate(setups):
                     rate, fail = setup["chain"].run_once(connbench, *setup["dst"], args.seconds)
+                    print(f"  {setup['name']:<18} {setup['n']:>6} services: {rate:>9,.0f} conn/s"
+                          f"{f'  ({fail} failed)' if fail else ''}", flush=True)
                     rates.setdefault(i, []).append(rate)
                     failed[i] = failed.get(i, 0) + fail
             while vipds:
@@ -341,7 +343,10 @@ def main(argv=None) -> None:
     print(f"\nNew TCP connections/s through {VIP}:{VIP_PORT} (10 backends, 64 in flight, "
           f"median of {args.reps} x {args.seconds:g}s)")
     header = ["datapath", "services", "program time", "conn/s", "failed", "us/conn over direct"]
-    table = [[name, str(n), load, f"{rate:,.0f}", str(failed), f"{1e6 / rate - 1e6 / base:+.1f}"]
+    def over_direct(rate: float) -> str:
+        return f"{1e6 / rate - 1e6 / base:+.1f}" if rate and base else "n/a"
+
+    table = [[name, str(n), load, f"{rate:,.0f}", str(failed), over_direct(rate)]
              for name, n, load, rate, failed in rows]
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     for r in [header, *table]:
@@ -350,12 +355,14 @@ def main(argv=None) -> None:
     vipd_rows = [r for r in rows if r[0].startswith("vipd")]
     if vipd_rows:
         print("\nvipd / iptables (connections per second ratio):")
-        for flavour in flavours:
-            for n in counts:
-                ipt = by.get((f"iptables-{flavour}", n))
-                v = by.get((f"vipd (XDP, {args.vipd_mode.upper()})", n))
-                if ipt and v:
-                    print(f"  {n:>6} services: vipd {v:,.0f} / iptables-{flavour} {ipt:,.0f} = {v / ipt:.2f}x")
+        for mode in modes:
+            for flavour in flavours:
+                for n in counts:
+                    ipt = by.get((f"iptables-{flavour}", n))
+                    v = by.get((f"vipd (XDP, {mode.upper()})", n))
+                    if ipt and v is not None:
+                        print(f"  {n:>6} services: vipd {mode} {v:,.0f} / iptables-{flavour} {ipt:,.0f}"
+                              f" = {v / ipt:.2f}x")
 
 
 if __name__ == "__main__":

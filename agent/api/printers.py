@@ -233,12 +233,12 @@ def status_text(status) -> str:
            f"Uptime:      {go_duration(status.uptime_seconds)}"]
     out.append("")
     if status.config_errors:
-        out.append("Configuration errors:")
+        out.append("Configuration problems (rejected objects, warnings):")
         for e in status.config_errors:
             where = ", ".join(x for x in (e.file, e.object) if x)
             out.append(f"  {where}: {e.message}" if where else f"  {e.message}")
     else:
-        out.append("Configuration errors: none")
+        out.append("Configuration problems: none")
     out.append("")
     rows: list[list[object]] = [["Kind", "Name", "Condition", "Status", "Reason", "Message"]]
     for res in sorted(status.resources, key=lambda r: (r.kind, r.namespace, r.name)):

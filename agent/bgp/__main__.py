@@ -194,8 +194,12 @@ class Runner:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGUSR2, self.write_status)
         # Neighbors and all paths first, then start: the first UPDATEs carry the whole table.
-        await self.apply(self.doc)
-        await self.speaker.start()
+        try:
+            await self.apply(self.doc)
+            await self.speaker.start()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.log.error("cannot start the speaker", config=str(self.path), error=f"{type(exc).__name__}: {exc}")
+            return 2
         self.log.info("speaker running", pid=os.getpid(), config=str(self.path))
         status = loop.create_task(self.status_loop())
         await self.done.wait()
@@ -213,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 2
-    return asyncio.run(Runner(Path(argv[0])).run())
+    try:
+        runner = Runner(Path(argv[0]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # bad file: say which and why, no traceback
+        print(f"agent.bgp: {argv[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(runner.run())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from typing import Callable
 from agent.bgp.errors import BgpProtocolError
 from agent.bgp.session import CloseConnection, Session
 
-__all__ = ["SessionDriver", "BgpProtocol", "set_md5", "set_ttl", "set_user_timeout", "link_local_for"]
+__all__ = ["SessionDriver", "BgpProtocol", "set_md5", "set_ttl", "set_min_ttl", "set_user_timeout",
+           "link_local_for"]
 
 TCP_MD5SIG = 14  # linux/tcp.h
 _MD5_KEY_MAX = 80
@@ -54,6 +55,18 @@ def set_ttl(sock: socket.socket, ttl: int) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
     else:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+
+IP_MINTTL = 21  # linux/in.h
+IPV6_MINHOPCOUNT = 73  # linux/in6.h
+
+
+def set_min_ttl(sock: socket.socket, ttl: int) -> None:
+    """RFC 5082 (GTSM): drop segments that arrive with a TTL / hop limit below ``ttl``."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MINHOPCOUNT, ttl)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, ttl)
 
 
 def set_user_timeout(sock: socket.socket, seconds: int) -> None:

@@ -37,6 +37,9 @@ class NeighborConfig:
     # link-local address to IPv6 next hops towards directly connected peers (RFC 2545 §3).
     # FRR without zebra (bgpd -Z) cannot use it and resets the session: set False there.
     link_local_next_hop: bool = True
+    # Extension: RFC 5082 GTSM. Send with TTL 255 and accept only segments whose TTL shows at
+    # most this many hops (1 = directly connected). Replaces ebgp_multihop_ttl.
+    ttl_security_hops: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "address", str(ip_address(self.address)))
@@ -51,6 +54,11 @@ class NeighborConfig:
             raise ValueError(f"port {self.port} out of range")
         if self.ebgp_multihop_ttl is not None and not (1 <= self.ebgp_multihop_ttl <= 255):
             raise ValueError("ebgp_multihop_ttl must be 1..255")
+        if self.ttl_security_hops is not None:
+            if not (1 <= self.ttl_security_hops <= 254):
+                raise ValueError("ttl_security_hops must be 1..254")
+            if self.ebgp_multihop_ttl is not None:
+                raise ValueError("ttl_security_hops and ebgp_multihop_ttl exclude each other")
         if self.hold_time in (1, 2) or not (0 <= self.hold_time <= 65535):
             raise ValueError(f"hold_time must be 0 or 3..65535, got {self.hold_time}")
         if self.password is not None and len(self.password.encode()) > 80:

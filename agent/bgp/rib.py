@@ -29,9 +29,10 @@ class AdjRibOut:
     """Desired routes towards one peer in one family (kept across sessions), plus the changes
     not yet sent on the current session (``pending``: prefix -> attrs, or None to withdraw)."""
 
-    __slots__ = ("routes", "groups", "pending", "_canon")
+    __slots__ = ("routes", "groups", "pending", "_canon", "version")
 
     def __init__(self) -> None:
+        self.version = 0  # bumped on every change (lets readers cache derived views)
         self.routes: dict[bytes, PathAttributes] = {}
         self.groups: dict[PathAttributes, dict[bytes, None]] = {}
         self.pending: dict[bytes, PathAttributes | None] = {}
@@ -53,6 +54,7 @@ class AdjRibOut:
             group = self.groups[attrs] = {}
         group[key] = None
         self.pending[key] = attrs
+        self.version += 1
         return True
 
     def withdraw(self, key: bytes) -> bool:
@@ -61,6 +63,7 @@ class AdjRibOut:
             return False
         self._ungroup(key, old)
         self.pending[key] = None
+        self.version += 1
         return True
 
     def _ungroup(self, key: bytes, attrs: PathAttributes) -> None:

@@ -65,6 +65,9 @@ class Features:
     hash_seed: int = 0x4A4C6676       # flow hash seed: equal on every node
     snat_port_min: int = 61000
     snat_port_max: int = 65535
+    ct_close_timeout: int = 10        # s: a SNAT port whose TCP flow saw FIN/RST is reusable after this
+    ct_tcp_idle_timeout: int = 21600  # s: ... or after this long without a reply
+    ct_udp_idle_timeout: int = 60
 
     def defines(self, pin_dir: Path) -> dict[str, object]:
         return {
@@ -73,6 +76,8 @@ class Features:
             "CT_SIZE": self.ct_size, "AFFINITY_SIZE": self.affinity_size,
             "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
             "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
+            "CT_CLOSE_TIMEOUT_S": self.ct_close_timeout, "CT_TCP_IDLE_TIMEOUT_S": self.ct_tcp_idle_timeout,
+            "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout,
         }
 
 
@@ -324,16 +329,28 @@ class Datapath:
 
     # ------------------------------------------------------------------ attach / detach
 
-    def attach_xdp(self, ifname: str, *, netns: str | None = None, mode: str = "native") -> None:
+    def attach_xdp(self, ifname: str, *, netns: str | None = None, mode: str = "native",
+                   accept_local: bool = True) -> None:
         """Attach (or atomically replace) the XDP program on ``ifname``.
 
         ``mode``: "native" (driver XDP; veth supports it) or "generic" (skb mode, any device).
+        ``accept_local``: set net.ipv4.conf.<ifname>.accept_local=1, needed for SNAT flows whose
+        first packets are handed to the stack while the next hop's neighbour is unresolved
+        (their source is the node's own address). Pass False on nodes without SNAT services.
         """
         self._require_loaded()
         bcc = import_bcc()
         flags = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}[mode]
         fn = self._fns["xdp"]
-        in_netns(netns, lambda: bcc.BPF.attach_xdp(ifname.encode(), fn, flags))
+
+        def work():
+            # SNATed packets punted to the stack (neighbour not yet resolved) carry the node's
+            # own address as source; without accept_local the stack drops them as martians.
+            if accept_local:
+                _sysctl(f"net/ipv4/conf/{ifname}/accept_local", "1")
+            bcc.BPF.attach_xdp(ifname.encode(), fn, flags)
+
+        in_netns(netns, work)
         self._remember(ifname, "xdp", netns)
         log.info("xdp attached", ifname=ifname, netns=netns, mode=mode)
 
@@ -822,6 +839,13 @@ def _ifindex(ipr, ifname: str, netns: str | None) -> int:
     if not links:
         raise DatapathError(f"no interface {ifname!r} in netns {netns or '(root)'}")
     return links[0]
+
+
+def _sysctl(key: str, value: str) -> None:
+    """Write a sysctl of the calling thread's network namespace."""
+    path = Path("/proc/sys") / key
+    if path.exists() and path.read_text().strip() != value:
+        path.write_text(value)
 
 
 def _ensure_bpffs(pin_dir: Path) -> None:

@@ -189,6 +189,10 @@ class FrrDaemon:
         conf = self.dir / "bgpd.conf"
         conf.write_text(self.config_text())
         zsock = self.dir / "zserv.api"
+        # A restart in the same host reuses this directory: stale sockets would make us think
+        # the new daemons answer before they do (and bgpd could dial a dead zebra).
+        for stale in ("bgpd.vty", "zebra.vty", "zserv.api"):
+            (self.dir / stale).unlink(missing_ok=True)
         if self.peer.zebra:
             zconf = self.dir / "zebra.conf"
             zconf.write_text(f"hostname {self.host.name}\n")
@@ -407,8 +411,9 @@ class GobgpDaemon:
                 uptime = time.time() - (up.get("seconds", 0) if isinstance(up, dict) else up)
             result[n["conf"]["neighbor_address"]] = Session(
                 state=state,
-                hold_time=timers.get("negotiated_hold_time") if est else None,
-                keepalive=timers.get("keepalive_interval") if est else None,
+                # GoBGP's JSON omits zero values: an absent negotiated hold time is 0.
+                hold_time=timers.get("negotiated_hold_time", 0) if est else None,
+                keepalive=timers.get("keepalive_interval", 0) if est else None,
                 uptime=uptime, received=received, accepted=accepted,
                 peer_asn=n.get("conf", {}).get("peer_asn"), raw=n)
         return result

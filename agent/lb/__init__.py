@@ -1,0 +1,1 @@
+"""Service load balancing logic (pure): Maglev lookup tables (see maglev.py)."""

@@ -20,7 +20,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.log import get_logger
-from agent.routing.model import MAIN_TABLE, RTPROT_VIPD, NextHop, Route, RoutePlan, plan
+from agent.routing.model import RTPROT_VIPD, NextHop, Route, RoutePlan, plan
 
 __all__ = ["RouteManager", "SyncResult", "RouteError"]
 
@@ -147,7 +147,7 @@ def _from_msg(msg, names: dict[int, str]) -> Route | None:
     family = 6 if msg["family"] == AF_INET6 else 4
     dst = msg.get("dst") or ("::" if family == 6 else "0.0.0.0")
     prefix = ipaddress.ip_network(f"{dst}/{msg['dst_len']}")
-    table = msg.get("table") or msg["table"] or MAIN_TABLE
+    table = msg.get("table") or msg["table"]  # RTA_TABLE carries ids > 255; the header byte otherwise
     metric = msg.get("priority")
     if metric is None:
         metric = 0
@@ -157,7 +157,7 @@ def _from_msg(msg, names: dict[int, str]) -> Route | None:
     if multipath:
         hops = []
         for nh in multipath:
-            gw = dict(nh["attrs"]).get("RTA_GATEWAY") if isinstance(nh.get("attrs"), list) else nh.get("gateway")
+            gw = dict(nh.get("attrs") or ()).get("RTA_GATEWAY")
             hops.append(NextHop(gateway=gw, dev=names.get(nh["oif"]), weight=nh["hops"] + 1))
     else:
         hops = [NextHop(gateway=msg.get("gateway"), dev=names.get(msg.get("oif")))]

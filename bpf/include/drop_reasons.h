@@ -9,8 +9,8 @@
 #define DROP_NO_LOCAL_BACKEND  2  /* externalTrafficPolicy=Local and no backend on this node */
 #define DROP_SOURCE_RANGE      3  /* source address not in the service's loadBalancerSourceRanges */
 #define DROP_FRAGMENT          4  /* IP fragment addressed to a VIP (ports unknown: never guessed) */
-#define DROP_FIB_LOOKUP        5  /* no route / no neighbour towards a remote backend or client */
-#define DROP_SNAT_NO_PORT      6  /* no free SNAT port after SNAT_PORT_TRIES probes */
+#define DROP_FIB_LOOKUP        5  /* no route towards a remote backend or client (no neighbour: punted, not dropped) */
+#define DROP_SNAT_NO_PORT      6  /* no free or reusable SNAT port after SNAT_PORT_TRIES probes */
 #define DROP_DSR_UNSUPPORTED   7  /* DSR option cannot be added (IPv4 options / IPv6 ext headers present) */
 #define DROP_HEADROOM          8  /* adjust_head for the DSR option failed */
 #define DROP_STALE_BACKEND     9  /* Maglev slot names a backend id that is not programmed */

@@ -19,6 +19,7 @@ from scapy.packet import Raw
 
 from agent.datapath.abi import MapName, TcAction, XdpAction
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
+from agent.lab import Lab
 from tests.bpf.conftest import assert_checksums_valid, assert_frame, expected, run_tc, run_xdp
 
 from tests.bpf.conftest import NODE4, NODE6
@@ -168,3 +169,54 @@ def test_stateless_snat_is_rejected():
         dp = Datapath("unused")
         dp._xdp_bpf = object()   # bypass load: validation happens before any map access
         dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.SNAT, stateless=True))
+
+
+def test_unresolved_neighbour_punts_the_rewritten_packet_to_the_stack(dp, net):
+    """A route but no neighbour entry yet: the packet is translated and passed to the stack,
+    which resolves the neighbour and forwards it (instead of dropping every first SYN)."""
+    node = net["node"]
+    node.run("ip", "route", "replace", "10.4.0.0/16", "via", "10.0.0.3")   # 10.0.0.3: never resolved
+    dp.set_node_addresses(v4=NODE4)
+    dp.upsert_service(_svc(VIP4, Proto.TCP, "10.4.0.5", Mode.SNAT))
+    before = dp.counters().stat("xdp", "neigh_punt")
+    req = _req(C4, VIP4)
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.PASS
+    (fwd,) = [e for e in dp.conntrack() if e.direction == "service"]
+    assert_frame(r.data, expected(req, IP_src=NODE4, IP_dst="10.4.0.5", TCP_sport=fwd.nat_port, TCP_dport=8080))
+    assert dp.counters().stat("xdp", "neigh_punt") == before + 1
+
+
+def test_snat_ports_of_closed_flows_are_reused():
+    """With a one-port SNAT range: a second flow finds no port; after the first flow's FIN
+    (and the close timeout, 0 here) its port is taken over and its conntrack entry dropped."""
+    import dataclasses
+
+    from tests.bpf.conftest import TEST_FEATURES, new_datapath
+    feats = dataclasses.replace(TEST_FEATURES, snat_port_min=62000, snat_port_max=62000, ct_close_timeout=0)
+    dp = new_datapath("snatreuse", feats)
+    try:
+        with Lab("dpreuse") as lab:
+            node = lab.host("node", forwarding=True)
+            peer = lab.host("peer")
+            n_if, p_if = lab.link(node, peer, [f"{NODE4}/24"], ["10.0.0.2/24"])
+            node.run("ip", "route", "add", "10.2.0.0/16", "via", "10.0.0.2")
+            node.run("ip", "route", "add", "192.0.2.0/24", "via", "10.0.0.2")
+            node.run("ip", "neigh", "replace", "10.0.0.2", "lladdr", "02:00:00:00:00:22", "dev", n_if, "nud", "permanent")
+            dp.set_node_addresses(v4=NODE4)
+            dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.SNAT))
+            first = run_xdp(dp, _req(C4, VIP4, sport=1000), netns=node.ns)
+            assert first.retval == XdpAction.REDIRECT and Ether(first.data)[TCP].sport == 62000
+            before = dp.counters().drops["SNAT_NO_PORT"]
+            assert run_xdp(dp, _req(C4, VIP4, sport=2000), netns=node.ns).retval == XdpAction.DROP
+            assert dp.counters().drops["SNAT_NO_PORT"] == before + 1
+            # the backend closes the first flow
+            fin = Ether() / IP(src=B4, dst=NODE4) / TCP(sport=8080, dport=62000, flags="FA")
+            assert run_xdp(dp, fin, netns=node.ns).retval == XdpAction.REDIRECT
+            third = run_xdp(dp, _req(C4, VIP4, sport=3000), netns=node.ns)
+            assert third.retval == XdpAction.REDIRECT and Ether(third.data)[TCP].sport == 62000
+            assert dp.counters().stat("xdp", "snat_reuse") == 1
+            flows = {(str(e.saddr), e.sport) for e in dp.conntrack() if e.direction == "service"}
+            assert flows == {(C4, 3000)}, "the closed flow's forward entry must be gone"
+    finally:
+        dp.destroy()

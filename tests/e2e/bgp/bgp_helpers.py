@@ -1,17 +1,11 @@
-"""Helpers for the speaker interop tests: the speaker process, the shared topology, peers,
-packet captures. Fixtures are in conftest.py (one topology per module, fresh daemons per test).
+"""Helpers for the speaker interop tests (fixtures and the topology are in conftest.py).
 
-Topology (built once per test module; daemons are per test)::
-
-       spk 10.0.0.1 fd00::1 (vipd speaker, AS 65001)
-        |
-   [lan bridge] ---- frr 10.0.0.2 fd00::2 (FRR, AS 65002)
-        |  \\------- gobgp 10.0.0.3 fd00::3 (GoBGP, AS 65003)
-        |
-       mid 10.0.0.4 ==== 10.1.0.1 | 10.1.0.2 far (FRR or GoBGP, multihop: two IP hops from spk)
-
-The speaker runs as its own process (``speaker_driver.py``) inside ``spk`` and is driven over a
-unix socket, so tests can ``kill -9`` it, restart it, read its log and its peak RSS.
+* :class:`SpeakerProcess` runs the vipd speaker as its own process (``speaker_driver.py``) inside
+  a lab host, driven over a unix socket, so tests can ``kill -9`` it, restart it and read its log;
+  :class:`RunnerProcess` runs the speaker's own runner, ``python -m agent.bgp CONFIG.json``.
+* :class:`BgpCase` starts per-test peers: FRR and GoBGP through ``agent.lab``, BIRD 2 through
+  :class:`BirdReceiver`; all answer ``sessions()`` / ``routes(afi)`` the same way.
+* :class:`Capture` records a peer's TCP traffic so tests can check the bytes we sent.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.lab import Host, Lab, wait_until
-from agent.lab.peers import Announce, FrrPeer, GobgpPeer, Neighbor, Route, Session
+from agent.lab.peers import FrrPeer, GobgpPeer, Neighbor, Route, Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bird import BirdDaemon  # noqa: E402  (benchmarks/bird.py: BIRD is not in agent.lab)
@@ -159,6 +153,46 @@ class SpeakerProcess:
         raise AssertionError("no VmHWM in /proc status")
 
 
+class RunnerProcess:
+    """The speaker's own runner, ``python -m agent.bgp CONFIG.json`` (signals, status file)."""
+
+    def __init__(self, host: Host, config: dict, name: str = "runner"):
+        self.host = host
+        self.status_path = host.workdir / f"{name}-status.json"
+        self.config_path = host.workdir / f"{name}.json"
+        self.config_path.write_text(json.dumps({**config, "status_file": str(self.status_path)}, indent=1))
+        self.log_path = host.workdir / f"{name}.log"
+        self.proc = None
+
+    def start(self) -> "RunnerProcess":
+        self.status_path.unlink(missing_ok=True)
+        self.proc = self.host.spawn([sys.executable, "-m", "agent.bgp", str(self.config_path)],
+                                    env={"PYTHONPATH": str(REPO)}, log_path=self.log_path, cwd=REPO)
+        wait_until(lambda: self.proc.poll() is not None or self.status_path.exists(), timeout=20,
+                   interval=0.05, what="runner status file")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"runner exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+        return self
+
+    def signal(self, sig: int, *, wait: bool = True) -> int | None:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=10) if wait else None
+
+    def peers(self) -> dict[str, dict]:
+        return {p["address"]: p for p in json.loads(self.status_path.read_text())["peers"]}
+
+    def established(self, address: str) -> bool:
+        return self.peers()[address]["state"] == "established"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
 # ------------------------------------------------------------------------------------------
 # the shared topology and per-test daemons
 # ------------------------------------------------------------------------------------------
@@ -178,7 +212,7 @@ class BgpCase:
 
     topo: Topo
     daemons: list = field(default_factory=list)
-    speakers: list[SpeakerProcess] = field(default_factory=list)
+    speakers: list = field(default_factory=list)   # SpeakerProcess / RunnerProcess
 
     def peer(self, kind: str, neighbors: list[Neighbor], *, host: Host | None = None,
              asn: int | None = None, router_id: str | None = None, announce=(), **peer_kw):
@@ -213,6 +247,11 @@ class BgpCase:
         spk = SpeakerProcess(host or self.topo.spk, config)
         self.speakers.append(spk)
         return spk.start() if start else spk
+
+    def runner(self, config: dict) -> RunnerProcess:
+        r = RunnerProcess(self.topo.spk, config, name=f"runner-{time.monotonic_ns()}")
+        self.speakers.append(r)
+        return r.start()
 
     def close(self) -> None:
         for spk in self.speakers:

@@ -7,14 +7,18 @@ that comes back in time re-sends its table and End-of-RIB, and FRR never withdra
 
 from __future__ import annotations
 
+import signal
 import time
+
+import pytest
 
 from agent.lab import wait_until
 from agent.lab.peers import Neighbor
 
-from bgp_helpers import PEER_ADDRS, PEER_ASNS, SPEAKER_V4, learned, neighbor, wait_established, wait_routes
+from bgp_helpers import (PEER_ADDRS, PEER_ASNS, SPEAKER_V4, learned, neighbor, peer_established,
+                         wait_established, wait_routes)
 
-RESTART_TIME = 6
+RESTART_TIME = 8
 PREFIXES = [f"10.9.{i}.0/24" for i in range(5)]
 
 
@@ -63,3 +67,43 @@ def test_kill9_keeps_routes_stale_then_restart_converges_without_withdrawal(bgp)
                what="stale routes removed when the restart time expires")
     held = time.monotonic() - killed
     assert held >= RESTART_TIME - 1, f"stale routes dropped after {held:.1f}s, restart time is {RESTART_TIME}s"
+
+
+@pytest.mark.parametrize("kind", ["frr", "gobgp"])
+def test_runner_planned_restart_keeps_routes_and_shutdown_withdraws_them(bgp, kind):
+    """`python -m agent.bgp`: SIGUSR1 (planned restart) closes TCP without NOTIFICATION and the
+    router keeps our routes; SIGTERM (deliberate shutdown) sends Cease and the router withdraws
+    them at once, not after the restart time."""
+    peer_v4 = PEER_ADDRS[kind][0]
+    extra = {"extra_global_config": "log stdout debugging\ndebug bgp updates in"} if kind == "frr" else {}
+    daemon = bgp.peer(kind, [Neighbor(SPEAKER_V4, 65001, passive=True, graceful_restart=True)],
+                      graceful_restart=True, **extra)
+    config = {"speaker": {"asn": 65001, "router_id": SPEAKER_V4},
+              "neighbors": [neighbor(peer_v4, PEER_ASNS[kind], graceful_restart=True, restart_time=60)],
+              "paths": [{"neighbor": peer_v4, "prefix": p, "attrs": {"communities": ["65000:7"]}}
+                        for p in PREFIXES]}
+    runner = bgp.runner(config)
+    wait_until(lambda: runner.established(peer_v4) and peer_established(daemon, SPEAKER_V4), timeout=20,
+               what="runner session Established")
+    wait_routes(daemon, PREFIXES)
+
+    log_mark = len(daemon.log())
+    assert runner.signal(signal.SIGUSR1) == 0
+    wait_until(lambda: (lambda r: set(r) == set(PREFIXES) and all(x.stale for x in r.values()))(learned(daemon)),
+               timeout=5, interval=0.1, what="routes kept as stale after the planned restart")
+    assert "notification" not in daemon.log()[log_mark:].lower(), daemon.log()[log_mark:]
+
+    runner.start()
+    wait_until(lambda: runner.established(peer_v4) and peer_established(daemon, SPEAKER_V4), timeout=20,
+               what="runner session Established again")
+    wait_until(lambda: (lambda r: set(r) == set(PREFIXES) and not any(x.stale for x in r.values()))(learned(daemon)),
+               timeout=10, interval=0.1, what="routes refreshed after the restart")
+    if kind == "frr":
+        assert [l for l in daemon.log()[log_mark:].splitlines() if "withdrawn" in l] == []
+
+    assert runner.signal(signal.SIGTERM) == 0
+    stopped = time.monotonic()
+    wait_until(lambda: learned(daemon) == {}, timeout=10, interval=0.1,
+               what="routes withdrawn after a deliberate shutdown (Cease)")
+    assert time.monotonic() - stopped < 10  # far below the 60 s restart time
+    assert "notification" in daemon.log()[log_mark:].lower()

@@ -5,8 +5,9 @@ Commands (JSON on stdout):
 ``burst VIP PORT PROTO SPORT_FIRST COUNT``
     one connection (TCP) or one request (UDP) per source port; reports for each source port
     who served, the address the answer came from, or the error.
-``stream VIP[,VIP...] PORT SECONDS``
-    back-to-back TCP connections (kernel-chosen ports, VIPs in turn) until SECONDS elapse;
+``stream VIP[,VIP...] PORT SECONDS [UNTIL_OK [MAX_PER_S]]``
+    back-to-back TCP connections (kernel-chosen ports, VIPs in turn) until SECONDS elapse
+    (or, with UNTIL_OK, until that many completed; at most MAX_PER_S started per second);
     reports the number that completed and every failure (with its time and source port).
 ``hold VIP PORT SPORT_FIRST COUNT``
     opens COUNT long-lived TCP connections, prints who served each, then for every line on
@@ -69,13 +70,17 @@ def burst(vip, port, proto, first, count):
     return out
 
 
-def stream(vips, port, seconds):
+def stream(vips, port, seconds, until_ok=0, max_per_s=0):
     vips = vips.split(",")
     start = time.monotonic()
     end = start + float(seconds)
+    until_ok, max_per_s = int(until_ok), float(max_per_s)
     ok, failures = 0, []
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (until_ok and ok >= until_ok):
         t = time.monotonic()
+        if max_per_s and ok + len(failures) > (t - start) * max_per_s:
+            time.sleep(1 / max_per_s)
+            continue
         vip = vips[(ok + len(failures)) % len(vips)]
         r = tcp_once(vip, int(port), None)
         if "served_by" in r:

@@ -60,9 +60,28 @@ async def pair(**kw):
                                         connect_retry=1, families=(V4,), **kw))
     await b.add_neighbor(NeighborConfig("127.0.0.1", 65001, port=a.listening_port(), local_address="127.0.0.2",
                                         connect_retry=1, families=(V4,), **kw))
+    # 25 s: covers one retry (5-10 s) should both sides close a connection in a collision race.
     await wait_for(lambda: state(a, "127.0.0.2").state == state(b, "127.0.0.1").state == "established",
-                   what="both sessions established")
+                   timeout=25, what="both sessions established")
     return a, b, la, lb
+
+
+def test_simultaneous_connections_resolve_to_the_same_tcp_connection_on_both_sides():
+    async def main():
+        for _ in range(3):
+            a, b, la, lb = await pair()
+            ta = a._peers["127.0.0.2"].driver.transport
+            tb = b._peers["127.0.0.1"].driver.transport
+            assert ta.get_extra_info("sockname") == tb.get_extra_info("peername")
+            # Both sides connect at once, so there usually is a collision (RFC 4271 §6.8: the
+            # connection of the higher router ID wins, an Established one wins over a new one, as
+            # FRR does); whatever happened, both ended on the same TCP connection.
+            await asyncio.sleep(0.3)
+            assert state(a, "127.0.0.2").state == "established"  # and it stays up
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
 
 
 def test_two_speakers_exchange_a_prefix_and_cease_on_removal():
@@ -269,5 +288,69 @@ def test_ttl_is_one_for_ebgp_unless_multihop_is_configured():
         assert state(a, "127.0.0.2").state == "established"
         await a.stop()
         await b.stop()
+
+    asyncio.run(main())
+
+
+def test_link_local_next_hop_only_for_directly_connected_peers(tmp_path):
+    from agent.bgp.aio import link_local_for
+
+    proc = tmp_path / "if_inet6"
+    proc.write_text(
+        "fd000000000000000000000000000001 02 40 00 80 eth-b\n"
+        "fe800000000000000000000000000001 02 40 20 80 eth-b\n"
+        "fd010000000000000000000000000001 03 40 00 80 eth-c\n")
+    assert link_local_for("fd00::1", "fd00::2", str(proc)) == "fe80::1"        # same /64: connected
+    assert link_local_for("fd00::1", "fd99::2", str(proc)) is None             # multihop
+    assert link_local_for("fd01::1", "fd01::2", str(proc)) is None             # no link-local there
+    assert link_local_for("10.0.0.1", "10.0.0.2", str(proc)) is None           # IPv4 session
+
+
+def test_adj_rib_out_follows_advertise_and_withdraw():
+    async def main():
+        s = BgpSpeaker(SpeakerConfig(65001, "1.1.1.1"))
+        await s.add_neighbor(NeighborConfig("10.0.0.2", 65002, passive=True))
+        a1, a2 = PathAttributes(med=1), PathAttributes(communities=(5, 3, 5))
+        s.advertise("10.0.0.2", V4, ip_network("10.9.0.0/24"), a1)
+        s.advertise("10.0.0.2", Family.IPV6_UNICAST, ip_network("fd99::/64"), a2)
+        assert s.adj_rib_out("10.0.0.2", V4) == {ip_network("10.9.0.0/24"): a1}
+        s.advertise("10.0.0.2", V4, ip_network("10.9.0.0/24"), a2)  # replaces the attributes
+        s.advertise("10.0.0.2", V4, ip_network("10.8.0.0/24"), a1)
+        assert s.adj_rib_out("10.0.0.2", V4) == {ip_network("10.9.0.0/24"): a2, ip_network("10.8.0.0/24"): a1}
+        assert a2.communities == (3, 5)  # normalised: sorted, deduplicated
+        s.withdraw("10.0.0.2", V4, ip_network("10.9.0.0/24"))
+        assert s.adj_rib_out("10.0.0.2", V4) == {ip_network("10.8.0.0/24"): a1}
+        assert s.adj_rib_out("10.0.0.2", Family.IPV6_UNICAST) == {ip_network("fd99::/64"): a2}
+        try:
+            s.advertise("10.0.0.2", V4, ip_network("fd98::/64"), a1)
+        except ValueError as exc:
+            assert "does not belong" in str(exc)
+        else:
+            raise AssertionError("an IPv6 prefix was accepted for IPv4")
+
+    asyncio.run(main())
+
+
+def test_ttl_security_gtsm_both_sides_establish_and_a_ttl_1_peer_is_dropped():
+    import socket
+
+    async def main():
+        a, b, la, lb = await pair(ttl_security_hops=1)
+        sock = a._peers["127.0.0.2"].driver.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 255
+        assert sock.getsockopt(socket.IPPROTO_IP, 21) == 255  # IP_MINTTL
+        await a.stop()
+        await b.stop()
+        # A GTSM speaker towards a peer that answers with an ordinary TTL: the SYN-ACK is dropped.
+        log = Recorder()
+        c = await speaker(65003, "3.3.3.3", "127.0.0.3", log)
+        d = await speaker(65004, "4.4.4.4", "127.0.0.4")
+        await d.add_neighbor(NeighborConfig("127.0.0.3", 65003, passive=True, families=(V4,)))
+        await c.add_neighbor(NeighborConfig("127.0.0.4", 65004, port=d.listening_port(), local_address="127.0.0.3",
+                                            connect_retry=1, families=(V4,), ttl_security_hops=1))
+        await wait_for(lambda: log.events("connect failed"), timeout=15, what="GTSM drop")
+        assert "GTSM" in log.events("connect failed")[0]["hint"]
+        await c.stop()
+        await d.stop()
 
     asyncio.run(main())
