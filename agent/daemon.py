@@ -33,6 +33,7 @@ from agent.log import configure, get_logger
 
 DEFAULT_STATE_DIR = "/var/lib/vipd"
 DEFAULT_SOCKET = "/run/vipd/vipd.sock"
+SHUTDOWN_TIMEOUT = 10.0  # seconds for the speakers to close their sessions on SIGTERM
 
 
 def _version() -> str:
@@ -173,10 +174,13 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     if args.metrics_addr:
         from agent.api.metrics import serve_metrics
 
-        metrics_server = serve_metrics(args.metrics_addr, controller)
+        metrics_server = serve_metrics(args.metrics_addr, controller, loop)
 
     # The first pass runs before the API opens: neighbors and their full tables are in place.
-    await controller.reconcile_once()
+    try:
+        await controller.reconcile_once()
+    except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
+        log.error("first reconcile pass failed", error=repr(exc))
     await api.start()
     _sd_notify("READY=1")
     log.info("vipd running", config=str(args.config), state_dir=str(state_dir),
@@ -193,11 +197,15 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     stop.set()
     _sd_notify("STOPPING=1")
     graceful = args.shutdown_mode == "graceful"
-    # Stop the speakers first: with graceful restart the peers must see a plain TCP close.
-    await controller.shutdown(graceful=graceful)
+    # No reconcile pass may start a speaker after this point.
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    # Then the speakers: with graceful restart the peers must see a plain TCP close.
+    try:
+        await asyncio.wait_for(controller.shutdown(graceful=graceful), SHUTDOWN_TIMEOUT)
+    except TimeoutError:
+        log.warning("speakers did not stop in time; exiting anyway", timeout=SHUTDOWN_TIMEOUT)
     await api.stop()
     if datapath is not None:
         datapath.close()   # drop our handles only: programs stay attached, maps stay pinned

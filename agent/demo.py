@@ -19,7 +19,13 @@ Every node runs ``vipd run --config <its dir>`` with the same manifests: the fou
 or the equivalent v2 CiliumBGPClusterConfig / PeerConfig / Advertisement. Pod CIDRs are routed
 natively: the routers learn them over BGP and FRR's zebra installs them in the kernel.
 
-The same builder serves the e2e test (tests/e2e/controlplane/test_seed002_lab.py).
+``--vip`` adds a second act: the nodes also run vipd's eBPF datapath (``--lb-interface``), the
+config switches live to the v2 resources plus a LoadBalancer Service (LB-IPAM address,
+externalTrafficPolicy=Local), and the client opens TCP connections to the VIP (~40 s: bcc
+compiles the programs on each node).
+
+The same builder serves the e2e tests (tests/e2e/controlplane/test_seed002_lab.py and
+test_seed002_vip.py).
 """
 
 from __future__ import annotations
@@ -405,18 +411,21 @@ class Seed002Lab:
         for node in self.nodes.values():
             node.write(filename, text)
 
-    def start_nodes(self, names: list[str] | None = None, *extra_args: str) -> None:
-        """Start `vipd run` on the given nodes (default all) and wait for their API sockets."""
+    def start_nodes(self, names: list[str] | None = None, *extra_args: str, lb: bool = False) -> None:
+        """Start `vipd run` on the given nodes (default all) together and wait for their API
+        sockets; ``lb`` adds each node's datapath options (see :meth:`lb_args`)."""
         chosen = [self.nodes[n] for n in (names or list(self.nodes))]
         for node in chosen:
             argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(node.config_dir),
                     "--node-name", node.spec.name, "--api-socket", str(node.socket),
-                    "--state-dir", str(node.state_dir), "--log-format", "json", *extra_args]
+                    "--state-dir", str(node.state_dir), "--log-format", "json", *extra_args,
+                    *(self.lb_args(node.spec.name) if lb else ())]
             node.proc = node.host.spawn(argv, log_path=node.config_dir.parent / "vipd.log",
                                         env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
         for node in chosen:
-            wait_until(lambda: node.socket.exists() or node.proc.poll() is not None, timeout=30,
-                       what=f"vipd API socket of {node.spec.name}")
+            # with the datapath, bcc compiles the programs first (several seconds per node)
+            wait_until(lambda: node.socket.exists() or node.proc.poll() is not None,
+                       timeout=180 if lb else 30, what=f"vipd API socket of {node.spec.name}")
             if node.proc.poll() is not None:
                 raise RuntimeError(f"vipd on {node.spec.name} exited:\n{self.vipd_log(node.spec.name)[-3000:]}")
 
@@ -567,8 +576,7 @@ def _run(t0: float, lab: Lab, with_vip: bool) -> tuple[int, list]:
         env.prepare_datapath()
         _step(t0, "FRR routers up; starting `vipd run --lb-interface ...` (BGP + eBPF datapath) on the "
                   "four nodes with the seed's CiliumBGPPeeringPolicy")
-        for name in env.nodes:
-            env.start_nodes([name], *env.lb_args(name))
+        env.start_nodes(lb=True)
     else:
         _step(t0, "FRR routers up; starting `vipd run` on the four nodes with the seed's "
                   "CiliumBGPPeeringPolicy")

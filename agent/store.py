@@ -30,6 +30,7 @@ class Snapshot:
     ignored: tuple[str, ...] = ()         # documents of kinds vipd does not use
     fingerprint: str = ""                 # content hash of the source (unchanged -> no new generation)
     source: str = ""                      # e.g. the config directory
+    kept: tuple[str, ...] = ()            # objects whose invalid edit was rejected (previous version kept)
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -42,13 +43,14 @@ class Store:
     def current(self) -> Snapshot:
         return self._snapshot
 
-    def replace(self, objects, *, errors=(), ignored=(), fingerprint: str = "", source: str = "") -> bool:
+    def replace(self, objects, *, errors=(), ignored=(), fingerprint: str = "", source: str = "",
+                kept=()) -> bool:
         """Install a new snapshot; False (nothing happens) when the fingerprint is unchanged."""
         if fingerprint and fingerprint == self._snapshot.fingerprint and self._snapshot.generation:
             return False
         self._snapshot = Snapshot(generation=self._snapshot.generation + 1, objects=objects,
                                   errors=tuple(errors), ignored=tuple(ignored),
-                                  fingerprint=fingerprint, source=source)
+                                  fingerprint=fingerprint, source=source, kept=tuple(kept))
         # Wake everyone waiting, then re-arm for the next change.
         self._changed.set()
         self._changed = asyncio.Event()

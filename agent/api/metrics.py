@@ -12,6 +12,8 @@ dashboards port with a prefix swap:
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
@@ -19,12 +21,27 @@ from agent.api.model import family_names
 
 __all__ = ["ControllerCollector", "serve_metrics"]
 
+SCRAPE_TIMEOUT = 5.0
+
 
 class ControllerCollector:
-    def __init__(self, controller):
+    """Reads the controller at scrape time. The HTTP exporter runs in its own thread, so with
+    ``loop`` the reading itself happens on the agent's event loop (no torn reads of state the
+    reconcilers are changing)."""
+
+    def __init__(self, controller, loop: asyncio.AbstractEventLoop | None = None):
         self.c = controller
+        self.loop = loop
 
     def collect(self):
+        if self.loop is not None and self.loop.is_running():
+            async def on_loop():
+                return list(self._families())
+            yield from asyncio.run_coroutine_threadsafe(on_loop(), self.loop).result(SCRAPE_TIMEOUT)
+        else:
+            yield from self._families()
+
+    def _families(self):
         state = GaugeMetricFamily("vipd_bgp_control_plane_session_state",
                                   "BGP session state (1 = established, 0 otherwise)",
                                   labels=["vrouter", "neighbor", "neighbor_asn"])
@@ -52,12 +69,12 @@ class ControllerCollector:
         yield from (state, adv, rcv, errs, gen)
 
 
-def serve_metrics(addr: str, controller):
+def serve_metrics(addr: str, controller, loop: asyncio.AbstractEventLoop | None = None):
     """Start the HTTP exporter in a thread; returns the server (``.shutdown()`` to stop)."""
     from prometheus_client import start_http_server
 
     host, _, port = addr.rpartition(":")
     registry = CollectorRegistry()
-    registry.register(ControllerCollector(controller))
+    registry.register(ControllerCollector(controller, loop))
     server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
     return server

@@ -106,6 +106,9 @@ class ControllerProvider:
             resp.config_errors.append(vipd_pb2.ConfigError(
                 file=getattr(err, "file", ""), object=obj,
                 message=f"{field}: {message}" if field else message))
+        for key in snap.kept:
+            resp.config_errors.append(vipd_pb2.ConfigError(
+                object=key, message="invalid edit rejected: the previous valid version stays applied"))
         if c.node_config is not None:
             for issue in c.node_config.issues:
                 resp.config_errors.append(vipd_pb2.ConfigError(object=issue.object,

@@ -29,13 +29,16 @@ class AdjRibOut:
     """Desired routes towards one peer in one family (kept across sessions), plus the changes
     not yet sent on the current session (``pending``: prefix -> attrs, or None to withdraw)."""
 
-    __slots__ = ("routes", "groups", "pending", "_canon", "version")
+    __slots__ = ("routes", "groups", "pending", "previous", "_canon", "version")
 
     def __init__(self) -> None:
         self.version = 0  # bumped on every change (lets readers cache derived views)
         self.routes: dict[bytes, PathAttributes] = {}
         self.groups: dict[PathAttributes, dict[bytes, None]] = {}
         self.pending: dict[bytes, PathAttributes | None] = {}
+        # For each pending prefix: its attributes when the session last caught up (None: it did
+        # not exist), i.e. what the peer may hold now. Decides whether a withdrawal is needed.
+        self.previous: dict[bytes, PathAttributes | None] = {}
         self._canon: dict[PathAttributes, PathAttributes] = {}  # one shared object per attribute set
 
     def __len__(self) -> int:
@@ -46,6 +49,8 @@ class AdjRibOut:
         if old is not None and (old is attrs or old == attrs):
             return False
         attrs = self._canon.setdefault(attrs, attrs)
+        if key not in self.pending:
+            self.previous[key] = old
         if old is not None:
             self._ungroup(key, old)
         self.routes[key] = attrs
@@ -61,6 +66,8 @@ class AdjRibOut:
         old = self.routes.pop(key, None)
         if old is None:
             return False
+        if key not in self.pending:
+            self.previous[key] = old
         self._ungroup(key, old)
         self.pending[key] = None
         self.version += 1
@@ -78,11 +85,19 @@ class AdjRibOut:
         pending changes (new session); keep them for a refresh (pending withdrawals must still go)."""
         if clear_pending:
             self.pending = {}
+            self.previous = {}
+        else:  # the peer is about to get the current state of the pending prefixes too
+            for key in self.pending:
+                if self.previous.get(key) is None:
+                    self.previous[key] = self.routes.get(key)
         return [(a, list(g)) for a, g in self.groups.items()]
 
-    def take_pending(self) -> tuple[list[bytes], list[tuple[PathAttributes, list[bytes]]]]:
-        """(withdrawn prefixes, [(attrs, announced prefixes)]) changed since the last call."""
+    def take_pending(self) -> tuple[list[bytes], list[tuple[PathAttributes, list[bytes]]],
+                                    dict[bytes, PathAttributes | None]]:
+        """(withdrawn prefixes, [(attrs, announced prefixes)], previous attrs) changed since the
+        last call."""
         pending, self.pending = self.pending, {}
+        previous, self.previous = self.previous, {}
         withdrawn: list[bytes] = []
         by_attrs: dict[PathAttributes, list[bytes]] = {}
         for key, attrs in pending.items():
@@ -90,7 +105,7 @@ class AdjRibOut:
                 withdrawn.append(key)
             else:
                 by_attrs.setdefault(attrs, []).append(key)
-        return withdrawn, list(by_attrs.items())
+        return withdrawn, list(by_attrs.items()), previous
 
 
 class AdjRibIn:

@@ -586,12 +586,24 @@ class Session:
         for family, rib in self.rib_out.items():
             if not rib.pending:
                 continue
-            withdrawn, groups = rib.take_pending()
+            withdrawn, groups, previous = rib.take_pending()
             if family not in self.families:
                 continue
+
+            # Withdraw only what the peer may hold (a prefix added and removed between two
+            # flushes costs nothing); that includes prefixes whose new attributes cannot be sent.
+            held = {a: enc.sendable(family, a) for a in set(previous.values()) if a is not None}
+            get_prev, get_held = previous.get, held.get
+            withdrawn = [k for k in withdrawn if get_held(get_prev(k), False)]
+            sendable = []
+            for attrs, keys in groups:
+                if enc.sendable(family, attrs):
+                    sendable.append((attrs, keys))
+                else:
+                    withdrawn.extend(k for k in keys if get_held(get_prev(k), False))
             if withdrawn:
                 out.extend(enc.withdraw(family, withdrawn))
-            for attrs, keys in groups:
+            for attrs, keys in sendable:
                 out.extend(enc.announce(family, attrs, keys))
         return out
 

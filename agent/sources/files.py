@@ -54,6 +54,7 @@ class FileSource:
         self.directory = Path(directory)
         self.store = store
         self.debounce_ms = debounce_ms
+        self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
 
     def load(self) -> bool:
         """Read and validate the directory; True when the store got a new snapshot."""
@@ -65,15 +66,47 @@ class FileSource:
         if fp == self.store.current.fingerprint:
             return False
         result = load_dir(self.directory)
-        changed = self.store.replace(result.objects, errors=result.errors, ignored=result.ignored,
-                                     fingerprint=fp, source=str(self.directory))
+        objects, kept = self._keep_last_good(result)
+        changed = self.store.replace(objects, errors=result.errors, ignored=result.ignored,
+                                     fingerprint=fp, source=str(self.directory), kept=kept)
         if changed:
             snap = self.store.current
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
-                     objects=sum(1 for _ in result.objects.all()), errors=len(result.errors))
+                     objects=sum(1 for _ in objects.all()), errors=len(result.errors))
             for err in result.errors:
-                log.warning("invalid object ignored", error=str(err))
+                log.warning("invalid object rejected", error=str(err))
+            for key in kept:
+                log.warning("invalid edit rejected; the previous version stays applied", object=key)
         return changed
+
+    def _keep_last_good(self, result):
+        """An invalid edit is rejected the way the Kubernetes API server rejects it: the object's
+        previous valid version stays in effect (a file that no longer parses keeps all of its
+        previous objects). Deleting a file or an object is always applied."""
+        from agent.config import ObjectSet
+
+        current = {o.key: o for o in result.objects.all()}
+        file_of = {key: src.rsplit("#", 1)[0] for key, src in result.sources.items()}
+        kept: dict[str, object] = {}
+        for err in result.errors:
+            previous = self._last_good.get(err.file, {})
+            if err.kind is None or err.name is None:      # the file (or a document) did not parse
+                candidates = previous.items()
+            else:
+                candidates = [(k, o) for k, o in previous.items()
+                              if o.KIND == err.kind and o.name == err.name
+                              and (err.namespace is None or o.namespace == err.namespace)]
+            for key, obj in candidates:
+                if key not in current and key not in kept:
+                    kept[key] = obj
+                    file_of[key] = err.file
+        last_good: dict[str, dict[str, object]] = {}
+        for key, obj in {**current, **kept}.items():
+            last_good.setdefault(file_of.get(key, ""), {})[key] = obj
+        self._last_good = last_good
+        if not kept:
+            return result.objects, ()
+        return ObjectSet.from_objects([*current.values(), *kept.values()]), tuple(sorted(kept))
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Watch the directory until ``stop`` is set; reload on every change."""

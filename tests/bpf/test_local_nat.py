@@ -306,3 +306,20 @@ def test_session_affinity_expires_after_its_timeout(dp):
     assert _backend_of(run_xdp(dp, frame(client, VIP4, sport=2222)).data) == before   # still pinned
     time.sleep(1.3)
     assert _backend_of(run_xdp(dp, frame(client, VIP4, sport=3333)).data) == after    # expired: Maglev
+
+
+def test_weighted_backends_follow_the_weighted_model(dp):
+    bs = [("10.1.0.1", 1), ("10.1.0.2", 3), ("10.1.0.3", 0)]     # weight 0: no new flows
+    svc = Service(ServiceKey(VIP4, 80), tuple(Backend(a, 8080, weight=w, local=True) for a, w in bs),
+                  maglev_m=1021)
+    dp.upsert_service(svc)
+    live = [(a, w) for a, w in bs if w > 0]
+    table = build_table([(f"{a}:8080", w) for a, w in live], 1021)
+    counts = {}
+    for i in range(400):
+        client = f"198.18.{i // 200}.{i % 200 + 1}"
+        got = _backend_of(run_xdp(dp, frame(client, VIP4, sport=5000 + i)).data)
+        assert got == live[table[flow_hash(client, 5000 + i, 80, 6) % 1021]][0]
+        counts[got] = counts.get(got, 0) + 1
+    assert "10.1.0.3" not in counts
+    assert counts["10.1.0.2"] > 2 * counts["10.1.0.1"]

@@ -14,6 +14,7 @@ Topology (built once per test module; daemons and the speaker are started per te
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -21,11 +22,16 @@ from agent.lab import Lab
 from bgp_helpers import FAR_ADDR, SPEAKER_V4, SPEAKER_V6, BgpCase, Topo
 
 
+EXTRA_TOOLS = ("bird", "birdc", "tcpdump", "ss", "/usr/lib/frr/zebra")
+
+
 @pytest.fixture(scope="module")
 def topo():
+    # Beyond tests/conftest.py's e2e prerequisites (FRR bgpd, GoBGP, iproute2): fail, never skip.
+    missing = [t for t in EXTRA_TOOLS if shutil.which(t) is None and not os.path.exists(t)]
+    if missing:
+        raise RuntimeError(f"tests/e2e/bgp needs {', '.join(missing)} (apt: bird2 tcpdump iproute2 frr)")
     with Lab("bgpe2e") as lab:
-        # zebra drops to user frr and must reach its socket dir below the lab's 0700 mkdtemp dir.
-        os.chmod(lab.workdir, 0o711)
         # FRR with `capability extended-nexthop` makes zebra send router advertisements; a host
         # that accepts them gains a SLAAC address, which the kernel may then pick as the source
         # of our IPv6 session (the router knows only fd00::1). Nodes here have static addresses.

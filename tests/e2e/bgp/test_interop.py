@@ -216,6 +216,48 @@ def test_custom_port(bgp, kind, our_side):
 
 
 # -------------------------------------------------------------------------------------------
+# session options: any peer AS, 4-octet AS, connection collision
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peer_asn_zero_learns_the_routers_as(bgp, kind):
+    peer_v4 = PEER_ADDRS[kind][0]
+    daemon = bgp.peer(kind, [Neighbor(SPEAKER_V4, SPEAKER_ASN, passive=True)])
+    spk = bgp.speaker([neighbor(peer_v4, 0)], [{"neighbor": peer_v4, "prefix": "10.9.6.0/24", "attrs": {}}])
+    wait_established(spk, daemon, SPEAKER_V4, peer_v4)
+    assert spk.peer(peer_v4)["peer_asn"] == PEER_ASNS[kind]
+    assert wait_routes(daemon, ["10.9.6.0/24"])["10.9.6.0/24"].as_path == (SPEAKER_ASN,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_four_octet_local_as(bgp, kind):
+    peer_v4 = PEER_ADDRS[kind][0]
+    big_as = 4200000001
+    daemon = bgp.peer(kind, [Neighbor(SPEAKER_V4, big_as, passive=True)])
+    spk = bgp.speaker([neighbor(peer_v4, PEER_ASNS[kind])], [{"neighbor": peer_v4, "prefix": "10.9.7.0/24", "attrs": {}}],
+                      asn=big_as)
+    wait_established(spk, daemon, SPEAKER_V4, peer_v4)
+    assert daemon.sessions()[SPEAKER_V4].peer_asn == big_as
+    assert wait_routes(daemon, ["10.9.7.0/24"])["10.9.7.0/24"].as_path == (big_as,)
+
+
+def test_connection_collision_leaves_one_stable_session(bgp):
+    """Both sides dial and listen at once (RFC 4271 §6.8): exactly one session survives."""
+    peer_v4 = PEER_ADDRS["frr"][0]
+    daemon = bgp.peer("frr", [Neighbor(SPEAKER_V4, SPEAKER_ASN, passive=False)])
+    spk = bgp.speaker([neighbor(peer_v4, PEER_ASNS["frr"])],
+                      [{"neighbor": peer_v4, "prefix": "10.9.8.0/24", "attrs": {}}], listen_port=179)
+    wait_established(spk, daemon, SPEAKER_V4, peer_v4)
+    wait_routes(daemon, ["10.9.8.0/24"])
+    established_at = spk.peer(peer_v4)["established_at"]
+    time.sleep(3)
+    assert spk.peer(peer_v4)["established_at"] == pytest.approx(established_at, abs=0.01)
+    assert _peer_connections(daemon, SPEAKER_V4) == 1
+    sessions = bgp.topo.spk.run("ss", "-tnH", "state", "established", "dst", peer_v4).splitlines()
+    assert len(sessions) == 1, sessions
+
+
+# -------------------------------------------------------------------------------------------
 # timers
 # -------------------------------------------------------------------------------------------
 
@@ -230,9 +272,7 @@ def test_hold_time_negotiation_seen_on_both_sides(bgp, kind, hold, keepalive):
     ours = spk.peer(peer_v4)
     theirs = daemon.sessions()[SPEAKER_V4]
     assert (ours["hold_time"], ours["keepalive"]) == (hold, keepalive)
-    # GoBGP's JSON omits zero values (protobuf), so a negotiated hold time of 0 is absent there.
-    their_hold = theirs.hold_time if kind == "frr" else theirs.raw["timers"]["state"].get("negotiated_hold_time", 0)
-    assert their_hold == hold
+    assert theirs.hold_time == hold
     if kind == "frr":  # GoBGP reports its configured keepalive, not the negotiated one
         assert theirs.keepalive == keepalive
     if hold == 3:

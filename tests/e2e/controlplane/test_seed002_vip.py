@@ -28,8 +28,7 @@ def env():
             env.write_all("nodes.yaml", demo.nodes_yaml())
             env.write_all("bgp.yaml", demo.V2_BGP_YAML)
             env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker"))
-            for n in NODES:
-                env.start_nodes([n.name], *env.lb_args(n.name))
+            env.start_nodes(lb=True)
             wait_until(env.sessions_established, timeout=120, what="sessions established")
             yield env
     finally:
@@ -85,7 +84,6 @@ def test_agent_restart_adopts_the_pinned_datapath(env):
         assert env.stop_node(n.name) == 0
     # the agents are gone; the programs and maps are not: the VIP still works
     assert env.connect(address, 5) == ["pod-on-cilium-bgp-worker"] * 5
-    for n in NODES:
-        env.start_nodes([n.name], *env.lb_args(n.name))
+    env.start_nodes(lb=True)
     wait_until(env.sessions_established, timeout=60, what="sessions back")
     assert env.connect(address, 10) == ["pod-on-cilium-bgp-worker"] * 10

@@ -99,11 +99,6 @@ def build(lab: Lab) -> DatapathLab:
     for host in lab.hosts.values():
         for link in json.loads(host.run("ip", "-j", "link", "show", "type", "veth")):
             host.run("ethtool", "-K", link["ifname"], "tx", "off")
-    # XDP forwards with bpf_fib_lookup, which needs the next hop's neighbour entry; resolve the
-    # LAN neighbours first (Cilium's agent pre-resolves them the same way for XDP).
-    for name, node in nodes.items():
-        for peer in ["10.20.0.1", *[a for n, a in NODE_ADDR.items() if n != name]]:
-            node.run("ping", "-c", "1", "-W", "1", peer)
     for pod, host in pods.items():
         proc = host.spawn([sys.executable, str(HERE / "pod_server.py"), pod, str(POD_PORT)])
         host.proc = proc  # type: ignore[attr-defined]

@@ -147,6 +147,20 @@ def test_connections_succeed_and_come_from_the_vip(env, vip, proto):
     assert {r["sport"]: r["served_by"] for r in results} == predicted(vip, proto, range(sport0, sport0 + 40))
 
 
+# -- cold neighbour table ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vip", [SNAT, DSR], ids=["snat", "dsr"])
+def test_cold_neighbour_table_does_not_drop_the_first_packet(env, vip):
+    """bpf_fib_lookup finds no neighbour entry for the backend's node: the packet must go on
+    through the stack (which resolves it), not be dropped and retransmitted a second later."""
+    node_a = env.nodes["node-a"]
+    node_a.run("ip", "neigh", "flush", "dev", "eth-lan")
+    assert "10.20.0.12 " not in node_a.run("ip", "neigh", "show", "dev", "eth-lan").replace("FAILED", "")
+    results = traffic(env, "burst", vip, 80, "tcp", 25000 if vip == SNAT else 25100, 5)
+    assert all("served_by" in r for r in results), results
+    assert results[0]["seconds"] < 0.9, results[0]  # no SYN retransmission (1 s) was needed
+
+
 # -- DSR: replies bypass the load-balancing node ---------------------------------------------------
 
 def _capture(env, vips, action) -> list:

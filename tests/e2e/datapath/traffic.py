@@ -31,12 +31,13 @@ def tcp_once(vip: str, port: int, sport: int | None) -> dict:
     try:
         s.bind(("0.0.0.0", sport or 0))
         sport = s.getsockname()[1]
+        t0 = time.monotonic()
         s.connect((vip, port))
         peer = s.getpeername()[0]
         name = s.makefile("rb").readline().strip().decode()
         if not name:
             return {"sport": sport, "error": "closed without a name"}
-        return {"sport": sport, "served_by": name, "from": peer}
+        return {"sport": sport, "served_by": name, "from": peer, "seconds": round(time.monotonic() - t0, 4)}
     except OSError as exc:
         return {"sport": sport, "error": f"{type(exc).__name__}: {exc}"}
     finally:

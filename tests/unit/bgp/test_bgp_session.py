@@ -510,3 +510,52 @@ def test_a_long_lived_session_that_ends_reconnects_within_a_second():
     p.advance(60)
     p.call("a", p.a.connection_failed, p.now, "connection reset")
     assert p.a.state is State.IDLE and 0.5 <= p.a.next_deadline() - p.now < 1.0
+
+
+# ------------------------------------------------------------------ property: the peer sees our Adj-RIB-Out
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_PREFIXES = [net(f"10.{i}.0.0/16") for i in range(6)] + [net(f"fd{i:02x}::/64") for i in range(6)]
+_ATTRS = [PA(), PA(med=1), PA(communities=(7,)), PA(large_communities=((1, 2, 3),)), PA(next_hop="fd00::99")]
+_ops = st.lists(st.tuples(st.sampled_from(["adv", "wd", "flush", "refresh"]), st.sampled_from(_PREFIXES),
+                          st.sampled_from(_ATTRS)), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_ops, _ops, st.booleans())
+def test_after_any_sequence_of_changes_the_peer_holds_exactly_our_adj_rib_out(before, after, over_v6):
+    if over_v6:  # IPv6 session: RFC 8950 carries IPv4 prefixes, so every attribute set is sendable
+        p = Pair(cfg(), cfg(65002, "2.2.2.2", 65001), a_addr="fd00::1", b_addr="fd00::2")
+    else:
+        p = ebgp_pair()
+
+    def apply(ops):
+        for op, prefix, attrs in ops:
+            fam = V4 if prefix.version == 4 else V6
+            if op == "adv":
+                p.a.rib_out[fam].advertise(encode_prefix(prefix), attrs)
+            elif op == "wd":
+                p.a.rib_out[fam].withdraw(encode_prefix(prefix))
+            elif op == "flush":
+                p.run()
+            elif p.a.state is ESTABLISHED:
+                p.call("a", p.a.receive_data, encode(RouteRefresh(fam.afi, fam.safi)), p.now)
+
+    apply(before)  # changes before the session exists: sent as the initial table
+    p.connect()
+    apply(after)  # incremental changes, interleaved with flushes and refreshes
+    p.run()
+    for fam in (V4, V6):
+        # On this IPv4 session (no RFC 8950) IPv4 prefixes need an IPv4 next hop and IPv6 prefixes
+        # a configured IPv6 one; the others are never sent.
+        def v6_hop(a):
+            return a.next_hop is not None and ":" in a.next_hop
+
+        sendable = {k: a for k, a in p.a.rib_out[fam].routes.items() if over_v6 or v6_hop(a) == (fam is V6)}
+        got = p.b.rib_in[fam].routes
+        assert set(got) == set(sendable)
+        for k, a in sendable.items():
+            stored = got[k]
+            assert (Communities(a.communities) in stored) == bool(a.communities)
+    assert p.a.state is ESTABLISHED and not p.of_type("a", SessionDown)

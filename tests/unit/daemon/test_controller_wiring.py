@@ -161,3 +161,72 @@ def test_metrics_endpoint_serves_over_http(tmp_path):
     finally:
         server.shutdown()
     assert 'vipd_bgp_control_plane_session_state{neighbor="10.0.5.1:179"' in body
+
+
+TWO_INSTANCES = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPClusterConfig
+metadata: {name: two}
+spec:
+  nodeSelector: {matchLabels: {rack: rack0}}
+  bgpInstances:
+  - name: a
+    localASN: 65005
+    peers: [{name: leaf, peerASN: 65005, peerAddress: 10.0.5.1, peerConfigRef: {name: route-reflector}}]
+  - name: b
+    localASN: 65100
+    localPort: 1790
+    peers: [{name: other, peerASN: 65200, peerAddress: 10.0.5.2, peerConfigRef: {name: route-reflector}}]
+"""
+
+
+def test_routes_with_several_instances_need_a_vrouter_for_a_peer_filter(tmp_path):
+    import pytest
+
+    v2 = demo.V2_BGP_YAML.split("---\n", 2)[2]          # keep PeerConfig + Advertisements only
+    store = make_store(demo.nodes_yaml(), TWO_INSTANCES, v2)
+    w = World("cilium-bgp-worker", store, tmp_path)
+    w.reconcile()
+    provider = ControllerProvider(w.controller)
+    assert sorted((p.instance, p.local_asn, p.peer_address) for p in provider.list_peers().peers) == [
+        ("a", 65005, "10.0.5.1"), ("b", 65100, "10.0.5.2")]
+    req = vipd_pb2.ListRoutesRequest(table=vipd_pb2.ADVERTISED, afi="ipv4", safi="unicast", peer="10.0.5.2")
+    with pytest.raises(LookupError, match="multiple virtual routers configured, router ASN must be specified"):
+        provider.list_routes(req)
+    req.vrouter = 65100
+    routes = provider.list_routes(req).routes
+    assert [(r.vrouter, r.peer, r.prefix, r.as_path) for r in routes] == [(65100, "10.0.5.2", "10.1.3.0/24", [65100])]
+    assert not routes[0].has_local_pref, "no LOCAL_PREF toward an eBGP peer"
+    with pytest.raises(LookupError, match="no peer 10.9.9.9"):
+        provider.list_routes(vipd_pb2.ListRoutesRequest(table=vipd_pb2.ADVERTISED, afi="ipv4", safi="unicast",
+                                                        vrouter=65100, peer="10.9.9.9"))
+
+
+def test_metrics_scraped_from_another_thread_read_on_the_event_loop(tmp_path):
+    import threading
+    import urllib.request
+
+    from agent.api.metrics import serve_metrics
+
+    store = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML)
+    w = World("cilium-bgp-worker", store, tmp_path)
+
+    async def scenario():
+        await w.controller.reconcile_once()
+        loop = asyncio.get_running_loop()
+        server = serve_metrics("127.0.0.1:0", w.controller, loop)
+        seen = []
+        orig = w.controller.peer_states
+
+        def recording():
+            seen.append(threading.current_thread() is threading.main_thread())
+            return orig()
+        w.controller.peer_states = recording
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/metrics"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        finally:
+            server.shutdown()
+        return body, seen
+    body, seen = asyncio.run(scenario())
+    assert "vipd_bgp_control_plane_session_state" in body and seen == [True]

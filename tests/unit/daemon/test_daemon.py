@@ -106,7 +106,39 @@ def test_bad_edit_keeps_running_state_and_reports_the_error(tmp_path):
         assert "broken.yaml" in text
         peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
         assert len(peers) == 1, "the valid objects still apply"
+        # a half-written / broken edit of the live BGP config does not tear the session down
+        (cfg / "bgp.yaml").write_text("apiVersion: cilium.io/v2\nkind: [oops\n")
+
+        def kept():
+            st = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+            return [e for e in st["configErrors"] if "previous valid version stays applied" in e["message"]]
+        assert {e["object"] for e in wait_for(kept, what="rejected edit reported")} >= {
+            "CiliumBGPClusterConfig/rack0", "CiliumBGPPeerConfig/route-reflector"}
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
+        assert [p["peerAddress"] for p in peers] == ["10.0.5.1"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_systemd_readiness_and_stopping_notifications(tmp_path):
+    import socket as _socket
+
+    notify = tmp_path / "notify.sock"
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(20)
+    os.environ["NOTIFY_SOCKET"] = str(notify)
+    try:
+        proc, cfg, state, sock = start(tmp_path)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        assert listener.recv(100) == b"READY=1"
+        assert sock.exists(), "READY only once the API socket is up"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert listener.recv(100) == b"STOPPING=1"
+    listener.close()

@@ -99,3 +99,45 @@ def test_validate_dir_reports_errors_offline(tmp_path):
     (tmp_path / "n.yaml").write_text(NODE.format(name="good", rack="rack0", cidr="10.1.0.0/24"))
     report = validate_dir(tmp_path)
     assert report.ok and report.objects == ["Node/good"]
+
+
+PEER = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPPeerConfig
+metadata: {{name: rr}}
+spec:
+  timers: {{holdTimeSeconds: {hold}}}
+"""
+
+
+def test_invalid_edit_keeps_the_previous_version_like_the_api_server_would(tmp_path):
+    f = tmp_path / "peer.yaml"
+    other = tmp_path / "nodes.yaml"
+    other.write_text(NODE.format(name="n1", rack="rack0", cidr="10.1.0.0/24"))
+    f.write_text(PEER.format(hold=30) + "---\n" + NODE.format(name="n2", rack="r", cidr="10.1.1.0/24"))
+    store = Store()
+    src = FileSource(tmp_path, store)
+    src.load()
+
+    def hold():
+        (pc,) = store.current.objects.peer_configs
+        return pc.spec.timers.hold_time_seconds
+    assert hold() == 30
+    # an invalid value: rejected, the old PeerConfig stays, the other document still updates
+    f.write_text(PEER.format(hold=1) + "---\n" + NODE.format(name="n2", rack="r2", cidr="10.1.1.0/24"))
+    src.load()
+    assert hold() == 30 and store.current.kept == ("CiliumBGPPeerConfig/rr",)
+    assert "holdTimeSeconds" in str(store.current.errors[0])
+    assert store.current.objects.node("n2").metadata.labels == {"rack": "r2"}
+    # a file that no longer parses keeps all of its objects
+    f.write_text("apiVersion: v1\nkind: [unclosed\n")
+    src.load()
+    assert hold() == 30 and node_names(store) == ["n1", "n2"]
+    assert "invalid YAML" in str(store.current.errors[0])
+    # a valid edit applies; a deletion applies
+    f.write_text(PEER.format(hold=60))
+    src.load()
+    assert hold() == 60 and store.current.kept == () and node_names(store) == ["n1"]
+    f.unlink()
+    src.load()
+    assert store.current.objects.peer_configs == ()
