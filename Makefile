@@ -23,3 +23,10 @@ test-e2e: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+
+# Benchmarks are measurements, not tests: run by hand, each prints absolute figures and ratios
+# against a reference measured in the same run.
+bench: deps
+	$(PY) benchmarks/datapath_ns.py
+	$(PY) benchmarks/datapath_conn.py
+	$(PY) benchmarks/bgp_scale.py

@@ -30,6 +30,7 @@ from agent.lab import Lab, wait_until
 from agent.lb.maglev import build_table
 
 import dp_topology as topology
+import lbagent
 from dp_topology import CLIENT, NODE_ADDR, PODS, POD_PORT
 
 HERE = Path(__file__).resolve().parent
@@ -65,13 +66,20 @@ class Node:
                 "node_v4": NODE_ADDR[self.name], "xdp": ["eth-lan"], "tc_ingress": ["eth-lan"],
                 "tc_egress": ["eth-lan"], "services": services_for(self.name, **kw)}
 
-    def apply(self, **kw) -> dict:
+    def start_apply(self, **kw) -> subprocess.Popen:
         self.config_path.write_text(json.dumps(self.config(**kw)))
-        proc = subprocess.run([sys.executable, str(HERE / "lbagent.py"), str(self.config_path)],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.Popen([sys.executable, str(HERE / "lbagent.py"), str(self.config_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish_apply(self, proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate(timeout=180)
         if proc.returncode != 0:
-            raise RuntimeError(f"agent on {self.name} failed:\n{proc.stderr[-3000:]}")
-        return _result(proc.stdout.splitlines())
+            raise RuntimeError(f"agent on {self.name} failed:\n{err[-3000:]}")
+        return _result(out.splitlines())
+
+    def apply(self, **kw) -> dict:
+        """Run one agent process to completion (load/adopt, attach, reconcile, exit)."""
+        return self.finish_apply(self.start_apply(**kw))
 
     def spawn_holding(self) -> subprocess.Popen:
         self.config_path.write_text(json.dumps(self.config()))
@@ -98,8 +106,9 @@ def env():
         env = topology.build(lab)
         env.agents = {name: Node(env, name) for name in NODE_ADDR}
         try:
-            for node in env.agents.values():
-                node.apply()
+            started = [(node, node.start_apply()) for node in env.agents.values()]  # both nodes at once
+            for node, proc in started:
+                node.finish_apply(proc)
             yield env
         finally:
             for node in env.agents.values():
@@ -218,6 +227,16 @@ def test_1000_connections_spread_as_the_maglev_model_predicts(env):
 
 def test_removing_a_backend_breaks_only_its_connections(env):
     node_a = env.agents["node-a"]
+    # This test process adopts node-a's pinned maps itself (no agent is running): one compile
+    # instead of one per change.
+    dp = Datapath(instance=node_a.instance, pin_root=node_a.pin_root)
+    dp.load()
+
+    def program(**kw) -> None:
+        for d in services_for("node-a", **kw):
+            if d["vip"] == MIX and d["proto"] == "tcp":
+                dp.upsert_service(lbagent.service_from(d))
+
     holder = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "hold", MIX, "80",
                                                     "40000", "80"]), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -231,13 +250,13 @@ def test_removing_a_backend_breaks_only_its_connections(env):
             return {r["sport"]: r.get("served_by") or r["error"] for r in json.loads(holder.stdout.readline())}
 
         # Reweighting moves many Maglev slots; established flows stay on their backend (conntrack).
-        node_a.apply(weights={"a1": 4})
+        program(weights={"a1": 4})
         reweighted = predicted(MIX, "tcp", initial, weights={"a1": 4})
         moved = [sp for sp in initial if reweighted[sp] != initial[sp]]
         assert len(moved) >= 10, "the reweight should move some held flows' slots"
         assert probe() == initial
         # Remove b2: every connection not on b2 keeps working on its backend.
-        node_a.apply(mix_pods=("a1", "a2", "b1"))
+        program(mix_pods=("a1", "a2", "b1"))
         after = probe()
         survivors = {sp: pod for sp, pod in initial.items() if pod != "b2"}
         assert {sp: after[sp] for sp in survivors} == survivors
@@ -250,31 +269,31 @@ def test_removing_a_backend_breaks_only_its_connections(env):
         holder.stdin.close()
         holder.terminate()
         holder.wait(timeout=5)
-        node_a.apply()
+        program()
+        dp.close()
 
 
 # -- agent restart ---------------------------------------------------------------------------------
 
 def test_agent_restart_during_a_stream_loses_no_connection(env):
-    """Kill -9 the agent, start new ones, while the client keeps opening connections to a
+    """Kill -9 the agent and start a new one while the client keeps opening connections to a
     local-backend VIP (tc reverse NAT on node-a) and a DSR VIP (XDP on node-a, tc on node-b)."""
     node_a = env.agents["node-a"]
     holding = node_a.spawn_holding()
     first = _result(iter(holding.stdout.readline, ""))
     stream = subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream",
-                                                    f"{LOCAL},{DSR}", "80", "8"]),
-                              stdout=subprocess.PIPE, text=True)
+                                                    f"{LOCAL},{DSR}", "80", "stdin"]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         events = [("stream", time.time())]
         time.sleep(1.0)
         holding.kill()                      # a crash: no cleanup at all
         holding.wait(timeout=5)
         events.append(("killed", time.time()))
-        second = node_a.apply()             # a new process adopts the pinned maps
+        second = node_a.apply()             # a new process adopts the pinned maps and re-attaches
         events.append(("second applied", time.time()))
-        third = node_a.apply()
-        events.append(("third applied", time.time()))
-        out, _ = stream.communicate(timeout=60)
+        time.sleep(1.0)
+        out, _ = stream.communicate(input="", timeout=60)
     finally:
         if holding.poll() is None:
             holding.kill()
@@ -283,10 +302,10 @@ def test_agent_restart_during_a_stream_loses_no_connection(env):
     result = json.loads(out)
     timeline = [(what, round(t - result["start"], 2)) for what, t in events]
     assert result["failures"] == [], (result["failures"][:5], timeline)
-    assert result["ok"] > 200
+    assert result["ok"] > 100
     n = len(services_for("node-a"))
-    assert first["services"] == second["adopted_services"] == third["adopted_services"] == n
-    assert third["slots_written"] == 0      # nothing changed: the new process writes nothing
+    assert first["services"] == second["adopted_services"] == n
+    assert second["slots_written"] == 0     # nothing changed: the new process writes nothing
 
 
 # -- SNAT port reuse -------------------------------------------------------------------------------

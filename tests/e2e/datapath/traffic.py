@@ -7,7 +7,8 @@ Commands (JSON on stdout):
     who served, the address the answer came from, or the error.
 ``stream VIP[,VIP...] PORT SECONDS [UNTIL_OK [MAX_PER_S]]``
     back-to-back TCP connections (kernel-chosen ports, VIPs in turn) until SECONDS elapse
-    (or, with UNTIL_OK, until that many completed; at most MAX_PER_S started per second);
+    (SECONDS "stdin": until stdin is closed; with UNTIL_OK, until that many completed;
+    at most MAX_PER_S started per second);
     reports the number that completed and every failure (with its time and source port).
 ``hold VIP PORT SPORT_FIRST COUNT``
     opens COUNT long-lived TCP connections, prints who served each, then for every line on
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import time
 
 TIMEOUT = 2.0
@@ -74,10 +76,14 @@ def burst(vip, port, proto, first, count):
 def stream(vips, port, seconds, until_ok=0, max_per_s=0):
     vips = vips.split(",")
     start = time.monotonic()
+    stop = threading.Event()
+    if seconds == "stdin":  # the test says when: it closes our stdin
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+        seconds = 600
     end = start + float(seconds)
     until_ok, max_per_s = int(until_ok), float(max_per_s)
     ok, failures = 0, []
-    while time.monotonic() < end and not (until_ok and ok >= until_ok):
+    while time.monotonic() < end and not stop.is_set() and not (until_ok and ok >= until_ok):
         t = time.monotonic()
         if max_per_s and ok + len(failures) > (t - start) * max_per_s:
             time.sleep(1 / max_per_s)
