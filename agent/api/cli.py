@@ -46,8 +46,8 @@ class CliError(Exception):
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS so an option given at the top level is not reset by a subcommand's default.
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
-                   help="table (default) or json (the API model, verbatim)")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=argparse.SUPPRESS,
+                   help="table (default), json or yaml (the API model, verbatim)")
     p.add_argument("--socket", action="append", default=argparse.SUPPRESS, metavar="PATH",
                    help="vipd API socket (repeatable; default $VIPD_SOCKET or " + DEFAULT_SOCKET + ")")
     return p
@@ -170,9 +170,15 @@ def _gather(args, method: str, request) -> list:
     return [call(s, method, request) for s in sockets_from(args)]
 
 
-def _print_json(responses: list) -> None:
+def _print_json(responses: list, fmt: str = "json") -> None:
     data = [to_json(r) for r in responses]
-    print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+    data = data[0] if len(data) == 1 else data
+    if fmt == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    else:
+        print(json.dumps(data, indent=2))
 
 
 def _cluster(args, responses) -> bool:
@@ -185,8 +191,8 @@ def _cluster(args, responses) -> bool:
 
 def cmd_peers(args) -> int:
     responses = _gather(args, "ListPeers", vipd_pb2.ListPeersRequest())
-    if args.output == "json":
-        _print_json(responses)
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
         return 0
     if args.caps:
         for resp in responses:
@@ -204,8 +210,8 @@ def cmd_routes(args) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     responses = _gather(args, "ListRoutes", request)
-    if args.output == "json":
-        _print_json(responses)
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
         return 0
     routes = [r for resp in responses for r in resp.routes]
     sys.stdout.write(printers.routes_table(routes, advertised=request.table == vipd_pb2.ADVERTISED,
@@ -221,8 +227,8 @@ def cmd_route_policies(args) -> int:
             raise CliError("usage: vipctl bgp route-policies [vrouter <asn>]", 2)
         request.vrouter = int(words[1])
     responses = _gather(args, "ListRoutePolicies", request)
-    if args.output == "json":
-        _print_json(responses)
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
         return 0
     for resp in responses:
         if len(responses) > 1:
@@ -233,8 +239,8 @@ def cmd_route_policies(args) -> int:
 
 def cmd_status(args) -> int:
     responses = _gather(args, "GetStatus", vipd_pb2.GetStatusRequest())
-    if args.output == "json":
-        _print_json(responses)
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
         return 0
     sys.stdout.write("\n".join(printers.status_text(r) for r in responses))
     return 0
@@ -244,8 +250,11 @@ def cmd_config_validate(args) -> int:
     from agent.sources.files import validate_dir
 
     report = validate_dir(args.dir)
-    if args.output == "json":
-        print(json.dumps(report.as_dict(), indent=2))
+    if args.output in ("json", "yaml"):
+        import yaml
+
+        data = report.as_dict()
+        print(json.dumps(data, indent=2) if args.output == "json" else yaml.safe_dump(data, sort_keys=False))
     else:
         sys.stdout.write(report.text())
     return 0 if report.ok else 2

@@ -5,7 +5,9 @@ and subdirectories are ignored), parsed and validated by :mod:`agent.config`, an
 into the :class:`~agent.store.Store` as one snapshot. The directory is watched with
 ``watchfiles``: an edit, a new file or a deleted file produces a new snapshot within the
 debounce interval, no restart needed. A document that fails validation is reported (file,
-object, field path) and left out; every other document still applies.
+object, field path) and rejected like the API server rejects an invalid ``kubectl apply``: the
+object's previous valid version stays in effect (a file that no longer parses keeps all of its
+previous objects); every other document still applies.
 
 Editors and config-management tools often write a temp file and rename it over the target;
 that is one change here. A content fingerprint suppresses no-op reloads (touch, chmod).

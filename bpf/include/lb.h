@@ -233,6 +233,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	struct bpf_fib_lookup *fib = &scr->fib;
 
 	struct svc_counter *sc = svc_stats_v1.lookup(&svc_id);
+#ifdef EXP_NO_STATS
+	sc = 0;
+#endif
 	if (sc) {
 		sc->packets += 1;
 		sc->bytes += ctx_len(ctx);
@@ -326,11 +329,17 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		rk.proto = p->proto;
 		rk.family = p->family;
 		rk.dir = CT_DIR_REPLY;
+#ifndef EXP_NO_REPLY
 		if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
 			fill_reply_val(vp, p, bid, svc_id, CT_F_LOCAL);
 			ct_v1.update(&rk, vp);
 		}
+#endif
+#ifdef EXP_NO_FWD
+		if (0) {
+#else
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
+#endif
 			fill_fwd_val(vp, bid, svc_id, CT_F_LOCAL, 0);
 			ct_v1.update(&ck, vp);
 		}

@@ -109,6 +109,18 @@ def test_ipv6_session_global_next_hop(bgp, kind, our_side):
         assert "proto bgp" in fib
 
 
+def test_ipv6_to_frr_without_zebra_with_global_next_hop_only(bgp):
+    """FRR without zebra cannot use a link-local next hop; `link_local_next_hop=False` sends the
+    16-byte global next hop only, which such an FRR accepts."""
+    peer_v6 = PEER_ADDRS["frr"][1]
+    daemon = bgp.peer("frr", [Neighbor(SPEAKER_V6, SPEAKER_ASN, passive=True, families=("ipv6",))])
+    spk = bgp.speaker([neighbor(peer_v6, PEER_ASNS["frr"], families=["ipv6"], link_local_next_hop=False)],
+                      [{"neighbor": peer_v6, "prefix": "2001:db8:7::/48", "attrs": {}}])
+    wait_established(spk, daemon, SPEAKER_V6, peer_v6)
+    route = wait_routes(daemon, ["2001:db8:7::/48"], afi="ipv6")["2001:db8:7::/48"]
+    assert route.next_hops == (SPEAKER_V6,), route
+
+
 @pytest.mark.parametrize("kind,our_side", FAST_SIDES)
 def test_ipv4_prefix_over_ipv6_session_rfc8950(bgp, kind, our_side):
     peer_v6 = PEER_ADDRS[kind][1]
@@ -137,7 +149,7 @@ def _link_local(host) -> str:
 # transport: MD5, multihop, ports
 # -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,our_side", BOTH_SIDES)
+@pytest.mark.parametrize("kind,our_side", BOTH_SIDES + [("bird", "active"), ("bird", "passive")])
 def test_md5_matching_key_establishes(bgp, kind, our_side):
     peer_v4 = PEER_ADDRS[kind][0]
     spk_kw, peer_passive = sides(our_side)

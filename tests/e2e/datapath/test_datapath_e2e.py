@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -87,10 +88,9 @@ class Node:
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def destroy(self) -> None:
-        dp = Datapath(instance=self.instance, pin_root=self.pin_root)
-        dp.load()
-        dp.destroy()
-        Path(self.pin_root).rmdir()
+        """Unpin the maps. The programs go with the node's interfaces when the lab deletes
+        its namespaces; no compile needed just to clean up."""
+        shutil.rmtree(self.pin_root, ignore_errors=True)
 
 
 def _result(lines) -> dict:
@@ -316,6 +316,12 @@ def test_snat_ports_are_reused_after_connections_close(env):
     350/s, below the sustainable 4536 ports / 10 s close timeout, so any failure is a leak."""
     features = Features()
     n_ports = features.snat_port_max - features.snat_port_min + 1
-    result = traffic(env, "stream", SNAT, 80, 90, n_ports + 300, 350, timeout=150)
-    assert result["failures"] == [], (len(result["failures"]), result["failures"][:5], "ok", result["ok"])
-    assert result["ok"] >= n_ports + 300, result["ok"]
+    clients = 3  # three sequential clients at once: the Python client is the bottleneck
+    procs = [subprocess.Popen(env.client.exec_argv([sys.executable, str(HERE / "traffic.py"), "stream", SNAT, "80",
+                                                    "120", str((n_ports + 300) // clients + 1), str(350 / clients)]),
+                              stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    results = [json.loads(p.communicate(timeout=180)[0]) for p in procs]
+    failures = [f for r in results for f in r["failures"]]
+    ok = sum(r["ok"] for r in results)
+    assert failures == [], (len(failures), failures[:5], "ok", ok)
+    assert ok >= n_ports + 300, ok

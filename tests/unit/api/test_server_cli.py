@@ -190,3 +190,12 @@ def test_config_validate_exit_status_and_json(tmp_path, capsys):
     (tmp_path / "bad.yaml").unlink()
     code, out, _ = run_cli(capsys, "config", "validate", str(tmp_path))
     assert code == 0 and out.strip().endswith("OK")
+
+
+def test_yaml_output_is_the_same_model(servers, capsys):
+    import yaml
+
+    server, _ = servers("worker")
+    _, as_json, _ = run_cli(capsys, "--socket", str(server.socket_path), "bgp", "peers", "-o", "json")
+    _, as_yaml, _ = run_cli(capsys, "--socket", str(server.socket_path), "bgp", "peers", "-o", "yaml")
+    assert yaml.safe_load(as_yaml) == json.loads(as_json)
