@@ -7,7 +7,7 @@ deps:
 	./scripts/install-deps
 
 demo: deps
-	$(PY) -m agent.demo
+	$(PY) -m agent.demo --vip
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

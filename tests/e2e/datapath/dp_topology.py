@@ -5,6 +5,9 @@
     client 10.10.0.2 ── router 10.10.0.1 | 10.20.0.1 ──[lan bridge]── node-a 10.20.0.11 ── a1 10.30.1.2, a2 10.30.1.6
                                                               └────── node-b 10.20.0.12 ── b1 10.30.2.2, b2 10.30.2.6
 
+IPv6 in parallel: client fd10::2, router fd10::1 | fd20::1, nodes fd20::11 / fd20::12, pods
+fd31:0:0:N::2 (node-a, fd31::/48) and fd32:0:0:N::2 (node-b, fd32::/48), VIPs in fd96::/64.
+
 Pods are routed natively (no overlay): the router has a route per node's pod CIDR and one for
 the VIP range via node-a (the load-balancing node); each node has a direct route to the
 other node's pod CIDR (autoDirectNodeRoutes). All routes go through agent.routing's
@@ -33,8 +36,22 @@ PODS = {  # pod -> (node, node-side address, pod address), each on its own /30
     "b1": ("node-b", "10.30.2.1", "10.30.2.2"),
     "b2": ("node-b", "10.30.2.5", "10.30.2.6"),
 }
+PODS6 = {  # pod -> (node-side address, pod address), one /64 per pod link
+    "a1": ("fd31:0:0:1::1", "fd31:0:0:1::2"),
+    "a2": ("fd31:0:0:2::1", "fd31:0:0:2::2"),
+    "b1": ("fd32:0:0:1::1", "fd32:0:0:1::2"),
+    "b2": ("fd32:0:0:2::1", "fd32:0:0:2::2"),
+}
+NODE_ADDR6 = {"node-a": "fd20::11", "node-b": "fd20::12"}
+POD_CIDR6 = {"node-a": "fd31::/48", "node-b": "fd32::/48"}
 VIP_RANGE = "10.96.0.0/24"
+VIP_RANGE6 = "fd96::/64"
 CLIENT = "10.10.0.2"
+CLIENT6 = "fd10::2"
+
+
+def pod_address(pod: str, family: int) -> str:
+    return PODS[pod][2] if family == 4 else PODS6[pod][1]
 
 
 @dataclass
@@ -75,24 +92,31 @@ def build(lab: Lab) -> DatapathLab:
     client = lab.host("client")
     router = lab.host("router", forwarding=True)
     nodes = {name: lab.host(name, forwarding=True) for name in NODE_ADDR}
-    lab.link(router, client, ["10.10.0.1/24"], [f"{CLIENT}/24"])
-    lan = lab.segment("lan", [(router, ["10.20.0.1/24"]),
-                              *[(nodes[n], [f"{a}/24"]) for n, a in NODE_ADDR.items()]])
+    lab.link(router, client, ["10.10.0.1/24", "fd10::1/64"], [f"{CLIENT}/24", f"{CLIENT6}/64"])
+    lan = lab.segment("lan", [(router, ["10.20.0.1/24", "fd20::1/64"]),
+                              *[(nodes[n], [f"{a}/24", f"{NODE_ADDR6[n]}/64"]) for n, a in NODE_ADDR.items()]])
     # XDP_TX / redirect into a veth is dropped unless its peer runs NAPI, which a veth does
     # only with an XDP program attached: give the bridge ports facing the nodes an XDP_PASS.
     attach_xdp_pass(lan, [f"p-{name}" for name in NODE_ADDR])
     client.route("0.0.0.0/0", via="10.10.0.1")
+    client.route("::/0", via="fd10::1")
     pods = {}
     for pod, (node, node_side, pod_addr) in PODS.items():
         pods[pod] = host = lab.host(pod)
-        lab.link(nodes[node], host, [f"{node_side}/30"], [f"{pod_addr}/30"])
+        side6, pod6 = PODS6[pod]
+        lab.link(nodes[node], host, [f"{node_side}/30", f"{side6}/64"], [f"{pod_addr}/30", f"{pod6}/64"])
         host.route("0.0.0.0/0", via=node_side)
+        host.route("::/0", via=side6)
     _sync(router, [Route(POD_CIDR[n], [NextHop(NODE_ADDR[n])]) for n in NODE_ADDR]
-          + [Route(VIP_RANGE, [NextHop(NODE_ADDR["node-a"])])])
+          + [Route(POD_CIDR6[n], [NextHop(NODE_ADDR6[n])]) for n in NODE_ADDR]
+          + [Route(VIP_RANGE, [NextHop(NODE_ADDR["node-a"])]),
+             Route(VIP_RANGE6, [NextHop(NODE_ADDR6["node-a"])])])
     for name, node in nodes.items():
         other = "node-b" if name == "node-a" else "node-a"
         _sync(node, [Route("0.0.0.0/0", [NextHop("10.20.0.1")]),
-                     Route(POD_CIDR[other], [NextHop(NODE_ADDR[other])])])
+                     Route("::/0", [NextHop("fd20::1")]),
+                     Route(POD_CIDR[other], [NextHop(NODE_ADDR[other])]),
+                     Route(POD_CIDR6[other], [NextHop(NODE_ADDR6[other])])])
     # veth hands locally generated packets on with CHECKSUM_PARTIAL (only the pseudo-header sum
     # in the L4 checksum field). XDP sees raw bytes and XDP_TX/redirect drops that metadata, so
     # every sender here computes full checksums, as packets from a physical wire always have.

@@ -5,7 +5,7 @@ a previous process), attaches the programs, reconciles the services to exactly t
 the config, prints ``RESULT <json summary>`` and exits — leaving programs attached and maps pinned, as
 the real daemon does. With ``--hold`` it then sleeps until killed (to test a crash mid-stream).
 
-Config: {"instance", "pin_root", "netns", "node_v4", "xdp": [if], "tc_ingress": [if],
+Config: {"instance", "pin_root", "netns", "node_v4", "node_v6", "xdp": [if], "tc_ingress": [if],
 "tc_egress": [if], "services": [{"vip", "port", "proto", "mode", "backends": [{"addr", "port",
 "local", "weight"}]}]}
 """
@@ -35,8 +35,8 @@ def apply(cfg: dict) -> dict:
     dp = Datapath(instance=cfg["instance"], pin_root=cfg["pin_root"])
     dp.load()
     adopted = len(dp.services())
-    if cfg.get("node_v4"):
-        dp.set_node_addresses(v4=cfg["node_v4"])
+    if cfg.get("node_v4") or cfg.get("node_v6"):
+        dp.set_node_addresses(v4=cfg.get("node_v4"), v6=cfg.get("node_v6"))
     for ifname in cfg.get("xdp", ()):
         dp.attach_xdp(ifname, netns=cfg["netns"], mode="native")
     for ifname in cfg.get("tc_ingress", ()):

@@ -9,6 +9,7 @@ Services (TCP :80 and UDP :53, backends on :8080):
   10.96.0.11  SNAT:  b1, b2 (DNAT+SNAT on node-a, replies come back through node-a)
   10.96.0.12  DSR:   b1, b2 (VIP carried to node-b, replies go straight to the router)
   10.96.0.20  mixed SNAT: a1, a2, b1, b2 (distribution, conntrack stickiness, removal)
+  fd96::10 / fd96::11 / fd96::12: the local, SNAT and DSR services again over IPv6
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from agent.lb.maglev import build_table
 
 import dp_topology as topology
 import lbagent
-from dp_topology import CLIENT, NODE_ADDR, PODS, POD_PORT
+from dp_topology import CLIENT, CLIENT6, NODE_ADDR, NODE_ADDR6, PODS, POD_PORT, pod_address
 
 HERE = Path(__file__).resolve().parent
 LOCAL, SNAT, DSR, MIX = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.20"
-SERVICE_PODS = {LOCAL: ("a1", "a2"), SNAT: ("b1", "b2"), DSR: ("b1", "b2"), MIX: ("a1", "a2", "b1", "b2")}
-MODES = {LOCAL: "snat", SNAT: "snat", DSR: "dsr", MIX: "snat"}
+LOCAL6, SNAT6, DSR6 = "fd96::10", "fd96::11", "fd96::12"
+SERVICE_PODS = {LOCAL: ("a1", "a2"), SNAT: ("b1", "b2"), DSR: ("b1", "b2"), MIX: ("a1", "a2", "b1", "b2"),
+                LOCAL6: ("a1", "a2"), SNAT6: ("b1", "b2"), DSR6: ("b1", "b2")}
+MODES = {LOCAL: "snat", SNAT: "snat", DSR: "dsr", MIX: "snat", LOCAL6: "snat", SNAT6: "snat", DSR6: "dsr"}
 PORTS = {"tcp": 80, "udp": 53}
 
 
@@ -47,7 +50,7 @@ def services_for(node: str, mix_pods=SERVICE_PODS[MIX], weights: dict[str, int] 
         pods = mix_pods if vip == MIX else pods
         for proto, port in PORTS.items():
             out.append({"vip": vip, "port": port, "proto": proto, "mode": MODES[vip], "backends": [
-                {"addr": PODS[p][2], "port": POD_PORT, "local": PODS[p][0] == node,
+                {"addr": pod_address(p, 6 if ":" in vip else 4), "port": POD_PORT, "local": PODS[p][0] == node,
                  "weight": (weights or {}).get(p, 1)} for p in pods]})
     return out
 
@@ -64,7 +67,7 @@ class Node:
 
     def config(self, **kw) -> dict:
         return {"instance": self.instance, "pin_root": self.pin_root, "netns": self.host.ns,
-                "node_v4": NODE_ADDR[self.name], "xdp": ["eth-lan"], "tc_ingress": ["eth-lan"],
+                "node_v4": NODE_ADDR[self.name], "node_v6": NODE_ADDR6[self.name], "xdp": ["eth-lan"], "tc_ingress": ["eth-lan"],
                 "tc_egress": ["eth-lan"], "services": services_for(self.name, **kw)}
 
     def start_apply(self, **kw) -> subprocess.Popen:
@@ -124,28 +127,32 @@ def traffic(env, *args, timeout=120) -> object:
 
 
 def pod_by_addr() -> dict[str, str]:
-    return {addr: pod for pod, (_, _, addr) in PODS.items()}
+    return {pod_address(pod, fam): pod for pod in PODS for fam in (4, 6)}
 
 
 def predicted(vip: str, proto: str, sports, pods=None, weights: dict[str, int] | None = None) -> dict[int, str]:
     """Which pod the Maglev model (agent.lb.maglev + the flow hash) says serves each source port."""
     pods = pods or SERVICE_PODS[vip]
+    fam = 6 if ":" in vip else 4
     svc = Service(ServiceKey(vip, PORTS[proto], 6 if proto == "tcp" else 17),
-                  tuple(Backend(PODS[p][2], POD_PORT, weight=(weights or {}).get(p, 1)) for p in pods))
+                  tuple(Backend(pod_address(p, fam), POD_PORT, weight=(weights or {}).get(p, 1)) for p in pods))
     backends = svc.selectable_backends()
     table = build_table([(b.name, b.weight) for b in backends], svc.maglev_m)
     seed = Features().hash_seed
     names = pod_by_addr()
-    return {sp: names[str(backends[table[flow_hash(CLIENT, sp, PORTS[proto], int(svc.key.proto), seed)
+    client = CLIENT6 if fam == 6 else CLIENT
+    return {sp: names[str(backends[table[flow_hash(client, sp, PORTS[proto], int(svc.key.proto), seed)
                                            % svc.maglev_m]].addr)] for sp in sports}
 
 
 # -- connectivity in every mode ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
-@pytest.mark.parametrize("vip", [LOCAL, SNAT, DSR], ids=["local", "snat", "dsr"])
+@pytest.mark.parametrize("vip", [LOCAL, SNAT, DSR, LOCAL6, SNAT6, DSR6],
+                         ids=["local", "snat", "dsr", "local-v6", "snat-v6", "dsr-v6"])
 def test_connections_succeed_and_come_from_the_vip(env, vip, proto):
-    sport0 = {LOCAL: 21000, SNAT: 22000, DSR: 23000}[vip] + (500 if proto == "udp" else 0)
+    sport0 = {LOCAL: 21000, SNAT: 22000, DSR: 23000, LOCAL6: 26000, SNAT6: 27000, DSR6: 28000}[vip] \
+        + (500 if proto == "udp" else 0)
     results = traffic(env, "burst", vip, PORTS[proto], proto, sport0, 40)
     failures = [r for r in results if "served_by" not in r]
     assert not failures, failures[:5]

@@ -26,12 +26,20 @@ import time
 TIMEOUT = 2.0
 
 
+def family(addr: str):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def any_addr(addr: str) -> str:
+    return "::" if ":" in addr else "0.0.0.0"
+
+
 def tcp_once(vip: str, port: int, sport: int | None) -> dict:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(family(vip), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.settimeout(TIMEOUT)
     try:
-        s.bind(("0.0.0.0", sport or 0))
+        s.bind((any_addr(vip), sport or 0))
         sport = s.getsockname()[1]
         t0 = time.monotonic()
         s.connect((vip, port))
@@ -47,10 +55,10 @@ def tcp_once(vip: str, port: int, sport: int | None) -> dict:
 
 
 def udp_once(vip: str, port: int, sport: int) -> dict:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(vip), socket.SOCK_DGRAM)
     s.settimeout(TIMEOUT)
     try:
-        s.bind(("0.0.0.0", sport))
+        s.bind((any_addr(vip), sport))
         for _ in range(3):  # UDP: retry a lost datagram twice
             s.sendto(b"who", (vip, port))
             try:
@@ -100,10 +108,10 @@ def stream(vips, port, seconds, until_ok=0, max_per_s=0):
 def hold(vip, port, first, count):
     conns = []
     for i in range(int(count)):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(family(vip), socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.settimeout(TIMEOUT)
-        s.bind(("0.0.0.0", int(first) + i))
+        s.bind((any_addr(vip), int(first) + i))
         s.connect((vip, int(port)))
         f = s.makefile("rb")
         conns.append((int(first) + i, s, f, f.readline().strip().decode()))
