@@ -23,7 +23,7 @@ static __always_inline int handle_fragment(struct xdp_md *ctx, const struct pkt 
 	stat_inc(HOOK_XDP, STAT_FRAGMENT);
 	addr_copy(k.addr, p->daddr);
 	k.family = p->family;
-	if (services_v1.lookup(&k))
+	if (services_v2.lookup(&k))
 		return drop(DROP_FRAGMENT);
 	return verdict(HOOK_XDP, XDP_PASS);
 }
@@ -45,7 +45,7 @@ int xdp_lb(struct xdp_md *ctx)
 		k.port = p.dport;
 		k.proto = p.proto;
 		k.family = p.family;
-		struct svc_val *svc = services_v1.lookup(&k);
+		struct svc_val *svc = services_v2.lookup(&k);
 		if (svc)
 			return lb_handle(ctx, &p, svc);
 		rc = snat_reply(ctx, &p);

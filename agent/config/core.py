@@ -9,9 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from agent.config.cilium import Resource, check_ip
 from agent.config.meta import LooseModel
@@ -19,6 +19,8 @@ from agent.config.meta import LooseModel
 SERVICE_NAME_LABEL = "io.kubernetes.service.name"
 SERVICE_NAMESPACE_LABEL = "io.kubernetes.service.namespace"
 ENDPOINTSLICE_SERVICE_LABEL = "kubernetes.io/service-name"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class CoreResource(Resource):
@@ -115,6 +117,48 @@ class ServicePort(LooseModel):
     node_port: int | None = None
 
 
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+DEFAULT_AFFINITY_TIMEOUT = 10800   # Kubernetes' default for sessionAffinity ClientIP (3 hours)
+MAX_AFFINITY_TIMEOUT = 86400       # Kubernetes' upper bound (MaxClientIPServiceAffinitySeconds)
+
+
+def parse_source_range(value: str) -> IPNetwork:
+    """One loadBalancerSourceRanges entry -> network. Like Kubernetes: surrounding spaces are
+    allowed (a leftover of the annotation era) and host bits are masked (``10.0.0.1/8`` ->
+    ``10.0.0.0/8``); a plain address without a prefix length is not a range."""
+    text = value.strip()
+    if "/" not in text:
+        try:
+            host = ipaddress.ip_address(text)
+        except ValueError:
+            host = None
+        if host is not None:
+            raise ValueError(f"{value!r} is an address, not a range: write "
+                             f"{host}/{host.max_prefixlen} for this one client")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR (e.g. 203.0.113.0/24 or 2001:db8::/48)") \
+            from None
+
+
+def _check_source_range(value: str) -> str:
+    parse_source_range(value)
+    return value
+
+
+# The index of a bad entry ends up in the error's field path: spec.loadBalancerSourceRanges[2].
+SourceRange = Annotated[str, AfterValidator(_check_source_range)]
+
+
+class ClientIPConfig(LooseModel):
+    timeout_seconds: int = Field(DEFAULT_AFFINITY_TIMEOUT, ge=1, le=MAX_AFFINITY_TIMEOUT)
+
+
+class SessionAffinityConfig(LooseModel):
+    client_ip: ClientIPConfig | None = Field(None, alias="clientIP")
+
+
 class ServiceSpec(LooseModel):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     cluster_ip: str | None = Field(None, alias="clusterIP")
@@ -128,6 +172,9 @@ class ServiceSpec(LooseModel):
     selector: dict[str, str] | None = None
     ip_families: list[Literal["IPv4", "IPv6"]] | None = None
     ip_family_policy: Literal["SingleStack", "PreferDualStack", "RequireDualStack"] | None = None
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    session_affinity_config: SessionAffinityConfig | None = None
+    load_balancer_source_ranges: list[SourceRange] | None = None
 
     @field_validator("cluster_ip", "load_balancer_ip")
     @classmethod
@@ -187,6 +234,56 @@ class Service(CoreResource):
     def ingress_ips(self) -> list[str]:
         lb = self.status.load_balancer
         return [i.ip for i in (lb.ingress or []) if i.ip] if lb else []
+
+    @model_validator(mode="after")
+    def _session_affinity_and_source_ranges(self):
+        # The API server's rules (ValidateService), so a manifest it would refuse fails here too.
+        spec = self.spec
+        if spec.session_affinity == "None" and spec.session_affinity_config is not None:
+            raise ValueError("spec.sessionAffinityConfig: must not be set when sessionAffinity "
+                             "is None (set sessionAffinity: ClientIP to use it)")
+        if spec.load_balancer_source_ranges:
+            if spec.type != "LoadBalancer":
+                raise ValueError("spec.loadBalancerSourceRanges: may only be used when type is "
+                                 f"LoadBalancer (this Service is {spec.type})")
+        elif SOURCE_RANGES_ANNOTATION in self.metadata.annotations:
+            where = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+            if spec.type != "LoadBalancer":
+                raise ValueError(f"{where}: may only be used when type is LoadBalancer "
+                                 f"(this Service is {spec.type})")
+            for n, entry in enumerate(self._annotation_ranges(), 1):
+                try:
+                    parse_source_range(entry)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: entry {n} of the comma-separated list: {exc}") \
+                        from None
+        return self
+
+    def _annotation_ranges(self) -> list[str]:
+        text = self.metadata.annotations.get(SOURCE_RANGES_ANNOTATION, "").strip()
+        return [entry.strip() for entry in text.split(",")] if text else []
+
+    @property
+    def affinity_timeout(self) -> int:
+        """ClientIP session affinity in seconds, 0 when sessionAffinity is None."""
+        if self.spec.session_affinity != "ClientIP":
+            return 0
+        config = self.spec.session_affinity_config
+        client_ip = config.client_ip if config is not None else None
+        return client_ip.timeout_seconds if client_ip is not None else DEFAULT_AFFINITY_TIMEOUT
+
+    @property
+    def source_ranges(self) -> tuple[IPNetwork, ...]:
+        """The clients allowed to reach the LoadBalancer frontends; empty = everyone.
+
+        ``spec.loadBalancerSourceRanges`` wins; the legacy annotation is read only when the
+        field is empty (Kubernetes' GetLoadBalancerSourceRanges). Only type LoadBalancer has
+        them (validation refuses them elsewhere). Sorted, duplicates removed."""
+        if self.spec.type != "LoadBalancer":
+            return ()
+        entries = self.spec.load_balancer_source_ranges or self._annotation_ranges()
+        nets = {parse_source_range(e) for e in entries}
+        return tuple(sorted(nets, key=lambda n: (n.version, n)))
 
 
 # -------------------------------------------------------------------------------- EndpointSlice

@@ -106,8 +106,10 @@ class TcAction(enum.IntEnum):
 class MapName(str, enum.Enum):
     """Map names (also their file names under the pin directory)."""
 
-    SERVICES = "services_v1"
-    BACKENDS = "backends_v1"
+    SERVICES = "services_v2"
+    BACKENDS = "backends_v2"
+    SVC_BACKENDS = "svc_backends_v1"
+    REVNAT = "revnat_v1"
     MAGLEV = "maglev_v1"
     CT = "ct_v1"
     AFFINITY = "affinity_v1"

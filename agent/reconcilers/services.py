@@ -9,7 +9,12 @@ in ``status.loadBalancer.ingress``) -> one datapath ``Service`` per frontend add
   flows; serving-but-terminating ones keep their established flows only; ``local`` when the
   endpoint's nodeName is this node; the port is the slice port with the service port's name
   (else a numeric targetPort);
-* only TCP and UDP (SCTP is not in the datapath); backends of the frontend's IP family.
+* only TCP and UDP (SCTP is not in the datapath); backends of the frontend's IP family;
+* ``sessionAffinity: ClientIP`` -> ``affinity_timeout`` (timeoutSeconds) on every frontend;
+* ``loadBalancerSourceRanges`` (or the legacy annotation) -> ``source_ranges`` on the
+  LoadBalancer ingress frontends only, as in Kubernetes: ClusterIP and externalIPs stay open.
+  Each frontend is its own datapath service, so each gets the ranges of its own family; a
+  frontend whose family has no range admits nobody (see ``_ranges_for``).
 
 ``ServiceReconciler`` diffs that against what the maps program (``Datapath.services()``, which
 also works after adopting pinned maps from a previous agent), deletes first, then upserts what
@@ -65,6 +70,19 @@ def _backends(objects, svc, port, node_name: str):
     return sorted(found.values(), key=lambda b: (b.addr.version, int(b.addr), b.port))
 
 
+# The datapath reads an empty allow list as "allow everyone" and has no "allow no one". A
+# Service whose ranges are all of the other family must still shut this family out (Cilium
+# does; kube-proxy ignores them, failing open), so such a frontend gets the unspecified
+# address as its only range: no TCP/UDP client can send from 0.0.0.0 or ::.
+NOBODY = {4: ipaddress.ip_network("0.0.0.0/32"), 6: ipaddress.ip_network("::/128")}
+
+
+def _ranges_for(ranges: tuple, version: int) -> tuple:
+    if not ranges:
+        return ()
+    return tuple(r for r in ranges if r.version == version) or (NOBODY[version],)
+
+
 def desired_services(objects, node_name: str, *, mode: str = "snat") -> dict:
     """{ServiceKey: datapath Service} for every frontend of every Service (see module doc)."""
     from agent.datapath.model import Mode, Proto, Service, ServiceKey
@@ -76,20 +94,24 @@ def desired_services(objects, node_name: str, *, mode: str = "snat") -> dict:
             continue
         internal_local = spec.internal_traffic_policy == "Local"
         external_local = spec.external_traffic_policy == "Local"
-        frontends = [(ip, internal_local) for ip in svc.cluster_ips]
-        frontends += [(ip, external_local) for ip in spec.external_ips or () if ip not in ("", "None")]
-        if spec.type == "LoadBalancer":
-            frontends += [(ip, external_local) for ip in svc.ingress_ips]
+        # (address, traffic policy Local?, source ranges apply?); LoadBalancer ingress first, so
+        # an address that is also an externalIP keeps its source ranges
+        frontends = [(ip, external_local, True) for ip in svc.ingress_ips] if spec.type == "LoadBalancer" else []
+        frontends += [(ip, internal_local, False) for ip in svc.cluster_ips]
+        frontends += [(ip, external_local, False) for ip in spec.external_ips or () if ip not in ("", "None")]
+        affinity, ranges = svc.affinity_timeout, svc.source_ranges
         for port in spec.ports:
             if port.protocol not in ("TCP", "UDP"):
                 continue
             backends = _backends(objects, svc, port, node_name)
-            for ip, local in frontends:
+            for ip, local, filtered in frontends:
                 key = ServiceKey(ip, port.port, Proto[port.protocol])
                 if key in out:  # the same VIP:port claimed twice: the older Service keeps it
                     continue
-                out[key] = Service(key, tuple(b for b in backends if b.addr.version == key.vip.version),
-                                   traffic_policy_local=local, mode=Mode(mode))
+                version = key.vip.version
+                out[key] = Service(key, tuple(b for b in backends if b.addr.version == version),
+                                   traffic_policy_local=local, mode=Mode(mode), affinity_timeout=affinity,
+                                   source_ranges=_ranges_for(ranges, version) if filtered else ())
     return out
 
 

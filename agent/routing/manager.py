@@ -114,7 +114,7 @@ class RouteManager:
             return req
         hops = [_hop_request(h, index, route) for h in route.nexthops]
         if len(hops) == 1 and route.nexthops[0].weight == 1:
-            req.update({"gateway" if k == "gateway" else k: v for k, v in hops[0].items() if k != "hops"})
+            req.update({k: v for k, v in hops[0].items() if k != "hops"})  # plain gateway/oif
         else:
             req["multipath"] = hops
         return req

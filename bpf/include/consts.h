@@ -13,6 +13,9 @@
 #ifndef MAX_BACKENDS
 #define MAX_BACKENDS 65536        /* backend ids 1..MAX_BACKENDS-1; id 0 = "no backend" */
 #endif
+#ifndef MAX_MEMBERS
+#define MAX_MEMBERS 262144        /* {service, backend} memberships (svc_backends) */
+#endif
 #ifndef MAGLEV_SLOTS
 #define MAGLEV_SLOTS (1 << 22)    /* u32 slots shared by all services' Maglev tables */
 #endif

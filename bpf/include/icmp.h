@@ -59,7 +59,7 @@ static __always_inline int icmp_error_to_local(struct xdp_md *ctx, struct pkt *p
 	sk.port = in.sport;
 	sk.proto = in.proto;
 	sk.family = in.family;
-	struct svc_val *svc = services_v1.lookup(&sk);
+	struct svc_val *svc = services_v2.lookup(&sk);
 	if (!svc)
 		return -1;
 
@@ -76,6 +76,9 @@ static __always_inline int icmp_error_to_local(struct xdp_md *ctx, struct pkt *p
 	struct ct_val *cv = ct_v1.lookup(&ck);
 	if (cv) {
 		bid = cv->backend_id;
+		__u32 esvc = cv->svc_id, egen = cv->svc_gen;
+		if (!member_of(svc, svc->id, bid, &esvc, &egen, 0))
+			bid = 0;   /* the flow's backend left the service: its next packet re-balances */
 	} else if (svc->table_size) {
 		__u32 slot = svc->table_off +
 			flow_hash_tuple(ck.saddr, ck.family, (svc->flags & SVC_F_AFFINITY) ? 0 : ck.sport,
@@ -84,7 +87,7 @@ static __always_inline int icmp_error_to_local(struct xdp_md *ctx, struct pkt *p
 		if (sb)
 			bid = *sb;
 	}
-	struct backend *be = backends_v1.lookup(&bid);
+	struct backend *be = backends_v2.lookup(&bid);
 	if (!bid || !be || !(be->flags & BE_F_ACTIVE) || !(be->flags & BE_F_LOCAL))
 		return -1;
 	__u32 baddr[4];

@@ -48,6 +48,26 @@ static __always_inline __u32 flow_hash(const struct pkt *p, __be16 sport)
 	return flow_hash_tuple(p->saddr, p->family, sport, p->dport, p->proto);
 }
 
+/* Is bid still one of the service's backends? Checked through svc_backends only when the
+ * entry's generation is older than the service's (a backend left the service since), so an
+ * established flow costs nothing extra; a still-valid entry is brought up to date. */
+static __always_inline int member_of(const struct svc_val *svc, __u32 svc_id, __u32 bid,
+				     __u32 *entry_svc_id, __u32 *entry_gen, int refresh)
+{
+	__u32 gen = svc->backend_gen;
+
+	if (*entry_gen == gen && *entry_svc_id == svc_id)
+		return 1;
+	struct svc_member_key mk = { .svc_id = svc_id, .backend_id = bid };
+	if (!svc_backends_v1.lookup(&mk))
+		return 0;
+	if (refresh) {
+		*entry_svc_id = svc_id;
+		*entry_gen = gen;
+	}
+	return 1;
+}
+
 static __always_inline __u32 now_s(void)
 {
 	return bpf_ktime_get_coarse_ns() / 1000000000ULL;
@@ -205,12 +225,13 @@ static __always_inline void fill_reply_val(struct ct_val *rv, const struct pkt *
 	rv->flags = flags;
 }
 
-static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_id, __u16 flags,
-					 __be16 nat_port)
+static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_id, __u32 gen,
+					 __u16 flags, __be16 nat_port)
 {
 	__builtin_memset(v, 0, sizeof(*v));
 	v->backend_id = bid;
 	v->svc_id = svc_id;
+	v->svc_gen = gen;
 	v->flags = flags;
 	v->nat_port = nat_port;
 }
@@ -233,9 +254,6 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	struct bpf_fib_lookup *fib = &scr->fib;
 
 	struct svc_counter *sc = svc_stats_v1.lookup(&svc_id);
-#ifdef EXP_NO_STATS
-	sc = 0;
-#endif
 	if (sc) {
 		sc->packets += 1;
 		sc->bytes += ctx_len(ctx);
@@ -261,10 +279,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (cv) {
 			bid = cv->backend_id;
 			nat_port = cv->nat_port;
-			be = backends_v1.lookup(&bid);
-			/* gone: re-balance; terminating: keep the flow but a new SYN re-balances */
+			be = backends_v2.lookup(&bid);
+			/* gone: re-balance; terminating: keep the flow but a new SYN re-balances;
+			 * removed from this service (even if another still uses it): re-balance */
 			if (be && (!(be->flags & BE_F_ACTIVE) ||
 				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
+				be = NULL;
+			if (be && !member_of(svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, 1))
 				be = NULL;
 			if (be)
 				stat_inc(HOOK_XDP, STAT_CT_HIT);
@@ -284,8 +305,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			struct affinity_val *av = affinity_v1.lookup(&ak);
 			if (av && bpf_ktime_get_coarse_ns() - av->last_used_ns <= (__u64)svc->affinity_timeout * 1000000000ULL) {
 				__u32 abid = av->backend_id;
-				struct backend *ab = backends_v1.lookup(&abid);
-				if (ab && (ab->flags & BE_F_ACTIVE) && !(ab->flags & BE_F_TERMINATING)) {
+				struct backend *ab = backends_v2.lookup(&abid);
+				if (ab && (ab->flags & BE_F_ACTIVE) && !(ab->flags & BE_F_TERMINATING) &&
+				    member_of(svc, svc_id, abid, &ak.svc_id, &av->svc_gen, 0)) {
 					bid = abid;
 					stat_inc(HOOK_XDP, STAT_AFFINITY);
 				}
@@ -300,7 +322,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 		if (!bid)
 			return drop(DROP_NO_BACKEND);
-		be = backends_v1.lookup(&bid);
+		be = backends_v2.lookup(&bid);
 		if (!be || !(be->flags & BE_F_ACTIVE))
 			return drop(DROP_STALE_BACKEND);
 		if (flags & SVC_F_AFFINITY) {
@@ -309,6 +331,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			addr_copy(ak.addr, p->saddr);
 			ak.svc_id = svc_id;
 			av.backend_id = bid;
+			av.svc_gen = svc->backend_gen;
 			av.last_used_ns = bpf_ktime_get_coarse_ns();
 			affinity_v1.update(&ak, &av);
 		}
@@ -329,18 +352,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		rk.proto = p->proto;
 		rk.family = p->family;
 		rk.dir = CT_DIR_REPLY;
-#ifndef EXP_NO_REPLY
-		if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
+		if (new_flow && !(flags & SVC_F_STATELESS) && be->revnat_svc == svc_id) {
+			/* tc derives this flow's reply rewrite from revnat[backend] (this service's
+			 * frontend) and the SERVICE entry: no REPLY entry (one conntrack insert fewer).
+			 * A REPLY entry left by an earlier flow of the same client port through another
+			 * frontend would win in tc, so it goes. */
+			if (ct_v1.lookup(&rk))
+				ct_v1.delete(&rk);
+		} else if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
 			fill_reply_val(vp, p, bid, svc_id, CT_F_LOCAL);
 			ct_v1.update(&rk, vp);
 		}
-#endif
-#ifdef EXP_NO_FWD
-		if (0) {
-#else
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
-#endif
-			fill_fwd_val(vp, bid, svc_id, CT_F_LOCAL, 0);
+			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_LOCAL, 0);
 			ct_v1.update(&ck, vp);
 		}
 		if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
@@ -357,7 +381,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (fr == FIB_FAIL)
 			return drop(DROP_FIB_LOOKUP);
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
-			fill_fwd_val(vp, bid, svc_id, CT_F_DSR, 0);
+			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_DSR, 0);
 			ct_v1.update(&ck, vp);
 		}
 		__u32 vip[4];
@@ -431,7 +455,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
-		fill_fwd_val(vp, bid, svc_id, CT_F_SNAT, nat_port);
+		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
 		ct_v1.update(&ck, vp);
 	} else if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
 		rk.dport = nat_port;

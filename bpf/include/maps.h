@@ -7,10 +7,17 @@
 #pragma once
 
 /* frontend -> service (plus one wildcard entry per VIP address) */
-BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, services_v1, MAX_SERVICES * 2,
-		 PIN_DIR "/services_v1");
+BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, services_v2, MAX_SERVICES * 2,
+		 PIN_DIR "/services_v2");
 /* backend id -> address; id 0 is never written ("no backend") */
-BPF_TABLE_PINNED("array", __u32, struct backend, backends_v1, MAX_BACKENDS, PIN_DIR "/backends_v1");
+BPF_TABLE_PINNED("array", __u32, struct backend, backends_v2, MAX_BACKENDS, PIN_DIR "/backends_v2");
+/* service membership {svc_id, backend_id}: consulted only when a conntrack/affinity entry's
+ * svc_gen differs from its service's backend_gen (a backend left that service since) */
+BPF_TABLE_PINNED("hash", struct svc_member_key, __u32, svc_backends_v1, MAX_MEMBERS,
+		 PIN_DIR "/svc_backends_v1", BPF_F_NO_PREALLOC);
+/* local backend {addr, port, proto, family} -> its designated service frontend (tc egress) */
+BPF_TABLE_PINNED("hash", struct svc_key, struct revnat_val, revnat_v1, MAX_BACKENDS,
+		 PIN_DIR "/revnat_v1", BPF_F_NO_PREALLOC);
 /* all Maglev tables: service s owns slots [table_off, table_off + table_size) */
 BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, PIN_DIR "/maglev_v1");
 /* connection tracking: flows keep their backend; replies find their rewrite */

@@ -17,22 +17,62 @@ static __always_inline void reply_key(struct ct_key *k, const struct pkt *p)
 	k->dir = CT_DIR_REPLY;
 }
 
+/* What a reply (key k: backend -> client, dir REPLY) of a local or DSR backend's flow must
+ * leave as: its REPLY entry; or, for a flow of a local backend's designated service (which
+ * XDP creates without a REPLY entry), revnat[backend] names the frontend and the flow's
+ * SERVICE entry {client -> frontend} must exist and name this backend.
+ * Returns 1 and fills vip/vport, or 0 (not a tracked local/DSR reply; SNAT replies are XDP's). */
+static __always_inline int reply_rewrite_of(struct ct_key *k, __u32 *vip, __be16 *vport)
+{
+	struct ct_val *v = ct_v1.lookup(k);
+
+	if (v) {
+		if (v->flags & CT_F_SNAT)
+			return 0;
+		addr_copy(vip, v->raddr);
+		*vport = v->rport;
+		return 1;
+	}
+	struct svc_key bk = {};
+	addr_copy(bk.addr, k->saddr);
+	bk.port = k->sport;
+	bk.proto = k->proto;
+	bk.family = k->family;
+	struct revnat_val *r = revnat_v1.lookup(&bk);
+	if (!r)
+		return 0;
+	__u32 bid = r->backend_id;
+	__be16 fport = r->vport;
+	__u32 front[4];
+	addr_copy(front, r->vip);
+	struct ct_key fk = {};
+	addr_copy(fk.saddr, k->daddr);
+	addr_copy(fk.daddr, front);
+	fk.sport = k->dport;
+	fk.dport = fport;
+	fk.proto = k->proto;
+	fk.family = k->family;
+	fk.dir = CT_DIR_SERVICE;
+	struct ct_val *fv = ct_v1.lookup(&fk);
+	if (!fv || fv->backend_id != bid || !(fv->flags & CT_F_LOCAL))
+		return 0;
+	addr_copy(vip, front);
+	*vport = fport;
+	return 1;
+}
+
 /* Returns 1 if the packet was rewritten, 0 if it is not a tracked reply, -1 on failure. */
 static __always_inline int revnat_reply(CTX *ctx, const struct pkt *p)
 {
 	struct ct_key k = {};
-	struct ct_val *v;
 	__u32 vip[4];
 	__be16 vport;
 
 	if (p->frag || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
 		return 0;
 	reply_key(&k, p);
-	v = ct_v1.lookup(&k);
-	if (!v || (v->flags & CT_F_SNAT))
+	if (!reply_rewrite_of(&k, vip, &vport))
 		return 0;  /* SNAT replies are reversed by XDP on ingress */
-	addr_copy(vip, v->raddr);
-	vport = v->rport;
 	if (nat_rewrite(ctx, p, NAT_SRC, vip, vport))
 		return -1;
 	return 1;
@@ -123,12 +163,10 @@ static __always_inline int revnat_icmp_error(CTX *ctx, const struct pkt *p)
 	/* the error must come from the backend itself (not a router on the way) */
 	if (!addr_eq(k.saddr, p->saddr))
 		return 0;
-	struct ct_val *v = ct_v1.lookup(&k);
-	if (!v || (v->flags & CT_F_SNAT))
-		return 0;
 	__u32 vip[4], backend[4];
-	__be16 vport = v->rport, bport = k.sport;
-	addr_copy(vip, v->raddr);
+	__be16 vport, bport = k.sport;
+	if (!reply_rewrite_of(&k, vip, &vport))
+		return 0;
 	addr_copy(backend, k.saddr);
 
 	if (v4) {

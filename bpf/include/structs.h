@@ -21,6 +21,7 @@ struct svc_val {
 	__u32 table_size;   /* M (prime); 0 = no backend for new flows */
 	__u32 affinity_timeout; /* seconds, with SVC_F_AFFINITY */
 	__u32 table_cap;    /* slots allocated at table_off (== M): kept when the table is empty */
+	__u32 backend_gen;  /* bumped when a backend leaves this service (see svc_backends) */
 };
 
 struct backend {            /* backends[id] */
@@ -28,6 +29,21 @@ struct backend {            /* backends[id] */
 	__be16 port;
 	__u8 family;
 	__u8 flags;         /* BE_F_* */
+	__u32 revnat_svc;   /* local backend: the service whose flows get no REPLY entry, because
+			     * tc derives their reply rewrite from revnat[] + the SERVICE entry */
+};
+
+struct svc_member_key {     /* svc_backends: backend_id is (still) one of svc_id's backends */
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
+struct revnat_val {         /* revnat[{backend addr, port, proto, family}] (key: struct svc_key) */
+	__u32 vip[4];       /* the designated service's frontend */
+	__be16 vport;
+	__u16 pad;
+	__u32 svc_id;
+	__u32 backend_id;
 };
 
 struct ct_key {             /* conntrack (LRU) */
@@ -51,7 +67,7 @@ struct ct_val {
 	__u32 backend_id;   /* SERVICE: the flow's backend */
 	__u32 svc_id;
 	__u32 last_seen;    /* REPLY with CT_F_SNAT: seconds (coarse clock) of the last packet */
-	__u32 pad;
+	__u32 svc_gen;      /* SERVICE: svc_val.backend_gen when the backend was last known a member */
 };  /* no timestamp: reading the clock cost ~40 ns per call on the new-flow path; the LRU ages entries */
 
 struct affinity_key {
@@ -62,7 +78,7 @@ struct affinity_key {
 struct affinity_val {
 	__u64 last_used_ns;  /* bpf_ktime_get_coarse_ns() */
 	__u32 backend_id;
-	__u32 pad;
+	__u32 svc_gen;      /* svc_val.backend_gen when the backend was last known a member */
 };
 
 struct src_range_key {      /* LPM trie: prefixlen counts svc_id (32 bits) + address bits */

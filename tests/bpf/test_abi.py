@@ -52,8 +52,10 @@ def test_map_names_and_layouts_from_bcc(module_dp):
         sizes[name.value] = (ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf))
         assert (module_dp.pin_dir / name.value).exists(), f"{name.value} is not pinned"
     # the documented layouts (docs/datapath.md "Maps")
-    assert sizes["services_v1"] == (20, 24)
-    assert sizes["backends_v1"] == (4, 20)
+    assert sizes["services_v2"] == (20, 28)
+    assert sizes["backends_v2"] == (4, 24)
+    assert sizes["svc_backends_v1"] == (8, 4)
+    assert sizes["revnat_v1"] == (20, 32)
     assert sizes["maglev_v1"] == (4, 4)
     assert sizes["ct_v1"] == (40, 56)
     assert sizes["src_ranges_v1"] == (24, 1)

@@ -146,12 +146,6 @@ class SpeakerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def vm_hwm_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM in /proc status")
-
 
 class RunnerProcess:
     """The speaker's own runner, ``python -m agent.bgp CONFIG.json`` (signals, status file)."""

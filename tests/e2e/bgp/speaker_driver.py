@@ -1,7 +1,7 @@
 """Runs one vipd BGP speaker in this process and takes commands on a unix socket.
 
 The e2e tests start it inside a lab namespace (``python speaker_driver.py CONFIG.json``) so the
-speaker has its own PID (``kill -9`` for graceful restart, VmHWM for memory) and its own log.
+speaker has its own PID (``kill -9`` for graceful restart) and its own log.
 Only the public API (``agent.bgp.api``) is used, exactly as the control plane uses it.
 
 CONFIG.json::

@@ -171,7 +171,9 @@ def test_cold_neighbour_table_does_not_drop_the_first_packet(env, vip):
     through the stack (which resolves it), not be dropped and retransmitted a second later."""
     node_a = env.nodes["node-a"]
     node_a.run("ip", "neigh", "flush", "dev", "eth-lan")
-    assert "10.20.0.12 " not in node_a.run("ip", "neigh", "show", "dev", "eth-lan").replace("FAILED", "")
+    resolved = [line.split()[0] for line in node_a.run("ip", "neigh", "show", "dev", "eth-lan").splitlines()
+                if "lladdr" in line]
+    assert NODE_ADDR["node-b"] not in resolved
     results = traffic(env, "burst", vip, 80, "tcp", 25000 if vip == SNAT else 25100, 5)
     assert all("served_by" in r for r in results), results
     assert results[0]["seconds"] < 0.9, results[0]  # no SYN retransmission (1 s) was needed
@@ -180,7 +182,7 @@ def test_cold_neighbour_table_does_not_drop_the_first_packet(env, vip):
 # -- DSR: replies bypass the load-balancing node ---------------------------------------------------
 
 def _capture(env, vips, action) -> list:
-    from scapy.all import Ether, IP, rdpcap
+    from scapy.all import IP, Ether, IPv6, rdpcap
     pcap = env.lab.workdir / f"router-{time.monotonic_ns()}.pcap"
     flt = " or ".join(f"host {v}" for v in vips)
     proc = env.router.spawn(["tcpdump", "-Z", "root", "--immediate-mode", "-i", "eth-lan", "-n", "-U", "-w", str(pcap), flt])
@@ -189,28 +191,34 @@ def _capture(env, vips, action) -> list:
     time.sleep(0.3)
     proc.terminate()
     proc.wait(timeout=5)
-    return [(p[Ether].src, p[Ether].dst, p[IP].src, p[IP].dst, p[IP].proto) for p in rdpcap(str(pcap)) if IP in p]
+    out = []
+    for p in rdpcap(str(pcap)):
+        l3 = p[IP] if IP in p else p[IPv6] if IPv6 in p else None
+        if l3 is not None:
+            out.append((p[Ether].src, p[Ether].dst, l3.src, l3.dst))
+    return out
 
 
 def mac(host, ifname="eth-lan") -> str:
     return json.loads(host.run("ip", "-j", "link", "show", ifname))[0]["address"]
 
 
-def test_dsr_reply_bypasses_the_lb_node(env):
+@pytest.mark.parametrize("snat,dsr", [(SNAT, DSR), (SNAT6, DSR6)], ids=["v4", "v6"])
+def test_dsr_reply_bypasses_the_lb_node(env, snat, dsr):
     mac_a, mac_b = mac(env.nodes["node-a"]), mac(env.nodes["node-b"])
 
     def act():
         for proto, base in (("tcp", 24000), ("udp", 24500)):
-            for vip in (SNAT, DSR):
-                res = traffic(env, "burst", vip, PORTS[proto], proto, base + (100 if vip == DSR else 0), 10)
+            for vip in (snat, dsr):
+                res = traffic(env, "burst", vip, PORTS[proto], proto, base + (100 if vip == dsr else 0), 10)
                 assert all("served_by" in r for r in res), res
-    pkts = _capture(env, [SNAT, DSR], act)
-    replies = {vip: {src_mac for src_mac, _, src, _, _ in pkts if src == vip} for vip in (SNAT, DSR)}
-    requests = {vip: {dst_mac for _, dst_mac, _, dst, _ in pkts if dst == vip} for vip in (SNAT, DSR)}
-    assert requests[DSR] == requests[SNAT] == {mac_a}  # the router sends every request to node-a
-    assert replies[SNAT] == {mac_a}                    # SNAT: replies come back through node-a
-    assert replies[DSR] == {mac_b}                     # DSR: node-b answers the router directly
-    assert sum(1 for _, _, src, _, _ in pkts if src == DSR) >= 40
+    pkts = _capture(env, [snat, dsr], act)
+    replies = {vip: {src_mac for src_mac, _, src, _ in pkts if src == vip} for vip in (snat, dsr)}
+    requests = {vip: {dst_mac for _, dst_mac, _, dst in pkts if dst == vip} for vip in (snat, dsr)}
+    assert requests[dsr] == requests[snat] == {mac_a}  # the router sends every request to node-a
+    assert replies[snat] == {mac_a}                    # SNAT: replies come back through node-a
+    assert replies[dsr] == {mac_b}                     # DSR: node-b answers the router directly
+    assert sum(1 for _, _, src, _ in pkts if src == dsr) >= 40
 
 
 # -- Maglev distribution ----------------------------------------------------------------------------

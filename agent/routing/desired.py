@@ -1,0 +1,62 @@
+"""Which routes a node wants: pure functions from cluster state to :class:`Route` values.
+
+``direct_node_routes`` is native routing's autoDirectNodeRoutes (Cilium's
+``--auto-direct-node-routes``): every *other* node's Pod CIDRs via that node's address, but
+only when that address is on a subnet this node is directly attached to (the next hop must be
+on-link; a routed underlay is left to BGP). The daemon passes the result, together with any
+other wanted routes, to :meth:`agent.routing.manager.RouteManager.sync`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from agent.routing.model import NextHop, Route
+
+__all__ = ["PeerNode", "direct_node_routes", "blackhole_routes"]
+
+
+@dataclass(frozen=True)
+class PeerNode:
+    """Another node, as far as routing needs it: its addresses and its Pod CIDRs."""
+
+    name: str
+    addresses: Sequence[str]          # InternalIP(s), v4 and/or v6
+    pod_cidrs: Sequence[str]
+
+
+def direct_node_routes(local_name: str, local_networks: Iterable[str], nodes: Iterable[PeerNode]) -> list[Route]:
+    """Routes to other nodes' Pod CIDRs via their on-link node address (one per family).
+
+    ``local_networks``: the subnets of this node's interfaces (e.g. ``10.20.0.0/24``).
+    A CIDR that overlaps one of ``local_networks`` is skipped (it is already connected), as is
+    any node whose address of the CIDR's family is not on-link. Two nodes claiming the same
+    CIDR is a configuration error and raises (the route would flap between them).
+    """
+    nets = [ipaddress.ip_network(n, strict=False) for n in local_networks]
+    routes: dict = {}  # prefix -> (node name, route)
+    for node in sorted(nodes, key=lambda n: n.name):
+        if node.name == local_name:
+            continue
+        addrs = [ipaddress.ip_address(a) for a in node.addresses]
+        for cidr in node.pod_cidrs:
+            prefix = ipaddress.ip_network(cidr, strict=True)
+            if any(prefix.version == n.version and prefix.overlaps(n) for n in nets):
+                continue
+            via = next((a for a in addrs if a.version == prefix.version
+                        and any(a in n for n in nets if n.version == a.version)), None)
+            if via is None:
+                continue
+            if prefix in routes:
+                other = routes[prefix][0]
+                raise ValueError(f"Pod CIDR {prefix} is claimed by nodes {other} and {node.name}")
+            routes[prefix] = (node.name, Route(prefix, [NextHop(via)]))
+    return [r for _, r in routes.values()]
+
+
+def blackhole_routes(prefixes: Iterable[str]) -> list[Route]:
+    """Blackholes for address ranges this node answers for but must never forward elsewhere
+    (e.g. a LoadBalancer IP pool announced by BGP: no routing loop back to the upstream)."""
+    return [Route(ipaddress.ip_network(p, strict=True), type="blackhole") for p in prefixes]

@@ -1,0 +1,46 @@
+"""agent.routing.desired: the routes autoDirectNodeRoutes wants, as pure values."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.routing.desired import PeerNode, blackhole_routes, direct_node_routes
+from agent.routing.model import NextHop, Route
+
+NODES = [
+    PeerNode("a", ["10.20.0.11", "fd20::11"], ["10.30.1.0/24", "fd31::/48"]),
+    PeerNode("b", ["10.20.0.12", "fd20::12"], ["10.30.2.0/24", "fd32::/48"]),
+    PeerNode("c", ["10.99.0.13"], ["10.30.3.0/24"]),            # another subnet: not on-link
+]
+
+
+def test_other_nodes_on_link_only_both_families():
+    routes = direct_node_routes("a", ["10.20.0.0/24", "fd20::/64"], NODES)
+    assert sorted(map(str, routes)) == sorted(map(str, [
+        Route("10.30.2.0/24", [NextHop("10.20.0.12")]),
+        Route("fd32::/48", [NextHop("fd20::12")]),
+    ]))
+
+
+def test_no_v6_subnet_means_no_v6_routes():
+    routes = direct_node_routes("a", ["10.20.0.0/24"], NODES)
+    assert [str(r.prefix) for r in routes] == ["10.30.2.0/24"]
+
+
+def test_connected_cidr_is_skipped_and_order_is_stable():
+    nodes = NODES + [PeerNode("d", ["10.20.0.14"], ["10.20.0.128/25", "10.30.4.0/24"])]
+    one = direct_node_routes("a", ["10.20.0.0/24"], nodes)
+    two = direct_node_routes("a", ["10.20.0.0/24"], list(reversed(nodes)))
+    assert {str(r.prefix) for r in one} == {"10.30.2.0/24", "10.30.4.0/24"}
+    assert sorted(map(str, one)) == sorted(map(str, two))
+
+
+def test_duplicate_pod_cidr_is_an_error():
+    nodes = NODES + [PeerNode("e", ["10.20.0.15"], ["10.30.2.0/24"])]
+    with pytest.raises(ValueError, match="claimed by nodes b and e"):
+        direct_node_routes("a", ["10.20.0.0/24"], nodes)
+
+
+def test_blackholes():
+    [r] = blackhole_routes(["10.96.0.0/16"])
+    assert r.type == "blackhole" and r.nexthops == ()
