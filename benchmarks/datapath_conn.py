@@ -243,20 +243,24 @@ class Vipd:
         from agent.datapath.model import Mode
         self.mode = Mode(mode)
         self.pin_root = pin_root
-        self.dp = Datapath(instance="lb", pin_root=pin_root)
-        self.dp.load()
-        self.dp.set_node_addresses(v4="10.111.1.1")
-        for ifname in ("eth-client", "eth-srv"):
-            self.dp.attach_xdp(ifname, netns=lb.ns, mode="native")
-        self.dp.attach_tc("eth-client", "egress", netns=lb.ns)
-        self.backend_dp = None
-        if self.mode is Mode.DSR:
-            self.backend_dp = Datapath(instance="srv", pin_root=pin_root)
-            self.backend_dp.load()
-            self.backend_dp.set_node_addresses(v4="10.111.1.2")
-            self.backend_dp.attach_tc("eth-lb", "ingress", netns=srv.ns)
-            self.backend_dp.attach_tc("eth-lb", "egress", netns=srv.ns)
+        self.dp = self.backend_dp = None
         self.count = 0
+        try:
+            self.dp = Datapath(instance="lb", pin_root=pin_root)
+            self.dp.load()
+            self.dp.set_node_addresses(v4="10.111.1.1")
+            for ifname in ("eth-client", "eth-srv"):
+                self.dp.attach_xdp(ifname, netns=lb.ns, mode="native")
+            self.dp.attach_tc("eth-client", "egress", netns=lb.ns)
+            if self.mode is Mode.DSR:
+                self.backend_dp = Datapath(instance="srv", pin_root=pin_root)
+                self.backend_dp.load()
+                self.backend_dp.set_node_addresses(v4="10.111.1.2")
+                self.backend_dp.attach_tc("eth-lb", "ingress", netns=srv.ns)
+                self.backend_dp.attach_tc("eth-lb", "egress", netns=srv.ns)
+        except BaseException:
+            self.close()
+            raise
 
     def services(self, n_services: int) -> float:
         from agent.datapath.model import Backend, Service, ServiceKey
@@ -272,11 +276,11 @@ class Vipd:
     def close(self):
         for dp in (self.dp, self.backend_dp):
             if dp is not None:
-                dp.destroy()
-        try:
-            Path(self.pin_root).rmdir()
-        except OSError:
-            pass
+                try:
+                    dp.destroy()
+                except Exception as exc:  # noqa: BLE001 - keep cleaning up
+                    print(f"vipd cleanup: {exc}", file=sys.stderr)
+        shutil.rmtree(self.pin_root, ignore_errors=True)  # also what a failed load left behind
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Cases, for 1, 1,000 and 100,000 services (the measured service is the last one a
   floor  xdp_parse           the datapath's own parser (parse.h), nothing else
   established                one TCP flow, conntrack hit, DNAT to a local backend
   new flow (SYN)             the same SYN, its conntrack entries deleted between runs (outside
-                             the timed region; Katran's SYN method): CT miss + Maglev + two
-                             conntrack inserts + DNAT, warm caches
+                             the timed region; Katran's SYN method): CT miss + Maglev + one
+                             conntrack insert (the backends' designated service: its replies
+                             need no REPLY entry) + DNAT, warm caches
   non-service                a packet to an address that is no VIP
   new flow, 200k distinct    a new 5-tuple every run (200k SYNs: inserts spread over the table)
   established, 200k flows    ACKs over the 200k flows the previous case created (cache misses)
@@ -88,7 +89,8 @@ def time_distinct(runner: TestRunner, data: bytes, runs: int, base: int, expect:
 
 
 def ct_keys_of_syn(dp: Datapath, backend: str) -> list:
-    """The two conntrack keys the SYN frame creates (forward client->VIP, reply backend->client)."""
+    """The conntrack keys a SYN frame can create (forward client->VIP, and reply backend->client
+    for flows of a backend's non-designated services; deleting an absent key is a no-op)."""
     tbl = dp.table(MapName.CT)
 
     def key(saddr, sport, daddr, dport, direction):
@@ -105,7 +107,7 @@ def ct_keys_of_syn(dp: Datapath, backend: str) -> list:
 def time_new_flow_same_tuple(dp: Datapath, runner: TestRunner, data: bytes, runs: int) -> list[int]:
     """Katran's SYN method: the same SYN every run, but its conntrack entries are deleted
     (outside the timed region) before each run, so every run takes the full new-flow path
-    (lookup miss, Maglev, two inserts, DNAT) with warm caches."""
+    (lookup miss, Maglev, insert(s), DNAT) with warm caches."""
     r = runner.run(data)
     backend = Ether(r.data)[IP].dst
     keys = ct_keys_of_syn(dp, backend)

@@ -52,7 +52,7 @@ int xdp_lb(struct xdp_md *ctx)
 		if (rc >= 0)
 			return rc;
 	} else if (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
-		rc = icmp_error_to_local(ctx, &p);
+		rc = icmp_error_to_flow(ctx, &p);
 		if (rc >= 0)
 			return rc;
 	}

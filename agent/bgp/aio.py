@@ -146,7 +146,7 @@ class SessionDriver:
         self._closing: list[BgpProtocol] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_scheduled = False
+        self.flush_scheduled = False
         self.bytes_out = 0
 
     # -- driving the session
@@ -182,12 +182,12 @@ class SessionDriver:
 
     def request_flush(self) -> None:
         """Coalesce many advertise()/withdraw() calls of one loop iteration into one flush."""
-        if not self._flush_scheduled and self.transport is not None:
-            self._flush_scheduled = True
+        if not self.flush_scheduled and self.transport is not None:
+            self.flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self.flush_scheduled = False
         self.transmit()
 
     def arm_timer(self) -> None:

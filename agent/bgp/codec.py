@@ -59,11 +59,15 @@ def attr_bytes(flags: int, type_code: int, value: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- prefixes
 
+_LENGTH_OCTET = tuple(bytes((n,)) for n in range(129))
+
+
 def encode_prefix(net) -> bytes:
     """NLRI encoding of one prefix (RFC 4271 §4.3): length octet + the significant octets.
-    Also the compact key under which the RIBs store prefixes."""
+    Also the compact key under which the RIBs store prefixes. (Called once per prefix per
+    API call: kept to two attribute reads and one concatenation.)"""
     plen = net.prefixlen
-    return bytes((plen,)) + net.network_address.packed[: (plen + 7) >> 3]
+    return _LENGTH_OCTET[plen] + net.network_address.packed[: (plen + 7) >> 3]
 
 
 def prefix_from_key(key: bytes, afi: int):
@@ -93,8 +97,13 @@ def split_nlri(data: bytes, afi: int, code: int, subcode: int) -> list[bytes]:
     return keys
 
 
-def _decode_prefixes(data: bytes, afi: int, code: int, subcode: int) -> tuple:
-    return tuple(prefix_from_key(k, afi) for k in split_nlri(data, afi, code, subcode))
+def _decode_prefixes(data: bytes, afi: int, code: int, subcode: int, keys: bool = False) -> tuple:
+    """The prefixes of an NLRI field: network objects, or (``keys``) the compact NLRI keys,
+    which is what the session stores; a received table then never becomes 100k objects."""
+    split = split_nlri(data, afi, code, subcode)
+    if keys:
+        return tuple(split)
+    return tuple(prefix_from_key(k, afi) for k in split)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -337,7 +346,7 @@ _ATTR_NAMES = {1: "ORIGIN", 2: "AS_PATH", 3: "NEXT_HOP", 4: "MED", 5: "LOCAL_PRE
                16: "EXTENDED_COMMUNITIES", 17: "AS4_PATH", 18: "AS4_AGGREGATOR", 32: "LARGE_COMMUNITY"}
 
 
-def _decode_known(t: int, v: bytes, four: bool, raw: bytes, err) -> Attribute:
+def _decode_known(t: int, v: bytes, four: bool, raw: bytes, err, keys: bool = False) -> Attribute:
     n = len(v)
     if t == 1:
         if n != 1 or v[0] > 2:
@@ -384,7 +393,7 @@ def _decode_known(t: int, v: bytes, four: bool, raw: bytes, err) -> Attribute:
             ok = (4, 16, 32) if afi == 1 else (16, 32)
             if nhl not in ok:
                 raise err(f"MP_REACH_NLRI next hop length {nhl} for AFI {afi}")
-            nlri = _decode_prefixes(rest, afi, E.UPDATE_MESSAGE, E.OPTIONAL_ATTRIBUTE_ERROR)
+            nlri = _decode_prefixes(rest, afi, E.UPDATE_MESSAGE, E.OPTIONAL_ATTRIBUTE_ERROR, keys)
             return MpReach(afi, safi, nh, nlri)
         return MpReach(afi, safi, nh, (), bytes(rest))
     if t == 15:
@@ -393,7 +402,7 @@ def _decode_known(t: int, v: bytes, four: bool, raw: bytes, err) -> Attribute:
         afi, safi = struct.unpack_from(">HB", v)
         if (afi, safi) in ((1, 1), (2, 1)):
             return MpUnreach(afi, safi, _decode_prefixes(v[3:], afi, E.UPDATE_MESSAGE,
-                                                         E.OPTIONAL_ATTRIBUTE_ERROR))
+                                                         E.OPTIONAL_ATTRIBUTE_ERROR, keys))
         return MpUnreach(afi, safi, (), bytes(v[3:]))
     if t == 16:
         if n == 0 or n % 8:
@@ -415,7 +424,11 @@ def _decode_known(t: int, v: bytes, four: bool, raw: bytes, err) -> Attribute:
     raise AssertionError(t)  # pragma: no cover
 
 
-def decode_update(body: bytes, four_octet_as: bool = True) -> Update:
+def decode_update(body: bytes, four_octet_as: bool = True, *, nlri_keys: bool = False) -> Update:
+    """``nlri_keys``: withdrawn routes, NLRI and the MP_REACH/MP_UNREACH prefixes are the
+    compact NLRI keys (``bytes``, see :func:`encode_prefix`) instead of network objects; the
+    validation is the same. The session decodes this way (the receive path never builds
+    per-prefix objects); tools and tests get networks."""
     n = len(body)
     wlen = _H.unpack_from(body)[0]
     if 4 + wlen > n:
@@ -425,7 +438,7 @@ def decode_update(body: bytes, four_octet_as: bool = True) -> Update:
     if 4 + wlen + alen > n:
         raise BgpProtocolError(E.UPDATE_MESSAGE, E.MALFORMED_ATTRIBUTE_LIST,
                                reason="total path attribute length overruns the message")
-    withdrawn = _decode_prefixes(body[2:2 + wlen], 1, E.UPDATE_MESSAGE, E.INVALID_NETWORK_FIELD)
+    withdrawn = _decode_prefixes(body[2:2 + wlen], 1, E.UPDATE_MESSAGE, E.INVALID_NETWORK_FIELD, nlri_keys)
     attrs: list[Attribute] = []
     seen: set[int] = set()
     withdraw_reasons: list[str] = []
@@ -477,12 +490,12 @@ def decode_update(body: bytes, four_octet_as: bool = True) -> Update:
                     raise BgpProtocolError(E.UPDATE_MESSAGE, E.ATTRIBUTE_FLAGS_ERROR, raw,
                                            reason=f"{_ATTR_NAMES[t]} flags 0x{flags:02x}")
                 raise err(f"flags 0x{flags:02x} conflict with the attribute type")
-            attrs.append(_decode_known(t, v, four_octet_as, raw, err))
+            attrs.append(_decode_known(t, v, four_octet_as, raw, err, nlri_keys))
         except _Withdraw as exc:
             withdraw_reasons.append(str(exc))
         except _Discard as exc:
             discarded.append(str(exc))
-    nlri = _decode_prefixes(body[end:], 1, E.UPDATE_MESSAGE, E.INVALID_NETWORK_FIELD)
+    nlri = _decode_prefixes(body[end:], 1, E.UPDATE_MESSAGE, E.INVALID_NETWORK_FIELD, nlri_keys)
     return Update(withdrawn, tuple(attrs), nlri,
                   "; ".join(withdraw_reasons) if withdraw_reasons else None, tuple(discarded))
 
@@ -521,11 +534,13 @@ class MessageReader:
     """Takes bytes, yields whole decoded messages (h11 receive-buffer style).
 
     ``four_octet_as`` and ``max_size`` are changed by the session once the OPENs are exchanged;
-    messages are decoded one at a time, so a change applies to the very next message."""
+    messages are decoded one at a time, so a change applies to the very next message.
+    ``nlri_keys``: UPDATE prefixes come as compact keys (see :func:`decode_update`)."""
 
-    def __init__(self, max_size: int = MAX_MESSAGE_SIZE):
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE, *, nlri_keys: bool = False):
         self.max_size = max_size
         self.four_octet_as = True
+        self.nlri_keys = nlri_keys
         self._buf = bytearray()
         self._pos = 0
 
@@ -570,4 +585,6 @@ class MessageReader:
         if self._pos == len(buf):
             buf.clear()
             self._pos = 0
+        if mtype == T_UPDATE:
+            return decode_update(body, self.four_octet_as, nlri_keys=self.nlri_keys)
         return fn(body, self.four_octet_as)

@@ -38,6 +38,10 @@ class Family(enum.Enum):
     IPV4_UNICAST = (1, 1)
     IPV6_UNICAST = (2, 1)
 
+    # Members are singletons compared by identity: hash them by identity too (C speed; Enum's
+    # own __hash__ is Python code, paid on every per-prefix RIB lookup keyed by family).
+    __hash__ = object.__hash__
+
     @property
     def afi(self) -> int:
         return self.value[0]

@@ -29,7 +29,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Iterator
 
 from agent.bgp.codec import (
-    KEEPALIVE_BYTES, MAX_EXTENDED_MESSAGE_SIZE, MAX_MESSAGE_SIZE, MessageReader, encode, encode_prefix,
+    KEEPALIVE_BYTES, MAX_EXTENDED_MESSAGE_SIZE, MAX_MESSAGE_SIZE, MessageReader, encode,
 )
 from agent.bgp.errors import BgpProtocolError, ErrorCode as E, describe_notification
 from agent.bgp.fsm import TRANSITIONS, Event as Ev, State, transition
@@ -206,7 +206,7 @@ class Session:
         self.admin_down = True
         # R bit (RFC 4724): set in OPENs until the first session reaches Established.
         self._restarting = restarting
-        self._reader = MessageReader()
+        self._reader = MessageReader(nlri_keys=True)
         self._out: list[bytes] = []
         self._bulk: deque[Iterator[bytes]] = deque()
         self._events: list[SessionEvent] = []
@@ -441,6 +441,9 @@ class Session:
         self._bulk.clear()
         for rib in self.rib_in.values():
             rib.clear()
+        if was_established:
+            for rib in self.rib_out.values():
+                rib.live -= 1
         if was_established and self.established_at is not None and self._now - self.established_at >= 10:
             self.failures = 0  # a session that held a while: reconnect quickly
         elif failed:
@@ -454,7 +457,7 @@ class Session:
         if was_connected:
             self._events.append(SessionDown(reason, sent, received, was_established, retry))
         self._reset_connection_state()
-        self._reader = MessageReader()
+        self._reader = MessageReader(nlri_keys=True)
 
     # ------------------------------------------------------------------ actions (fsm.Action)
 
@@ -564,6 +567,8 @@ class Session:
         tables = [(f, self.rib_out[f].snapshot(clear_pending=True)) for f in self.families]
         for rib in self.rib_out.values():
             rib.pending = {}
+            rib.previous = {}
+            rib.live += 1  # from now on changes are recorded as pending (see AdjRibOut)
         self._bulk.append(self._table_stream(tables, eor=True))
         self._events.append(SessionEstablished(self.hold_time or 0, self.keepalive_time or 0, self.families))
 
@@ -756,11 +761,11 @@ class Session:
 
         v4 = Family.IPV4_UNICAST
         if u.withdrawn and v4 in self.families:
-            keys = [encode_prefix(p) for p in u.withdrawn]
+            keys = u.withdrawn  # compact NLRI keys (MessageReader(nlri_keys=True))
             self.rib_in[v4].withdraw(keys)
             note(v4, wd=len(keys))
         if u.nlri and v4 in self.families:
-            keys = [encode_prefix(p) for p in u.nlri]
+            keys = u.nlri
             nh = next((a for a in attrs if isinstance(a, NextHop)), None)
             bad_nh = nh is not None and (nh.address.is_unspecified or nh.address.is_multicast or
                                          nh.address.is_reserved or str(nh.address) == self.local_address)
@@ -775,13 +780,13 @@ class Session:
         if unreach is not None:
             fam = _FAMILIES.get((unreach.afi, unreach.safi))
             if fam in self.families and unreach.withdrawn:
-                keys = [encode_prefix(p) for p in unreach.withdrawn]
+                keys = unreach.withdrawn
                 self.rib_in[fam].withdraw(keys)
                 note(fam, wd=len(keys))
         if reach is not None:
             fam = _FAMILIES.get((reach.afi, reach.safi))
             if fam in self.families and reach.nlri:
-                keys = [encode_prefix(p) for p in reach.nlri]
+                keys = reach.nlri
                 nhs = reach.next_hops()
                 bad_nh = not nhs or nhs[0].is_unspecified or nhs[0].is_multicast
                 if withdraw_reasons or bad_nh:

@@ -52,6 +52,10 @@ def shutdown_message(message: str) -> bytes:
     return bytes((len(raw),)) + raw if raw else b""
 
 
+# Pending route changes at which advertise()/withdraw() stop waiting for the next loop iteration
+# and send (about three full 4096-byte UPDATEs of IPv4 prefixes).
+FLUSH_EVERY = 2048
+
 # NeighborConfig fields whose change needs a new session (they live in the OPEN or in the TCP
 # connection); everything else is applied in place.
 _RESET_FIELDS = ("peer_asn", "port", "local_address", "password", "hold_time", "keepalive", "families",
@@ -83,6 +87,7 @@ class BgpSpeaker:
         self._listen_socks: list[socket.socket] = []
         self._rng = random.Random()
         self._started = False
+        self._hint_tasks: set[asyncio.Task] = set()  # route lookups for connect-failure hints
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,6 +121,8 @@ class BgpSpeaker:
         await asyncio.gather(*(d.wait_closed() for d in drivers))
         for d in drivers:
             d.shutdown()
+        for task in list(self._hint_tasks):
+            task.cancel()
         self.log.info("speaker stopped", notify=notify, message=message or None)
         self._started = False
 
@@ -174,15 +181,44 @@ class BgpSpeaker:
 
     def advertise(self, address: str, family: Family, prefix, attrs: PathAttributes) -> None:
         peer = self._peer(address)
-        self._check_family(family, prefix)
-        if peer.rib_out[family].advertise(encode_prefix(prefix), attrs):
-            self._request_flush(peer)
+        rib = peer.rib_out[family]
+        if rib.advertise(_prefix_key(family, prefix), attrs):
+            self._changed(peer, rib)
 
     def withdraw(self, address: str, family: Family, prefix) -> None:
         peer = self._peer(address)
-        self._check_family(family, prefix)
-        if peer.rib_out[family].withdraw(encode_prefix(prefix)):
-            self._request_flush(peer)
+        rib = peer.rib_out[family]
+        if rib.withdraw(_prefix_key(family, prefix)):
+            self._changed(peer, rib)
+
+    def advertise_many(self, address: str, family: Family, prefixes, attrs: PathAttributes) -> int:
+        """advertise() for many prefixes with the same attributes; returns how many changed.
+        A prefix of the wrong family raises ValueError (the ones before it are applied)."""
+        peer = self._peer(address)
+        rib = peer.rib_out[family]
+        changed = 0
+        for prefix in prefixes:
+            if rib.advertise(_prefix_key(family, prefix), attrs):
+                changed += 1
+                if len(rib.pending) >= FLUSH_EVERY:
+                    self._changed(peer, rib)
+        if changed:
+            self._changed(peer, rib)
+        return changed
+
+    def withdraw_many(self, address: str, family: Family, prefixes) -> int:
+        """withdraw() for many prefixes; returns how many were advertised (and are now withdrawn)."""
+        peer = self._peer(address)
+        rib = peer.rib_out[family]
+        changed = 0
+        for prefix in prefixes:
+            if rib.withdraw(_prefix_key(family, prefix)):
+                changed += 1
+                if len(rib.pending) >= FLUSH_EVERY:
+                    self._changed(peer, rib)
+        if changed:
+            self._changed(peer, rib)
+        return changed
 
     def adj_rib_out(self, address: str, family: Family) -> dict:
         peer = self._peer(address)
@@ -252,17 +288,22 @@ class BgpSpeaker:
         except (KeyError, ValueError):
             raise KeyError(f"no neighbor {address}") from None
 
-    @staticmethod
-    def _check_family(family: Family, prefix) -> None:
-        if (prefix.version == 4) != (family is Family.IPV4_UNICAST):
-            raise ValueError(f"prefix {prefix} does not belong to family {family.name}")
-
     def _drivers(self, peer: _Peer) -> list[SessionDriver]:
         return [d for d in (peer.driver, *peer.candidates) if d is not None]
 
-    def _request_flush(self, peer: _Peer) -> None:
+    def _changed(self, peer: _Peer, rib: AdjRibOut) -> None:
+        """A route of ``peer`` changed. The UPDATEs normally go out on the next loop iteration
+        (all changes of one pass together); once FLUSH_EVERY changes are pending they are sent
+        right away, so a 100k-prefix withdraw loop is on the wire while it still runs (and the
+        pending dicts stay small). ``rib.pending`` is only filled while a session is up."""
+        if not rib.pending:
+            return  # no Established session: the next one sends the whole table
         d = peer.driver
-        if d is not None and d.session.state is State.ESTABLISHED:
+        if d is None or d.session.state is not State.ESTABLISHED:
+            return
+        if len(rib.pending) >= FLUSH_EVERY and not d.paused:
+            d.transmit()
+        elif not d.flush_scheduled:
             d.request_flush()
 
     def _session_config(self, cfg) -> SessionConfig:
@@ -475,8 +516,7 @@ class BgpSpeaker:
                          local_address=s.local_address, remote_router_id=str(s.remote_router_id))
             elif isinstance(ev, ConnectFailed):
                 peer.last_error = ev.reason
-                log.warning("connect failed", peer=addr, port=peer.cfg.port, reason=ev.reason,
-                            hint=_connect_hint(ev, peer.cfg), retry_in=round(ev.retry_in, 1))
+                self._log_connect_failed(peer, ev)
             elif isinstance(ev, SessionDown):
                 if driver is not peer.driver:  # a connection that lost a collision: not news
                     log.info("extra connection closed", peer=addr, reason=ev.reason)
@@ -497,6 +537,32 @@ class BgpSpeaker:
                 self._loop.call_soon(driver.shutdown)
             elif driver.session.state is State.ESTABLISHED:
                 self._promote(peer, driver)
+
+    def _log_connect_failed(self, peer: _Peer, ev: ConnectFailed) -> None:
+        cfg = peer.cfg
+        ttl = self._ttl(cfg)
+
+        def log(gateway: str | None = None) -> None:
+            self.log.warning("connect failed", peer=cfg.address, port=cfg.port, reason=ev.reason,
+                             hint=_connect_hint(ev, cfg, ttl=ttl, gateway=gateway),
+                             retry_in=round(ev.retry_in, 1))
+
+        if ttl != 1 or self._loop is None:
+            log()
+            return
+
+        # eBGP's default TTL 1 dies at the first router: ask the kernel whether there is one.
+        # pyroute2's blocking API runs its own event loop, hence the thread.
+        async def lookup_then_log() -> None:
+            try:
+                gateway = await asyncio.wait_for(self._loop.run_in_executor(None, gateway_to, cfg.address), 2.0)
+            except Exception:  # noqa: BLE001 - only a hint: log without it
+                gateway = None
+            log(gateway)
+
+        task = self._loop.create_task(lookup_then_log())
+        self._hint_tasks.add(task)
+        task.add_done_callback(self._hint_tasks.discard)
 
     def _promote(self, peer: _Peer, winner: SessionDriver) -> None:
         """A candidate connection reached Established: it becomes the peer's session; every other
@@ -547,6 +613,13 @@ class BgpSpeaker:
                 return
 
 
+def _prefix_key(family: Family, prefix) -> bytes:
+    """The RIB key of ``prefix`` (its NLRI encoding), checking that it belongs to ``family``."""
+    if (prefix.version == 4) is not (family is Family.IPV4_UNICAST):
+        raise ValueError(f"prefix {prefix} does not belong to family {family.name}")
+    return encode_prefix(prefix)
+
+
 def collision_keeps_outgoing(local_id: str, remote_id: str, local_asn: int, remote_asn: int) -> bool:
     """RFC 4271 §6.8: keep the connection initiated by the speaker with the higher BGP
     identifier, i.e. our outgoing one iff our identifier is higher. RFC 6286 §2.3: with equal
@@ -587,7 +660,41 @@ def _connect_error(exc: OSError, cfg) -> str:
     return names.get(exc.errno, exc.strerror or str(exc))
 
 
-def _connect_hint(ev: ConnectFailed, cfg) -> str:
+def gateway_to(address: str) -> str | None:
+    """The router through which the kernel reaches ``address``: its address, "" if the peer is
+    on a directly connected subnet, None if unknown (no route, or the lookup failed)."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            routes = ipr.route("get", dst=address)
+    except Exception:  # noqa: BLE001 - only a hint: any failure means "unknown"
+        return None
+    if not routes:
+        return None
+    return routes[0].get("RTA_GATEWAY") or ""
+
+
+def _ttl_hint(cfg, ttl: int, gateway: str | None) -> str:
+    """When our SYN leaves with TTL 1 (eBGP without ebgp_multihop_ttl) and the peer is behind a
+    router, that router drops it (ICMP time exceeded, which Linux reports as "no route to host")."""
+    if ttl != 1 or cfg.ttl_security_hops is not None:
+        return ""
+    if gateway:
+        return (f"the peer is not directly connected (reached via {gateway}) but eBGP packets leave "
+                "with TTL 1, so the first router drops them: set ebgp_multihop_ttl to the number of "
+                "hops (Cilium: CiliumBGPPeerConfig spec.ebgpMultihop)")
+    if gateway is None:
+        return "if the peer is not directly connected, set ebgp_multihop_ttl (eBGP uses TTL 1 by default)"
+    return ""
+
+
+def _connect_hint(ev: ConnectFailed, cfg, *, ttl: int = 255, gateway: str | None = None) -> str:
+    """A hint for people about why the connection failed. ``ttl``: the TTL our SYN used;
+    ``gateway``: see gateway_to() (looked up only when ttl is 1)."""
+    ttl_hint = _ttl_hint(cfg, ttl, gateway)
+    if ttl_hint and gateway:  # a router two hops away: the TTL is the cause, whatever the errno
+        return ttl_hint
     if ev.timed_out:
         if cfg.password:
             return ("no answer to our SYN: TCP MD5 key mismatch is a likely cause (the kernel silently "
@@ -602,7 +709,8 @@ def _connect_hint(ev: ConnectFailed, cfg) -> str:
         return (f"nothing accepts connections on port {cfg.port} at {cfg.address}: wrong port, BGP not "
                 "running there, or the peer does not accept connections from us")
     if "unreachable" in ev.reason or "no route" in ev.reason:
-        return "no route to the peer: check addresses and routes"
+        hint = "no route to the peer: check addresses and routes"
+        return f"{hint}; {ttl_hint}" if ttl_hint else hint
     return ""
 
 

@@ -58,6 +58,7 @@ class Features:
 
     max_services: int = 65536
     max_backends: int = 65536
+    max_memberships: int = 262144     # {service, backend} pairs (sum of backends over services)
     maglev_slots: int = 1 << 22       # u32 slots shared by all services' Maglev tables (16 MiB)
     ct_size: int = 1 << 18
     affinity_size: int = 65536
@@ -72,7 +73,8 @@ class Features:
     def defines(self, pin_dir: Path) -> dict[str, object]:
         return {
             "PIN_DIR": str(pin_dir), "MAX_SERVICES": self.max_services,
-            "MAX_BACKENDS": self.max_backends, "MAGLEV_SLOTS": self.maglev_slots,
+            "MAX_BACKENDS": self.max_backends, "MAX_MEMBERS": self.max_memberships,
+            "MAGLEV_SLOTS": self.maglev_slots,
             "CT_SIZE": self.ct_size, "AFFINITY_SIZE": self.affinity_size,
             "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
             "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
@@ -130,6 +132,8 @@ class _Programmed:
     ranges: frozenset
     service: Service | None       # the model last upserted (None after adoption)
     refs: frozenset = frozenset()  # backend ids this service keeps alive (table + listed backends)
+    members: frozenset = frozenset()  # backend ids in svc_backends for this service (listed backends)
+    backend_gen: int = 0           # svc_val.backend_gen: bumped whenever a member leaves
 
 
 # ---------------------------------------------------------------------------- byte helpers
@@ -220,6 +224,8 @@ class Datapath:
         self._backend_ids: dict[tuple[IPAddress, int], int] = {}
         self._backend_vals: dict[int, tuple[IPAddress, int, int]] = {}   # id -> (addr, port, flags)
         self._backend_refs: dict[int, int] = {}                           # id -> services using it
+        self._backend_svcs: dict[int, set[ServiceKey]] = {}               # id -> services listing it
+        self._revnat: dict[int, ServiceKey] = {}    # local backend id -> its designated service
         self._free_svc_ids: list[int] = []
         self._next_svc_id = 1
         self._next_backend_id = 1
@@ -295,6 +301,11 @@ class Datapath:
             fam_bits = plen
             ranges.setdefault(k.svc_id, set()).add((tuple(k.addr), fam_bits))
         maglev = self.table(MapName.MAGLEV)
+        members: dict[int, set[int]] = {}
+        for k, _ in self.table(MapName.SVC_BACKENDS).items():
+            members.setdefault(k.svc_id, set()).add(k.backend_id)
+        revnat_svc = {k: v.revnat_svc for k, v in _array_items(backends) if v.revnat_svc}
+        key_of_id: dict[int, ServiceKey] = {}
         used_ids = set()
         for k, v in self.table(MapName.SERVICES).items():
             addr = _addr_from_words(k.addr, k.family)
@@ -306,11 +317,16 @@ class Datapath:
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
                 for a, plen in ranges.get(v.id, ()))
-            refs = frozenset(table)
+            mem = frozenset(members.get(v.id, ()))
+            refs = frozenset(table) | mem
             self._programmed[key] = _Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
-                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None, refs=refs)
+                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None, refs=refs,
+                members=mem, backend_gen=v.backend_gen)
             self._ref_backends(refs, +1)
+            for bid in mem:
+                self._backend_svcs.setdefault(bid, set()).add(key)
+            key_of_id[v.id] = key
             self._alloc.reserve(v.table_off, v.table_cap)
             used_ids.add(v.id)
         for key in self._programmed:
@@ -320,6 +336,9 @@ class Datapath:
             if n == 0:   # a leftover wildcard without services
                 self._write_wildcard(wk, present=False)
                 del self._wildcards[wk]
+        for bid, sid in revnat_svc.items():
+            if sid in key_of_id and bid in self._backend_vals:
+                self._revnat[bid] = key_of_id[sid]
         if used_ids:
             self._next_svc_id = max(used_ids) + 1
             self._free_svc_ids = sorted(set(range(1, self._next_svc_id)) - used_ids, reverse=True)
@@ -493,8 +512,18 @@ class Datapath:
         if svc.stateless:
             flags |= SvcFlag.STATELESS
 
-        # 2. source ranges before the flag that enforces them
+        # 2. membership before any slot names a new backend; a backend that leaves is removed
+        #    now and announced by the generation bump in the frontend entry (step 4): flows
+        #    whose conntrack entry names it re-balance even when another service still uses it
         svc_id = old.svc_id if old else self._alloc_svc_id()
+        members = frozenset(ids)
+        old_members = old.members if old else frozenset()
+        self._write_members(svc_id, members - old_members, present=True)
+        self._write_members(svc_id, old_members - members, present=False)
+        gen = (old.backend_gen if old else 0) + (1 if old_members - members else 0)
+        gen &= 0xFFFFFFFF
+
+        # 2b. source ranges before the flag that enforces them
         old_ranges = old.ranges if old else frozenset()
         new_ranges = frozenset(svc.source_ranges)
         self._write_ranges(svc_id, new_ranges - old_ranges, present=True)
@@ -516,9 +545,9 @@ class Datapath:
         # 4. the frontend entry (one atomic update: flags, table pointer)
         table_size = len(table)
         service_written = (created or swapped or old.flags != flags or old.affinity_timeout != svc.affinity_timeout
-                           or (len(old.table) == 0) != (table_size == 0))
+                           or (len(old.table) == 0) != (table_size == 0) or old.backend_gen != gen)
         if service_written:
-            self._write_service(key, svc_id, flags, off, table_size, cap, svc.affinity_timeout)
+            self._write_service(key, svc_id, flags, off, table_size, cap, svc.affinity_timeout, gen)
         if created:
             self._wildcard_ref(key, +1)
         if old and swapped:
@@ -528,10 +557,11 @@ class Datapath:
         self._write_ranges(svc_id, old_ranges - new_ranges, present=False)
         refs = frozenset(ids) | frozenset(table)
         self._programmed[key] = _Programmed(svc_id, flags, off, cap, table, svc.affinity_timeout,
-                                            new_ranges, svc, refs)
+                                            new_ranges, svc, refs, members, gen)
         self._ref_backends(refs, +1)
         if old:
             self._ref_backends(old.refs, -1)
+        self._index_members(key, old_members, members)
         change = ServiceChange(created, written, swapped, service_written)
         log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
         return change
@@ -548,6 +578,8 @@ class Datapath:
         except KeyError:
             pass
         self._wildcard_ref(key, -1)
+        self._write_members(old.svc_id, old.members, present=False)
+        self._index_members(key, old.members, frozenset())
         self._write_ranges(old.svc_id, old.ranges, present=False)
         self._alloc.free(old.table_off)
         self._free_svc_ids.append(old.svc_id)
@@ -666,15 +698,8 @@ class Datapath:
         if b.terminating:
             flags |= BackendFlag.TERMINATING
         if self._backend_vals.get(bid) != (b.addr, b.port, int(flags)):
-            tbl = self.table(MapName.BACKENDS)
-            leaf = tbl.Leaf()
-            for i, w in enumerate(_words(b.addr)):
-                leaf.addr[i] = w
-            leaf.port = _htons(b.port)
-            leaf.family = b.addr.version
-            leaf.flags = int(flags)
-            tbl[tbl.Key(bid)] = leaf
             self._backend_vals[bid] = (b.addr, b.port, int(flags))
+            self._write_backend(bid)
         self._backend_ids[ident] = bid
         return bid
 
@@ -688,11 +713,107 @@ class Datapath:
                 self._backend_refs[bid] = n
                 continue
             self._backend_refs.pop(bid, None)
+            if bid in self._revnat:
+                self._set_revnat(bid, None)
             val = self._backend_vals.pop(bid, None)
             if val is not None:
                 self._backend_ids.pop((val[0], val[1]), None)
                 tbl = tbl or self.table(MapName.BACKENDS)
                 tbl[tbl.Key(bid)] = tbl.Leaf()
+
+    def _write_backend(self, bid: int) -> None:
+        addr, port, flags = self._backend_vals[bid]
+        tbl = self.table(MapName.BACKENDS)
+        leaf = tbl.Leaf()
+        for i, w in enumerate(_words(addr)):
+            leaf.addr[i] = w
+        leaf.port = _htons(port)
+        leaf.family = addr.version
+        leaf.flags = flags
+        rk = self._revnat.get(bid)
+        leaf.revnat_svc = self._programmed[rk].svc_id if rk is not None else 0
+        tbl[tbl.Key(bid)] = leaf
+
+    def _write_members(self, svc_id: int, bids: Iterable[int], present: bool) -> None:
+        tbl = self.table(MapName.SVC_BACKENDS)
+        for bid in bids:
+            k = tbl.Key()
+            k.svc_id, k.backend_id = svc_id, bid
+            if present:
+                tbl[k] = ctypes.c_uint32(1)
+            else:
+                try:
+                    del tbl[k]
+                except KeyError:
+                    pass
+
+    def _index_members(self, key: ServiceKey, old: frozenset, new: frozenset) -> None:
+        """Keep backend -> services current and re-designate the backends whose set changed."""
+        for bid in old - new:
+            svcs = self._backend_svcs.get(bid)
+            if svcs is not None:
+                svcs.discard(key)
+                if not svcs:
+                    del self._backend_svcs[bid]
+        for bid in new - old:
+            self._backend_svcs.setdefault(bid, set()).add(key)
+        for bid in old | new:
+            self._designate(bid)
+
+    def _designate(self, bid: int) -> None:
+        """Pick the service whose flows on local backend ``bid`` XDP creates without a REPLY
+        conntrack entry (tc derives their reply rewrite from revnat[backend] and the flow's
+        SERVICE entry). A designation stays while its service lists the backend, so its
+        existing flows keep being derivable; flows of other services get REPLY entries."""
+        val = self._backend_vals.get(bid)
+        cur = self._revnat.get(bid)
+        svcs = self._backend_svcs.get(bid, ())
+
+        def eligible(k):
+            p = self._programmed.get(k)
+            return p is not None and k in svcs and not p.flags & SvcFlag.STATELESS
+
+        if val is None or not val[2] & BackendFlag.LOCAL:
+            want = None
+        elif cur is not None and eligible(cur):
+            want = cur
+        else:
+            want = min((k for k in svcs if eligible(k)), key=str, default=None)
+        if want != cur:
+            self._set_revnat(bid, want)
+
+    def _set_revnat(self, bid: int, key: ServiceKey | None) -> None:
+        """Move a backend's designation. Order: XDP stops skipping REPLY entries (backend
+        entry) before tc's revnat entry changes, and a new revnat entry exists before XDP
+        starts skipping them for the new service."""
+        tbl = self.table(MapName.REVNAT)
+        addr, port, _ = self._backend_vals.get(bid, (None, None, None))
+        cur = self._revnat.pop(bid, None)
+        if cur is not None and addr is not None:
+            self._write_backend(bid)
+            try:
+                del tbl[self._revnat_key(addr, port, cur.proto)]
+            except KeyError:
+                pass
+        if key is None or addr is None:
+            return
+        p = self._programmed[key]
+        v = tbl.Leaf()
+        for i, w in enumerate(_words(key.vip)):
+            v.vip[i] = w
+        v.vport, v.svc_id, v.backend_id = _htons(key.port), p.svc_id, bid
+        tbl[self._revnat_key(addr, port, key.proto)] = v
+        self._revnat[bid] = key
+        self._write_backend(bid)
+
+    def _revnat_key(self, addr: IPAddress, port: int, proto: int):
+        k = self.table(MapName.REVNAT).Key()
+        for i, w in enumerate(_words(addr)):
+            k.addr[i] = w
+        k.port = _htons(port)
+        k.proto = int(proto)
+        k.family = addr.version
+        return k
 
     def _svc_key(self, vip: IPAddress, port: int, proto: int):
         tbl = self.table(MapName.SERVICES)
@@ -704,11 +825,11 @@ class Datapath:
         k.family = vip.version
         return k
 
-    def _write_service(self, key: ServiceKey, svc_id, flags, off, size, cap, affinity_timeout):
+    def _write_service(self, key: ServiceKey, svc_id, flags, off, size, cap, affinity_timeout, gen):
         tbl = self.table(MapName.SERVICES)
         v = tbl.Leaf()
         v.id, v.flags, v.table_off, v.table_size = svc_id, int(flags), off, size
-        v.affinity_timeout, v.table_cap = affinity_timeout, cap
+        v.affinity_timeout, v.table_cap, v.backend_gen = affinity_timeout, cap, gen
         tbl[self._svc_key(key.vip, key.port, key.proto)] = v
 
     def _wildcard_ref(self, key: ServiceKey, delta: int) -> None:

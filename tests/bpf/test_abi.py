@@ -55,7 +55,7 @@ def test_map_names_and_layouts_from_bcc(module_dp):
     assert sizes["services_v2"] == (20, 28)
     assert sizes["backends_v2"] == (4, 24)
     assert sizes["svc_backends_v1"] == (8, 4)
-    assert sizes["revnat_v1"] == (20, 32)
+    assert sizes["revnat_v1"] == (20, 28)
     assert sizes["maglev_v1"] == (4, 4)
     assert sizes["ct_v1"] == (40, 56)
     assert sizes["src_ranges_v1"] == (24, 1)
