@@ -420,8 +420,11 @@ class Seed002Lab:
                     "--node-name", node.spec.name, "--api-socket", str(node.socket),
                     "--state-dir", str(node.state_dir), "--log-format", "json", *extra_args,
                     *(self.lb_args(node.spec.name) if lb else ())]
+            # share_mounts: the agent pins its maps in the host's bpffs, where its next
+            # incarnation adopts them (`ip netns exec` would give it a private /sys).
             node.proc = node.host.spawn(argv, log_path=node.config_dir.parent / "vipd.log",
-                                        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                                        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                                        share_mounts=True)
         for node in chosen:
             # with the datapath, bcc compiles the programs first (several seconds per node)
             wait_until(lambda: node.socket.exists() or node.proc.poll() is not None,

@@ -21,6 +21,7 @@ Manual::
         a.route("10.9.0.0/24", via="10.0.0.2")
         a.run("ip", "-j", "route")              # stdout; raises LabError on failure
         p = a.spawn(["sleep", "100"])           # Popen in the namespace; stopped by PID at teardown
+        v = a.spawn(["vipd", ...], share_mounts=True)  # sees the host's bpffs (pinned maps)
         frr = lab.frr(a, FrrPeer(asn=65001, router_id="1.1.1.1", neighbors=[...]))
         go = lab.gobgp(b, GobgpPeer(asn=65002, router_id="2.2.2.2", neighbors=[...]))
         wait_until(lambda: frr.sessions()["10.0.0.2"].state == "established", what="session")
@@ -123,7 +124,16 @@ class Host:
     def __repr__(self) -> str:
         return f"Host({self.name!r}, ns={self.ns!r})"
 
-    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+    def exec_argv(self, argv: Sequence[str], *, share_mounts: bool = False) -> list[str]:
+        """argv that runs inside this namespace.
+
+        ``ip netns exec`` gives the process a private mount namespace with /sys remounted for
+        the network namespace, which hides the host's bpffs. ``share_mounts=True`` enters only
+        the network namespace (as a systemd service on a node would run), so pinned BPF maps
+        in /sys/fs/bpf are shared with the test and with the agent's next incarnation.
+        """
+        if share_mounts:
+            return ["nsenter", f"--net=/var/run/netns/{self.ns}", "--", *argv]
         return ["ip", "netns", "exec", self.ns, *argv]
 
     def run(self, *argv: str, check: bool = True, input: str | None = None, timeout: float = 30) -> str:
@@ -146,13 +156,15 @@ class Host:
         self.run(*argv)
 
     def spawn(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
-              log_path: str | Path | None = None, cwd: str | Path | None = None) -> subprocess.Popen:
-        """Start a process inside this namespace; the lab stops it by PID at teardown."""
+              log_path: str | Path | None = None, cwd: str | Path | None = None,
+              share_mounts: bool = False) -> subprocess.Popen:
+        """Start a process inside this namespace; the lab stops it by PID at teardown.
+        ``share_mounts``: see :meth:`exec_argv` (needed for processes that pin BPF maps)."""
         log_path = Path(log_path) if log_path else self.workdir / f"{Path(argv[0]).name}-{next(_counter)}.log"
         out = open(log_path, "ab")
         full_env = {**os.environ, **(env or {})}
         # setns via `ip netns exec` then exec: the PID we get is the daemon's own PID.
-        proc = subprocess.Popen(self.exec_argv(argv), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(self.exec_argv(argv, share_mounts=share_mounts), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
                                 start_new_session=True)
         out.close()

@@ -90,15 +90,17 @@ static __always_inline int icmp_rewrite(struct xdp_md *ctx, const struct pkt *p,
 			return -1;
 		ich_old = *(__be16 *)(data + ich_off);
 		/* quoted addresses: quoted header checksum, then the ICMP checksum over all of it */
-		if (ctx_store(ctx, il3 + 12, &snew, 4) || ctx_l3_csum_replace(ctx, ich_off, sold, snew, 4) ||
-		    ctx_store(ctx, il3 + 16, &dnew, 4) || ctx_l3_csum_replace(ctx, ich_off, dold, dnew, 4))
+		if (ctx_store(ctx, il3 + 12, &snew, 4) || ctx_l3_csum_replace(ctx, ich_off, sold, snew, 4))
+			return -1;
+		if (qdst && (ctx_store(ctx, il3 + 16, &dnew, 4) ||
+			     ctx_l3_csum_replace(ctx, ich_off, dold, dnew, 4)))
 			return -1;
 		data = ctx_data(ctx); data_end = ctx_data_end(ctx);
 		if (data + ich_off + 2 > data_end)
 			return -1;
 		ich_new = *(__be16 *)(data + ich_off);
 		if (ctx_l4_csum_replace(ctx, icsum, sold, snew, 4) ||
-		    ctx_l4_csum_replace(ctx, icsum, dold, dnew, 4) ||
+		    (qdst && ctx_l4_csum_replace(ctx, icsum, dold, dnew, 4)) ||
 		    ctx_l4_csum_replace(ctx, icsum, ich_old, ich_new, 2))
 			return -1;
 	} else {
@@ -108,11 +110,11 @@ static __always_inline int icmp_rewrite(struct xdp_md *ctx, const struct pkt *p,
 		addr_copy(qd, qdst ? qdst : q->daddr);
 		/* the ICMPv6 checksum covers the pseudo header (outer daddr) and the quoted packet */
 		__u32 d1 = csum_diff_addr6(p->daddr, od), d2 = csum_diff_addr6(q->saddr, qs);
-		__u32 d3 = csum_diff_addr6(q->daddr, qd);
 		if (ctx_store(ctx, p->l3_off + 24, od, 16) || ctx_store(ctx, il3 + 8, qs, 16) ||
-		    ctx_store(ctx, il3 + 24, qd, 16) ||
-		    ctx_l4_csum_replace(ctx, icsum, 0, d1, 0) || ctx_l4_csum_replace(ctx, icsum, 0, d2, 0) ||
-		    ctx_l4_csum_replace(ctx, icsum, 0, d3, 0))
+		    ctx_l4_csum_replace(ctx, icsum, 0, d1, 0) || ctx_l4_csum_replace(ctx, icsum, 0, d2, 0))
+			return -1;
+		if (qdst && (ctx_store(ctx, il3 + 24, qd, 16) ||
+			     ctx_l4_csum_replace(ctx, icsum, 0, csum_diff_addr6(q->daddr, qd), 0)))
 			return -1;
 	}
 	if (ctx_store(ctx, il4, &qsport, 2) || ctx_l4_csum_replace(ctx, icsum, q->sport, qsport, 2))

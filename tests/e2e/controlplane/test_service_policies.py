@@ -21,7 +21,6 @@ ranges are IPv4 only, sticky's IPv6 LoadBalancer IP admits nobody, not even insi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -140,14 +139,11 @@ class Env:
         tmp.rename(self.config / filename)   # the daemon's watcher never sees half a file
 
     def start_vipd(self) -> None:
-        # `ip netns exec` gives the process a private /sys without the host's bpffs; vipd would
-        # pin into a bpffs of its own that nobody else sees. Keep this process's mounts, as a
-        # systemd service would have them, so the test can open the same pinned maps.
-        keep_mounts = ["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--"]
-        argv = [*keep_mounts, sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config), "--node-name", NODE,
+        # share_mounts: vipd pins into the host's bpffs, so the test opens the same maps.
+        argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config), "--node-name", NODE,
                 "--api-socket", str(self.socket), "--state-dir", str(self.config.parent / "state"),
                 "--log-format", "json", "--lb-interface", "eth-router", "--bpf-pin-root", str(self.pin_root)]
-        self.proc = self.node.spawn(argv, log_path=self.log, env={"PYTHONPATH": str(REPO)})
+        self.proc = self.node.spawn(argv, log_path=self.log, env={"PYTHONPATH": str(REPO)}, share_mounts=True)
         wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=120,
                    what="vipd API socket (bcc compiles the datapath first)")
         if self.proc.poll() is not None:
