@@ -123,93 +123,101 @@ static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_
 	return verdict(HOOK_XDP, bpf_redirect(fib->ifindex, 0));
 }
 
-/* Insert the DSR option after the IP header (which has no options / extension headers). */
-static __always_inline int dsr_insert(struct xdp_md *ctx, const struct pkt *p, const __u32 *vip,
-			       __be16 vport)
+/* Can the DSR option be added? It goes right after the fixed IP header, before any IPv4
+ * options / IPv6 extension headers the packet carries (so the backend finds it at a fixed
+ * offset, and an IPv4 End-of-Options padding cannot hide it); IPv4 needs room in IHL (15
+ * words), and an IPv6 Hop-by-Hop header must stay first (RFC 8200 4.1), so packets with one
+ * are refused. At most two VLAN tags (the parser's limit). */
+static __always_inline int dsr_fits(struct xdp_md *ctx, const struct pkt *p)
 {
+	if (p->l3_off > 22)
+		return 0;
+	if (p->family == 4)
+		return p->l4_off - p->l3_off <= 60 - DSR_IPV4_OPT_LEN;
+	/* read from the packet, not kept by the parser: a parser flag splits verifier states */
+	struct ipv6hdr *ip6 = ctx_data(ctx) + p->l3_off;
+	if ((void *)(ip6 + 1) > ctx_data_end(ctx))
+		return 0;
+	return ip6->nexthdr != NEXTHDR_HOP;
+}
+
+/* Insert the DSR option at the end of the fixed IP header: grow the frame at the front, move
+ * the L2 + fixed IP header to the new front, write the option, and fix the IP header.
+ * Returns 0, -1 (rewrite failed), -2 (no headroom). */
+static __always_inline int dsr_insert(struct xdp_md *ctx, const struct pkt *p, const __u32 *vip,
+				      __be16 vport)
+{
+	int v4 = p->family == 4;
+	__u32 grow = v4 ? DSR_IPV4_OPT_LEN : 24;
+	__u32 l3 = p->l3_off;
 	void *data, *data_end;
 
-	if (p->family == 4) {
-		struct ethhdr eth;
-		struct iphdr iph;
-		__be16 vlan[2];
-		void *old = ctx_data(ctx), *old_end = ctx_data_end(ctx);
-		int tagged = p->l3_off == 18;
+	if (l3 != 14 && l3 != 18 && l3 != 22)   /* no, one or two VLAN tags */
+		return -1;
+	if (bpf_xdp_adjust_head(ctx, -(int)grow))
+		return -2;
+	data = ctx_data(ctx);
+	data_end = ctx_data_end(ctx);
+	/* constant-size moves through the stack (a variable-length loop costs the verifier
+	 * far more states than these six straight-line cases) */
+#define DSR_MOVE(GROW, N) do {							\
+		__u8 buf[N];							\
+		if (data + (GROW) + (N) > data_end)				\
+			return -1;						\
+		__builtin_memcpy(buf, data + (GROW), N);			\
+		__builtin_memcpy(data, buf, N);					\
+	} while (0)
+	if (v4) {
+		if (l3 == 14) DSR_MOVE(DSR_IPV4_OPT_LEN, 34);
+		else if (l3 == 18) DSR_MOVE(DSR_IPV4_OPT_LEN, 38);
+		else DSR_MOVE(DSR_IPV4_OPT_LEN, 42);
+	} else {
+		if (l3 == 14) DSR_MOVE(24, 54);
+		else if (l3 == 18) DSR_MOVE(24, 58);
+		else DSR_MOVE(24, 62);
+	}
+#undef DSR_MOVE
 
-		if (old + p->l3_off + sizeof(iph) > old_end || old + 18 > old_end)
+	if (v4) {
+		struct iphdr *iph = data + l3;
+		__u8 *opt = data + l3 + 20;
+		if ((void *)(iph + 1) > data_end || (void *)(opt + DSR_IPV4_OPT_LEN) > data_end)
 			return -1;
-		__builtin_memcpy(&eth, old, sizeof(eth));
-		__builtin_memcpy(vlan, old + 14, 4);
-		__builtin_memcpy(&iph, old + p->l3_off, sizeof(iph));
-		if (bpf_xdp_adjust_head(ctx, -DSR_IPV4_OPT_LEN))
-			return -2;
-		data = ctx_data(ctx);
-		data_end = ctx_data_end(ctx);
-		iph.ihl = 5 + DSR_IPV4_OPT_LEN / 4;
-		iph.tot_len = bpf_htons(bpf_ntohs(iph.tot_len) + DSR_IPV4_OPT_LEN);
-		iph.check = 0;
-		__u8 opt[DSR_IPV4_OPT_LEN] __attribute__((aligned(4))) = { DSR_IPV4_OPT_TYPE, DSR_IPV4_OPT_LEN };
+		opt[0] = DSR_IPV4_OPT_TYPE;
+		opt[1] = DSR_IPV4_OPT_LEN;
 		__builtin_memcpy(opt + 2, &vport, 2);
 		__builtin_memcpy(opt + 4, &vip[0], 4);
-		const __u32 *w = (const __u32 *)&iph, *o = (const __u32 *)opt;
-		__u64 s = (__u64)w[0] + w[1] + w[2] + w[3] + w[4] + o[0] + o[1];
-		iph.check = ~csum_fold64(s);
-		if (tagged) {
-			if (data + 18 + sizeof(iph) + DSR_IPV4_OPT_LEN > data_end)
-				return -1;
-			__builtin_memcpy(data, &eth, sizeof(eth));
-			__builtin_memcpy(data + 14, vlan, 4);
-			__builtin_memcpy(data + 18, &iph, sizeof(iph));
-			__builtin_memcpy(data + 18 + sizeof(iph), opt, DSR_IPV4_OPT_LEN);
-		} else {
-			if (data + 14 + sizeof(iph) + DSR_IPV4_OPT_LEN > data_end)
-				return -1;
-			__builtin_memcpy(data, &eth, sizeof(eth));
-			__builtin_memcpy(data + 14 + sizeof(iph), opt, DSR_IPV4_OPT_LEN);
-			__builtin_memcpy(data + 14, &iph, sizeof(iph));
-		}
-		return 0;
-	} else {
-		struct ethhdr eth;
-		struct ipv6hdr ip6;
-		__be16 vlan[2];
-		void *old = ctx_data(ctx), *old_end = ctx_data_end(ctx);
-		int tagged = p->l3_off == 18;
-		__u8 opt[24] = {};
-
-		if (old + p->l3_off + sizeof(ip6) > old_end || old + 18 > old_end)
+		__u32 n32 = iph->ihl + DSR_IPV4_OPT_LEN / 4;
+		if (n32 > 15)
 			return -1;
-		__builtin_memcpy(&eth, old, sizeof(eth));
-		__builtin_memcpy(vlan, old + 14, 4);
-		__builtin_memcpy(&ip6, old + p->l3_off, sizeof(ip6));
-		if (bpf_xdp_adjust_head(ctx, -24))
-			return -2;
-		opt[0] = ip6.nexthdr;
+		/* RFC 1624 over what changed: the ihl/tot_len word, plus the option's two words */
+		__u32 w_old = *(__u32 *)iph, o32[2];
+		__u64 sum = (__u16)~iph->check;
+		iph->ihl = n32;
+		iph->tot_len = bpf_htons(bpf_ntohs(iph->tot_len) + DSR_IPV4_OPT_LEN);
+		__builtin_memcpy(o32, opt, 8);
+		sum += (__u32)~w_old;
+		sum += *(__u32 *)iph;
+		sum += o32[0];
+		sum += o32[1];
+		iph->check = ~csum_fold64(sum);
+	} else {
+		struct ipv6hdr *ip6 = data + l3;
+		__u8 *opt = data + l3 + 40;
+		if ((void *)(ip6 + 1) > data_end || (void *)(opt + 24) > data_end)
+			return -1;
+		opt[0] = ip6->nexthdr;   /* whatever followed the fixed header follows the option */
 		opt[1] = DSR_IPV6_EXT_LEN;
 		opt[2] = DSR_IPV6_OPT_TYPE;
 		opt[3] = DSR_IPV6_OPT_LEN;
 		__builtin_memcpy(opt + 4, vip, 16);
 		__builtin_memcpy(opt + 20, &vport, 2);
-		ip6.nexthdr = NEXTHDR_DEST;
-		ip6.payload_len = bpf_htons(bpf_ntohs(ip6.payload_len) + 24);
-		data = ctx_data(ctx);
-		data_end = ctx_data_end(ctx);
-		if (tagged) {
-			if (data + 18 + sizeof(ip6) + 24 > data_end)
-				return -1;
-			__builtin_memcpy(data, &eth, sizeof(eth));
-			__builtin_memcpy(data + 14, vlan, 4);
-			__builtin_memcpy(data + 18, &ip6, sizeof(ip6));
-			__builtin_memcpy(data + 18 + sizeof(ip6), opt, 24);
-		} else {
-			if (data + 14 + sizeof(ip6) + 24 > data_end)
-				return -1;
-			__builtin_memcpy(data, &eth, sizeof(eth));
-			__builtin_memcpy(data + 14, &ip6, sizeof(ip6));
-			__builtin_memcpy(data + 14 + sizeof(ip6), opt, 24);
-		}
-		return 0;
+		opt[22] = 0;             /* two Pad1 options */
+		opt[23] = 0;
+		ip6->nexthdr = NEXTHDR_DEST;
+		ip6->payload_len = bpf_htons(bpf_ntohs(ip6->payload_len) + 24);
 	}
+	return 0;
 }
 
 static __always_inline void fill_reply_val(struct ct_val *rv, const struct pkt *p, __u32 bid,
@@ -375,7 +383,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	if (flags & SVC_F_DSR) {
 		int add_opt = new_flow || p->proto == IPPROTO_UDP || (p->tcp_flags & TCP_FLAG_SYN);
 		__u32 grow = add_opt ? (p->family == 4 ? DSR_IPV4_OPT_LEN : 24) : 0;
-		if (add_opt && p->ip_opts)
+		if (add_opt && !dsr_fits(ctx, p))
 			return drop(DROP_DSR_UNSUPPORTED);
 		int fr = fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, fib);
 		if (fr == FIB_FAIL)
