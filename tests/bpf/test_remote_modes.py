@@ -155,11 +155,70 @@ def test_dsr_ipv6_destination_option(dp, net):
     assert_frame(run_tc(dp, "egress", reply).data, expected(reply, IPv6_src=VIP6, TCP_sport=80))
 
 
-def test_dsr_cannot_add_option_to_packet_with_ip_options(dp, net):
+def test_dsr_option_goes_before_existing_ipv4_options(dp, net):
     dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.DSR))
+    req = Ether() / IP(src=C4, dst=VIP4, options=[IPOption_NOP()] * 3 + [IPOption(b"\x94\x04\x00\x00")]) \
+        / TCP(sport=1, dport=80, flags="S") / Raw(b"x")
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    l4p = req[TCP].copy(); l4p.dport = 8080; l4p.chksum = None
+    want = Ether(src=net["node_mac"], dst=net["peer_mac"]) / IP(
+        src=C4, dst=B4, id=req[IP].id,
+        options=[_dsr_opt4(VIP4, 80)] + [IPOption_NOP()] * 3 + [IPOption(b"\x94\x04\x00\x00")]) / l4p
+    assert_frame(r.data, want)
+    assert Ether(r.data)[IP].ihl == 5 + 2 + 2
+    # the backend node finds the option (first after the fixed header) and reverses the reply
+    assert run_tc(dp, "ingress", Ether(r.data)).retval == TcAction.OK
+    reply = Ether() / IP(src=B4, dst=C4) / TCP(sport=8080, dport=1, flags="SA")
+    assert_frame(run_tc(dp, "egress", reply).data, expected(reply, IP_src=VIP4, TCP_sport=80))
+
+
+def test_dsr_option_goes_before_existing_ipv6_extension_headers(dp, net):
+    import ipaddress
+    from scapy.layers.inet6 import IPv6ExtHdrRouting
+    dp.upsert_service(_svc(VIP6, Proto.UDP, B6, Mode.DSR))
+    req = Ether() / IPv6(src=C6, dst=VIP6) / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(segleft=0) \
+        / UDP(sport=5000, dport=80) / Raw(b"query")
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    data = ipaddress.ip_address(VIP6).packed + (80).to_bytes(2, "big") + b"\0\0"
+    l4p = req[UDP].copy(); l4p.dport = 8080; l4p.chksum = None
+    want = (Ether(src=net["node_mac"], dst=net["peer_mac"]) / IPv6(src=C6, dst=B6)
+            / IPv6ExtHdrDestOpt(nh=60, len=2, options=[HBHOptUnknown(otype=0x1B, optlen=20, optdata=data)])
+            / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(segleft=0) / l4p)
+    assert_frame(r.data, want)
+    assert len(r.data) == len(bytes(req)) + 24
+    assert run_tc(dp, "ingress", Ether(r.data)).retval == TcAction.OK
+    reply = Ether() / IPv6(src=B6, dst=C6) / UDP(sport=8080, dport=5000) / Raw(b"answer")
+    assert_frame(run_tc(dp, "egress", reply).data, expected(reply, IPv6_src=VIP6, UDP_sport=80))
+
+
+def test_dsr_option_on_a_double_tagged_frame_keeps_both_tags(dp, net):
+    from scapy.layers.l2 import Dot1AD, Dot1Q
+    dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.DSR))
+    req = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / Dot1AD(vlan=100) / Dot1Q(vlan=20) \
+        / IP(src=C4, dst=VIP4) / TCP(sport=7, dport=80, flags="S")
+    r = run_xdp(dp, req, netns=net["ns"])
+    assert r.retval == XdpAction.REDIRECT
+    l4p = req[TCP].copy(); l4p.dport = 8080; l4p.chksum = None
+    want = Ether(src=net["node_mac"], dst=net["peer_mac"]) / Dot1AD(vlan=100) / Dot1Q(vlan=20) \
+        / IP(src=C4, dst=B4, id=req[IP].id, options=[_dsr_opt4(VIP4, 80)]) / l4p
+    assert_frame(r.data, want)
+
+
+@pytest.mark.parametrize("case", ["v4-ihl-full", "v6-hop-by-hop"])
+def test_dsr_refuses_packets_with_no_room_for_the_option(dp, net, case):
+    from scapy.layers.inet6 import IPv6ExtHdrHopByHop
+    vip = VIP4 if case.startswith("v4") else VIP6
+    dp.upsert_service(_svc(vip, Proto.TCP, B4 if vip == VIP4 else B6, Mode.DSR))
     before = dp.counters().drops["DSR_UNSUPPORTED"]
-    pkt = Ether() / IP(src=C4, dst=VIP4, options=[IPOption_NOP()] * 4) / TCP(sport=1, dport=80, flags="S")
-    assert run_xdp(dp, pkt, netns=net["ns"]).retval == XdpAction.DROP
+    if case == "v4-ihl-full":   # 40 bytes of options: IHL is 15 already
+        pkt = Ether() / IP(src=C4, dst=VIP4, options=[IPOption_NOP()] * 40) / TCP(sport=1, dport=80, flags="S")
+        assert pkt[IP].ihl is None and IP(bytes(pkt[IP])).ihl == 15
+    else:                       # Hop-by-Hop must stay first (RFC 8200 4.1)
+        pkt = Ether() / IPv6(src=C6, dst=VIP6) / IPv6ExtHdrHopByHop() / TCP(sport=1, dport=80, flags="S")
+    r = run_xdp(dp, pkt, netns=net["ns"])
+    assert r.retval == XdpAction.DROP and r.data == bytes(pkt)
     assert dp.counters().drops["DSR_UNSUPPORTED"] == before + 1
 
 
