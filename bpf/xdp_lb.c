@@ -39,6 +39,17 @@ int xdp_lb(struct xdp_md *ctx)
 	}
 	if (p.frag)
 		return handle_fragment(ctx, &p);
+	/* The parser leaves l3_off a known constant per VLAN depth (14/18/22), so the verifier
+	 * would walk everything below once per depth; read back through memory it is one bounded
+	 * unknown, which keeps the program well inside the verifier's 1M-instruction budget. */
+	__u32 zero = 0;
+	struct scratch *scr = scratch_v1.lookup(&zero);
+	if (!scr)
+		return verdict(HOOK_XDP, XDP_PASS);
+	*(volatile __u32 *)&scr->opaque = p.l3_off;
+	p.l3_off = *(volatile __u32 *)&scr->opaque;
+	if (p.l3_off > 22)
+		return verdict(HOOK_XDP, XDP_PASS);
 	if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
 		struct svc_key k = {};
 		addr_copy(k.addr, p.daddr);

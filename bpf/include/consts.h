@@ -52,6 +52,9 @@
 #ifndef CT_UDP_IDLE_TIMEOUT_S
 #define CT_UDP_IDLE_TIMEOUT_S 60
 #endif
+#ifndef DERIVE_LOCAL_REPLIES
+#define DERIVE_LOCAL_REPLIES 1    /* designated local flows get no REPLY entry (see revnat.h) */
+#endif
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/vipd/default"
 #endif

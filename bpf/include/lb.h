@@ -360,7 +360,8 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		rk.proto = p->proto;
 		rk.family = p->family;
 		rk.dir = CT_DIR_REPLY;
-		if (new_flow && !(flags & SVC_F_STATELESS) && be->revnat_svc == svc_id) {
+		if (DERIVE_LOCAL_REPLIES && new_flow && !(flags & SVC_F_STATELESS) &&
+		    be->revnat_svc == svc_id) {
 			/* tc derives this flow's reply rewrite from revnat[backend] (this service's
 			 * frontend) and the SERVICE entry: no REPLY entry (one conntrack insert fewer).
 			 * A REPLY entry left by an earlier flow of the same client port through another

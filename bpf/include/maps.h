@@ -41,6 +41,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct svc_counter, svc_stats_v1, MAX_SE
 struct scratch {
 	struct ct_val v;
 	struct bpf_fib_lookup fib;
+	__u32 opaque;   /* see lb_handle: hides a value from the verifier's constant tracking */
 };
 BPF_TABLE("percpu_array", __u32, struct scratch, scratch_v1, 1);
 

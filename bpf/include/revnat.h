@@ -33,6 +33,8 @@ static __always_inline int reply_rewrite_of(struct ct_key *k, __u32 *vip, __be16
 		*vport = v->rport;
 		return 1;
 	}
+	if (!DERIVE_LOCAL_REPLIES)
+		return 0;
 	struct svc_key bk = {};
 	addr_copy(bk.addr, k->saddr);
 	bk.port = k->sport;

@@ -140,3 +140,22 @@ def test_reply_from_a_backend_without_any_flow_passes_untouched(dp):
     reply = pkt(SHARED, CLIENT, 8080, 4999)
     r = run_tc(dp, "egress", reply)
     assert r.retval == TcAction.OK and r.data == bytes(reply)
+
+
+def test_without_derived_replies_every_local_flow_has_a_reply_entry():
+    import dataclasses
+
+    from tests.bpf.conftest import TEST_FEATURES, new_datapath
+    dp = new_datapath("noderive", dataclasses.replace(TEST_FEATURES, derive_local_replies=False))
+    try:
+        dp.upsert_service(svc(VIP_A, [SHARED]))
+        assert backend_of(run_xdp(dp, pkt(CLIENT, VIP_A, 4000, 80, "S")).data) == SHARED
+        ct = dp.conntrack()
+        assert sorted(e.direction for e in ct) == ["reply", "service"]
+        reply = pkt(SHARED, CLIENT, 8080, 4000, "SA")
+        assert_frame(run_tc(dp, "egress", reply).data, expected(reply, IP_src=VIP_A, TCP_sport=80))
+        # a reply of no tracked flow is left alone
+        dp.table("ct_v1").clear()
+        assert run_tc(dp, "egress", reply).data == bytes(reply)
+    finally:
+        dp.destroy()
