@@ -14,9 +14,16 @@ Cases, for 1, 1,000 and 100,000 services (the measured service is the last one a
                              conntrack insert (the backends' designated service: its replies
                              need no REPLY entry) + DNAT, warm caches
   non-service                a packet to an address that is no VIP
+  new flow (SYN), +REPLY     the same through a second service of the same backends (not their
+                             designated service): two conntrack inserts, as every local flow
+                             paid before, and as all do with Features(derive_local_replies=False)
   new flow, 200k distinct    a new 5-tuple every run (200k SYNs: inserts spread over the table)
   established, 200k flows    ACKs over the 200k flows the previous case created (cache misses)
-Ratios are to the parse-only floor measured in the same run.
+  tc_egress reply, derived   the backend's reply of a designated flow (revnat + SERVICE lookups)
+  tc_egress reply, REPLY     the reply of a flow with a REPLY entry (one lookup)
+  tc_egress non-service      an egress packet of no flow (REPLY miss + revnat miss)
+Ratios are to the parse-only floor measured in the same run (the tc rows too, for scale only:
+tc test runs include skb setup, so they are not comparable with the XDP rows).
 Targets: established <= 3.0x floor, new flow <= 5.0x floor, no growth with service count.
 
 Run:  sudo .venv/bin/python benchmarks/datapath_ns.py [--runs 200000] [--services 1,1000,100000]
@@ -48,6 +55,7 @@ from agent.datapath.testrun import TestRunner  # noqa: E402
 
 PIN_ROOT = "/sys/fs/bpf/vipd-bench"
 VIP = "10.96.0.10"
+VIP2 = "10.96.0.11"     # a second service of the measured service's backends
 CLIENT = "192.0.2.42"
 SADDR_OFF, SPORT_OFF = 14 + 12, 14 + 20   # offsets in an untagged IPv4/TCP frame
 
@@ -88,7 +96,7 @@ def time_distinct(runner: TestRunner, data: bytes, runs: int, base: int, expect:
     return out
 
 
-def ct_keys_of_syn(dp: Datapath, backend: str) -> list:
+def ct_keys_of_syn(dp: Datapath, backend: str, vip: str = VIP) -> list:
     """The conntrack keys a SYN frame can create (forward client->VIP, and reply backend->client
     for flows of a backend's non-designated services; deleting an absent key is a no-op)."""
     tbl = dp.table(MapName.CT)
@@ -101,16 +109,17 @@ def ct_keys_of_syn(dp: Datapath, backend: str) -> list:
         k.proto, k.family, k.dir = 6, 4, direction
         return k
 
-    return [key(CLIENT, 31337, VIP, 80, 1), key(backend, 8080, CLIENT, 31337, 2)]
+    return [key(CLIENT, 31337, vip, 80, 1), key(backend, 8080, CLIENT, 31337, 2)]
 
 
-def time_new_flow_same_tuple(dp: Datapath, runner: TestRunner, data: bytes, runs: int) -> list[int]:
+def time_new_flow_same_tuple(dp: Datapath, runner: TestRunner, data: bytes, runs: int,
+                             vip: str = VIP) -> list[int]:
     """Katran's SYN method: the same SYN every run, but its conntrack entries are deleted
     (outside the timed region) before each run, so every run takes the full new-flow path
     (lookup miss, Maglev, insert(s), DNAT) with warm caches."""
     r = runner.run(data)
     backend = Ether(r.data)[IP].dst
-    keys = ct_keys_of_syn(dp, backend)
+    keys = ct_keys_of_syn(dp, backend, vip)
     tbl = dp.table(MapName.CT)
     from bcc.libbcc import lib
     import ctypes
@@ -160,17 +169,21 @@ def main() -> int:
     dp.load()
     print(f"# compiled+loaded in {time.monotonic() - t0:.1f}s; runs per case: {args.runs}; CPU {args.cpu}")
     lb_run = TestRunner(dp.program_fd("xdp"))
+    tc_run = TestRunner(dp.program_fd("tc-egress"))
     measured = Service(ServiceKey(VIP, 80, Proto.TCP),
                        tuple(Backend(f"10.1.0.{i}", 8080, local=True) for i in range(1, 11)), maglev_m=16381)
+    shared = Service(ServiceKey(VIP2, 80, Proto.TCP), measured.backends, maglev_m=16381)
     rows = []
     have = 0
     try:
         for n_idx, n in enumerate(counts):
             t0 = time.monotonic()
             dp.delete_service(measured.key)
+            dp.delete_service(shared.key)
             add_fillers(dp, have, n - 1)
             have = max(have, n - 1)
-            dp.upsert_service(measured)
+            dp.upsert_service(measured)     # first: its backends' designated service
+            dp.upsert_service(shared)
             dp.table(MapName.CT).items_delete_batch()   # each block starts with empty conntrack
             setup_s = time.monotonic() - t0
             syn, ack, other = frame(VIP, "S"), frame(VIP, "A"), frame("10.97.0.1", "A")
@@ -183,9 +196,22 @@ def main() -> int:
             res["established"] = summarize(time_fixed(lb_run, ack, args.runs))
             base = int(ipaddress.ip_address("100.64.0.0")) + n_idx * 0x40000
             res["new flow (SYN)"] = summarize(time_new_flow_same_tuple(dp, lb_run, syn, args.runs))
+            res["new flow (SYN), +REPLY"] = summarize(
+                time_new_flow_same_tuple(dp, lb_run, frame(VIP2, "S"), args.runs, vip=VIP2))
             res["non-service"] = summarize(time_fixed(lb_run, other, args.runs))
             res["new flow, 200k distinct"] = summarize(time_distinct(lb_run, syn, args.runs, base, expect=2))
             res["established, 200k flows"] = summarize(time_distinct(lb_run, ack, args.runs, base, expect=2))
+            # replies through tc egress: a designated flow (sport 40001) and a REPLY-entry flow (40002)
+            replies = {}
+            for sport, vip in ((40001, VIP), (40002, VIP2)):
+                b = Ether(lb_run.run(frame(vip, "S", sport=sport)).data)[IP].dst
+                replies[vip] = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=b, dst=CLIENT) / TCP(sport=8080, dport=sport, flags="A")
+                                     / Raw(b"0123456789"))
+                out = tc_run.run(replies[vip]).data
+                assert Ether(out)[IP].src == vip, "reply not reversed"
+            res["tc_egress reply, derived"] = summarize(time_fixed(tc_run, replies[VIP], args.runs))
+            res["tc_egress reply, REPLY"] = summarize(time_fixed(tc_run, replies[VIP2], args.runs))
+            res["tc_egress non-service"] = summarize(time_fixed(tc_run, other, args.runs))
             floor = res["floor xdp_parse"]["median"]
             for case, st in res.items():
                 rows.append((n, case, st, st["median"] / floor))
@@ -211,7 +237,7 @@ def main() -> int:
             verdict = "ok" if by[(n, case)] <= limit else "MISSED"
             ok &= verdict == "ok"
             print(f"target {case:<16} <= {limit:.1f}x floor at {n:>6} services: {by[(n, case)]:.2f}x  {verdict}")
-    for case in ("established", "new flow (SYN)", "non-service"):
+    for case in ("established", "new flow (SYN)", "non-service", "tc_egress reply, derived"):
         first, last = med[(counts[0], case)], med[(counts[-1], case)]
         growth = last - first
         print(f"growth {case:<16} {counts[0]} -> {counts[-1]} services: {growth:+.0f} ns "

@@ -781,8 +781,8 @@ class Datapath:
 
         if val is None or not val[2] & BackendFlag.LOCAL or not self.features.derive_local_replies:
             want = None
-        elif cur is not None and eligible(cur):
-            want = cur
+        elif cur is not None and cur in self._programmed and cur in svcs:
+            want = cur     # even if it became stateless: its existing flows stay derivable
         else:
             want = min((k for k in svcs if eligible(k)), key=str, default=None)
         if want != cur:
