@@ -194,26 +194,20 @@ class BgpSpeaker:
     def advertise_many(self, address: str, family: Family, prefixes, attrs: PathAttributes) -> int:
         """advertise() for many prefixes with the same attributes; returns how many changed.
         A prefix of the wrong family raises ValueError (the ones before it are applied)."""
-        peer = self._peer(address)
-        rib = peer.rib_out[family]
-        changed = 0
-        for prefix in prefixes:
-            if rib.advertise(_prefix_key(family, prefix), attrs):
-                changed += 1
-                if len(rib.pending) >= FLUSH_EVERY:
-                    self._changed(peer, rib)
-        if changed:
-            self._changed(peer, rib)
-        return changed
+        return self._apply_many(address, family, prefixes, lambda rib, key: rib.advertise(key, attrs))
 
     def withdraw_many(self, address: str, family: Family, prefixes) -> int:
         """withdraw() for many prefixes; returns how many were advertised (and are now withdrawn)."""
+        return self._apply_many(address, family, prefixes, lambda rib, key: rib.withdraw(key))
+
+    def _apply_many(self, address: str, family: Family, prefixes, change) -> int:
         peer = self._peer(address)
         rib = peer.rib_out[family]
         changed = 0
         for prefix in prefixes:
-            if rib.withdraw(_prefix_key(family, prefix)):
+            if change(rib, _prefix_key(family, prefix)):
                 changed += 1
+                # hand full batches to TCP while the caller's loop still runs
                 if len(rib.pending) >= FLUSH_EVERY:
                     self._changed(peer, rib)
         if changed:
