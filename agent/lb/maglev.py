@@ -90,27 +90,8 @@ def populate(offsets: Sequence[int], skips: Sequence[int], m: int,
     cursor = list(offsets)
     filled = 0
 
-    if weights is None or len(set(weights)) <= 1:
-        if weights is not None and weights and weights[0] <= 0:
-            return []
-        order = range(n)
-        while True:
-            for i in order:
-                c = cursor[i]
-                s = skips[i]
-                while entry[c] >= 0:
-                    c += s
-                    if c >= m:
-                        c -= m
-                entry[c] = i
-                c += s
-                if c >= m:
-                    c -= m
-                cursor[i] = c
-                filled += 1
-                if filled == m:
-                    return entry
-
+    if weights is None:
+        weights = [1] * n  # equal weights: every backend claims a slot every round
     if len(weights) != n:
         raise ValueError("weights must have one entry per backend")
     if any(w < 0 for w in weights):
