@@ -1,6 +1,6 @@
 """Compile the C programs in bpf/ with bcc.
 
-bcc rewrites map accesses (``services_v1.lookup(&k)``) only in the *main* source text, not in
+bcc rewrites map accesses (``services_v2.lookup(&k)``) only in the *main* source text, not in
 included files, so the loader inlines our own ``#include "x.h"`` headers (each once, like
 ``#pragma once``) into one translation unit before handing it to bcc. System headers
 (``<uapi/linux/...>``) are left to bcc and the installed kernel headers.
