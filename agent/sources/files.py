@@ -174,18 +174,19 @@ def validate_dir(directory: str | Path) -> ValidationReport:
         report.errors.append(f"{d}: not a directory")
         return report
     report.files = [p.name for p in yaml_files(d)]
+    if not report.files:
+        # Most likely a wrong path: the daemon reads only this directory, not subdirectories.
+        report.errors.append(f"{d}: no *.yaml or *.yml files (subdirectories are not read)")
+        return report
     result = load_dir(d)
     report.objects = [o.key for o in result.objects.all()]
     report.errors = [str(e) for e in result.errors]
     report.ignored = list(result.ignored)
-    try:
-        from agent.controlplane import cluster_config_conditions, peer_config_conditions
+    from agent.controlplane import cluster_config_conditions, peer_config_conditions
 
-        for getter in (cluster_config_conditions, peer_config_conditions):
-            for name, conds in sorted(getter(result.objects).items()):
-                report.issues += [f"{name}: {c.type}: {c.message}" for c in conds if c.status == "True"]
-    except ImportError:  # control plane not importable: schema validation still stands
-        pass
+    for getter in (cluster_config_conditions, peer_config_conditions):
+        for name, conds in sorted(getter(result.objects).items()):
+            report.issues += [f"{name}: {c.type}: {c.message}" for c in conds if c.status == "True"]
     return report
 
 

@@ -141,3 +141,11 @@ def test_invalid_edit_keeps_the_previous_version_like_the_api_server_would(tmp_p
     f.unlink()
     src.load()
     assert store.current.objects.peer_configs == ()
+
+
+def test_validate_dir_without_manifests_is_an_error_naming_the_likely_cause(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.yaml").write_text("apiVersion: v1\nkind: Node\nmetadata: {name: n}\n")
+    report = validate_dir(tmp_path)
+    assert not report.ok
+    assert "no *.yaml or *.yml files" in report.errors[0] and "subdirectories" in report.errors[0]
