@@ -187,7 +187,9 @@ def test_config_validate_exit_status_and_json(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "config", "validate", str(tmp_path), "-o", "json")
     report = json.loads(out)
     assert code == 2 and not report["ok"] and "holdTimeSeconds" in report["errors"][0]
-    (tmp_path / "bad.yaml").unlink()
+    (tmp_path / "bad.yaml").write_text("apiVersion: cilium.io/v2\nkind: CiliumBGPPeerConfig\n"
+                                       "metadata: {name: p}\nspec:\n  timers: {holdTimeSeconds: 9, "
+                                       "keepAliveTimeSeconds: 3}\n")
     code, out, _ = run_cli(capsys, "config", "validate", str(tmp_path))
     assert code == 0 and out.strip().endswith("OK")
 
