@@ -138,13 +138,7 @@ static __always_inline int icmp_error_snat_request(struct xdp_md *ctx, struct pk
 	if (!na || !na->valid || !addr_eq(na->addr, q->saddr))
 		return -1;
 	struct ct_key rk = {};
-	addr_copy(rk.saddr, q->daddr);
-	addr_copy(rk.daddr, q->saddr);
-	rk.sport = q->dport;
-	rk.dport = q->sport;
-	rk.proto = q->proto;
-	rk.family = q->family;
-	rk.dir = CT_DIR_REPLY;
+	ct_key_set(&rk, q->daddr, q->saddr, q->dport, q->sport, q->proto, q->family, CT_DIR_REPLY);
 	struct ct_val *rv = ct_v1.lookup(&rk);
 	if (!rv || !(rv->flags & CT_F_SNAT))
 		return -1;
@@ -184,13 +178,7 @@ static __always_inline int icmp_error_to_flow(struct xdp_md *ctx, struct pkt *p)
 
 	/* the flow as the client sent it: client -> VIP */
 	struct ct_key ck = {};
-	addr_copy(ck.saddr, q.daddr);
-	addr_copy(ck.daddr, q.saddr);
-	ck.sport = q.dport;
-	ck.dport = q.sport;
-	ck.proto = q.proto;
-	ck.family = q.family;
-	ck.dir = CT_DIR_SERVICE;
+	ct_key_set(&ck, q.daddr, q.saddr, q.dport, q.sport, q.proto, q.family, CT_DIR_SERVICE);
 	__u32 bid = 0;
 	__be16 nat_port = 0;
 	__u16 ct_flags = 0;

@@ -275,13 +275,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			return drop(DROP_SOURCE_RANGE);
 	}
 
-	addr_copy(ck.saddr, p->saddr);
-	addr_copy(ck.daddr, p->daddr);
-	ck.sport = p->sport;
-	ck.dport = p->dport;
-	ck.proto = p->proto;
-	ck.family = p->family;
-	ck.dir = CT_DIR_SERVICE;
+	ct_key_set(&ck, p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family, CT_DIR_SERVICE);
 	if (!(flags & SVC_F_STATELESS)) {
 		cv = ct_v1.lookup(&ck);
 		if (cv) {
@@ -353,13 +347,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 
 	if (be->flags & BE_F_LOCAL) {
 		/* local backend: DNAT and let the stack deliver it; tc egress reverses the reply */
-		addr_copy(rk.saddr, baddr);
-		addr_copy(rk.daddr, p->saddr);
-		rk.sport = bport;
-		rk.dport = p->sport;
-		rk.proto = p->proto;
-		rk.family = p->family;
-		rk.dir = CT_DIR_REPLY;
+		ct_key_set(&rk, baddr, p->saddr, bport, p->sport, p->proto, p->family, CT_DIR_REPLY);
 		if (DERIVE_LOCAL_REPLIES && new_flow && !(flags & SVC_F_STATELESS) &&
 		    be->revnat_svc == svc_id) {
 			/* tc derives this flow's reply rewrite from revnat[backend] (this service's
@@ -448,13 +436,8 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			if (((old->flags & CT_F_CLOSING) && age >= CT_CLOSE_TIMEOUT_S) ||
 			    age >= (p->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S)) {
 				struct ct_key fk = {};
-				addr_copy(fk.saddr, old->rdaddr);
-				addr_copy(fk.daddr, old->raddr);
-				fk.sport = old->rdport;
-				fk.dport = old->rport;
-				fk.proto = rk.proto;
-				fk.family = rk.family;
-				fk.dir = CT_DIR_SERVICE;
+				ct_key_set(&fk, old->rdaddr, old->raddr, old->rdport, old->rport,
+					   rk.proto, rk.family, CT_DIR_SERVICE);
 				ct_v1.delete(&fk);
 				ct_v1.update(&rk, vp);
 				nat_port = rk.dport;

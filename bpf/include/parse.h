@@ -182,3 +182,16 @@ static __always_inline void addr_copy(__u32 *dst, const __u32 *src)
 {
 	dst[0] = src[0]; dst[1] = src[1]; dst[2] = src[2]; dst[3] = src[3];
 }
+
+/* Fill a conntrack key (one place for its field order; callers pass the flow's direction). */
+static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, const __u32 *daddr,
+				       __be16 sport, __be16 dport, __u8 proto, __u8 family, __u8 dir)
+{
+	addr_copy(k->saddr, saddr);
+	addr_copy(k->daddr, daddr);
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->family = family;
+	k->dir = dir;
+}

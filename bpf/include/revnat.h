@@ -48,13 +48,7 @@ static __always_inline int reply_rewrite_of(struct ct_key *k, __u32 *vip, __be16
 	__u32 front[4];
 	addr_copy(front, r->vip);
 	struct ct_key fk = {};
-	addr_copy(fk.saddr, k->daddr);
-	addr_copy(fk.daddr, front);
-	fk.sport = k->dport;
-	fk.dport = fport;
-	fk.proto = k->proto;
-	fk.family = k->family;
-	fk.dir = CT_DIR_SERVICE;
+	ct_key_set(&fk, k->daddr, front, k->dport, fport, k->proto, k->family, CT_DIR_SERVICE);
 	struct ct_val *fv = ct_v1.lookup(&fk);
 	if (!fv || fv->backend_id != bid || !(fv->flags & CT_F_LOCAL))
 		return 0;
@@ -108,13 +102,7 @@ static __always_inline int dsr_record(CTX *ctx, const struct pkt *p)
 		v.rport = *(__be16 *)(o + 20);
 	}
 	/* the reply will travel backend -> client */
-	addr_copy(k.saddr, p->daddr);
-	addr_copy(k.daddr, p->saddr);
-	k.sport = p->dport;
-	k.dport = p->sport;
-	k.proto = p->proto;
-	k.family = p->family;
-	k.dir = CT_DIR_REPLY;
+	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, p->family, CT_DIR_REPLY);
 	v.flags = CT_F_DSR;
 	ct_v1.update(&k, &v);
 	return 1;
