@@ -2,6 +2,8 @@
  * own parser (parse.h) and returns a verdict that depends on it, so it is not optimised out. */
 #include "kernel.h"
 #include "consts.h"
+/* parse.h's ct_key_set needs struct ct_key */
+#include "structs.h"
 #include "csum.h"
 #include "ctx_xdp.h"
 #include "parse.h"

@@ -74,3 +74,26 @@ def compile_program(source: str, defines: dict[str, object], extra_cflags: list[
             f"bcc needs kernel headers: /lib/modules/{os.uname().release}/build is missing "
             "(run scripts/install-deps, or set BCC_KERNEL_SOURCE)")
     return bcc.BPF(text=source.encode(), cflags=cflags)
+
+
+# struct bpf_prog_info (include/uapi/linux/bpf.h, Linux >= 5.16): verified_insns is the u32 at
+# offset 216 (after recursion_misses); the kernel fills only as many bytes as we pass.
+_PROG_INFO_SIZE = 232
+_VERIFIED_INSNS_OFF = 216
+
+
+def verified_insns(prog_fd: int) -> int:
+    """The verifier's "processed N insns" for a loaded program (bpf_prog_info.verified_insns)."""
+    import ctypes
+
+    from bcc.libbcc import lib
+    buf = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
+    size = ctypes.c_uint32(_PROG_INFO_SIZE)
+    fn = lib.bpf_obj_get_info
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    if fn(prog_fd, ctypes.byref(buf), ctypes.byref(size)) != 0:
+        raise OSError(ctypes.get_errno(), "BPF_OBJ_GET_INFO_BY_FD on a program failed")
+    if size.value < _VERIFIED_INSNS_OFF + 4:
+        raise RuntimeError("kernel too old: bpf_prog_info has no verified_insns (Linux >= 5.16)")
+    return int.from_bytes(bytes(buf[_VERIFIED_INSNS_OFF:_VERIFIED_INSNS_OFF + 4]), "little")
