@@ -1,38 +1,47 @@
-"""ns per packet of the vipd XDP program under BPF_PROG_TEST_RUN.
+"""ns per packet of the vipd XDP program under BPF_PROG_TEST_RUN, local and remote backends.
 
 Method (reference/datapath.md §4.1, Katran's katran_tester): one syscall per packet with
-repeat=1, so a program that rewrites the packet always runs on a fresh copy of the input;
-the statistic is the kernel-measured ``duration`` of each run; median (and p10/p99) over
-``--runs`` runs (default 200,000) per case, pinned to one CPU.
+repeat=1, so a program that rewrites the packet always runs on a fresh copy of the input
+(repeat > 1 re-runs it on its own output: valid only for the floors, and not used here);
+the statistic is the kernel-measured ``duration`` of each run; per case the median over
+``--runs`` runs, pinned to one CPU. Every case is measured ``--rounds`` times (default 3,
+rounds interleaved with the floors), and the reported figure is the median of the rounds'
+medians; each ratio divides a round's median by the XDP_PASS floor of the *same round*.
 
-Cases, for 1, 1,000 and 100,000 services (the measured service is the last one added):
-  floor  xdp_pass            returns XDP_PASS (harness cost)
-  floor  xdp_parse           the datapath's own parser (parse.h), nothing else
-  established                one TCP flow, conntrack hit, DNAT to a local backend
-  new flow (SYN)             the same SYN, its conntrack entries deleted between runs (outside
-                             the timed region; Katran's SYN method): CT miss + Maglev + one
-                             conntrack insert (the backends' designated service: its replies
-                             need no REPLY entry) + DNAT, warm caches
-  non-service                a packet to an address that is no VIP
-  new flow (SYN), +REPLY     the same through a second service of the same backends (not their
-                             designated service): two conntrack inserts, as every local flow
-                             paid before, and as all do with Features(derive_local_replies=False)
-  new flow, 200k distinct    a new 5-tuple every run (200k SYNs: inserts spread over the table)
-  established, 200k flows    ACKs over the 200k flows the previous case created (cache misses)
-  tc_egress reply, derived   the backend's reply of a designated flow (revnat + SERVICE lookups)
-  tc_egress reply, REPLY     the reply of a flow with a REPLY entry (one lookup)
-  tc_egress non-service      an egress packet of no flow (REPLY miss + revnat miss)
-Ratios are to the parse-only floor measured in the same run (the tc rows too, for scale only:
-tc test runs include skb setup, so they are not comparable with the XDP rows).
-Targets: established <= 3.0x floor, new flow <= 5.0x floor, no growth with service count.
+All XDP runs happen inside a network namespace the benchmark creates ("node": a veth to
+"peer", routes to the remote backends 10.2.0.0/16 and to the clients via the peer, a
+permanent neighbour entry for the peer), arriving on the node's veth (test_run's ctx
+``ingress_ifindex``), so ``bpf_fib_lookup`` succeeds and a remote backend's packet leaves
+with XDP_TX, as on a load balancer "on a stick".
 
-Run:  sudo .venv/bin/python benchmarks/datapath_ns.py [--runs 200000] [--services 1,1000,100000]
+Cases, for 1 and 20,000 services (the measured services are the last ones added):
+  floor xdp_pass              returns XDP_PASS: harness cost (the denominator of the ratios)
+  floor xdp_parse             the datapath's parser (parse.h), nothing else
+  <mode> established          one TCP flow (ACK), conntrack hit
+  <mode> SYN                  the same SYN each run, its conntrack entries deleted between runs
+                              (outside the timed region; Katran's SYN method): the whole
+                              new-flow path with warm caches
+  <mode> ACK, 100k flows      ACKs over 100k distinct flows created just before (by 100k SYNs,
+                              not timed): conntrack hits spread over the table (cache misses)
+  non-service                 a packet to an address that is no VIP
+for the modes
+  local                       DNAT to a local backend, XDP_PASS to the stack
+  DSR                         remote backend, DNAT + IPv4 DSR option (first packet), XDP_TX
+  SNAT                        remote backend, DNAT + SNAT to node:port, XDP_TX
+Targets (issue 8; Katran on this machine kind in one run with a ~100 ns floor: 280 / 511 /
+491 ns): remote established <= 2.8x, SYN <= 5.0x, ACK over 100k flows <= 4.9x the floor;
+local no worse than before; flat from 1 to 20,000 services. The verifier's processed
+instructions of every program are printed too.
+
+Run:  sudo .venv/bin/python benchmarks/datapath_ns.py [--runs 100000] [--services 1,20000]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
+import json
 import os
 import shutil
 import statistics
@@ -49,15 +58,22 @@ from scapy.packet import Raw  # noqa: E402
 
 from agent.datapath.abi import MapName  # noqa: E402
 from agent.datapath.api import Datapath, Features  # noqa: E402
-from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc  # noqa: E402
-from agent.datapath.model import Backend, Proto, Service, ServiceKey  # noqa: E402
+from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc, verified_insns  # noqa: E402
+from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey  # noqa: E402
+from agent.datapath.netns import in_netns  # noqa: E402
 from agent.datapath.testrun import TestRunner  # noqa: E402
+from agent.lab import Lab  # noqa: E402
 
 PIN_ROOT = "/sys/fs/bpf/vipd-bench"
-VIP = "10.96.0.10"
-VIP2 = "10.96.0.11"     # a second service of the measured service's backends
+VIPS = {"local": "10.96.0.10", "DSR": "10.96.0.20", "SNAT": "10.96.0.30"}
+VIP_SHARED = "10.96.0.11"   # a second service of the local backends (flows need a REPLY entry)
+NODE, PEER = "10.0.0.1", "10.0.0.2"
 CLIENT = "192.0.2.42"
+FLOWS_BASE = "100.64.0.0"   # sources of the 100k-flow cases (routed via the peer)
 SADDR_OFF, SPORT_OFF = 14 + 12, 14 + 20   # offsets in an untagged IPv4/TCP frame
+DADDR_OFF = 14 + 16
+XDP_PASS, XDP_TX = 2, 3
+EXPECT = {"local": XDP_PASS, "DSR": XDP_TX, "SNAT": XDP_TX}
 
 
 def frame(dst: str, flags: str, src: str = CLIENT, sport: int = 31337) -> bytes:
@@ -66,21 +82,17 @@ def frame(dst: str, flags: str, src: str = CLIENT, sport: int = 31337) -> bytes:
                  / TCP(sport=sport, dport=80, flags=flags) / Raw(b"0123456789"))
 
 
-def summarize(durations: list[int]) -> dict[str, float]:
-    d = sorted(durations)
-    n = len(d)
-    return {"median": statistics.median(d), "p10": d[n // 10], "p99": d[min(n - 1, n * 99 // 100)],
-            "mean": sum(d) / n}
-
-
-def time_fixed(runner: TestRunner, data: bytes, runs: int) -> list[int]:
+def time_fixed(runner: TestRunner, data: bytes, runs: int, expect: int | None = None) -> list[int]:
     runner.load(data)
     run = runner.run_loaded
+    if expect is not None and run()[0] != expect:
+        raise SystemExit(f"unexpected verdict {run()[0]}, want {expect}")
     return [run()[1] for _ in range(runs)]
 
 
-def time_distinct(runner: TestRunner, data: bytes, runs: int, base: int, expect: int | None) -> list[int]:
-    """Each run gets its own source address and port (a new 5-tuple)."""
+def time_distinct(runner: TestRunner, data: bytes, runs: int, base: int, expect: int) -> list[int]:
+    """Each run gets its own source address and port (a new 5-tuple); the same base and runs
+    give the same tuples, so SYNs then ACKs make "ACK over N flows"."""
     runner.load(data)
     buf = runner.input_buffer
     run = runner.run_loaded
@@ -90,50 +102,57 @@ def time_distinct(runner: TestRunner, data: bytes, runs: int, base: int, expect:
         pack("!I", buf, SADDR_OFF, base + i)
         pack("!H", buf, SPORT_OFF, 1024 + i % 60000)
         rv, dur = run()
-        if expect is not None and rv != expect:
-            raise SystemExit(f"unexpected verdict {rv} in run {i}")
+        if rv != expect:
+            raise SystemExit(f"unexpected verdict {rv} in run {i} (want {expect})")
         out.append(dur)
     return out
 
 
-def ct_keys_of_syn(dp: Datapath, backend: str, vip: str = VIP) -> list:
-    """The conntrack keys a SYN frame can create (forward client->VIP, and reply backend->client
-    for flows of a backend's non-designated services; deleting an absent key is a no-op)."""
-    tbl = dp.table(MapName.CT)
-
-    def key(saddr, sport, daddr, dport, direction):
-        k = tbl.Key()
-        k.saddr[0] = int.from_bytes(ipaddress.ip_address(saddr).packed, "little")
-        k.daddr[0] = int.from_bytes(ipaddress.ip_address(daddr).packed, "little")
-        k.sport, k.dport = struct.unpack("<H", struct.pack("!H", sport))[0], struct.unpack("<H", struct.pack("!H", dport))[0]
-        k.proto, k.family, k.dir = 6, 4, direction
-        return k
-
-    return [key(CLIENT, 31337, vip, 80, 1), key(backend, 8080, CLIENT, 31337, 2)]
+def _be16(v: int) -> int:
+    return struct.unpack("<H", struct.pack("!H", v))[0]
 
 
-def time_new_flow_same_tuple(dp: Datapath, runner: TestRunner, data: bytes, runs: int,
-                             vip: str = VIP) -> list[int]:
-    """Katran's SYN method: the same SYN every run, but its conntrack entries are deleted
-    (outside the timed region) before each run, so every run takes the full new-flow path
-    (lookup miss, Maglev, insert(s), DNAT) with warm caches."""
-    r = runner.run(data)
-    backend = Ether(r.data)[IP].dst
-    keys = ct_keys_of_syn(dp, backend, vip)
-    tbl = dp.table(MapName.CT)
+def _w(addr: str) -> int:
+    return int.from_bytes(ipaddress.ip_address(addr).packed, "little")
+
+
+def ct_key(tbl, saddr: str, sport: int, daddr: str, dport: int, direction: int):
+    k = tbl.Key()
+    k.saddr[0], k.daddr[0] = _w(saddr), _w(daddr)
+    k.sport, k.dport = _be16(sport), _be16(dport)
+    k.proto, k.family, k.dir = 6, 4, direction
+    return k
+
+
+def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str, vip: str) -> list[int]:
+    """Katran's SYN method: the same SYN every run, its conntrack entries deleted (outside the
+    timed region) before each run, so every run takes the full new-flow path."""
     from bcc.libbcc import lib
-    import ctypes
-    fd = tbl.map_fd
-    ptrs = [ctypes.byref(k) for k in keys]
     runner.load(data)
+    rv, _ = runner.run_loaded()
+    if rv != EXPECT[mode]:
+        raise SystemExit(f"{mode} SYN: verdict {rv}, want {EXPECT[mode]}")
+    backend = str(ipaddress.ip_address(runner.output()[DADDR_OFF:DADDR_OFF + 4]))
+    tbl = dp.table(MapName.CT)
+    fd = tbl.map_fd
+    fwd = ct_key(tbl, CLIENT, 31337, vip, 80, 1)
+    # local: the REPLY entry of a non-designated flow (absent for designated ones: no-op);
+    # SNAT: the REPLY entry {backend:8080 -> node:nat_port}, nat_port read from each output
+    rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2) if mode == "local" else \
+        ct_key(tbl, backend, 8080, NODE, 0, 2)
+    delete = lib.bpf_delete_elem
+    pf, pr = ctypes.byref(fwd), ctypes.byref(rep)
+    outbuf = runner._out   # the output frame: SNAT's node port is its TCP source port
+    run = runner.run_loaded
     out = []
     for _ in range(runs):
-        for p in ptrs:
-            lib.bpf_delete_elem(fd, p)
-        rv, dur = runner.run_loaded()
+        if mode == "SNAT":
+            rep.dport = _be16(struct.unpack_from("!H", outbuf, SPORT_OFF)[0])
+        delete(fd, pf)
+        if mode != "DSR":
+            delete(fd, pr)
+        rv, dur = run()
         out.append(dur)
-    if not dp.conntrack():
-        raise SystemExit("new-flow runs created no conntrack entries")
     return out
 
 
@@ -142,106 +161,148 @@ def add_fillers(dp: Datapath, have: int, want: int) -> None:
     base = int(ipaddress.ip_address("10.200.0.0"))
     for i in range(have, want):
         vip = ipaddress.ip_address(base + i)
-        backend = ipaddress.ip_address(int(ipaddress.ip_address("10.2.0.0")) + i % 60000)
+        backend = ipaddress.ip_address(int(ipaddress.ip_address("10.3.0.0")) + i % 60000)
         dp.upsert_service(Service(ServiceKey(vip, 80, Proto.TCP), (Backend(backend, 8080, local=True),),
                                   maglev_m=251))
 
 
+def measured_services() -> list[Service]:
+    local = tuple(Backend(f"10.1.0.{i}", 8080, local=True) for i in range(1, 11))
+    remote = tuple(Backend(f"10.2.0.{i}", 8080) for i in range(1, 33))
+    return [Service(ServiceKey(VIPS["local"], 80, Proto.TCP), local, maglev_m=16381),
+            Service(ServiceKey(VIP_SHARED, 80, Proto.TCP), local, maglev_m=16381),
+            Service(ServiceKey(VIPS["DSR"], 80, Proto.TCP), remote, mode=Mode.DSR, maglev_m=16381),
+            Service(ServiceKey(VIPS["SNAT"], 80, Proto.TCP), remote, mode=Mode.SNAT, maglev_m=16381)]
+
+
+def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
+    """All cases once; returns case -> durations. Runs inside the bench namespace."""
+    os.sched_setaffinity(0, {args.cpu})
+    lb, floor_pass, floor_parse = runners["lb"], runners["pass"], runners["parse"]
+    res: dict[str, list[int]] = {}
+    ack_any = frame(VIPS["local"], "A")
+    res["floor xdp_pass"] = time_fixed(floor_pass, ack_any, args.runs)
+    res["floor xdp_parse"] = time_fixed(floor_parse, ack_any, args.runs)
+    for i, mode in enumerate(("local", "DSR", "SNAT")):
+        vip = VIPS[mode]
+        dp.table(MapName.CT).items_delete_batch()
+        syn, ack = frame(vip, "S"), frame(vip, "A")
+        lb.load(syn)
+        lb.run_loaded()
+        res[f"{mode} established"] = time_fixed(lb, ack, args.runs, expect=EXPECT[mode])
+        res[f"{mode} SYN"] = time_syn(dp, lb, syn, args.runs, mode, vip)
+        base = flows_base + i * 0x40000
+        time_distinct(lb, syn, args.flows, base, EXPECT[mode])          # create the flows
+        res[f"{mode} ACK, {args.flows // 1000}k flows"] = time_distinct(lb, ack, args.flows, base, EXPECT[mode])
+    dp.table(MapName.CT).items_delete_batch()
+    res["local SYN, +REPLY"] = time_syn(dp, lb, frame(VIP_SHARED, "S"), args.runs, "local", VIP_SHARED)
+    res["non-service"] = time_fixed(lb, frame("10.97.0.1", "A"), args.runs, expect=XDP_PASS)
+    dp.table(MapName.CT).items_delete_batch()
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=200_000)
-    ap.add_argument("--services", default="1,1000,100000")
+    ap.add_argument("--runs", type=int, default=100_000, help="runs per case and round")
+    ap.add_argument("--flows", type=int, default=100_000, help="distinct flows of the ACK cases")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--services", default="1,20000")
     ap.add_argument("--cpu", type=int, default=0)
+    ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     counts = [int(x) for x in args.services.split(",")]
     os.sched_setaffinity(0, {args.cpu})
 
     bcc = import_bcc()
     floors = compile_program(bundle(BPF_DIR / "xdp_floor.c"), {})
-    pass_run = TestRunner(floors.load_func(b"xdp_pass", bcc.BPF.XDP).fd)
-    parse_run = TestRunner(floors.load_func(b"xdp_parse", bcc.BPF.XDP).fd)
+    fn_pass = floors.load_func(b"xdp_pass", bcc.BPF.XDP)
+    fn_parse = floors.load_func(b"xdp_parse", bcc.BPF.XDP)
 
-    need_slots = max(counts) * 251 + 16381 + 1024
-    feats = Features(max_services=max(131072, max(counts) + 2), maglev_slots=1 << max(16, need_slots.bit_length()),
-                     ct_size=1 << 20)
+    need_slots = max(counts) * 251 + 4 * 16381 + 1024
+    # a wide SNAT port range: 100k SNAT flows over 32 backends must not run out of ports
+    feats = Features(max_services=max(65536, 2 * max(counts) + 8), maglev_slots=1 << need_slots.bit_length(),
+                     ct_size=1 << 20, snat_port_min=1024)
     dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats)
     t0 = time.monotonic()
     dp.load()
-    print(f"# compiled+loaded in {time.monotonic() - t0:.1f}s; runs per case: {args.runs}; CPU {args.cpu}")
-    lb_run = TestRunner(dp.program_fd("xdp"))
-    tc_run = TestRunner(dp.program_fd("tc-egress"))
-    measured = Service(ServiceKey(VIP, 80, Proto.TCP),
-                       tuple(Backend(f"10.1.0.{i}", 8080, local=True) for i in range(1, 11)), maglev_m=16381)
-    shared = Service(ServiceKey(VIP2, 80, Proto.TCP), measured.backends, maglev_m=16381)
-    rows = []
-    have = 0
+    insns = {"xdp_lb": verified_insns(dp.program_fd("xdp")),
+             "tc_egress": verified_insns(dp.program_fd("tc-egress")),
+             "tc_ingress": verified_insns(dp.program_fd("tc-ingress")),
+             "xdp_parse (floor)": verified_insns(fn_parse.fd)}
+    print(f"# compiled+loaded in {time.monotonic() - t0:.1f}s; runs per case: {args.runs}; "
+          f"rounds: {args.rounds}; flows: {args.flows}; CPU {args.cpu}")
+    rows: list[tuple[int, str, float, float, float]] = []   # (services, case, ns, ratio, spread)
     try:
-        for n_idx, n in enumerate(counts):
-            t0 = time.monotonic()
-            dp.delete_service(measured.key)
-            dp.delete_service(shared.key)
-            add_fillers(dp, have, n - 1)
-            have = max(have, n - 1)
-            dp.upsert_service(measured)     # first: its backends' designated service
-            dp.upsert_service(shared)
-            dp.table(MapName.CT).items_delete_batch()   # each block starts with empty conntrack
-            setup_s = time.monotonic() - t0
-            syn, ack, other = frame(VIP, "S"), frame(VIP, "A"), frame("10.97.0.1", "A")
-            # sanity: the measured service translates
-            r = lb_run.run(syn)
-            assert Ether(r.data)[IP].dst.startswith("10.1.0."), "service not translated"
-            res = {}
-            res["floor xdp_pass"] = summarize(time_fixed(pass_run, syn, args.runs))
-            res["floor xdp_parse"] = summarize(time_fixed(parse_run, syn, args.runs))
-            res["established"] = summarize(time_fixed(lb_run, ack, args.runs))
-            base = int(ipaddress.ip_address("100.64.0.0")) + n_idx * 0x40000
-            res["new flow (SYN)"] = summarize(time_new_flow_same_tuple(dp, lb_run, syn, args.runs))
-            res["new flow (SYN), +REPLY"] = summarize(
-                time_new_flow_same_tuple(dp, lb_run, frame(VIP2, "S"), args.runs, vip=VIP2))
-            res["non-service"] = summarize(time_fixed(lb_run, other, args.runs))
-            res["new flow, 200k distinct"] = summarize(time_distinct(lb_run, syn, args.runs, base, expect=2))
-            res["established, 200k flows"] = summarize(time_distinct(lb_run, ack, args.runs, base, expect=2))
-            # replies through tc egress: a designated flow (sport 40001) and a REPLY-entry flow (40002)
-            replies = {}
-            for sport, vip in ((40001, VIP), (40002, VIP2)):
-                b = Ether(lb_run.run(frame(vip, "S", sport=sport)).data)[IP].dst
-                replies[vip] = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=b, dst=CLIENT) / TCP(sport=8080, dport=sport, flags="A")
-                                     / Raw(b"0123456789"))
-                out = tc_run.run(replies[vip]).data
-                assert Ether(out)[IP].src == vip, "reply not reversed"
-            res["tc_egress reply, derived"] = summarize(time_fixed(tc_run, replies[VIP], args.runs))
-            res["tc_egress reply, REPLY"] = summarize(time_fixed(tc_run, replies[VIP2], args.runs))
-            res["tc_egress non-service"] = summarize(time_fixed(tc_run, other, args.runs))
-            floor = res["floor xdp_parse"]["median"]
-            for case, st in res.items():
-                rows.append((n, case, st, st["median"] / floor))
-            print(f"# {n} services programmed (setup {setup_s:.1f}s)")
+        with Lab("dpbench") as lab:
+            node = lab.host("node", forwarding=True)
+            peer = lab.host("peer")
+            n_if, p_if = lab.link(node, peer, [f"{NODE}/24"], [f"{PEER}/24"])
+            for prefix in ("10.2.0.0/16", "192.0.2.0/24", "100.64.0.0/10"):
+                node.run("ip", "route", "add", prefix, "via", PEER)
+            peer_mac = json.loads(peer.run("ip", "-j", "link", "show", p_if))[0]["address"]
+            node.run("ip", "neigh", "replace", PEER, "lladdr", peer_mac, "dev", n_if, "nud", "permanent")
+            ifindex = json.loads(node.run("ip", "-j", "link", "show", n_if))[0]["ifindex"]
+            runners = {"lb": TestRunner(dp.program_fd("xdp"), ingress_ifindex=ifindex),
+                       "pass": TestRunner(fn_pass.fd, ingress_ifindex=ifindex),
+                       "parse": TestRunner(fn_parse.fd, ingress_ifindex=ifindex)}
+            dp.set_node_addresses(v4=NODE)
+            have = 0
+            for n_idx, n in enumerate(counts):
+                t0 = time.monotonic()
+                svcs = measured_services()
+                for s in svcs:
+                    dp.delete_service(s.key)
+                want = max(0, n - len(svcs))   # n services in all
+                add_fillers(dp, have, want)
+                have = max(have, want)
+                for s in svcs:
+                    dp.upsert_service(s)      # local first: its backends' designated service
+                print(f"# {n} services programmed (setup {time.monotonic() - t0:.1f}s)", flush=True)
+                rounds = []
+                for r in range(args.rounds):
+                    base = int(ipaddress.ip_address(FLOWS_BASE)) + (n_idx * args.rounds + r) * 0x100000
+                    rounds.append(in_netns(node.ns, lambda: one_round(dp, runners, args, base)))
+                for case in rounds[0]:
+                    meds = [statistics.median(rd[case]) for rd in rounds]
+                    ratios = [statistics.median(rd[case]) / statistics.median(rd["floor xdp_pass"]) for rd in rounds]
+                    rows.append((n, case, statistics.median(meds), statistics.median(ratios),
+                                 max(meds) - min(meds)))
         c = dp.counters()
         print(f"# counters: ct_new={c.stat('xdp', 'ct_new')} ct_hit={c.stat('xdp', 'ct_hit')} "
-              f"drops={sum(c.drops.values())}")
+              f"tx={c.stat('xdp', 'tx')} neigh_punt={c.stat('xdp', 'neigh_punt')} "
+              f"drops={ {k: v for k, v in c.drops.items() if v} }")
     finally:
         dp.destroy()
         shutil.rmtree(PIN_ROOT, ignore_errors=True)
 
     print()
-    print(f"{'services':>9}  {'case':<26}{'median ns':>10}{'p10':>7}{'p99':>7}{'mean':>8}  {'x parse floor':>13}")
-    for n, case, st, ratio in rows:
-        print(f"{n:>9}  {case:<26}{st['median']:>10.0f}{st['p10']:>7.0f}{st['p99']:>7.0f}{st['mean']:>8.0f}  {ratio:>12.2f}x")
+    print("verifier: processed insns (limit 1,000,000 per program)")
+    for name, n in insns.items():
+        print(f"  {name:<20}{n:>10,}")
+    print()
+    print(f"{'services':>9}  {'case':<24}{'median ns':>10}{'x xdp_pass':>12}{'spread':>8}")
+    for n, case, ns, ratio, spread in rows:
+        print(f"{n:>9}  {case:<24}{ns:>10.0f}{ratio:>11.2f}x{spread:>8.0f}")
 
     print()
     ok = True
-    by = {(n, case): ratio for n, case, _, ratio in rows}
-    med = {(n, case): st["median"] for n, case, st, _ in rows}
+    by = {(n, case): ratio for n, case, _, ratio, _ in rows}
+    med = {(n, case): ns for n, case, ns, _, _ in rows}
+    flows = f"ACK, {args.flows // 1000}k flows"
     for n in counts:
-        for case, limit in (("established", 3.0), ("new flow (SYN)", 5.0)):
-            verdict = "ok" if by[(n, case)] <= limit else "MISSED"
-            ok &= verdict == "ok"
-            print(f"target {case:<16} <= {limit:.1f}x floor at {n:>6} services: {by[(n, case)]:.2f}x  {verdict}")
-    for case in ("established", "new flow (SYN)", "non-service", "tc_egress reply, derived"):
+        for mode in ("DSR", "SNAT"):
+            for case, limit in (("established", 2.8), ("SYN", 5.0), (flows, 4.9)):
+                got = by[(n, f"{mode} {case}")]
+                verdict = "ok" if got <= limit else "MISSED"
+                ok &= verdict == "ok"
+                print(f"target {mode + ' ' + case:<26} <= {limit:.1f}x at {n:>6} services: {got:.2f}x  {verdict}")
+    for case in [f"{m} {c}" for m in ("local", "DSR", "SNAT") for c in ("established", "SYN", flows)]:
         first, last = med[(counts[0], case)], med[(counts[-1], case)]
         growth = last - first
-        print(f"growth {case:<16} {counts[0]} -> {counts[-1]} services: {growth:+.0f} ns "
-              f"({'flat' if growth <= max(10, 0.15 * first) else 'GROWS'})")
+        print(f"growth {case:<26} {counts[0]} -> {counts[-1]} services: {growth:+.0f} ns "
+              f"({'flat' if growth <= max(15, 0.15 * first) else 'GROWS'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"insns": insns, "rows": rows}, indent=1))
     return 0 if ok else 1
 
 

@@ -52,10 +52,22 @@ class RunResult:
     duration_ns: int   # kernel-measured run time (per repeat)
 
 
-class TestRunner:
-    """Repeated single runs of one program with preallocated buffers."""
+class _XdpMd(ctypes.Structure):
+    """struct xdp_md: the XDP test run's ctx_in (data = 0, data_end = frame length)."""
 
-    def __init__(self, prog_fd: int, max_out: int = 4096):
+    _fields_ = [("data", ctypes.c_uint32), ("data_end", ctypes.c_uint32), ("data_meta", ctypes.c_uint32),
+                ("ingress_ifindex", ctypes.c_uint32), ("rx_queue_index", ctypes.c_uint32),
+                ("egress_ifindex", ctypes.c_uint32)]
+
+
+class TestRunner:
+    """Repeated single runs of one program with preallocated buffers.
+
+    ``ingress_ifindex`` (XDP only): the run sees ``ctx->ingress_ifindex`` = that interface,
+    which must exist in the namespace the run happens in (so XDP_TX vs redirect decisions and
+    FIB lookups behave as on that interface)."""
+
+    def __init__(self, prog_fd: int, max_out: int = 4096, ingress_ifindex: int = 0):
         self.prog_fd = prog_fd
         self._out = ctypes.create_string_buffer(max_out)
         self._in = ctypes.create_string_buffer(max_out)
@@ -64,6 +76,11 @@ class TestRunner:
         self._attr.data_out = ctypes.addressof(self._out)
         self._attr.data_in = ctypes.addressof(self._in)
         self._max_out = max_out
+        self._ctx = None
+        if ingress_ifindex:
+            self._ctx = _XdpMd(ingress_ifindex=ingress_ifindex)
+            self._attr.ctx_in = ctypes.addressof(self._ctx)
+            self._attr.ctx_size_in = ctypes.sizeof(self._ctx)
 
     def load(self, frame: bytes) -> None:
         """Set the input frame (kept until the next load; patch it with ``input_buffer``)."""
@@ -71,6 +88,8 @@ class TestRunner:
             raise ValueError("frame larger than the runner's buffer")
         ctypes.memmove(self._in, frame, len(frame))
         self._attr.data_size_in = len(frame)
+        if self._ctx is not None:
+            self._ctx.data_end = len(frame)
 
     @property
     def input_buffer(self):
@@ -96,10 +115,12 @@ class TestRunner:
         return RunResult(retval, self.output(), duration)
 
 
-def test_run(prog_fd: int, frame: bytes, *, repeat: int = 1, netns: str | None = None) -> RunResult:
+def test_run(prog_fd: int, frame: bytes, *, repeat: int = 1, netns: str | None = None,
+             ingress_ifindex: int = 0) -> RunResult:
     """Run ``prog_fd`` once on ``frame``; inside ``netns`` when given (bpf_fib_lookup uses the
-    routes and neighbours of the namespace the run happens in)."""
-    runner = TestRunner(prog_fd, max(4096, len(frame) + 512))
+    routes and neighbours of the namespace the run happens in), arriving on ``ingress_ifindex``
+    (an interface of that namespace; XDP only) when given."""
+    runner = TestRunner(prog_fd, max(4096, len(frame) + 512), ingress_ifindex=ingress_ifindex)
     return in_netns(netns, lambda: runner.run(bytes(frame), repeat))
 
 
