@@ -28,6 +28,15 @@ static __always_inline int handle_fragment(struct xdp_md *ctx, const struct pkt 
 	return verdict(HOOK_XDP, XDP_PASS);
 }
 
+/* v, as the verifier sees a value loaded from a map: an unknown scalar (no constant, no range) */
+static __always_inline __u32 launder(struct scratch *scr, __u32 v)
+{
+	*(volatile __u32 *)&scr->opaque = v;
+	return *(volatile __u32 *)&scr->opaque;
+}
+
+#define MAX_L4_OFF 0x3fff   /* larger offsets: not a frame XDP sees linearly; passed untouched */
+
 int xdp_lb(struct xdp_md *ctx)
 {
 	struct pkt p = {};
@@ -39,17 +48,21 @@ int xdp_lb(struct xdp_md *ctx)
 	}
 	if (p.frag)
 		return handle_fragment(ctx, &p);
-	/* The parser leaves l3_off a known constant per VLAN depth (14/18/22), so the verifier
-	 * would walk everything below once per depth; read back through memory it is one bounded
-	 * unknown, which keeps the program well inside the verifier's 1M-instruction budget. */
+	/* The verifier would walk everything below once per parser outcome: l3_off is a known
+	 * constant per VLAN depth (14/18/22), and l4_off / l3_end take a different range for
+	 * each number of IPv6 extension headers (0..4; each variant cost ~200k processed insns).
+	 * Read back through memory they are bounded unknowns, so every outcome of the parser is
+	 * one verifier state below (docs/datapath.md, "Verifier budget"). */
 	__u32 zero = 0;
 	struct scratch *scr = scratch_v1.lookup(&zero);
 	if (!scr)
 		return verdict(HOOK_XDP, XDP_PASS);
-	*(volatile __u32 *)&scr->opaque = p.l3_off;
-	p.l3_off = *(volatile __u32 *)&scr->opaque;
-	if (p.l3_off > 22)
+	__u32 l3 = launder(scr, p.l3_off), l4 = launder(scr, p.l4_off), end = launder(scr, p.l3_end);
+	if (l3 > 22 || l4 > MAX_L4_OFF || end > MAX_L4_OFF)
 		return verdict(HOOK_XDP, XDP_PASS);
+	p.l3_off = l3;
+	p.l4_off = l4;
+	p.l3_end = end;
 	if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) {
 		struct svc_key k = {};
 		addr_copy(k.addr, p.daddr);
