@@ -41,7 +41,7 @@ from agent.datapath.model import (
 from agent.datapath.netns import in_netns
 from agent.log import get_logger
 
-__all__ = ["Datapath", "Features", "Counters", "CtEntry", "ServiceChange", "DatapathError"]
+__all__ = ["Datapath", "Features", "Counters", "CtEntry", "NeighEntry", "ServiceChange", "DatapathError"]
 
 log = get_logger("datapath")
 
@@ -123,6 +123,24 @@ class CtEntry:
     rewrite_saddr: IPAddress | None = None   # reply: new source (VIP)
     rewrite_sport: int | None = None
     nat_port: int = 0
+
+
+@dataclass(frozen=True)
+class NeighEntry:
+    """One cached next hop (per CPU): the FIB lookup result towards ``addr``."""
+    cpu: int
+    slot: int
+    addr: IPAddress
+    ingress_ifindex: int
+    ifindex: int
+    smac: str
+    dmac: str
+    age_s: float
+    len_ok: int
+
+
+def _mac(b) -> str:
+    return ":".join(f"{x:02x}" for x in bytes(b))
 
 
 @dataclass
@@ -642,6 +660,32 @@ class Datapath:
                 rewrite_saddr=_addr_from_words(v.raddr, fam) if reply else None,
                 rewrite_sport=_ntohs(v.rport) if reply else None,
                 nat_port=_ntohs(v.nat_port)))
+        return out
+
+    # ------------------------------------------------------------------ next-hop cache
+
+    def flush_neighbours(self) -> None:
+        """Invalidate every cached next hop at once (bumps neigh_gen[0]): the next packet to
+        each remote backend does a FIB lookup. Without a flush a route or neighbour change is
+        followed within NEIGH_TTL_NS (1 s) of the change (docs/datapath.md, "Next-hop cache")."""
+        self._require_loaded()
+        tbl = self._xdp_bpf[b"neigh_gen_v1"]
+        k = tbl.Key(0)
+        tbl[k] = tbl.Leaf((tbl[k].value + 1) & 0xFFFFFFFF)
+
+    def neighbours(self) -> list[NeighEntry]:
+        """The next hops cached per CPU (entries of the current generation, any age)."""
+        self._require_loaded()
+        gen = self._xdp_bpf[b"neigh_gen_v1"][ctypes.c_uint32(0)].value
+        now = time.clock_gettime_ns(6)   # CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns
+        out = []
+        for slot, per_cpu in self._xdp_bpf[b"neigh_v1"].items():
+            for cpu, e in enumerate(per_cpu):
+                if e.stamp_ns and e.gen == gen:
+                    out.append(NeighEntry(
+                        cpu=cpu, slot=slot.value, addr=_addr_from_words(e.addr, e.family),
+                        ingress_ifindex=e.ingress, ifindex=e.ifindex, smac=_mac(e.smac), dmac=_mac(e.dmac),
+                        age_s=max(0.0, (now - e.stamp_ns) / 1e9), len_ok=e.len_ok))
         return out
 
     # ------------------------------------------------------------------ teardown

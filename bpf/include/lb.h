@@ -105,7 +105,8 @@ static __always_inline int fib_lookup_to(struct xdp_md *ctx, const struct pkt *p
  * the neighbour was unresolved, pass the rewritten packet to the stack, which resolves it
  * (ARP/ND) and forwards it (a SNATed packet needs accept_local on the uplink, which
  * Datapath.attach_xdp sets). Later packets find the neighbour and take the fast path. */
-static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, int fr)
+static __always_inline int forward_to(struct xdp_md *ctx, int fr, __u32 ifindex, const __u8 *smac,
+				      const __u8 *dmac)
 {
 	if (fr == FIB_PUNT) {
 		stat_inc(HOOK_XDP, STAT_NEIGH_PUNT);
@@ -116,11 +117,74 @@ static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_
 
 	if ((void *)(eth + 1) > data_end)
 		return drop(DROP_REWRITE);
-	__builtin_memcpy(eth->h_dest, fib->dmac, 6);
-	__builtin_memcpy(eth->h_source, fib->smac, 6);
-	if (fib->ifindex == ctx->ingress_ifindex)
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	__builtin_memcpy(eth->h_source, smac, 6);
+	if (ifindex == ctx->ingress_ifindex)
 		return verdict(HOOK_XDP, XDP_TX);
-	return verdict(HOOK_XDP, bpf_redirect(fib->ifindex, 0));
+	return verdict(HOOK_XDP, bpf_redirect(ifindex, 0));
+}
+
+static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, int fr)
+{
+	return forward_to(ctx, fr, fib->ifindex, fib->smac, fib->dmac);
+}
+
+/* Next hop towards a remote backend, without a FIB lookup per packet.
+ *
+ * neigh[slot] (per CPU, slot = backend id % NEIGH_SLOTS) caches one bpf_fib_lookup result:
+ * egress ifindex and MACs, tagged with the destination, family, ingress ifindex and the
+ * generation neigh_gen[0]. It is used only when every tag matches, it is younger than
+ * NEIGH_TTL_NS (coarse clock) and the packet is no longer than one the lookup accepted (the
+ * route's MTU check). Anything else is a miss: bpf_fib_lookup runs, and its success refills
+ * the slot; a punt (neighbour unresolved) or a failure empties it, so the cache never keeps
+ * what the FIB would refuse. So a route or neighbour change is followed within NEIGH_TTL_NS
+ * (+ one coarse-clock tick), or at once when the agent bumps neigh_gen[0]; the source address
+ * (source-based policy routing) is not part of the tag. Per CPU: no other CPU writes a slot
+ * while this one reads it. Returns FIB_OK (*out: the entry to forward with), FIB_PUNT or
+ * FIB_FAIL. */
+static __always_inline int nh_resolve(struct xdp_md *ctx, const struct pkt *p, __u32 slot,
+				      const __u32 *src, const __u32 *dst, __u32 tot_len,
+				      struct bpf_fib_lookup *fib, struct neigh_entry **out)
+{
+	__u32 zero = 0;
+	__u32 *genp = neigh_gen_v1.lookup(&zero);
+	__u32 gen = genp ? *genp : 0;
+
+	slot &= NEIGH_SLOTS - 1;
+	struct neigh_entry *ne = neigh_v1.lookup(&slot);
+	if (!ne)
+		return FIB_FAIL;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int fresh = ne->stamp_ns && now - ne->stamp_ns < NEIGH_TTL_NS && ne->gen == gen &&
+		    ne->ingress == ctx->ingress_ifindex && ne->family == p->family && addr_eq(ne->addr, dst);
+	if (fresh && tot_len <= ne->len_ok) {
+		*out = ne;
+		return FIB_OK;
+	}
+	__u32 len_ok = fresh && ne->len_ok > tot_len ? ne->len_ok : tot_len;
+	int fr = fib_lookup_to(ctx, p, src, dst, tot_len, fib);
+	if (fr != FIB_OK) {
+		ne->stamp_ns = 0;
+		return fr;
+	}
+	addr_copy(ne->addr, dst);
+	ne->family = p->family;
+	ne->ingress = ctx->ingress_ifindex;
+	ne->gen = gen;
+	ne->ifindex = fib->ifindex;
+	ne->len_ok = len_ok;
+	__builtin_memcpy(ne->smac, fib->smac, 6);
+	__builtin_memcpy(ne->dmac, fib->dmac, 6);
+	ne->stamp_ns = now ? now : 1;
+	*out = ne;
+	return FIB_OK;
+}
+
+static __always_inline int nh_forward(struct xdp_md *ctx, const struct neigh_entry *ne, int fr)
+{
+	if (fr != FIB_OK || !ne)
+		return forward_to(ctx, FIB_PUNT, 0, NULL, NULL);
+	return forward_to(ctx, FIB_OK, ne->ifindex, ne->smac, ne->dmac);
 }
 
 /* Can the DSR option be added? It goes right after the fixed IP header, before any IPv4
@@ -374,7 +438,8 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		__u32 grow = add_opt ? (p->family == 4 ? DSR_IPV4_OPT_LEN : 24) : 0;
 		if (add_opt && !dsr_fits(ctx, p))
 			return drop(DROP_DSR_UNSUPPORTED);
-		int fr = fib_lookup_to(ctx, p, p->saddr, baddr, p->l3_end - p->l3_off + grow, fib);
+		struct neigh_entry *ne = NULL;
+		int fr = nh_resolve(ctx, p, bid, p->saddr, baddr, p->l3_end - p->l3_off + grow, fib, &ne);
 		if (fr == FIB_FAIL)
 			return drop(DROP_FIB_LOOKUP);
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
@@ -394,7 +459,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 				return drop(DROP_REWRITE);
 			stat_inc(HOOK_XDP, STAT_DSR_OPT);
 		}
-		return fib_forward(ctx, fib, fr);
+		return nh_forward(ctx, ne, fr);
 	}
 
 	/* SNAT: DNAT to the backend and SNAT to node_addr:nat_port, so replies come back here */
@@ -404,7 +469,8 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		return drop(DROP_NO_NODE_ADDR);
 	__u32 naddr[4];
 	addr_copy(naddr, na->addr);
-	int fr = fib_lookup_to(ctx, p, naddr, baddr, p->l3_end - p->l3_off, fib);
+	struct neigh_entry *ne = NULL;
+	int fr = nh_resolve(ctx, p, bid, naddr, baddr, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
 	addr_copy(rk.saddr, baddr);
@@ -461,7 +527,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		return drop(DROP_REWRITE);
 	if (nat_rewrite(ctx, p, NAT_SRC, naddr, nat_port))
 		return drop(DROP_REWRITE);
-	return fib_forward(ctx, fib, fr);
+	return nh_forward(ctx, ne, fr);
 }
 
 /* Not a service: maybe a reply to a SNATed flow (to node_addr:port in the SNAT range). */
