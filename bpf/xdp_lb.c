@@ -83,3 +83,11 @@ int xdp_lb(struct xdp_md *ctx)
 	stat_inc(HOOK_XDP, STAT_NON_SERVICE);
 	return verdict(HOOK_XDP, XDP_PASS);
 }
+
+/* Not attached: the loader runs it twice under BPF_PROG_TEST_RUN to measure the kernel's HZ
+ * (the return value is the low 32 bits of jiffies), so the next-hop cache's lifetime can be
+ * given in jiffies (bpf_jiffies64 is ~35 ns cheaper per packet than the coarse clock). */
+int clock_probe(struct xdp_md *ctx)
+{
+	return (__u32)bpf_jiffies64();
+}

@@ -143,6 +143,28 @@ def _mac(b) -> str:
     return ":".join(f"{x:02x}" for x in bytes(b))
 
 
+NEIGH_TTL_S = 1.0     # a cached next hop is looked up again after this (lb.h nh_resolve)
+_HZ_CHOICES = (100, 250, 300, 1000)
+
+
+def _jiffies32(probe_fd: int) -> int:
+    """The kernel's jiffies (low 32 bits): xdp_lb.c's clock_probe returns them."""
+    from agent.datapath.testrun import test_run
+    return test_run(probe_fd, bytes(64)).retval
+
+
+def _kernel_hz(probe_fd: int) -> int:
+    """CONFIG_HZ of the running kernel, measured (jiffies over 120 ms of CLOCK_MONOTONIC),
+    rounded to the nearest of Linux's choices. An overestimate would make cached next hops
+    live longer than NEIGH_TTL_S, so a measurement that fits no choice is used as measured."""
+    j0, t0 = _jiffies32(probe_fd), time.monotonic()
+    time.sleep(0.12)
+    j1, t1 = _jiffies32(probe_fd), time.monotonic()
+    hz = ((j1 - j0) & 0xFFFFFFFF) / (t1 - t0)
+    best = min(_HZ_CHOICES, key=lambda c: abs(c - hz))
+    return best if abs(best - hz) <= 0.15 * best else max(1, int(hz))
+
+
 @dataclass
 class _Programmed:
     """What the maps currently hold for one frontend."""
@@ -270,6 +292,9 @@ class Datapath:
         self._tc_bpf = compile_program(bundle(BPF_DIR / "tc_lb.c"), defines)
         self._fns["tc-egress"] = self._tc_bpf.load_func(b"tc_egress", bcc.BPF.SCHED_CLS)
         self._fns["tc-ingress"] = self._tc_bpf.load_func(b"tc_ingress", bcc.BPF.SCHED_CLS)
+        self._fns["clock-probe"] = self._xdp_bpf.load_func(b"clock_probe", bcc.BPF.XDP)
+        self._hz = _kernel_hz(self._fns["clock-probe"].fd)
+        self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
                  compile_s=round(time.monotonic() - t0, 2))
         self._check_pins()
@@ -664,28 +689,33 @@ class Datapath:
 
     # ------------------------------------------------------------------ next-hop cache
 
+    def _write_neigh_cfg(self, gen: int) -> None:
+        tbl = self._xdp_bpf[b"neigh_cfg_v1"]
+        v = tbl.Leaf()
+        v.gen = gen & 0xFFFFFFFF
+        v.ttl = max(1, round(self._hz * NEIGH_TTL_S))
+        tbl[tbl.Key(0)] = v
+
     def flush_neighbours(self) -> None:
-        """Invalidate every cached next hop at once (bumps neigh_gen[0]): the next packet to
+        """Invalidate every cached next hop at once (bumps the generation): the next packet to
         each remote backend does a FIB lookup. Without a flush a route or neighbour change is
-        followed within NEIGH_TTL_NS (1 s) of the change (docs/datapath.md, "Next-hop cache")."""
+        followed within NEIGH_TTL_S (1 s) of the change (docs/datapath.md, "Next-hop cache")."""
         self._require_loaded()
-        tbl = self._xdp_bpf[b"neigh_gen_v1"]
-        k = tbl.Key(0)
-        tbl[k] = tbl.Leaf((tbl[k].value + 1) & 0xFFFFFFFF)
+        self._write_neigh_cfg(self._xdp_bpf[b"neigh_cfg_v1"][ctypes.c_uint32(0)].gen + 1)
 
     def neighbours(self) -> list[NeighEntry]:
         """The next hops cached per CPU (entries of the current generation, any age)."""
         self._require_loaded()
-        gen = self._xdp_bpf[b"neigh_gen_v1"][ctypes.c_uint32(0)].value
-        now = time.clock_gettime_ns(6)   # CLOCK_MONOTONIC_COARSE, the clock of bpf_ktime_get_coarse_ns
+        gen = self._xdp_bpf[b"neigh_cfg_v1"][ctypes.c_uint32(0)].gen
+        now = _jiffies32(self._fns["clock-probe"].fd)
         out = []
         for slot, per_cpu in self._xdp_bpf[b"neigh_v1"].items():
             for cpu, e in enumerate(per_cpu):
-                if e.stamp_ns and e.gen == gen:
+                if e.stamp and e.gen == gen:
                     out.append(NeighEntry(
                         cpu=cpu, slot=slot.value, addr=_addr_from_words(e.addr, e.family),
                         ingress_ifindex=e.ingress, ifindex=e.ifindex, smac=_mac(e.smac), dmac=_mac(e.dmac),
-                        age_s=max(0.0, (now - e.stamp_ns) / 1e9), len_ok=e.len_ok))
+                        age_s=((now - e.stamp) & 0xFFFFFFFF) / self._hz, len_ok=e.len_ok))
         return out
 
     # ------------------------------------------------------------------ teardown

@@ -58,9 +58,6 @@
 #ifndef NEIGH_SLOTS
 #define NEIGH_SLOTS 4096          /* next-hop cache slots per CPU (power of 2; slot = backend id % N) */
 #endif
-#ifndef NEIGH_TTL_NS
-#define NEIGH_TTL_NS 1000000000ULL /* a cached next hop is re-resolved (FIB lookup) after this */
-#endif
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/vipd/default"
 #endif

@@ -133,29 +133,32 @@ static __always_inline int fib_forward(struct xdp_md *ctx, const struct bpf_fib_
  *
  * neigh[slot] (per CPU, slot = backend id % NEIGH_SLOTS) caches one bpf_fib_lookup result:
  * egress ifindex and MACs, tagged with the destination, family, ingress ifindex and the
- * generation neigh_gen[0]. It is used only when every tag matches, it is younger than
- * NEIGH_TTL_NS (coarse clock) and the packet is no longer than one the lookup accepted (the
- * route's MTU check). Anything else is a miss: bpf_fib_lookup runs, and its success refills
- * the slot; a punt (neighbour unresolved) or a failure empties it, so the cache never keeps
- * what the FIB would refuse. So a route or neighbour change is followed within NEIGH_TTL_NS
- * (+ one coarse-clock tick), or at once when the agent bumps neigh_gen[0]; the source address
- * (source-based policy routing) is not part of the tag. Per CPU: no other CPU writes a slot
- * while this one reads it. Returns FIB_OK (*out: the entry to forward with), FIB_PUNT or
- * FIB_FAIL. */
+ * generation neigh_cfg[0].gen. It is used only when every tag matches, it is younger than
+ * neigh_cfg[0].ttl jiffies (the loader sets 1 s; 0 = no caching) and the packet is no longer
+ * than one the lookup accepted (the route's MTU check). Anything else is a miss:
+ * bpf_fib_lookup runs, and its success refills the slot; a punt (neighbour unresolved) or a
+ * failure empties it, so the cache never keeps what the FIB would refuse. So a route or
+ * neighbour change is followed within the TTL (+ one jiffy), or at once when the agent bumps
+ * the generation; the source address (source-based policy routing) is not part of the tag.
+ * Jiffies, not bpf_ktime_get_coarse_ns(): that helper cost ~35 ns per packet here.
+ * Per CPU: no other CPU writes a slot while this one reads it. Returns FIB_OK (*out: the
+ * entry to forward with), FIB_PUNT or FIB_FAIL. */
 static __always_inline int nh_resolve(struct xdp_md *ctx, const struct pkt *p, __u32 slot,
 				      const __u32 *src, const __u32 *dst, __u32 tot_len,
 				      struct bpf_fib_lookup *fib, struct neigh_entry **out)
 {
 	__u32 zero = 0;
-	__u32 *genp = neigh_gen_v1.lookup(&zero);
-	__u32 gen = genp ? *genp : 0;
+	struct neigh_cfg *cfg = neigh_cfg_v1.lookup(&zero);
+	if (!cfg)
+		return FIB_FAIL;   /* an array's slot 0: never */
+	__u32 gen = cfg->gen, ttl = cfg->ttl;
 
 	slot &= NEIGH_SLOTS - 1;
 	struct neigh_entry *ne = neigh_v1.lookup(&slot);
 	if (!ne)
 		return FIB_FAIL;
-	__u64 now = bpf_ktime_get_coarse_ns();
-	int fresh = ne->stamp_ns && now - ne->stamp_ns < NEIGH_TTL_NS && ne->gen == gen &&
+	__u64 now = bpf_jiffies64();
+	int fresh = ne->stamp && now - ne->stamp < ttl && ne->gen == gen &&
 		    ne->ingress == ctx->ingress_ifindex && ne->family == p->family && addr_eq(ne->addr, dst);
 	if (fresh && tot_len <= ne->len_ok) {
 		*out = ne;
@@ -164,7 +167,7 @@ static __always_inline int nh_resolve(struct xdp_md *ctx, const struct pkt *p, _
 	__u32 len_ok = fresh && ne->len_ok > tot_len ? ne->len_ok : tot_len;
 	int fr = fib_lookup_to(ctx, p, src, dst, tot_len, fib);
 	if (fr != FIB_OK) {
-		ne->stamp_ns = 0;
+		ne->stamp = 0;
 		return fr;
 	}
 	addr_copy(ne->addr, dst);
@@ -175,7 +178,7 @@ static __always_inline int nh_resolve(struct xdp_md *ctx, const struct pkt *p, _
 	ne->len_ok = len_ok;
 	__builtin_memcpy(ne->smac, fib->smac, 6);
 	__builtin_memcpy(ne->dmac, fib->dmac, 6);
-	ne->stamp_ns = now ? now : 1;
+	ne->stamp = now ? now : 1;
 	*out = ne;
 	return FIB_OK;
 }

@@ -46,10 +46,10 @@ struct scratch {
 BPF_TABLE("percpu_array", __u32, struct scratch, scratch_v1, 1);
 
 /* next-hop cache for remote backends (per CPU, not pinned: a new program starts empty); see
- * nh_resolve in lb.h. neigh_gen[0] is the generation entries must carry to be used: the agent
- * bumps it to invalidate every entry at once (Datapath.flush_neighbours). */
+ * nh_resolve in lb.h. neigh_cfg[0]: the entries' lifetime in jiffies and the generation they
+ * must carry (the agent bumps it to invalidate every entry at once). */
 BPF_TABLE("percpu_array", __u32, struct neigh_entry, neigh_v1, NEIGH_SLOTS);
-BPF_TABLE("array", __u32, __u32, neigh_gen_v1, 1);
+BPF_TABLE("array", __u32, struct neigh_cfg, neigh_cfg_v1, 1);
 
 static __always_inline void stat_inc(__u32 hook, __u32 stat)
 {

@@ -97,11 +97,16 @@ struct svc_counter {        /* svc_stats[svc_id] (per CPU) */
 	__u64 bytes;
 };
 
+struct neigh_cfg {          /* neigh_cfg[0], written by the agent */
+	__u32 gen;          /* entries of another generation are misses (Datapath.flush_neighbours) */
+	__u32 ttl;          /* jiffies an entry is used for (the loader measures HZ); 0: no caching */
+};
+
 struct neigh_entry {        /* neigh (per CPU, slot = backend id % NEIGH_SLOTS): next-hop cache */
 	__u32 addr[4];      /* tag: the destination the FIB lookup was made for */
-	__u64 stamp_ns;     /* bpf_ktime_get_coarse_ns() at the lookup; 0 = empty */
+	__u64 stamp;        /* bpf_jiffies64() at the lookup; 0 = empty */
 	__u32 ingress;      /* tag: the ingress ifindex the lookup was made for */
-	__u32 gen;          /* tag: neigh_gen[0] at the lookup (the agent bumps it to flush) */
+	__u32 gen;          /* tag: neigh_cfg[0].gen at the lookup (the agent bumps it to flush) */
 	__u32 ifindex;      /* egress interface */
 	__u16 len_ok;       /* largest IP length the lookup accepted (the route's MTU check) */
 	__u8 family;        /* tag: 4 or 6 */
