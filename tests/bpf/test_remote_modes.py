@@ -279,3 +279,35 @@ def test_snat_ports_of_closed_flows_are_reused():
             assert flows == {(C4, 3000)}, "the closed flow's forward entry must be gone"
     finally:
         dp.destroy()
+
+
+@pytest.mark.parametrize("mode", [Mode.DSR, Mode.SNAT], ids=["dsr", "snat"])
+def test_syn_of_a_known_flow_dsr_replaces_it_snat_keeps_it(dp, net, mode):
+    """A DSR service's TCP SYN skips the conntrack probe (Katran's rule): a SYN reusing a known
+    4-tuple is placed by Maglev afresh (here: after a backend was added, some move), while its
+    ACKs keep the flow's backend. SNAT keeps the probe: a retransmitted SYN keeps its backend
+    and node port."""
+    b2 = "10.2.0.6"
+    dp.set_node_addresses(v4=NODE4)
+    dp.upsert_service(_svc(VIP4, Proto.TCP, B4, mode))
+    sports = range(41000, 41040)
+    first = {}
+    for s in sports:
+        out = Ether(run_xdp(dp, _req(C4, VIP4, sport=s), netns=net["ns"]).data)
+        first[s] = (out[IP].dst, out[TCP].sport)
+        assert out[IP].dst == B4
+    dp.upsert_service(Service(ServiceKey(VIP4, 80, Proto.TCP), (Backend(B4, 8080), Backend(b2, 8080)),
+                              mode=mode, maglev_m=251))
+    for s in sports:   # established packets keep their backend (still a member)
+        assert Ether(run_xdp(dp, _req(C4, VIP4, sport=s, flags="A"), netns=net["ns"]).data)[IP].dst == B4
+    again = {}
+    for s in sports:
+        out = Ether(run_xdp(dp, _req(C4, VIP4, sport=s), netns=net["ns"]).data)
+        again[s] = (out[IP].dst, out[TCP].sport)
+    moved = [s for s in sports if again[s][0] != B4]
+    if mode == Mode.DSR:
+        assert moved, "no SYN was re-placed by Maglev"
+        for s in moved:   # the new placement is now the flow's
+            assert Ether(run_xdp(dp, _req(C4, VIP4, sport=s, flags="A"), netns=net["ns"]).data)[IP].dst == b2
+    else:
+        assert again == first
