@@ -24,6 +24,12 @@ Cases, for 1 and 20,000 services (the measured services are the last ones added)
   <mode> ACK, 100k flows      ACKs over 100k distinct flows created just before (by 100k SYNs,
                               not timed): conntrack hits spread over the table (cache misses)
   non-service                 a packet to an address that is no VIP
+  local SYN, +REPLY           a SYN through a second service of the local backends (not their
+                              designated one): two conntrack inserts
+  tc_egress reply, derived    a designated local flow's reply (revnat + SERVICE lookups)
+  tc_egress reply, REPLY      the reply of a flow with a REPLY entry (one lookup)
+  tc_egress non-service       an egress packet of no flow (tc test runs include skb setup:
+                              compare tc rows only with each other)
 for the modes
   local                       DNAT to a local backend, XDP_PASS to the stack
   DSR                         remote backend, DNAT + IPv4 DSR option (first packet), XDP_TX
@@ -199,6 +205,20 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
     dp.table(MapName.CT).items_delete_batch()
     if "local" in args.modes:
         res["local SYN, +REPLY"] = time_syn(dp, lb, frame(VIP_SHARED, "S"), args.runs, "local", VIP_SHARED)
+        # replies through tc egress: a designated flow (sport 40001) and a REPLY-entry flow (40002)
+        tc = runners["tc"]
+        replies = {}
+        for sport, vip in ((40001, VIPS["local"]), (40002, VIP_SHARED)):
+            lb.load(frame(vip, "S", sport=sport))
+            lb.run_loaded()
+            b = str(ipaddress.ip_address(lb.output()[DADDR_OFF:DADDR_OFF + 4]))
+            replies[vip] = bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=b, dst=CLIENT)
+                                 / TCP(sport=8080, dport=sport, flags="A") / Raw(b"0123456789"))
+            if Ether(tc.run(replies[vip]).data)[IP].src != vip:
+                raise SystemExit("tc_egress did not reverse the reply")
+        res["tc_egress reply, derived"] = time_fixed(tc, replies[VIPS["local"]], args.runs)
+        res["tc_egress reply, REPLY"] = time_fixed(tc, replies[VIP_SHARED], args.runs)
+        res["tc_egress non-service"] = time_fixed(tc, frame("10.97.0.1", "A"), args.runs)
     res["non-service"] = time_fixed(lb, frame("10.97.0.1", "A"), args.runs, expect=XDP_PASS)
     dp.table(MapName.CT).items_delete_batch()
     return res
@@ -249,7 +269,8 @@ def main() -> int:
             ifindex = json.loads(node.run("ip", "-j", "link", "show", n_if))[0]["ifindex"]
             runners = {"lb": TestRunner(dp.program_fd("xdp"), ingress_ifindex=ifindex),
                        "pass": TestRunner(fn_pass.fd, ingress_ifindex=ifindex),
-                       "parse": TestRunner(fn_parse.fd, ingress_ifindex=ifindex)}
+                       "parse": TestRunner(fn_parse.fd, ingress_ifindex=ifindex),
+                       "tc": TestRunner(dp.program_fd("tc-egress"))}
             dp.set_node_addresses(v4=NODE)
             have = 0
             for n_idx, n in enumerate(counts):
