@@ -148,7 +148,7 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
         ct_key(tbl, backend, 8080, NODE, 0, 2)
     delete = lib.bpf_delete_elem
     pf, pr = ctypes.byref(fwd), ctypes.byref(rep)
-    outbuf = runner._out   # the output frame: SNAT's node port is its TCP source port
+    outbuf = runner.output_buffer   # the output frame: SNAT's node port is its TCP source port
     run = runner.run_loaded
     out = []
     for _ in range(runs):

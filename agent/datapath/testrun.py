@@ -95,6 +95,11 @@ class TestRunner:
     def input_buffer(self):
         return self._in
 
+    @property
+    def output_buffer(self):
+        """The last run's output frame, in place (no copy; valid until the next run)."""
+        return self._out
+
     def run_loaded(self, repeat: int = 1) -> tuple[int, int]:
         """Run on the loaded frame; returns (retval, duration_ns). No output copy to Python."""
         a = self._attr
