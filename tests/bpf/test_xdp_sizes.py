@@ -159,3 +159,52 @@ def test_dsr_option_insert_of_every_size(dp, net9k, v6, l4):
     assert failures == []
     too_big = frame(c, v, l4, MTU + 14, sport=39999)
     assert run_xdp(dp, too_big, netns=net9k["ns"]).retval == XdpAction.DROP
+
+
+def test_veth_at_mtu_9000_hands_xdp_lb_multi_buffer_frames_and_they_are_served(dp):
+    """For real: xdp_lb (multi-buffer aware) and tc on a veth with MTU 9000, a local-backend
+    VIP, and a 10 MiB TCP upload with TSO/GSO/GRO on at the sender: veth hands XDP 9,014-byte
+    multi-buffer frames (it turns GSO off on the peer of an XDP veth, so never larger), which
+    xdp_lb DNATs; the client reads the server's byte count back through tc egress."""
+    import sys
+    import textwrap
+    from agent.lab import wait_until
+    server = textwrap.dedent("""
+        import socket
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("10.0.0.1", 8080)); s.listen(8)
+        while True:
+            c, _ = s.accept()
+            n = 0
+            while True:
+                d = c.recv(1 << 20)
+                if not d:
+                    break
+                n += len(d)
+            c.sendall(str(n).encode()); c.close()
+    """)
+    client = textwrap.dedent(f"""
+        import socket
+        s = socket.create_connection(("{V4}", 80), timeout=20)
+        peer = s.getpeername()[0]
+        s.sendall(bytes(10 << 20)); s.shutdown(socket.SHUT_WR)
+        print(s.recv(100).decode(), peer)
+    """)
+    with Lab("dpmb") as lab:
+        node, peer = lab.host("node"), lab.host("client")
+        n_if, c_if = lab.link(node, peer, ["10.0.0.1/24"], ["10.0.0.2/24"], mtu=MTU)
+        for h, i in ((node, n_if), (peer, c_if)):
+            h.run("ethtool", "-K", i, "gro", "on")
+        peer.run("ip", "route", "add", f"{V4}/32", "via", "10.0.0.1")
+        dp.attach_xdp(n_if, netns=node.ns)
+        dp.attach_tc(n_if, "egress", netns=node.ns)
+        key = ServiceKey(V4, 80, Proto.TCP)
+        dp.upsert_service(Service(key, (Backend("10.0.0.1", 8080, local=True),), maglev_m=251))
+        node.spawn([sys.executable, "-c", server])
+        wait_until(lambda: ":8080" in node.run("ss", "-ltn"), what="server")
+        before = dp.counters().services.get(key, (0, 0))
+        out = peer.run(sys.executable, "-c", client, timeout=60).split()
+        assert out == [str(10 << 20), V4]
+        packets, nbytes = (a - b for a, b in zip(dp.counters().services[key], before))
+        # most of 10 MiB arrived in frames far above one page: multi-buffer xdp_buffs
+        assert nbytes >= 10 << 20 and nbytes / packets > XDP_LINEAR_MAX, (packets, nbytes)
