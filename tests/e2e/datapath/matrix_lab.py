@@ -97,8 +97,8 @@ class MatrixLab:
         return subprocess.Popen([sys.executable, str(HERE / "lbagent.py"), str(path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def client(self, *argv: str, timeout: float = 120) -> str:
-        return self.env.client.run(*argv, timeout=timeout)
+    def client(self, *argv: str, timeout: float = 120, check: bool = True) -> str:
+        return self.env.client.run(*argv, timeout=timeout, check=check)
 
     def start_streams(self) -> None:
         for (mode, fam), vip in VIPS.items():
