@@ -10,6 +10,7 @@ reply with more than 62 bytes of TCP payload (with timestamps) left untranslated
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, IPOption, TCP, UDP, IPerror, UDPerror
@@ -18,7 +19,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from agent.datapath.abi import XdpAction
-from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
+from agent.datapath.model import Backend, Proto, Service, ServiceKey
 from agent.lab import Lab
 from tests.bpf.conftest import assert_checksums_valid, expected, run_xdp
 from tests.bpf.wire import GSO_TCPV4, GSO_TCPV6, Port, vnet_hdr
@@ -223,7 +224,6 @@ def test_dsr_request_recorded_and_reply_translated_at_every_size(dp, wire, v6, p
     for i, s in enumerate(sizes):
         wire["inj"].send(bytes(_dsr_request(v6, proto, s, base + i)))
     # the ingress program runs when the frame is received: wait until all are counted
-    import time
     deadline = time.monotonic() + 5
     while dp.counters().stat("tc_ingress", "dsr_record") < before + len(sizes) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -11,6 +11,8 @@ leave every byte, address, port and checksum right.
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 
 import pytest
 from scapy.layers.inet import IP, IPOption, TCP, UDP
@@ -20,7 +22,7 @@ from scapy.packet import Raw
 
 from agent.datapath.abi import XdpAction
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
-from agent.lab import Lab
+from agent.lab import Lab, wait_until
 from tests.bpf.conftest import expected, run_xdp
 
 NODE4, PEER4, NODE6, PEER6 = "10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"
@@ -86,7 +88,7 @@ IDS = ["v4-tcp", "v4-udp", "v6-tcp", "v6-udp"]
 
 def _svc(vip, l4, backend, **kw):
     return Service(ServiceKey(vip, 80, Proto.TCP if l4 == "tcp" else Proto.UDP), (Backend(backend, 8080, **kw),),
-                   maglev_m=251, **({} if kw.get("local") else {}))
+                   maglev_m=251)
 
 
 @pytest.mark.parametrize("v6,l4", CASES, ids=IDS)
@@ -166,9 +168,6 @@ def test_veth_at_mtu_9000_hands_xdp_lb_multi_buffer_frames_and_they_are_served(d
     VIP, and a 10 MiB TCP upload with TSO/GSO/GRO on at the sender: veth hands XDP 9,014-byte
     multi-buffer frames (it turns GSO off on the peer of an XDP veth, so never larger), which
     xdp_lb DNATs; the client reads the server's byte count back through tc egress."""
-    import sys
-    import textwrap
-    from agent.lab import wait_until
     server = textwrap.dedent("""
         import socket
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
