@@ -30,3 +30,4 @@ bench: deps
 	$(PY) benchmarks/datapath_ns.py
 	$(PY) benchmarks/datapath_conn.py
 	$(PY) benchmarks/bgp_scale.py
+	$(PY) benchmarks/datapath_throughput.py

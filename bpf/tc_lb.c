@@ -24,8 +24,7 @@ int tc_egress(struct __sk_buff *ctx)
 	struct pkt p = {};
 	int rc;
 
-	ctx_pull(ctx);
-	if (parse_packet(ctx, &p) != PARSE_OK) {
+	if (parse_packet_pull(ctx, &p) != PARSE_OK) {
 		stat_inc(HOOK_TC_EGRESS, STAT_UNPARSED);
 		return tc_verdict(HOOK_TC_EGRESS, TC_ACT_OK);
 	}
@@ -45,8 +44,7 @@ int tc_ingress(struct __sk_buff *ctx)
 {
 	struct pkt p = {};
 
-	ctx_pull(ctx);
-	if (parse_packet(ctx, &p) != PARSE_OK) {
+	if (parse_packet_pull(ctx, &p) != PARSE_OK) {
 		stat_inc(HOOK_TC_INGRESS, STAT_UNPARSED);
 		return tc_verdict(HOOK_TC_INGRESS, TC_ACT_OK);
 	}

@@ -52,7 +52,7 @@ def _prerequisite_problems(tier: str) -> list[str]:
         ):
             problems.append("no kernel headers for bcc (/lib/modules/$(uname -r)/build)")
     if tier == "e2e":
-        for exe in ("ip", "/usr/lib/frr/bgpd", "gobgpd", "gobgp", "vtysh"):
+        for exe in ("ip", "/usr/lib/frr/bgpd", "gobgpd", "gobgp", "vtysh", "iperf3", "curl", "ethtool"):
             if shutil.which(exe) is None and not Path(exe).exists():
                 problems.append(f"{exe} not found")
     return problems

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 from agent.datapath import abi
 from agent.datapath.abi import BackendFlag, CtDir, CtFlag, DropReason, Hook, MapName, Stat, SvcFlag
-from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc
+from agent.datapath.loader import BPF_DIR, BPF_F_XDP_HAS_FRAGS, bundle, compile_program, import_bcc, load_prog
 from agent.datapath.model import (
     Backend, IPAddress, IPNetwork, Mode, Proto, Service, ServiceKey, backend_name,
 )
@@ -288,15 +288,17 @@ class Datapath:
         defines = self.features.defines(self.pin_dir)
         t0 = time.monotonic()
         self._xdp_bpf = compile_program(bundle(BPF_DIR / "xdp_lb.c"), defines)
-        self._fns["xdp"] = self._xdp_bpf.load_func(b"xdp_lb", bcc.BPF.XDP)
+        # multi-buffer aware (BPF_F_XDP_HAS_FRAGS): veth refuses MTUs above ~3.5k otherwise
+        self._fns["xdp"] = load_prog(self._xdp_bpf, "xdp_lb", bcc.BPF.XDP, prog_flags=BPF_F_XDP_HAS_FRAGS)
         self._tc_bpf = compile_program(bundle(BPF_DIR / "tc_lb.c"), defines)
-        self._fns["tc-egress"] = self._tc_bpf.load_func(b"tc_egress", bcc.BPF.SCHED_CLS)
-        self._fns["tc-ingress"] = self._tc_bpf.load_func(b"tc_ingress", bcc.BPF.SCHED_CLS)
+        self._fns["tc-egress"] = load_prog(self._tc_bpf, "tc_egress", bcc.BPF.SCHED_CLS)
+        self._fns["tc-ingress"] = load_prog(self._tc_bpf, "tc_ingress", bcc.BPF.SCHED_CLS)
         self._fns["clock-probe"] = self._xdp_bpf.load_func(b"clock_probe", bcc.BPF.XDP)
         self._hz = _kernel_hz(self._fns["clock-probe"].fd)
         self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
-                 compile_s=round(time.monotonic() - t0, 2))
+                 compile_s=round(time.monotonic() - t0, 2),
+                 verified_insns={k: getattr(f, "verified_insns", None) for k, f in self._fns.items()})
         self._check_pins()
         self._adopt()
 

@@ -97,3 +97,52 @@ def verified_insns(prog_fd: int) -> int:
     if size.value < _VERIFIED_INSNS_OFF + 4:
         raise RuntimeError("kernel too old: bpf_prog_info has no verified_insns (Linux >= 5.16)")
     return int.from_bytes(bytes(buf[_VERIFIED_INSNS_OFF:_VERIFIED_INSNS_OFF + 4]), "little")
+
+
+BPF_F_XDP_HAS_FRAGS = 1 << 5
+_BPF_PROG_LOAD = 5
+_NR_BPF = 321   # x86_64
+
+
+def load_prog(bpf, name: str, prog_type: int, *, prog_flags: int = 0):
+    """Load function ``name`` of a compiled ``bcc.BPF`` with BPF_PROG_LOAD ourselves: bcc 0.26's
+    ``load_func`` cannot pass ``prog_flags`` (``BPF_F_XDP_HAS_FRAGS``: an XDP program that
+    accepts multi-buffer frames, which veth requires for an MTU above ~3.5k). The instructions
+    from ``dump_func`` already carry the map fds. Returns a ``bcc.BPF.Function`` owned by
+    ``bpf`` (closed with it), with ``verified_insns``: the verifier's "processed" count."""
+    import ctypes
+    import errno as _errno
+
+    class Attr(ctypes.Structure):   # the BPF_PROG_LOAD part of union bpf_attr
+        _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
+                    ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
+                    ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                    ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
+                    ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16),
+                    ("prog_ifindex", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32)]
+
+    bcc = import_bcc()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    code = bpf.dump_func(name.encode())
+    insns = ctypes.create_string_buffer(code, len(code))
+    lic = ctypes.create_string_buffer(b"GPL")
+    for log_level, size in ((4, 1 << 12), (1, 1 << 24)):   # stats only; the full log on failure
+        log = ctypes.create_string_buffer(size)
+        attr = Attr(prog_type=prog_type, insn_cnt=len(code) // 8, insns=ctypes.addressof(insns),
+                    license=ctypes.addressof(lic), log_level=log_level, log_size=size,
+                    log_buf=ctypes.addressof(log), prog_flags=prog_flags, prog_name=name.encode()[:15])
+        fd = libc.syscall(_NR_BPF, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+        if fd >= 0:
+            break
+        err = ctypes.get_errno()
+        if err != _errno.EINVAL and err != _errno.EACCES:
+            break
+    text = log.value.decode(errors="replace")
+    if fd < 0:
+        raise RuntimeError(f"BPF_PROG_LOAD {name}: {os.strerror(err)}\n{text[-4000:]}")
+    fn = bcc.BPF.Function(bpf, name.encode(), fd)
+    m = re.search(r"processed (\d+) insns", text)
+    fn.verified_insns = int(m.group(1)) if m else None
+    bpf.funcs[name.encode()] = fn
+    return fn

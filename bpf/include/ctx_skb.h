@@ -9,14 +9,16 @@
 
 static __always_inline void *ctx_data(const struct __sk_buff *ctx) { return (void *)(long)ctx->data; }
 static __always_inline void *ctx_data_end(const struct __sk_buff *ctx) { return (void *)(long)ctx->data_end; }
+/* The whole packet's length (linear head + fragments; a GSO packet's whole super-packet). */
 static __always_inline __u32 ctx_len(const struct __sk_buff *ctx) { return ctx->len; }
+static __always_inline int ctx_has(const struct __sk_buff *ctx, __u32 n) { return n <= ctx->len; }
 
-/* Make the headers linear so direct packet access sees them (GSO packets stay unlinearised). */
-static __always_inline void ctx_pull(struct __sk_buff *ctx)
+/* Make the first len bytes linear (and writable), so direct packet access sees the headers;
+ * the payload stays in its fragments (Cilium: ctx_pull_data / revalidate_data_pull). Every
+ * packet pointer must be reloaded afterwards. */
+static __always_inline int ctx_pull(struct __sk_buff *ctx, __u32 len)
 {
-	__u32 linear = ctx->data_end - ctx->data;
-	if (linear < 128 && ctx->len > linear)
-		bpf_skb_pull_data(ctx, ctx->len < 128 ? ctx->len : 128);
+	return bpf_skb_pull_data(ctx, len);
 }
 
 static __always_inline int ctx_store(struct __sk_buff *ctx, __u32 off, const void *from, __u32 len)

@@ -10,10 +10,17 @@
 
 static __always_inline void *ctx_data(const struct xdp_md *ctx) { return (void *)(long)ctx->data; }
 static __always_inline void *ctx_data_end(const struct xdp_md *ctx) { return (void *)(long)ctx->data_end; }
-static __always_inline __u32 ctx_len(const struct xdp_md *ctx) { return ctx->data_end - ctx->data; }
+/* The program is loaded with BPF_F_XDP_HAS_FRAGS: a frame may be multi-buffer (MTU above a
+ * page, GRO on veth), and data_end only bounds its linear part, which always holds the headers. */
+static __always_inline __u32 ctx_len(struct xdp_md *ctx) { return bpf_xdp_get_buff_len(ctx); }
+/* Does the frame have at least n bytes? The linear part answers without a helper call. */
+static __always_inline int ctx_has(struct xdp_md *ctx, __u32 n)
+{
+	return n <= (__u32)(ctx->data_end - ctx->data) || n <= bpf_xdp_get_buff_len(ctx);
+}
 
-/* XDP can see the whole frame already; nothing to pull. */
-static __always_inline void ctx_pull(struct xdp_md *ctx) { }
+/* XDP cannot pull fragments into the linear part (it holds at least ~3.5k bytes anyway). */
+static __always_inline int ctx_pull(struct xdp_md *ctx, __u32 len) { return -1; }
 
 /* Store len (a compile-time constant: 2, 4 or 16) bytes at off. */
 static __always_inline int ctx_store(struct xdp_md *ctx, __u32 off, const void *from, __u32 len)

@@ -71,37 +71,71 @@ class DatapathLab:
 
 XDP_PASS_LOADER = """
 import sys
-sys.path.append("/usr/lib/python3/dist-packages")
-from bcc import BPF
-b = BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-fn = b.load_func("xdp_pass", BPF.XDP)
-for ifname in sys.argv[1:]:
+sys.path.insert(0, sys.argv[1])
+from agent.datapath.loader import BPF_F_XDP_HAS_FRAGS, import_bcc, load_prog
+bcc = import_bcc()
+b = bcc.BPF(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+# multi-buffer aware, like xdp_lb: veth refuses an MTU above ~3.5k to a program without frags
+fn = load_prog(b, "xdp_pass", bcc.BPF.XDP, prog_flags=BPF_F_XDP_HAS_FRAGS)
+for ifname in sys.argv[2:]:
     b.attach_xdp(ifname, fn, 0)   # netlink attachment: stays after this process exits
 """
+ROOT = HERE.parents[2]
 
 
 def attach_xdp_pass(host: Host, ifnames: list[str]) -> None:
-    host.run(sys.executable, "-c", XDP_PASS_LOADER, *ifnames, timeout=60)
+    host.run(sys.executable, "-c", XDP_PASS_LOADER, str(ROOT), *ifnames, timeout=120)
+
+
+def veths(host: Host) -> list[str]:
+    return [link["ifname"] for link in json.loads(host.run("ip", "-j", "link", "show", "type", "veth"))]
+
+
+def configure_links(lab: Lab, *, mtu: int | None, offloads: str) -> None:
+    """Link settings of every veth in the lab.
+
+    ``offloads``: "tx-off" — transmit checksum offload off everywhere (the existing tests: every
+    sender computes full checksums); "on" — the veth defaults (TSO, GSO, tx checksum offload)
+    plus GRO on every veth, except that the bridge ports facing the nodes complete checksums
+    (tx off), as a physical wire would deliver them: a veth otherwise hands a forwarded packet
+    on with CHECKSUM_PARTIAL metadata, which XDP_TX / redirect cannot carry; "off" — GRO, GSO,
+    TSO and checksum offload off on every veth."""
+    for host in lab.hosts.values():
+        for ifname in veths(host):
+            if mtu:
+                host.run("ip", "link", "set", ifname, "mtu", str(mtu))
+            if offloads == "tx-off":
+                host.run("ethtool", "-K", ifname, "tx", "off")
+            elif offloads == "off":
+                host.run("ethtool", "-K", ifname, "tx", "off", "tso", "off", "gso", "off", "gro", "off")
+            elif offloads == "on":
+                host.run("ethtool", "-K", ifname, "gro", "on")
+                if ifname.startswith("p-node-"):
+                    host.run("ethtool", "-K", ifname, "tx", "off")
+            else:
+                raise ValueError(f"offloads must be tx-off, on or off, not {offloads!r}")
 
 
 def _sync(host: Host, routes: list[Route]) -> None:
     asyncio.run(RouteManager(netns=host.ns).sync(routes)).raise_for_failures()
 
 
-def build(lab: Lab) -> DatapathLab:
+def build(lab: Lab, *, mtu: int | None = None, offloads: str = "tx-off", pods_wanted=None,
+          pod_servers: bool = True) -> DatapathLab:
+    """The lab above (``pods_wanted``: a subset of the pods; ``mtu`` / ``offloads``: see
+    configure_links; ``pod_servers``: start pod_server.py in every pod)."""
     client = lab.host("client")
     router = lab.host("router", forwarding=True)
     nodes = {name: lab.host(name, forwarding=True) for name in NODE_ADDR}
     lab.link(router, client, ["10.10.0.1/24", "fd10::1/64"], [f"{CLIENT}/24", f"{CLIENT6}/64"])
     lan = lab.segment("lan", [(router, ["10.20.0.1/24", "fd20::1/64"]),
                               *[(nodes[n], [f"{a}/24", f"{NODE_ADDR6[n]}/64"]) for n, a in NODE_ADDR.items()]])
-    # XDP_TX / redirect into a veth is dropped unless its peer runs NAPI, which a veth does
-    # only with an XDP program attached: give the bridge ports facing the nodes an XDP_PASS.
-    attach_xdp_pass(lan, [f"p-{name}" for name in NODE_ADDR])
     client.route("0.0.0.0/0", via="10.10.0.1")
     client.route("::/0", via="fd10::1")
     pods = {}
     for pod, (node, node_side, pod_addr) in PODS.items():
+        if pods_wanted is not None and pod not in pods_wanted:
+            continue
         pods[pod] = host = lab.host(pod)
         side6, pod6 = PODS6[pod]
         lab.link(nodes[node], host, [f"{node_side}/30", f"{side6}/64"], [f"{pod_addr}/30", f"{pod6}/64"])
@@ -117,15 +151,14 @@ def build(lab: Lab) -> DatapathLab:
                      Route("::/0", [NextHop("fd20::1")]),
                      Route(POD_CIDR[other], [NextHop(NODE_ADDR[other])]),
                      Route(POD_CIDR6[other], [NextHop(NODE_ADDR6[other])])])
-    # veth hands locally generated packets on with CHECKSUM_PARTIAL (only the pseudo-header sum
-    # in the L4 checksum field). XDP sees raw bytes and XDP_TX/redirect drops that metadata, so
-    # every sender here computes full checksums, as packets from a physical wire always have.
-    for host in lab.hosts.values():
-        for link in json.loads(host.run("ip", "-j", "link", "show", "type", "veth")):
-            host.run("ethtool", "-K", link["ifname"], "tx", "off")
-    for pod, host in pods.items():
-        proc = host.spawn([sys.executable, str(HERE / "pod_server.py"), pod, str(POD_PORT)])
-        host.proc = proc  # type: ignore[attr-defined]
-    for pod, host in pods.items():
-        wait_until(lambda: f":{POD_PORT}" in host.run("ss", "-ltn"), timeout=15, what=f"pod {pod} server")
+    configure_links(lab, mtu=mtu, offloads=offloads)
+    # XDP_TX / redirect into a veth is dropped unless its peer runs NAPI, which a veth does
+    # only with an XDP program attached: give the bridge ports facing the nodes an XDP_PASS.
+    attach_xdp_pass(lan, [f"p-{name}" for name in NODE_ADDR])
+    if pod_servers:
+        for pod, host in pods.items():
+            proc = host.spawn([sys.executable, str(HERE / "pod_server.py"), pod, str(POD_PORT)])
+            host.proc = proc  # type: ignore[attr-defined]
+        for pod, host in pods.items():
+            wait_until(lambda: f":{POD_PORT}" in host.run("ss", "-ltn"), timeout=15, what=f"pod {pod} server")
     return DatapathLab(lab, client, router, nodes, pods)

@@ -10,6 +10,12 @@ Commands (JSON on stdout):
     (SECONDS "stdin": until stdin is closed; with UNTIL_OK, until that many completed;
     at most MAX_PER_S started per second);
     reports the number that completed and every failure (with its time and source port).
+``udp VIP PORT COUNT SIZE``
+    COUNT datagrams of SIZE bytes (each numbered) to an echo server, at most 32 in flight;
+    reports how many came back intact, from which addresses, and how many were lost.
+``sized VIP PORT N``
+    asks matrix_server.py's sized server for N bytes; reports the bytes' count, whether they
+    are the expected ones, and the error if any.
 ``hold VIP PORT SPORT_FIRST COUNT``
     opens COUNT long-lived TCP connections, prints who served each, then for every line on
     stdin ("probe") sends one line on every connection and prints who answered (or the error).
@@ -105,6 +111,49 @@ def stream(vips, port, seconds, until_ok=0, max_per_s=0):
     return {"ok": ok, "failures": failures, "start": time.time() - (time.monotonic() - start)}
 
 
+def udp(vip, port, count, size, window=32):
+    count, size = int(count), int(size)
+    s = socket.socket(family(vip), socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.settimeout(1.0)
+    s.connect((vip, int(port)))       # replies from any other address are not delivered to us
+    pad = bytes(i % 256 for i in range(size))
+    sent = ok = bad = lost = 0
+    srcs = set()
+    while ok + bad + lost < count:
+        while sent < count and sent - ok - bad - lost < window:
+            s.send(sent.to_bytes(4, "big") + pad[4:])
+            sent += 1
+        try:
+            data, peer = s.recvfrom(65535)
+        except socket.timeout:
+            lost += sent - ok - bad - lost    # a second without an answer: the window is lost
+            continue
+        srcs.add(peer[0])
+        if len(data) == size and data[4:] == pad[4:]:
+            ok += 1
+        else:
+            bad += 1
+    return {"sent": sent, "ok": ok, "bad": bad, "lost": lost, "from": sorted(srcs)}
+
+
+def sized(vip, port, n):
+    s = socket.socket(family(vip), socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((vip, int(port)))
+        s.sendall(f"{n}\n".encode())
+        data = bytearray()
+        while chunk := s.recv(65536):
+            data += chunk
+        want = bytes(i % 251 for i in range(int(n)))
+        return {"bytes": len(data), "intact": bytes(data) == want, "from": s.getpeername()[0]}
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        s.close()
+
+
 def hold(vip, port, first, count):
     conns = []
     for i in range(int(count)):
@@ -133,7 +182,7 @@ def main() -> None:
     if cmd == "hold":
         hold(*args)
         return
-    print(json.dumps({"burst": burst, "stream": stream}[cmd](*args)))
+    print(json.dumps({"burst": burst, "stream": stream, "udp": udp, "sized": sized}[cmd](*args)))
 
 
 if __name__ == "__main__":
