@@ -88,7 +88,11 @@ def _sync(host: Host, routes: list[Route]) -> None:
     asyncio.run(RouteManager(netns=host.ns).sync(routes)).raise_for_failures()
 
 
-def build(lab: Lab) -> DatapathLab:
+def build(lab: Lab, extra_pods: dict[str, tuple[tuple[str, str, str], tuple[str, str]]] | None = None) -> DatapathLab:
+    """``extra_pods``: more pods, ``{name: ((node, node-side v4, pod v4), (node-side v6, pod v6))}``
+    inside the nodes' pod CIDRs (each on its own /30 and /64)."""
+    all_pods = {**PODS, **{p: v4 for p, (v4, _) in (extra_pods or {}).items()}}
+    all_pods6 = {**PODS6, **{p: v6 for p, (_, v6) in (extra_pods or {}).items()}}
     client = lab.host("client")
     router = lab.host("router", forwarding=True)
     nodes = {name: lab.host(name, forwarding=True) for name in NODE_ADDR}
@@ -101,9 +105,9 @@ def build(lab: Lab) -> DatapathLab:
     client.route("0.0.0.0/0", via="10.10.0.1")
     client.route("::/0", via="fd10::1")
     pods = {}
-    for pod, (node, node_side, pod_addr) in PODS.items():
+    for pod, (node, node_side, pod_addr) in all_pods.items():
         pods[pod] = host = lab.host(pod)
-        side6, pod6 = PODS6[pod]
+        side6, pod6 = all_pods6[pod]
         lab.link(nodes[node], host, [f"{node_side}/30", f"{side6}/64"], [f"{pod_addr}/30", f"{pod6}/64"])
         host.route("0.0.0.0/0", via=node_side)
         host.route("::/0", via=side6)
