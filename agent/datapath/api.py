@@ -233,6 +233,8 @@ class Datapath:
         self._backend_svcs: dict[int, set[ServiceKey]] = {}               # id -> services listing it
         self._revnat: dict[int, ServiceKey] = {}    # local backend id -> its designated service
         self._free_svc_ids: list[int] = []
+        self._dead_backends: dict[int, tuple[IPAddress, int]] = {}   # deactivated, REPLY entries not yet swept
+        self._defer_sweep = False
         self._next_svc_id = 1
         self._next_backend_id = 1
         self._alloc = _RangeAllocator(features.maglev_slots)
@@ -568,6 +570,8 @@ class Datapath:
         if old:
             self._ref_backends(old.refs, -1)
         self._index_members(key, old_members, members)
+        if not self._defer_sweep:
+            self._sweep_dead_backends()
         change = ServiceChange(created, written, swapped, service_written)
         log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
         return change
@@ -590,6 +594,8 @@ class Datapath:
         self._alloc.free(old.table_off)
         self._free_svc_ids.append(old.svc_id)
         self._ref_backends(old.refs, -1)
+        if not self._defer_sweep:
+            self._sweep_dead_backends()
         log.debug("service deleted", service=str(key))
         return True
 
@@ -597,13 +603,18 @@ class Datapath:
         """Make the maps program exactly ``services``: upsert each, delete the rest."""
         want = {s.key: s for s in services}
         stats = {"upserted": 0, "deleted": 0, "slots_written": 0}
-        for key in [k for k in self._programmed if k not in want]:
-            self.delete_service(key)
-            stats["deleted"] += 1
-        for svc in want.values():
-            ch = self.upsert_service(svc)
-            stats["upserted"] += 1
-            stats["slots_written"] += ch.slots_written
+        self._defer_sweep = True   # one conntrack sweep for the whole batch
+        try:
+            for key in [k for k in self._programmed if k not in want]:
+                self.delete_service(key)
+                stats["deleted"] += 1
+            for svc in want.values():
+                ch = self.upsert_service(svc)
+                stats["upserted"] += 1
+                stats["slots_written"] += ch.slots_written
+        finally:
+            self._defer_sweep = False
+            self._sweep_dead_backends()
         return stats
 
     # ------------------------------------------------------------------ reading
@@ -726,6 +737,36 @@ class Datapath:
                 self._backend_ids.pop((val[0], val[1]), None)
                 tbl = tbl or self.table(MapName.BACKENDS)
                 tbl[tbl.Key(bid)] = tbl.Leaf()
+                self._dead_backends[bid] = (val[0], val[1])
+
+    def _sweep_dead_backends(self) -> int:
+        """Delete the REPLY conntrack entries of the backends deactivated since the last sweep.
+
+        Their flows are over (a packet of one re-balances), but a REPLY entry's key has no
+        client in it: left in place it would keep the old backend's late packets flowing to a
+        client port that may carry a new flow by now, and keep a SNAT port of that backend
+        address busy for the 6 h idle timeout (an address that comes back, as a restarted pod,
+        would find its ports taken). One batched scan of conntrack per call (not per backend);
+        ``reconcile`` sweeps once at its end. Returns the number of entries deleted."""
+        dead, self._dead_backends = self._dead_backends, {}
+        if not dead:
+            return 0
+        tbl = self.table(MapName.CT)
+        doomed = []
+        for k, v in _hash_items(tbl):
+            if k.dir != CtDir.REPLY or v.backend_id not in dead:
+                continue
+            addr, port = dead[v.backend_id]
+            if _ntohs(k.sport) == port and _addr_from_words(k.saddr, k.family) == addr:
+                doomed.append(tbl.Key.from_buffer_copy(k))
+        for k in doomed:
+            try:
+                del tbl[k]
+            except KeyError:
+                pass   # gone meanwhile (LRU, or taken over by the datapath)
+        if doomed:
+            log.debug("conntrack of removed backends swept", backends=len(dead), entries=len(doomed))
+        return len(doomed)
 
     def _write_backend(self, bid: int) -> None:
         addr, port, flags = self._backend_vals[bid]
@@ -931,6 +972,30 @@ def _array_read_range(tbl, start: int, count: int) -> list[int]:
     for i in range(count):
         out.append(tbl[tbl.Key(start + i)].value)
     return out
+
+
+def _hash_items(tbl, chunk: int = 4096):
+    """(key, value) of every element of a hash map, by BPF_MAP_LOOKUP_BATCH in chunks (the
+    yielded ctypes objects are views of a reused buffer: copy what is kept)."""
+    from bcc.libbcc import lib
+    keys, vals = (tbl.Key * chunk)(), (tbl.Leaf * chunk)()
+    token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    first = True
+    while True:
+        cnt = ctypes.c_uint32(chunk)
+        res = lib.bpf_lookup_batch(tbl.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
+                                   ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
+        err = ctypes.get_errno() if res != 0 else 0
+        if res != 0 and err != 2:   # ENOENT: the last batch
+            if first and err in (22, 95, 524):   # no batch ops: one by one
+                yield from tbl.items()
+                return
+            raise DatapathError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
+        for i in range(cnt.value):
+            yield keys[i], vals[i]
+        if res != 0:
+            return
+        token_in.value, first = token_out.value, False
 
 
 def _array_items(tbl):
