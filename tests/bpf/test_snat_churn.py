@@ -25,6 +25,8 @@ that backend takes the port over" is deterministic.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+from collections import Counter
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -180,3 +182,30 @@ def test_flow_does_not_follow_its_backend_id_to_another_backend(dp, net):
             got = forward(dp, net, D, sport, "S")
             assert got is None or got[0] != B3, "a second flow got the same B3 port"
         assert dp.counters().drops["SNAT_NO_PORT"] > before
+
+
+def _be16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def _be32(addr: str) -> int:
+    return int.from_bytes(ipaddress.ip_address(addr).packed, "little")
+
+
+def test_removing_a_backend_sweeps_all_its_reply_entries_and_only_its(dp):
+    """The agent's sweep reads conntrack in batches: every REPLY entry of the removed backend
+    goes (more entries than one batch holds), entries of the backend that stays are kept."""
+    program(dp, Backend(B1, 8080), Backend(B2, 8080))
+    ct = dp.table(MapName.CT)
+    for backend, n in ((B1, 5000), (B2, 300)):
+        bid = dp.backend_id(backend, 8080)
+        for i in range(n):
+            k, v = ct.Key(), ct.Leaf()
+            k.saddr[0], k.daddr[0] = _be32(backend), _be32(NODE4)
+            k.sport, k.dport = _be16(8080), _be16(1024 + i)
+            k.proto, k.family, k.dir = 6, 4, 2
+            v.backend_id, v.flags = bid, 2
+            ct[k] = v
+    program(dp, Backend(B2, 8080))                      # B1 leaves
+    left = Counter(str(e.saddr) for e in dp.conntrack() if e.direction == "reply")
+    assert left == {B2: 300}
