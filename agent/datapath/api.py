@@ -350,6 +350,7 @@ class Datapath:
         if used_ids:
             self._next_svc_id = max(used_ids) + 1
             self._free_svc_ids = sorted(set(range(1, self._next_svc_id)) - used_ids, reverse=True)
+        self._sweep_stale_replies()
         if self._programmed or self._backend_ids:
             log.info("adopted pinned datapath state", services=len(self._programmed),
                      backends=len(self._backend_ids))
@@ -751,21 +752,29 @@ class Datapath:
         dead, self._dead_backends = self._dead_backends, {}
         if not dead:
             return 0
+        dead_keys = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port) in dead.items()}
+        return self._sweep_replies(lambda bid, key: dead_keys.get(bid) == key, "removed backends")
+
+    def _sweep_stale_replies(self) -> int:
+        """At load: delete REPLY entries naming a backend id that is not active with the
+        entry's backend address (an agent that stopped between deactivating a backend and
+        sweeping it, or one from before the sweep existed). Entries without a backend id
+        (DSR replies recorded on a backend's node) are left alone."""
+        live = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port, _) in self._backend_vals.items()}
+        return self._sweep_replies(lambda bid, key: bid != 0 and live.get(bid) != key, "stale at load")
+
+    def _sweep_replies(self, doomed_if, why: str) -> int:
+        """Delete the REPLY entries for which ``doomed_if(backend_id, (saddr words, sport))``."""
         tbl = self.table(MapName.CT)
-        doomed = []
-        for k, v in _hash_items(tbl):
-            if k.dir != CtDir.REPLY or v.backend_id not in dead:
-                continue
-            addr, port = dead[v.backend_id]
-            if _ntohs(k.sport) == port and _addr_from_words(k.saddr, k.family) == addr:
-                doomed.append(tbl.Key.from_buffer_copy(k))
+        doomed = [tbl.Key.from_buffer_copy(k) for k, v in _hash_items(tbl)
+                  if k.dir == CtDir.REPLY and doomed_if(v.backend_id, (tuple(k.saddr), k.sport))]
         for k in doomed:
             try:
                 del tbl[k]
             except KeyError:
                 pass   # gone meanwhile (LRU, or taken over by the datapath)
         if doomed:
-            log.debug("conntrack of removed backends swept", backends=len(dead), entries=len(doomed))
+            log.info("conntrack REPLY entries of backends no longer active deleted", why=why, entries=len(doomed))
         return len(doomed)
 
     def _write_backend(self, bid: int) -> None:

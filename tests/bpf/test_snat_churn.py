@@ -209,3 +209,26 @@ def test_removing_a_backend_sweeps_all_its_reply_entries_and_only_its(dp):
     program(dp, Backend(B2, 8080))                      # B1 leaves
     left = Counter(str(e.saddr) for e in dp.conntrack() if e.direction == "reply")
     assert left == {B2: 300}
+
+
+def test_a_new_agent_deletes_reply_entries_of_backends_that_are_not_active(dp):
+    """An agent that stopped between deactivating a backend and sweeping its conntrack (or one
+    from before the sweep existed) left REPLY entries naming an inactive id: the next agent
+    deletes them when it adopts the maps; entries of active backends stay."""
+    from agent.datapath.api import Datapath
+    program(dp, Backend(B1, 8080), Backend(B2, 8080))
+    ct = dp.table(MapName.CT)
+    for backend, bid in ((B1, dp.backend_id(B1, 8080)), (B2, dp.backend_id(B2, 8080)), (B3, 4000)):
+        k, v = ct.Key(), ct.Leaf()
+        k.saddr[0], k.daddr[0] = _be32(backend), _be32(NODE4)
+        k.sport, k.dport = _be16(8080), _be16(62000)
+        k.proto, k.family, k.dir = 6, 4, 2
+        v.backend_id, v.flags = bid, 2
+        ct[k] = v
+    again = Datapath(dp.instance, pin_root=str(dp.pin_dir.parent), features=dp.features)
+    again.load()
+    try:
+        left = {str(e.saddr) for e in again.conntrack() if e.direction == "reply"}
+        assert left == {B1, B2}
+    finally:
+        again.close()
