@@ -206,6 +206,8 @@ def test_backend_churn_never_resets_connections_of_backends_that_stayed():
             "long-lived failed/total per pod": {p: f"{long_failed[p]}/{long_total[p]}" for p in sorted(long_total)},
             "new ok": new["ok"], "new ok per pod": new["by_pod"],
             "new failed per pod": dict(Counter(str(f["pod"]) for f in new["failures"])),
+            "long-lived failures": [{k: r[k] for k in ("sport", "pod", "quiet", "t_error", "error")}
+                                    for r in longs if r["error"]],
             "new failures": new["failures"][:10]}
         problems += [(mode, r) for r in longs if r["pod"] in stayed and (r["error"] or not r["probes"])]
         problems += [(mode, f) for f in new["failures"] if f["pod"] in stayed]
@@ -213,7 +215,7 @@ def test_backend_churn_never_resets_connections_of_backends_that_stayed():
         # few that were on their way to a backend just as it left (one per change, generously)
         if sum(1 for f in new["failures"] if f["pod"] is None) > 2 * CYCLES:
             problems.append((mode, "too many new connections failed before the greeting"))
-        if new["ok"] < rate * 40:          # the new connections really ran (~50 s)
+        if new["ok"] < rate * 20:          # the new connections really ran (~50 s; slack for a busy machine)
             problems.append((mode, f"only {new['ok']} new connections"))
         if set(new["by_pod"]) != set(stayed + churned):
             problems.append((mode, f"not every backend served: {new['by_pod']}"))
