@@ -33,7 +33,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-TIMEOUT = 3.0
+TIMEOUT = 3.0          # per answer
+CONNECT_TIMEOUT = 7.5  # a SYN dropped for want of a SNAT port is retransmitted after 1 s, 3 s, 7 s
 T0 = time.monotonic()
 
 
@@ -48,10 +49,11 @@ def family(addr: str):
 def connect(vip: str, port: int, sport: int) -> tuple[socket.socket, object, str]:
     s = socket.socket(family(vip), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.settimeout(TIMEOUT)
+    s.settimeout(CONNECT_TIMEOUT)
     try:
         s.bind(("::" if ":" in vip else "0.0.0.0", sport))
         s.connect((vip, port))
+        s.settimeout(TIMEOUT)
         f = s.makefile("rb")
         name = f.readline().strip().decode()
         if not name:
