@@ -753,7 +753,8 @@ class Datapath:
         if not dead:
             return 0
         dead_keys = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port) in dead.items()}
-        return self._sweep_replies(lambda bid, key: dead_keys.get(bid) == key, "removed backends")
+        return self._sweep_replies(lambda bid, k: bid in dead_keys and dead_keys[bid] == (tuple(k.saddr), k.sport),
+                                   "removed backends")
 
     def _sweep_stale_replies(self) -> int:
         """At load: delete REPLY entries naming a backend id that is not active with the
@@ -761,14 +762,23 @@ class Datapath:
         sweeping it, or one from before the sweep existed). Entries without a backend id
         (DSR replies recorded on a backend's node) are left alone."""
         live = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port, _) in self._backend_vals.items()}
-        return self._sweep_replies(lambda bid, key: bid != 0 and live.get(bid) != key, "stale at load")
+        return self._sweep_replies(lambda bid, k: bid != 0 and live.get(bid) != (tuple(k.saddr), k.sport),
+                                   "stale at load")
 
     def _sweep_replies(self, doomed_if, why: str) -> int:
-        """Delete the REPLY entries for which ``doomed_if(backend_id, (saddr words, sport))``."""
+        """Delete the REPLY entries for which ``doomed_if(backend_id, key)``."""
+        from bcc.libbcc import lib
         tbl = self.table(MapName.CT)
+        reply = int(CtDir.REPLY)
         doomed = [tbl.Key.from_buffer_copy(k) for k, v in _hash_items(tbl)
-                  if k.dir == CtDir.REPLY and doomed_if(v.backend_id, (tuple(k.saddr), k.sport))]
-        for k in doomed:
+                  if k.dir == reply and doomed_if(v.backend_id, k)]
+        done = 0
+        if doomed:   # one BPF_MAP_DELETE_BATCH; it stops at a key gone meanwhile: the rest one by one
+            keys = (tbl.Key * len(doomed))(*doomed)
+            cnt = ctypes.c_uint32(len(doomed))
+            lib.bpf_delete_batch(tbl.map_fd, ctypes.byref(keys), ctypes.byref(cnt))
+            done = cnt.value
+        for k in doomed[done:]:
             try:
                 del tbl[k]
             except KeyError:
