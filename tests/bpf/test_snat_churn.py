@@ -30,17 +30,27 @@ from collections import Counter
 
 import pytest
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from agent.datapath.abi import MapName, XdpAction
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
-from tests.bpf.conftest import NODE4, TEST_FEATURES, new_datapath, run_xdp
+from tests.bpf.conftest import NODE4, NODE6, TEST_FEATURES, new_datapath, run_xdp
 
-VIP = "10.96.0.10"
-C, D = "192.0.2.10", "192.0.2.20"       # two clients
-B1, B2, B3 = "10.2.0.5", "10.2.0.6", "10.2.0.7"
 PORT = 62000
+# per family: VIP, two clients, three backends, the node (routes: tests/bpf/conftest.py net)
+ADDRS = {4: ("10.96.0.10", "192.0.2.10", "192.0.2.20", "10.2.0.5", "10.2.0.6", "10.2.0.7", NODE4),
+         6: ("fd00:96::10", "2001:db8::10", "2001:db8::20", "fd00:2::5", "fd00:2::6", "fd00:2::7", NODE6)}
+VIP, C, D, B1, B2, B3, _ = ADDRS[4]
+
+
+def fam(addr: str) -> int:
+    return 6 if ":" in addr else 4
+
+
+def l3(addr: str):
+    return IPv6 if ":" in addr else IP
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,7 @@ def module_dp():
 
 @pytest.fixture
 def dp(module_dp):
-    module_dp.set_node_addresses(v4=NODE4)
+    module_dp.set_node_addresses(v4=NODE4, v6=NODE6)
     yield module_dp
     module_dp.reconcile([])
     module_dp.table(MapName.CT).clear()
@@ -61,16 +71,17 @@ def dp(module_dp):
 
 
 def program(dp, *backends):
-    dp.upsert_service(Service(ServiceKey(VIP, 80, Proto.TCP), tuple(backends), mode=Mode.SNAT, maglev_m=251))
+    vip = ADDRS[backends[0].addr.version][0]
+    dp.upsert_service(Service(ServiceKey(vip, 80, Proto.TCP), tuple(backends), mode=Mode.SNAT, maglev_m=251))
 
 
 def req(client, sport, flags="A"):
-    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=client, dst=VIP) \
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / l3(client)(src=client, dst=ADDRS[fam(client)][0]) \
         / TCP(sport=sport, dport=80, flags=flags, seq=1000) / Raw(b"x")
 
 
 def reply(backend, flags="A", dport=PORT):
-    return Ether(src="02:00:00:00:00:09", dst="02:00:00:00:00:02") / IP(src=backend, dst=NODE4) \
+    return Ether(src="02:00:00:00:00:09", dst="02:00:00:00:00:02") / l3(backend)(src=backend, dst=ADDRS[fam(backend)][6]) \
         / TCP(sport=8080, dport=dport, flags=flags, seq=5000) / Raw(b"y")
 
 
@@ -80,8 +91,9 @@ def forward(dp, net, client, sport, flags="A"):
     if r.retval not in (XdpAction.TX, XdpAction.REDIRECT):
         return None
     out = Ether(r.data)
-    assert out[IP].src == NODE4
-    return out[IP].dst, out[TCP].sport
+    L3 = l3(client)
+    assert out[L3].src == ADDRS[fam(client)][6]
+    return out[L3].dst, out[TCP].sport
 
 
 def back(dp, net, backend, flags="A", dport=PORT):
@@ -90,8 +102,9 @@ def back(dp, net, backend, flags="A", dport=PORT):
     if r.retval not in (XdpAction.TX, XdpAction.REDIRECT):
         return None
     out = Ether(r.data)
-    assert (out[IP].src, out[TCP].sport) == (VIP, 80)
-    return out[IP].dst, out[TCP].dport
+    L3 = l3(backend)
+    assert (out[L3].src, out[TCP].sport) == (ADDRS[fam(backend)][0], 80)
+    return out[L3].dst, out[TCP].dport
 
 
 def sport_towards(dp, net, client, backend, first=5000):
@@ -104,9 +117,14 @@ def sport_towards(dp, net, client, backend, first=5000):
     raise AssertionError(f"no flow of {client} went to {backend}")
 
 
-def test_new_connection_on_a_reused_client_port_is_live_not_closing(dp, net):
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
+
+
+@FAMILIES
+def test_new_connection_on_a_reused_client_port_is_live_not_closing(dp, net, family):
     """The client reuses source port 4000 after a closed connection towards the same backend.
     The new connection is live: nobody else may take its port over or get its replies."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
     program(dp, Backend(B1, 8080))
     assert forward(dp, net, C, 4000, "S") == (B1, PORT)
     assert back(dp, net, B1, "SA") == (C, 4000)
@@ -124,11 +142,13 @@ def test_new_connection_on_a_reused_client_port_is_live_not_closing(dp, net):
     assert back(dp, net, B1) == (C, 4000)
 
 
-def test_taking_over_a_stale_port_never_deletes_the_live_flow_of_that_client_port(dp, net):
+@FAMILIES
+def test_taking_over_a_stale_port_never_deletes_the_live_flow_of_that_client_port(dp, net, family):
     """Client port 4000 had a closed connection to B1 (port 62000 towards B1, closing).
     B1 leaves; a new connection from port 4000 goes to B2 (62000 towards B2). B1 comes back
     and another client's flow takes B1's port 62000 over: that must not touch the
     connection to B2, whose backend never left."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
     program(dp, Backend(B1, 8080))
     assert forward(dp, net, C, 4000, "S") == (B1, PORT)
     assert back(dp, net, B1, "FA") == (C, 4000)
@@ -143,11 +163,13 @@ def test_taking_over_a_stale_port_never_deletes_the_live_flow_of_that_client_por
     assert back(dp, net, B2) == (C, 4000)
 
 
-def test_rebalanced_flow_releases_its_old_port_and_the_old_backend_cannot_reach_the_client(dp, net):
+@FAMILIES
+def test_rebalanced_flow_releases_its_old_port_and_the_old_backend_cannot_reach_the_client(dp, net, family):
     """A live flow to B1; B1 leaves and the flow re-balances to B2 on a new port. The old
     REPLY entry {B1 -> node:62000} must go: a late packet from B1 must not reach the client
     (whose port now carries the flow to B2), and B1's port is free for the next flow at once
     (not after the 6 h idle timeout)."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
     program(dp, Backend(B1, 8080))
     assert forward(dp, net, C, 4000, "S") == (B1, PORT)
     assert back(dp, net, B1, "SA") == (C, 4000)
@@ -161,10 +183,12 @@ def test_rebalanced_flow_releases_its_old_port_and_the_old_backend_cannot_reach_
     assert back(dp, net, B2) == (C, 4000)
 
 
-def test_flow_does_not_follow_its_backend_id_to_another_backend(dp, net):
+@FAMILIES
+def test_flow_does_not_follow_its_backend_id_to_another_backend(dp, net, family):
     """Backend id 7 was B1's; B1 leaves and id 7 is given to B3 (an agent restart allocates
     ids afresh). The flow's SERVICE entry still says 7: it must re-balance like any flow whose
     backend left, onto a port whose replies come back to it, not go on to B3 on B1's port."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
     program(dp, Backend(B1, 8080, id=7))
     assert forward(dp, net, C, 4000, "S") == (B1, PORT)
     assert back(dp, net, B1, "SA") == (C, 4000)
