@@ -273,6 +273,8 @@ class Datapath:
         self._backend_svcs: dict[int, set[ServiceKey]] = {}               # id -> services listing it
         self._revnat: dict[int, ServiceKey] = {}    # local backend id -> its designated service
         self._free_svc_ids: list[int] = []
+        self._dead_backends: dict[int, tuple[IPAddress, int]] = {}   # deactivated, REPLY entries not yet swept
+        self._defer_sweep = False
         self._next_svc_id = 1
         self._next_backend_id = 1
         self._alloc = _RangeAllocator(features.maglev_slots)
@@ -393,6 +395,7 @@ class Datapath:
         if used_ids:
             self._next_svc_id = max(used_ids) + 1
             self._free_svc_ids = sorted(set(range(1, self._next_svc_id)) - used_ids, reverse=True)
+        self._sweep_stale_replies()
         if self._programmed or self._backend_ids:
             log.info("adopted pinned datapath state", services=len(self._programmed),
                      backends=len(self._backend_ids))
@@ -613,6 +616,8 @@ class Datapath:
         if old:
             self._ref_backends(old.refs, -1)
         self._index_members(key, old_members, members)
+        if not self._defer_sweep:
+            self._sweep_dead_backends()
         change = ServiceChange(created, written, swapped, service_written)
         log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
         return change
@@ -635,6 +640,8 @@ class Datapath:
         self._alloc.free(old.table_off)
         self._free_svc_ids.append(old.svc_id)
         self._ref_backends(old.refs, -1)
+        if not self._defer_sweep:
+            self._sweep_dead_backends()
         log.debug("service deleted", service=str(key))
         return True
 
@@ -642,13 +649,18 @@ class Datapath:
         """Make the maps program exactly ``services``: upsert each, delete the rest."""
         want = {s.key: s for s in services}
         stats = {"upserted": 0, "deleted": 0, "slots_written": 0}
-        for key in [k for k in self._programmed if k not in want]:
-            self.delete_service(key)
-            stats["deleted"] += 1
-        for svc in want.values():
-            ch = self.upsert_service(svc)
-            stats["upserted"] += 1
-            stats["slots_written"] += ch.slots_written
+        self._defer_sweep = True   # one conntrack sweep for the whole batch
+        try:
+            for key in [k for k in self._programmed if k not in want]:
+                self.delete_service(key)
+                stats["deleted"] += 1
+            for svc in want.values():
+                ch = self.upsert_service(svc)
+                stats["upserted"] += 1
+                stats["slots_written"] += ch.slots_written
+        finally:
+            self._defer_sweep = False
+            self._sweep_dead_backends()
         return stats
 
     # ------------------------------------------------------------------ reading
@@ -802,6 +814,54 @@ class Datapath:
                 self._backend_ids.pop((val[0], val[1]), None)
                 tbl = tbl or self.table(MapName.BACKENDS)
                 tbl[tbl.Key(bid)] = tbl.Leaf()
+                self._dead_backends[bid] = (val[0], val[1])
+
+    def _sweep_dead_backends(self) -> int:
+        """Delete the REPLY conntrack entries of the backends deactivated since the last sweep.
+
+        Their flows are over (a packet of one re-balances), but a REPLY entry's key has no
+        client in it: left in place it would keep the old backend's late packets flowing to a
+        client port that may carry a new flow by now, and keep a SNAT port of that backend
+        address busy for the 6 h idle timeout (an address that comes back, as a restarted pod,
+        would find its ports taken). One batched scan of conntrack per call (not per backend);
+        ``reconcile`` sweeps once at its end. Returns the number of entries deleted."""
+        dead, self._dead_backends = self._dead_backends, {}
+        if not dead:
+            return 0
+        dead_keys = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port) in dead.items()}
+        return self._sweep_replies(lambda bid, k: bid in dead_keys and dead_keys[bid] == (tuple(k.saddr), k.sport),
+                                   "removed backends")
+
+    def _sweep_stale_replies(self) -> int:
+        """At load: delete REPLY entries naming a backend id that is not active with the
+        entry's backend address (an agent that stopped between deactivating a backend and
+        sweeping it, or one from before the sweep existed). Entries without a backend id
+        (DSR replies recorded on a backend's node) are left alone."""
+        live = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port, _) in self._backend_vals.items()}
+        return self._sweep_replies(lambda bid, k: bid != 0 and live.get(bid) != (tuple(k.saddr), k.sport),
+                                   "stale at load")
+
+    def _sweep_replies(self, doomed_if, why: str) -> int:
+        """Delete the REPLY entries for which ``doomed_if(backend_id, key)``."""
+        from bcc.libbcc import lib
+        tbl = self.table(MapName.CT)
+        reply = int(CtDir.REPLY)
+        doomed = [tbl.Key.from_buffer_copy(k) for k, v in _hash_items(tbl)
+                  if k.dir == reply and doomed_if(v.backend_id, k)]
+        done = 0
+        if doomed:   # one BPF_MAP_DELETE_BATCH; it stops at a key gone meanwhile: the rest one by one
+            keys = (tbl.Key * len(doomed))(*doomed)
+            cnt = ctypes.c_uint32(len(doomed))
+            lib.bpf_delete_batch(tbl.map_fd, ctypes.byref(keys), ctypes.byref(cnt))
+            done = cnt.value
+        for k in doomed[done:]:
+            try:
+                del tbl[k]
+            except KeyError:
+                pass   # gone meanwhile (LRU, or taken over by the datapath)
+        if doomed:
+            log.info("conntrack REPLY entries of backends no longer active deleted", why=why, entries=len(doomed))
+        return len(doomed)
 
     def _write_backend(self, bid: int) -> None:
         addr, port, flags = self._backend_vals[bid]
@@ -1007,6 +1067,30 @@ def _array_read_range(tbl, start: int, count: int) -> list[int]:
     for i in range(count):
         out.append(tbl[tbl.Key(start + i)].value)
     return out
+
+
+def _hash_items(tbl, chunk: int = 4096):
+    """(key, value) of every element of a hash map, by BPF_MAP_LOOKUP_BATCH in chunks (the
+    yielded ctypes objects are views of a reused buffer: copy what is kept)."""
+    from bcc.libbcc import lib
+    keys, vals = (tbl.Key * chunk)(), (tbl.Leaf * chunk)()
+    token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    first = True
+    while True:
+        cnt = ctypes.c_uint32(chunk)
+        res = lib.bpf_lookup_batch(tbl.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
+                                   ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
+        err = ctypes.get_errno() if res != 0 else 0
+        if res != 0 and err != 2:   # ENOENT: the last batch
+            if first and err in (22, 95, 524):   # no batch ops: one by one
+                yield from tbl.items()
+                return
+            raise DatapathError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
+        for i in range(cnt.value):
+            yield keys[i], vals[i]
+        if res != 0:
+            return
+        token_in.value, first = token_out.value, False
 
 
 def _array_items(tbl):

@@ -311,6 +311,15 @@ static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_
 	v->nat_port = nat_port;
 }
 
+/* Is this SNAT REPLY entry the mapping of the client flow p (client:cport -> VIP:vport)? Its key
+ * (backend:bport -> node:nat_port) has no client in it, so a flow must check before it trusts,
+ * marks or deletes "its" entry: the port may have been given to another flow since. */
+static __always_inline int snat_reply_of(const struct ct_val *rv, const struct pkt *p)
+{
+	return (rv->flags & CT_F_SNAT) && rv->rdport == p->sport && rv->rport == p->dport &&
+	       addr_eq(rv->rdaddr, p->saddr) && addr_eq(rv->raddr, p->daddr);
+}
+
 static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct svc_val *svc)
 {
 	struct ct_key ck = {}, rk = {};
@@ -360,6 +369,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			 * removed from this service (even if another still uses it): re-balance */
 			if (be && (!(be->flags & BE_F_ACTIVE) ||
 				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
+				be = NULL;
+			/* a SNAT entry records its backend's address (rport != 0): a backend left this
+			 * service since the entry was checked (generation differs), and the id now names
+			 * another address (ids of removed backends are reused): re-balance, the port was
+			 * allocated towards the old address */
+			if (be && cv->rport && (cv->svc_gen != svc->backend_gen || cv->svc_id != svc_id) &&
+			    (cv->rport != be->port || !addr_eq(cv->raddr, be->addr)))
 				be = NULL;
 			if (be && !member_of(svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, 1))
 				be = NULL;
@@ -489,6 +505,24 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	rk.proto = p->proto;
 	rk.family = p->family;
 	rk.dir = CT_DIR_REPLY;
+	if (nat_port && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		/* only SYN/FIN/RST look at the REPLY entry (established packets pay nothing) */
+		rk.dport = nat_port;
+		struct ct_val *rv = ct_v1.lookup(&rk);
+		if (!rv || !snat_reply_of(rv, p)) {
+			nat_port = 0;   /* the port's entry is gone or another flow's: a new port */
+		} else if (p->tcp_flags & TCP_FLAG_SYN) {
+			/* a new connection from a reused client port (or a retransmitted SYN): live, so
+			 * the closed predecessor's CLOSING mark must not let the port be taken over */
+			if (rv->flags & CT_F_CLOSING) {
+				rv->flags &= ~CT_F_CLOSING;
+				rv->last_seen = now_s();
+			}
+		} else {
+			rv->flags |= CT_F_CLOSING;
+			rv->last_seen = now_s();
+		}
+	}
 	if (!nat_port) {
 		__u32 now = now_s();
 		__u32 start = bpf_get_prandom_u32();  /* a retried SYN probes other ports */
@@ -506,15 +540,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 				}
 				continue;
 			}
-			/* a closed (FIN/RST + grace) or idle flow's port is taken over; its forward
-			 * entry goes too, so a late packet of it starts a new flow on a new port */
+			/* a closed (FIN/RST + grace) or idle flow's port is taken over; its SERVICE
+			 * entry goes too, so a late packet of it starts a new flow on a new port -- but
+			 * only if that entry still uses this port: the client port may carry a newer
+			 * flow by now (to another backend, or on another port), which must live on */
 			__u32 age = now - old->last_seen;
 			if (((old->flags & CT_F_CLOSING) && age >= CT_CLOSE_TIMEOUT_S) ||
 			    age >= (p->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S)) {
 				struct ct_key fk = {};
 				ct_key_set(&fk, old->rdaddr, old->raddr, old->rdport, old->rport,
 					   rk.proto, rk.family, CT_DIR_SERVICE);
-				ct_v1.delete(&fk);
+				struct ct_val *fv = ct_v1.lookup(&fk);
+				if (fv && fv->nat_port == rk.dport && fv->backend_id == old->backend_id)
+					ct_v1.delete(&fk);
 				ct_v1.update(&rk, vp);
 				nat_port = rk.dport;
 				stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
@@ -524,14 +562,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
 		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
+		addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
+		vp->rport = bport;
 		ct_v1.update(&ck, vp);
-	} else if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
-		rk.dport = nat_port;
-		struct ct_val *rv = ct_v1.lookup(&rk);
-		if (rv) {
-			rv->flags |= CT_F_CLOSING;
-			rv->last_seen = now_s();
-		}
 	}
 	if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
 		return drop(DROP_REWRITE);

@@ -58,7 +58,8 @@ struct ct_key {             /* conntrack (LRU) */
 };
 
 struct ct_val {
-	__u32 raddr[4];     /* REPLY: new source address (the VIP) */
+	__u32 raddr[4];     /* REPLY: new source address (the VIP); SERVICE with CT_F_SNAT: the
+			     * backend address nat_port was allocated towards (rport: its port) */
 	__u32 rdaddr[4];    /* REPLY with CT_F_SNAT: new destination address (the client) */
 	__be16 rport;       /* REPLY: new source port (the service port) */
 	__be16 rdport;      /* REPLY with CT_F_SNAT: new destination port (the client's port) */

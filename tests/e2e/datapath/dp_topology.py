@@ -121,9 +121,14 @@ def _sync(host: Host, routes: list[Route]) -> None:
 
 
 def build(lab: Lab, *, mtu: int | None = None, offloads: str = "tx-off", pods_wanted=None,
-          pod_servers: bool = True) -> DatapathLab:
+          pod_servers: bool = True,
+          extra_pods: dict[str, tuple[tuple[str, str, str], tuple[str, str]]] | None = None) -> DatapathLab:
     """The lab above (``pods_wanted``: a subset of the pods; ``mtu`` / ``offloads``: see
-    configure_links; ``pod_servers``: start pod_server.py in every pod)."""
+    configure_links; ``pod_servers``: start pod_server.py in every pod; ``extra_pods``: more pods,
+    ``{name: ((node, node-side v4, pod v4), (node-side v6, pod v6))}`` inside the nodes' pod
+    CIDRs, each on its own /30 and /64)."""
+    all_pods = {**PODS, **{p: v4 for p, (v4, _) in (extra_pods or {}).items()}}
+    all_pods6 = {**PODS6, **{p: v6 for p, (_, v6) in (extra_pods or {}).items()}}
     client = lab.host("client")
     router = lab.host("router", forwarding=True)
     nodes = {name: lab.host(name, forwarding=True) for name in NODE_ADDR}
@@ -133,11 +138,11 @@ def build(lab: Lab, *, mtu: int | None = None, offloads: str = "tx-off", pods_wa
     client.route("0.0.0.0/0", via="10.10.0.1")
     client.route("::/0", via="fd10::1")
     pods = {}
-    for pod, (node, node_side, pod_addr) in PODS.items():
+    for pod, (node, node_side, pod_addr) in all_pods.items():
         if pods_wanted is not None and pod not in pods_wanted:
             continue
         pods[pod] = host = lab.host(pod)
-        side6, pod6 = PODS6[pod]
+        side6, pod6 = all_pods6[pod]
         lab.link(nodes[node], host, [f"{node_side}/30", f"{side6}/64"], [f"{pod_addr}/30", f"{pod6}/64"])
         host.route("0.0.0.0/0", via=node_side)
         host.route("::/0", via=side6)

@@ -4,10 +4,13 @@
 a previous process), attaches the programs, reconciles the services to exactly the ones in
 the config, prints ``RESULT <json summary>`` and exits — leaving programs attached and maps pinned, as
 the real daemon does. With ``--hold`` it then sleeps until killed (to test a crash mid-stream).
+With ``--serve`` it stays, like the daemon, with the one loaded datapath: every line on stdin
+makes it read CONFIG.json again and reconcile the services to it (printing ``RESULT`` again);
+it exits when stdin closes. A compile takes seconds; a reconcile, milliseconds.
 
 Config: {"instance", "pin_root", "netns", "node_v4", "node_v6", "xdp": [if], "tc_ingress": [if],
 "tc_egress": [if], "services": [{"vip", "port", "proto", "mode", "backends": [{"addr", "port",
-"local", "weight"}]}]}
+"local", "weight"}]}], "features": {Features field: value}}
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from agent.datapath.api import Datapath  # noqa: E402
+from agent.datapath.api import Datapath, Features  # noqa: E402
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey  # noqa: E402
 
 
@@ -30,10 +33,17 @@ def service_from(d: dict) -> Service:
     return Service(key, backends, mode=Mode(d.get("mode", "snat")), maglev_m=d.get("maglev_m", 16381))
 
 
-def apply(cfg: dict) -> dict:
-    t0 = time.monotonic()
-    dp = Datapath(instance=cfg["instance"], pin_root=cfg["pin_root"])
+def load(cfg: dict) -> Datapath:
+    dp = Datapath(instance=cfg["instance"], pin_root=cfg["pin_root"], features=Features(**cfg.get("features", {})))
     dp.load()
+    return dp
+
+
+def apply(cfg: dict, dp: Datapath | None = None) -> dict:
+    t0 = time.monotonic()
+    own = dp is None
+    if own:
+        dp = load(cfg)
     adopted = len(dp.services())
     if cfg.get("node_v4") or cfg.get("node_v6"):
         dp.set_node_addresses(v4=cfg.get("node_v4"), v6=cfg.get("node_v6"))
@@ -51,12 +61,25 @@ def apply(cfg: dict) -> dict:
         dp.delete_service(key)
     summary = {"adopted_services": adopted, "services": len(desired), "slots_written": written,
                "seconds": round(time.monotonic() - t0, 3)}
-    dp.close()
+    if own:
+        dp.close()
+    else:   # --serve: the datapath's counters so far (those that are not zero)
+        c = dp.counters()
+        summary["stats"] = {k: v for k, v in c.stats.items() if v}
+        summary["drops"] = {k: v for k, v in c.drops.items() if v}
     return summary
 
 
 def main() -> None:
-    cfg = json.loads(Path(sys.argv[1]).read_text())
+    path = Path(sys.argv[1])
+    cfg = json.loads(path.read_text())
+    if "--serve" in sys.argv:
+        dp = load(cfg)
+        print("RESULT " + json.dumps(apply(cfg, dp)), flush=True)
+        for _ in sys.stdin:
+            print("RESULT " + json.dumps(apply(json.loads(path.read_text()), dp)), flush=True)
+        dp.close()
+        return
     print("RESULT " + json.dumps(apply(cfg)), flush=True)  # stdout also carries the JSON logs
     if "--hold" in sys.argv:
         while True:

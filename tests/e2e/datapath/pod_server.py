@@ -1,7 +1,10 @@
 """A "pod": TCP and UDP servers on one port that say who served.
 
 TCP: on accept, send ``<name>\\n``; then answer every line received with ``<name>\\n`` until
-the client closes (so a long-lived connection can be probed later). UDP: answer every
+the client closes (so a long-lived connection can be probed later). A line ``E <token>`` is
+answered with ``<name> <token>\\n`` (an echo, so the client can check the content); ``Q <token>``
+likewise, and then the server closes the connection first (so the client's source port is
+free again at once: no TIME_WAIT on the client). UDP: answer every
 datagram with ``<name>``. Run inside the pod's namespace:
 ``python pod_server.py NAME PORT``.
 """
@@ -17,9 +20,15 @@ def serve_tcp_conn(conn: socket.socket, name: bytes) -> None:
     with conn:
         try:
             conn.sendall(name + b"\n")
-            f = conn.makefile("rb")
-            for _ in f:
-                conn.sendall(name + b"\n")
+            with conn.makefile("rb") as f:   # closed before conn: else close() keeps the fd
+                for line in f:
+                    cmd, _, token = line.strip().partition(b" ")
+                    if cmd in (b"E", b"Q"):
+                        conn.sendall(name + b" " + token + b"\n")
+                        if cmd == b"Q":
+                            return
+                    else:
+                        conn.sendall(name + b"\n")
         except OSError:
             pass
 

@@ -1,0 +1,258 @@
+"""SNAT conntrack across backend churn and client source-port reuse (issue 8, part 3).
+
+A SNAT flow has two conntrack entries: ``SERVICE`` {client:cport -> VIP:vport} naming the
+backend and the node port, and ``REPLY`` {backend:bport -> node:nat_port} naming VIP and
+client. The REPLY key has no client in it, so a REPLY entry that no longer belongs to the
+flow its SERVICE entry describes (a stale one) can send a live flow's replies elsewhere, or
+make the take-over of "its" port delete the live flow's SERVICE entry. Each test is one way
+such a stale entry used to arise, and checks the flow users care about keeps working:
+
+* the client reuses a source port: the new connection's SYN finds the old connection's
+  REPLY entry marked closing; the live connection's port was then taken over by another
+  client (its replies hijacked, its SERVICE entry deleted -> reset);
+* the backend leaves: the flow re-balances on a new port, the old REPLY entry stayed (its
+  port leaked, and a late packet of the old backend went to the client); when the old port
+  was later taken over, the take-over deleted the SERVICE entry by the client's tuple, which
+  by then belonged to the new connection of that client port, to a backend that stayed;
+* a backend id is given to another backend (an agent restart reuses the ids of removed
+  backends): the flow followed the id to the new address on its old port, for which no REPLY
+  entry exists (its replies were lost, and another flow could be given the same port).
+
+The SNAT range here is one port (62000) and the close timeout 0, so "the next flow towards
+that backend takes the port over" is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections import Counter
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from agent.datapath.abi import MapName, XdpAction
+from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
+from tests.bpf.conftest import NODE4, NODE6, TEST_FEATURES, new_datapath, run_xdp
+
+PORT = 62000
+# per family: VIP, two clients, three backends, the node (routes: tests/bpf/conftest.py net)
+ADDRS = {4: ("10.96.0.10", "192.0.2.10", "192.0.2.20", "10.2.0.5", "10.2.0.6", "10.2.0.7", NODE4),
+         6: ("fd00:96::10", "2001:db8::10", "2001:db8::20", "fd00:2::5", "fd00:2::6", "fd00:2::7", NODE6)}
+VIP, C, D, B1, B2, B3, _ = ADDRS[4]
+
+
+def fam(addr: str) -> int:
+    return 6 if ":" in addr else 4
+
+
+def l3(addr: str):
+    return IPv6 if ":" in addr else IP
+
+
+@pytest.fixture(scope="module")
+def module_dp():
+    dp = new_datapath("snatchurn", dataclasses.replace(TEST_FEATURES, snat_port_min=PORT, snat_port_max=PORT,
+                                                       ct_close_timeout=0))
+    yield dp
+    dp.destroy()
+
+
+@pytest.fixture
+def dp(module_dp):
+    module_dp.set_node_addresses(v4=NODE4, v6=NODE6)
+    yield module_dp
+    module_dp.reconcile([])
+    module_dp.table(MapName.CT).clear()
+    module_dp.set_node_addresses()
+
+
+def program(dp, *backends):
+    vip = ADDRS[backends[0].addr.version][0]
+    dp.upsert_service(Service(ServiceKey(vip, 80, Proto.TCP), tuple(backends), mode=Mode.SNAT, maglev_m=251))
+
+
+def req(client, sport, flags="A"):
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / l3(client)(src=client, dst=ADDRS[fam(client)][0]) \
+        / TCP(sport=sport, dport=80, flags=flags, seq=1000) / Raw(b"x")
+
+
+def reply(backend, flags="A", dport=PORT):
+    return Ether(src="02:00:00:00:00:09", dst="02:00:00:00:00:02") / l3(backend)(src=backend, dst=ADDRS[fam(backend)][6]) \
+        / TCP(sport=8080, dport=dport, flags=flags, seq=5000) / Raw(b"y")
+
+
+def forward(dp, net, client, sport, flags="A"):
+    """Run a client packet; returns (backend, node port) it left with, or None if not forwarded."""
+    r = run_xdp(dp, req(client, sport, flags), netns=net["ns"])
+    if r.retval not in (XdpAction.TX, XdpAction.REDIRECT):
+        return None
+    out = Ether(r.data)
+    L3 = l3(client)
+    assert out[L3].src == ADDRS[fam(client)][6]
+    return out[L3].dst, out[TCP].sport
+
+
+def back(dp, net, backend, flags="A", dport=PORT):
+    """Run a backend's reply; returns (client, client port) it was sent to, or None."""
+    r = run_xdp(dp, reply(backend, flags, dport), netns=net["ns"])
+    if r.retval not in (XdpAction.TX, XdpAction.REDIRECT):
+        return None
+    out = Ether(r.data)
+    L3 = l3(backend)
+    assert (out[L3].src, out[TCP].sport) == (ADDRS[fam(backend)][0], 80)
+    return out[L3].dst, out[TCP].dport
+
+
+def sport_towards(dp, net, client, backend, first=5000):
+    """A source port whose new flow goes to ``backend`` (found by sending SYNs; a SYN towards
+    another backend whose one port is busy is dropped without leaving state)."""
+    for sport in range(first, first + 200):
+        got = forward(dp, net, client, sport, "S")
+        if got is not None and got[0] == backend:
+            return sport
+    raise AssertionError(f"no flow of {client} went to {backend}")
+
+
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
+
+
+@FAMILIES
+def test_new_connection_on_a_reused_client_port_is_live_not_closing(dp, net, family):
+    """The client reuses source port 4000 after a closed connection towards the same backend.
+    The new connection is live: nobody else may take its port over or get its replies."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
+    program(dp, Backend(B1, 8080))
+    assert forward(dp, net, C, 4000, "S") == (B1, PORT)
+    assert back(dp, net, B1, "SA") == (C, 4000)
+    assert back(dp, net, B1, "FA") == (C, 4000)        # the first connection closes
+    assert forward(dp, net, C, 4000, "FA") == (B1, PORT)
+    # a new connection from the same client port
+    assert forward(dp, net, C, 4000, "S") == (B1, PORT)
+    assert back(dp, net, B1, "SA") == (C, 4000)
+    # another client's new flow towards B1: the one port is in use by a live flow
+    before = dp.counters().drops["SNAT_NO_PORT"]
+    assert forward(dp, net, D, 7000, "S") is None
+    assert dp.counters().drops["SNAT_NO_PORT"] == before + 1
+    # the live connection keeps its port and its replies
+    assert forward(dp, net, C, 4000) == (B1, PORT)
+    assert back(dp, net, B1) == (C, 4000)
+
+
+@FAMILIES
+def test_taking_over_a_stale_port_never_deletes_the_live_flow_of_that_client_port(dp, net, family):
+    """Client port 4000 had a closed connection to B1 (port 62000 towards B1, closing).
+    B1 leaves; a new connection from port 4000 goes to B2 (62000 towards B2). B1 comes back
+    and another client's flow takes B1's port 62000 over: that must not touch the
+    connection to B2, whose backend never left."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
+    program(dp, Backend(B1, 8080))
+    assert forward(dp, net, C, 4000, "S") == (B1, PORT)
+    assert back(dp, net, B1, "FA") == (C, 4000)
+    program(dp, Backend(B2, 8080))                      # B1 leaves
+    assert forward(dp, net, C, 4000, "S") == (B2, PORT)
+    assert back(dp, net, B2, "SA") == (C, 4000)
+    program(dp, Backend(B2, 8080), Backend(B1, 8080))   # B1 is back (a new backend id)
+    d_port = sport_towards(dp, net, D, B1)               # takes B1:62000 over
+    assert back(dp, net, B1) == (D, d_port)
+    # the connection to B2 is untouched: same backend, same port, replies to the client
+    assert forward(dp, net, C, 4000) == (B2, PORT)
+    assert back(dp, net, B2) == (C, 4000)
+
+
+@FAMILIES
+def test_rebalanced_flow_releases_its_old_port_and_the_old_backend_cannot_reach_the_client(dp, net, family):
+    """A live flow to B1; B1 leaves and the flow re-balances to B2 on a new port. The old
+    REPLY entry {B1 -> node:62000} must go: a late packet from B1 must not reach the client
+    (whose port now carries the flow to B2), and B1's port is free for the next flow at once
+    (not after the 6 h idle timeout)."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
+    program(dp, Backend(B1, 8080))
+    assert forward(dp, net, C, 4000, "S") == (B1, PORT)
+    assert back(dp, net, B1, "SA") == (C, 4000)
+    program(dp, Backend(B2, 8080))                      # B1 leaves (the pod may still be there)
+    assert forward(dp, net, C, 4000) == (B2, PORT)      # re-balanced (this connection breaks)
+    assert back(dp, net, B1) is None                     # B1's late segment reaches nobody
+    program(dp, Backend(B2, 8080), Backend(B1, 8080))   # B1 comes back with the same address
+    d_port = sport_towards(dp, net, D, B1)               # and its port is free at once
+    assert back(dp, net, B1) == (D, d_port)
+    assert forward(dp, net, C, 4000) == (B2, PORT)
+    assert back(dp, net, B2) == (C, 4000)
+
+
+@FAMILIES
+def test_flow_does_not_follow_its_backend_id_to_another_backend(dp, net, family):
+    """Backend id 7 was B1's; B1 leaves and id 7 is given to B3 (an agent restart allocates
+    ids afresh). The flow's SERVICE entry still says 7: it must re-balance like any flow whose
+    backend left, onto a port whose replies come back to it, not go on to B3 on B1's port."""
+    _, C, D, B1, B2, B3, _ = ADDRS[family]
+    program(dp, Backend(B1, 8080, id=7))
+    assert forward(dp, net, C, 4000, "S") == (B1, PORT)
+    assert back(dp, net, B1, "SA") == (C, 4000)
+    program(dp, Backend(B2, 8080, id=8))                # B1 leaves, id 7 is free
+    program(dp, Backend(B2, 8080, id=8), Backend(B3, 8080, id=7))
+    got = forward(dp, net, C, 4000)
+    assert got is not None
+    backend, port = got
+    # wherever the flow went now, that backend's replies on that port come back to it
+    assert back(dp, net, backend, dport=port) == (C, 4000)
+    if backend == B3:
+        # and B3's port is this flow's: a new flow towards B3 cannot get it too
+        before = dp.counters().drops["SNAT_NO_PORT"]
+        for sport in range(7000, 7040):
+            got = forward(dp, net, D, sport, "S")
+            assert got is None or got[0] != B3, "a second flow got the same B3 port"
+        assert dp.counters().drops["SNAT_NO_PORT"] > before
+
+
+def _be16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def _be32(addr: str) -> int:
+    return int.from_bytes(ipaddress.ip_address(addr).packed, "little")
+
+
+def test_removing_a_backend_sweeps_all_its_reply_entries_and_only_its(dp):
+    """The agent's sweep reads conntrack in batches: every REPLY entry of the removed backend
+    goes (more entries than one batch holds), entries of the backend that stays are kept."""
+    program(dp, Backend(B1, 8080), Backend(B2, 8080))
+    ct = dp.table(MapName.CT)
+    for backend, n in ((B1, 5000), (B2, 300)):
+        bid = dp.backend_id(backend, 8080)
+        for i in range(n):
+            k, v = ct.Key(), ct.Leaf()
+            k.saddr[0], k.daddr[0] = _be32(backend), _be32(NODE4)
+            k.sport, k.dport = _be16(8080), _be16(1024 + i)
+            k.proto, k.family, k.dir = 6, 4, 2
+            v.backend_id, v.flags = bid, 2
+            ct[k] = v
+    program(dp, Backend(B2, 8080))                      # B1 leaves
+    left = Counter(str(e.saddr) for e in dp.conntrack() if e.direction == "reply")
+    assert left == {B2: 300}
+
+
+def test_a_new_agent_deletes_reply_entries_of_backends_that_are_not_active(dp):
+    """An agent that stopped between deactivating a backend and sweeping its conntrack (or one
+    from before the sweep existed) left REPLY entries naming an inactive id: the next agent
+    deletes them when it adopts the maps; entries of active backends stay."""
+    from agent.datapath.api import Datapath
+    program(dp, Backend(B1, 8080), Backend(B2, 8080))
+    ct = dp.table(MapName.CT)
+    for backend, bid in ((B1, dp.backend_id(B1, 8080)), (B2, dp.backend_id(B2, 8080)), (B3, 4000)):
+        k, v = ct.Key(), ct.Leaf()
+        k.saddr[0], k.daddr[0] = _be32(backend), _be32(NODE4)
+        k.sport, k.dport = _be16(8080), _be16(62000)
+        k.proto, k.family, k.dir = 6, 4, 2
+        v.backend_id, v.flags = bid, 2
+        ct[k] = v
+    again = Datapath(dp.instance, pin_root=str(dp.pin_dir.parent), features=dp.features)
+    again.load()
+    try:
+        left = {str(e.saddr) for e in again.conntrack() if e.direction == "reply"}
+        assert left == {B1, B2}
+    finally:
+        again.close()
