@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Callable
 
 from agent.config import ObjectSet
 from agent.config.cilium import (
@@ -177,11 +178,15 @@ def _interface_prefixes(addresses: list[str]) -> list[Prefix]:
 
 def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
                lbipam: LbIpamResult | None = None, options: AgentOptions = AgentOptions(),
-               interfaces: dict[str, list[str]] | None = None) -> list[Selection]:
+               interfaces: dict[str, list[str]] | None = None,
+               vip_ready: Callable[[str], bool] | None = None) -> list[Selection]:
+    """``vip_ready``: with the datapath enabled, the announce rule — a Service address is
+    selected only while ``vip_ready(address)`` (every desired frontend at it is programmed).
+    None: every address is ready (BGP only, no datapath)."""
     objects = effective_services(objects, lbipam)
     node = objects.node(node_name)
     if instance.legacy is not None:
-        return _legacy_selections(objects, node, node_name, instance, peer, options)
+        return _legacy_selections(objects, node, node_name, instance, peer, options, vip_ready)
     out: list[Selection] = []
     for fam in peer.families:
         family = fam.family
@@ -208,6 +213,8 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
                             continue
                         for addr_type in entry.service.addresses:
                             ips, local = service_vips(objects, svc, addr_type, node_name, options)
+                            if vip_ready is not None:
+                                ips = [ip for ip in ips if vip_ready(ip)]
                             pfx = _in_family([_host_prefix(
                                 ip, entry.service.aggregation_length_ipv4,
                                 entry.service.aggregation_length_ipv6, local) for ip in ips],
@@ -242,7 +249,7 @@ def _pool_of(objects: ObjectSet, ip: str) -> CiliumLoadBalancerIPPool | None:
     return None
 
 
-def _legacy_selections(objects, node: Node | None, node_name, instance, peer, options):
+def _legacy_selections(objects, node: Node | None, node_name, instance, peer, options, vip_ready=None):
     legacy = instance.legacy
     out: list[Selection] = []
     node_lbls = node.labels if node else {}
@@ -266,6 +273,8 @@ def _legacy_selections(objects, node: Node | None, node_name, instance, peer, op
             for addr_type in legacy.service_addresses:
                 ips, _local = service_vips(objects, svc, addr_type, node_name, options)
                 for ip in ips:
+                    if vip_ready is not None and not vip_ready(ip):
+                        continue
                     pfx = _in_family([_host_prefix(ip, None, None, True)], family)
                     if not pfx:
                         continue
@@ -305,10 +314,12 @@ def _path_attributes(acc: _Attrs, ibgp: bool | None) -> PathAttributes:
 
 def desired_paths(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
                   lbipam: LbIpamResult | None = None, options: AgentOptions = AgentOptions(),
-                  interfaces: dict[str, list[str]] | None = None) -> DesiredPaths:
+                  interfaces: dict[str, list[str]] | None = None,
+                  vip_ready: Callable[[str], bool] | None = None) -> DesiredPaths:
     """Desired Adj-RIB-Out of one peer. Every speaker family of the peer is a key (possibly
-    empty), so the caller withdraws anything not listed."""
-    merged = _merged(selections(objects, node_name, instance, peer, lbipam, options, interfaces))
+    empty), so the caller withdraws anything not listed. ``vip_ready``: see :func:`selections`."""
+    merged = _merged(selections(objects, node_name, instance, peer, lbipam, options, interfaces,
+                                vip_ready))
     ibgp = peer.is_ibgp(instance.local_asn)
     out: DesiredPaths = {f: {} for f in peer.speaker_families}
     for family, prefixes in merged.items():

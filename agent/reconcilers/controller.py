@@ -29,6 +29,7 @@ __all__ = ["Controller", "ConditionClock", "atomic_write_yaml"]
 STATUS_FILE = "status.yaml"
 LBIPAM_FILE = "lbipam-allocations.yaml"
 STATUS_INTERVAL = 5.0  # Cilium pushes NodeConfig status every 5 s
+PROGRAMMED_CONDITION = "vipd.io/DatapathProgrammed"   # Service condition (False: not announced)
 
 
 def atomic_write_yaml(path: Path, data: Any) -> None:
@@ -37,6 +38,15 @@ def atomic_write_yaml(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
     os.replace(tmp, path)
+
+
+def load_allocations(state_dir: Path) -> dict[str, tuple[str, ...]]:
+    """The persisted LB-IPAM allocations ({} when there are none yet)."""
+    path = Path(state_dir) / LBIPAM_FILE
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
 
 
 class ConditionClock:
@@ -88,14 +98,11 @@ class Controller:
         self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()
         self._status_written: Any = None
         self._issues_logged: tuple = ()
+        self._unprogrammed_seen: set[str] = set()
 
     # -- LB-IPAM persistence --------------------------------------------------------------------
     def _load_allocations(self) -> dict[str, tuple[str, ...]]:
-        path = self.state_dir / LBIPAM_FILE
-        if not path.exists():
-            return {}
-        data = yaml.safe_load(path.read_text()) or {}
-        return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
+        return load_allocations(self.state_dir)
 
     def _save_allocations(self) -> None:
         atomic_write_yaml(self.state_dir / LBIPAM_FILE,
@@ -142,8 +149,15 @@ class Controller:
             await self.services.reconcile(effective, self.errors, now, phase="upsert")
         await self.neighbors.reconcile(node_config, self.errors, now)
 
+        # The announce rule: with the datapath, a Service address is announced only while every
+        # desired frontend at it is programmed (ServiceReconciler.vip_ready). ``effective``
+        # already carries the LB-IPAM addresses, so lbipam=None spares a second copy of every
+        # Service per peer.
+        vip_ready = self.services.vip_ready if self.services is not None else None
+
         def desired(inst, peer):
-            return desired_paths(effective, self.node_name, inst, peer, lb, self.options)
+            return desired_paths(effective, self.node_name, inst, peer, None, self.options,
+                                 vip_ready=vip_ready)
 
         await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
         if self.services is not None:  # drop removed VIPs only after they were withdrawn
@@ -258,6 +272,30 @@ class Controller:
                 key: {"loadBalancerIngress": list(self.lbipam.allocations.get(key, ())),
                       "conditions": [self.conditions.stamp(f"Service/{key}", cond)]}
                 for key, cond in sorted(self.lbipam.service_conditions.items())}
+        if self.services is not None:
+            # A Service the datapath could not program: withdrawn, with a False condition saying
+            # why (only these are listed: 20,000 "True" entries would bury them). Once a Service
+            # failed, its condition stays listed, True again when it is programmed.
+            services = doc.setdefault("services", {})
+            failing = self.services.unprogrammed_services()
+            existing = set(self.services.owners.values())
+            for key in sorted(set(failing) | (self._unprogrammed_seen & existing)):
+                items = failing.get(key)
+                if items:
+                    cond = {"type": PROGRAMMED_CONDITION, "status": "False", "reason": items[0][1].reason,
+                            "message": "not programmed in the datapath, VIP not announced: " + "; ".join(
+                                f"{k}: {f.message}" for k, f in items)}
+                else:
+                    cond = {"type": PROGRAMMED_CONDITION, "status": "True", "reason": "Programmed",
+                            "message": "every frontend is programmed in the datapath"}
+                entry = services.setdefault(key, {"conditions": []})
+                entry["conditions"] = [*entry.get("conditions", []),
+                                       self.conditions.stamp(f"Service/{key}", cond)]
+            self._unprogrammed_seen |= set(failing)
+            doc["datapath"] = {"capacity": dict(zip(
+                ("maxServices", "maxBackends", "maxMemberships", "maglevSlots"),
+                self.services.dp.capacity.astuple())), "reloads": self.services.dp.reloads,
+                "unprogrammedFrontends": len(self.services.failed)}
             doc["ciliumLoadBalancerIPPools"] = {
                 name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)
                                       for c in conds]}
