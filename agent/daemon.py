@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import gc
 import os
 import signal
 import socket
@@ -225,6 +226,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         await controller.reconcile_once()
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
         log.error("first reconcile pass failed", error=repr(exc))
+    # The configuration and what the first pass derived from it live as long as the agent:
+    # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
+    # ~0.5 s, paid at random points of later passes). Freed objects are still freed.
+    gc.freeze()
     await api.start()
     _sd_notify("READY=1")
     log.info("vipd running", config=str(args.config), state_dir=str(state_dir),

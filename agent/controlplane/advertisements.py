@@ -12,6 +12,7 @@ route-policy view (``route_policies``), so what the CLI shows is what is sent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +24,7 @@ from agent.config.cilium import (
 )
 from agent.config.core import LoadBalancerIngress, LoadBalancerStatus, Node, Service
 from agent.config.meta import selector_matches
+from agent.controlplane.memo import Memo
 from agent.controlplane.nodeconfig import communities_of
 from agent.controlplane.types import (
     AgentOptions,
@@ -77,9 +79,11 @@ class Selection:
 # ------------------------------------------------------------------------------ service rules
 
 
-def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None) -> ObjectSet:
+def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Memo | None = None
+                       ) -> ObjectSet:
     """Services LB-IPAM is responsible for get status.loadBalancer.ingress = its allocations
-    (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says)."""
+    (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says).
+    ``memo``: reuse the copy made for the same Service object and addresses last pass."""
     if lbipam is None or not (lbipam.allocations or lbipam.service_conditions):
         return objects
     out = []
@@ -89,11 +93,18 @@ def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None) -> Objec
         if ips is None and key in lbipam.service_conditions:
             ips = ()
         if ips is not None:
-            lb = LoadBalancerStatus(ingress=[LoadBalancerIngress(ip=ip) for ip in ips])
-            svc = svc.model_copy(update={"status": svc.status.model_copy(
-                update={"load_balancer": lb})})
+            ips = tuple(ips)
+            if memo is not None:
+                svc = memo.get("effective", svc, ips, lambda svc=svc, ips=ips: _with_ingress(svc, ips))
+            else:
+                svc = _with_ingress(svc, ips)
         out.append(svc)
     return objects.replace(services=out)
+
+
+def _with_ingress(svc: Service, ips: tuple[str, ...]) -> Service:
+    lb = LoadBalancerStatus(ingress=[LoadBalancerIngress(ip=ip) for ip in ips])
+    return svc.model_copy(update={"status": svc.status.model_copy(update={"load_balancer": lb})})
 
 
 def _endpoint_counts(objects: ObjectSet, svc: Service, node_name: str) -> tuple[int, int]:
@@ -136,6 +147,7 @@ def service_vips(objects: ObjectSet, svc: Service, address_type: str, node_name:
     return ips, local_policy
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _host_prefix(ip: str, aggregate_v4: int | None, aggregate_v6: int | None,
                  local_policy: bool) -> Prefix:
     addr = ipaddress.ip_address(ip)
@@ -179,14 +191,25 @@ def _interface_prefixes(addresses: list[str]) -> list[Prefix]:
 def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
                lbipam: LbIpamResult | None = None, options: AgentOptions = AgentOptions(),
                interfaces: dict[str, list[str]] | None = None,
-               vip_ready: Callable[[str], bool] | None = None) -> list[Selection]:
+               vip_ready: Callable[[str], bool] | None = None, memo: Memo | None = None
+               ) -> list[Selection]:
     """``vip_ready``: with the datapath enabled, the announce rule — a Service address is
     selected only while ``vip_ready(address)`` (every desired frontend at it is programmed).
-    None: every address is ready (BGP only, no datapath)."""
+    None: every address is ready (BGP only, no datapath). ``memo``: reuse per-Service results
+    of earlier passes for unchanged objects (see agent.controlplane.memo)."""
     objects = effective_services(objects, lbipam)
+
+    def vips(svc, addr_type):
+        if memo is None:
+            return service_vips(objects, svc, addr_type, node_name, options)
+        slices = tuple(objects.endpoint_slices_for(svc.namespace, svc.name))
+        return memo.get("vips:" + addr_type, svc, (slices, node_name, options),
+                        lambda: service_vips(objects, svc, addr_type, node_name, options))
+
     node = objects.node(node_name)
     if instance.legacy is not None:
         return _legacy_selections(objects, node, node_name, instance, peer, options, vip_ready)
+
     out: list[Selection] = []
     for fam in peer.families:
         family = fam.family
@@ -212,7 +235,7 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
                         if not entry.selector.matches(svc.selector_labels):
                             continue
                         for addr_type in entry.service.addresses:
-                            ips, local = service_vips(objects, svc, addr_type, node_name, options)
+                            ips, local = vips(svc, addr_type)
                             if vip_ready is not None:
                                 ips = [ip for ip in ips if vip_ready(ip)]
                             pfx = _in_family([_host_prefix(
@@ -315,11 +338,12 @@ def _path_attributes(acc: _Attrs, ibgp: bool | None) -> PathAttributes:
 def desired_paths(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
                   lbipam: LbIpamResult | None = None, options: AgentOptions = AgentOptions(),
                   interfaces: dict[str, list[str]] | None = None,
-                  vip_ready: Callable[[str], bool] | None = None) -> DesiredPaths:
+                  vip_ready: Callable[[str], bool] | None = None, memo: Memo | None = None
+                  ) -> DesiredPaths:
     """Desired Adj-RIB-Out of one peer. Every speaker family of the peer is a key (possibly
     empty), so the caller withdraws anything not listed. ``vip_ready``: see :func:`selections`."""
     merged = _merged(selections(objects, node_name, instance, peer, lbipam, options, interfaces,
-                                vip_ready))
+                                vip_ready, memo))
     ibgp = peer.is_ibgp(instance.local_asn)
     out: DesiredPaths = {f: {} for f in peer.speaker_families}
     for family, prefixes in merged.items():

@@ -122,45 +122,65 @@ def _ranges_for(ranges: tuple, version: int) -> tuple:
 
 
 def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size=None,
-                     owners: dict | None = None) -> dict:
+                     owners: dict | None = None, memo=None) -> dict:
     """{ServiceKey: datapath Service} for every frontend of every Service (see module doc).
     ``maglev_size``: the node's ``--maglev-table-size`` (a ``MaglevSize``; default auto): M of
     each frontend from its backend count. ``owners`` (optional) is filled with ServiceKey ->
-    "namespace/name"."""
-    from agent.datapath.capacity import MaglevSize, choose_maglev_m
-    from agent.datapath.model import Mode, Proto, Service, ServiceKey
+    "namespace/name". ``memo`` (an ``agent.controlplane.memo.Memo``): reuse the frontends of a
+    Service whose object and EndpointSlices are unchanged since the last pass."""
+    from agent.datapath.capacity import MaglevSize
 
     maglev_size = maglev_size or MaglevSize()
     out: dict = {}
     for svc in objects.services:
-        spec = svc.spec
-        if spec.type == "ExternalName":
+        if svc.spec.type == "ExternalName":
             continue
-        internal_local = spec.internal_traffic_policy == "Local"
-        external_local = spec.external_traffic_policy == "Local"
-        # (address, traffic policy Local?, source ranges apply?); LoadBalancer ingress first, so
-        # an address that is also an externalIP keeps its source ranges
-        frontends = [(ip, external_local, True) for ip in svc.ingress_ips] if spec.type == "LoadBalancer" else []
-        frontends += [(ip, internal_local, False) for ip in svc.cluster_ips]
-        frontends += [(ip, external_local, False) for ip in spec.external_ips or () if ip not in ("", "None")]
-        affinity, ranges = svc.affinity_timeout, svc.source_ranges
-        for port in spec.ports:
-            if port.protocol not in ("TCP", "UDP"):
+        if memo is None:
+            mine = _frontends(objects, svc, node_name, mode, maglev_size)
+        else:
+            slices = tuple(objects.endpoint_slices_for(svc.namespace, svc.name))
+            mine = memo.get("frontends", svc, (slices, node_name, mode, maglev_size),
+                            lambda svc=svc: _frontends(objects, svc, node_name, mode, maglev_size))
+        owner = f"{svc.namespace}/{svc.name}"
+        for key, service in mine:
+            if key in out:  # the same VIP:port claimed twice: the older Service keeps it
                 continue
-            backends = _backends(objects, svc, port, node_name)
-            for ip, local, filtered in frontends:
-                key = ServiceKey(ip, port.port, Proto[port.protocol])
-                if key in out:  # the same VIP:port claimed twice: the older Service keeps it
-                    continue
-                version = key.vip.version
-                mine = tuple(b for b in backends if b.addr.version == version)
-                out[key] = Service(key, mine, traffic_policy_local=local, mode=Mode(mode),
-                                   affinity_timeout=affinity,
-                                   source_ranges=_ranges_for(ranges, version) if filtered else (),
-                                   maglev_m=choose_maglev_m(len(mine), maglev_size))
-                if owners is not None:
-                    owners[key] = f"{svc.namespace}/{svc.name}"
+            out[key] = service
+            if owners is not None:
+                owners[key] = owner
     return out
+
+
+def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> list:
+    """[(ServiceKey, datapath Service)] of one Service, in claim order."""
+    from agent.datapath.capacity import choose_maglev_m
+    from agent.datapath.model import Mode, Proto, Service, ServiceKey
+
+    spec = svc.spec
+    internal_local = spec.internal_traffic_policy == "Local"
+    external_local = spec.external_traffic_policy == "Local"
+    # (address, traffic policy Local?, source ranges apply?); LoadBalancer ingress first, so
+    # an address that is also an externalIP keeps its source ranges
+    frontends = [(ip, external_local, True) for ip in svc.ingress_ips] if spec.type == "LoadBalancer" else []
+    frontends += [(ip, internal_local, False) for ip in svc.cluster_ips]
+    frontends += [(ip, external_local, False) for ip in spec.external_ips or () if ip not in ("", "None")]
+    affinity, ranges = svc.affinity_timeout, svc.source_ranges
+    out: dict = {}
+    for port in spec.ports:
+        if port.protocol not in ("TCP", "UDP"):
+            continue
+        backends = _backends(objects, svc, port, node_name)
+        for ip, local, filtered in frontends:
+            key = ServiceKey(ip, port.port, Proto[port.protocol])
+            if key in out:
+                continue
+            version = key.vip.version
+            mine = tuple(b for b in backends if b.addr.version == version)
+            out[key] = Service(key, mine, traffic_policy_local=local, mode=Mode(mode),
+                               affinity_timeout=affinity,
+                               source_ranges=_ranges_for(ranges, version) if filtered else (),
+                               maglev_m=choose_maglev_m(len(mine), maglev_size))
+    return list(out.items())
 
 
 class ServiceReconciler:
@@ -180,6 +200,8 @@ class ServiceReconciler:
         self.blocked: frozenset = frozenset()       # VIP addresses not to announce
         self.failure_counts: dict[str, int] = {}    # reason -> frontends that entered failure (metric)
         self.growth_error: str | None = None
+        from agent.controlplane.memo import Memo
+        self.memo = Memo()                          # frontends of unchanged Services
 
     def vip_ready(self, address: str) -> bool:
         """The announce rule: False while a desired frontend at ``address`` is not programmed."""
@@ -198,7 +220,8 @@ class ServiceReconciler:
         try:
             owners: dict = {}
             desired = desired_services(objects, self.node_name, mode=self.mode, maglev_size=self.maglev_size,
-                                       owners=owners)
+                                       owners=owners, memo=self.memo)
+            self.memo.rotate()
             changed, failed = await asyncio.to_thread(self._apply, desired, phase)
         except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
             rec = errors.record(NAME, "", exc, now)

@@ -57,6 +57,8 @@ class FileSource:
         self.store = store
         self.debounce_ms = debounce_ms
         self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
+        from agent.config.loader import ParseCache
+        self._cache = ParseCache()   # unchanged files are not parsed again
 
     def load(self) -> bool:
         """Read and validate the directory; True when the store got a new snapshot."""
@@ -67,7 +69,7 @@ class FileSource:
         fp = fingerprint(yaml_files(self.directory))
         if fp == self.store.current.fingerprint:
             return False
-        result = load_dir(self.directory)
+        result = load_dir(self.directory, self._cache)
         objects, kept = self._keep_last_good(result)
         changed = self.store.replace(objects, errors=result.errors, ignored=result.ignored,
                                      fingerprint=fp, source=str(self.directory), kept=kept)

@@ -1,0 +1,175 @@
+"""Many Services through the real daemon: `vipd run --lb-interface` in a namespace lab with a
+real FRR peer (agent/lab/scale.py ScaleLab), default install (maps sized from the
+configuration, Maglev M = auto).
+
+* 20,000 LoadBalancer Services x 1 port, endpoints spread over 4 pods: every prefix reaches
+  FRR; TCP to the first, a middle and the last VIP is answered by the right pod; one more
+  Service is programmed and announced within 2 s.
+* 10,000 Services x 2 ports (20,000 frontends, 2 backends each), with a per-node frontend
+  limit (`--bpf-lb-map-max`) and a capped Maglev size (`--maglev-table-size auto:1021`): both
+  ports of first/middle/last answer; a Service with more backends than its table has slots, and
+  one whose second port exceeds the limit, are never announced (FRR's table) and are listed in
+  `vipctl status`, the status file's Service condition and the metrics.
+
+Convergence bound (2 s): measured from the atomic write of the new manifest to the prefix in
+FRR's BGP table. It covers the file watcher's debounce (0.15 s), re-reading the directory (only
+the changed file is parsed), one reconcile pass at 20,000 Services (LB-IPAM, datapath
+upsert, desired paths: per-Service results of unchanged objects are reused), one UPDATE. The
+pass is ~0.5-1 s on an idle 2-core VM; the rest is margin for a loaded CI machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from agent.lab import Lab, wait_until
+from agent.lab.scale import ScaleLab, service_docs, vip_of
+
+CONVERGENCE_S = 2.0
+
+
+def timed_add(env: ScaleLab, name: str, text: str, prefix: str) -> float:
+    t0 = time.monotonic()
+    env.write(name, text)
+    while not env.has_route(prefix):
+        if time.monotonic() - t0 > 30:
+            raise AssertionError(f"{prefix} never reached FRR:\n{env.log()[-3000:]}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def start_and_converge(env: ScaleLab, n_prefixes: int, *extra: str, metrics_port: int | None = None) -> float:
+    t0 = time.monotonic()
+    env.start(*extra, metrics_port=metrics_port)
+    wait_until(lambda: env.accepted() >= n_prefixes or env.proc.poll() is not None, timeout=150, interval=0.5,
+               what=f"{n_prefixes} prefixes at FRR")
+    assert env.proc.poll() is None, env.log()[-3000:]
+    elapsed = time.monotonic() - t0
+    phases = [(json.loads(line).get("timestamp", "")[11:23], json.loads(line).get("event"))
+              for line in env.log().splitlines() if line.startswith("{")]
+    print("\n" + "\n".join(f"  {ts} {ev}" for ts, ev in phases if ev in (
+        "configuration loaded", "datapath loaded", "datapath attached", "services programmed",
+        "advertisements changed", "vipd running")))
+    return elapsed
+
+
+@pytest.fixture(scope="module")
+def lab20k():
+    lab = Lab("scl20k")
+    env = None
+    try:
+        with lab:
+            env = ScaleLab(lab)
+            env.write_services(20000, ports=1)
+            startup = start_and_converge(env, 20000)
+            print(f"\n20,000 x 1: process start -> 20,000 prefixes at FRR in {startup:.1f} s")
+            yield env
+    finally:
+        if env is not None:
+            env.cleanup_pins()
+
+
+def test_20000_services_answer_first_middle_last_and_one_more_converges_within_2s(lab20k):
+    env = lab20k
+    assert env.accepted() == 20000
+    alloc = env.allocations()
+    assert all(alloc[f"scale/svc-{i:05d}"] == [vip_of(i)] for i in range(20000))
+    for i in (0, 10000, 19999):
+        # endpoint of Service i: pod i % 4 (agent/lab/scale.py service_docs)
+        assert env.connect(vip_of(i), 80, 3) == [f"p{i % 4}"] * 3, i
+    elapsed = timed_add(env, "extra.yaml",
+                        service_docs(20000, ports=1, pods=env.pod_ips, node_name="node1"),
+                        f"{vip_of(20000)}/32")
+    print(f"\none more Service at 20,000: announced at FRR {elapsed:.2f} s after the write")
+    assert elapsed <= CONVERGENCE_S
+    # programmed before it was announced: it answers right away
+    assert env.connect(vip_of(20000), 80, 3) == [f"p{20000 % 4}"] * 3
+    status = env.vipctl("status")
+    assert "Reconcile errors: none" in status, status[-2000:]
+
+
+METRICS_PORT = 9468
+
+
+@pytest.fixture(scope="module")
+def lab10kx2():
+    lab = Lab("scl10k2")
+    env = None
+    try:
+        with lab:
+            env = ScaleLab(lab)
+            env.write_services(10000, ports=2, backends=2)
+            # 20,000 frontends, + 2 for the Service the first test adds, + 2: the third test's
+            # "good" Service and the first port of "over" fit, the second port of "over" does not
+            startup = start_and_converge(env, 10000, "--bpf-lb-map-max", "20004",
+                                         "--maglev-table-size", "auto:1021", metrics_port=METRICS_PORT)
+            print(f"\n10,000 x 2: process start -> 10,000 prefixes at FRR in {startup:.1f} s")
+            yield env
+    finally:
+        if env is not None:
+            env.cleanup_pins()
+
+
+def test_10000_services_x_2_ports_answer_and_one_more_converges_within_2s(lab10kx2):
+    env = lab10kx2
+    assert env.accepted() == 10000
+    alloc = env.allocations()
+    assert all(alloc[f"scale/svc-{i:05d}"] == [vip_of(i)] for i in range(10000))
+    for i in (0, 5000, 9999):
+        pods = {f"p{i % 4}", f"p{(i + 1) % 4}"}     # two endpoints per Service
+        for port in (80, 81):
+            got = env.connect(vip_of(i), port, 6)
+            assert set(got) <= pods and len(got) == 6, (i, port, got)
+    elapsed = timed_add(env, "extra.yaml",
+                        service_docs(10000, ports=2, backends=2, pods=env.pod_ips, node_name="node1"),
+                        f"{vip_of(10000)}/32")
+    print(f"\none more Service (2 ports) at 10,000 x 2: announced at FRR {elapsed:.2f} s after the write")
+    assert elapsed <= CONVERGENCE_S
+    for port in (80, 81):
+        assert set(env.connect(vip_of(10000), port, 4)) <= {f"p{10000 % 4}", f"p{10001 % 4}"}
+
+
+def test_services_that_cannot_be_programmed_are_never_announced_and_are_reported(lab10kx2):
+    env = lab10kx2
+    wait_until(lambda: env.has_route(f"{vip_of(10000)}/32"), timeout=30, what="the previous test's Service")
+    # 1100 endpoints > M = 1021 (the cap): refused before the maps. And a 2-port Service when
+    # only one frontend is left under --bpf-lb-map-max: one port would be programmed, the VIP
+    # must still not be announced (not every frontend at the address works).
+    wide = service_docs(10001, ports=1, backends=1100, name="wide",
+                        pods=[f"10.9.{k // 250}.{k % 250 + 1}" for k in range(1100)], node_name="other")
+    over = service_docs(10002, ports=2, backends=2, name="over", pods=env.pod_ips, node_name="node1")
+    good = service_docs(10003, ports=1, backends=1, name="good", pods=env.pod_ips, node_name="node1")
+    env.write("broken.yaml", wide + over + good)
+    status = wait_until(lambda: (lambda s: s if "Service/scale/over" in s and "Service/scale/wide" in s else None)(
+        env.vipctl("status")), timeout=60, what="both Services listed in vipctl status")
+    assert "Reconcile errors: none" not in status
+    assert "MaglevTableTooSmall" in status and "1100 backends exceed the Maglev table size 1021" in status
+    assert "CapacityExceeded" in status
+    doc = env.status_file()
+    addrs = {}
+    for name, reason in (("wide", "MaglevTableTooSmall"), ("over", "CapacityExceeded")):
+        entry = doc["services"][f"scale/{name}"]
+        cond = next(c for c in entry["conditions"] if c["type"] == "vipd.io/DatapathProgrammed")
+        assert (cond["status"], cond["reason"]) == ("False", reason), cond
+        (addrs[name],) = entry["loadBalancerIngress"]
+    (good_ip,) = doc["services"]["scale/good"]["loadBalancerIngress"]
+    # the good one in the same file is announced and answers; the other two never were
+    wait_until(lambda: env.has_route(f"{good_ip}/32"), timeout=30, what="the good Service announced")
+    assert env.connect(good_ip, 80, 2) == [f"p{10003 % 4}"] * 2
+    for name, ip in addrs.items():
+        assert not env.has_route(f"{ip}/32"), name
+    assert env.accepted() == 10002                 # 10,000 + the previous test's + good
+    metrics = env.metrics(METRICS_PORT)
+    assert "vipd_services_unprogrammed 2.0" in metrics, metrics[-2000:]
+    assert 'vipd_service_program_failures_total{reason="MaglevTableTooSmall"} 1.0' in metrics
+    assert 'vipd_service_program_failures_total{reason="CapacityExceeded"} 1.0' in metrics
+    assert env.log().count('"service not programmed; its VIP is not announced"') == 2   # once per change
+    # fixed (the wide Service shrinks to 2 endpoints of real pods): programmed, announced, cleared
+    env.write("broken.yaml", service_docs(10001, ports=1, backends=2, name="wide", pods=env.pod_ips,
+                                          node_name="node1") + good)
+    wait_until(lambda: env.has_route(f"{addrs['wide']}/32"), timeout=30, what="the fixed Service announced")
+    wait_until(lambda: "Reconcile errors: none" in env.vipctl("status"), timeout=30, what="errors cleared")
+    assert "vipd_services_unprogrammed 0.0" in env.metrics(METRICS_PORT)
