@@ -325,6 +325,15 @@ def _merged(sels: list[Selection]) -> dict[Family, dict[Prefix, _Attrs]]:
 
 
 def _path_attributes(acc: _Attrs, ibgp: bool | None) -> PathAttributes:
+    return _path_attributes_of(tuple(sorted(acc.communities)), tuple(sorted(acc.large)), acc.local_pref,
+                               acc.incomplete_origin, ibgp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_attributes_of(communities: tuple, large: tuple, local_pref: int | None, incomplete: bool,
+                        ibgp: bool | None) -> PathAttributes:
+    # thousands of prefixes share a handful of attribute sets: build each PathAttributes once
+    acc = _Attrs(set(communities), set(large), local_pref, incomplete)
     return PathAttributes(
         origin=Origin.INCOMPLETE if acc.incomplete_origin else Origin.IGP,
         # LOCAL_PREF is an iBGP attribute: dropped for known eBGP peers; kept when the peer ASN

@@ -124,7 +124,16 @@ def is_handled(svc: Service) -> bool:
     return cls is None or cls in HANDLED_CLASSES
 
 
-def _view(svc: Service) -> _View:
+def _view(svc: Service, memo=None) -> _View:
+    """The allocator's view of one Service (fresh: the allocator fills ``allocated``); with
+    ``memo`` the parsing is reused for an unchanged Service object."""
+    if memo is None:
+        return _View(**_view_fields(svc))
+    fields = memo.get("lbipam-view", svc, (), lambda: _view_fields(svc))
+    return _View(**{**fields, "requested": list(fields["requested"])})
+
+
+def _view_fields(svc: Service) -> dict:
     requested: list[str] = []
     for raw in [svc.spec.load_balancer_ip or ""] + _annotation(svc, IPS_ANNOTATIONS).split(","):
         raw = raw.strip()
@@ -143,7 +152,7 @@ def _view(svc: Service) -> _View:
     else:
         want = {"IPv4", "IPv6"}
     cross = [x.strip() for x in _annotation(svc, SHARING_NS_ANNOTATIONS).split(",") if x.strip()]
-    return _View(
+    return dict(
         key=f"{svc.namespace}/{svc.name}", namespace=svc.namespace, labels=svc.selector_labels,
         sharing_key=_annotation(svc, SHARING_KEY_ANNOTATIONS), cross_ns=cross,
         etp=svc.spec.external_traffic_policy, ports={p.port for p in svc.spec.ports},
@@ -242,14 +251,15 @@ class _Allocator:
         return None, full
 
 
-def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]] | None = None
-             ) -> LbIpamResult:
+def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]] | None = None,
+             memo=None) -> LbIpamResult:
+    """``memo`` (agent.controlplane.memo.Memo): reuse each unchanged Service's parsed view."""
     if not objects.lb_pools:
         return LbIpamResult()    # dormant until the first pool exists
     previous = previous_allocations or {}
     ranges, conflicts = _ranges(objects)
     alloc = _Allocator(ranges)
-    views = [_view(s) for s in objects.services if is_handled(s)]
+    views = [_view(s, memo) for s in objects.services if is_handled(s)]
     ingress = {f"{s.namespace}/{s.name}": s.ingress_ips for s in objects.services}
 
     # 1. restore: previous allocations first, then ingress IPs already in the object
@@ -320,7 +330,7 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
                     else:
                         v.fail("no_pool", NO_POOL_MSG)
         if v.satisfied():
-            v.condition = Condition(REQUEST_SATISFIED, "True", "satisfied", "")
+            v.condition = _SATISFIED
 
     allocations = {v.key: tuple(sorted(v.allocated, key=_ip_sort)) for v in views if v.allocated}
     service_conditions = {v.key: v.condition for v in views if v.condition is not None}
@@ -341,6 +351,9 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
             conds.append(Condition(POOL_CONFLICT, "False", "resolved", ""))
         pool_conditions[pool.name] = tuple(sorted(conds, key=lambda c: c.type))
     return LbIpamResult(allocations, service_conditions, pool_conditions)
+
+
+_SATISFIED = Condition(REQUEST_SATISFIED, "True", "satisfied", "")
 
 
 def _ip_sort(ip: str):

@@ -65,6 +65,25 @@ def load_allocations(state_dir: Path) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
 
 
+SLOW_PASS_S = 0.5   # passes slower than this are logged with their phases
+
+
+class _Marks:
+    """Seconds spent per phase of a pass (``vipd`` logs slow passes; benchmarks read them)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round(now - self.last, 3)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        return {**self.phases, "total": round(time.monotonic() - self.t0, 3)}
+
+
 class ConditionClock:
     """lastTransitionTime bookkeeping: the time a condition's status last changed."""
 
@@ -111,6 +130,7 @@ class Controller:
         self._policies: list | None = []
         self._policy_inputs: tuple | None = None
         self._status_lock = asyncio.Lock()
+        self.last_pass: dict[str, float] = {}
         from agent.controlplane.memo import Memo
         self.memo = Memo()   # per-Service results of unchanged objects, kept from pass to pass
         self.cluster_conditions: dict = {}
@@ -138,10 +158,11 @@ class Controller:
         objects = self.store.objects()
         now = time.monotonic()
         self.passes += 1
+        mark = _Marks()
         self.attempted_generation = snap.generation
 
         try:
-            lb = lbipam.allocate(objects, self.allocations)
+            lb = lbipam.allocate(objects, self.allocations, self.memo)
             if dict(lb.allocations) != self.allocations:
                 self.allocations = {k: tuple(v) for k, v in lb.allocations.items()}
                 self._save_allocations()
@@ -151,6 +172,7 @@ class Controller:
             self._record("lbipam", "", exc, now)
             lb = self.lbipam
         effective = effective_services(objects, lb, self.memo) if lb is not None else objects
+        mark("lbipam")
 
         try:
             node_config = derive_node_config(effective, self.node_name, self.options)
@@ -167,6 +189,7 @@ class Controller:
 
         if self.services is not None:  # program new/changed VIPs before announcing them
             await self.services.reconcile(effective, self.errors, now, phase="upsert")
+            mark("services")
         await self.neighbors.reconcile(node_config, self.errors, now)
 
         # The announce rule: with the datapath, a Service address is announced only while every
@@ -180,6 +203,7 @@ class Controller:
                                  vip_ready=vip_ready, memo=self.memo)
 
         await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
+        mark("advertisements")
         self.memo.rotate()
         if self.services is not None:  # drop removed VIPs only after they were withdrawn
             await self.services.reconcile(effective, self.errors, now, phase="delete")
@@ -193,6 +217,10 @@ class Controller:
         except Exception as exc:  # noqa: BLE001
             self._record("status", "", exc, now)
         self.applied_generation = snap.generation
+        mark("rest")
+        self.last_pass = mark.done()
+        if self.last_pass["total"] > SLOW_PASS_S:
+            self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
         await self.write_status_async()
 
     def _record(self, reconciler: str, instance: str, exc: BaseException, now: float) -> None:

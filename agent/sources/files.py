@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -66,6 +67,7 @@ class FileSource:
 
         if not self.directory.is_dir():
             raise FileNotFoundError(f"config directory {self.directory} does not exist")
+        t0 = time.monotonic()
         fp = fingerprint(yaml_files(self.directory))
         if fp == self.store.current.fingerprint:
             return False
@@ -76,7 +78,8 @@ class FileSource:
         if changed:
             snap = self.store.current
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
-                     objects=sum(1 for _ in objects.all()), errors=len(result.errors))
+                     objects=sum(1 for _ in objects.all()), errors=len(result.errors),
+                     load_s=round(time.monotonic() - t0, 3))
             for err in result.errors:
                 log.warning("invalid object rejected", error=str(err))
             for key in kept:

@@ -32,13 +32,19 @@ CONVERGENCE_S = 2.0
 
 
 def timed_add(env: ScaleLab, name: str, text: str, prefix: str) -> float:
-    t0 = time.monotonic()
+    t0, wall = time.monotonic(), time.time()
     env.write(name, text)
     while not env.has_route(prefix):
         if time.monotonic() - t0 > 30:
             raise AssertionError(f"{prefix} never reached FRR:\n{env.log()[-3000:]}")
         time.sleep(0.05)
-    return time.monotonic() - t0
+    elapsed = time.monotonic() - t0
+    time.sleep(0.5)
+    events = [json.loads(line) for line in env.log().splitlines() if line.startswith("{")]
+    print(f"\n  write at {time.strftime('%H:%M:%S', time.gmtime(wall))}.{int(wall % 1 * 1000):03d}")
+    for e in events[-8:]:
+        print(f"  {e.get('timestamp', '')[11:23]} {e.get('event')} {e.get('load_s', e.get('total', ''))}")
+    return elapsed
 
 
 def start_and_converge(env: ScaleLab, n_prefixes: int, *extra: str, metrics_port: int | None = None) -> float:
