@@ -154,7 +154,8 @@ def test_services_that_cannot_be_programmed_are_never_announced_and_are_reported
     assert "Reconcile errors: none" not in status
     assert "MaglevTableTooSmall" in status and "1100 backends exceed the Maglev table size 1021" in status
     assert "CapacityExceeded" in status
-    doc = env.status_file()
+    doc = wait_until(lambda: (lambda d: d if {"scale/wide", "scale/over"} <= set(d.get("services", {})) else None)(
+        env.status_file()), timeout=30, what="both Services in the status file")
     addrs = {}
     for name, reason in (("wide", "MaglevTableTooSmall"), ("over", "CapacityExceeded")):
         entry = doc["services"][f"scale/{name}"]
