@@ -245,6 +245,18 @@ class ScaleLab:
         text = (self.state_dir / "lbipam-allocations.yaml").read_text()
         return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["allocations"]
 
+    def map_memory(self) -> int:
+        """Bytes of kernel memory (memlock) of every BPF map the agent holds open."""
+        total = 0
+        for fd in Path(f"/proc/{self.proc.pid}/fdinfo").iterdir():
+            try:
+                info = fd.read_text()
+            except OSError:
+                continue
+            if "map_type:" in info:
+                total += next(int(line.split()[1]) for line in info.splitlines() if line.startswith("memlock:"))
+        return total
+
     def status_file(self) -> dict:
         import yaml
         return yaml.load((self.state_dir / "status.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))

@@ -56,6 +56,7 @@ def start_and_converge(env: ScaleLab, n_prefixes: int, *extra: str, metrics_port
     elapsed = time.monotonic() - t0
     phases = [(json.loads(line).get("timestamp", "")[11:23], json.loads(line).get("event"))
               for line in env.log().splitlines() if line.startswith("{")]
+    print(f"\n  BPF maps held by vipd: {env.map_memory() / 2**20:.1f} MiB (memlock)")
     print("\n" + "\n".join(f"  {ts} {ev}" for ts, ev in phases if ev in (
         "configuration loaded", "datapath loaded", "datapath attached", "services programmed",
         "advertisements changed", "vipd running")))
