@@ -119,20 +119,41 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------- the lab
 
-# A "pod": TCP servers on ports 80 and 81 answering each connection with the pod's name.
+# A "pod": TCP servers on ports 80 and 81 answering each connection with the pod's name, then
+# echoing whatever the client sends until it closes (long-lived connections).
 POD_SERVER = r"""
 import socket, sys, threading
 name = sys.argv[1].encode()
+def echo(c):
+    with c:
+        c.sendall(name + b"\n")
+        while True:
+            data = c.recv(4096)
+            if not data:
+                return
+            c.sendall(data)
 def serve(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(256)
     while True:
         c, _ = s.accept()
-        with c:
-            c.sendall(name + b"\n")
+        threading.Thread(target=echo, args=(c,), daemon=True).start()
 for port in (80, 81):
     threading.Thread(target=serve, args=(port,), daemon=True).start()
 threading.Event().wait()
+"""
+
+# One long-lived connection: prints the pod's name, then echoes each stdin line through it.
+LONG_CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(c.recv(100).decode().strip(), flush=True)
+for line in sys.stdin:
+    try:
+        c.sendall(line.encode())
+        print(c.recv(100).decode().strip() or "CLOSED", flush=True)
+    except OSError as e:
+        print("ERROR " + type(e).__name__, flush=True)
 """
 
 # N TCP connections to ADDR:PORT from the client; one answer (or error) per line.
@@ -227,6 +248,13 @@ class ScaleLab:
                              capture_output=True, text=True, timeout=60)
         return out.stdout.split("\n")[:n]
 
+    def long_connection(self, address: str, port: int = 80) -> subprocess.Popen:
+        """A TCP connection kept open by a client process (see LONG_CLIENT); the lab stops it."""
+        proc = subprocess.Popen(self.router.exec_argv([sys.executable, "-c", LONG_CLIENT, address, str(port)]),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lab._procs.append(proc)
+        return proc
+
     def vipctl(self, *args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(self.socket), *args],
                               capture_output=True, text=True, timeout=60,
@@ -247,15 +275,15 @@ class ScaleLab:
 
     def map_memory(self) -> int:
         """Bytes of kernel memory (memlock) of every BPF map the agent holds open."""
-        total = 0
+        maps: dict[int, int] = {}     # map_id -> memlock (each map is open once per program object)
         for fd in Path(f"/proc/{self.proc.pid}/fdinfo").iterdir():
             try:
-                info = fd.read_text()
+                info = dict(line.split(":", 1) for line in fd.read_text().splitlines() if ":" in line)
             except OSError:
                 continue
-            if "map_type:" in info:
-                total += next(int(line.split()[1]) for line in info.splitlines() if line.startswith("memlock:"))
-        return total
+            if "map_type" in info:
+                maps[int(info["map_id"])] = int(info["memlock"])
+        return sum(maps.values())
 
     def status_file(self) -> dict:
         import yaml

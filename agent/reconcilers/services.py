@@ -32,6 +32,7 @@ with a desired frontend that is not programmed is not announced.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -65,6 +66,14 @@ def check_service(svc) -> FrontendFailure | None:
                                f"{n} backends exceed the Maglev table size {svc.maglev_m} "
                                "(raise --maglev-table-size)")
     return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
 
 
 def blocked_vips(desired: Iterable, failed: Mapping) -> frozenset:
@@ -197,14 +206,20 @@ class ServiceReconciler:
         self.last: dict = {}
         self.owners: dict = {}                      # ServiceKey -> "namespace/name"
         self.failed: dict = {}                      # ServiceKey -> FrontendFailure (desired, not programmed)
-        self.blocked: frozenset = frozenset()       # VIP addresses not to announce
+        self.blocked: frozenset | None = frozenset()  # VIP addresses not to announce (None: see vip_ready)
+        self.programmed_vips: frozenset = frozenset()
         self.failure_counts: dict[str, int] = {}    # reason -> frontends that entered failure (metric)
         self.growth_error: str | None = None
         from agent.controlplane.memo import Memo
         self.memo = Memo()                          # frontends of unchanged Services
 
     def vip_ready(self, address: str) -> bool:
-        """The announce rule: False while a desired frontend at ``address`` is not programmed."""
+        """The announce rule: False while a desired frontend at ``address`` is not programmed.
+        After a pass that could not even compute what is desired, only addresses the maps
+        program are ready."""
+        address = _canonical(address)
+        if self.blocked is None:
+            return address in self.programmed_vips
         return address not in self.blocked
 
     def unprogrammed_services(self) -> dict[str, list[FrontendFailure]]:
@@ -227,6 +242,12 @@ class ServiceReconciler:
             rec = errors.record(NAME, "", exc, now)
             if self.log is not None:
                 self.log.error("reconcile failed", reconciler=NAME, error=rec.error, attempts=rec.attempts)
+            if phase in ("all", "upsert"):   # what is desired is unknown: announce only what is programmed
+                try:
+                    self.programmed_vips = frozenset(str(k.vip) for k in self.dp.services())
+                except Exception:  # noqa: BLE001
+                    self.programmed_vips = frozenset()
+                self.blocked = None
             return
         errors.clear(NAME, "")
         self.last, self.owners = desired, owners

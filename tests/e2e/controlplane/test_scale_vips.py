@@ -181,3 +181,33 @@ def test_services_that_cannot_be_programmed_are_never_announced_and_are_reported
     wait_until(lambda: env.has_route(f"{addrs['wide']}/32"), timeout=30, what="the fixed Service announced")
     wait_until(lambda: "Reconcile errors: none" in env.vipctl("status"), timeout=30, what="errors cleared")
     assert "vipd_services_unprogrammed 0.0" in env.metrics(METRICS_PORT)
+
+
+def test_growing_the_maps_keeps_an_established_connection(request):
+    """A node started with 10 Services (maps at their floor: 1,024 frontends) gets 2,000 more:
+    the agent grows the maps by a reload (new programs, bigger maps, same conntrack) while a
+    TCP connection through the first VIP stays open; it keeps working, and the new Services
+    answer."""
+    lab = Lab("sclgrow")
+    env = None
+    try:
+        with lab:
+            env = ScaleLab(lab)
+            env.write_services(10, ports=1)
+            start_and_converge(env, 10, metrics_port=METRICS_PORT + 1)
+            conn = env.long_connection(vip_of(0))
+            assert conn.stdout.readline().strip() == "p0"
+            conn.stdin.write("before\n"); conn.stdin.flush()
+            assert conn.stdout.readline().strip() == "before"
+            env.write_services(2010, ports=1)          # rewrites the file: Services 0..2009
+            wait_until(lambda: env.accepted() >= 2010, timeout=120, interval=0.5, what="2,010 prefixes at FRR")
+            assert '"datapath grown"' in env.log()
+            assert "vipd_datapath_reloads_total 1.0" in env.metrics(METRICS_PORT + 1)
+            conn.stdin.write("after\n"); conn.stdin.flush()
+            assert conn.stdout.readline().strip() == "after"     # the same connection, same backend
+            assert env.connect(vip_of(2009), 80, 2) == [f"p{2009 % 4}"] * 2
+            conn.stdin.close()
+            conn.wait(timeout=10)
+    finally:
+        if env is not None:
+            env.cleanup_pins()

@@ -189,3 +189,17 @@ endpoints:
     rec = ServiceReconciler(RecordingDatapath(), "me")        # auto: M = 32749 for 252 backends
     asyncio.run(rec.reconcile(objects(SVC + big), ErrorBook(), 0.0))
     assert rec.failed == {} and rec.last[ServiceKey("172.20.0.2", 5432)].maglev_m == 32749
+
+
+def test_when_the_desired_services_cannot_be_computed_only_programmed_vips_are_ready():
+    dp, errors = RecordingDatapath(), ErrorBook()
+    rec = ServiceReconciler(dp, "me")
+    asyncio.run(rec.reconcile(objects(), errors, 0.0))
+    assert rec.vip_ready("172.20.0.1")
+
+    class Boom:
+        services = None   # not iterable: desired_services raises
+    asyncio.run(rec.reconcile(Boom(), errors, 1.0))
+    assert errors.records()[0].reconciler == "services"
+    assert rec.vip_ready("172.20.0.1")                 # programmed before: still ready
+    assert not rec.vip_ready("172.20.0.99")            # anything else is not
