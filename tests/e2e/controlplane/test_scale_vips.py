@@ -20,6 +20,7 @@ pass is ~0.5-1 s on an idle 2-core VM; the rest is margin for a loaded CI machin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -63,20 +64,28 @@ def start_and_converge(env: ScaleLab, n_prefixes: int, *extra: str, metrics_port
     return elapsed
 
 
-@pytest.fixture(scope="module")
-def lab20k():
-    lab = Lab("scl20k")
+@contextlib.contextmanager
+def scale_lab(name: str, count: int, *extra: str, ports: int = 1, backends: int = 1,
+              metrics_port: int | None = None):
+    """A ScaleLab with ``count`` Services, vipd started and every prefix at FRR; pins removed after."""
+    lab = Lab(name)
     env = None
     try:
         with lab:
             env = ScaleLab(lab)
-            env.write_services(20000, ports=1)
-            startup = start_and_converge(env, 20000)
-            print(f"\n20,000 x 1: process start -> 20,000 prefixes at FRR in {startup:.1f} s")
+            env.write_services(count, ports=ports, backends=backends)
+            startup = start_and_converge(env, count, *extra, metrics_port=metrics_port)
+            print(f"\n{count:,} x {ports}: process start -> {count:,} prefixes at FRR in {startup:.1f} s")
             yield env
     finally:
         if env is not None:
             env.cleanup_pins()
+
+
+@pytest.fixture(scope="module")
+def lab20k():
+    with scale_lab("scl20k", 20000) as env:
+        yield env
 
 
 def test_20000_services_answer_first_middle_last_and_one_more_converges_within_2s(lab20k):
@@ -103,21 +112,11 @@ METRICS_PORT = 9468
 
 @pytest.fixture(scope="module")
 def lab10kx2():
-    lab = Lab("scl10k2")
-    env = None
-    try:
-        with lab:
-            env = ScaleLab(lab)
-            env.write_services(10000, ports=2, backends=2)
-            # 20,000 frontends, + 2 for the Service the first test adds, + 2: the third test's
-            # "good" Service and the first port of "over" fit, the second port of "over" does not
-            startup = start_and_converge(env, 10000, "--bpf-lb-map-max", "20004",
-                                         "--maglev-table-size", "auto:1021", metrics_port=METRICS_PORT)
-            print(f"\n10,000 x 2: process start -> 10,000 prefixes at FRR in {startup:.1f} s")
-            yield env
-    finally:
-        if env is not None:
-            env.cleanup_pins()
+    # 20,000 frontends, + 2 for the Service the first test adds, + 2: the third test's "good"
+    # Service and the first port of "over" fit, the second port of "over" does not
+    with scale_lab("scl10k2", 10000, "--bpf-lb-map-max", "20004", "--maglev-table-size", "auto:1021",
+                   ports=2, backends=2, metrics_port=METRICS_PORT) as env:
+        yield env
 
 
 def test_10000_services_x_2_ports_answer_and_one_more_converges_within_2s(lab10kx2):
@@ -183,31 +182,22 @@ def test_services_that_cannot_be_programmed_are_never_announced_and_are_reported
     assert "vipd_services_unprogrammed 0.0" in env.metrics(METRICS_PORT)
 
 
-def test_growing_the_maps_keeps_an_established_connection(request):
+def test_growing_the_maps_keeps_an_established_connection():
     """A node started with 10 Services (maps at their floor: 1,024 frontends) gets 2,000 more:
     the agent grows the maps by a reload (new programs, bigger maps, same conntrack) while a
     TCP connection through the first VIP stays open; it keeps working, and the new Services
     answer."""
-    lab = Lab("sclgrow")
-    env = None
-    try:
-        with lab:
-            env = ScaleLab(lab)
-            env.write_services(10, ports=1)
-            start_and_converge(env, 10, metrics_port=METRICS_PORT + 1)
-            conn = env.long_connection(vip_of(0))
-            assert conn.stdout.readline().strip() == "p0"
-            conn.stdin.write("before\n"); conn.stdin.flush()
-            assert conn.stdout.readline().strip() == "before"
-            env.write_services(2010, ports=1)          # rewrites the file: Services 0..2009
-            wait_until(lambda: env.accepted() >= 2010, timeout=120, interval=0.5, what="2,010 prefixes at FRR")
-            assert '"datapath grown"' in env.log()
-            assert "vipd_datapath_reloads_total 1.0" in env.metrics(METRICS_PORT + 1)
-            conn.stdin.write("after\n"); conn.stdin.flush()
-            assert conn.stdout.readline().strip() == "after"     # the same connection, same backend
-            assert env.connect(vip_of(2009), 80, 2) == [f"p{2009 % 4}"] * 2
-            conn.stdin.close()
-            conn.wait(timeout=10)
-    finally:
-        if env is not None:
-            env.cleanup_pins()
+    with scale_lab("sclgrow", 10, metrics_port=METRICS_PORT + 1) as env:
+        conn = env.long_connection(vip_of(0))
+        assert conn.stdout.readline().strip() == "p0"
+        conn.stdin.write("before\n"); conn.stdin.flush()
+        assert conn.stdout.readline().strip() == "before"
+        env.write_services(2010, ports=1)          # rewrites the file: Services 0..2009
+        wait_until(lambda: env.accepted() >= 2010, timeout=120, interval=0.5, what="2,010 prefixes at FRR")
+        assert '"datapath grown"' in env.log()
+        assert "vipd_datapath_reloads_total 1.0" in env.metrics(METRICS_PORT + 1)
+        conn.stdin.write("after\n"); conn.stdin.flush()
+        assert conn.stdout.readline().strip() == "after"     # the same connection, same backend
+        assert env.connect(vip_of(2009), 80, 2) == [f"p{2009 % 4}"] * 2
+        conn.stdin.close()
+        conn.wait(timeout=10)
