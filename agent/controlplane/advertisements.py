@@ -95,7 +95,7 @@ def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Me
         if ips is not None:
             ips = tuple(ips)
             if memo is not None:
-                svc = memo.get("effective", svc, ips, lambda svc=svc, ips=ips: _with_ingress(svc, ips))
+                svc = memo.get("effective", svc, ips, _with_ingress, svc, ips)
             else:
                 svc = _with_ingress(svc, ips)
         out.append(svc)
@@ -202,9 +202,10 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
     def vips(svc, addr_type):
         if memo is None:
             return service_vips(objects, svc, addr_type, node_name, options)
-        slices = tuple(objects.endpoint_slices_for(svc.namespace, svc.name))
-        return memo.get("vips:" + addr_type, svc, (slices, node_name, options),
-                        lambda: service_vips(objects, svc, addr_type, node_name, options))
+        meta = svc.metadata
+        slices = tuple(objects.endpoint_slices_for(meta.namespace or "default", meta.name))
+        return memo.get(addr_type, svc, (slices, node_name, options),
+                        service_vips, objects, svc, addr_type, node_name, options)
 
     node = objects.node(node_name)
     if instance.legacy is not None:

@@ -129,7 +129,7 @@ def _view(svc: Service, memo=None) -> _View:
     ``memo`` the parsing is reused for an unchanged Service object."""
     if memo is None:
         return _View(**_view_fields(svc))
-    fields = memo.get("lbipam-view", svc, (), lambda: _view_fields(svc))
+    fields = memo.get("lbipam-view", svc, (), _view_fields, svc)
     return _View(**{**fields, "requested": list(fields["requested"])})
 
 

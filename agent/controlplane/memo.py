@@ -26,7 +26,8 @@ class Memo:
         self._new: dict = {}
         self.hits = self.misses = 0
 
-    def get(self, kind: str, anchor: object, extra: tuple, compute: Callable[[], Any]) -> Any:
+    def get(self, kind: str, anchor: object, extra: tuple, compute: Callable[..., Any], *args) -> Any:
+        """The value for (kind, anchor, extra); else ``compute(*args)``, remembered."""
         key = (kind, id(anchor))
         hit = self._new.get(key)
         if hit is None:
@@ -36,7 +37,7 @@ class Memo:
             self.hits += 1
             return hit[2]
         self.misses += 1
-        value = compute()
+        value = compute(*args)
         self._new[key] = (anchor, extra, value)
         return value
 

@@ -123,7 +123,7 @@ def requirement(services: Iterable) -> Capacity:
         members += len(s.backends)
         slots += s.maglev_m
         biggest = max(biggest, s.maglev_m)
-        backends.update((b.addr, b.port) for b in s.backends)
+        backends.update((b.addr.version, int(b.addr), b.port) for b in s.backends)   # cheap to hash
     return Capacity(n + 1, len(backends) + 1, members, slots + biggest)
 
 

@@ -238,6 +238,10 @@ class ScaleLab:
         s = self.frr.sessions().get(NODE_IP)
         return s.accepted if s is not None and s.state == "established" else 0
 
+    def kernel_routes(self) -> int:
+        """Routes FRR's zebra installed in the router's kernel from BGP."""
+        return len(self.router.run("ip", "-4", "route", "show", "proto", "bgp", timeout=60).splitlines())
+
     def has_route(self, prefix: str) -> bool:
         out = self.frr.vtysh(f"show bgp ipv4 unicast {prefix} json")
         data = json.loads(out) if out.strip() else {}

@@ -79,7 +79,9 @@ def _canonical(address: str) -> str:
 def blocked_vips(desired: Iterable, failed: Mapping) -> frozenset:
     """Addresses not to announce: those with at least one desired frontend in ``failed`` (pure).
     ``desired``: the desired ServiceKeys; ``failed``: ServiceKey -> FrontendFailure."""
-    return frozenset(str(k.vip) for k in desired if k in failed)
+    if not isinstance(desired, (dict, set, frozenset)):
+        desired = set(desired)
+    return frozenset(str(k.vip) for k in failed if k in desired)
 
 
 def _slice_port(slice_, port) -> int | None:
@@ -141,16 +143,16 @@ def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size
 
     maglev_size = maglev_size or MaglevSize()
     out: dict = {}
+    slices_for = objects.endpoint_slices_for
     for svc in objects.services:
         if svc.spec.type == "ExternalName":
             continue
+        meta = svc.metadata
         if memo is None:
-            mine = _frontends(objects, svc, node_name, mode, maglev_size)
+            owner, mine = _frontends(objects, svc, node_name, mode, maglev_size)
         else:
-            slices = tuple(objects.endpoint_slices_for(svc.namespace, svc.name))
-            mine = memo.get("frontends", svc, (slices, node_name, mode, maglev_size),
-                            lambda svc=svc: _frontends(objects, svc, node_name, mode, maglev_size))
-        owner = f"{svc.namespace}/{svc.name}"
+            extra = (tuple(slices_for(meta.namespace or "default", meta.name)), node_name, mode, maglev_size)
+            owner, mine = memo.get("frontends", svc, extra, _frontends, objects, svc, node_name, mode, maglev_size)
         for key, service in mine:
             if key in out:  # the same VIP:port claimed twice: the older Service keeps it
                 continue
@@ -160,8 +162,8 @@ def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size
     return out
 
 
-def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> list:
-    """[(ServiceKey, datapath Service)] of one Service, in claim order."""
+def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> tuple[str, list]:
+    """("namespace/name", [(ServiceKey, datapath Service)]) of one Service, in claim order."""
     from agent.datapath.capacity import choose_maglev_m
     from agent.datapath.model import Mode, Proto, Service, ServiceKey
 
@@ -189,7 +191,7 @@ def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> list:
                                affinity_timeout=affinity,
                                source_ranges=_ranges_for(ranges, version) if filtered else (),
                                maglev_m=choose_maglev_m(len(mine), maglev_size))
-    return list(out.items())
+    return f"{svc.namespace}/{svc.name}", list(out.items())
 
 
 class ServiceReconciler:
@@ -307,8 +309,10 @@ class ServiceReconciler:
                 refused = check_service(svc)
                 if refused is not None:
                     failed[key] = refused
-                elif current.get(key) != svc:
-                    todo[key] = svc
+                else:
+                    cur = current.get(key)
+                    if cur is not svc and cur != svc:   # the memo hands back the very object
+                        todo[key] = svc
             ok = {k: s for k, s in desired.items() if k not in failed}
             self._grow(plan_capacity(ok.values(), self.dp.capacity))
             retry = {}
