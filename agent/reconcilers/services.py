@@ -214,6 +214,7 @@ class ServiceReconciler:
         self.growth_error: str | None = None
         from agent.controlplane.memo import Memo
         self.memo = Memo()                          # frontends of unchanged Services
+        self._last_objects = None
 
     def vip_ready(self, address: str) -> bool:
         """The announce rule: False while a desired frontend at ``address`` is not programmed.
@@ -235,10 +236,13 @@ class ServiceReconciler:
         """``phase="upsert"`` before the BGP reconcilers (a VIP is programmed before it is
         announced), ``phase="delete"`` after them (withdrawn before it stops working)."""
         try:
-            owners: dict = {}
-            desired = desired_services(objects, self.node_name, mode=self.mode, maglev_size=self.maglev_size,
-                                       owners=owners, memo=self.memo)
-            self.memo.rotate()
+            if phase == "delete" and objects is self._last_objects:
+                desired, owners = self.last, self.owners     # the same pass's upsert computed it
+            else:
+                owners = {}
+                desired = desired_services(objects, self.node_name, mode=self.mode,
+                                           maglev_size=self.maglev_size, owners=owners, memo=self.memo)
+                self.memo.rotate()
             changed, failed = await asyncio.to_thread(self._apply, desired, phase)
         except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
             rec = errors.record(NAME, "", exc, now)
@@ -252,7 +256,7 @@ class ServiceReconciler:
                 self.blocked = None
             return
         errors.clear(NAME, "")
-        self.last, self.owners = desired, owners
+        self.last, self.owners, self._last_objects = desired, owners, objects
         if phase in ("all", "upsert"):
             failed = {k: FrontendFailure(owners.get(k, ""), f.reason, f.message) for k, f in failed.items()}
             self._report(failed, errors, now)
