@@ -173,6 +173,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
 
     log = get_logger("daemon", node=args.node_name)
     state_dir = Path(args.state_dir)
+    # A pass at 20,000 Services allocates ~10^5 short-lived containers; at Python's default
+    # thresholds (700, 10, 10) the cyclic GC then costs ~30 % of the pass. Refcounting frees
+    # them anyway (the agent's data has no reference cycles to speak of).
+    gc.set_threshold(100_000, 20, 20)
     store = Store()
     source = FileSource(args.config, store)
     source.load()
