@@ -232,23 +232,38 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
                 elif entry.advertisement_type == "Service":
                     if entry.selector is None:
                         continue   # nil selector selects no service (Cilium's rule)
-                    for svc in objects.services:
+                    def service_selections(svc, ready=None):
+                        """[(ips, Selection)] of one Service for this entry and family."""
+                        found = []
                         if not entry.selector.matches(svc.selector_labels):
-                            continue
+                            return found
                         for addr_type in entry.service.addresses:
                             ips, local = vips(svc, addr_type)
-                            if vip_ready is not None:
-                                ips = [ip for ip in ips if vip_ready(ip)]
+                            if ready is not None:
+                                ips = [ip for ip in ips if ready(ip)]
                             pfx = _in_family([_host_prefix(
                                 ip, entry.service.aggregation_length_ipv4,
                                 entry.service.aggregation_length_ipv6, local) for ip in ips],
                                 family)
                             if pfx:
-                                out.append(Selection(
+                                found.append((tuple(ips), Selection(
                                     family, "Service", f"{svc.name}-{svc.namespace}-{addr_type}",
                                     pfx, incomplete_origin=(addr_type == "LoadBalancerIP" and
                                                             options.legacy_origin_attribute),
-                                    **common))
+                                    **common)))
+                        return found
+
+                    for svc in objects.services:
+                        if memo is None:
+                            found = service_selections(svc)
+                        else:   # unchanged Service, entry and endpoints: the same selections
+                            meta = svc.metadata
+                            slices = tuple(objects.endpoint_slices_for(meta.namespace or "default", meta.name))
+                            found = memo.get(("selections", id(entry), family), svc,
+                                             (entry, family, slices, node_name, options), service_selections, svc)
+                        if vip_ready is not None and any(not vip_ready(ip) for ips, _ in found for ip in ips):
+                            found = service_selections(svc, vip_ready)   # some address is held back
+                        out.extend(sel for _, sel in found)
                 elif entry.advertisement_type == "Interface":
                     addrs = (interfaces or {}).get(entry.interface.name, [])
                     pfx = _in_family(_interface_prefixes(addrs), family)

@@ -26,8 +26,9 @@ class Memo:
         self._new: dict = {}
         self.hits = self.misses = 0
 
-    def get(self, kind: str, anchor: object, extra: tuple, compute: Callable[..., Any], *args) -> Any:
-        """The value for (kind, anchor, extra); else ``compute(*args)``, remembered."""
+    def get(self, kind: Any, anchor: object, extra: tuple, compute: Callable[..., Any], *args) -> Any:
+        """The value for (kind, anchor, extra); else ``compute(*args)``, remembered. One entry
+        per (kind, anchor): ``kind`` must tell apart results that coexist in a pass."""
         key = (kind, id(anchor))
         hit = self._new.get(key)
         if hit is None:

@@ -280,3 +280,27 @@ def test_with_a_datapath_only_programmed_vips_are_announced():
     assert prefixes(desired_paths(o, "n1", inst, inst.peers[0], vip_ready=ready)) == [
         "10.1.0.0/24", "192.0.2.11/32", "198.51.100.7/32"]
     assert prefixes(desired_paths(o, "n1", inst, inst.peers[0], vip_ready=lambda ip: True)) == everything
+
+
+def test_the_memo_gives_the_same_paths_as_a_fresh_computation_and_sees_changes():
+    from agent.controlplane.memo import Memo
+
+    def world(eps):
+        return setup(advertisement("a", ADV, [service_entry(), {"advertisementType": "PodCIDR"}]),
+                     service("web", **LB), service("db", ingress=("192.0.2.11",), cluster_ip="10.96.0.11"),
+                     endpoints("web", EP_REMOTE_READY), endpoints("db", eps))
+    memo = Memo()
+    o = world(EP_REMOTE_READY)
+    inst = derive_node_config(o, "n1").instances[0]
+    for _ in range(3):                                   # passes over the same objects: all hits after the first
+        assert desired_paths(o, "n1", inst, inst.peers[0], memo=memo) == desired_paths(o, "n1", inst, inst.peers[0])
+        memo.rotate()
+    assert memo.hits > 0
+    ready = lambda ip: ip != "192.0.2.11"                                            # noqa: E731
+    assert prefixes(desired_paths(o, "n1", inst, inst.peers[0], memo=memo, vip_ready=ready)) == [
+        "10.1.0.0/24", "192.0.2.10/32"]
+    opts = AgentOptions(no_service_endpoints_routable=False)
+    o2 = world([])                                      # db loses its endpoints: new objects, recomputed
+    inst2 = derive_node_config(o2, "n1").instances[0]
+    assert prefixes(desired_paths(o2, "n1", inst2, inst2.peers[0], None, opts, memo=memo)) == [
+        "10.1.0.0/24", "192.0.2.10/32"]
