@@ -8,6 +8,15 @@ dashboards port with a prefix swap:
     vipd_bgp_control_plane_received_routes{vrouter, neighbor, afi, safi}    only while established
     vipd_bgp_control_plane_reconcile_errors{reconciler, instance}           current failure streaks
     vipd_config_generation                                                  store generation applied
+
+With the datapath (``--lb-interface``):
+
+    vipd_services_unprogrammed                                   Services with a frontend not programmed
+                                                                 (their VIPs are withdrawn)
+    vipd_service_frontends_unprogrammed{reason}                  such frontends now, by reason
+    vipd_service_program_failures_total{reason}                  frontends that entered that failure
+    vipd_datapath_capacity{map}                                  entries the sized maps hold
+    vipd_datapath_reloads_total                                  growths (reloads keeping flows)
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.api.model import family_names
 
@@ -67,6 +76,38 @@ class ControllerCollector:
         gen = GaugeMetricFamily("vipd_config_generation", "Configuration generation last applied")
         gen.add_metric([], self.c.applied_generation)
         yield from (state, adv, rcv, errs, gen)
+        svc = getattr(self.c, "services", None)
+        if svc is not None:
+            yield from _datapath_families(svc)
+
+
+REASONS = ("CapacityExceeded", "MaglevTableTooSmall", "DatapathError")
+
+
+def _datapath_families(svc):
+    """The ServiceReconciler's view: what is not programmed (and so not announced), and why."""
+    unprog = GaugeMetricFamily("vipd_services_unprogrammed",
+                               "Services with at least one frontend not programmed in the datapath "
+                               "(their VIPs are not announced)")
+    unprog.add_metric([], len(svc.unprogrammed_services()))
+    now: dict[str, int] = dict.fromkeys(REASONS, 0)
+    for f in svc.failed.values():
+        now[f.reason] = now.get(f.reason, 0) + 1
+    fronts = GaugeMetricFamily("vipd_service_frontends_unprogrammed",
+                               "Service frontends (VIP:port/proto) not programmed, by reason", labels=["reason"])
+    for reason, n in sorted(now.items()):
+        fronts.add_metric([reason], n)
+    total = CounterMetricFamily("vipd_service_program_failures",
+                                "Frontends that entered a not-programmed state, by reason", labels=["reason"])
+    counts = dict.fromkeys(REASONS, 0) | svc.failure_counts
+    for reason, n in sorted(counts.items()):
+        total.add_metric([reason], n)
+    cap = GaugeMetricFamily("vipd_datapath_capacity", "Entries of the datapath's sized maps", labels=["map"])
+    for name, value in zip(("services", "backends", "memberships", "maglev_slots"), svc.dp.capacity.astuple()):
+        cap.add_metric([name], value)
+    reloads = CounterMetricFamily("vipd_datapath_reloads", "Datapath growths (reloads that keep flows)")
+    reloads.add_metric([], svc.dp.reloads)
+    yield from (unprog, fronts, total, cap, reloads)
 
 
 def serve_metrics(addr: str, controller, loop: asyncio.AbstractEventLoop | None = None):

@@ -8,6 +8,7 @@ few version differences are checked in ``_check_version`` validators. Unknown fi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
@@ -111,8 +112,10 @@ class Resource(Model):
     def labels(self) -> dict[str, str]:
         return self.metadata.labels
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        # cached: models are frozen and the only copies made (LB-IPAM's effective Services)
+        # change status, never metadata; a reload of 40,000 objects asks for keys 160,000 times
         ns = self.namespace
         return f"{self.KIND}/{ns}/{self.name}" if ns else f"{self.KIND}/{self.name}"
 

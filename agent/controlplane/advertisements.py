@@ -12,8 +12,10 @@ route-policy view (``route_policies``), so what the CLI shows is what is sent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Callable
 
 from agent.config import ObjectSet
 from agent.config.cilium import (
@@ -22,6 +24,7 @@ from agent.config.cilium import (
 )
 from agent.config.core import LoadBalancerIngress, LoadBalancerStatus, Node, Service
 from agent.config.meta import selector_matches
+from agent.controlplane.memo import Memo
 from agent.controlplane.nodeconfig import communities_of
 from agent.controlplane.types import (
     AgentOptions,
@@ -76,9 +79,11 @@ class Selection:
 # ------------------------------------------------------------------------------ service rules
 
 
-def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None) -> ObjectSet:
+def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Memo | None = None
+                       ) -> ObjectSet:
     """Services LB-IPAM is responsible for get status.loadBalancer.ingress = its allocations
-    (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says)."""
+    (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says).
+    ``memo``: reuse the copy made for the same Service object and addresses last pass."""
     if lbipam is None or not (lbipam.allocations or lbipam.service_conditions):
         return objects
     out = []
@@ -88,11 +93,18 @@ def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None) -> Objec
         if ips is None and key in lbipam.service_conditions:
             ips = ()
         if ips is not None:
-            lb = LoadBalancerStatus(ingress=[LoadBalancerIngress(ip=ip) for ip in ips])
-            svc = svc.model_copy(update={"status": svc.status.model_copy(
-                update={"load_balancer": lb})})
+            ips = tuple(ips)
+            if memo is not None:
+                svc = memo.get("effective", svc, ips, _with_ingress, svc, ips)
+            else:
+                svc = _with_ingress(svc, ips)
         out.append(svc)
     return objects.replace(services=out)
+
+
+def _with_ingress(svc: Service, ips: tuple[str, ...]) -> Service:
+    lb = LoadBalancerStatus(ingress=[LoadBalancerIngress(ip=ip) for ip in ips])
+    return svc.model_copy(update={"status": svc.status.model_copy(update={"load_balancer": lb})})
 
 
 def _endpoint_counts(objects: ObjectSet, svc: Service, node_name: str) -> tuple[int, int]:
@@ -135,6 +147,7 @@ def service_vips(objects: ObjectSet, svc: Service, address_type: str, node_name:
     return ips, local_policy
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _host_prefix(ip: str, aggregate_v4: int | None, aggregate_v6: int | None,
                  local_policy: bool) -> Prefix:
     addr = ipaddress.ip_address(ip)
@@ -177,11 +190,27 @@ def _interface_prefixes(addresses: list[str]) -> list[Prefix]:
 
 def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
                lbipam: LbIpamResult | None = None, options: AgentOptions = AgentOptions(),
-               interfaces: dict[str, list[str]] | None = None) -> list[Selection]:
+               interfaces: dict[str, list[str]] | None = None,
+               vip_ready: Callable[[str], bool] | None = None, memo: Memo | None = None
+               ) -> list[Selection]:
+    """``vip_ready``: with the datapath enabled, the announce rule — a Service address is
+    selected only while ``vip_ready(address)`` (every desired frontend at it is programmed).
+    None: every address is ready (BGP only, no datapath). ``memo``: reuse per-Service results
+    of earlier passes for unchanged objects (see agent.controlplane.memo)."""
     objects = effective_services(objects, lbipam)
+
+    def vips(svc, addr_type):
+        if memo is None:
+            return service_vips(objects, svc, addr_type, node_name, options)
+        meta = svc.metadata
+        slices = tuple(objects.endpoint_slices_for(meta.namespace or "default", meta.name))
+        return memo.get(addr_type, svc, (slices, node_name, options),
+                        service_vips, objects, svc, addr_type, node_name, options)
+
     node = objects.node(node_name)
     if instance.legacy is not None:
-        return _legacy_selections(objects, node, node_name, instance, peer, options)
+        return _legacy_selections(objects, node, node_name, instance, peer, options, vip_ready)
+
     out: list[Selection] = []
     for fam in peer.families:
         family = fam.family
@@ -203,21 +232,38 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
                 elif entry.advertisement_type == "Service":
                     if entry.selector is None:
                         continue   # nil selector selects no service (Cilium's rule)
-                    for svc in objects.services:
+                    def service_selections(svc, ready=None):
+                        """[(ips, Selection)] of one Service for this entry and family."""
+                        found = []
                         if not entry.selector.matches(svc.selector_labels):
-                            continue
+                            return found
                         for addr_type in entry.service.addresses:
-                            ips, local = service_vips(objects, svc, addr_type, node_name, options)
+                            ips, local = vips(svc, addr_type)
+                            if ready is not None:
+                                ips = [ip for ip in ips if ready(ip)]
                             pfx = _in_family([_host_prefix(
                                 ip, entry.service.aggregation_length_ipv4,
                                 entry.service.aggregation_length_ipv6, local) for ip in ips],
                                 family)
                             if pfx:
-                                out.append(Selection(
+                                found.append((tuple(ips), Selection(
                                     family, "Service", f"{svc.name}-{svc.namespace}-{addr_type}",
                                     pfx, incomplete_origin=(addr_type == "LoadBalancerIP" and
                                                             options.legacy_origin_attribute),
-                                    **common))
+                                    **common)))
+                        return found
+
+                    for svc in objects.services:
+                        if memo is None:
+                            found = service_selections(svc)
+                        else:   # unchanged Service, entry and endpoints: the same selections
+                            meta = svc.metadata
+                            slices = tuple(objects.endpoint_slices_for(meta.namespace or "default", meta.name))
+                            found = memo.get(("selections", id(entry), family), svc,
+                                             (entry, family, slices, node_name, options), service_selections, svc)
+                        if vip_ready is not None and any(not vip_ready(ip) for ips, _ in found for ip in ips):
+                            found = service_selections(svc, vip_ready)   # some address is held back
+                        out.extend(sel for _, sel in found)
                 elif entry.advertisement_type == "Interface":
                     addrs = (interfaces or {}).get(entry.interface.name, [])
                     pfx = _in_family(_interface_prefixes(addrs), family)
@@ -242,7 +288,7 @@ def _pool_of(objects: ObjectSet, ip: str) -> CiliumLoadBalancerIPPool | None:
     return None
 
 
-def _legacy_selections(objects, node: Node | None, node_name, instance, peer, options):
+def _legacy_selections(objects, node: Node | None, node_name, instance, peer, options, vip_ready=None):
     legacy = instance.legacy
     out: list[Selection] = []
     node_lbls = node.labels if node else {}
@@ -266,6 +312,8 @@ def _legacy_selections(objects, node: Node | None, node_name, instance, peer, op
             for addr_type in legacy.service_addresses:
                 ips, _local = service_vips(objects, svc, addr_type, node_name, options)
                 for ip in ips:
+                    if vip_ready is not None and not vip_ready(ip):
+                        continue
                     pfx = _in_family([_host_prefix(ip, None, None, True)], family)
                     if not pfx:
                         continue
@@ -293,6 +341,15 @@ def _merged(sels: list[Selection]) -> dict[Family, dict[Prefix, _Attrs]]:
 
 
 def _path_attributes(acc: _Attrs, ibgp: bool | None) -> PathAttributes:
+    return _path_attributes_of(tuple(sorted(acc.communities)), tuple(sorted(acc.large)), acc.local_pref,
+                               acc.incomplete_origin, ibgp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_attributes_of(communities: tuple, large: tuple, local_pref: int | None, incomplete: bool,
+                        ibgp: bool | None) -> PathAttributes:
+    # thousands of prefixes share a handful of attribute sets: build each PathAttributes once
+    acc = _Attrs(set(communities), set(large), local_pref, incomplete)
     return PathAttributes(
         origin=Origin.INCOMPLETE if acc.incomplete_origin else Origin.IGP,
         # LOCAL_PREF is an iBGP attribute: dropped for known eBGP peers; kept when the peer ASN
@@ -305,10 +362,13 @@ def _path_attributes(acc: _Attrs, ibgp: bool | None) -> PathAttributes:
 
 def desired_paths(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
                   lbipam: LbIpamResult | None = None, options: AgentOptions = AgentOptions(),
-                  interfaces: dict[str, list[str]] | None = None) -> DesiredPaths:
+                  interfaces: dict[str, list[str]] | None = None,
+                  vip_ready: Callable[[str], bool] | None = None, memo: Memo | None = None
+                  ) -> DesiredPaths:
     """Desired Adj-RIB-Out of one peer. Every speaker family of the peer is a key (possibly
-    empty), so the caller withdraws anything not listed."""
-    merged = _merged(selections(objects, node_name, instance, peer, lbipam, options, interfaces))
+    empty), so the caller withdraws anything not listed. ``vip_ready``: see :func:`selections`."""
+    merged = _merged(selections(objects, node_name, instance, peer, lbipam, options, interfaces,
+                                vip_ready, memo))
     ibgp = peer.is_ibgp(instance.local_asn)
     out: DesiredPaths = {f: {} for f in peer.speaker_families}
     for family, prefixes in merged.items():

@@ -14,6 +14,7 @@ A pure re-statement of Cilium's operator/pkg/lbipam for one snapshot of objects:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ from agent.config import ObjectSet
 from agent.config.cilium import BGP_LOAD_BALANCER_CLASS, L2_LOAD_BALANCER_CLASS
 from agent.config.core import Service
 from agent.controlplane.types import Condition, LbIpamResult
+
+# Addresses are parsed again on every pass (twice per Service); parsed objects are immutable,
+# so a cache makes a 20,000-Service allocation ~3x cheaper. Unparsable input raises as before.
+_ip_address = functools.lru_cache(maxsize=1 << 17)(ipaddress.ip_address)
 
 IPS_ANNOTATIONS = ("lbipam.cilium.io/ips", "io.cilium/lb-ipam-ips")
 SHARING_KEY_ANNOTATIONS = ("lbipam.cilium.io/sharing-key", "io.cilium/lb-ipam-sharing-key")
@@ -90,8 +95,8 @@ class _View:
     def satisfied(self) -> bool:
         if self.requested:
             return all(ip in self.allocated for ip in self.requested)
-        have4 = any(ipaddress.ip_address(i).version == 4 for i in self.allocated)
-        have6 = any(ipaddress.ip_address(i).version == 6 for i in self.allocated)
+        have4 = any(_ip_address(i).version == 4 for i in self.allocated)
+        have6 = any(_ip_address(i).version == 6 for i in self.allocated)
         return not ((self.want_v4 and not have4) or (self.want_v6 and not have6))
 
 
@@ -119,14 +124,23 @@ def is_handled(svc: Service) -> bool:
     return cls is None or cls in HANDLED_CLASSES
 
 
-def _view(svc: Service) -> _View:
+def _view(svc: Service, memo=None) -> _View:
+    """The allocator's view of one Service (fresh: the allocator fills ``allocated``); with
+    ``memo`` the parsing is reused for an unchanged Service object."""
+    if memo is None:
+        return _View(**_view_fields(svc))
+    fields = memo.get("lbipam-view", svc, (), _view_fields, svc)
+    return _View(**{**fields, "requested": list(fields["requested"])})
+
+
+def _view_fields(svc: Service) -> dict:
     requested: list[str] = []
     for raw in [svc.spec.load_balancer_ip or ""] + _annotation(svc, IPS_ANNOTATIONS).split(","):
         raw = raw.strip()
         if not raw:
             continue
         try:
-            ip = str(ipaddress.ip_address(raw))
+            ip = str(_ip_address(raw))
         except ValueError:
             continue   # Cilium logs and ignores unparsable requests
         if ip not in requested:
@@ -138,7 +152,7 @@ def _view(svc: Service) -> _View:
     else:
         want = {"IPv4", "IPv6"}
     cross = [x.strip() for x in _annotation(svc, SHARING_NS_ANNOTATIONS).split(",") if x.strip()]
-    return _View(
+    return dict(
         key=f"{svc.namespace}/{svc.name}", namespace=svc.namespace, labels=svc.selector_labels,
         sharing_key=_annotation(svc, SHARING_KEY_ANNOTATIONS), cross_ns=cross,
         etp=svc.spec.external_traffic_policy, ports={p.port for p in svc.spec.ports},
@@ -163,8 +177,8 @@ def _ranges(objects: ObjectSet) -> tuple[list[_Range], dict[str, str]]:
                 mine.append(_Range(pool.name, str(net), net.version, first, last, reserved,
                                    pool.spec.disabled, pool.spec.service_selector))
             else:
-                start = ipaddress.ip_address(b.start)
-                stop = ipaddress.ip_address(b.stop or b.start)
+                start = _ip_address(b.start)
+                stop = _ip_address(b.stop or b.start)
                 mine.append(_Range(pool.name, f"{start} - {stop}", start.version, int(start),
                                    int(stop), frozenset(), pool.spec.disabled,
                                    pool.spec.service_selector))
@@ -188,7 +202,7 @@ class _Allocator:
 
     def find_range(self, view: _View, ip: str, *, allow_disabled: bool) -> tuple[_Range | None,
                                                                                   bool]:
-        addr = ipaddress.ip_address(ip)
+        addr = _ip_address(ip)
         found_pool = False
         for r in self.ranges:
             if (r.disabled and not allow_disabled) or not r.contains(int(addr), addr.version):
@@ -226,7 +240,7 @@ class _Allocator:
             # range never moves backwards: resume the scan where the previous one stopped.
             n = self.hint.get(id(r), r.first)
             while n <= r.last:
-                ip = str(ipaddress.ip_address(n))
+                ip = str(_ip_address(n))
                 if n not in r.reserved and ip not in self.clusters:
                     self.hint[id(r)] = n + 1
                     self.take(view, ip, r)
@@ -237,28 +251,29 @@ class _Allocator:
         return None, full
 
 
-def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]] | None = None
-             ) -> LbIpamResult:
+def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]] | None = None,
+             memo=None) -> LbIpamResult:
+    """``memo`` (agent.controlplane.memo.Memo): reuse each unchanged Service's parsed view."""
     if not objects.lb_pools:
         return LbIpamResult()    # dormant until the first pool exists
     previous = previous_allocations or {}
     ranges, conflicts = _ranges(objects)
     alloc = _Allocator(ranges)
-    views = [_view(s) for s in objects.services if is_handled(s)]
+    views = [_view(s, memo) for s in objects.services if is_handled(s)]
     ingress = {f"{s.namespace}/{s.name}": s.ingress_ips for s in objects.services}
 
     # 1. restore: previous allocations first, then ingress IPs already in the object
     for v in views:
         for ip in list(previous.get(v.key, ())) + ingress.get(v.key, []):
             try:
-                ip = str(ipaddress.ip_address(ip))
+                ip = str(_ip_address(ip))
             except ValueError:
                 continue
             if ip in v.allocated:
                 continue
             if v.requested and ip not in v.requested:
                 continue   # not in a changed request list
-            version = ipaddress.ip_address(ip).version
+            version = _ip_address(ip).version
             if (version == 4 and not v.want_v4 and not v.requested) or \
                     (version == 6 and not v.want_v6 and not v.requested):
                 continue   # family no longer requested
@@ -296,12 +311,12 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
                 alloc.take(v, ip, r)
         else:
             for version, wanted in ((4, v.want_v4), (6, v.want_v6)):
-                if not wanted or any(ipaddress.ip_address(i).version == version
+                if not wanted or any(_ip_address(i).version == version
                                      for i in v.allocated):
                     continue
                 shared = False
                 for ip in alloc.by_key.get(v.sharing_key, []) if v.sharing_key else []:
-                    if ipaddress.ip_address(ip).version == version and \
+                    if _ip_address(ip).version == version and \
                             alloc.compatible_with_cluster(v, ip)[0]:
                         alloc.take(v, ip, alloc.origin[ip])
                         shared = True
@@ -315,7 +330,7 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
                     else:
                         v.fail("no_pool", NO_POOL_MSG)
         if v.satisfied():
-            v.condition = Condition(REQUEST_SATISFIED, "True", "satisfied", "")
+            v.condition = _SATISFIED
 
     allocations = {v.key: tuple(sorted(v.allocated, key=_ip_sort)) for v in views if v.allocated}
     service_conditions = {v.key: v.condition for v in views if v.condition is not None}
@@ -338,6 +353,9 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
     return LbIpamResult(allocations, service_conditions, pool_conditions)
 
 
+_SATISFIED = Condition(REQUEST_SATISFIED, "True", "satisfied", "")
+
+
 def _ip_sort(ip: str):
-    a = ipaddress.ip_address(ip)
+    a = _ip_address(ip)
     return (a.version, int(a))

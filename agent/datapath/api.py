@@ -23,6 +23,7 @@ See docs/datapath.md for the maps, flags, drop reasons and policies.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 import shutil
@@ -41,7 +42,8 @@ from agent.datapath.model import (
 from agent.datapath.netns import in_netns
 from agent.log import get_logger
 
-__all__ = ["Datapath", "Features", "Counters", "CtEntry", "NeighEntry", "ServiceChange", "DatapathError"]
+__all__ = ["Datapath", "Features", "Counters", "CtEntry", "NeighEntry", "ServiceChange", "DatapathError",
+           "CapacityError", "SIZED_MAPS"]
 
 log = get_logger("datapath")
 
@@ -52,9 +54,29 @@ class DatapathError(RuntimeError):
     """A datapath operation failed; the message says which object and why."""
 
 
+class CapacityError(DatapathError):
+    """A sized map is full (``what``: "services", "backends", "memberships", "maglev_slots");
+    ``Datapath.grow`` with a bigger :class:`~agent.datapath.capacity.Capacity` fixes it."""
+
+    def __init__(self, what: str, message: str):
+        super().__init__(message)
+        self.what = what
+
+
+# Maps whose size comes from the configuration (Capacity); pinned under SIZED_PIN_DIR and
+# replaced by bigger copies on growth. Conntrack, affinity, source ranges and counters keep
+# their pins across a growth.
+SIZED_MAPS = (MapName.SERVICES, MapName.BACKENDS, MapName.SVC_BACKENDS, MapName.REVNAT,
+              MapName.MAGLEV, MapName.SVC_STATS)
+GROW_DIR = "grow-staging"   # bpffs reserves names with a dot
+
+
 @dataclass(frozen=True)
 class Features:
-    """Compile-time settings (become -D flags; changing them needs a fresh pin directory)."""
+    """Compile-time settings (become -D flags). The four capacity fields (max_services,
+    max_backends, max_memberships, maglev_slots) are only the initial sizes: ``load`` adopts
+    the sizes of existing pins and ``grow`` enlarges them; changing any other field needs a
+    fresh pin directory."""
 
     max_services: int = 65536
     max_backends: int = 65536
@@ -75,9 +97,10 @@ class Features:
     # entry). False: a REPLY entry for every local flow, as before (docs/datapath.md).
     derive_local_replies: bool = True
 
-    def defines(self, pin_dir: Path) -> dict[str, object]:
+    def defines(self, pin_dir: Path, sized_pin_dir: Path | None = None) -> dict[str, object]:
         return {
-            "PIN_DIR": str(pin_dir), "MAX_SERVICES": self.max_services,
+            "PIN_DIR": str(pin_dir), "SIZED_PIN_DIR": str(sized_pin_dir or pin_dir),
+            "MAX_SERVICES": self.max_services,
             "MAX_BACKENDS": self.max_backends, "MAX_MEMBERS": self.max_memberships,
             "MAGLEV_SLOTS": self.maglev_slots,
             "CT_SIZE": self.ct_size, "AFFINITY_SIZE": self.affinity_size,
@@ -87,6 +110,16 @@ class Features:
             "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout,
             "DERIVE_LOCAL_REPLIES": int(self.derive_local_replies),
         }
+
+    @property
+    def capacity(self):
+        from agent.datapath.capacity import Capacity
+        return Capacity(self.max_services, self.max_backends, self.max_memberships, self.maglev_slots)
+
+    def with_capacity(self, cap) -> "Features":
+        from dataclasses import replace
+        return replace(self, max_services=cap.max_services, max_backends=cap.max_backends,
+                       max_memberships=cap.max_memberships, maglev_slots=cap.maglev_slots)
 
 
 @dataclass(frozen=True)
@@ -236,8 +269,7 @@ class _RangeAllocator:
             off = free.pop()
         else:
             if self.top + length > self.size:
-                raise DatapathError(f"Maglev slot space exhausted ({self.size} slots); "
-                                    "raise Features.maglev_slots or use smaller maglev_m")
+                raise CapacityError("maglev_slots", f"Maglev slot space exhausted ({self.size} slots)")
             off = self.top
             self.top += length
         self.used[off] = length
@@ -279,30 +311,121 @@ class Datapath:
         self._next_backend_id = 1
         self._alloc = _RangeAllocator(features.maglev_slots)
         self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
+        self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
+        self.reloads = 0                                           # growths done by this process
 
     # ------------------------------------------------------------------ load / adopt
 
-    def load(self) -> None:
-        """Compile both programs and open (or create) the pinned maps, then adopt their state."""
+    def load(self, capacity=None) -> None:
+        """Compile both programs and open (or create) the pinned maps, then adopt their state.
+
+        Sized maps that are already pinned are adopted at their pinned size (never shrunk);
+        without pins they are created at ``Features``' capacity. With ``capacity`` (a
+        :class:`~agent.datapath.capacity.Capacity`, e.g. from ``plan_capacity``) maps that are
+        smaller are grown right after adoption (:meth:`grow`)."""
         _ensure_bpffs(self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        bcc = import_bcc()
-        defines = self.features.defines(self.pin_dir)
+        pinned = self._pinned_capacity()
+        if pinned is not None:
+            self.features = self.features.with_capacity(pinned)
+        elif capacity is not None:
+            self.features = self.features.with_capacity(capacity)
         t0 = time.monotonic()
-        self._xdp_bpf = compile_program(bundle(BPF_DIR / "xdp_lb.c"), defines)
-        # multi-buffer aware (BPF_F_XDP_HAS_FRAGS): veth refuses MTUs above ~3.5k otherwise
-        self._fns["xdp"] = load_prog(self._xdp_bpf, "xdp_lb", bcc.BPF.XDP, prog_flags=BPF_F_XDP_HAS_FRAGS)
-        self._tc_bpf = compile_program(bundle(BPF_DIR / "tc_lb.c"), defines)
-        self._fns["tc-egress"] = load_prog(self._tc_bpf, "tc_egress", bcc.BPF.SCHED_CLS)
-        self._fns["tc-ingress"] = load_prog(self._tc_bpf, "tc_ingress", bcc.BPF.SCHED_CLS)
-        self._fns["clock-probe"] = self._xdp_bpf.load_func(b"clock_probe", bcc.BPF.XDP)
+        self._xdp_bpf, self._tc_bpf, self._fns = self._compile(self.features, self.pin_dir)
+        self._alloc.size = self.features.maglev_slots
         self._hz = _kernel_hz(self._fns["clock-probe"].fd)
         self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
-                 compile_s=round(time.monotonic() - t0, 2),
+                 compile_s=round(time.monotonic() - t0, 2), capacity=str(self.features.capacity),
                  verified_insns={k: getattr(f, "verified_insns", None) for k, f in self._fns.items()})
         self._check_pins()
         self._adopt()
+        if capacity is not None and not self.features.capacity.covers(capacity):
+            self.grow(capacity)
+
+    def _compile(self, features: Features, sized_pin_dir: Path):
+        bcc = import_bcc()
+        defines = features.defines(self.pin_dir, sized_pin_dir)
+        xdp = compile_program(bundle(BPF_DIR / "xdp_lb.c"), defines)
+        # multi-buffer aware (BPF_F_XDP_HAS_FRAGS): veth refuses MTUs above ~3.5k otherwise
+        fns = {"xdp": load_prog(xdp, "xdp_lb", bcc.BPF.XDP, prog_flags=BPF_F_XDP_HAS_FRAGS)}
+        tc = compile_program(bundle(BPF_DIR / "tc_lb.c"), defines)
+        fns["tc-egress"] = load_prog(tc, "tc_egress", bcc.BPF.SCHED_CLS)
+        fns["tc-ingress"] = load_prog(tc, "tc_ingress", bcc.BPF.SCHED_CLS)
+        fns["clock-probe"] = xdp.load_func(b"clock_probe", bcc.BPF.XDP)
+        return xdp, tc, fns
+
+    def _pinned_capacity(self):
+        """The capacity of the sized maps pinned now (None when they are not all pinned)."""
+        from agent.datapath.capacity import Capacity
+        sizes = {}
+        for name in SIZED_MAPS:
+            path = self.pin_dir / name.value
+            if not path.exists():
+                return None
+            sizes[name] = _pinned_map_info(path).max_entries
+        return Capacity(max_services=sizes[MapName.SVC_STATS], max_backends=sizes[MapName.BACKENDS],
+                        max_memberships=sizes[MapName.SVC_BACKENDS], maglev_slots=sizes[MapName.MAGLEV])
+
+    @property
+    def capacity(self):
+        """The sizes the sized maps have now (:class:`~agent.datapath.capacity.Capacity`)."""
+        return self.features.capacity
+
+    def grow(self, capacity) -> None:
+        """Enlarge the sized maps to at least ``capacity`` by a reload that keeps every flow.
+
+        1. compile both programs against an empty staging directory for the sized maps: bcc
+           creates them there at the new sizes, and opens conntrack, affinity and the other
+           maps from their usual pins (the same kernel maps the running programs use);
+        2. copy services, backends, memberships, revnat entries, the used Maglev slots and the
+           per-service counters into the new maps (ids and slot offsets are unchanged, so
+           conntrack and affinity entries stay valid);
+        3. rename the new pins over the old ones (an agent that crashes from here on adopts
+           the new maps);
+        4. replace the programs on every attached hook (XDP and tc replace are atomic: each
+           packet sees either the old programs with the old maps or the new ones with the new).
+        Only this process writes the sized maps, and it writes nothing meanwhile, so the copy
+        is exact (except per-service counters of packets in the copy's few milliseconds).
+        """
+        self._require_loaded()
+        new = self.features.with_capacity(self.features.capacity.union(capacity))
+        if new == self.features:
+            return
+        t0 = time.monotonic()
+        stage = self.pin_dir / GROW_DIR
+        shutil.rmtree(stage, ignore_errors=True)   # a growth interrupted before its renames
+        stage.mkdir()
+        try:
+            xdp, tc, fns = self._compile(new, stage)
+            t_compile = time.monotonic() - t0
+            for name in SIZED_MAPS:
+                old_t, new_t = self.table(name), xdp[name.value.encode()]
+                limit = self._alloc.top if name is MapName.MAGLEV else None
+                _copy_map(old_t.map_fd, new_t.map_fd, limit=limit)
+            for name in SIZED_MAPS:
+                os.rename(stage / name.value, self.pin_dir / name.value)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        os.rmdir(stage)
+        old_bpfs = (self._xdp_bpf, self._tc_bpf)
+        self._xdp_bpf, self._tc_bpf, self._fns = xdp, tc, fns
+        self._write_neigh_cfg(gen=0)   # the next-hop cache is per program (not pinned): configure it
+        old_features, self.features = self.features, new
+        self._alloc.size = new.maglev_slots
+        for ifname, hook, netns in list(self._attached):
+            if hook == "xdp":
+                self.attach_xdp(ifname, netns=netns, mode=self._xdp_modes.get((ifname, netns), "native"),
+                                accept_local=False)
+            else:
+                self.attach_tc(ifname, hook.split("-", 1)[1], netns=netns)
+        for b in old_bpfs:
+            b.cleanup()
+        self.reloads += 1
+        log.info("datapath grown", instance=self.instance, old=str(old_features.capacity),
+                 new=str(new.capacity), compile_s=round(t_compile, 2),
+                 total_s=round(time.monotonic() - t0, 2), hooks=len(self._attached))
 
     @property
     def loaded(self) -> bool:
@@ -425,6 +548,7 @@ class Datapath:
 
         in_netns(netns, work)
         self._remember(ifname, "xdp", netns)
+        self._xdp_modes[(ifname, netns)] = mode
         log.info("xdp attached", ifname=ifname, netns=netns, mode=mode)
 
     def attach_tc(self, ifname: str, direction: str, *, netns: str | None = None) -> None:
@@ -765,7 +889,7 @@ class Datapath:
         if self._free_svc_ids:
             return self._free_svc_ids.pop()
         if self._next_svc_id >= self.features.max_services:
-            raise DatapathError(f"too many services (max {self.features.max_services - 1})")
+            raise CapacityError("services", f"too many services (max {self.features.max_services - 1})")
         self._next_svc_id += 1
         return self._next_svc_id - 1
 
@@ -784,7 +908,10 @@ class Datapath:
             while bid in self._backend_vals:
                 bid += 1
             if bid >= self.features.max_backends:
-                raise DatapathError(f"too many backends (max {self.features.max_backends - 1})")
+                # ids are handed out in order; after a wrap, reuse the lowest free one
+                bid = next((i for i in range(1, self.features.max_backends) if i not in self._backend_vals), None)
+                if bid is None:
+                    raise CapacityError("backends", f"too many backends (max {self.features.max_backends - 1})")
             self._next_backend_id = bid + 1
         flags = BackendFlag.ACTIVE
         if b.local:
@@ -882,7 +1009,11 @@ class Datapath:
             k = tbl.Key()
             k.svc_id, k.backend_id = svc_id, bid
             if present:
-                tbl[k] = ctypes.c_uint32(1)
+                try:
+                    tbl[k] = ctypes.c_uint32(1)
+                except Exception as exc:  # noqa: BLE001 - bcc raises a plain Exception (E2BIG)
+                    raise CapacityError("memberships", f"service memberships map full "
+                                        f"({self.features.max_memberships}): {exc}") from exc
             else:
                 try:
                     del tbl[k]
@@ -1106,6 +1237,60 @@ class _BpfMapInfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
                 ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
                 ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 64)]
+
+
+def _pinned_map_info(path: Path) -> _BpfMapInfo:
+    """Map info of a pinned map (BPF_OBJ_GET, then BPF_OBJ_GET_INFO_BY_FD)."""
+    from bcc.libbcc import lib
+    fd = lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        raise DatapathError(f"cannot open pinned map {path}: {os.strerror(ctypes.get_errno())}")
+    try:
+        return _map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_map(src_fd: int, dst_fd: int, *, limit: int | None = None, chunk: int = 1 << 16) -> int:
+    """Copy every entry of one map into another of the same type and layout (batch lookup +
+    batch update, ``chunk`` entries per syscall pair). ``limit``: for arrays, copy only keys
+    below it. Returns the number of entries copied."""
+    from bcc.libbcc import lib
+    from bcc.utils import get_possible_cpus
+    info = _map_info(src_fd)
+    ks, vs = info.key_size, info.value_size
+    if info.type in (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH):
+        vs = ((vs + 7) // 8) * 8 * len(get_possible_cpus())
+    is_array = info.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
+    if is_array and limit is not None:
+        chunk = max(1, min(chunk, limit))
+    keys = ctypes.create_string_buffer(ks * chunk)
+    vals = ctypes.create_string_buffer(vs * chunk)
+    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)   # u32 keys (arrays) / buckets (hashes)
+    copied = 0
+    first = True
+    while True:
+        cnt = ctypes.c_uint32(chunk)
+        rc = lib.bpf_lookup_batch(src_fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+                                  ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
+        err = ctypes.get_errno() if rc != 0 else 0
+        if rc != 0 and err != errno.ENOENT:
+            raise DatapathError(f"copying map: BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
+        n = cnt.value
+        if is_array and limit is not None:
+            n = max(0, min(n, limit - copied))
+        if n:
+            ucnt = ctypes.c_uint32(n)
+            if lib.bpf_update_batch(dst_fd, ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(ucnt)) != 0:
+                raise DatapathError(f"copying map: BPF_MAP_UPDATE_BATCH failed: {os.strerror(ctypes.get_errno())}")
+            copied += n
+        if rc != 0 or (is_array and limit is not None and copied >= limit):
+            return copied
+        in_batch.value = out_batch.value
+        first = False
+
+
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 2, 5, 6, 10
 
 
 def _map_info(fd: int) -> _BpfMapInfo:

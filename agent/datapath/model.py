@@ -61,6 +61,11 @@ class ServiceKey:
         object.__setattr__(self, "vip", _addr(self.vip))
         object.__setattr__(self, "proto", Proto(self.proto))
         _check_port(self.port, f"service {self.vip} port")
+        # keys of dicts with 20,000+ entries, hashed several times a pass: hash once
+        object.__setattr__(self, "_hash", hash((self.vip, self.port, self.proto)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def family(self) -> int:

@@ -13,7 +13,9 @@ others; everything is idempotent, so a retry pass only changes what still differ
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,14 +31,57 @@ __all__ = ["Controller", "ConditionClock", "atomic_write_yaml"]
 STATUS_FILE = "status.yaml"
 LBIPAM_FILE = "lbipam-allocations.yaml"
 STATUS_INTERVAL = 5.0  # Cilium pushes NodeConfig status every 5 s
+PROGRAMMED_CONDITION = "vipd.io/DatapathProgrammed"   # Service condition (False: not announced)
+
+
+LARGE_DOCUMENT = 2000   # entries: above this, write YAML's JSON form (a 20,000-Service status
+                        # file takes ~0.1 s instead of ~7 s with PyYAML's emitter)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text of ``data``: block style, or for large documents the JSON form (YAML is a
+    superset of JSON: every YAML parser reads it, ``yaml.safe_load`` included)."""
+    size = sum(len(v) for v in data.values() if isinstance(v, (dict, list))) if isinstance(data, dict) else 0
+    if size > LARGE_DOCUMENT:
+        return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                     default_flow_style=False)
 
 
 def atomic_write_yaml(path: Path, data: Any) -> None:
     """Write via a temp file + rename so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(dump_yaml(data))
     os.replace(tmp, path)
+
+
+def load_allocations(state_dir: Path) -> dict[str, tuple[str, ...]]:
+    """The persisted LB-IPAM allocations ({} when there are none yet)."""
+    path = Path(state_dir) / LBIPAM_FILE
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
+
+
+SLOW_PASS_S = 0.5   # passes slower than this are logged with their phases
+
+
+class _Marks:
+    """Seconds spent per phase of a pass (``vipd`` logs slow passes; benchmarks read them)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round(now - self.last, 3)
+        self.last = now
+
+    def done(self) -> dict[str, float]:
+        return {**self.phases, "total": round(time.monotonic() - self.t0, 3)}
 
 
 class ConditionClock:
@@ -82,20 +127,22 @@ class Controller:
         self.effective_objects = None
         self.node_config = None
         self.lbipam = None
-        self.policies: list = []
+        self._policies: list | None = []
+        self._policy_inputs: tuple | None = None
+        self._status_lock = asyncio.Lock()
+        self.last_pass: dict[str, float] = {}
+        from agent.controlplane.memo import Memo
+        self.memo = Memo()   # per-Service results of unchanged objects, kept from pass to pass
         self.cluster_conditions: dict = {}
         self.peer_conditions: dict = {}
         self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()
         self._status_written: Any = None
         self._issues_logged: tuple = ()
+        self._unprogrammed_seen: set[str] = set()
 
     # -- LB-IPAM persistence --------------------------------------------------------------------
     def _load_allocations(self) -> dict[str, tuple[str, ...]]:
-        path = self.state_dir / LBIPAM_FILE
-        if not path.exists():
-            return {}
-        data = yaml.safe_load(path.read_text()) or {}
-        return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
+        return load_allocations(self.state_dir)
 
     def _save_allocations(self) -> None:
         atomic_write_yaml(self.state_dir / LBIPAM_FILE,
@@ -111,10 +158,11 @@ class Controller:
         objects = self.store.objects()
         now = time.monotonic()
         self.passes += 1
+        mark = _Marks()
         self.attempted_generation = snap.generation
 
         try:
-            lb = lbipam.allocate(objects, self.allocations)
+            lb = lbipam.allocate(objects, self.allocations, self.memo)
             if dict(lb.allocations) != self.allocations:
                 self.allocations = {k: tuple(v) for k, v in lb.allocations.items()}
                 self._save_allocations()
@@ -123,7 +171,8 @@ class Controller:
         except Exception as exc:  # noqa: BLE001
             self._record("lbipam", "", exc, now)
             lb = self.lbipam
-        effective = effective_services(objects, lb) if lb is not None else objects
+        effective = effective_services(objects, lb, self.memo) if lb is not None else objects
+        mark("lbipam")
 
         try:
             node_config = derive_node_config(effective, self.node_name, self.options)
@@ -140,24 +189,39 @@ class Controller:
 
         if self.services is not None:  # program new/changed VIPs before announcing them
             await self.services.reconcile(effective, self.errors, now, phase="upsert")
+            mark("services")
         await self.neighbors.reconcile(node_config, self.errors, now)
 
+        # The announce rule: with the datapath, a Service address is announced only while every
+        # desired frontend at it is programmed (ServiceReconciler.vip_ready). ``effective``
+        # already carries the LB-IPAM addresses, so lbipam=None spares a second copy of every
+        # Service per peer.
+        vip_ready = self.services.vip_ready if self.services is not None else None
+
         def desired(inst, peer):
-            return desired_paths(effective, self.node_name, inst, peer, lb, self.options)
+            return desired_paths(effective, self.node_name, inst, peer, None, self.options,
+                                 vip_ready=vip_ready, memo=self.memo)
 
         await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
+        mark("advertisements")
+        self.memo.rotate()
         if self.services is not None:  # drop removed VIPs only after they were withdrawn
             await self.services.reconcile(effective, self.errors, now, phase="delete")
 
         try:
-            self.policies = list(route_policies(effective, node_config, lb, self.options))
+            # route policies are for `vipctl bgp route-policies` only: computed when asked
+            self._policy_inputs, self._policies = (effective, node_config), None
             self.cluster_conditions = cluster_config_conditions(effective, self.options)
             self.peer_conditions = peer_config_conditions(effective, self.options)
             self.errors.clear("status", "")
         except Exception as exc:  # noqa: BLE001
             self._record("status", "", exc, now)
         self.applied_generation = snap.generation
-        self.write_status()
+        mark("rest")
+        self.last_pass = mark.done()
+        if self.last_pass["total"] > SLOW_PASS_S:
+            self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
+        await self.write_status_async()
 
     def _record(self, reconciler: str, instance: str, exc: BaseException, now: float) -> None:
         rec = self.errors.record(reconciler, instance, exc, now)
@@ -198,7 +262,7 @@ class Controller:
         while not stop.is_set():
             await asyncio.sleep(STATUS_INTERVAL)
             try:
-                self.write_status()
+                await self.write_status_async()
             except Exception as exc:  # noqa: BLE001
                 self._log("warning", "status write failed", error=str(exc))
 
@@ -258,6 +322,30 @@ class Controller:
                 key: {"loadBalancerIngress": list(self.lbipam.allocations.get(key, ())),
                       "conditions": [self.conditions.stamp(f"Service/{key}", cond)]}
                 for key, cond in sorted(self.lbipam.service_conditions.items())}
+        if self.services is not None:
+            # A Service the datapath could not program: withdrawn, with a False condition saying
+            # why (only these are listed: 20,000 "True" entries would bury them). Once a Service
+            # failed, its condition stays listed, True again when it is programmed.
+            services = doc.setdefault("services", {})
+            failing = self.services.unprogrammed_services()
+            existing = set(self.services.owners.values())
+            for key in sorted(set(failing) | (self._unprogrammed_seen & existing)):
+                items = failing.get(key)
+                if items:
+                    cond = {"type": PROGRAMMED_CONDITION, "status": "False", "reason": items[0][1].reason,
+                            "message": "not programmed in the datapath, VIP not announced: " + "; ".join(
+                                f"{k}: {f.message}" for k, f in items)}
+                else:
+                    cond = {"type": PROGRAMMED_CONDITION, "status": "True", "reason": "Programmed",
+                            "message": "every frontend is programmed in the datapath"}
+                entry = services.setdefault(key, {"conditions": []})
+                entry["conditions"] = [*entry.get("conditions", []),
+                                       self.conditions.stamp(f"Service/{key}", cond)]
+            self._unprogrammed_seen |= set(failing)
+            doc["datapath"] = {"capacity": dict(zip(
+                ("maxServices", "maxBackends", "maxMemberships", "maglevSlots"),
+                self.services.dp.capacity.astuple())), "reloads": self.services.dp.reloads,
+                "unprogrammedFrontends": len(self.services.failed)}
             doc["ciliumLoadBalancerIPPools"] = {
                 name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)
                                       for c in conds]}
@@ -267,6 +355,20 @@ class Controller:
             for r in self.errors.records()]
         return doc
 
+    @property
+    def policies(self) -> list:
+        """Cilium's GoBGP route policies as data (``vipctl bgp route-policies``), computed on
+        first use after each pass: at 20,000 Services they cost a second per peer."""
+        if self._policies is None:
+            from agent.controlplane import route_policies
+            effective, node_config = self._policy_inputs
+            try:
+                self._policies = list(route_policies(effective, node_config, None, self.options))
+            except Exception as exc:  # noqa: BLE001
+                self._record("status", "", exc, time.monotonic())
+                self._policies = []
+        return self._policies
+
     def write_status(self) -> None:
         doc = self.status_document()
         if doc == self._status_written:
@@ -274,3 +376,15 @@ class Controller:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(self.state_dir / STATUS_FILE, doc)
         self._status_written = doc
+
+    async def write_status_async(self) -> None:
+        """write_status with the file written by a worker thread: the event loop (BGP sessions,
+        the updates just queued) is not held up by a large status file."""
+        doc = self.status_document()
+        if doc == self._status_written:
+            return
+        async with self._status_lock:
+            await asyncio.sleep(0)   # let the speakers send what this pass queued first
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(atomic_write_yaml, self.state_dir / STATUS_FILE, doc)
+            self._status_written = doc

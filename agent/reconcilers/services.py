@@ -20,19 +20,68 @@ in ``status.loadBalancer.ingress``) -> one datapath ``Service`` per frontend add
 also works after adopting pinned maps from a previous agent), deletes first, then upserts what
 differs; the datapath writes only changed slots. The datapath is synchronous, so this runs in a
 worker thread.
+
+Capacity and failures (docs/datapath.md "Capacity and growth"): before upserting, the maps are
+grown when the desired services need more room (``plan_capacity``; a reload that keeps flows).
+Each frontend is programmed on its own: one that fails (maps full and growth failed, more
+backends than its Maglev table has slots, a kernel error) is recorded with a reason and the
+others go on. ``blocked_vips`` is the rule the advertisement reconciler applies: an address
+with a desired frontend that is not programmed is not announced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 from agent.reconcilers.errors import ErrorBook
 
-__all__ = ["desired_services", "ServiceReconciler"]
+__all__ = ["desired_services", "ServiceReconciler", "FrontendFailure", "blocked_vips", "check_service"]
 
 NAME = "services"
+
+# Reasons a frontend is not programmed (condition reason, metric label)
+CAPACITY = "CapacityExceeded"        # a sized map is full and could not be grown
+MAGLEV_TOO_SMALL = "MaglevTableTooSmall"   # more backends than the Maglev table has slots
+DATAPATH_ERROR = "DatapathError"     # anything else the datapath refused
+
+
+@dataclass(frozen=True)
+class FrontendFailure:
+    """Why one frontend (VIP:port/proto) of a Service is not programmed."""
+
+    service: str       # "namespace/name" of the Kubernetes Service ("" if unknown)
+    reason: str        # CAPACITY | MAGLEV_TOO_SMALL | DATAPATH_ERROR
+    message: str
+
+
+def check_service(svc) -> FrontendFailure | None:
+    """Refusals decided before touching the maps (pure)."""
+    n = len(svc.selectable_backends())
+    if n > svc.maglev_m:
+        return FrontendFailure("", MAGLEV_TOO_SMALL,
+                               f"{n} backends exceed the Maglev table size {svc.maglev_m} "
+                               "(raise --maglev-table-size)")
+    return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def blocked_vips(desired: Iterable, failed: Mapping) -> frozenset:
+    """Addresses not to announce: those with at least one desired frontend in ``failed`` (pure).
+    ``desired``: the desired ServiceKeys; ``failed``: ServiceKey -> FrontendFailure."""
+    if not isinstance(desired, (dict, set, frozenset)):
+        desired = set(desired)
+    return frozenset(str(k.vip) for k in failed if k in desired)
 
 
 def _slice_port(slice_, port) -> int | None:
@@ -83,87 +132,260 @@ def _ranges_for(ranges: tuple, version: int) -> tuple:
     return tuple(r for r in ranges if r.version == version) or (NOBODY[version],)
 
 
-def desired_services(objects, node_name: str, *, mode: str = "snat") -> dict:
-    """{ServiceKey: datapath Service} for every frontend of every Service (see module doc)."""
+def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size=None,
+                     owners: dict | None = None, memo=None) -> dict:
+    """{ServiceKey: datapath Service} for every frontend of every Service (see module doc).
+    ``maglev_size``: the node's ``--maglev-table-size`` (a ``MaglevSize``; default auto): M of
+    each frontend from its backend count. ``owners`` (optional) is filled with ServiceKey ->
+    "namespace/name". ``memo`` (an ``agent.controlplane.memo.Memo``): reuse the frontends of a
+    Service whose object and EndpointSlices are unchanged since the last pass."""
+    from agent.datapath.capacity import MaglevSize
+
+    maglev_size = maglev_size or MaglevSize()
+    out: dict = {}
+    slices_for = objects.endpoint_slices_for
+    for svc in objects.services:
+        if svc.spec.type == "ExternalName":
+            continue
+        meta = svc.metadata
+        if memo is None:
+            owner, mine = _frontends(objects, svc, node_name, mode, maglev_size)
+        else:
+            extra = (tuple(slices_for(meta.namespace or "default", meta.name)), node_name, mode, maglev_size)
+            owner, mine = memo.get("frontends", svc, extra, _frontends, objects, svc, node_name, mode, maglev_size)
+        for key, service in mine:
+            if key in out:  # the same VIP:port claimed twice: the older Service keeps it
+                continue
+            out[key] = service
+            if owners is not None:
+                owners[key] = owner
+    return out
+
+
+def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> tuple[str, list]:
+    """("namespace/name", [(ServiceKey, datapath Service)]) of one Service, in claim order."""
+    from agent.datapath.capacity import choose_maglev_m
     from agent.datapath.model import Mode, Proto, Service, ServiceKey
 
+    spec = svc.spec
+    internal_local = spec.internal_traffic_policy == "Local"
+    external_local = spec.external_traffic_policy == "Local"
+    # (address, traffic policy Local?, source ranges apply?); LoadBalancer ingress first, so
+    # an address that is also an externalIP keeps its source ranges
+    frontends = [(ip, external_local, True) for ip in svc.ingress_ips] if spec.type == "LoadBalancer" else []
+    frontends += [(ip, internal_local, False) for ip in svc.cluster_ips]
+    frontends += [(ip, external_local, False) for ip in spec.external_ips or () if ip not in ("", "None")]
+    affinity, ranges = svc.affinity_timeout, svc.source_ranges
     out: dict = {}
-    for svc in objects.services:
-        spec = svc.spec
-        if spec.type == "ExternalName":
+    for port in spec.ports:
+        if port.protocol not in ("TCP", "UDP"):
             continue
-        internal_local = spec.internal_traffic_policy == "Local"
-        external_local = spec.external_traffic_policy == "Local"
-        # (address, traffic policy Local?, source ranges apply?); LoadBalancer ingress first, so
-        # an address that is also an externalIP keeps its source ranges
-        frontends = [(ip, external_local, True) for ip in svc.ingress_ips] if spec.type == "LoadBalancer" else []
-        frontends += [(ip, internal_local, False) for ip in svc.cluster_ips]
-        frontends += [(ip, external_local, False) for ip in spec.external_ips or () if ip not in ("", "None")]
-        affinity, ranges = svc.affinity_timeout, svc.source_ranges
-        for port in spec.ports:
-            if port.protocol not in ("TCP", "UDP"):
+        backends = _backends(objects, svc, port, node_name)
+        for ip, local, filtered in frontends:
+            key = ServiceKey(ip, port.port, Proto[port.protocol])
+            if key in out:
                 continue
-            backends = _backends(objects, svc, port, node_name)
-            for ip, local, filtered in frontends:
-                key = ServiceKey(ip, port.port, Proto[port.protocol])
-                if key in out:  # the same VIP:port claimed twice: the older Service keeps it
-                    continue
-                version = key.vip.version
-                out[key] = Service(key, tuple(b for b in backends if b.addr.version == version),
-                                   traffic_policy_local=local, mode=Mode(mode), affinity_timeout=affinity,
-                                   source_ranges=_ranges_for(ranges, version) if filtered else ())
-    return out
+            version = key.vip.version
+            mine = tuple(b for b in backends if b.addr.version == version)
+            out[key] = Service(key, mine, traffic_policy_local=local, mode=Mode(mode),
+                               affinity_timeout=affinity,
+                               source_ranges=_ranges_for(ranges, version) if filtered else (),
+                               maglev_m=choose_maglev_m(len(mine), maglev_size))
+    return f"{svc.namespace}/{svc.name}", list(out.items())
 
 
 class ServiceReconciler:
     name = NAME
 
-    def __init__(self, datapath, node_name: str, *, mode: str = "snat", log=None):
+    def __init__(self, datapath, node_name: str, *, mode: str = "snat", log=None, maglev_size=None,
+                 map_max: int | None = None):
         self.dp = datapath
+        self.map_max = map_max                      # --bpf-lb-map-max: frontends / backends ceiling
         self.node_name = node_name
         self.mode = mode
         self.log = log
+        self.maglev_size = maglev_size
         self.last: dict = {}
+        self.owners: dict = {}                      # ServiceKey -> "namespace/name"
+        self.failed: dict = {}                      # ServiceKey -> FrontendFailure (desired, not programmed)
+        self.blocked: frozenset | None = frozenset()  # VIP addresses not to announce (None: see vip_ready)
+        self.programmed_vips: frozenset = frozenset()
+        self.failure_counts: dict[str, int] = {}    # reason -> frontends that entered failure (metric)
+        self.growth_error: str | None = None
+        from agent.controlplane.memo import Memo
+        self.memo = Memo()                          # frontends of unchanged Services
+        self._last_objects = None
+
+    def vip_ready(self, address: str) -> bool:
+        """The announce rule: False while a desired frontend at ``address`` is not programmed.
+        After a pass that could not even compute what is desired, only addresses the maps
+        program are ready."""
+        address = _canonical(address)
+        if self.blocked is None:
+            return address in self.programmed_vips
+        return address not in self.blocked
+
+    def unprogrammed_services(self) -> dict[str, list[FrontendFailure]]:
+        """"namespace/name" -> failures of its frontends (the status condition, vipctl, metric)."""
+        out: dict[str, list] = {}
+        for key, f in sorted(self.failed.items(), key=lambda kv: str(kv[0])):
+            out.setdefault(f.service or str(key.vip), []).append((key, f))
+        return out
 
     async def reconcile(self, objects, errors: ErrorBook, now: float, *, phase: str = "all") -> None:
         """``phase="upsert"`` before the BGP reconcilers (a VIP is programmed before it is
         announced), ``phase="delete"`` after them (withdrawn before it stops working)."""
         try:
-            desired = desired_services(objects, self.node_name, mode=self.mode)
-            changed = await asyncio.to_thread(self._apply, desired, phase)
+            if phase == "delete" and objects is self._last_objects:
+                desired, owners = self.last, self.owners     # the same pass's upsert computed it
+            else:
+                owners = {}
+                desired = desired_services(objects, self.node_name, mode=self.mode,
+                                           maglev_size=self.maglev_size, owners=owners, memo=self.memo)
+                self.memo.rotate()
+            changed, failed = await asyncio.to_thread(self._apply, desired, phase)
         except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
             rec = errors.record(NAME, "", exc, now)
             if self.log is not None:
                 self.log.error("reconcile failed", reconciler=NAME, error=rec.error, attempts=rec.attempts)
+            if phase in ("all", "upsert"):   # what is desired is unknown: announce only what is programmed
+                try:
+                    self.programmed_vips = frozenset(str(k.vip) for k in self.dp.services())
+                except Exception:  # noqa: BLE001
+                    self.programmed_vips = frozenset()
+                self.blocked = None
             return
         errors.clear(NAME, "")
-        self.last = desired
+        self.last, self.owners, self._last_objects = desired, owners, objects
+        if phase in ("all", "upsert"):
+            failed = {k: FrontendFailure(owners.get(k, ""), f.reason, f.message) for k, f in failed.items()}
+            self._report(failed, errors, now)
+            self.failed = failed
+            self.blocked = blocked_vips(desired, failed)
         if changed and self.log is not None:
             self.log.info("services programmed", reconciler=NAME, deleted=changed[0], upserted=changed[1],
-                          services=len(desired))
+                          services=len(desired), failed=len(self.failed))
 
-    def _apply(self, desired: dict, phase: str = "all") -> tuple[int, int] | None:
+    def _report(self, failed: dict, errors: ErrorBook, now: float) -> None:
+        """Errors per Service in the ErrorBook (vipctl status, the node condition, the retry
+        backoff); a log line and a counter per change, not per pass."""
+        by_service: dict[str, list] = {}
+        for key, f in failed.items():
+            by_service.setdefault(f.service or str(key.vip), []).append((key, f))
+        old_services = {f.service or str(k.vip) for k, f in self.failed.items()}
+        for svc, items in by_service.items():
+            text = "; ".join(f"{k}: {f.reason}: {f.message}" for k, f in sorted(items, key=lambda kv: str(kv[0])))
+            errors.record(NAME, f"Service/{svc}", f"not programmed, not announced: {text}", now)
+        for svc in old_services - set(by_service):
+            errors.clear(NAME, f"Service/{svc}")
+        for key, f in failed.items():
+            prev = self.failed.get(key)
+            if prev is None or prev.reason != f.reason:
+                self.failure_counts[f.reason] = self.failure_counts.get(f.reason, 0) + 1
+            if prev != f and self.log is not None:
+                self.log.error("service not programmed; its VIP is not announced", reconciler=NAME,
+                               service=f.service, frontend=str(key), reason=f.reason, error=f.message)
+        for key in set(self.failed) - set(failed):
+            if self.log is not None:
+                self.log.info("service programmed again; its VIP may be announced", reconciler=NAME,
+                              service=self.failed[key].service, frontend=str(key))
+
+    def _apply(self, desired: dict, phase: str = "all"):
+        """-> ((deleted, upserted) or None, {ServiceKey: FrontendFailure} of desired frontends
+        that are not programmed as desired)."""
+        from agent.datapath.api import CapacityError
+        from agent.datapath.capacity import plan_capacity
+
         current = self.dp.services()
         deleted = upserted = 0
+        failed: dict = {}
         if phase in ("all", "delete"):
             for key in [k for k in current if k not in desired]:
-                self.dp.delete_service(key)
-                deleted += 1
+                try:
+                    self.dp.delete_service(key)
+                    deleted += 1
+                except Exception as exc:  # noqa: BLE001 - one frontend must not stop the others
+                    if self.log is not None:
+                        self.log.error("service delete failed", reconciler=NAME, frontend=str(key), error=str(exc))
         if phase in ("all", "upsert"):
+            todo = {}
             for key, svc in desired.items():
-                if current.get(key) != svc:
+                refused = check_service(svc)
+                if refused is not None:
+                    failed[key] = refused
+                else:
+                    cur = current.get(key)
+                    if cur is not svc and cur != svc:   # the memo hands back the very object
+                        todo[key] = svc
+            ok = {k: s for k, s in desired.items() if k not in failed}
+            self._grow(plan_capacity(ok.values(), self.dp.capacity))
+            retry = {}
+            for key, svc in todo.items():
+                try:
                     self.dp.upsert_service(svc)
                     upserted += 1
-        return (deleted, upserted) if deleted or upserted else None
+                except CapacityError as exc:
+                    retry[key] = (svc, exc)
+                except Exception as exc:  # noqa: BLE001 - one frontend must not stop the others
+                    failed[key] = FrontendFailure("", DATAPATH_ERROR, str(exc))
+            if retry:   # full although the plan said it fits (fragmented slots): double and retry
+                cap = self.dp.capacity
+                whats = {exc.what for _, exc in retry.values()}
+                bigger = cap.__class__(*(v * 2 if f in whats else v for f, v in zip(
+                    ("services", "backends", "memberships", "maglev_slots"), cap.astuple())))
+                self._grow(bigger)
+                for key, (svc, exc) in retry.items():
+                    try:
+                        self.dp.upsert_service(svc)
+                        upserted += 1
+                    except Exception as exc2:  # noqa: BLE001
+                        reason = CAPACITY if isinstance(exc2, CapacityError) else DATAPATH_ERROR
+                        msg = str(exc2) + (f" (growth failed: {self.growth_error})" if self.growth_error else "")
+                        failed[key] = FrontendFailure("", reason, msg)
+        changed = (deleted, upserted) if deleted or upserted else None
+        return changed, failed
+
+    def _grow(self, capacity) -> None:
+        capacity = clamp(capacity, self.map_max)
+        if self.dp.capacity.covers(capacity):
+            return
+        try:
+            self.dp.grow(capacity)
+            self.growth_error = None
+            if self.log is not None:
+                self.log.info("datapath maps grown", reconciler=NAME, capacity=str(self.dp.capacity))
+        except Exception as exc:  # noqa: BLE001 - the frontends that do not fit are reported
+            self.growth_error = str(exc)
+            if self.log is not None:
+                self.log.error("datapath growth failed", reconciler=NAME, error=str(exc),
+                               wanted=str(capacity))
 
 
-def open_datapath(node, node_name: str, interfaces: list[str], *, pin_root: str, log=None) -> Any:
+def clamp(capacity, map_max: int | None):
+    """``--bpf-lb-map-max``: at most ``map_max`` frontends and backends (ids 1..map_max)."""
+    if map_max is None:
+        return capacity
+    return capacity.__class__(min(capacity.max_services, map_max + 1),
+                              min(capacity.max_backends, map_max + 1),
+                              capacity.max_memberships, capacity.maglev_slots)
+
+
+def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, map_max: int | None = None):
+    """The Capacity the datapath should be created with for these (effective) objects."""
+    from agent.datapath.capacity import plan_capacity
+    desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size)
+    return clamp(plan_capacity(s for s in desired.values() if check_service(s) is None), map_max)
+
+
+def open_datapath(node, node_name: str, interfaces: list[str], *, pin_root: str, log=None,
+                  capacity=None) -> Any:
     """Load (or adopt) the datapath and attach it to the uplinks: XDP for services and SNAT
-    replies, tc ingress/egress for DSR and local-backend replies. Synchronous."""
+    replies, tc ingress/egress for DSR and local-backend replies. Synchronous. ``capacity``:
+    the sized maps are created (or grown) to at least this (``plan_for``)."""
     from agent.datapath.api import Datapath
 
     dp = Datapath(instance=node_name, pin_root=pin_root)
-    dp.load()
+    dp.load(capacity=capacity)
     v4 = node.addresses(4) if node is not None else []
     v6 = node.addresses(6) if node is not None else []
     dp.set_node_addresses(v4=v4[0] if v4 else None, v6=v6[0] if v6 else None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -57,6 +58,8 @@ class FileSource:
         self.store = store
         self.debounce_ms = debounce_ms
         self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
+        from agent.config.loader import ParseCache
+        self._cache = ParseCache()   # unchanged files are not parsed again
 
     def load(self) -> bool:
         """Read and validate the directory; True when the store got a new snapshot."""
@@ -64,17 +67,19 @@ class FileSource:
 
         if not self.directory.is_dir():
             raise FileNotFoundError(f"config directory {self.directory} does not exist")
+        t0 = time.monotonic()
         fp = fingerprint(yaml_files(self.directory))
         if fp == self.store.current.fingerprint:
             return False
-        result = load_dir(self.directory)
+        result = load_dir(self.directory, self._cache)
         objects, kept = self._keep_last_good(result)
         changed = self.store.replace(objects, errors=result.errors, ignored=result.ignored,
                                      fingerprint=fp, source=str(self.directory), kept=kept)
         if changed:
             snap = self.store.current
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
-                     objects=sum(1 for _ in objects.all()), errors=len(result.errors))
+                     objects=sum(1 for _ in objects.all()), errors=len(result.errors),
+                     load_s=round(time.monotonic() - t0, 3))
             for err in result.errors:
                 log.warning("invalid object rejected", error=str(err))
             for key in kept:

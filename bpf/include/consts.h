@@ -7,6 +7,8 @@
 #pragma once
 
 /* ---- tunables (loader -D flags) ---- */
+/* MAX_SERVICES, MAX_BACKENDS, MAX_MEMBERS and MAGLEV_SLOTS are defaults only: the agent
+ * sizes them from the configuration (agent/datapath/capacity.py) and grows them by a reload. */
 #ifndef MAX_SERVICES
 #define MAX_SERVICES 65536        /* service ids 1..MAX_SERVICES-1 (0 unused) */
 #endif
@@ -60,6 +62,9 @@
 #endif
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/vipd/default"
+#endif
+#ifndef SIZED_PIN_DIR
+#define SIZED_PIN_DIR PIN_DIR     /* the maps sized from the configuration (maps.h) */
 #endif
 #define MAX_V6_EXT_HDRS 4         /* IPv6 extension headers walked before giving up (pass) */
 

@@ -3,23 +3,30 @@
  * bcc's "type:path" section opens the pin when it exists (adoption after a restart) and
  * creates + pins it otherwise. Names carry a layout version (_v1): a changed layout gets a
  * new name instead of silently reusing an old pin.
+ *
+ * The maps whose size comes from the configuration (services, backends, memberships, revnat,
+ * Maglev slots, per-service counters) are pinned under SIZED_PIN_DIR, which is PIN_DIR except
+ * while the agent grows them: it then compiles against an empty staging directory, so bcc
+ * creates bigger maps there while conntrack and affinity are adopted from PIN_DIR, copies the
+ * contents over, renames the new pins over the old ones and swaps the programs
+ * (agent/datapath/api.py Datapath.grow; docs/datapath.md "Capacity and growth").
  */
 #pragma once
 
 /* frontend -> service (plus one wildcard entry per VIP address) */
 BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, services_v2, MAX_SERVICES * 2,
-		 PIN_DIR "/services_v2");
+		 SIZED_PIN_DIR "/services_v2");
 /* backend id -> address; id 0 is never written ("no backend") */
-BPF_TABLE_PINNED("array", __u32, struct backend, backends_v2, MAX_BACKENDS, PIN_DIR "/backends_v2");
+BPF_TABLE_PINNED("array", __u32, struct backend, backends_v2, MAX_BACKENDS, SIZED_PIN_DIR "/backends_v2");
 /* service membership {svc_id, backend_id}: consulted only when a conntrack/affinity entry's
  * svc_gen differs from its service's backend_gen (a backend left that service since) */
 BPF_TABLE_PINNED("hash", struct svc_member_key, __u32, svc_backends_v1, MAX_MEMBERS,
-		 PIN_DIR "/svc_backends_v1", BPF_F_NO_PREALLOC);
+		 SIZED_PIN_DIR "/svc_backends_v1", BPF_F_NO_PREALLOC);
 /* local backend {addr, port, proto, family} -> its designated service frontend (tc egress) */
 BPF_TABLE_PINNED("hash", struct svc_key, struct revnat_val, revnat_v1, MAX_BACKENDS,
-		 PIN_DIR "/revnat_v1", BPF_F_NO_PREALLOC);
+		 SIZED_PIN_DIR "/revnat_v1", BPF_F_NO_PREALLOC);
 /* all Maglev tables: service s owns slots [table_off, table_off + table_size) */
-BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, PIN_DIR "/maglev_v1");
+BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "/maglev_v1");
 /* connection tracking: flows keep their backend; replies find their rewrite */
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v1, CT_SIZE, PIN_DIR "/ct_v1",
 		 CT_MAP_FLAGS);
@@ -35,7 +42,7 @@ BPF_TABLE_PINNED("array", __u32, struct node_addr, node_cfg_v1, 2, PIN_DIR "/nod
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, stats_v1, NUM_HOOKS * NUM_STATS, PIN_DIR "/stats_v1");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, drops_v1, DROP_MAX, PIN_DIR "/drops_v1");
 BPF_TABLE_PINNED("percpu_array", __u32, struct svc_counter, svc_stats_v1, MAX_SERVICES,
-		 PIN_DIR "/svc_stats_v1");
+		 SIZED_PIN_DIR "/svc_stats_v1");
 
 /* per-CPU scratch space for large temporaries (not pinned: holds no state between packets) */
 struct scratch {

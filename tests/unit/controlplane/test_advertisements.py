@@ -262,3 +262,45 @@ def test_merge_does_not_depend_on_advertisement_order():
     assert a == b
     pa = a[V4][net("192.0.2.10/32")]
     assert pa.communities == ((1 << 16) | 1, (2 << 16) | 2) and pa.local_pref == 20
+
+
+def test_with_a_datapath_only_programmed_vips_are_announced():
+    """The announce rule: ``vip_ready`` (the ServiceReconciler's view) keeps a Service address
+    out while a desired frontend at it is not programmed; other Services and PodCIDRs stay."""
+    o = setup(advertisement("a", ADV, [service_entry(addresses=("LoadBalancerIP", "ExternalIP")),
+                                       {"advertisementType": "PodCIDR"}]),
+              service("web", external_ips=["198.51.100.7"], **LB),
+              service("db", ingress=("192.0.2.11",), cluster_ip="10.96.0.11"),
+              endpoints("web", EP_REMOTE_READY), endpoints("db", EP_REMOTE_READY))
+    nc = derive_node_config(o, "n1")
+    inst = nc.instances[0]
+    everything = ["10.1.0.0/24", "192.0.2.10/32", "192.0.2.11/32", "198.51.100.7/32"]
+    assert prefixes(desired_paths(o, "n1", inst, inst.peers[0])) == everything      # no datapath
+    ready = lambda ip: ip != "192.0.2.10"                                            # noqa: E731
+    assert prefixes(desired_paths(o, "n1", inst, inst.peers[0], vip_ready=ready)) == [
+        "10.1.0.0/24", "192.0.2.11/32", "198.51.100.7/32"]
+    assert prefixes(desired_paths(o, "n1", inst, inst.peers[0], vip_ready=lambda ip: True)) == everything
+
+
+def test_the_memo_gives_the_same_paths_as_a_fresh_computation_and_sees_changes():
+    from agent.controlplane.memo import Memo
+
+    def world(eps):
+        return setup(advertisement("a", ADV, [service_entry(), {"advertisementType": "PodCIDR"}]),
+                     service("web", **LB), service("db", ingress=("192.0.2.11",), cluster_ip="10.96.0.11"),
+                     endpoints("web", EP_REMOTE_READY), endpoints("db", eps))
+    memo = Memo()
+    o = world(EP_REMOTE_READY)
+    inst = derive_node_config(o, "n1").instances[0]
+    for _ in range(3):                                   # passes over the same objects: all hits after the first
+        assert desired_paths(o, "n1", inst, inst.peers[0], memo=memo) == desired_paths(o, "n1", inst, inst.peers[0])
+        memo.rotate()
+    assert memo.hits > 0
+    ready = lambda ip: ip != "192.0.2.11"                                            # noqa: E731
+    assert prefixes(desired_paths(o, "n1", inst, inst.peers[0], memo=memo, vip_ready=ready)) == [
+        "10.1.0.0/24", "192.0.2.10/32"]
+    opts = AgentOptions(no_service_endpoints_routable=False)
+    o2 = world([])                                      # db loses its endpoints: new objects, recomputed
+    inst2 = derive_node_config(o2, "n1").instances[0]
+    assert prefixes(desired_paths(o2, "n1", inst2, inst2.peers[0], None, opts, memo=memo)) == [
+        "10.1.0.0/24", "192.0.2.10/32"]

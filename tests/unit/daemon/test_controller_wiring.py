@@ -230,3 +230,68 @@ def test_metrics_scraped_from_another_thread_read_on_the_event_loop(tmp_path):
         return body, seen
     body, seen = asyncio.run(scenario())
     assert "vipd_bgp_control_plane_session_state" in body and seen == [True]
+
+
+def test_with_a_datapath_a_vip_that_cannot_be_programmed_is_withdrawn_and_reported(tmp_path):
+    """The announce rule through the controller: the datapath refuses web's frontend, so its
+    LB-IPAM VIP leaves the Adj-RIB-Out (the PodCIDR stays), and the failure shows in the node
+    condition, the Service condition, the reconcile errors and the metrics; fixed, it returns."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent.api.metrics import ControllerCollector
+    from agent.datapath.capacity import Capacity
+    from agent.reconcilers.services import ServiceReconciler
+
+    class Datapath:
+        capacity = Capacity(1 << 20, 1 << 20, 1 << 22, 1 << 30)
+        reloads = 0
+        broken = False
+
+        def __init__(self):
+            self.programmed = {}
+
+        def services(self):
+            return dict(self.programmed)
+
+        def upsert_service(self, svc):
+            if self.broken:
+                raise OSError("no space left in the maps")
+            self.programmed[svc.key] = svc
+
+        def delete_service(self, key):
+            return self.programmed.pop(key, None) is not None
+
+    store = make_store(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml())
+    w = World("cilium-bgp-worker", store, tmp_path)
+    dp = Datapath()
+    w.controller.services = ServiceReconciler(dp, "cilium-bgp-worker")
+    w.reconcile()
+    vip = w.controller.lbipam.allocations["default/web"][0]
+    assert f"{vip}/32" in w.rib() and len(w.rib()) == 2
+
+    dp.broken = True
+    dp.programmed.clear()          # e.g. the maps were lost: every frontend must be re-programmed
+    w.controller.store.replace(w.controller.store.objects(), fingerprint="2", source="/cfg")
+    w.reconcile()
+    assert list(w.rib()) == ["10.1.3.0/24"]                       # withdrawn; the PodCIDR stays
+    doc = w.controller.status_document()
+    cond = next(c for c in doc["services"]["default/web"]["conditions"] if c["type"] == "vipd.io/DatapathProgrammed")
+    assert (cond["status"], cond["reason"]) == ("False", "DatapathError")
+    assert "no space left in the maps" in cond["message"]
+    node_cond = doc["ciliumBGPNodeConfig"]["status"]["conditions"][0]
+    assert node_cond["status"] == "True" and "Service/default/web: services: not programmed" in node_cond["message"]
+    assert [(e["reconciler"], e["instance"]) for e in doc["reconcileErrors"]] == [("services", "Service/default/web")]
+    registry = CollectorRegistry()
+    registry.register(ControllerCollector(w.controller))
+    text = generate_latest(registry).decode()
+    assert "vipd_services_unprogrammed 1.0" in text
+    assert 'vipd_service_program_failures_total{reason="DatapathError"} 1.0' in text   # the LB IP
+    assert 'vipd_datapath_capacity{map="services"} 1.048576e+06' in text
+
+    dp.broken = False
+    w.controller.store.replace(w.controller.store.objects(), fingerprint="3", source="/cfg")
+    w.reconcile()
+    assert f"{vip}/32" in w.rib()
+    doc = w.controller.status_document()
+    cond = next(c for c in doc["services"]["default/web"]["conditions"] if c["type"] == "vipd.io/DatapathProgrammed")
+    assert cond["status"] == "True" and doc["reconcileErrors"] == []

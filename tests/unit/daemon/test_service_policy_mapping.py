@@ -5,6 +5,7 @@ import asyncio
 import ipaddress
 
 from agent.config import load_documents
+from agent.datapath.capacity import Capacity
 from agent.datapath.model import Proto, ServiceKey
 from agent.reconcilers.errors import ErrorBook
 from agent.reconcilers.services import ServiceReconciler, desired_services
@@ -121,6 +122,9 @@ def test_an_ingress_ip_that_is_also_an_external_ip_keeps_its_ranges():
 
 
 class RecordingDatapath:
+    capacity = Capacity(1 << 20, 1 << 20, 1 << 22, 1 << 30)   # never full: no growth here
+    reloads = 0
+
     def __init__(self):
         self.programmed: dict = {}
         self.upserts: list = []
