@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="forwarding to remote backends: snat (default) or dsr (Cilium's loadBalancer.mode)")
     run.add_argument("--bpf-pin-root", default="/sys/fs/bpf/vipd", metavar="DIR",
                      help="bpffs directory of the pinned maps (default /sys/fs/bpf/vipd)")
-    run.add_argument("--maglev-table-size", default="auto", type=_maglev_size, metavar="auto|M",
+    run.add_argument("--maglev-table-size", default="auto", type=_maglev_size, metavar="auto|auto:M|M",
                      help="Maglev table size M per service: 'auto' (default: the smallest of "
                           "Cilium's primes >= 100 x the service's backends, at least 251), "
                           "'auto:<M>' (auto, at most M) or one of 251, 509, 1021, 2039, 4093, "
