@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"LB-IPAM allocations and status.yaml (default {DEFAULT_STATE_DIR})")
     run.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
                      help="serve Prometheus metrics on this address (default: off)")
+    run.add_argument("--metrics-per-service", default=True, action=argparse.BooleanOptionalAction,
+                     help="export vipd_service_packets_total / _bytes_total per frontend (default on; "
+                          "two series per VIP:port, turn off on nodes with tens of thousands of Services)")
     run.add_argument("--lb-interface", action="append", default=[], metavar="IFACE",
                      help="program Services into the eBPF datapath and attach it (XDP + tc) to this "
                           "uplink; repeatable (default: off, BGP only)")
@@ -223,7 +226,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     if args.metrics_addr:
         from agent.api.metrics import serve_metrics
 
-        metrics_server = serve_metrics(args.metrics_addr, controller, loop)
+        metrics_server = serve_metrics(args.metrics_addr, controller, loop,
+                                       per_service=args.metrics_per_service)
 
     # The first pass runs before the API opens: neighbors and their full tables are in place.
     try:

@@ -4,6 +4,11 @@
     vipctl bgp routes [available|advertised] [ipv4|ipv6] [unicast] [vrouter ASN] [peer|neighbor ADDR]
     vipctl bgp route-policies [vrouter ASN]            (alias: rps)
     vipctl status
+    vipctl service list                                (the load balancer: frontends and backends)
+    vipctl bpf lb list [--frontends]                   (the services map, cilium-dbg bpf lb list)
+    vipctl bpf lb maglev list | get ID|FRONTEND        (Maglev lookup tables)
+    vipctl bpf ct list [--limit N]                     (conntrack entries)
+    vipctl bpf drops [--all]                           (drops by reason; --all: every hook counter)
     vipctl config validate DIR                         (offline: no daemon needed)
     vipctl migrate FILE...                             (offline: legacy -> v2 resources as YAML)
 
@@ -86,6 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", parents=[common], help="conditions, reconcile errors, config errors")
     status.set_defaults(func=cmd_status)
+
+    service = sub.add_parser("service", parents=[common], help="the load balancer's services")
+    ssub = service.add_subparsers(dest="service_cmd", required=True, metavar="SUBCOMMAND")
+    slist = ssub.add_parser("list", aliases=["ls"], parents=[common],
+                            help="frontends and their backends as the datapath holds them")
+    slist.set_defaults(func=cmd_service_list)
+
+    bpf = sub.add_parser("bpf", parents=[common], help="the BPF maps, decoded")
+    bpsub = bpf.add_subparsers(dest="bpf_cmd", required=True, metavar="SUBCOMMAND")
+    lb = bpsub.add_parser("lb", parents=[common], help="load-balancing maps")
+    lbsub = lb.add_subparsers(dest="lb_cmd", required=True, metavar="SUBCOMMAND")
+    lblist = lbsub.add_parser("list", parents=[common], help="services map: frontends with backends and slots")
+    lblist.add_argument("--frontends", action="store_true", help="only the frontends (SERVICE ADDRESS | ID)")
+    lblist.set_defaults(func=cmd_bpf_lb_list)
+    maglev = lbsub.add_parser("maglev", parents=[common], help="Maglev lookup tables")
+    msub = maglev.add_subparsers(dest="maglev_cmd", required=True, metavar="SUBCOMMAND")
+    mlist = msub.add_parser("list", parents=[common], help="every service's table (SVC ID | LOOKUP TABLE)")
+    mlist.set_defaults(func=cmd_bpf_maglev, which=None)
+    mget = msub.add_parser("get", parents=[common], help="one service's table, by id or ADDR:PORT[/PROTO]")
+    mget.add_argument("which", metavar="ID|FRONTEND")
+    mget.set_defaults(func=cmd_bpf_maglev)
+    ct = bpsub.add_parser("ct", parents=[common], help="conntrack")
+    ctsub = ct.add_subparsers(dest="ct_cmd", required=True, metavar="SUBCOMMAND")
+    ctlist = ctsub.add_parser("list", parents=[common], help="conntrack entries (service and reply)")
+    ctlist.add_argument("--limit", type=int, default=10000, metavar="N", help="print at most N (default 10000)")
+    ctlist.set_defaults(func=cmd_bpf_ct_list)
+    drops = bpsub.add_parser("drops", parents=[common], help="packets the datapath dropped, by reason")
+    drops.add_argument("--all", action="store_true", help="also zero reasons and every hook's outcome counters")
+    drops.set_defaults(func=cmd_bpf_drops)
 
     config = sub.add_parser("config", parents=[common], help="offline configuration tools")
     csub = config.add_subparsers(dest="config_cmd", required=True, metavar="SUBCOMMAND")
@@ -243,6 +277,68 @@ def cmd_status(args) -> int:
         _print_json(responses, args.output)
         return 0
     sys.stdout.write("\n".join(printers.status_text(r) for r in responses))
+    return 0
+
+
+def _structured(args, responses) -> bool:
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
+        return True
+    return False
+
+
+def _per_node(responses, render) -> None:
+    for resp in responses:
+        if len(responses) > 1:
+            print(f"Node: {resp.node}")
+        sys.stdout.write(render(resp))
+
+
+def cmd_service_list(args) -> int:
+    responses = _gather(args, "ListLbServices", vipd_pb2.ListLbServicesRequest())
+    if not _structured(args, responses):
+        _per_node(responses, lambda r: printers.services_table(r.frontends))
+    return 0
+
+
+def cmd_bpf_lb_list(args) -> int:
+    responses = _gather(args, "ListLbServices", vipd_pb2.ListLbServicesRequest())
+    if _structured(args, responses):
+        return 0
+    if args.frontends:
+        _per_node(responses, lambda r: printers.tabwrite(
+            [["SERVICE ADDRESS", "ID"]] + [[printers._frontend_text(f), f.id] for f in r.frontends]))
+    else:
+        _per_node(responses, lambda r: printers.lb_list_table(r.frontends))
+    return 0
+
+
+def cmd_bpf_maglev(args) -> int:
+    request = vipd_pb2.ListMaglevRequest()
+    if args.which is not None:
+        if args.which.isdigit():
+            request.id = int(args.which)
+        else:
+            request.frontend = args.which
+    responses = _gather(args, "ListMaglev", request)
+    if not _structured(args, responses):
+        _per_node(responses, lambda r: printers.maglev_table(r.tables))
+    return 0
+
+
+def cmd_bpf_ct_list(args) -> int:
+    if args.limit <= 0:
+        raise CliError("--limit must be a positive number", 2)
+    responses = _gather(args, "ListConntrack", vipd_pb2.ListConntrackRequest(limit=args.limit))
+    if not _structured(args, responses):
+        _per_node(responses, printers.conntrack_text)
+    return 0
+
+
+def cmd_bpf_drops(args) -> int:
+    responses = _gather(args, "GetDatapathCounters", vipd_pb2.GetDatapathCountersRequest())
+    if not _structured(args, responses):
+        _per_node(responses, lambda r: printers.drops_table(r, all_counters=args.all))
     return 0
 
 

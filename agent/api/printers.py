@@ -261,3 +261,89 @@ def status_text(status) -> str:
     else:
         out.append("Reconcile errors: none")
     return "\n".join(out) + "\n"
+
+
+# ---- load balancer (shapes of cilium-dbg service list / bpf lb list / bpf lb maglev list) ----
+
+def _frontend_text(f) -> str:
+    host = f"[{f.address}]" if ":" in f.address else f.address
+    return f"{host}:{f.port}/{f.protocol}"
+
+
+def _backend_text(b) -> str:
+    host = f"[{b.address}]" if ":" in b.address else b.address
+    return f"{host}:{b.port}"
+
+
+def services_table(frontends: Iterable, *, cluster_nodes: Sequence[str] = ()) -> str:
+    """``ID  Frontend  Service Type  Backend`` with one line per backend (``1 => addr (state)``)."""
+    rows: list[list[object]] = [["ID", "Frontend", "Service Type", "Service", "Mode", "Backend"]]
+    for f in frontends:
+        if f.wildcard:
+            continue
+        mode = ",".join(f.flags)
+        first = [f.id, _frontend_text(f), f.type or "-", f.service or "-", mode]
+        if not f.backends:
+            rows.append(first + ["(no backends)"])
+            continue
+        for i, b in enumerate(f.backends):
+            text = f"{b.slot} => {_backend_text(b)}/{f.protocol} ({b.state})"
+            rows.append((first if i == 0 else ["", "", "", "", ""]) + [text])
+    return tabwrite(rows)
+
+
+def lb_list_table(frontends: Iterable) -> str:
+    """``SERVICE ADDRESS | BACKEND ADDRESS (REVNAT_ID) (SLOT)``, as cilium-dbg bpf lb list."""
+    rows: list[list[object]] = [["SERVICE ADDRESS", "BACKEND ADDRESS (REVNAT_ID) (SLOT)"]]
+    for f in frontends:
+        if f.wildcard:
+            host = f"[{f.address}]" if ":" in f.address else f.address
+            rows.append([f"{host}:0/ANY", f"0.0.0.0:0 ({f.id}) (0) [wildcard: packets to other ports are dropped]"])
+            continue
+        front = _frontend_text(f)
+        flags = ", ".join([f.type or "Frontend", *f.flags])
+        rows.append([front, f"0.0.0.0:0 ({f.id}) (0) [{flags}] maglev={f.maglev_size}"])
+        for b in f.backends:
+            extra = "" if b.state == "active" else f" [{b.state}]"
+            rows.append(["", f"{_backend_text(b)}/{f.protocol} ({f.id}) ({b.slot}){extra} "
+                             f"slots={b.maglev_slots}"])
+    return tabwrite(rows)
+
+
+def maglev_table(tables: Iterable) -> str:
+    """``SVC ID | LOOKUP TABLE`` with the key ``[id]/v4``; the value lists backend ids per slot."""
+    rows: list[list[object]] = [["SVC ID", "LOOKUP TABLE"]]
+    for t in tables:
+        rows.append([f"[{t.id}]/{t.family}", "[" + " ".join(str(x) for x in t.table) + "]"])
+    return tabwrite(rows)
+
+
+def conntrack_text(resp) -> str:
+    lines = []
+    for e in resp.entries:
+        flags = ",".join(e.flags) or "-"
+        line = (f"{e.protocol} {e.direction.upper()} {e.source} -> {e.destination} "
+                f"service={e.service_id} backend={e.backend_id} flags={flags}")
+        if e.rewrite_source:
+            line += f" rewrite-source={e.rewrite_source}"
+        if e.nat_port:
+            line += f" nat-port={e.nat_port}"
+        lines.append(line)
+    shown = len(resp.entries)
+    if resp.total > shown:
+        lines.append(f"({shown} of {resp.total} entries shown; raise --limit to see more)")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def drops_table(resp, *, all_counters: bool = False) -> str:
+    """``REASON  CODE  PACKETS`` (non-zero unless ``all_counters``), then per-hook outcomes."""
+    rows: list[list[object]] = [["REASON", "CODE", "PACKETS"]]
+    for d in resp.drops:
+        if d.packets or all_counters:
+            rows.append([d.reason, d.code, int(d.packets)])
+    out = tabwrite(rows)
+    if all_counters:
+        rows = [["HOOK", "OUTCOME", "PACKETS"]]
+        rows += [[c.hook, c.outcome, int(c.packets)] for c in resp.counters]
+        out += "\n" + tabwrite(rows)
+    return out

@@ -11,7 +11,7 @@ import time
 from agent.api.model import peer_message, route_message, rfc3339, vipd_pb2
 from agent.controlplane.types import Family
 
-__all__ = ["ControllerProvider"]
+__all__ = ["ControllerProvider", "DatapathProvider", "DatapathOff", "AnswerTooLarge"]
 
 _FAMILY = {"ipv4": Family.IPV4_UNICAST, "ipv6": Family.IPV6_UNICAST}
 
@@ -20,6 +20,7 @@ class ControllerProvider:
     def __init__(self, controller, *, version: str = ""):
         self.c = controller
         self.version = version
+        self.lb = DatapathProvider(controller)
 
     # -- peers ----------------------------------------------------------------------------------
     def list_peers(self) -> vipd_pb2.ListPeersResponse:
@@ -144,3 +145,135 @@ def _normalise(address: str) -> str:
         return str(ipaddress.ip_address(address.split("/")[0]))
     except ValueError:
         return address
+
+
+# -- load balancer (read from the BPF maps; callers run these off the event loop) ------------------
+
+class DatapathOff(LookupError):
+    """The agent runs without the datapath (no --lb-interface)."""
+
+
+class AnswerTooLarge(RuntimeError):
+    """The answer would exceed what one gRPC message carries."""
+
+
+CT_DEFAULT_LIMIT = 10000
+MAGLEV_ALL_MAX_SLOTS = 2_000_000   # one answer must fit gRPC's message limit; ask per service beyond
+
+
+def _hostport(addr, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+class DatapathProvider:
+    """Answers of ``vipctl service list`` and ``vipctl bpf ...``: the kernel maps decoded, plus the
+    Service that claims each frontend (from the reconciler's last pass)."""
+
+    def __init__(self, controller):
+        self.c = controller
+
+    def _dp(self):
+        svc = getattr(self.c, "services", None)
+        if svc is None or getattr(svc, "dp", None) is None:
+            raise DatapathOff("the eBPF datapath is off on this node (vipd run without --lb-interface)")
+        return svc.dp
+
+    def _service_types(self) -> dict:
+        """frontend address -> (namespace/name -> type) from the Services in the store."""
+        out: dict = {}
+        objects = self.c.effective_objects   # Services with their LB-IPAM addresses
+        for svc in objects.services if objects is not None else ():
+            name = f"{svc.namespace}/{svc.name}"
+            for ip in svc.cluster_ips:
+                out[(name, str(ipaddress.ip_address(ip)))] = "ClusterIP"
+            for ip in svc.spec.external_ips or ():
+                if ip not in ("", "None"):
+                    out[(name, str(ipaddress.ip_address(ip)))] = "ExternalIP"
+            if svc.spec.type == "LoadBalancer":
+                for ip in svc.ingress_ips:
+                    out[(name, str(ipaddress.ip_address(ip)))] = "LoadBalancer"
+        return out
+
+    def list_lb_services(self) -> vipd_pb2.ListLbServicesResponse:
+        from agent.datapath import inspect
+
+        dp = self._dp()
+        owners = self.c.services.owners
+        types = self._service_types()
+        backends = inspect.read_backends(dp)
+        fronts = inspect.read_frontends(dp)
+        counters = inspect.read_service_counters(dp, [f.svc_id for f in fronts if not f.wildcard])
+        resp = vipd_pb2.ListLbServicesResponse(node=self.c.node_name)
+        for f in fronts:
+            owner = "" if f.wildcard else owners.get(f.key, "")
+            msg = vipd_pb2.LbFrontend(
+                id=f.svc_id, address=str(f.addr), port=f.port,
+                protocol="ANY" if f.wildcard else f.proto.name, service=owner,
+                type=types.get((owner, str(f.addr)), ""), flags=inspect.svc_flag_names(f.flags),
+                maglev_size=f.table_size, wildcard=f.wildcard)
+            if not f.wildcard:
+                table = inspect.read_maglev(dp, f)
+                share: dict[int, int] = {}
+                for bid in table:
+                    share[bid] = share.get(bid, 0) + 1
+                for slot, bid in enumerate(f.members, 1):
+                    b = backends.get(bid)
+                    if b is None:
+                        continue
+                    msg.backends.append(vipd_pb2.LbBackend(
+                        id=bid, address=str(b.addr), port=b.port, state=inspect.backend_state(b.flags),
+                        slot=slot, maglev_slots=share.get(bid, 0)))
+                msg.packets, msg.bytes = counters.get(f.svc_id, (0, 0))
+            resp.frontends.append(msg)
+        return resp
+
+    def list_maglev(self, request) -> vipd_pb2.ListMaglevResponse:
+        from agent.datapath import inspect
+
+        dp = self._dp()
+        fronts = [f for f in inspect.read_frontends(dp) if not f.wildcard]
+        if request.id:
+            fronts = [f for f in fronts if f.svc_id == request.id]
+            if not fronts:
+                raise LookupError(f"no service with id {request.id} in the datapath (see vipctl service list)")
+        elif request.frontend:
+            want = request.frontend.upper()
+            fronts = [f for f in fronts if str(f.key).upper() == want or str(f.key).upper().startswith(want + "/")]
+            if not fronts:
+                raise LookupError(f"no frontend {request.frontend} in the datapath (see vipctl service list)")
+        elif sum(f.table_size for f in fronts) > MAGLEV_ALL_MAX_SLOTS:
+            raise AnswerTooLarge(f"{len(fronts)} services hold more than {MAGLEV_ALL_MAX_SLOTS} Maglev slots; "
+                             "ask for one: vipctl bpf lb maglev get <id>")
+        resp = vipd_pb2.ListMaglevResponse(node=self.c.node_name)
+        for f in fronts:
+            resp.tables.append(vipd_pb2.MaglevTable(
+                id=f.svc_id, family=f"v{f.family}", frontend=str(f.key), table=inspect.read_maglev(dp, f)))
+        return resp
+
+    def list_conntrack(self, request) -> vipd_pb2.ListConntrackResponse:
+        from agent.datapath import inspect
+        from agent.datapath.abi import CtFlag
+
+        rows, total = inspect.read_conntrack(self._dp(), request.limit or CT_DEFAULT_LIMIT)
+        resp = vipd_pb2.ListConntrackResponse(node=self.c.node_name, total=total)
+        for r in rows:
+            snat_service = r.direction == "service" and r.flags & CtFlag.SNAT
+            resp.entries.append(vipd_pb2.CtEntry(
+                direction=r.direction, protocol=r.proto.name, source=_hostport(r.saddr, r.sport),
+                destination=_hostport(r.daddr, r.dport), service_id=r.service_id, backend_id=r.backend_id,
+                flags=inspect.ct_flag_names(r.flags),
+                rewrite_source=_hostport(r.rewrite_saddr, r.rewrite_sport) if r.rewrite_saddr else "",
+                nat_port=r.nat_port if snat_service else 0))
+        return resp
+
+    def get_datapath_counters(self) -> vipd_pb2.GetDatapathCountersResponse:
+        from agent.datapath import inspect
+        from agent.datapath.abi import DropReason
+
+        dp = self._dp()
+        resp = vipd_pb2.GetDatapathCountersResponse(node=self.c.node_name)
+        for reason, packets in inspect.read_drops(dp).items():
+            resp.drops.append(vipd_pb2.DropCounter(reason=reason, code=int(DropReason[reason]), packets=packets))
+        for (hook, outcome), packets in inspect.read_stats(dp).items():
+            resp.counters.append(vipd_pb2.DatapathCounter(hook=hook, outcome=outcome, packets=packets))
+        return resp

@@ -9,6 +9,7 @@ abstract socket would have no permissions at all, see grpc doc/naming.md).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Protocol
@@ -61,6 +62,34 @@ class VipdServicer(vipd_pb2_grpc.VipdServicer):
 
     async def GetStatus(self, request, context):
         return self.provider.get_status()
+
+    # The load balancer's views read BPF maps (syscalls, up to seconds at 20,000 services):
+    # in a worker thread, never on the event loop that keeps the BGP sessions alive.
+    async def _datapath(self, context, method: str, *args):
+        from agent.api.provider import AnswerTooLarge, DatapathOff
+
+        try:
+            return await asyncio.to_thread(getattr(self.provider.lb, method), *args)
+        except DatapathOff as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except AnswerTooLarge as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except OSError as exc:   # e.g. a map replaced by a growth reload while it was read
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"reading the datapath maps failed: {exc}; retry")
+
+    async def ListLbServices(self, request, context):
+        return await self._datapath(context, "list_lb_services")
+
+    async def ListMaglev(self, request, context):
+        return await self._datapath(context, "list_maglev", request)
+
+    async def ListConntrack(self, request, context):
+        return await self._datapath(context, "list_conntrack", request)
+
+    async def GetDatapathCounters(self, request, context):
+        return await self._datapath(context, "get_datapath_counters")
 
 
 def _prepare_socket(path: Path) -> None:

@@ -810,20 +810,10 @@ class Datapath:
         return Counters(stats, drops, services)
 
     def conntrack(self) -> list[CtEntry]:
+        from agent.datapath.inspect import read_conntrack
+
         self._require_loaded()
-        out = []
-        for k, v in self.table(MapName.CT).items():
-            fam = k.family
-            reply = k.dir == CtDir.REPLY
-            out.append(CtEntry(
-                direction="reply" if reply else "service", proto=Proto(k.proto),
-                saddr=_addr_from_words(k.saddr, fam), sport=_ntohs(k.sport),
-                daddr=_addr_from_words(k.daddr, fam), dport=_ntohs(k.dport),
-                backend_id=v.backend_id, service_id=v.svc_id, flags=CtFlag(v.flags),
-                rewrite_saddr=_addr_from_words(v.raddr, fam) if reply else None,
-                rewrite_sport=_ntohs(v.rport) if reply else None,
-                nat_port=_ntohs(v.nat_port)))
-        return out
+        return read_conntrack(self)[0]
 
     # ------------------------------------------------------------------ next-hop cache
 

@@ -98,6 +98,10 @@ def test_1_seed_peering_policy_announces_all_pod_cidrs(env):
     assert caps[:2] == ["BGP neighbor is 10.0.5.1, remote AS 65005", "Neighbor capabilities:"]
     assert "\tmultiprotocol(ipv4-unicast): advertised and received" in caps
     assert "\tmultiprotocol(ipv6-unicast): advertised" in caps   # FRR has only ipv4 activated
+    # BGP-only nodes (no --lb-interface) say so when asked about the load balancer
+    proc = subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(env.nodes[NODES[0].name].socket),
+                           "service", "list"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "datapath is off" in proc.stderr and "--lb-interface" in proc.stderr
 
 
 def test_2a_vipctl_migrate_output_replaces_the_policy_live(env):

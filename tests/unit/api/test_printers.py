@@ -186,3 +186,55 @@ def test_capabilities_text_marks_advertised_received_and_both():
         "\tgraceful-restart(R,N,time=120): advertised",
         "\troute-refresh: received",
     ]
+
+
+def _lb_frontends():
+    v4 = vipd_pb2.LbFrontend(id=3, address="192.0.2.10", port=443, protocol="TCP", service="prod/web",
+                             type="LoadBalancer", flags=["DSR", "Local"], maglev_size=251)
+    v4.backends.append(vipd_pb2.LbBackend(id=7, address="10.1.0.5", port=8443, state="active", slot=1,
+                                          maglev_slots=126))
+    v4.backends.append(vipd_pb2.LbBackend(id=9, address="10.1.0.6", port=8443, state="terminating", slot=2,
+                                          maglev_slots=125))
+    v6 = vipd_pb2.LbFrontend(id=4, address="2001:db8::10", port=53, protocol="UDP", service="", type="",
+                             flags=["SNAT"], maglev_size=0)
+    wildcard = vipd_pb2.LbFrontend(id=3, address="192.0.2.10", protocol="ANY", wildcard=True)
+    return [v4, v6, wildcard]
+
+
+def test_service_list_one_line_per_backend_ipv6_bracketed_no_backends_said():
+    assert printers.services_table(_lb_frontends()) == (
+        "ID   Frontend                Service Type   Service    Mode        Backend\n"
+        "3    192.0.2.10:443/TCP      LoadBalancer   prod/web   DSR,Local   1 => 10.1.0.5:8443/TCP (active)\n"
+        "                                                                   2 => 10.1.0.6:8443/TCP (terminating)\n"
+        "4    [2001:db8::10]:53/UDP   -              -          SNAT        (no backends)\n")
+
+
+def test_bpf_lb_list_is_ciliums_two_columns_with_slots_and_the_wildcard():
+    text = printers.lb_list_table(_lb_frontends())
+    assert text.splitlines() == [
+        "SERVICE ADDRESS         BACKEND ADDRESS (REVNAT_ID) (SLOT)",
+        "192.0.2.10:443/TCP      0.0.0.0:0 (3) (0) [LoadBalancer, DSR, Local] maglev=251",
+        "                        10.1.0.5:8443/TCP (3) (1) slots=126",
+        "                        10.1.0.6:8443/TCP (3) (2) [terminating] slots=125",
+        "[2001:db8::10]:53/UDP   0.0.0.0:0 (4) (0) [Frontend, SNAT] maglev=0",
+        "192.0.2.10:0/ANY        0.0.0.0:0 (3) (0) [wildcard: packets to other ports are dropped]",
+    ]
+
+
+def test_maglev_ct_and_drops_layouts():
+    t = vipd_pb2.MaglevTable(id=3, family="v4", frontend="192.0.2.10:443/TCP", table=[7, 9, 7])
+    assert printers.maglev_table([t]) == "SVC ID   LOOKUP TABLE\n[3]/v4   [7 9 7]\n"
+    ct = vipd_pb2.ListConntrackResponse(total=5)
+    ct.entries.append(vipd_pb2.CtEntry(direction="reply", protocol="TCP", source="10.1.0.5:8443",
+                                       destination="198.51.100.7:40000", service_id=3, backend_id=7,
+                                       flags=["snat"], rewrite_source="192.0.2.10:443"))
+    assert printers.conntrack_text(ct) == (
+        "TCP REPLY 10.1.0.5:8443 -> 198.51.100.7:40000 service=3 backend=7 flags=snat "
+        "rewrite-source=192.0.2.10:443\n(1 of 5 entries shown; raise --limit to see more)\n")
+    drops = vipd_pb2.GetDatapathCountersResponse()
+    drops.drops.append(vipd_pb2.DropCounter(reason="NO_BACKEND", code=1, packets=12))
+    drops.drops.append(vipd_pb2.DropCounter(reason="FRAGMENT", code=4, packets=0))
+    drops.counters.append(vipd_pb2.DatapathCounter(hook="xdp", outcome="tx", packets=99))
+    assert printers.drops_table(drops) == "REASON       CODE   PACKETS\nNO_BACKEND   1      12\n"
+    assert "FRAGMENT     4      0" in printers.drops_table(drops, all_counters=True)
+    assert printers.drops_table(drops, all_counters=True).endswith("HOOK   OUTCOME   PACKETS\nxdp    tx        99\n")
