@@ -71,7 +71,7 @@ int xdp_lb(struct xdp_md *ctx)
 		k.family = p.family;
 		struct svc_val *svc = services_v2.lookup(&k);
 		if (svc)
-			return lb_handle(ctx, &p, svc);
+			return lb_handle(ctx, &p, svc, scr);
 		rc = snat_reply(ctx, &p);
 		if (rc >= 0)
 			return rc;

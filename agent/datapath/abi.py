@@ -111,7 +111,7 @@ class MapName(str, enum.Enum):
     SVC_BACKENDS = "svc_backends_v1"
     REVNAT = "revnat_v1"
     MAGLEV = "maglev_v1"
-    CT = "ct_v1"
+    CT = "ct_v2"
     AFFINITY = "affinity_v1"
     SRC_RANGES = "src_ranges_v1"
     NODE_CFG = "node_cfg_v1"

@@ -27,6 +27,7 @@ import errno
 import ipaddress
 import os
 import shutil
+import struct as _struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -339,6 +340,7 @@ class Datapath:
                  compile_s=round(time.monotonic() - t0, 2), capacity=str(self.features.capacity),
                  verified_insns={k: getattr(f, "verified_insns", None) for k, f in self._fns.items()})
         self._check_pins()
+        self._migrate_ct_v1()
         self._adopt()
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
@@ -460,6 +462,42 @@ class Datapath:
                     f"pinned map {self.pin_dir / name.value} has key/value/entries {got}, this build "
                     f"expects {want}: it was created with other Features or another layout. Use the "
                     f"same Features, or remove {self.pin_dir} (drops conntrack) to start afresh")
+
+    def _migrate_ct_v1(self) -> None:
+        """Conntrack of an older vipd (``ct_v1``: addresses first in the value) moves into
+        ``ct_v2`` (the fields an established packet reads first), so flows survive the upgrade;
+        then the old pin goes. Keys are the same; values are re-ordered field by field."""
+        from bcc.libbcc import lib
+
+        old = self.pin_dir / "ct_v1"
+        if not old.exists():
+            return
+        fd = lib.bpf_obj_get(str(old).encode())
+        if fd < 0:
+            raise DatapathError(f"cannot open the old conntrack map {old}: {os.strerror(ctypes.get_errno())}")
+        try:
+            info = _map_info(fd)
+            if (info.key_size, info.value_size) != (40, CT_V1_VALUE.size):
+                raise DatapathError(f"{old} has key/value sizes {(info.key_size, info.value_size)}, not "
+                                    f"ct_v1's (40, {CT_V1_VALUE.size}); remove it to start afresh")
+            dst = self.table(MapName.CT)
+            moved = 0
+            for keys, vals, n in _raw_batches(fd, info.key_size, info.value_size):
+                out = ctypes.create_string_buffer(CT_V2_VALUE.size * n)
+                for i in range(n):
+                    (a0, a1, a2, a3, d0, d1, d2, d3, rport, rdport, nat_port, flags, backend_id, svc_id,
+                     last_seen, svc_gen) = CT_V1_VALUE.unpack_from(vals, i * CT_V1_VALUE.size)
+                    CT_V2_VALUE.pack_into(out, i * CT_V2_VALUE.size, backend_id, svc_id, svc_gen, flags,
+                                          nat_port, rport, rdport, last_seen, a0, a1, a2, a3, d0, d1, d2, d3)
+                cnt = ctypes.c_uint32(n)
+                if lib.bpf_update_batch(dst.map_fd, ctypes.byref(keys), ctypes.byref(out), ctypes.byref(cnt)) != 0:
+                    raise DatapathError(f"migrating conntrack: BPF_MAP_UPDATE_BATCH failed: "
+                                        f"{os.strerror(ctypes.get_errno())}")
+                moved += n
+        finally:
+            os.close(fd)
+        old.unlink()
+        log.info("conntrack migrated from ct_v1 to ct_v2", entries=moved, pin_dir=str(self.pin_dir))
 
     def _adopt(self) -> None:
         """Rebuild the in-memory view (ids, tables, ranges) from the pinned maps."""
@@ -822,6 +860,7 @@ class Datapath:
         v = tbl.Leaf()
         v.gen = gen & 0xFFFFFFFF
         v.ttl = max(1, round(self._hz * NEIGH_TTL_S))
+        v.hz = self._hz
         tbl[tbl.Key(0)] = v
 
     def flush_neighbours(self) -> None:
@@ -1239,6 +1278,37 @@ def _pinned_map_info(path: Path) -> _BpfMapInfo:
         return _map_info(fd)
     finally:
         os.close(fd)
+
+
+# ct_v1's value (vipd before the ct_v2 re-order), declared here only, for _migrate_ct_v1:
+# raddr[4], rdaddr[4], rport, rdport, nat_port, flags, backend_id, svc_id, last_seen, svc_gen.
+# Ports stay in network order (raw 16-bit words in, the same words out).
+CT_V1_VALUE = _struct.Struct("<4I4IHHHHIIII")
+# ct_v2 (bpf/include/structs.h struct ct_val): backend_id, svc_id, svc_gen, flags, nat_port,
+# rport, rdport, last_seen, raddr[4], rdaddr[4]; tests/bpf/test_abi.py checks the offsets.
+CT_V2_VALUE = _struct.Struct("<IIIHHHHI4I4I")
+
+
+def _raw_batches(fd: int, key_size: int, value_size: int, chunk: int = 1 << 14):
+    """(keys buffer, values buffer, n) of a hash map, by BPF_MAP_LOOKUP_BATCH."""
+    from bcc.libbcc import lib
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    vals = ctypes.create_string_buffer(value_size * chunk)
+    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    first = True
+    while True:
+        cnt = ctypes.c_uint32(chunk)
+        rc = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+                                  ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
+        err = ctypes.get_errno() if rc != 0 else 0
+        if rc != 0 and err != errno.ENOENT:
+            raise DatapathError(f"reading map: BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
+        if cnt.value:
+            yield keys, vals, cnt.value
+        if rc != 0:
+            return
+        in_batch.value = out_batch.value
+        first = False
 
 
 def _copy_map(src_fd: int, dst_fd: int, *, limit: int | None = None, chunk: int = 1 << 16) -> int:

@@ -139,7 +139,7 @@ static __always_inline int icmp_error_snat_request(struct xdp_md *ctx, struct pk
 		return -1;
 	struct ct_key rk = {};
 	ct_key_set(&rk, q->daddr, q->saddr, q->dport, q->sport, q->proto, q->family, CT_DIR_REPLY);
-	struct ct_val *rv = ct_v1.lookup(&rk);
+	struct ct_val *rv = ct_v2.lookup(&rk);
 	if (!rv || !(rv->flags & CT_F_SNAT))
 		return -1;
 	__u32 vip[4], client[4];
@@ -182,7 +182,7 @@ static __always_inline int icmp_error_to_flow(struct xdp_md *ctx, struct pkt *p)
 	__u32 bid = 0;
 	__be16 nat_port = 0;
 	__u16 ct_flags = 0;
-	struct ct_val *cv = ct_v1.lookup(&ck);
+	struct ct_val *cv = ct_v2.lookup(&ck);
 	if (cv) {
 		bid = cv->backend_id;
 		nat_port = cv->nat_port;

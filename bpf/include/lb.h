@@ -68,8 +68,18 @@ static __always_inline int member_of(const struct svc_val *svc, __u32 svc_id, __
 	return 1;
 }
 
+/* Seconds since boot, from jiffies: bpf_jiffies64() is inlined by the verifier, while
+ * bpf_ktime_get_coarse_ns() is a helper call (~35 ns here), paid per SNAT flow and per SNAT
+ * reply. jiffies_64 starts at INITIAL_JIFFIES, (u32)(-300 * HZ); neigh_cfg carries the HZ the
+ * loader measured. Until it is written, the coarse clock (the same scale). */
 static __always_inline __u32 now_s(void)
 {
+	__u32 zero = 0;
+	struct neigh_cfg *cfg = neigh_cfg_v1.lookup(&zero);
+	__u32 hz = cfg ? cfg->hz : 0;
+
+	if (hz)
+		return (bpf_jiffies64() - (__u64)(__u32)(-300 * (__s32)hz)) / hz;
 	return bpf_ktime_get_coarse_ns() / 1000000000ULL;
 }
 
@@ -320,7 +330,54 @@ static __always_inline int snat_reply_of(const struct ct_val *rv, const struct p
 	       addr_eq(rv->rdaddr, p->saddr) && addr_eq(rv->raddr, p->daddr);
 }
 
-static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct svc_val *svc)
+/* SNAT's two rewrites in one pass (XDP): destination -> backend:bport, source -> node:nat_port,
+ * with one incremental update per checksum (RFC 1624) instead of one per changed field. */
+static __always_inline int snat_rewrite(struct xdp_md *ctx, const struct pkt *p, const __u32 *daddr,
+					__be16 dport, const __u32 *saddr, __be16 sport)
+{
+	__u64 l3, l4;
+	__u32 a_off;
+
+	if (p->family == 4) {
+		l3 = (__u64)(__u32)~p->saddr[0] + saddr[0] + (__u32)~p->daddr[0] + daddr[0];
+		__u32 addrs[2] = { saddr[0], daddr[0] };
+		a_off = p->l3_off + 12;
+		if (ctx_store(ctx, a_off, addrs, 8))
+			return -1;
+		void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
+		__sum16 *check = data + p->l3_off + 10;
+		if (p->l3_off > 22 || (void *)(check + 1) > end)
+			return -1;
+		csum_apply(check, l3, 0);
+	} else {
+		l3 = (__u64)csum_diff_addr6(p->saddr, saddr) + csum_diff_addr6(p->daddr, daddr);
+		__u32 addrs[8] = { saddr[0], saddr[1], saddr[2], saddr[3], daddr[0], daddr[1], daddr[2], daddr[3] };
+		a_off = p->l3_off + 8;
+		if (ctx_store(ctx, a_off, addrs, 32))
+			return -1;
+	}
+	__be16 ports[2] = { sport, dport };
+	if (ctx_store(ctx, p->l4_off, ports, 4))
+		return -1;
+	if (!p->l4_csum_off)
+		return 0;
+	l4 = l3 + (__u16)~p->sport + (__u16)sport + (__u16)~p->dport + (__u16)dport;
+	__u32 off = p->l4_off + p->l4_csum_off;
+	void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
+	if (off > 0xffff)
+		return -1;
+	__sum16 *sum = data + off;
+	if ((void *)(sum + 1) > end)
+		return -1;
+	int udp = p->proto == IPPROTO_UDP;
+	if (udp && *sum == 0)
+		return 0;   /* UDP without checksum stays without (as nat_rewrite) */
+	csum_apply(sum, l4, udp);
+	return 0;
+}
+
+static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct svc_val *svc,
+				     struct scratch *scr)
 {
 	struct ct_key ck = {}, rk = {};
 	struct ct_val *cv = NULL;
@@ -329,18 +386,14 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	__be16 nat_port = 0;
 	int new_flow = 0;
 
-	/* large temporaries live in a per-CPU scratch slot: the BPF stack is 512 bytes */
-	__u32 zero = 0;
-	struct scratch *scr = scratch_v1.lookup(&zero);
-	if (!scr)
-		return drop(DROP_REWRITE);
+	/* large temporaries live in the per-CPU scratch slot (scr): the BPF stack is 512 bytes */
 	struct ct_val *vp = &scr->v;
 	struct bpf_fib_lookup *fib = &scr->fib;
 
 	struct svc_counter *sc = svc_stats_v1.lookup(&svc_id);
 	if (sc) {
 		sc->packets += 1;
-		sc->bytes += ctx_len(ctx);
+		sc->bytes += p->l3_end - p->l3_off;   /* the IP packet: no helper call for frags */
 	}
 	if (flags & SVC_F_SOURCE_RANGES) {
 		struct src_range_key rk = {};
@@ -360,7 +413,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	int syn_new = (flags & SVC_F_DSR) && p->proto == IPPROTO_TCP &&
 		      (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	if (!(flags & SVC_F_STATELESS) && !syn_new) {
-		cv = ct_v1.lookup(&ck);
+		cv = ct_v2.lookup(&ck);
 		if (cv) {
 			bid = cv->backend_id;
 			nat_port = cv->nat_port;
@@ -444,15 +497,15 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			 * frontend) and the SERVICE entry: no REPLY entry (one conntrack insert fewer).
 			 * A REPLY entry left by an earlier flow of the same client port through another
 			 * frontend would win in tc, so it goes. */
-			if (ct_v1.lookup(&rk))
-				ct_v1.delete(&rk);
-		} else if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v1.lookup(&rk))) {
+			if (ct_v2.lookup(&rk))
+				ct_v2.delete(&rk);
+		} else if (new_flow && (!(flags & SVC_F_STATELESS) || !ct_v2.lookup(&rk))) {
 			fill_reply_val(vp, p, bid, svc_id, CT_F_LOCAL);
-			ct_v1.update(&rk, vp);
+			ct_v2.update(&rk, vp);
 		}
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
 			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_LOCAL, 0);
-			ct_v1.update(&ck, vp);
+			ct_v2.update(&ck, vp);
 		}
 		if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
 			return drop(DROP_REWRITE);
@@ -470,7 +523,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			return drop(DROP_FIB_LOOKUP);
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
 			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_DSR, 0);
-			ct_v1.update(&ck, vp);
+			ct_v2.update(&ck, vp);
 		}
 		__u32 vip[4];
 		__be16 vport = p->dport;
@@ -499,16 +552,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	int fr = nh_resolve(ctx, p, bid, naddr, baddr, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
-	addr_copy(rk.saddr, baddr);
-	addr_copy(rk.daddr, naddr);
-	rk.sport = bport;
-	rk.proto = p->proto;
-	rk.family = p->family;
-	rk.dir = CT_DIR_REPLY;
-	if (nat_port && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+	int ctl = p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST);
+	if (ctl || !nat_port) {   /* the REPLY key: established packets do not build it */
+		addr_copy(rk.saddr, baddr);
+		addr_copy(rk.daddr, naddr);
+		rk.sport = bport;
+		rk.proto = p->proto;
+		rk.family = p->family;
+		rk.dir = CT_DIR_REPLY;
+	}
+	if (nat_port && ctl) {
 		/* only SYN/FIN/RST look at the REPLY entry (established packets pay nothing) */
 		rk.dport = nat_port;
-		struct ct_val *rv = ct_v1.lookup(&rk);
+		struct ct_val *rv = ct_v2.lookup(&rk);
 		if (!rv || !snat_reply_of(rv, p)) {
 			nat_port = 0;   /* the port's entry is gone or another flow's: a new port */
 		} else if (p->tcp_flags & TCP_FLAG_SYN) {
@@ -532,14 +588,14 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
 			__u16 port = SNAT_PORT_MIN + (start + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1);
 			rk.dport = bpf_htons(port);
-			struct ct_val *old = ct_v1.lookup(&rk);
-			if (!old) {
-				if (ct_v1.insert(&rk, vp) == 0) {
-					nat_port = rk.dport;
-					break;
-				}
-				continue;
+			/* insert first (BPF_NOEXIST): a free port, the common case, costs no probe */
+			if (ct_v2.insert(&rk, vp) == 0) {
+				nat_port = rk.dport;
+				break;
 			}
+			struct ct_val *old = ct_v2.lookup(&rk);
+			if (!old)
+				continue;   /* evicted in between: the next port */
 			/* a closed (FIN/RST + grace) or idle flow's port is taken over; its SERVICE
 			 * entry goes too, so a late packet of it starts a new flow on a new port -- but
 			 * only if that entry still uses this port: the client port may carry a newer
@@ -550,10 +606,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 				struct ct_key fk = {};
 				ct_key_set(&fk, old->rdaddr, old->raddr, old->rdport, old->rport,
 					   rk.proto, rk.family, CT_DIR_SERVICE);
-				struct ct_val *fv = ct_v1.lookup(&fk);
+				struct ct_val *fv = ct_v2.lookup(&fk);
 				if (fv && fv->nat_port == rk.dport && fv->backend_id == old->backend_id)
-					ct_v1.delete(&fk);
-				ct_v1.update(&rk, vp);
+					ct_v2.delete(&fk);
+				ct_v2.update(&rk, vp);
 				nat_port = rk.dport;
 				stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
 				break;
@@ -564,11 +620,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
 		addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
 		vp->rport = bport;
-		ct_v1.update(&ck, vp);
+		ct_v2.update(&ck, vp);
 	}
-	if (nat_rewrite(ctx, p, NAT_DST, baddr, bport))
-		return drop(DROP_REWRITE);
-	if (nat_rewrite(ctx, p, NAT_SRC, naddr, nat_port))
+	if (snat_rewrite(ctx, p, baddr, bport, naddr, nat_port))
 		return drop(DROP_REWRITE);
 	return nh_forward(ctx, ne, fr);
 }
@@ -591,7 +645,7 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 		return -1;
 	struct ct_key rk = {};
 	reply_key(&rk, p);
-	struct ct_val *rv = ct_v1.lookup(&rk);
+	struct ct_val *rv = ct_v2.lookup(&rk);
 	if (!rv || !(rv->flags & CT_F_SNAT))
 		return -1;
 	__u32 vip[4], client[4];

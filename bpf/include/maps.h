@@ -28,7 +28,7 @@ BPF_TABLE_PINNED("hash", struct svc_key, struct revnat_val, revnat_v1, MAX_BACKE
 /* all Maglev tables: service s owns slots [table_off, table_off + table_size) */
 BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "/maglev_v1");
 /* connection tracking: flows keep their backend; replies find their rewrite */
-BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v1, CT_SIZE, PIN_DIR "/ct_v1",
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v2, CT_SIZE, PIN_DIR "/ct_v2",
 		 CT_MAP_FLAGS);
 /* ClientIP session affinity */
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_val, affinity_v1, AFFINITY_SIZE,

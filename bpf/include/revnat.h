@@ -24,7 +24,7 @@ static __always_inline void reply_key(struct ct_key *k, const struct pkt *p)
  * Returns 1 and fills vip/vport, or 0 (not a tracked local/DSR reply; SNAT replies are XDP's). */
 static __always_inline int reply_rewrite_of(struct ct_key *k, __u32 *vip, __be16 *vport)
 {
-	struct ct_val *v = ct_v1.lookup(k);
+	struct ct_val *v = ct_v2.lookup(k);
 
 	if (v) {
 		if (v->flags & CT_F_SNAT)
@@ -49,7 +49,7 @@ static __always_inline int reply_rewrite_of(struct ct_key *k, __u32 *vip, __be16
 	addr_copy(front, r->vip);
 	struct ct_key fk = {};
 	ct_key_set(&fk, k->daddr, front, k->dport, fport, k->proto, k->family, CT_DIR_SERVICE);
-	struct ct_val *fv = ct_v1.lookup(&fk);
+	struct ct_val *fv = ct_v2.lookup(&fk);
 	if (!fv || fv->backend_id != bid || !(fv->flags & CT_F_LOCAL))
 		return 0;
 	addr_copy(vip, front);
@@ -104,7 +104,7 @@ static __always_inline int dsr_record(CTX *ctx, const struct pkt *p)
 	/* the reply will travel backend -> client */
 	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, p->family, CT_DIR_REPLY);
 	v.flags = CT_F_DSR;
-	ct_v1.update(&k, &v);
+	ct_v2.update(&k, &v);
 	return 1;
 }
 

@@ -58,17 +58,20 @@ struct ct_key {             /* conntrack (LRU) */
 };
 
 struct ct_val {
+	/* What an established packet reads comes first: with the LRU element's header (~48 B)
+	 * and the 40 B key in front, these fields share the key's second cache line, so a hit
+	 * touches two lines, not three (ct_v1 had the addresses first). */
+	__u32 backend_id;   /* SERVICE: the flow's backend */
+	__u32 svc_id;
+	__u32 svc_gen;      /* SERVICE: svc_val.backend_gen when the backend was last known a member */
+	__u16 flags;        /* CT_F_* */
+	__be16 nat_port;    /* SERVICE with CT_F_SNAT: the node port allocated to the flow */
+	__be16 rport;       /* REPLY: new source port (the service port) */
+	__be16 rdport;      /* REPLY with CT_F_SNAT: new destination port (the client's port) */
+	__u32 last_seen;    /* REPLY with CT_F_SNAT: seconds since boot (now_s) of the last packet */
 	__u32 raddr[4];     /* REPLY: new source address (the VIP); SERVICE with CT_F_SNAT: the
 			     * backend address nat_port was allocated towards (rport: its port) */
 	__u32 rdaddr[4];    /* REPLY with CT_F_SNAT: new destination address (the client) */
-	__be16 rport;       /* REPLY: new source port (the service port) */
-	__be16 rdport;      /* REPLY with CT_F_SNAT: new destination port (the client's port) */
-	__be16 nat_port;    /* SERVICE with CT_F_SNAT: the node port allocated to the flow */
-	__u16 flags;        /* CT_F_* */
-	__u32 backend_id;   /* SERVICE: the flow's backend */
-	__u32 svc_id;
-	__u32 last_seen;    /* REPLY with CT_F_SNAT: seconds (coarse clock) of the last packet */
-	__u32 svc_gen;      /* SERVICE: svc_val.backend_gen when the backend was last known a member */
 };  /* no timestamp: reading the clock cost ~40 ns per call on the new-flow path; the LRU ages entries */
 
 struct affinity_key {
@@ -101,6 +104,7 @@ struct svc_counter {        /* svc_stats[svc_id] (per CPU) */
 struct neigh_cfg {          /* neigh_cfg[0], written by the agent */
 	__u32 gen;          /* entries of another generation are misses (Datapath.flush_neighbours) */
 	__u32 ttl;          /* jiffies an entry is used for (the loader measures HZ); 0: no caching */
+	__u32 hz;           /* the kernel's HZ as measured by the loader (now_s in lb.h); 0: unknown */
 };
 
 struct neigh_entry {        /* neigh (per CPU, slot = backend id % NEIGH_SLOTS): next-hop cache */

@@ -57,9 +57,14 @@ def test_map_names_and_layouts_from_bcc(module_dp):
     assert sizes["svc_backends_v1"] == (8, 4)
     assert sizes["revnat_v1"] == (20, 28)
     assert sizes["maglev_v1"] == (4, 4)
-    assert sizes["ct_v1"] == (40, 56)
+    assert sizes["ct_v2"] == (40, 56)
     assert sizes["src_ranges_v1"] == (24, 1)
     ct = module_dp.table(abi.MapName.CT)
     offsets = {f: getattr(ct.Key, f).offset for f, *_ in ct.Key._fields_}
     assert offsets == {"saddr": 0, "daddr": 16, "sport": 32, "dport": 34, "proto": 36, "family": 37,
                        "dir": 38, "pad": 39}
+    # what an established packet reads sits in the value's first 16 bytes (one cache line
+    # with the key's tail); the addresses, read on SNAT/reply paths only, come last
+    leaf = {f: getattr(ct.Leaf, f).offset for f, *_ in ct.Leaf._fields_}
+    assert leaf == {"backend_id": 0, "svc_id": 4, "svc_gen": 8, "flags": 12, "nat_port": 14, "rport": 16,
+                    "rdport": 18, "last_seen": 20, "raddr": 24, "rdaddr": 40}

@@ -155,7 +155,7 @@ def test_without_derived_replies_every_local_flow_has_a_reply_entry():
         reply = pkt(SHARED, CLIENT, 8080, 4000, "SA")
         assert_frame(run_tc(dp, "egress", reply).data, expected(reply, IP_src=VIP_A, TCP_sport=80))
         # a reply of no tracked flow is left alone
-        dp.table("ct_v1").clear()
+        dp.table("ct_v2").clear()
         assert run_tc(dp, "egress", reply).data == bytes(reply)
     finally:
         dp.destroy()

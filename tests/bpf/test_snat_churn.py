@@ -256,3 +256,26 @@ def test_a_new_agent_deletes_reply_entries_of_backends_that_are_not_active(dp):
         assert left == {B1, B2}
     finally:
         again.close()
+
+
+def test_an_idle_port_is_taken_over_after_the_idle_timeout_of_the_datapath_clock(dp, net):
+    """The REPLY entry's last_seen is seconds since boot (now_s: jiffies, as CLOCK_MONOTONIC):
+    a flow that is neither closing nor idle keeps the only port; once its entry is older than
+    the TCP idle timeout (21,600 s), a new flow towards the same backend takes the port over."""
+    import time
+
+    program(dp, Backend(B1, 8080))
+    held = forward(dp, net, C, 4000, "S")
+    assert held == (B1, PORT)
+    ct = dp.table(MapName.CT)
+    [(key, val)] = [(k, v) for k, v in ct.items() if k.dir == 2]
+    assert abs(val.last_seen - time.clock_gettime(time.CLOCK_MONOTONIC)) <= 2, val.last_seen
+    assert forward(dp, net, D, 4001, "S") is None          # busy, not idle: refused, not stolen
+    assert back(dp, net, B1) == (C, 4000)
+    val.last_seen -= TEST_IDLE + 1                          # the flow went quiet long ago
+    ct[key] = val
+    assert forward(dp, net, D, 4001, "S") == (B1, PORT)    # taken over
+    assert back(dp, net, B1) == (D, 4001)
+
+
+TEST_IDLE = 21600   # Features.ct_tcp_idle_timeout, unchanged by this module's fixture

@@ -1,0 +1,98 @@
+"""Upgrading from a vipd whose conntrack map was ``ct_v1`` (value fields in another order):
+the new agent moves every entry into ``ct_v2`` before it adopts the maps, so a SNAT flow set
+up by the old datapath keeps its backend and node port, and its replies still reach the
+client. The old map is created here exactly as the old build declared it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from bcc import BPF
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from agent.datapath.abi import MapName, XdpAction
+from agent.datapath.api import CT_V1_VALUE, Datapath
+from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
+from tests.bpf.conftest import NODE4, PIN_ROOT, TEST_FEATURES, run_xdp
+
+VIP, CLIENT, BACKEND = "10.96.0.10", "192.0.2.10", "10.2.0.5"
+NAT_PORT = 61234
+
+OLD_MAP = r"""
+struct ct_key { u32 saddr[4]; u32 daddr[4]; u16 sport; u16 dport; u8 proto; u8 family; u8 dir; u8 pad; };
+struct ct_val_v1 { u32 raddr[4]; u32 rdaddr[4]; u16 rport; u16 rdport; u16 nat_port; u16 flags;
+                   u32 backend_id; u32 svc_id; u32 last_seen; u32 svc_gen; };
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val_v1, ct_v1, 1024, "@PIN@");
+"""
+
+
+def _be16(v: int) -> int:
+    return int.from_bytes(v.to_bytes(2, "big"), "little")
+
+
+def _word(addr: str) -> int:
+    return int.from_bytes(bytes(map(int, addr.split("."))), "little")
+
+
+def _old_conntrack(pin: str) -> None:
+    """ct_v1 as the old build pinned it, holding one SNAT flow client:40000 -> VIP:80 on
+    backend id 1 (service id 1) with node port NAT_PORT: its SERVICE and REPLY entries."""
+    old = BPF(text=OLD_MAP.replace("@PIN@", pin))
+    try:
+        t = old[b"ct_v1"]
+        assert ctypes.sizeof(t.Leaf) == CT_V1_VALUE.size
+        fwd_k, fwd_v = t.Key(), t.Leaf()
+        fwd_k.saddr[0], fwd_k.daddr[0] = _word(CLIENT), _word(VIP)
+        fwd_k.sport, fwd_k.dport, fwd_k.proto, fwd_k.family, fwd_k.dir = _be16(40000), _be16(80), 6, 4, 1
+        fwd_v.raddr[0], fwd_v.rport = _word(BACKEND), _be16(8080)
+        fwd_v.nat_port, fwd_v.flags, fwd_v.backend_id, fwd_v.svc_id, fwd_v.svc_gen = _be16(NAT_PORT), 2, 1, 1, 0
+        rep_k, rep_v = t.Key(), t.Leaf()
+        rep_k.saddr[0], rep_k.daddr[0] = _word(BACKEND), _word(NODE4)
+        rep_k.sport, rep_k.dport, rep_k.proto, rep_k.family, rep_k.dir = _be16(8080), _be16(NAT_PORT), 6, 4, 2
+        rep_v.raddr[0], rep_v.rport, rep_v.rdaddr[0], rep_v.rdport = _word(VIP), _be16(80), _word(CLIENT), _be16(40000)
+        rep_v.flags, rep_v.backend_id, rep_v.svc_id, rep_v.last_seen = 2, 1, 1, 12345
+        t[fwd_k], t[rep_k] = fwd_v, rep_v
+    finally:
+        old.cleanup()
+
+
+def test_a_snat_flow_of_the_old_layout_survives_the_upgrade(net):
+    instance = f"ctmig-{os.getpid()}"
+    key = ServiceKey(VIP, 80, Proto.TCP)
+    dp = Datapath(instance, pin_root=PIN_ROOT, features=TEST_FEATURES)
+    try:
+        # the old agent's services and backends (pinned maps whose layout did not change)
+        before = Datapath(instance, pin_root=PIN_ROOT, features=TEST_FEATURES)
+        before.load()
+        before.set_node_addresses(v4=NODE4)
+        before.upsert_service(Service(key, (Backend(BACKEND, 8080),), mode=Mode.SNAT, maglev_m=251))
+        assert before.backend_id(BACKEND, 8080) == 1 and before.service_id(key) == 1
+        before.close()
+        # ... and its conntrack, in the old layout (the old build had no ct_v2)
+        (before.pin_dir / "ct_v2").unlink()
+        _old_conntrack(str(before.pin_dir / "ct_v1"))
+
+        dp.load()
+        assert not (dp.pin_dir / "ct_v1").exists()
+        entries = {e.direction: e for e in dp.conntrack()}
+        assert entries["service"].nat_port == NAT_PORT and entries["service"].backend_id == 1
+        assert (str(entries["reply"].rewrite_saddr), entries["reply"].rewrite_sport) == (VIP, 80)
+
+        # an established packet of the flow keeps its node port ...
+        pkt = Ether() / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A") / Raw(b"x")
+        r = run_xdp(dp, pkt, netns=net["ns"])
+        assert r.retval in (XdpAction.TX, XdpAction.REDIRECT)
+        out = Ether(r.data)
+        assert (out[IP].src, out[TCP].sport, out[IP].dst, out[TCP].dport) == (NODE4, NAT_PORT, BACKEND, 8080)
+        # ... and the backend's reply reaches the client as VIP:80
+        rep = Ether() / IP(src=BACKEND, dst=NODE4) / TCP(sport=8080, dport=NAT_PORT, flags="A") / Raw(b"y" * 1400)
+        r = run_xdp(dp, rep, netns=net["ns"])
+        assert r.retval in (XdpAction.TX, XdpAction.REDIRECT)
+        back = Ether(r.data)
+        assert (back[IP].src, back[TCP].sport, back[IP].dst, back[TCP].dport) == (VIP, 80, CLIENT, 40000)
+        assert len(dp.table(MapName.CT)) == 2
+    finally:
+        dp.destroy()
