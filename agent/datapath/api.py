@@ -1290,7 +1290,8 @@ CT_V2_VALUE = _struct.Struct("<IIIHHHHI4I4I")
 
 
 def _raw_batches(fd: int, key_size: int, value_size: int, chunk: int = 1 << 14):
-    """(keys buffer, values buffer, n) of a hash map, by BPF_MAP_LOOKUP_BATCH."""
+    """(keys buffer, values buffer, n) per BPF_MAP_LOOKUP_BATCH of any map (the buffers are
+    reused: consume them before the next batch)."""
     from bcc.libbcc import lib
     keys = ctypes.create_string_buffer(key_size * chunk)
     vals = ctypes.create_string_buffer(value_size * chunk)
@@ -1324,19 +1325,8 @@ def _copy_map(src_fd: int, dst_fd: int, *, limit: int | None = None, chunk: int 
     is_array = info.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
     if is_array and limit is not None:
         chunk = max(1, min(chunk, limit))
-    keys = ctypes.create_string_buffer(ks * chunk)
-    vals = ctypes.create_string_buffer(vs * chunk)
-    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)   # u32 keys (arrays) / buckets (hashes)
     copied = 0
-    first = True
-    while True:
-        cnt = ctypes.c_uint32(chunk)
-        rc = lib.bpf_lookup_batch(src_fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
-                                  ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
-        err = ctypes.get_errno() if rc != 0 else 0
-        if rc != 0 and err != errno.ENOENT:
-            raise DatapathError(f"copying map: BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
-        n = cnt.value
+    for keys, vals, n in _raw_batches(src_fd, ks, vs, chunk):
         if is_array and limit is not None:
             n = max(0, min(n, limit - copied))
         if n:
@@ -1344,10 +1334,9 @@ def _copy_map(src_fd: int, dst_fd: int, *, limit: int | None = None, chunk: int 
             if lib.bpf_update_batch(dst_fd, ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(ucnt)) != 0:
                 raise DatapathError(f"copying map: BPF_MAP_UPDATE_BATCH failed: {os.strerror(ctypes.get_errno())}")
             copied += n
-        if rc != 0 or (is_array and limit is not None and copied >= limit):
-            return copied
-        in_batch.value = out_batch.value
-        first = False
+        if is_array and limit is not None and copied >= limit:
+            break
+    return copied
 
 
 BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 2, 5, 6, 10
