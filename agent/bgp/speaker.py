@@ -88,6 +88,7 @@ class BgpSpeaker:
         self._rng = random.Random()
         self._started = False
         self._hint_tasks: set[asyncio.Task] = set()  # route lookups for connect-failure hints
+        self._bfd_manager = None   # agent.bfd.transport.BfdManager, once a neighbor uses BFD
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,6 +115,7 @@ class BgpSpeaker:
         data = shutdown_message(message) if notify else b""
         drivers = []
         for peer in self._peers.values():
+            self._bfd_sync(peer.cfg, None)
             peer.removed = True
             for d in self._drivers(peer):
                 d.call(d.session.stop, self._now(), notify=notify, subcode=E.ADMINISTRATIVE_SHUTDOWN, data=data)
@@ -138,6 +140,7 @@ class BgpSpeaker:
         self._update_listener_ttl()
         if self._started:
             self._start_peer(peer)
+        self._bfd_sync(None, cfg)
         self.log.info("neighbor added", peer=key, peer_asn=cfg.peer_asn, port=cfg.port,
                       passive=cfg.passive, families=[f.short for f in cfg.families])
         if cfg.passive and self.config.listen_port is None:
@@ -149,6 +152,7 @@ class BgpSpeaker:
         old = peer.cfg
         changed = [f for f in _RESET_FIELDS if getattr(old, f) != getattr(cfg, f)]
         peer.cfg = cfg
+        self._bfd_sync(old, cfg)
         if old.password != cfg.password:
             self._set_listener_key(cfg.address, cfg.password)
         self._update_listener_ttl()
@@ -171,6 +175,7 @@ class BgpSpeaker:
     async def remove_neighbor(self, address: str, message: str = "") -> None:
         """Cease 6/3 Peer De-configured (RFC 8538 Hard Reset when N was negotiated)."""
         peer = self._peer(address)
+        self._bfd_sync(peer.cfg, None)
         await self._stop_peer(peer, subcode=E.PEER_DECONFIGURED)
         self._set_listener_key(peer.cfg.address, None)
         del self._peers[peer.cfg.address]
@@ -267,6 +272,36 @@ class BgpSpeaker:
                 families=fams,
                 last_error=(s.last_error if s is not None and s.last_error else peer.last_error)))
         return result
+
+    # ------------------------------------------------------------------ BFD (RFC 5882)
+
+    def _bfd_sync(self, old, new) -> None:
+        """Start, retime or stop the BFD session of a neighbor whose ``bfd`` setting changed."""
+        before = old.bfd if old is not None else None
+        after = new.bfd if new is not None else None
+        if before == after:
+            return
+        from agent.bfd.transport import shared_manager
+
+        manager = self._bfd_manager or shared_manager(self.log)
+        self._bfd_manager = manager
+        cfg = new or old
+        if after is None:
+            manager.remove(cfg.address, self._on_bfd)
+        elif before is None:
+            manager.add(cfg.address, after, self._on_bfd, local=cfg.local_address)
+        else:
+            manager.update(cfg.address, after)
+
+    def _on_bfd(self, address: str, change) -> None:
+        """BFD Up -> Down: take the BGP session down now (Cease/BFD Down); it reconnects on its
+        usual schedule. BFD never brings BGP up: that stays with the BGP FSM."""
+        peer = self._peers.get(address)
+        if peer is None or not change.failed:
+            return
+        for d in self._drivers(peer):
+            d.call(d.session.bfd_down, self._now(), change.diag.text)
+        self.log.warning("bfd down: BGP session closed", peer=address, diagnostic=change.diag.text)
 
     # ------------------------------------------------------------------ internals
 
