@@ -134,13 +134,13 @@ class BgpSpeaker:
         key = cfg.address
         if key in self._peers:
             raise ValueError(f"neighbor {key} already exists; use update_neighbor")
+        self._bfd_sync(None, cfg)   # first: a BFD socket error fails the add as a whole (retried)
         peer = _Peer(cfg, {f: AdjRibOut() for f in Family})
         self._peers[key] = peer
         self._set_listener_key(cfg.address, cfg.password)
         self._update_listener_ttl()
         if self._started:
             self._start_peer(peer)
-        self._bfd_sync(None, cfg)
         self.log.info("neighbor added", peer=key, peer_asn=cfg.peer_asn, port=cfg.port,
                       passive=cfg.passive, families=[f.short for f in cfg.families])
         if cfg.passive and self.config.listen_port is None:
@@ -151,8 +151,8 @@ class BgpSpeaker:
         peer = self._peer(cfg.address)
         old = peer.cfg
         changed = [f for f in _RESET_FIELDS if getattr(old, f) != getattr(cfg, f)]
-        peer.cfg = cfg
         self._bfd_sync(old, cfg)
+        peer.cfg = cfg
         if old.password != cfg.password:
             self._set_listener_key(cfg.address, cfg.password)
         self._update_listener_ttl()
