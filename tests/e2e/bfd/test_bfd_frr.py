@@ -37,6 +37,11 @@ def test_sessions_come_up_with_frr_bfdd_ipv4_and_ipv6(bfd_lab_factory, ms):
     wait_until(b.pod_cidr_at_router, timeout=10, what="PodCIDR at FRR")
     time.sleep(2.0)   # a few hundred packets at 50 ms: no flap
     assert all(p["downTransitions"] == 0 and p["upTransitions"] == 1 for p in b.our_bfd().values())
+    metrics = b.node.run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:9477/metrics")
+    assert f'vipd_bfd_session_state{{local="{N4}",neighbor="{R4}"}} 1.0' in metrics
+    assert f'vipd_bfd_session_up_transitions_total{{neighbor="{R6}"}} 1.0' in metrics
+    sent = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("vipd_bfd_packets_out_total")]
+    assert len(sent) == 2 and min(sent) >= 2.0 / (ms / 1000) * 0.5
 
 
 def test_link_cut_takes_bgp_down_within_detection_time_and_routes_leave_frr(bfd_lab_factory):
