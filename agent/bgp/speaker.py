@@ -115,7 +115,6 @@ class BgpSpeaker:
         data = shutdown_message(message) if notify else b""
         drivers = []
         for peer in self._peers.values():
-            self._bfd_sync(peer.cfg, None)
             peer.removed = True
             for d in self._drivers(peer):
                 d.call(d.session.stop, self._now(), notify=notify, subcode=E.ADMINISTRATIVE_SHUTDOWN, data=data)
@@ -123,6 +122,9 @@ class BgpSpeaker:
         await asyncio.gather(*(d.wait_closed() for d in drivers))
         for d in drivers:
             d.shutdown()
+        for peer in self._peers.values():
+            # BFD last: the peer sees the Cease (or, graceful, the TCP close) before BFD AdminDown.
+            self._bfd_sync(peer.cfg, None)
         for task in list(self._hint_tasks):
             task.cancel()
         self.log.info("speaker stopped", notify=notify, message=message or None)
@@ -175,8 +177,8 @@ class BgpSpeaker:
     async def remove_neighbor(self, address: str, message: str = "") -> None:
         """Cease 6/3 Peer De-configured (RFC 8538 Hard Reset when N was negotiated)."""
         peer = self._peer(address)
-        self._bfd_sync(peer.cfg, None)
         await self._stop_peer(peer, subcode=E.PEER_DECONFIGURED)
+        self._bfd_sync(peer.cfg, None)   # after the Cease, so the peer logs why
         self._set_listener_key(peer.cfg.address, None)
         del self._peers[peer.cfg.address]
         self._update_listener_ttl()

@@ -52,15 +52,15 @@ spec:
 """
 
 
-def peer_config_yaml(bfd: str, *, connect_retry: int = 3) -> str:
+def peer_config_yaml(bfd: str | None, *, connect_retry: int = 3, graceful_restart: bool = False) -> str:
+    annotations = f'\n  annotations:\n    vipd.io/bfd: "{bfd}"' if bfd is not None else ""
+    gr = "\n  gracefulRestart: {enabled: true, restartTimeSeconds: 120}" if graceful_restart else ""
     return f"""\
 apiVersion: cilium.io/v2
 kind: CiliumBGPPeerConfig
 metadata:
-  name: with-bfd
-  annotations:
-    vipd.io/bfd: "{bfd}"
-spec:
+  name: with-bfd{annotations}
+spec:{gr}
   timers: {{connectRetryTimeSeconds: {connect_retry}, holdTimeSeconds: 90, keepAliveTimeSeconds: 30}}
   families:
   - {{afi: ipv4, safi: unicast, advertisements: {{matchLabels: {{advertise: bgp}}}}}}
@@ -73,15 +73,17 @@ def frr_bfdd_config(tx: int, rx: int, mult: int) -> str:
 
 
 class BfdLab:
-    def __init__(self, lab: Lab, ms: int, mult: int):
+    def __init__(self, lab: Lab, ms: int, mult: int, *, graceful_restart: bool = False):
         self.lab = lab
+        self.graceful_restart = graceful_restart
         self.router = lab.host("router")
         self.node = lab.host("node")
         lab.link(self.router, self.node, (f"{R4}/24", f"{R6}/64"), (f"{N4}/24", f"{N6}/64"),
                  a_if="eth-node", b_if="eth-router")
-        nbrs = [Neighbor(N4, 65001, families=("ipv4",), bfd="vipd", connect_retry=1),
-                Neighbor(N6, 65001, families=("ipv4",), bfd="vipd", connect_retry=1)]
+        nbrs = [Neighbor(a, 65001, families=("ipv4",), bfd="vipd", connect_retry=1,
+                         graceful_restart=graceful_restart) for a in (N4, N6)]
         self.frr = lab.frr(self.router, FrrPeer(65000, "10.77.0.1", nbrs, announce=[Announce("10.99.0.0/24")],
+                                                 graceful_restart=graceful_restart,
                                                  bfdd_config=frr_bfdd_config(ms, ms, mult)))
         self.config_dir = lab.workdir / "config"
         self.config_dir.mkdir()
@@ -89,18 +91,22 @@ class BfdLab:
         self.set_peer_config(f"receiveInterval={ms},transmitInterval={ms},detectMultiplier={mult}")
         self.socket = lab.workdir / "vipd.sock"
         self.log_path = lab.workdir / "vipd.log"
+        self.start_vipd()
+
+    def start_vipd(self) -> None:
+        self.socket.unlink(missing_ok=True)
         self.proc = self.node.spawn(
             [sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config_dir), "--node-name", NODE,
-             "--api-socket", str(self.socket), "--state-dir", str(lab.workdir / "state"), "--log-format", "json",
-             "--metrics-addr", "127.0.0.1:9477"],
+             "--api-socket", str(self.socket), "--state-dir", str(self.lab.workdir / "state"),
+             "--log-format", "json", "--metrics-addr", "127.0.0.1:9477"],
             log_path=self.log_path, env={"PYTHONPATH": str(ROOT)})
         wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=30, what="vipd API socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"vipd exited:\n{self.log()[-3000:]}")
 
-    def set_peer_config(self, bfd: str) -> None:
+    def set_peer_config(self, bfd: str | None) -> None:
         tmp = self.config_dir / ".peer.yaml.tmp"
-        tmp.write_text(peer_config_yaml(bfd))
+        tmp.write_text(peer_config_yaml(bfd, graceful_restart=self.graceful_restart))
         os.replace(tmp, self.config_dir / "peer.yaml")
 
     def log(self) -> str:

@@ -21,11 +21,11 @@ def bfd_lab_factory():
     _check_prereqs()
     labs = []
 
-    def make(ms: int, mult: int = 3) -> BfdLab:
+    def make(ms: int, mult: int = 3, **kw) -> BfdLab:
         lab = Lab("bfd")
         lab.__enter__()
         labs.append(lab)
-        return BfdLab(lab, ms, mult)
+        return BfdLab(lab, ms, mult, **kw)
     yield make
     for lab in labs:
         lab.close()

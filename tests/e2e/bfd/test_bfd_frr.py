@@ -93,6 +93,15 @@ def test_poll_sequence_renegotiates_timers_both_ways_without_a_flap(bfd_lab_fact
     ours = b.our_bfd()
     assert all(p["upTransitions"] == 1 and p["downTransitions"] == 0 for p in ours.values()), ours
     assert all(b.frr_bgp_state(a) == "established" for a in (N4, N6))
+    # Annotation removed: vipd sends AdminDown (diag 7) and stops BFD. FRR 8.4 treats that as
+    # BFD Down (RFC 5882 §3.2 suggests it should not) and resets BGP once; BGP then runs without
+    # BFD (docs/bgp-interop.md: remove `neighbor X bfd` at the router first).
+    b.set_peer_config(None)
+    wait_until(lambda: all(p["status"] == "down" and p["remote-diagnostic"] == "administratively down"
+                           for p in b.frr_bfd_peers().values()), timeout=15, what="FRR sees our AdminDown")
+    wait_until(lambda: b.our_bfd() == {}, timeout=5, what="no BFD sessions left in vipd")
+    wait_until(lambda: all(b.frr_bgp_state(a) == "established" for a in (N4, N6)), timeout=30,
+               what="BGP established without BFD")
 
 
 def _packet(state=3, my=0x01020304, your=0, mult=3, length=24, version=1, flags=0, diag=0,
@@ -162,3 +171,24 @@ def test_malformed_packet_corpus_never_crashes_or_flaps(bfd_lab_factory):
     unmatched = {d["reason"]: d["packets"] for d in json.loads(b.vipctl("bfd", "peers", "-o", "json"))["unmatchedDropped"]}
     assert unmatched.get("unknown_discriminator", 0) >= 6
     assert all(b.frr_bgp_state(a) == "established" for a in (N4, N6))
+
+
+def test_graceful_restart_keeps_routes_at_frr_with_bfd(bfd_lab_factory):
+    """SIGTERM (graceful): vipd closes TCP without NOTIFICATION, then sends BFD AdminDown. FRR
+    is in graceful-restart helper mode by then and keeps our routes although BFD went down; the
+    restarted vipd brings BFD and BGP back."""
+    import signal
+
+    b = bfd_lab_factory(50, graceful_restart=True)
+    wait_until(b.all_up, timeout=40, what="BFD up, BGP established with graceful restart")
+    wait_until(b.pod_cidr_at_router, timeout=10, what="PodCIDR at FRR")
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(timeout=20) == 0
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:   # 20 detection times
+        assert b.pod_cidr_at_router(), "FRR dropped our route: BFD Down was not ignored during GR"
+        time.sleep(0.1)
+    assert all(p["status"] == "down" for p in b.frr_bfd_peers().values())
+    b.start_vipd()
+    wait_until(b.all_up, timeout=40, what="BFD and BGP back after the restart")
+    assert b.pod_cidr_at_router()
