@@ -15,7 +15,7 @@ Theory of operation (section numbers are RFC 5880):
   RequiredMinRx shortens the detection time only after the F. A change during a running
   poll waits for the next one. A received P is answered at once with an F packet.
 * Transmit interval (§6.8.2, §6.8.7): max(DesiredMinTx, peer's RequiredMinRx) minus 0–25 %
-  jitter (10–25 % when DetectMult is 1); nothing is sent while the peer's RequiredMinRx is 0,
+  jitter; nothing is sent while the peer's RequiredMinRx is 0,
   nor in passive mode before the peer has been heard (§6.1).
 * Detection time (§6.8.4): peer's DetectMult × max(our RequiredMinRx, peer's DesiredMinTx).
 """
@@ -209,10 +209,9 @@ class BfdSession:
             self._queue(now, final=True)
 
     def _jittered(self) -> float:
-        """§6.8.7: 0–25 % less than the interval; 10–25 % less with DetectMult 1."""
-        low = 0.75
-        high = 0.9 if self.timers.detect_mult == 1 else 1.0
-        return self.tx_interval * self._rng.uniform(low, high)
+        """§6.8.7: 0–25 % less than the interval. (The 10–25 % rule for DetectMult 1 does not
+        arise: BfdTimers requires at least 2, as MetalLB and FRR do.)"""
+        return self.tx_interval * self._rng.uniform(0.75, 1.0)
 
     def _queue(self, now: float, *, final: bool = False) -> None:
         if self.remote_min_rx == 0 and not final:
