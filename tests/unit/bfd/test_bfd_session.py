@@ -227,3 +227,34 @@ def test_no_false_down_over_a_long_run_with_jitter():
     p.step(120.0)
     assert all(c.new is not BfdState.DOWN for c in p.changes["a"] + p.changes["b"])
     assert p.a.up_transitions == 1 and p.b.up_transitions == 1
+
+
+def _session_in(state: BfdState) -> BfdSession:
+    s = BfdSession(FAST, 5)
+    if state in (BfdState.INIT, BfdState.UP):
+        s.receive(ControlPacket(BfdState.DOWN, 77), 0.0)
+    if state is BfdState.UP:
+        s.receive(ControlPacket(BfdState.UP, 77, 5), 0.0)
+    assert s.state is state
+    s.events()
+    return s
+
+
+D, A, I, U = BfdState.DOWN, BfdState.ADMIN_DOWN, BfdState.INIT, BfdState.UP
+
+
+@pytest.mark.parametrize("local,remote,expected,diag", [
+    # RFC 5880 §6.2 diagram / §6.8.6, every (local, received) pair
+    (D, A, D, Diag.NONE), (D, D, I, Diag.NONE), (D, I, U, Diag.NONE), (D, U, D, Diag.NONE),
+    (I, A, D, Diag.NEIGHBOR_SIGNALED_DOWN), (I, D, I, Diag.NONE), (I, I, U, Diag.NONE), (I, U, U, Diag.NONE),
+    (U, A, D, Diag.NEIGHBOR_SIGNALED_DOWN), (U, D, D, Diag.NEIGHBOR_SIGNALED_DOWN), (U, I, U, Diag.NONE),
+    (U, U, U, Diag.NONE),
+])
+def test_state_table(local, remote, expected, diag):
+    s = _session_in(local)
+    s.receive(ControlPacket(remote, 77, 5 if remote in (I, U) else 0), 1.0)
+    assert s.state is expected and s.diag is diag
+    changes = s.events()
+    assert (changes[-1].new if changes else local) is expected
+    if local is U and expected is D:
+        assert changes[-1].failed is (remote is D)   # AdminDown from the peer is not a failure
