@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from agent.bfd.session import BfdTimers
 
-__all__ = ["BFD_ANNOTATION", "parse_bfd_annotation"]
+__all__ = ["BFD_ANNOTATION", "parse_bfd_annotation", "bfd_annotation_errors"]
 
 BFD_ANNOTATION = "vipd.io/bfd"
 
@@ -63,3 +63,17 @@ def parse_bfd_annotation(value: str) -> BfdTimers:
                              f"{' of milliseconds' if key != 'detectMultiplier' else ''}") from None
     return BfdTimers(desired_min_tx=nums["desired_min_tx"] * 1000, required_min_rx=nums["required_min_rx"] * 1000,
                      detect_mult=nums["detect_mult"], passive=_bool("passiveMode", fields.get("passiveMode", "false")))
+
+
+def bfd_annotation_errors(objects) -> list[str]:
+    """For ``vipctl config validate``: every CiliumBGPPeerConfig whose annotation is invalid."""
+    errors = []
+    for obj in objects.all():
+        value = obj.metadata.annotations.get(BFD_ANNOTATION) if obj.KIND == "CiliumBGPPeerConfig" else None
+        if value is None:
+            continue
+        try:
+            parse_bfd_annotation(value)
+        except ValueError as exc:
+            errors.append(f"{obj.key}: metadata.annotations[{BFD_ANNOTATION}]: {exc}")
+    return errors

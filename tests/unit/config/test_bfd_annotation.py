@@ -81,3 +81,14 @@ def test_bad_values_are_issues_and_bfd_stays_off(value, words):
 def test_parse_is_strict_about_booleans():
     with pytest.raises(ValueError, match="passiveMode='yes'"):
         parse_bfd_annotation("passiveMode=yes")
+
+
+def test_vipctl_config_validate_reports_a_bad_annotation(tmp_path, capsys):
+    from agent.api.cli import main
+
+    (tmp_path / "bgp.yaml").write_text(BASE + '  annotations:\n    vipd.io/bfd: "detectMultiplier=1"\n')
+    assert main(["config", "validate", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "CiliumBGPPeerConfig/pc: metadata.annotations[vipd.io/bfd]: detectMultiplier 1: must be 2..255" in out
+    (tmp_path / "bgp.yaml").write_text(BASE + '  annotations:\n    vipd.io/bfd: "detectMultiplier=5"\n')
+    assert main(["config", "validate", str(tmp_path)]) == 0
