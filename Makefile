@@ -30,4 +30,5 @@ bench: deps
 	$(PY) benchmarks/datapath_ns.py
 	$(PY) benchmarks/datapath_conn.py
 	$(PY) benchmarks/bgp_scale.py
+	$(PY) benchmarks/bfd_scale.py
 	$(PY) benchmarks/datapath_throughput.py

@@ -3,6 +3,7 @@
     vipctl bgp peers                                   (alias: neighbors)
     vipctl bgp routes [available|advertised] [ipv4|ipv6] [unicast] [vrouter ASN] [peer|neighbor ADDR]
     vipctl bgp route-policies [vrouter ASN]            (alias: rps)
+    vipctl bfd peers                                   (BFD sessions protecting BGP peers)
     vipctl status
     vipctl service list                                (the load balancer: frontends and backends)
     vipctl bpf lb list [--frontends]                   (the services map, cilium-dbg bpf lb list)
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     rps.add_argument("--families", action="store_true", help="add the Match Families column")
     rps.set_defaults(func=cmd_route_policies)
 
+    bfd = sub.add_parser("bfd", parents=[common], help="BFD sessions (vipd.io/bfd annotation)")
+    bfdsub = bfd.add_subparsers(dest="bfd_cmd", required=True, metavar="SUBCOMMAND")
+    bfd_peers = bfdsub.add_parser("peers", parents=[common],
+                                  help="BFD session state, timers in effect, counters")
+    bfd_peers.add_argument("--cluster", action="store_true",
+                           help="cluster layout with a Node column (implied by several --socket)")
+    bfd_peers.set_defaults(func=cmd_bfd_peers)
     status = sub.add_parser("status", parents=[common], help="conditions, reconcile errors, config errors")
     status.set_defaults(func=cmd_status)
 
@@ -236,6 +244,16 @@ def cmd_peers(args) -> int:
         return 0
     peers = [p for r in responses for p in r.peers]
     sys.stdout.write(printers.peers_table(peers, cluster=_cluster(args, responses)))
+    return 0
+
+
+def cmd_bfd_peers(args) -> int:
+    responses = _gather(args, "ListBfdPeers", vipd_pb2.ListBfdPeersRequest())
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
+        return 0
+    peers = [p for r in responses for p in r.peers]
+    sys.stdout.write(printers.bfd_peers_table(peers, cluster=_cluster(args, responses)))
     return 0
 
 

@@ -9,6 +9,15 @@ dashboards port with a prefix swap:
     vipd_bgp_control_plane_reconcile_errors{reconciler, instance}           current failure streaks
     vipd_config_generation                                                  store generation applied
 
+With BFD (the ``vipd.io/bfd`` annotation on a CiliumBGPPeerConfig):
+
+    vipd_bfd_session_state{neighbor, local}                      1 = up, 0 otherwise
+    vipd_bfd_session_up_transitions_total{neighbor}              transitions to Up
+    vipd_bfd_session_down_transitions_total{neighbor, diagnostic} Up -> Down (last diagnostic)
+    vipd_bfd_packets_in_total{neighbor} / _out_total{neighbor}   Control packets
+    vipd_bfd_packets_dropped_total{neighbor, reason}             discarded (ttl, bad_length, ...);
+                                                                 neighbor="" when no session matched
+
 With the datapath (``--lb-interface``):
 
     vipd_services_unprogrammed                                   Services with a frontend not programmed
@@ -89,6 +98,34 @@ class ControllerCollector:
         svc = getattr(self.c, "services", None)
         if svc is not None:
             yield from _datapath_families(svc)
+        from agent.bfd.transport import existing_manager
+
+        manager = existing_manager()
+        if manager is not None:
+            yield from _bfd_families(manager)
+
+
+def _bfd_families(manager):
+    state = GaugeMetricFamily("vipd_bfd_session_state", "BFD session state (1 = up, 0 otherwise)",
+                              labels=["neighbor", "local"])
+    ups = CounterMetricFamily("vipd_bfd_session_up_transitions", "BFD transitions to Up", labels=["neighbor"])
+    downs = CounterMetricFamily("vipd_bfd_session_down_transitions", "BFD transitions from Up to Down",
+                                labels=["neighbor", "diagnostic"])
+    pin = CounterMetricFamily("vipd_bfd_packets_in", "BFD Control packets accepted", labels=["neighbor"])
+    pout = CounterMetricFamily("vipd_bfd_packets_out", "BFD Control packets sent", labels=["neighbor"])
+    drop = CounterMetricFamily("vipd_bfd_packets_dropped", "BFD packets discarded, by reason",
+                               labels=["neighbor", "reason"])
+    for v in manager.peers():
+        state.add_metric([v.peer, v.local], 1.0 if v.state == "up" else 0.0)
+        ups.add_metric([v.peer], v.up_transitions)
+        downs.add_metric([v.peer, v.last_down_diagnostic], v.down_transitions)
+        pin.add_metric([v.peer], v.packets_in)
+        pout.add_metric([v.peer], v.packets_out)
+        for reason, n in sorted(v.dropped.items()):
+            drop.add_metric([v.peer, reason], n)
+    for reason, n in sorted(manager.dropped.items()):
+        drop.add_metric(["", reason], n)
+    yield from (state, ups, downs, pin, pout, drop)
 
 
 REASONS = ("CapacityExceeded", "MaglevTableTooSmall", "DatapathError")

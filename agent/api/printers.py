@@ -109,6 +109,22 @@ def peers_table(peers: Iterable, *, cluster: bool = False) -> str:
     return tabwrite(rows)
 
 
+def bfd_peers_table(peers: Iterable, *, cluster: bool = False) -> str:
+    """``bfd peers``; ``peers`` are ``vipd_pb2.BfdPeer``. Intervals are those in effect."""
+    header = ["Peer Address", "Local Address", "State", "Remote", "Uptime", "TX ms", "RX ms",
+              "Mult", "Detect ms", "Up/Down", "Diagnostic"]
+    rows: list[list[object]] = [["Node", *header] if cluster else header]
+    for p in sorted(peers, key=lambda p: (p.node, ipaddress.ip_address(p.peer_address).version,
+                                          ipaddress.ip_address(p.peer_address))):
+        row = [p.peer_address, p.local_address, p.state, p.remote_state,
+               go_duration(p.uptime_seconds) if p.state == "up" else "0s",
+               f"{p.transmit_interval_ms:g}", f"{p.receive_interval_ms:g}", p.detect_multiplier,
+               f"{p.detection_time_ms:g}", f"{p.up_transitions}/{p.down_transitions}",
+               p.diagnostic if p.state != "up" else (p.last_down_diagnostic if p.down_transitions else "")]
+        rows.append([p.node, *row] if cluster else row)
+    return tabwrite(rows)
+
+
 def _cap_key(name: str) -> str:
     # multiprotocol(ipv4-unicast) is per family; other capabilities match by kind, since their
     # parameters (ASN, restart time) differ between the two sides.

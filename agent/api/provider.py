@@ -32,6 +32,32 @@ class ControllerProvider:
                 families=cfg.families if cfg else None))
         return resp
 
+    # -- BFD ------------------------------------------------------------------------------------
+    def list_bfd_peers(self) -> vipd_pb2.ListBfdPeersResponse:
+        from agent.bfd.transport import existing_manager
+
+        resp = vipd_pb2.ListBfdPeersResponse(node=self.c.node_name)
+        manager = existing_manager()
+        if manager is None:
+            return resp
+        for v in manager.peers():
+            resp.peers.append(vipd_pb2.BfdPeer(
+                node=self.c.node_name, peer_address=v.peer, local_address=v.local, state=v.state,
+                remote_state=v.remote_state, local_discriminator=v.local_discriminator,
+                remote_discriminator=v.remote_discriminator, diagnostic=v.diagnostic,
+                remote_diagnostic=v.remote_diagnostic, transmit_interval_ms=v.tx_interval_ms,
+                receive_interval_ms=v.rx_interval_ms, detect_multiplier=v.detect_mult,
+                remote_detect_multiplier=v.remote_detect_mult, detection_time_ms=v.detection_time_ms,
+                configured_transmit_interval_ms=v.configured_tx_ms,
+                configured_receive_interval_ms=v.configured_rx_ms, passive=v.passive,
+                uptime_seconds=v.uptime_seconds or 0.0, up_transitions=v.up_transitions,
+                down_transitions=v.down_transitions, last_down_diagnostic=v.last_down_diagnostic,
+                packets_in=v.packets_in, packets_out=v.packets_out,
+                dropped=[vipd_pb2.BfdDropped(reason=r, packets=n) for r, n in sorted(v.dropped.items())]))
+        for r, n in sorted(manager.dropped.items()):
+            resp.unmatched_dropped.append(vipd_pb2.BfdDropped(reason=r, packets=n))
+        return resp
+
     # -- routes ---------------------------------------------------------------------------------
     def _instances(self, vrouter: int):
         runs = list(self.c.neighbors.running.values())

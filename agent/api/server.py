@@ -37,6 +37,7 @@ class Provider(Protocol):
     def list_routes(self, request: vipd_pb2.ListRoutesRequest) -> vipd_pb2.ListRoutesResponse: ...
     def list_route_policies(self, request: vipd_pb2.ListRoutePoliciesRequest) -> vipd_pb2.ListRoutePoliciesResponse: ...
     def get_status(self) -> vipd_pb2.GetStatusResponse: ...
+    def list_bfd_peers(self) -> vipd_pb2.ListBfdPeersResponse: ...
 
 
 class VipdServicer(vipd_pb2_grpc.VipdServicer):
@@ -90,6 +91,8 @@ class VipdServicer(vipd_pb2_grpc.VipdServicer):
 
     async def GetDatapathCounters(self, request, context):
         return await self._datapath(context, "get_datapath_counters")
+    async def ListBfdPeers(self, request, context):
+        return self.provider.list_bfd_peers()
 
 
 def _prepare_socket(path: Path) -> None:

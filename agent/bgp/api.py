@@ -40,6 +40,8 @@ class NeighborConfig:
     # Extension: RFC 5082 GTSM. Send with TTL 255 and accept only segments whose TTL shows at
     # most this many hops (1 = directly connected). Replaces ebgp_multihop_ttl.
     ttl_security_hops: int | None = None
+    # Extension: single-hop BFD (agent.bfd.BfdTimers) protecting this session (RFC 5882).
+    bfd: object | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "address", str(ip_address(self.address)))

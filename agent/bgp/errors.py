@@ -54,6 +54,7 @@ class ErrorCode:
     CONNECTION_COLLISION_RESOLUTION = 7
     OUT_OF_RESOURCES = 8
     HARD_RESET = 9
+    BFD_DOWN = 10  # RFC 9384
 
     ROUTE_REFRESH = 7  # RFC 7313: subcode 1 Invalid Message Length
 
@@ -74,7 +75,7 @@ _NAMES = {
     (6, 0): "Cease", (6, 1): "Maximum Number of Prefixes Reached", (6, 2): "Administrative Shutdown",
     (6, 3): "Peer De-configured", (6, 4): "Administrative Reset", (6, 5): "Connection Rejected",
     (6, 6): "Other Configuration Change", (6, 7): "Connection Collision Resolution",
-    (6, 8): "Out of Resources", (6, 9): "Hard Reset", (7, 1): "Invalid ROUTE-REFRESH Length",
+    (6, 8): "Out of Resources", (6, 9): "Hard Reset", (6, 10): "BFD Down", (7, 1): "Invalid ROUTE-REFRESH Length",
 }
 
 

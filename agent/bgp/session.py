@@ -284,6 +284,19 @@ class Session:
         self._fail_reason = reason
         return self._run(lambda: self._fire(Ev.TCP_CONNECTION_FAILS, now), now)
 
+    def bfd_down(self, now: float, diagnostic: str) -> list[SessionEvent]:
+        """The BFD session protecting this peer went from Up to Down (RFC 5882 §4.3): close at
+        once with Cease/BFD Down (RFC 9384) instead of waiting for the hold timer; the normal
+        automatic restart follows. A session that is not connected is left alone."""
+
+        def go():
+            if self.state in _CONNECTED:
+                old = self.state
+                self._close(f"BFD down ({diagnostic})", sent=Notification(E.CEASE, E.BFD_DOWN))
+                self.state = State.IDLE
+                self._events.append(StateChanged(old, State.IDLE))
+        return self._run(go, now)
+
     def collision_dump(self, now: float) -> list[SessionEvent]:
         """OpenCollisionDump (RFC 4271 §6.8): this connection lost the collision; Cease 6/7."""
         self.admin_down = True

@@ -88,6 +88,7 @@ class BgpSpeaker:
         self._rng = random.Random()
         self._started = False
         self._hint_tasks: set[asyncio.Task] = set()  # route lookups for connect-failure hints
+        self._bfd_manager = None   # agent.bfd.transport.BfdManager, once a neighbor uses BFD
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,6 +122,9 @@ class BgpSpeaker:
         await asyncio.gather(*(d.wait_closed() for d in drivers))
         for d in drivers:
             d.shutdown()
+        for peer in self._peers.values():
+            # BFD last: the peer sees the Cease (or, graceful, the TCP close) before BFD AdminDown.
+            self._bfd_sync(peer.cfg, None)
         for task in list(self._hint_tasks):
             task.cancel()
         self.log.info("speaker stopped", notify=notify, message=message or None)
@@ -132,6 +136,7 @@ class BgpSpeaker:
         key = cfg.address
         if key in self._peers:
             raise ValueError(f"neighbor {key} already exists; use update_neighbor")
+        self._bfd_sync(None, cfg)   # first: a BFD socket error fails the add as a whole (retried)
         peer = _Peer(cfg, {f: AdjRibOut() for f in Family})
         self._peers[key] = peer
         self._set_listener_key(cfg.address, cfg.password)
@@ -148,6 +153,7 @@ class BgpSpeaker:
         peer = self._peer(cfg.address)
         old = peer.cfg
         changed = [f for f in _RESET_FIELDS if getattr(old, f) != getattr(cfg, f)]
+        self._bfd_sync(old, cfg)
         peer.cfg = cfg
         if old.password != cfg.password:
             self._set_listener_key(cfg.address, cfg.password)
@@ -172,6 +178,7 @@ class BgpSpeaker:
         """Cease 6/3 Peer De-configured (RFC 8538 Hard Reset when N was negotiated)."""
         peer = self._peer(address)
         await self._stop_peer(peer, subcode=E.PEER_DECONFIGURED)
+        self._bfd_sync(peer.cfg, None)   # after the Cease, so the peer logs why
         self._set_listener_key(peer.cfg.address, None)
         del self._peers[peer.cfg.address]
         self._update_listener_ttl()
@@ -267,6 +274,36 @@ class BgpSpeaker:
                 families=fams,
                 last_error=(s.last_error if s is not None and s.last_error else peer.last_error)))
         return result
+
+    # ------------------------------------------------------------------ BFD (RFC 5882)
+
+    def _bfd_sync(self, old, new) -> None:
+        """Start, retime or stop the BFD session of a neighbor whose ``bfd`` setting changed."""
+        before = old.bfd if old is not None else None
+        after = new.bfd if new is not None else None
+        if before == after:
+            return
+        from agent.bfd.transport import shared_manager
+
+        manager = self._bfd_manager or shared_manager(self.log)
+        self._bfd_manager = manager
+        cfg = new or old
+        if after is None:
+            manager.remove(cfg.address, self._on_bfd)
+        elif before is None:
+            manager.add(cfg.address, after, self._on_bfd, local=cfg.local_address)
+        else:
+            manager.update(cfg.address, after)
+
+    def _on_bfd(self, address: str, change) -> None:
+        """BFD Up -> Down: take the BGP session down now (Cease/BFD Down); it reconnects on its
+        usual schedule. BFD never brings BGP up: that stays with the BGP FSM."""
+        peer = self._peers.get(address)
+        if peer is None or not change.failed:
+            return
+        for d in self._drivers(peer):
+            d.call(d.session.bfd_down, self._now(), change.diag.text)
+        self.log.warning("bfd down: BGP session closed", peer=address, diagnostic=change.diag.text)
 
     # ------------------------------------------------------------------ internals
 

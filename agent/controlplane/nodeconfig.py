@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from agent.config import ObjectSet
+from agent.config.bfd import BFD_ANNOTATION, parse_bfd_annotation
 from agent.config.cilium import (
     DEFAULT_V2_FAMILIES,
     WELL_KNOWN_COMMUNITIES,
@@ -306,7 +307,7 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
             return None
         spec = pc.spec
     else:
-        spec = None   # Cilium's built-in defaults (and no advertisements)
+        pc = spec = None   # Cilium's built-in defaults (and no advertisements)
     transport = spec.transport if spec else None
     timers = spec.timers if spec else None
     gr = spec.graceful_restart if spec else None
@@ -334,6 +335,13 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
         if f.family is None:
             issues.append(ConfigIssue("warning", peer_where, f"family {f.afi}/{f.safi} is not "
                                       "supported (only ipv4/unicast and ipv6/unicast); ignored"))
+    bfd = None
+    if pc is not None and BFD_ANNOTATION in pc.metadata.annotations:
+        try:
+            bfd = parse_bfd_annotation(pc.metadata.annotations[BFD_ANNOTATION])
+        except ValueError as exc:
+            issues.append(ConfigIssue("error", f"CiliumBGPPeerConfig/{ref}", f"metadata.annotations"
+                                      f"[{BFD_ANNOTATION}]: {exc}; BFD is off for peer {name} until fixed"))
     return PeerSpec(
         name=name, address=str(ipaddress.ip_address(address)), peer_asn=peer_asn,
         port=transport.peer_port if transport else 179, local_address=local_address,
@@ -344,7 +352,7 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
         connect_retry=timers.connect_retry_time_seconds if timers else 120,
         graceful_restart=bool(gr and gr.enabled),
         restart_time=gr.restart_time_seconds if gr else 120,
-        families=families, peer_config_ref=ref)
+        families=families, peer_config_ref=ref, bfd=bfd)
 
 
 # --------------------------------------------------------------------- PeeringPolicy (v1)

@@ -120,6 +120,9 @@ class PeerSpec:
     peer_config_ref: str | None = None
     # Legacy CiliumBGPPeeringPolicy neighbors[].advertisedPathAttributes (empty for v2 peers).
     legacy_path_attributes: tuple["LegacyPathAttributes", ...] = ()
+    # agent.bfd.BfdTimers from the vipd.io/bfd annotation (a vipd extension: omitted from data
+    # when unset, so a Cilium-only configuration renders exactly as before)
+    bfd: object | None = field(default=None, metadata={"omit_if_none": True})
 
     @property
     def speaker_families(self) -> tuple[Family, ...]:
@@ -143,7 +146,7 @@ class PeerSpec:
             hold_time=self.hold_time, keepalive=self.keepalive,
             connect_retry=self.connect_retry, passive=False,
             families=self.speaker_families, graceful_restart=self.graceful_restart,
-            restart_time=self.restart_time, name=self.name,
+            restart_time=self.restart_time, name=self.name, bfd=self.bfd,
         )
 
 
@@ -257,7 +260,8 @@ def to_data(value: Any) -> Any:
         # secrets never leave as data (API, status files, golden files)
         return {f.name: ("<redacted>" if f.name == "password" and getattr(value, f.name)
                          else to_data(getattr(value, f.name)))
-                for f in dataclasses.fields(value)}
+                for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)}
     if isinstance(value, LabelSelector):
         return value.to_dict()
     if isinstance(value, enum.Enum):

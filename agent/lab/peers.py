@@ -44,6 +44,7 @@ class Neighbor:
     connect_retry: int = 1
     graceful_restart: bool = False
     extended_nexthop: bool = False
+    bfd: str | None = None                     # "": `neighbor X bfd`; a name: `bfd profile NAME`
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class FrrPeer:
     graceful_restart: bool = False
     extra_config: str = ""         # appended inside `router bgp` (e.g. cluster-id)
     extra_global_config: str = ""  # appended at top level (route-maps, prefix-lists)
+    bfdd_config: str | None = None  # bfdd.conf text (`bfd` / `profile` / `peer`); starts zebra + bfdd
 
 
 GobgpPeer = FrrPeer  # the same description drives both daemons; GoBGP ignores zebra/extra_*
@@ -114,6 +116,7 @@ class FrrDaemon:
         os.chmod(self.dir, 0o777)  # zebra drops to user frr and must create its vty socket here
         self.bgpd: subprocess.Popen | None = None
         self.zebra: subprocess.Popen | None = None
+        self.bfdd: subprocess.Popen | None = None
 
     def __repr__(self) -> str:
         return f"FrrDaemon({self.host.name}, AS{self.peer.asn})"
@@ -162,6 +165,8 @@ class FrrDaemon:
                 lines.append(f" neighbor {a} capability extended-nexthop")
             if n.graceful_restart:
                 lines.append(f" neighbor {a} graceful-restart")
+            if n.bfd is not None:
+                lines.append(f" neighbor {a} bfd" + (f" profile {n.bfd}" if n.bfd else ""))
         if p.extra_config:
             lines += [" " + l.strip() for l in p.extra_config.strip().splitlines()]
         for afi in ("ipv4", "ipv6"):
@@ -191,9 +196,9 @@ class FrrDaemon:
         zsock = self.dir / "zserv.api"
         # A restart in the same host reuses this directory: stale sockets would make us think
         # the new daemons answer before they do (and bgpd could dial a dead zebra).
-        for stale in ("bgpd.vty", "zebra.vty", "zserv.api"):
+        for stale in ("bgpd.vty", "zebra.vty", "zserv.api", "bfdd.vty", "bfdd.sock"):
             (self.dir / stale).unlink(missing_ok=True)
-        if self.peer.zebra:
+        if self.peer.zebra or self.peer.bfdd_config is not None:   # bgpd reaches bfdd through zebra
             zconf = self.dir / "zebra.conf"
             zconf.write_text(f"hostname {self.host.name}\n")
             self.zebra = self.host.spawn(
@@ -201,9 +206,21 @@ class FrrDaemon:
                  "--vty_socket", str(self.dir), "-z", str(zsock), "-u", "frr", "-g", "frr", "-P", "0"],
                 log_path=self.dir / "zebra.log")
             wait_until(lambda: zsock.exists(), timeout=10, what=f"zebra socket in {self.host.name}")
+        if self.peer.bfdd_config is not None:
+            bconf = self.dir / "bfdd.conf"
+            bconf.write_text(f"hostname {self.host.name}\n{self.peer.bfdd_config}\n")
+            self.bfdd = self.host.spawn(
+                ["/usr/lib/frr/bfdd", "-f", str(bconf), "-i", str(self.dir / "bfdd.pid"), "--vty_socket",
+                 str(self.dir), "-z", str(zsock), "--bfdctl", str(self.dir / "bfdd.sock"),
+                 "-u", "frr", "-g", "frr", "-P", "0"], log_path=self.dir / "bfdd.log")
+            wait_until(lambda: (self.dir / "bfdd.vty").exists() or self.bfdd.poll() is not None,
+                       timeout=10, what=f"bfdd vty in {self.host.name}")
+            if self.bfdd.poll() is not None:
+                raise LabError(f"bfdd exited in {self.host.name}: "
+                               f"{(self.dir / 'bfdd.log').read_text(errors='replace')[-2000:]}")
         argv = ["/usr/lib/frr/bgpd", "-f", str(conf), "-i", str(self.dir / "bgpd.pid"),
                 "--vty_socket", str(self.dir), "-S", "-P", "0", "-p", str(self.peer.listen_port)]
-        argv += ["-z", str(zsock)] if self.peer.zebra else ["-Z"]
+        argv += ["-z", str(zsock)] if self.zebra is not None else ["-Z"]
         self.bgpd = self.host.spawn(argv, log_path=self.dir / "bgpd.log")
         try:
             wait_until(lambda: (self.dir / "bgpd.vty").exists() or self.bgpd.poll() is not None,
@@ -217,7 +234,7 @@ class FrrDaemon:
         return (self.dir / "bgpd.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        for proc in (self.bgpd, self.zebra):
+        for proc in (self.bgpd, self.bfdd, self.zebra):
             if proc is not None:
                 _stop_pid(proc)
 

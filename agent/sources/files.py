@@ -186,6 +186,9 @@ def validate_dir(directory: str | Path) -> ValidationReport:
     result = load_dir(d)
     report.objects = [o.key for o in result.objects.all()]
     report.errors = [str(e) for e in result.errors]
+    from agent.config.bfd import bfd_annotation_errors
+
+    report.errors += bfd_annotation_errors(result.objects)
     report.ignored = list(result.ignored)
     from agent.controlplane import cluster_config_conditions, peer_config_conditions
 
