@@ -59,11 +59,11 @@ class RouteReconciler:
             if facts is None:
                 self.direct = ()
             else:
-                nodes = [PeerNode(n.name, n.addresses(4) + n.addresses(6), n.pod_cidrs())
-                         for n in objects.nodes]
                 try:
+                    nodes = [PeerNode(n.name, n.addresses(4) + n.addresses(6), n.pod_cidrs)
+                             for n in objects.nodes]
                     self.direct = tuple(direct_node_routes(self.node_name, facts.connected_networks(), nodes))
-                except ValueError as exc:   # two Nodes claim one Pod CIDR: keep the last good set
+                except Exception as exc:  # noqa: BLE001 - e.g. two Nodes claim one Pod CIDR: keep the last good set
                     self._fail(errors, f"autoDirectNodeRoutes: {exc}", now)
                     return
         await self.sync(errors, now)
