@@ -19,6 +19,7 @@ from socket import AF_INET, AF_INET6
 from typing import Iterable, Mapping
 
 from agent.log import get_logger
+from agent.routing.model import RTPROT_VIPD
 
 __all__ = ["Link", "DefaultGateway", "HostFacts", "facts_from_netlink", "HostSource"]
 
@@ -133,6 +134,8 @@ def facts_from_netlink(links: Iterable[Mapping], addrs: Iterable[Mapping],
         table = _attr(m, "table") or m["table"]
         if m["dst_len"] != 0 or table != MAIN_TABLE or m["type"] != _RTN_UNICAST:
             continue
+        if m.get("proto") == RTPROT_VIPD:
+            continue   # a default route we imported from BGP must not pick our BGP peer
         family = "ipv6" if m["family"] == AF_INET6 else "ipv4"
         gw, oif = _attr(m, "gateway"), _attr(m, "oif")
         if gw is None and _attr(m, "multipath"):
