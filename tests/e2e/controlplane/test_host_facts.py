@@ -221,6 +221,15 @@ def test_interface_advertisement_reaches_the_peers(env):
     assert route.as_path == (65010,) and route.next_hop == "10.1.0.11"
 
 
+def test_interface_advertisement_follows_the_link_state(env):
+    def at_r1():
+        return any(r.prefix == "192.0.2.7/32" for r in env.frr["r1"].routes())
+    env.node.run("ip", "link", "set", "adv0p", "down")      # adv0's oper state: lowerlayerdown
+    wait_until(lambda: not at_r1(), timeout=30, what="192.0.2.7/32 withdrawn while adv0 is down")
+    env.node.run("ip", "link", "set", "adv0p", "up")
+    wait_until(at_r1, timeout=30, what="192.0.2.7/32 announced again once adv0 is up")
+
+
 def test_auto_direct_node_routes_install_the_on_link_node_pod_cidr_and_traffic_flows(env):
     wait_until(lambda: "10.244.1.0/24" in env.vipd_routes("main"), timeout=30, what="nodeb's Pod CIDR route")
     routes = env.vipd_routes("main")
