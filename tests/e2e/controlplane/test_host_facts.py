@@ -42,6 +42,7 @@ TABLE = 100
 MAC, MAC_ROUTER_ID = "02:00:0a:63:00:0b", "10.99.0.11"
 ECMP, R3_ONLY = "203.0.113.0/24", "198.51.100.0/24"
 STATIC = "192.0.2.128/25"
+METRICS_PORT = 9964   # inside the node's own namespace
 
 NODES_YAML = """\
 apiVersion: v1
@@ -155,7 +156,8 @@ class Env:
     def start_vipd(self) -> None:
         argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config), "--node-name", "node",
                 "--api-socket", str(self.socket), "--state-dir", str(self.state), "--log-format", "json",
-                "--auto-direct-node-routes", "--bgp-import-table", str(TABLE)]
+                "--auto-direct-node-routes", "--bgp-import-table", str(TABLE),
+                "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"]
         self.proc = self.node.spawn(argv, log_path=self.log, env={"PYTHONPATH": str(REPO)})
         wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=60, what="vipd API socket")
         if self.proc.poll() is not None:
@@ -181,6 +183,15 @@ class Env:
                               capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
+
+    def kernel_routes_metric(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code = (f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', "
+                "timeout=10).read().decode())")
+        text = self.node.run(sys.executable, "-c", code)
+        return {s.labels["table"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "vipd_kernel_routes"}
 
     def vipd_log(self) -> str:
         return self.log.read_text(errors="replace")
@@ -244,6 +255,8 @@ def test_bgp_import_installs_ecmp_routes_in_the_chosen_table(env):
     assert env.vipd_routes(TABLE)[R3_ONLY] == {"10.3.0.1"}
     assert set(env.vipd_routes(TABLE)) == {ECMP, R3_ONLY}      # our own 192.0.2.7/32 is not re-imported
     assert env.vipd_routes("main").keys() == {"10.244.1.0/24"}  # nothing imported into main
+    wait_until(lambda: env.kernel_routes_metric() == {"100": 2, "254": 1}, timeout=10,
+               what="vipd_kernel_routes per table")
 
 
 def test_default_gateway_change_moves_the_session_and_the_imported_next_hop(env):
