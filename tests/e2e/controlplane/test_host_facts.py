@@ -3,14 +3,14 @@ kernel routes (`--auto-direct-node-routes`, `--bgp-import-table`).
 
 ::
 
-      r1 AS65001 10.1.0.1 ─┐ eth-r1 10.1.0.11/24, fd01::11/64 (MAC 02:00:0a:63:00:0b)
-      r2 AS65001 10.2.0.1 ─┤ eth-r2 10.2.0.11/24
-      r3 AS65003 10.3.0.1 ─┼ eth-r3 10.3.0.11/24          node (vipd), AS 65010
+      r1 AS65001 10.1.0.1 fd01::1 ─┐ eth-r1 10.1.0.11/24 fd01::11/64 (MAC 02:00:0a:63:00:0b)
+      r2 AS65001 10.2.0.1 fd02::1 ─┤ eth-r2 10.2.0.11/24 fd02::11/64
+      r3 AS65003 10.3.0.1         ─┼ eth-r3 10.3.0.11/24          node (vipd), AS 65010
    nodeb 10.4.0.12        ─┘ eth-nodeb 10.4.0.11/24       adv0 192.0.2.7/32 (veth, up)
       (pod 10.244.1.10 on its lo)
 
-* peer ``gw``: ``autoDiscovery: DefaultGateway`` (ipv4): r1 while the default route points
-  there, r2 after ``ip route replace default via 10.2.0.1``;
+* peers ``gw`` / ``gw6``: ``autoDiscovery: DefaultGateway`` (ipv4 / ipv6): r1 while the
+  default routes point there, r2 after ``ip route replace default via 10.2.0.1`` (and fd02::1);
 * peer ``r3``: 10.3.0.1 with ``transport.sourceInterface: adv0``: r3 knows the node only as
   192.0.2.7, so the session comes up only if vipd sources it from adv0's address;
 * the Node object has only an IPv6 InternalIP: the router ID comes from eth-r1's MAC (the
@@ -19,7 +19,7 @@ kernel routes (`--auto-direct-node-routes`, `--bgp-import-table`).
 * ``--auto-direct-node-routes``: nodeb's Pod CIDR 10.244.1.0/24 via 10.4.0.12 (on-link), none
   for nodec (10.9.0.5, not on-link);
 * ``--bgp-import-table 100``: r1/r2 and r3 all announce 203.0.113.0/24 (ECMP), r3 also
-  198.51.100.0/24; withdraws and a dead session remove them; a static route in table 100 stays.
+  198.51.100.0/24, r1/r2 2001:db8:100::/48 over IPv6; withdraws and a dead session remove them; a static route in table 100 stays.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.e2e
 
 TABLE = 100
 MAC, MAC_ROUTER_ID = "02:00:0a:63:00:0b", "10.99.0.11"
-ECMP, R3_ONLY = "203.0.113.0/24", "198.51.100.0/24"
+ECMP, R3_ONLY, V6 = "203.0.113.0/24", "198.51.100.0/24", "2001:db8:100::/48"
 STATIC = "192.0.2.128/25"
 METRICS_PORT = 9964   # inside the node's own namespace
 
@@ -77,6 +77,10 @@ spec:
       peerASN: 65001
       autoDiscovery: {mode: DefaultGateway, defaultGateway: {addressFamily: ipv4}}
       peerConfigRef: {name: plain}
+    - name: gw6
+      peerASN: 65001
+      autoDiscovery: {mode: DefaultGateway, defaultGateway: {addressFamily: ipv6}}
+      peerConfigRef: {name: plain6}
     - name: r3
       peerASN: 65003
       peerAddress: 10.3.0.1
@@ -89,6 +93,14 @@ spec:
   timers: {connectRetryTimeSeconds: 1}
   families:
   - {afi: ipv4, safi: unicast, advertisements: {matchLabels: {advertise: bgp}}}
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPPeerConfig
+metadata: {name: plain6}
+spec:
+  timers: {connectRetryTimeSeconds: 1}
+  families:
+  - {afi: ipv6, safi: unicast}
 ---
 apiVersion: cilium.io/v2
 kind: CiliumBGPPeerConfig
@@ -123,9 +135,8 @@ class Env:
         self.routers = {}
         for i, asn in ((1, 65001), (2, 65001), (3, 65003)):
             r = lab.host(f"r{i}")
-            lab.link(r, node, [f"10.{i}.0.1/24"], [f"10.{i}.0.11/24"])
+            lab.link(r, node, [f"10.{i}.0.1/24", f"fd0{i}::1/64"], [f"10.{i}.0.11/24", f"fd0{i}::11/64"])
             self.routers[f"r{i}"] = r
-        node.add_address("eth-r1", "fd01::11/64")
         node.run("ip", "link", "set", "eth-r1", "address", MAC)
         nodeb = lab.host("nodeb")
         lab.link(nodeb, node, ["10.4.0.12/24"], ["10.4.0.11/24"])
@@ -135,15 +146,17 @@ class Env:
         for ifname in ("adv0", "adv0p"):
             node.run("ip", "link", "set", ifname, "up")
         node.route("0.0.0.0/0", via="10.1.0.1")
+        node.route("::/0", via="fd01::1")
         node.run("ip", "route", "add", STATIC, "via", "10.1.0.1", "table", str(TABLE), "proto", "static")
         self.routers["r3"].route("192.0.2.7/32", via="10.3.0.11")
         self.frr = {}
-        for name, asn, neighbor, multihop, announce in (
-                ("r1", 65001, "10.1.0.11", None, (ECMP,)),
-                ("r2", 65001, "10.2.0.11", None, (ECMP,)),
-                ("r3", 65003, "192.0.2.7", 2, (ECMP, R3_ONLY))):
-            n = Neighbor(neighbor, 65010, ebgp_multihop=multihop)
-            daemon = lab.frr(self.routers[name], FrrPeer(asn, f"10.{name[1]}.0.1", [n],
+        for name, asn, neighbors, announce in (
+                ("r1", 65001, [Neighbor("10.1.0.11", 65010), Neighbor("fd01::11", 65010, families=("ipv6",))],
+                 (ECMP, V6)),
+                ("r2", 65001, [Neighbor("10.2.0.11", 65010), Neighbor("fd02::11", 65010, families=("ipv6",))],
+                 (ECMP, V6)),
+                ("r3", 65003, [Neighbor("192.0.2.7", 65010, ebgp_multihop=2)], (ECMP, R3_ONLY))):
+            daemon = lab.frr(self.routers[name], FrrPeer(asn, f"10.{name[1]}.0.1", neighbors,
                                                          [Announce(p) for p in announce]))
             self.frr[name] = daemon
         return self
@@ -167,13 +180,19 @@ class Env:
         s = self.frr[router].sessions().get(neighbor)
         return s.state if s else "absent"
 
-    def routes(self, *args: str) -> list[dict]:
-        return json.loads(self.node.run("ip", "-j", "-4", "route", "show", *args) or "[]")
+    def routes(self, *args: str, family: str = "-4") -> list[dict]:
+        proc = subprocess.run(self.node.exec_argv(["ip", "-j", family, "route", "show", *args]),
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0 and "does not exist" in proc.stderr:
+            return []   # an IPv6 table without routes "does not exist"
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout or "[]")
 
     def vipd_routes(self, table: int | str) -> dict[str, set[str]]:
-        """prefix -> gateways of the routes vipd owns (protocol 241) in ``table``."""
+        """prefix -> gateways of the routes vipd owns (protocol 241) in ``table``, both families."""
         out = {}
-        for r in self.routes("table", str(table), "proto", "241"):
+        for r in [*self.routes("table", str(table), "proto", "241"),
+                  *self.routes("table", str(table), "proto", "241", family="-6")]:
             hops = r.get("nexthops") or [r]
             out[r["dst"]] = {h["gateway"] for h in hops}
         return out
@@ -214,6 +233,8 @@ def test_default_gateway_peer_establishes_with_the_gateway_and_the_router_id_com
     # the Node object has no IPv4 address: the router ID is eth-r1's MAC, low four bytes
     assert session.raw["remoteRouterId"] == MAC_ROUTER_ID
     assert env.state_of("r2", "10.2.0.11") != "established"
+    # one session per family: the IPv6 default gateway is a peer of its own
+    wait_until(lambda: env.state_of("r1", "fd01::11") == "established", timeout=30, what="IPv6 DefaultGateway session")
 
 
 def test_source_interface_sources_the_session_from_the_interface_address(env):
@@ -253,21 +274,25 @@ def test_bgp_import_installs_ecmp_routes_in_the_chosen_table(env):
     wait_until(lambda: env.vipd_routes(TABLE).get(ECMP) == {"10.1.0.1", "10.3.0.1"}, timeout=30,
                what=f"{ECMP} via r1 and r3 in table {TABLE}: {env.vipd_routes(TABLE)}")
     assert env.vipd_routes(TABLE)[R3_ONLY] == {"10.3.0.1"}
-    assert set(env.vipd_routes(TABLE)) == {ECMP, R3_ONLY}      # our own 192.0.2.7/32 is not re-imported
+    wait_until(lambda: env.vipd_routes(TABLE).get(V6) == {"fd01::1"}, timeout=30, what=f"{V6} via r1")
+    assert set(env.vipd_routes(TABLE)) == {ECMP, R3_ONLY, V6}   # our own 192.0.2.7/32 is not re-imported
     assert env.vipd_routes("main").keys() == {"10.244.1.0/24"}  # nothing imported into main
-    wait_until(lambda: env.kernel_routes_metric() == {"100": 2, "254": 1}, timeout=10,
+    wait_until(lambda: env.kernel_routes_metric() == {"100": 3, "254": 1}, timeout=10,
                what="vipd_kernel_routes per table")
 
 
 def test_default_gateway_change_moves_the_session_and_the_imported_next_hop(env):
     env.node.route("0.0.0.0/0", via="10.2.0.1")
+    env.node.route("::/0", via="fd02::1")
     wait_until(lambda: env.state_of("r2", "10.2.0.11") == "established", timeout=30,
                what=f"DefaultGateway session moved to r2\n{env.vipd_log()[-2000:]}")
     wait_until(lambda: env.state_of("r1", "10.1.0.11") != "established", timeout=15, what="r1 session closed")
     wait_until(lambda: env.vipd_routes(TABLE).get(ECMP) == {"10.2.0.1", "10.3.0.1"}, timeout=30,
                what=f"ECMP next hops r2 + r3: {env.vipd_routes(TABLE)}")
+    wait_until(lambda: env.vipd_routes(TABLE).get(V6) == {"fd02::1"}, timeout=30, what=f"{V6} via r2")
+    assert env.state_of("r1", "fd01::11") != "established"
     peers = {p["name"]: p for p in json.loads(env.vipctl("bgp", "peers", "-o", "json"))["peers"]}
-    assert peers["gw"]["peerAddress"] == "10.2.0.1"
+    assert (peers["gw"]["peerAddress"], peers["gw6"]["peerAddress"]) == ("10.2.0.1", "fd02::1")
 
 
 def test_withdrawn_prefixes_leave_the_table(env):
@@ -286,6 +311,7 @@ def test_a_dropped_session_removes_its_next_hops_and_other_routes_stay(env):
     # routes of other protocols are not ours to touch
     assert [r["dst"] for r in env.routes("table", str(TABLE), "proto", "static")] == [STATIC]
     assert any(r["dst"] == "default" for r in env.routes("table", "main"))
+    assert [r["dst"] for r in env.routes("table", "main", "proto", "241")] == ["10.244.1.0/24"]
 
 
 def test_two_nodes_claiming_one_pod_cidr_is_an_error_in_vipctl_status(env):
