@@ -71,13 +71,19 @@ class ReceivedPath:
     local_pref: int | None = None    # None: not sent (eBGP); counts as 100, BGP's default
 
 
+# The metric of imported routes: zebra's for BGP. A replace with metric 0 could overwrite another
+# protocol's route to the same prefix (a connected subnet, a static route); at 20 it sits beside
+# them, and the kernel prefers the lower metric.
+IMPORT_METRIC = 20
+
+
 def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
-                      exclude: Iterable[str] = ()) -> list[Route]:
+                      exclude: Iterable[str] = (), metric: int = IMPORT_METRIC) -> list[Route]:
     """BGP-learned prefixes as kernel routes in ``table``: per prefix, the paths with the
     highest LOCAL_PREF, all of them as equal-cost next hops (ECMP across the peers that
     announce it). Skipped: paths without a next hop of the prefix's family (IPv4 over an
     IPv6 next hop, RFC 8950, is not installed) and next hops in ``exclude`` (our own
-    addresses: a route via ourselves loops)."""
+    addresses: a route via ourselves loops). Every route gets ``metric`` (see IMPORT_METRIC)."""
     own = {ipaddress.ip_address(a) for a in exclude}
     best: dict = {}   # prefix -> (local_pref, {next hops})
     for p in paths:
@@ -93,5 +99,5 @@ def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
             best[prefix] = (pref, {hop})
         elif pref == cur[0]:
             cur[1].add(hop)
-    return [Route(prefix, tuple(NextHop(h) for h in sorted(hops)), table=table)
+    return [Route(prefix, tuple(NextHop(h) for h in sorted(hops)), table=table, metric=metric)
             for prefix, (_, hops) in sorted(best.items(), key=lambda kv: (kv[0].version, kv[0]))]

@@ -19,7 +19,8 @@ kernel routes (`--auto-direct-node-routes`, `--bgp-import-table`).
 * ``--auto-direct-node-routes``: nodeb's Pod CIDR 10.244.1.0/24 via 10.4.0.12 (on-link), none
   for nodec (10.9.0.5, not on-link);
 * ``--bgp-import-table 100``: r1/r2 and r3 all announce 203.0.113.0/24 (ECMP), r3 also
-  198.51.100.0/24, r1/r2 2001:db8:100::/48 over IPv6; withdraws and a dead session remove them; a static route in table 100 stays.
+  198.51.100.0/24, r1/r2 2001:db8:100::/48 over IPv6; withdraws and a dead session remove them;
+  a static route to 203.0.113.0/24 in table 100 stays as it was.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.e2e
 TABLE = 100
 MAC, MAC_ROUTER_ID = "02:00:0a:63:00:0b", "10.99.0.11"
 ECMP, R3_ONLY, V6 = "203.0.113.0/24", "198.51.100.0/24", "2001:db8:100::/48"
-STATIC = "192.0.2.128/25"
+STATIC = ECMP   # a static route for the imported prefix, in the import table: never vipd's to touch
 METRICS_PORT = 9964   # inside the node's own namespace
 
 NODES_YAML = """\
@@ -276,6 +277,9 @@ def test_bgp_import_installs_ecmp_routes_in_the_chosen_table(env):
     assert env.vipd_routes(TABLE)[R3_ONLY] == {"10.3.0.1"}
     wait_until(lambda: env.vipd_routes(TABLE).get(V6) == {"fd01::1"}, timeout=30, what=f"{V6} via r1")
     assert set(env.vipd_routes(TABLE)) == {ECMP, R3_ONLY, V6}   # our own 192.0.2.7/32 is not re-imported
+    # beside the static route to the same prefix (metric 0), ours has BGP's metric 20
+    assert [(r.get("protocol"), r.get("metric", 0)) for r in env.routes("table", str(TABLE), ECMP)] == [
+        ("static", 0), ("241", 20)]
     assert env.vipd_routes("main").keys() == {"10.244.1.0/24"}  # nothing imported into main
     wait_until(lambda: env.kernel_routes_metric() == {"100": 3, "254": 1}, timeout=10,
                what="vipd_kernel_routes per table")
@@ -309,7 +313,8 @@ def test_a_dropped_session_removes_its_next_hops_and_other_routes_stay(env):
     env.frr["r2"].stop()
     wait_until(lambda: env.vipd_routes(TABLE) == {}, timeout=30, what="every imported route gone")
     # routes of other protocols are not ours to touch
-    assert [r["dst"] for r in env.routes("table", str(TABLE), "proto", "static")] == [STATIC]
+    assert [(r["dst"], r["gateway"]) for r in env.routes("table", str(TABLE), "proto", "static")] == [
+        (STATIC, "10.1.0.1")]
     assert any(r["dst"] == "default" for r in env.routes("table", "main"))
     assert [r["dst"] for r in env.routes("table", "main", "proto", "241")] == ["10.244.1.0/24"]
 

@@ -55,7 +55,8 @@ def test_import_makes_ecmp_over_every_peer_with_the_prefix_in_the_chosen_table()
     paths = [ReceivedPath("203.0.113.0/24", "10.1.0.1"), ReceivedPath("203.0.113.0/24", "10.3.0.1"),
              ReceivedPath("198.51.100.0/24", "10.3.0.1"), ReceivedPath("2001:db8::/32", "fd01::1")]
     routes = {str(r.prefix): r for r in bgp_import_routes(paths, table=100)}
-    assert routes["203.0.113.0/24"] == Route("203.0.113.0/24", [NextHop("10.1.0.1"), NextHop("10.3.0.1")], table=100)
+    assert routes["203.0.113.0/24"] == Route("203.0.113.0/24", [NextHop("10.1.0.1"), NextHop("10.3.0.1")],
+                                             table=100, metric=20)
     assert routes["198.51.100.0/24"].nexthops == (NextHop("10.3.0.1"),)
     assert routes["2001:db8::/32"].table == 100
 
@@ -67,4 +68,4 @@ def test_import_keeps_only_the_highest_local_pref_and_drops_unusable_next_hops()
              ReceivedPath("192.0.2.0/24", "10.4.0.11"),                   # via ourselves: a loop
              ReceivedPath("192.0.2.128/25", None)]
     routes = bgp_import_routes(paths, exclude=["10.4.0.11"])
-    assert [str(r) for r in routes] == ["203.0.113.0/24 via 10.1.0.1 metric 0"]
+    assert [str(r) for r in routes] == ["203.0.113.0/24 via 10.1.0.1 metric 20"]
