@@ -6,8 +6,8 @@ kernel routes (`--auto-direct-node-routes`, `--bgp-import-table`).
       r1 AS65001 10.1.0.1 fd01::1 ─┐ eth-r1 10.1.0.11/24 fd01::11/64 (MAC 02:00:0a:63:00:0b)
       r2 AS65001 10.2.0.1 fd02::1 ─┤ eth-r2 10.2.0.11/24 fd02::11/64
       r3 AS65003 10.3.0.1         ─┼ eth-r3 10.3.0.11/24          node (vipd), AS 65010
-   nodeb 10.4.0.12        ─┘ eth-nodeb 10.4.0.11/24       adv0 192.0.2.7/32 (veth, up)
-      (pod 10.244.1.10 on its lo)
+   nodeb 10.4.0.12 fd04::12     ─┘ eth-nodeb 10.4.0.11/24 fd04::11/64   adv0 192.0.2.7/32 (veth, up)
+      (pods 10.244.1.10, fd44:1::10 on its lo)
 
 * peers ``gw`` / ``gw6``: ``autoDiscovery: DefaultGateway`` (ipv4 / ipv6): r1 while the
   default routes point there, r2 after ``ip route replace default via 10.2.0.1`` (and fd02::1);
@@ -16,7 +16,8 @@ kernel routes (`--auto-direct-node-routes`, `--bgp-import-table`).
 * the Node object has only an IPv6 InternalIP: the router ID comes from eth-r1's MAC (the
   link holding that address) -> 10.99.0.11;
 * an ``Interface`` advertisement of adv0 sends 192.0.2.7/32 to the peers;
-* ``--auto-direct-node-routes``: nodeb's Pod CIDR 10.244.1.0/24 via 10.4.0.12 (on-link), none
+* ``--auto-direct-node-routes``: nodeb's Pod CIDRs 10.244.1.0/24 via 10.4.0.12 and fd44:1::/64 via
+  fd04::12 (on-link), none
   for nodec (10.9.0.5, not on-link);
 * ``--bgp-import-table 100``: r1/r2 and r3 all announce 203.0.113.0/24 (ECMP), r3 also
   198.51.100.0/24, r1/r2 2001:db8:100::/48 over IPv6; withdraws and a dead session remove them;
@@ -54,8 +55,8 @@ status: {addresses: [{type: InternalIP, address: "fd01::11"}]}
 apiVersion: v1
 kind: Node
 metadata: {name: nodeb}
-spec: {podCIDRs: [10.244.1.0/24]}
-status: {addresses: [{type: InternalIP, address: 10.4.0.12}]}
+spec: {podCIDRs: [10.244.1.0/24, "fd44:1::/64"]}
+status: {addresses: [{type: InternalIP, address: 10.4.0.12}, {type: InternalIP, address: "fd04::12"}]}
 ---
 apiVersion: v1
 kind: Node
@@ -140,8 +141,9 @@ class Env:
             self.routers[f"r{i}"] = r
         node.run("ip", "link", "set", "eth-r1", "address", MAC)
         nodeb = lab.host("nodeb")
-        lab.link(nodeb, node, ["10.4.0.12/24"], ["10.4.0.11/24"])
+        lab.link(nodeb, node, ["10.4.0.12/24", "fd04::12/64"], ["10.4.0.11/24", "fd04::11/64"])
         nodeb.add_address("lo", "10.244.1.10/32")
+        nodeb.add_address("lo", "fd44:1::10/128")
         node.run("ip", "link", "add", "adv0", "type", "veth", "peer", "name", "adv0p")
         node.add_address("adv0", "192.0.2.7/32")
         for ifname in ("adv0", "adv0p"):
@@ -266,9 +268,10 @@ def test_interface_advertisement_follows_the_link_state(env):
 def test_auto_direct_node_routes_install_the_on_link_node_pod_cidr_and_traffic_flows(env):
     wait_until(lambda: "10.244.1.0/24" in env.vipd_routes("main"), timeout=30, what="nodeb's Pod CIDR route")
     routes = env.vipd_routes("main")
-    assert routes["10.244.1.0/24"] == {"10.4.0.12"}
+    assert (routes["10.244.1.0/24"], routes.get("fd44:1::/64")) == ({"10.4.0.12"}, {"fd04::12"})
     assert "10.244.2.0/24" not in routes           # nodec's address is not on a connected network
     env.node.run("ping", "-c", "1", "-W", "2", "10.244.1.10")
+    env.node.run("ping", "-6", "-c", "1", "-W", "2", "fd44:1::10")
 
 
 def test_bgp_import_installs_ecmp_routes_in_the_chosen_table(env):
@@ -280,8 +283,8 @@ def test_bgp_import_installs_ecmp_routes_in_the_chosen_table(env):
     # beside the static route to the same prefix (metric 0), ours has BGP's metric 20
     assert [(r.get("protocol"), r.get("metric", 0)) for r in env.routes("table", str(TABLE), ECMP)] == [
         ("static", 0), ("241", 20)]
-    assert env.vipd_routes("main").keys() == {"10.244.1.0/24"}  # nothing imported into main
-    wait_until(lambda: env.kernel_routes_metric() == {"100": 3, "254": 1}, timeout=10,
+    assert env.vipd_routes("main").keys() == {"10.244.1.0/24", "fd44:1::/64"}  # nothing imported into main
+    wait_until(lambda: env.kernel_routes_metric() == {"100": 3, "254": 2}, timeout=10,
                what="vipd_kernel_routes per table")
 
 
@@ -342,6 +345,6 @@ status: {addresses: [{type: InternalIP, address: 10.4.0.13}]}
 
 def test_removing_the_node_object_removes_its_pod_cidr_route(env):
     env.write("nodes.yaml", NODES_YAML.split("---\n")[0] + "---\n" + NODES_YAML.split("---\n")[2])
-    wait_until(lambda: "10.244.1.0/24" not in env.vipd_routes("main"), timeout=30, what="nodeb route removed")
+    wait_until(lambda: not env.vipd_routes("main"), timeout=30, what="nodeb's routes removed")
     out = env.node.run("ping", "-c", "1", "-W", "1", "10.244.1.10", check=False)
     assert " 0% packet loss" not in out
