@@ -3,8 +3,10 @@
 Wiring only (the logic lives in the pure control plane and the reconcilers):
 
     FileSource(DIR) --snapshots--> Store --> Controller (LB-IPAM, node config, [services],
-                                             neighbors, advertisements, status)
-                                               --> BGP speakers, [eBPF datapath: --lb-interface]
+    HostSource (netlink) --facts---------->   neighbors, advertisements, [routes], status)
+                                               --> BGP speakers, [eBPF datapath: --lb-interface],
+                                                   [kernel routes: --auto-direct-node-routes,
+                                                    --bgp-import-table]
     ApiServer(unix socket) <-- ControllerProvider (read-only views for vipctl)
 
 Signals:
@@ -80,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="at most N service frontends and N backends in the datapath maps "
                           "(default: no limit; the maps grow with the configuration). Frontends "
                           "beyond it are not programmed and not announced")
+    run.add_argument("--auto-direct-node-routes", action="store_true",
+                     help="install a route to every other Node's spec.podCIDRs via its InternalIP when "
+                          "that address is on a network this host is attached to (Cilium's "
+                          "auto-direct-node-routes; default off)")
+    run.add_argument("--bgp-import-table", default=None, type=_route_table, metavar="TABLE",
+                     help="install the prefixes BGP peers announce into this kernel routing table "
+                          "(1..4294967295, e.g. 254 for main), ECMP across peers; removed on withdraw "
+                          "or session down (default: off, nothing is imported, as in Cilium)")
     run.add_argument("--shutdown-mode", choices=("graceful", "notify"), default="graceful",
                      help="SIGTERM behaviour: graceful (no NOTIFICATION, peers keep routes under "
                           "graceful restart) or notify (Cease, peers withdraw now)")
@@ -95,6 +105,13 @@ def _maglev_size(text: str):
         return parse_maglev_table_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _route_table(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 0xFFFFFFFF or int(text) in (253, 255):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a routing table id (1..4294967295, "
+                                         "not 253 'default' or 255 'local')")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -172,6 +189,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     from agent.api.server import ApiServer
     from agent.reconcilers.controller import Controller
     from agent.sources.files import FileSource
+    from agent.sources.host import HostSource
     from agent.store import Store
 
     log = get_logger("daemon", node=args.node_name)
@@ -198,8 +216,22 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
             return 1
         services = ServiceReconciler(datapath, args.node_name, mode=args.lb_mode, log=dp_log,
                                      maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max)
+    host = HostSource()
+    try:
+        await host.load()
+    except Exception as exc:  # noqa: BLE001 - the watch retries; host-dependent fields wait for it
+        log.error("could not read the host's links and routes", error=repr(exc))
+    routes = None
+    if args.auto_direct_node_routes or args.bgp_import_table is not None:
+        from agent.reconcilers.routes import RouteReconciler
+        from agent.routing.manager import RouteManager
+
+        routes = RouteReconciler(RouteManager(), args.node_name,
+                                 auto_direct_node_routes=args.auto_direct_node_routes,
+                                 import_table=args.bgp_import_table, log=get_logger("routes", node=args.node_name))
     controller = Controller(args.node_name, store, state_dir=state_dir, speaker_factory=speaker_factory,
-                            log=get_logger("bgp-control-plane", node=args.node_name), services=services)
+                            log=get_logger("bgp-control-plane", node=args.node_name), services=services,
+                            host=host, routes=routes)
     api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
 
     stop = asyncio.Event()
@@ -243,7 +275,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     log.info("vipd running", config=str(args.config), state_dir=str(state_dir),
              socket=str(args.api_socket), generation=store.current.generation)
     tasks = [asyncio.create_task(controller.run(stop), name="controller"),
-             asyncio.create_task(source.run(stop), name="file-source")]
+             asyncio.create_task(source.run(stop), name="file-source"),
+             asyncio.create_task(host.run(stop), name="host-source")]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -17,7 +17,7 @@ import sys
 
 import structlog
 
-SUBSYSTEMS = ("bgp-control-plane", "datapath", "lb", "routes", "config", "api", "daemon", "lab")
+SUBSYSTEMS = ("bgp-control-plane", "datapath", "lb", "routes", "config", "host", "api", "daemon", "lab")
 
 _configured = False
 

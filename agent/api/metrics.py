@@ -8,6 +8,7 @@ dashboards port with a prefix swap:
     vipd_bgp_control_plane_received_routes{vrouter, neighbor, afi, safi}    only while established
     vipd_bgp_control_plane_reconcile_errors{reconciler, instance}           current failure streaks
     vipd_config_generation                                                  store generation applied
+    vipd_kernel_routes{table}     routes vipd owns (--auto-direct-node-routes, --bgp-import-table)
 
 With BFD (the ``vipd.io/bfd`` annotation on a CiliumBGPPeerConfig):
 
@@ -103,6 +104,9 @@ class ControllerCollector:
         manager = existing_manager()
         if manager is not None:
             yield from _bfd_families(manager)
+        routes = getattr(self.c, "routes", None)
+        if routes is not None:
+            yield _kernel_route_family(routes)
 
 
 def _bfd_families(manager):
@@ -126,6 +130,18 @@ def _bfd_families(manager):
     for reason, n in sorted(manager.dropped.items()):
         drop.add_metric(["", reason], n)
     yield from (state, ups, downs, pin, pout, drop)
+
+
+def _kernel_route_family(routes):
+    """The RouteReconciler's view: vipd's kernel routes (protocol 241) per table."""
+    fam = GaugeMetricFamily("vipd_kernel_routes", "Kernel routes vipd owns (protocol vipd), by table",
+                            labels=["table"])
+    per_table: dict[int, int] = {}
+    for r in routes.installed:
+        per_table[r.table] = per_table.get(r.table, 0) + 1
+    for table, count in sorted(per_table.items()):
+        fam.add_metric([str(table)], count)
+    return fam
 
 
 REASONS = ("CapacityExceeded", "MaglevTableTooSmall", "DatapathError")

@@ -26,7 +26,7 @@ from agent.bgp.messages import (
 from agent.bgp.rib import AdjRibOut
 from agent.bgp.session import (
     ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, Session,
-    SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled,
+    SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
 )
 
 __all__ = ["BgpSpeaker"]
@@ -89,6 +89,10 @@ class BgpSpeaker:
         self._started = False
         self._hint_tasks: set[asyncio.Task] = set()  # route lookups for connect-failure hints
         self._bfd_manager = None   # agent.bfd.transport.BfdManager, once a neighbor uses BFD
+        # Called (no arguments) whenever a peer's Adj-RIB-In may have changed: an UPDATE came
+        # in, a session went down (its routes were dropped), a neighbor was removed. The
+        # daemon's route reconciler uses it to import received routes into the kernel.
+        self.on_rib_in_change = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,6 +186,7 @@ class BgpSpeaker:
         self._set_listener_key(peer.cfg.address, None)
         del self._peers[peer.cfg.address]
         self._update_listener_ttl()
+        self._rib_in_changed()
         self.log.info("neighbor removed", peer=peer.cfg.address, message=message or None)
 
     # ------------------------------------------------------------------ paths
@@ -562,12 +567,19 @@ class BgpSpeaker:
                 log.info("End-of-RIB received", peer=addr, family=ev.family.short)
             elif isinstance(ev, RouteRefreshReceived):
                 log.info("route refresh received", peer=addr, family=ev.family.short, subtype=ev.subtype)
+        if self.on_rib_in_change is not None and any(isinstance(ev, (UpdateReceived, SessionDown))
+                                                     for ev in events):
+            self._rib_in_changed()
         if driver in peer.candidates:
             if driver.session.state is State.IDLE:  # a losing or failed extra connection
                 peer.candidates.remove(driver)
                 self._loop.call_soon(driver.shutdown)
             elif driver.session.state is State.ESTABLISHED:
                 self._promote(peer, driver)
+
+    def _rib_in_changed(self) -> None:
+        if self.on_rib_in_change is not None:
+            self.on_rib_in_change()
 
     def _log_connect_failed(self, peer: _Peer, ev: ConnectFailed) -> None:
         cfg = peer.cfg

@@ -1,11 +1,12 @@
 """The controller: one reconcile pass = the pure control plane, then each effect in order.
 
-    snapshot (store) -> LB-IPAM allocation (persisted) -> node config derivation
+    snapshot (store) + host facts -> LB-IPAM allocation (persisted) -> node config derivation
       -> [services: upserts into the datapath, when enabled]
       -> neighbors (speaker instances/peers) -> advertisements (Adj-RIB-Out)
-      -> [services: deletions] -> route policies, conditions -> status YAML in the state dir
+      -> [services: deletions] -> [kernel routes] -> route policies, conditions -> status YAML
 
-Passes run on every new snapshot and when a failed reconciler's backoff expires. Each
+Passes run on every new snapshot, on every change of the host facts (links, addresses,
+default gateways) and when a failed reconciler's backoff expires. Each
 reconciler records its own failures (:class:`ErrorBook`) and the pass goes on with the
 others; everything is idempotent, so a retry pass only changes what still differs.
 """
@@ -104,7 +105,8 @@ class ConditionClock:
 
 class Controller:
     def __init__(self, node_name: str, store, *, state_dir: str | Path, speaker_factory: Callable,
-                 options=None, log=None, clock: Callable[[], float] = time.time, services=None):
+                 options=None, log=None, clock: Callable[[], float] = time.time, services=None,
+                 host=None, routes=None):
         from agent.controlplane.types import AgentOptions, Family
 
         self.node_name = node_name
@@ -114,7 +116,13 @@ class Controller:
         self.log = log
         self.clock = clock
         self.errors = ErrorBook()
+        self.host = host                  # HostSource: links, addresses, gateways (None: unknown)
+        self.routes = routes              # RouteReconciler: vipd's kernel routes (None: off)
+        if routes is not None and routes.import_table is not None:
+            speaker_factory = _with_rib_hook(speaker_factory, routes.rib_changed)
         self.neighbors = NeighborReconciler(speaker_factory, log=log)
+        if routes is not None:
+            routes.neighbors = self.neighbors
         self.advertisements = AdvertisementReconciler(self.neighbors, None, tuple(Family), log=log,
                                                       clock=clock)
         self.services = services          # ServiceReconciler when the datapath is enabled
@@ -122,6 +130,7 @@ class Controller:
         self.started_at = clock()
         self.applied_generation = 0
         self.attempted_generation = -1
+        self.attempted_host_generation = -1
         self.passes = 0
         self.objects = None
         self.effective_objects = None
@@ -160,6 +169,11 @@ class Controller:
         self.passes += 1
         mark = _Marks()
         self.attempted_generation = snap.generation
+        facts = self.host.facts if self.host is not None else None
+        if self.host is not None:
+            self.attempted_host_generation = self.host.generation
+        host_kw = {} if facts is None else _host_inputs(facts, objects.node(self.node_name))
+        interfaces = facts.up_interfaces() if facts is not None else None
 
         try:
             lb = lbipam.allocate(objects, self.allocations, self.memo)
@@ -175,7 +189,7 @@ class Controller:
         mark("lbipam")
 
         try:
-            node_config = derive_node_config(effective, self.node_name, self.options)
+            node_config = derive_node_config(effective, self.node_name, self.options, **host_kw)
             self.errors.clear("node-config", "")
         except Exception as exc:  # noqa: BLE001 - keep the running state; never tear down on a bug
             self._record("node-config", "", exc, now)
@@ -199,7 +213,7 @@ class Controller:
         vip_ready = self.services.vip_ready if self.services is not None else None
 
         def desired(inst, peer):
-            return desired_paths(effective, self.node_name, inst, peer, None, self.options,
+            return desired_paths(effective, self.node_name, inst, peer, None, self.options, interfaces,
                                  vip_ready=vip_ready, memo=self.memo)
 
         await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
@@ -207,10 +221,13 @@ class Controller:
         self.memo.rotate()
         if self.services is not None:  # drop removed VIPs only after they were withdrawn
             await self.services.reconcile(effective, self.errors, now, phase="delete")
+        if self.routes is not None:
+            await self.routes.reconcile(effective, facts, self.errors, now)
+            mark("routes")
 
         try:
             # route policies are for `vipctl bgp route-policies` only: computed when asked
-            self._policy_inputs, self._policies = (effective, node_config), None
+            self._policy_inputs, self._policies = (effective, node_config, interfaces), None
             self.cluster_conditions = cluster_config_conditions(effective, self.options)
             self.peer_conditions = peer_config_conditions(effective, self.options)
             self.errors.clear("status", "")
@@ -235,12 +252,17 @@ class Controller:
     # -- loop -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         status_task = asyncio.create_task(self._status_loop(stop))
+        side_tasks = [status_task]
+        if self.routes is not None:
+            side_tasks.append(asyncio.create_task(self.routes.run(stop, self.errors)))
         try:
             while not stop.is_set():
                 generation = self.store.current.generation
+                host_generation = self.host.generation if self.host is not None else -1
                 retry_at = self.errors.next_retry()
                 # Skip the pass only when the daemon's initial pass already covered this generation.
                 if (generation != self.attempted_generation
+                        or (self.host is not None and host_generation != self.attempted_host_generation)
                         or (retry_at is not None and retry_at <= time.monotonic())):
                     try:
                         await self.reconcile_once()
@@ -251,11 +273,14 @@ class Controller:
                 timeout = None if retry_at is None else max(0.05, retry_at - time.monotonic())
                 waiters = [asyncio.ensure_future(self.store.wait_for_change(generation)),
                            asyncio.ensure_future(stop.wait())]
+                if self.host is not None:   # a gateway moved, an address came: reconcile
+                    waiters.append(asyncio.ensure_future(self.host.wait_for_change(host_generation)))
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for w in waiters:
                     w.cancel()
         finally:
-            status_task.cancel()
+            for task in side_tasks:
+                task.cancel()
 
     async def _status_loop(self, stop: asyncio.Event) -> None:
         # Peer states change without config changes; refresh the status file like Cilium's 5 s push.
@@ -350,6 +375,10 @@ class Controller:
                 name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)
                                       for c in conds]}
                 for name, conds in sorted(self.lbipam.pool_conditions.items())}
+        if self.host is not None and self.host.facts is not None:
+            doc["host"] = {"defaultGateways": {g.family: f"{g.address} dev {g.dev}" for g in self.host.facts.gateways}}
+        if self.routes is not None:
+            doc["kernelRoutes"] = self.routes.view()
         doc["reconcileErrors"] = [
             {"reconciler": r.reconciler, "instance": r.instance, "error": r.error, "attempts": r.attempts}
             for r in self.errors.records()]
@@ -361,9 +390,9 @@ class Controller:
         first use after each pass: at 20,000 Services they cost a second per peer."""
         if self._policies is None:
             from agent.controlplane import route_policies
-            effective, node_config = self._policy_inputs
+            effective, node_config, interfaces = self._policy_inputs
             try:
-                self._policies = list(route_policies(effective, node_config, None, self.options))
+                self._policies = list(route_policies(effective, node_config, None, self.options, interfaces))
             except Exception as exc:  # noqa: BLE001
                 self._record("status", "", exc, time.monotonic())
                 self._policies = []
@@ -388,3 +417,19 @@ class Controller:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(atomic_write_yaml, self.state_dir / STATUS_FILE, doc)
             self._status_written = doc
+
+
+def _host_inputs(facts, node) -> dict:
+    """What derive_node_config takes from the host (see agent.sources.host)."""
+    node_addresses = (node.addresses(4) + node.addresses(6)) if node is not None else []
+    return {"interfaces": facts.interfaces(), "default_gateways": facts.default_gateways(),
+            "router_id_mac": facts.router_id_mac(node_addresses)}
+
+
+def _with_rib_hook(factory: Callable, hook: Callable[[], None]) -> Callable:
+    """Every speaker the factory makes tells ``hook`` when its Adj-RIB-In changes."""
+    def make(instance):
+        speaker = factory(instance)
+        speaker.on_rib_in_change = hook
+        return speaker
+    return make

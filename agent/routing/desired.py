@@ -13,9 +13,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from agent.routing.model import NextHop, Route
+from agent.routing.model import MAIN_TABLE, NextHop, Route
 
-__all__ = ["PeerNode", "direct_node_routes", "blackhole_routes"]
+__all__ = ["PeerNode", "ReceivedPath", "direct_node_routes", "blackhole_routes", "bgp_import_routes"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,44 @@ def blackhole_routes(prefixes: Iterable[str]) -> list[Route]:
     """Blackholes for address ranges this node answers for but must never forward elsewhere
     (e.g. a LoadBalancer IP pool announced by BGP: no routing loop back to the upstream)."""
     return [Route(ipaddress.ip_network(p, strict=True), type="blackhole") for p in prefixes]
+
+
+@dataclass(frozen=True)
+class ReceivedPath:
+    """One path a BGP peer gave us (from the speaker's Adj-RIB-In)."""
+
+    prefix: str
+    next_hop: str | None
+    local_pref: int | None = None    # None: not sent (eBGP); counts as 100, BGP's default
+
+
+# The metric of imported routes: zebra's for BGP. A replace with metric 0 could overwrite another
+# protocol's route to the same prefix (a connected subnet, a static route); at 20 it sits beside
+# them, and the kernel prefers the lower metric.
+IMPORT_METRIC = 20
+
+
+def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
+                      exclude: Iterable[str] = (), metric: int = IMPORT_METRIC) -> list[Route]:
+    """BGP-learned prefixes as kernel routes in ``table``: per prefix, the paths with the
+    highest LOCAL_PREF, all of them as equal-cost next hops (ECMP across the peers that
+    announce it). Skipped: paths without a next hop of the prefix's family (IPv4 over an
+    IPv6 next hop, RFC 8950, is not installed) and next hops in ``exclude`` (our own
+    addresses: a route via ourselves loops). Every route gets ``metric`` (see IMPORT_METRIC)."""
+    own = {ipaddress.ip_address(a) for a in exclude}
+    best: dict = {}   # prefix -> (local_pref, {next hops})
+    for p in paths:
+        if p.next_hop is None:
+            continue
+        prefix = ipaddress.ip_network(p.prefix, strict=True)
+        hop = ipaddress.ip_address(p.next_hop)
+        if hop.version != prefix.version or hop in own:
+            continue
+        pref = 100 if p.local_pref is None else p.local_pref
+        cur = best.get(prefix)
+        if cur is None or pref > cur[0]:
+            best[prefix] = (pref, {hop})
+        elif pref == cur[0]:
+            cur[1].add(hop)
+    return [Route(prefix, tuple(NextHop(h) for h in sorted(hops)), table=table, metric=metric)
+            for prefix, (_, hops) in sorted(best.items(), key=lambda kv: (kv[0].version, kv[0]))]

@@ -1,7 +1,9 @@
 """The owner of vipd's kernel routes: dump (ours only) -> plan -> replace / delete.
 
 Every route vipd installs carries protocol :data:`RTPROT_VIPD`; routes of any other protocol
-(kernel, static, FRR's zebra, DHCP) are never read into the plan and so never touched.
+(kernel, static, FRR's zebra, DHCP) are never read into the plan and so never touched: a
+desired route whose identity (table, prefix, metric) another protocol's route already holds
+is reported as failed instead of replacing it.
 Works in a given network namespace (``netns="name"``, an ``ip netns`` name).
 
 Used by the daemon for native Pod CIDR routes (autoDirectNodeRoutes) and VIP blackholes;
@@ -60,7 +62,7 @@ class RouteManager:
         """The routes with our protocol, in every table, both families."""
         async with self._ipr() as ipr:
             names = await _link_names(ipr)
-            return await self._dump(ipr, names)
+            return (await self._dump(ipr, names))[0]
 
     async def sync(self, desired: Iterable[Route]) -> SyncResult:
         """Make our routes equal ``desired``: replace what is missing or different, then delete
@@ -68,11 +70,15 @@ class RouteManager:
         desired = list(desired)
         async with self._ipr() as ipr:
             names = await _link_names(ipr)
-            current = await self._dump(ipr, names)
+            current, foreign = await self._dump(ipr, names)
             todo: RoutePlan = plan(desired, current)
             index = {name: idx for idx, name in names.items()}
             replaced, deleted, failed = [], [], []
             for route in todo.replace:
+                if route.key in foreign:   # "replace" would overwrite another owner's route
+                    failed.append((route, f"a route of protocol {foreign[route.key]} to {route.prefix} "
+                                          f"(table {route.table}, metric {route.metric}) exists; not replaced"))
+                    continue
                 try:
                     await ipr.route("replace", **self._request(route, index))
                     replaced.append(route)
@@ -96,16 +102,20 @@ class RouteManager:
         return await self.sync(())
 
     # -- netlink translation ---------------------------------------------------------------------
-    async def _dump(self, ipr, names: dict[int, str]) -> list[Route]:
-        out = []
+    async def _dump(self, ipr, names: dict[int, str]) -> tuple[list[Route], dict[tuple, int]]:
+        """(our routes, {route key: protocol} of other owners' routes of kinds we install)."""
+        out, foreign = [], {}
         for family in (AF_INET, AF_INET6):
-            async for msg in await ipr.route("dump", family=family, proto=self.proto, table=None):
+            async for msg in await ipr.route("dump", family=family, table=None):
+                if msg["type"] not in (_RTN_UNICAST, _RTN_BLACKHOLE):
+                    continue   # local, broadcast, ...: not a kind of route we ever install
                 if msg["proto"] != self.proto:
+                    foreign[_key(msg)] = msg["proto"]
                     continue
                 route = _from_msg(msg, names)
                 if route is not None:
                     out.append(route)
-        return out
+        return out, foreign
 
     def _request(self, route: Route, index: dict[str, int]) -> dict:
         req = _identity(route, self.proto)
@@ -140,17 +150,21 @@ def _hop_request(hop: NextHop, index: dict[str, int], route: Route) -> dict:
     return req
 
 
-def _from_msg(msg, names: dict[int, str]) -> Route | None:
-    rtype = msg["type"]
-    if rtype not in (_RTN_UNICAST, _RTN_BLACKHOLE):
-        return None  # not a kind of route we ever install
+def _key(msg) -> tuple:
+    """The kernel's identity of a route message, as :attr:`Route.key`."""
     family = 6 if msg["family"] == AF_INET6 else 4
     dst = msg.get("dst") or ("::" if family == 6 else "0.0.0.0")
     prefix = ipaddress.ip_network(f"{dst}/{msg['dst_len']}")
     table = msg.get("table") or msg["table"]  # RTA_TABLE carries ids > 255; the header byte otherwise
     metric = msg.get("priority")
-    if metric is None:
-        metric = 0
+    return (family, table, prefix, 0 if metric is None else metric)
+
+
+def _from_msg(msg, names: dict[int, str]) -> Route | None:
+    rtype = msg["type"]
+    if rtype not in (_RTN_UNICAST, _RTN_BLACKHOLE):
+        return None  # not a kind of route we ever install
+    _, table, prefix, metric = _key(msg)
     if rtype == _RTN_BLACKHOLE:
         return Route(prefix, (), table=table, metric=metric, type="blackhole")
     multipath = msg.get("multipath")

@@ -79,6 +79,13 @@ def test_install_replace_delete_v4(lab):
     # A new manager instance (agent restart) adopts what is there: nothing to do.
     assert run(RouteManager(netns=node.ns).sync(moved)).replaced == ()
 
+    # The static route's identity is taken: reported, never replaced.
+    result = run(mgr.sync([*moved, Route("10.99.0.0/24", [NextHop("10.0.2.2")])]))
+    [(route, why)] = result.failed
+    assert str(route.prefix) == "10.99.0.0/24" and "protocol 4" in why and "not replaced" in why
+    [static] = [r for r in kernel_routes(node, "-4") if r["dst"] == "10.99.0.0/24"]
+    assert (static["gateway"], static.get("protocol")) == ("10.0.1.2", "static")
+
     # Empty desired set: only our route goes; the static one and the metric-500 one stay.
     result = run(mgr.sync([]))
     assert [str(r.prefix) for r in result.deleted] == ["10.77.0.0/24"]

@@ -44,3 +44,28 @@ def test_duplicate_pod_cidr_is_an_error():
 def test_blackholes():
     [r] = blackhole_routes(["10.96.0.0/16"])
     assert r.type == "blackhole" and r.nexthops == ()
+
+
+# ---- BGP import (vipd run --bgp-import-table) ---------------------------------------------------
+
+from agent.routing.desired import ReceivedPath, bgp_import_routes  # noqa: E402
+
+
+def test_import_makes_ecmp_over_every_peer_with_the_prefix_in_the_chosen_table():
+    paths = [ReceivedPath("203.0.113.0/24", "10.1.0.1"), ReceivedPath("203.0.113.0/24", "10.3.0.1"),
+             ReceivedPath("198.51.100.0/24", "10.3.0.1"), ReceivedPath("2001:db8::/32", "fd01::1")]
+    routes = {str(r.prefix): r for r in bgp_import_routes(paths, table=100)}
+    assert routes["203.0.113.0/24"] == Route("203.0.113.0/24", [NextHop("10.1.0.1"), NextHop("10.3.0.1")],
+                                             table=100, metric=20)
+    assert routes["198.51.100.0/24"].nexthops == (NextHop("10.3.0.1"),)
+    assert routes["2001:db8::/32"].table == 100
+
+
+def test_import_keeps_only_the_highest_local_pref_and_drops_unusable_next_hops():
+    paths = [ReceivedPath("203.0.113.0/24", "10.1.0.1", local_pref=200),
+             ReceivedPath("203.0.113.0/24", "10.2.0.1"),                  # 100 by default: loses
+             ReceivedPath("198.51.100.0/24", "fd01::1"),                  # IPv4 over an IPv6 next hop
+             ReceivedPath("192.0.2.0/24", "10.4.0.11"),                   # via ourselves: a loop
+             ReceivedPath("192.0.2.128/25", None)]
+    routes = bgp_import_routes(paths, exclude=["10.4.0.11"])
+    assert [str(r) for r in routes] == ["203.0.113.0/24 via 10.1.0.1 metric 20"]
