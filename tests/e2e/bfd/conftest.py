@@ -16,16 +16,28 @@ def _check_prereqs() -> None:
             raise RuntimeError(f"{exe} missing: install frr and iptables (scripts/install-deps)")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.bfd_call_failed = rep.failed
+
+
 @pytest.fixture
-def bfd_lab_factory():
+def bfd_lab_factory(request):
     _check_prereqs()
-    labs = []
+    labs, made = [], []
 
     def make(ms: int, mult: int = 3, **kw) -> BfdLab:
         lab = Lab("bfd")
         lab.__enter__()
         labs.append(lab)
-        return BfdLab(lab, ms, mult, **kw)
+        made.append(BfdLab(lab, ms, mult, **kw))
+        return made[-1]
     yield make
+    if getattr(request.node, "bfd_call_failed", False):
+        for b in made:   # what vipd saw, for the failure report (the lab's files go with it)
+            print(f"--- vipd log of {b.lab.prefix} (last 200 lines)\n" + "\n".join(b.log().splitlines()[-200:]))
     for lab in labs:
         lab.close()
