@@ -13,7 +13,9 @@ each, in both directions (upload: client sends; download: -R, the pod sends: the
 "Direct" takes the same path as the VIP traffic: the router sends b1's address via node-a
 (kernel forwarding there, GRO/GSO included), as it sends the VIPs; without that host route it
 would go straight to node-b and skip a hop the VIP traffic makes, which on this 2-CPU VM costs
-~40 %.
+~40 %. For SNAT the replies come back through node-a too (to node-a's address, where XDP
+reverses them), so while SNAT is measured node-b routes the client via node-a as well: direct
+replies then make the same two extra LAN hops (kernel forwarding on node-a instead of XDP).
 Each cell is the median over the reps; the ratio is VIP / direct. The machine is shared, so
 run it a few times and compare medians.
 """
@@ -51,6 +53,16 @@ def iperf(m: MatrixLab, dst: str, port: int, seconds: float, reverse: bool) -> f
     return r["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
+def same_path_replies(m: MatrixLab, fam: int):
+    """Route node-b's traffic to the client via node-a (as SNAT replies go); returns the undo."""
+    from dp_topology import CLIENT, CLIENT6
+
+    node_b = m.env.nodes["node-b"]
+    dst = f"{CLIENT}/32" if fam == 4 else f"{CLIENT6}/128"
+    node_b.route(dst, via=NODE_ADDR["node-a"] if fam == 4 else NODE_ADDR6["node-a"])
+    return lambda: node_b.run("ip", "-6" if fam == 6 else "-4", "route", "del", dst)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5)
@@ -73,6 +85,9 @@ def main() -> None:
             for fam in families:
                 for mode, pod in MODES.items():
                     port = STREAM_PORT[mode, fam]
+                    # SNAT returns b1's replies through node-a: so does "direct" for this mode
+                    # (a host route on node-b), else the baseline skips two LAN hops
+                    same_path = same_path_replies(m, fam) if mode == "snat" else None
                     targets = {"vip": VIPS[mode, fam], "direct": pod_address(pod, fam)}
                     for reverse in (False, True):
                         got: dict[str, list[float]] = {"vip": [], "direct": []}
@@ -84,6 +99,8 @@ def main() -> None:
                         print(f"  IPv{fam} {mode:5s} {'download' if reverse else 'upload':8s} vip {vip:6.2f} "
                               f"direct {direct:6.2f} Gbit/s  runs vip={['%.2f' % x for x in got['vip']]} "
                               f"direct={['%.2f' % x for x in got['direct']]}", flush=True)
+                    if same_path is not None:
+                        same_path()
         finally:
             m.close()
     print(f"\niperf3 TCP, {args.seconds:g} s per run, median of {args.reps}; offloads {args.offloads}, "

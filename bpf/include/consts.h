@@ -60,6 +60,10 @@
 #ifndef NEIGH_SLOTS
 #define NEIGH_SLOTS 4096          /* next-hop cache slots per CPU (power of 2; slot = backend id % N) */
 #endif
+#ifndef NEIGH_CLIENT_SALT
+#define NEIGH_CLIENT_SALT 0x800   /* SNAT replies cache the hop to a client at a slot from its address,
+				   * offset so small backend ids and clients do not share slots */
+#endif
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/vipd/default"
 #endif

@@ -657,11 +657,15 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 		rv->flags |= CT_F_CLOSING;
 	if (rv->last_seen != now)
 		rv->last_seen = now;   /* keeps the port from being taken over as idle */
-	int fr = fib_lookup_to(ctx, p, vip, client, p->l3_end - p->l3_off, fib);
+	/* the next hop towards the client from the per-CPU cache (slot by client address; the
+	 * entry is tagged with it, so a collision is only a miss) */
+	__u32 slot = client[0] ^ client[3] ^ (client[0] >> 13) ^ NEIGH_CLIENT_SALT;
+	struct neigh_entry *ne = NULL;
+	int fr = nh_resolve(ctx, p, slot, vip, client, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
-	if (nat_rewrite(ctx, p, NAT_SRC, vip, vport) || nat_rewrite(ctx, p, NAT_DST, client, cport))
+	if (snat_rewrite(ctx, p, client, cport, vip, vport))
 		return drop(DROP_REWRITE);
 	stat_inc(HOOK_XDP, STAT_SNAT_REPLY);
-	return fib_forward(ctx, fib, fr);
+	return nh_forward(ctx, ne, fr);
 }
