@@ -363,6 +363,7 @@ class BgpSpeaker:
             self._prepare_socket(sock, cfg)
             if cfg.local_address:
                 sock.bind((cfg.local_address, 0))
+            driver.connect_sock = sock
             await self._loop.sock_connect(sock, (cfg.address, cfg.port))
         except asyncio.CancelledError:
             sock.close()

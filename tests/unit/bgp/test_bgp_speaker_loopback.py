@@ -354,3 +354,27 @@ def test_ttl_security_gtsm_both_sides_establish_and_a_ttl_1_peer_is_dropped():
         await d.stop()
 
     asyncio.run(main())
+
+
+def test_a_busy_loop_past_the_connect_timeout_does_not_throw_away_a_connection_that_came_up():
+    """At startup the first reconcile pass can keep the loop busy for seconds right after the
+    connect started; the TCP handshake completes meanwhile and must be used, not timed out."""
+    async def main():
+        b = await speaker(65002, "2.2.2.2", "127.0.0.2")
+        await b.add_neighbor(NeighborConfig("127.0.0.1", 65001, local_address="127.0.0.2", passive=True,
+                                            families=(V4,)))
+        log = Recorder()
+        a = BgpSpeaker(SpeakerConfig(65001, "1.1.1.1"), logger=log)
+        await a.start()
+        await a.add_neighbor(NeighborConfig("127.0.0.2", 65002, port=b.listening_port(),
+                                            local_address="127.0.0.1", connect_retry=1, families=(V4,)))
+        await asyncio.sleep(0)  # the connect task sends its SYN
+        time.sleep(1.5)  # a pass that blocks the loop past the 1 s connect timeout
+        t0 = time.monotonic()
+        await wait_for(lambda: state(a, "127.0.0.2").state == "established", timeout=5, what="established")
+        assert time.monotonic() - t0 < 0.5
+        assert not log.events("connect failed"), log.events("connect failed")
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())
