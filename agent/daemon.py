@@ -153,8 +153,13 @@ class StateDirLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            raise SystemExit(f"vipd: another vipd is running with state dir {self.path.parent}")
+            try:
+                pid = os.read(self.fd, 32).decode().strip() or "?"
+            finally:
+                os.close(self.fd)
+            raise SystemExit(f"vipd: another vipd (pid {pid}) is running with state dir "
+                             f"{self.path.parent}; stop it first, or give this one its own "
+                             "--state-dir and --api-socket")
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
@@ -277,6 +282,15 @@ def main(argv: Sequence[str] | None = None, *, speaker_factory=speaker_factory) 
                   file=sys.stderr)
             return 2
         with StateDirLock(Path(args.state_dir)):
+            # Before any session starts: two agents on one socket would both peer with the
+            # routers and fight over the same sessions.
+            from agent.api.server import socket_owner
+
+            owner = socket_owner(Path(args.api_socket))
+            if owner is not None:
+                print(f"vipd: another vipd (pid {owner}) serves {args.api_socket}; stop it first, "
+                      "or give this one its own --api-socket and --state-dir", file=sys.stderr)
+                return 1
             return asyncio.run(run_agent(args, speaker_factory=speaker_factory))
     return 2
 

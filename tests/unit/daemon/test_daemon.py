@@ -78,7 +78,17 @@ def test_daemon_serves_applies_edits_and_stops_gracefully_on_sigterm(tmp_path):
         other = subprocess.run([sys.executable, "-m", "agent.daemon", "run", "--config", str(cfg),
                                 "--node-name", "x", "--api-socket", str(tmp_path / "other.sock"),
                                 "--state-dir", str(state)], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert other.returncode != 0 and "another vipd is running" in other.stderr
+        assert other.returncode != 0 and f"another vipd (pid {proc.pid}) is running with state dir" in other.stderr
+        # a second daemon on the same API socket (own state dir) refuses too, before it peers
+        # with anyone, and the first one keeps serving the socket
+        other = subprocess.run([sys.executable, "-m", "agent.daemon", "run", "--config", str(cfg),
+                                "--node-name", "x", "--api-socket", str(sock),
+                                "--state-dir", str(tmp_path / "state2")],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert other.returncode == 1, other.stderr
+        assert f"another vipd (pid {proc.pid}) serves {sock}" in other.stderr
+        assert "vipd running" not in other.stderr
+        assert json.loads(vipctl(sock, "status", "-o", "json").stdout)["configGeneration"] == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
@@ -142,3 +152,21 @@ def test_systemd_readiness_and_stopping_notifications(tmp_path):
         proc.communicate(timeout=20)
     assert listener.recv(100) == b"STOPPING=1"
     listener.close()
+
+
+def test_a_stale_api_socket_left_by_a_crashed_agent_is_replaced(tmp_path):
+    import socket as socketlib
+
+    sock = tmp_path / "run" / "vipd.sock"
+    sock.parent.mkdir()
+    with socketlib.socket(socketlib.AF_UNIX) as s:  # bound, never listening: what a crash leaves
+        s.bind(str(sock))
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: vipctl(sock, "status", "-o", "json").returncode == 0 or proc.poll() is not None,
+                 what="API answering")
+        assert proc.poll() is None, proc.stdout.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
