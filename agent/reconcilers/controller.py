@@ -30,6 +30,7 @@ __all__ = ["Controller", "ConditionClock", "atomic_write_yaml"]
 
 STATUS_FILE = "status.yaml"
 LBIPAM_FILE = "lbipam-allocations.yaml"
+ORDER_FILE = "cluster-config-order.yaml"  # first-seen order of ClusterConfigs (see ownership.py)
 STATUS_INTERVAL = 5.0  # Cilium pushes NodeConfig status every 5 s
 PROGRAMMED_CONDITION = "vipd.io/DatapathProgrammed"   # Service condition (False: not announced)
 
@@ -136,6 +137,7 @@ class Controller:
         self.cluster_conditions: dict = {}
         self.peer_conditions: dict = {}
         self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()
+        self.cluster_config_order: tuple[str, ...] = self._load_order()
         self._status_written: Any = None
         self._issues_logged: tuple = ()
         self._unprogrammed_seen: set[str] = set()
@@ -143,6 +145,24 @@ class Controller:
     # -- LB-IPAM persistence --------------------------------------------------------------------
     def _load_allocations(self) -> dict[str, tuple[str, ...]]:
         return load_allocations(self.state_dir)
+
+    def _load_order(self) -> tuple[str, ...]:
+        path = self.state_dir / ORDER_FILE
+        if not path.exists():
+            return ()
+        data = yaml.safe_load(path.read_text()) or {}
+        return tuple(str(n) for n in data.get("clusterConfigs") or ())
+
+    def _ordered(self, objects):
+        """ClusterConfigs in first-seen order (files have no creationTimestamp), persisted so
+        a restart or a new config with an earlier name does not move a node to another one."""
+        from agent.controlplane.ownership import order_cluster_configs
+
+        objects, order = order_cluster_configs(objects, self.cluster_config_order)
+        if order != self.cluster_config_order:
+            atomic_write_yaml(self.state_dir / ORDER_FILE, {"clusterConfigs": list(order)})
+            self.cluster_config_order = order
+        return objects
 
     def _save_allocations(self) -> None:
         atomic_write_yaml(self.state_dir / LBIPAM_FILE,
@@ -155,7 +175,7 @@ class Controller:
                                         lbipam, peer_config_conditions, route_policies)
 
         snap = self.store.current
-        objects = self.store.objects()
+        objects = self._ordered(self.store.objects())
         now = time.monotonic()
         self.passes += 1
         mark = _Marks()

@@ -170,3 +170,58 @@ def test_a_stale_api_socket_left_by_a_crashed_agent_is_replaced(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+EARLIER_CLUSTER_CONFIG = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPClusterConfig
+metadata:
+  name: aaa-new
+spec:
+  nodeSelector:
+    matchLabels:
+      rack: rack0
+  bgpInstances:
+  - name: "65099"
+    localASN: 65099
+    peers:
+    - name: other
+      peerASN: 65098
+      peerAddress: 10.0.5.99
+"""
+
+
+def test_a_cluster_config_with_an_earlier_name_does_not_take_the_node_even_across_restarts(tmp_path):
+    """Files have no creationTimestamp: the first-seen order (state dir) decides the owner."""
+    def conflict(sock):
+        st = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+        res = {(r["kind"], r["name"]): {c["type"]: c["status"] for c in r["conditions"]} for r in st["resources"]}
+        cond = "cilium.io/ConflictingClusterConfig"
+        owner_ok = res.get(("CiliumBGPClusterConfig", "rack0"), {}).get(cond) == "False"
+        return owner_ok and res.get(("CiliumBGPClusterConfig", "aaa-new"), {}).get(cond) == "True" and st
+
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        (cfg / "aaa.yaml").write_text(EARLIER_CLUSTER_CONFIG)
+        st = wait_for(lambda: conflict(sock), what="ConflictingClusterConfig on the new config")
+        assert "Selecting the same node(s) with ClusterConfig(s): [rack0]" in json.dumps(st)
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
+        assert [(p["peerAddress"], p["localASN"]) for p in peers] == [("10.0.5.1", 65005)]
+        assert "aaa-new" in vipctl(sock, "status").stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    calls = json.loads(next(l for l in out.splitlines() if l.startswith("CALLS "))[6:])
+    assert not [c for c in calls if c[0] == "65099"], "the new config never ran here"
+    assert [c[1] for c in calls if c[0] == "65005"].count("start") == 1, "the working one was never restarted"
+    # a restart reads the same order from the state dir
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        wait_for(lambda: conflict(sock), what="the same owner after a restart")
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
+        assert [p["localASN"] for p in peers] == [65005]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
