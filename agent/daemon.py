@@ -234,7 +234,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     try:
         await controller.reconcile_once()
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
-        log.error("first reconcile pass failed", error=repr(exc))
+        controller.record_failed_pass(exc)  # logged there; vipctl status shows it until a pass succeeds
     # The configuration and what the first pass derived from it live as long as the agent:
     # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
     # ~0.5 s, paid at random points of later passes). Freed objects are still freed.

@@ -243,6 +243,11 @@ class Controller:
             self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
         await self.write_status_async()
 
+    def record_failed_pass(self, exc: BaseException) -> None:
+        """A pass that raised (a bug or an effect failing outside the reconcilers): listed in
+        vipctl status, the condition and the metrics, and retried with backoff."""
+        self._record("controller", "", exc, time.monotonic())
+
     def _record(self, reconciler: str, instance: str, exc: BaseException, now: float) -> None:
         rec = self.errors.record(reconciler, instance, exc, now)
         self._log("error", "reconcile failed", reconciler=reconciler, instance=instance,
@@ -266,7 +271,7 @@ class Controller:
                         await self.reconcile_once()
                         self.errors.clear("controller", "")
                     except Exception as exc:  # noqa: BLE001 - a bug in one pass must not stop the agent
-                        self._record("controller", "", exc, time.monotonic())
+                        self.record_failed_pass(exc)
                 retry_at = self.errors.next_retry()
                 timeout = None if retry_at is None else max(0.05, retry_at - time.monotonic())
                 waiters = [asyncio.ensure_future(self.store.wait_for_change(generation)),
@@ -331,6 +336,8 @@ class Controller:
             doc["ciliumBGPNodeConfig"] = {"spec": node_config_object(self.node_config).get("spec", {}),
                                           "status": node_status}
             doc["nodeConfigIssues"] = [str(i) for i in self.node_config.issues]
+        elif self.errors:  # no pass got as far as a node config: the failure still has its condition
+            doc["ciliumBGPNodeConfig"] = {"spec": {}, "status": {"conditions": [self.reconcile_error_condition()]}}
         doc["ciliumBGPClusterConfigs"] = {
             name: {"conditions": [self.conditions.stamp(f"CiliumBGPClusterConfig/{name}", c) for c in conds]}
             for name, conds in sorted(self.cluster_conditions.items())}

@@ -225,3 +225,60 @@ def test_a_cluster_config_with_an_earlier_name_does_not_take_the_node_even_acros
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
+
+
+FAILING_PASS_DRIVER = r"""
+import sys, os
+sys.path.insert(0, {here!r})
+from recording_speaker import RecordingSpeaker
+from agent import daemon
+from agent.reconcilers.controller import Controller
+real = Controller.reconcile_once
+async def failing(self):
+    if not os.path.exists({fixed!r}):  # an effect that keeps failing until the operator fixes it
+        raise OSError("cannot write /var/lib/vipd: No space left on device")
+    return await real(self)
+Controller.reconcile_once = failing
+sys.exit(daemon.main(sys.argv[1:], speaker_factory=lambda inst: RecordingSpeaker(inst, [])))
+"""
+
+
+def test_a_failing_reconcile_pass_is_in_status_conditions_and_metrics_until_it_succeeds(tmp_path):
+    import socket as socketlib
+    import urllib.request
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg, state, sock = tmp_path / "cfg", tmp_path / "state", tmp_path / "vipd.sock"
+    cfg.mkdir()
+    (cfg / "nodes.yaml").write_text(demo.nodes_yaml())
+    (cfg / "bgp.yaml").write_text(demo.V2_BGP_YAML)
+    fixed = tmp_path / "fixed"
+    argv = [sys.executable, "-c", FAILING_PASS_DRIVER.format(here=str(HERE), fixed=str(fixed)), "run",
+            "--config", str(cfg), "--node-name", "cilium-bgp-worker", "--api-socket", str(sock),
+            "--state-dir", str(state), "--metrics-addr", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+    def metrics():
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        assert proc.poll() is None, proc.stdout.read()
+        text = vipctl(sock, "status").stdout
+        assert "Reconcile errors: none" not in text and "No space left on device" in text, text
+        st = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+        assert [e["reconciler"] for e in st["reconcileErrors"]] == ["controller"]
+        node_conds = [c for r in st["resources"] if r["kind"] == "CiliumBGPNodeConfig" for c in r["conditions"]]
+        assert [(c["type"], c["status"]) for c in node_conds] == [("cilium.io/BGPReconcileError", "True")]
+        body = metrics()
+        assert 'vipd_reconcile_errors_total{reconciler="controller"}' in body
+        assert "vipd_reconcile_failures 1.0" in body
+        fixed.touch()  # the retry (backoff 1, 2, 4 ... s) succeeds: everything says healthy again
+        wait_for(lambda: "Reconcile errors: none" in vipctl(sock, "status").stdout, timeout=40,
+                 what="the error cleared after a successful pass")
+        assert "vipd_reconcile_failures 0.0" in metrics()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
