@@ -38,6 +38,7 @@ class Provider(Protocol):
     def list_routes(self, request: vipd_pb2.ListRoutesRequest) -> vipd_pb2.ListRoutesResponse: ...
     def list_route_policies(self, request: vipd_pb2.ListRoutePoliciesRequest) -> vipd_pb2.ListRoutePoliciesResponse: ...
     def get_status(self) -> vipd_pb2.GetStatusResponse: ...
+    async def reset_peers(self, request: vipd_pb2.ResetPeersRequest) -> vipd_pb2.ResetPeersResponse: ...
 
 
 class VipdServicer(vipd_pb2_grpc.VipdServicer):
@@ -63,6 +64,14 @@ class VipdServicer(vipd_pb2_grpc.VipdServicer):
 
     async def GetStatus(self, request, context):
         return self.provider.get_status()
+
+    async def ResetPeers(self, request, context):
+        try:
+            return await self.provider.reset_peers(request)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
 
 class SocketInUse(RuntimeError):

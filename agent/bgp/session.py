@@ -289,6 +289,22 @@ class Session:
         self.admin_down = True
         return self._run(lambda: self._fire(Ev.OPEN_COLLISION_DUMP, now), now)
 
+    def soft_reset(self, now: float) -> list[SessionEvent]:
+        """Operator soft reset (``vipctl bgp reset --soft``), the session stays up: re-send the
+        whole Adj-RIB-Out (outbound, as if the peer had sent ROUTE-REFRESH; wrapped in BoRR /
+        EoRR with enhanced route refresh, RFC 7313) and ask the peer for its routes again
+        (inbound, RFC 2918) when it offered route refresh. Returns [] unless Established."""
+        if self.state is not State.ESTABLISHED:
+            return []
+        self._now = now
+        refresh_in = self.remote_open is not None and self.remote_open.capability(RouteRefreshCap) is not None
+        for family in self.families:
+            if refresh_in:
+                self._out.append(encode(RouteRefresh(family.afi, family.safi, 0)))
+            table = self.rib_out[family].snapshot(clear_pending=False)
+            self._bulk.append(self._table_stream([(family, table)], refresh=True))
+        return []
+
     def receive_data(self, data: bytes, now: float) -> list[SessionEvent]:
         if self.state not in _CONNECTED:
             return []

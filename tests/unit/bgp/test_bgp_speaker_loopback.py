@@ -378,3 +378,30 @@ def test_a_busy_loop_past_the_connect_timeout_does_not_throw_away_a_connection_t
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_operator_reset_hard_sends_administrative_reset_and_reconnects_soft_resends_the_table():
+    async def main():
+        a, b, la, lb = await pair()
+        net = ip_network("10.9.0.0/24")
+        a.advertise("127.0.0.2", V4, net, PathAttributes())
+        await wait_for(lambda: net in b.adj_rib_in("127.0.0.1", V4), what="prefix at b")
+        up_since = state(a, "127.0.0.2").established_at
+        assert "soft" in await a.reset_neighbor("127.0.0.2", soft=True)
+        await wait_for(lambda: any(e["family"] == "ipv4-unicast" for e in lb.events("route refresh received")),
+                       what="b asked to refresh")  # b got our ROUTE-REFRESH request ...
+        await wait_for(lambda: len(la.events("route refresh received")) >= 1, what="b answered it")
+        assert state(a, "127.0.0.2").established_at == up_since  # ... and the session stayed up
+        assert net in b.adj_rib_in("127.0.0.1", V4)
+        t0 = time.monotonic()
+        assert "hard" in await a.reset_neighbor("127.0.0.2")
+        await wait_for(lambda: "6/4 Administrative Reset" in (state(b, "127.0.0.1").last_error or ""),
+                       what="Cease 6/4 at b")
+        await wait_for(lambda: state(a, "127.0.0.2").state == state(b, "127.0.0.1").state == "established",
+                       timeout=10, what="re-established")
+        assert time.monotonic() - t0 < 5, "reconnects at once, not after a retry timer"
+        await wait_for(lambda: net in b.adj_rib_in("127.0.0.1", V4), what="prefix back at b")
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())
