@@ -25,6 +25,7 @@ from pathlib import Path
 
 from agent.lab import Lab, wait_until
 from agent.lab.peers import FrrPeer, Neighbor
+from agent.lab.scale import bgp_yaml, service_docs, vip_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bird import BirdDaemon  # noqa: E402
@@ -33,51 +34,14 @@ ROOT = Path(__file__).resolve().parents[3]
 CONNECT_RETRY = 5
 NODE_IP, NODE_ASN = "10.0.0.1", 65001
 ROUTERS = {"frr": ("10.0.0.2", 65002), "gobgp": ("10.0.0.3", 65003), "bird": ("10.0.0.5", 65005)}
-POD_CIDR = "10.244.7.0/24"
+VIP = vip_of(0) + "/32"
 
 
 def manifests() -> str:
-    peers = "".join(f"""\
-    - name: {name}
-      peerASN: {asn}
-      peerAddress: {ip}
-      peerConfigRef: {{name: router}}
-""" for name, (ip, asn) in ROUTERS.items())
-    return f"""\
-apiVersion: v1
-kind: Node
-metadata: {{name: node1, labels: {{bgp: "yes"}}}}
-spec: {{podCIDRs: [{POD_CIDR}]}}
-status:
-  addresses: [{{type: InternalIP, address: {NODE_IP}}}]
----
-apiVersion: cilium.io/v2
-kind: CiliumBGPClusterConfig
-metadata: {{name: racks}}
-spec:
-  nodeSelector: {{matchLabels: {{bgp: "yes"}}}}
-  bgpInstances:
-  - name: i1
-    localASN: {NODE_ASN}
-    peers:
-{peers}---
-apiVersion: cilium.io/v2
-kind: CiliumBGPPeerConfig
-metadata: {{name: router}}
-spec:
-  timers: {{connectRetryTimeSeconds: {CONNECT_RETRY}}}
-  families:
-  - afi: ipv4
-    safi: unicast
-    advertisements: {{matchLabels: {{advertise: bgp}}}}
----
-apiVersion: cilium.io/v2
-kind: CiliumBGPAdvertisement
-metadata: {{name: pods, labels: {{advertise: bgp}}}}
-spec:
-  advertisements:
-  - advertisementType: PodCIDR
-"""
+    """One LoadBalancer Service (its LB-IPAM address is announced) and three peers."""
+    return bgp_yaml(node_name="node1", node_ip=NODE_IP, local_asn=NODE_ASN, connect_retry=CONNECT_RETRY,
+                    peers=[(name, ip, asn) for name, (ip, asn) in ROUTERS.items()]) + \
+        service_docs(0, ports=1, pods=["10.1.0.10"], node_name="node1")
 
 
 EARLIER_CONFIG = f"""\
@@ -144,11 +108,11 @@ class Routers:
         except Exception:  # noqa: BLE001 - a router still starting answers nothing yet
             return False
 
-    def has_pod_cidr(self, name: str) -> bool:
+    def has_vip(self, name: str) -> bool:
         d = self.daemons[name]
         if name == "bird":
-            return POD_CIDR in d.birdc("show", "route", "protocol", "node", check=False)
-        return any(r.prefix == POD_CIDR for r in d.routes("ipv4"))
+            return VIP in d.birdc("show", "route", "protocol", "node", check=False)
+        return any(r.prefix == VIP for r in d.routes("ipv4"))
 
 
 def vipctl(socket_path, *args) -> subprocess.CompletedProcess:
@@ -198,7 +162,7 @@ def test_router_restarts_reconnect_within_connect_retry_and_operator_resets(tmp_
             wait_until(lambda: all(routers.established(n) for n in ROUTERS) or proc.poll() is not None,
                        timeout=30, what="vipd established with FRR, GoBGP and BIRD")
             assert proc.poll() is None, log_path.read_text()[-3000:]
-            wait_until(lambda: all(routers.has_pod_cidr(n) for n in ROUTERS), timeout=10, what="PodCIDR at every router")
+            wait_until(lambda: all(routers.has_vip(n) for n in ROUTERS), timeout=10, what="the VIP at every router")
 
             # operator resets: hard (Cease 6/4 at the router, session back) and soft (no drop)
             frr = routers.daemons["frr"]
@@ -216,7 +180,7 @@ def test_router_restarts_reconnect_within_connect_retry_and_operator_resets(tmp_
                        what="FRR logs the Cease/Administrative Reset")
             wait_until(lambda: routers.established("frr") and frr.sessions()[NODE_IP].uptime < 10, timeout=CONNECT_RETRY + 5,
                        what="FRR session re-established after the reset")
-            wait_until(lambda: routers.has_pod_cidr("frr"), timeout=10, what="PodCIDR at FRR after the reset")
+            wait_until(lambda: routers.has_vip("frr"), timeout=10, what="the VIP at FRR after the reset")
             bad = vipctl(sock, "bgp", "reset", "10.9.9.9")
             assert bad.returncode != 0 and "10.9.9.9" in bad.stderr, (bad.stdout, bad.stderr)
 
@@ -242,8 +206,8 @@ def test_router_restarts_reconnect_within_connect_retry_and_operator_resets(tmp_
                       ", ".join(f"{n} {t:.1f}s" for n, t in sorted(took.items())))
                 late = {n: round(t, 1) for n, t in took.items() if t > CONNECT_RETRY + 2}
                 assert not late, f"after {down}s down: {late} (limit {CONNECT_RETRY + 2}s)"
-                wait_until(lambda: all(routers.has_pod_cidr(n) for n in ROUTERS), timeout=10,
-                           what="PodCIDR back at every router")
+                wait_until(lambda: all(routers.has_vip(n) for n in ROUTERS), timeout=10,
+                           what="the VIP back at every router")
             log = log_path.read_text()
             retries = [float(m) for m in re.findall(r'"retry_in": ([0-9.]+)', log)]
             assert retries and max(retries) <= CONNECT_RETRY, max(retries)
