@@ -95,6 +95,29 @@ def one_change(env: ScaleLab, n: int) -> dict:
             "frr_seconds": round(frr_at - written, 3) if frr_at else None}
 
 
+MILESTONES = ("configuration loaded", "datapath loaded", "datapath attached", "services programmed",
+              "session established", "vipd running")
+
+
+def timeline(log: str, started: float) -> dict:
+    """Seconds from the process start to the first log line of each milestone."""
+    from datetime import datetime
+
+    out = {}
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        ev = rec.get("event")
+        if ev in MILESTONES and ev not in out and "timestamp" in rec:
+            at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+            out[ev] = round(at - started, 2)
+    return out
+
+
 def run_vipd(n: int, timeout: float, change: bool) -> dict:
     with Lab("cagsc") as lab:
         env = ScaleLab(lab)
@@ -112,12 +135,11 @@ def run_vipd(n: int, timeout: float, change: bool) -> dict:
             rss = pid_vm_hwm_kib(env.proc.pid) / 1024
             out = {"sender": "vipd", "services": n, "start_to_all_seconds": round(seconds, 3),
                    "peak_rss_mb": round(rss, 1)}
+            out["timeline_seconds"] = timeline(env.log(), started)
             passes = [json.loads(line) for line in env.log().splitlines()
                       if line.startswith("{") and '"reconcile pass"' in line]
             if passes:
-                first = passes[0]
-                out["first_pass_seconds"] = {k: v for k, v in first.items()
-                                             if isinstance(v, float) and k not in ("timestamp",)}
+                out["first_pass_seconds"] = {k: v for k, v in passes[0].items() if isinstance(v, float)}
             if change:
                 time.sleep(2.0)  # steady state: the router's zebra installed the initial flood
                 out["one_change"] = one_change(env, n)
