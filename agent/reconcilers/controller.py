@@ -105,7 +105,7 @@ class ConditionClock:
 
 class Controller:
     def __init__(self, node_name: str, store, *, state_dir: str | Path, speaker_factory: Callable,
-                 options=None, log=None, clock: Callable[[], float] = time.time, services=None):
+                 options=None, log=None, clock: Callable[[], float] = time.time, services=None, memo=None):
         from agent.controlplane.types import AgentOptions, Family
 
         self.node_name = node_name
@@ -133,7 +133,7 @@ class Controller:
         self._status_lock = asyncio.Lock()
         self.last_pass: dict[str, float] = {}
         from agent.controlplane.memo import Memo
-        self.memo = Memo()   # per-Service results of unchanged objects, kept from pass to pass
+        self.memo = memo or Memo()   # per-Service results of unchanged objects, kept from pass to pass
         self.cluster_conditions: dict = {}
         self.peer_conditions: dict = {}
         self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()

@@ -198,7 +198,7 @@ class ServiceReconciler:
     name = NAME
 
     def __init__(self, datapath, node_name: str, *, mode: str = "snat", log=None, maglev_size=None,
-                 map_max: int | None = None):
+                 map_max: int | None = None, memo=None):
         self.dp = datapath
         self.map_max = map_max                      # --bpf-lb-map-max: frontends / backends ceiling
         self.node_name = node_name
@@ -214,7 +214,7 @@ class ServiceReconciler:
         self.growth_error: str | None = None
         self.delete_failed: dict[str, str] = {}     # frontend -> error of a removal that failed
         from agent.controlplane.memo import Memo
-        self.memo = Memo()                          # frontends of unchanged Services
+        self.memo = memo or Memo()                  # frontends of unchanged Services
         self._last_objects = None
 
     def vip_ready(self, address: str) -> bool:
@@ -381,10 +381,12 @@ def clamp(capacity, map_max: int | None):
                               capacity.max_memberships, capacity.maglev_slots)
 
 
-def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, map_max: int | None = None):
-    """The Capacity the datapath should be created with for these (effective) objects."""
+def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, map_max: int | None = None,
+             memo=None):
+    """The Capacity the datapath should be created with for these (effective) objects.
+    ``memo``: the ServiceReconciler's, so its first pass reuses the frontends planned here."""
     from agent.datapath.capacity import plan_capacity
-    desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size)
+    desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size, memo=memo)
     return clamp(plan_capacity(s for s in desired.values() if check_service(s) is None), map_max)
 
 
