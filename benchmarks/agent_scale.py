@@ -143,6 +143,10 @@ def run_vipd(n: int, timeout: float, change: bool) -> dict:
             if change:
                 time.sleep(2.0)  # steady state: the router's zebra installed the initial flood
                 out["one_change"] = one_change(env, n)
+                passes = [json.loads(line) for line in env.log().splitlines()
+                          if line.startswith("{") and '"reconcile pass"' in line]
+                if len(passes) > 1:
+                    out["one_change"]["pass_seconds"] = {k: v for k, v in passes[-1].items() if isinstance(v, float)}
                 out["peak_rss_mb"] = round(pid_vm_hwm_kib(env.proc.pid) / 1024, 1)
             env.proc.terminate()
             env.proc.wait(timeout=30)
