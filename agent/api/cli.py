@@ -3,6 +3,7 @@
     vipctl bgp peers                                   (alias: neighbors)
     vipctl bgp routes [available|advertised] [ipv4|ipv6] [unicast] [vrouter ASN] [peer|neighbor ADDR]
     vipctl bgp route-policies [vrouter ASN]            (alias: rps)
+    vipctl bgp reset [PEER] [--soft] [--vrouter ASN]   (hard: Cease 6/4 + reconnect; soft: route refresh)
     vipctl status
     vipctl config validate DIR                         (offline: no daemon needed)
     vipctl migrate FILE...                             (offline: legacy -> v2 resources as YAML)
