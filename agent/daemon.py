@@ -120,18 +120,21 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _initial_capacity(store, state_dir: Path, args, log):
+def _initial_capacity(store, state_dir: Path, args, log, memo=None, services_memo=None):
     """Size the datapath maps for the configuration at hand (so the first pass needs no
-    growth): the same LB-IPAM allocation and desired services the first pass will compute."""
+    growth): the same LB-IPAM allocation and desired services the first pass will compute —
+    with the controller's and the ServiceReconciler's memos, so that pass reuses the work
+    (at 20,000 Services it is seconds of start-up)."""
     from agent.controlplane import effective_services, lbipam
     from agent.reconcilers.controller import load_allocations
     from agent.reconcilers.services import plan_for
 
     try:
         objects = store.objects()
-        lb = lbipam.allocate(objects, load_allocations(state_dir))
-        return plan_for(effective_services(objects, lb), args.node_name, mode=args.lb_mode,
-                        maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max)
+        lb = lbipam.allocate(objects, load_allocations(state_dir), memo)
+        return plan_for(effective_services(objects, lb, memo), args.node_name, mode=args.lb_mode,
+                        maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
+                        memo=services_memo)
     except Exception as exc:  # noqa: BLE001 - the first pass grows the maps if needed
         log.warning("could not plan the datapath capacity; using the defaults", error=str(exc))
         return None
@@ -173,8 +176,13 @@ class StateDirLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            raise SystemExit(f"vipd: another vipd is running with state dir {self.path.parent}")
+            try:
+                pid = os.read(self.fd, 32).decode().strip() or "?"
+            finally:
+                os.close(self.fd)
+            raise SystemExit(f"vipd: another vipd (pid {pid}) is running with state dir "
+                             f"{self.path.parent}; stop it first, or give this one its own "
+                             "--state-dir and --api-socket")
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
@@ -202,11 +210,15 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     source = FileSource(args.config, store)
     source.load()
     datapath = services = None
+    from agent.controlplane.memo import Memo
+
+    memo, services_memo = Memo(), Memo()  # shared by the capacity plan and the first pass
     if args.lb_interface:
         from agent.reconcilers.services import ServiceReconciler, open_datapath
 
         dp_log = get_logger("lb", node=args.node_name)
-        capacity = await asyncio.to_thread(_initial_capacity, store, state_dir, args, dp_log)
+        capacity = await asyncio.to_thread(_initial_capacity, store, state_dir, args, dp_log, memo,
+                                           services_memo)
         try:
             datapath = await asyncio.to_thread(open_datapath, store.objects().node(args.node_name),
                                                args.node_name, args.lb_interface,
@@ -215,7 +227,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
             log.error("datapath failed to load", error=str(exc), interfaces=args.lb_interface)
             return 1
         services = ServiceReconciler(datapath, args.node_name, mode=args.lb_mode, log=dp_log,
-                                     maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max)
+                                     maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
+                                     memo=services_memo)
     host = HostSource()
     try:
         await host.load()
@@ -231,7 +244,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                                  import_table=args.bgp_import_table, log=get_logger("routes", node=args.node_name))
     controller = Controller(args.node_name, store, state_dir=state_dir, speaker_factory=speaker_factory,
                             log=get_logger("bgp-control-plane", node=args.node_name), services=services,
-                            host=host, routes=routes)
+                            host=host, routes=routes, memo=memo)
     api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
 
     stop = asyncio.Event()
@@ -265,7 +278,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     try:
         await controller.reconcile_once()
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
-        log.error("first reconcile pass failed", error=repr(exc))
+        controller.record_failed_pass(exc)  # logged there; vipctl status shows it until a pass succeeds
     # The configuration and what the first pass derived from it live as long as the agent:
     # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
     # ~0.5 s, paid at random points of later passes). Freed objects are still freed.
@@ -314,6 +327,15 @@ def main(argv: Sequence[str] | None = None, *, speaker_factory=speaker_factory) 
                   file=sys.stderr)
             return 2
         with StateDirLock(Path(args.state_dir)):
+            # Before any session starts: two agents on one socket would both peer with the
+            # routers and fight over the same sessions.
+            from agent.api.server import socket_owner
+
+            owner = socket_owner(Path(args.api_socket))
+            if owner is not None:
+                print(f"vipd: another vipd (pid {owner}) serves {args.api_socket}; stop it first, "
+                      "or give this one its own --api-socket and --state-dir", file=sys.stderr)
+                return 1
             return asyncio.run(run_agent(args, speaker_factory=speaker_factory))
     return 2
 

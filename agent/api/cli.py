@@ -3,6 +3,7 @@
     vipctl bgp peers                                   (alias: neighbors)
     vipctl bgp routes [available|advertised] [ipv4|ipv6] [unicast] [vrouter ASN] [peer|neighbor ADDR]
     vipctl bgp route-policies [vrouter ASN]            (alias: rps)
+    vipctl bgp reset [PEER] [--soft] [--vrouter ASN]   (hard: Cease 6/4 + reconnect; soft: route refresh)
     vipctl bfd peers                                   (BFD sessions protecting BGP peers)
     vipctl status
     vipctl service list                                (the load balancer: frontends and backends)
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     rps.add_argument("--families", action="store_true", help="add the Match Families column")
     rps.set_defaults(func=cmd_route_policies)
 
+    reset = bsub.add_parser("reset", parents=[common], help="reset BGP sessions (all, or one peer)",
+                            description="Hard (default): Cease/Administrative Reset, then reconnect at "
+                                        "once. --soft: the session stays up; vipd re-sends its table "
+                                        "and asks the peer for its routes (route refresh).")
+    reset.add_argument("peer", nargs="?", default="", help="peer address (default: every peer)")
+    reset.add_argument("--soft", action="store_true", help="route refresh instead of dropping the session")
+    reset.add_argument("--vrouter", type=int, default=0, metavar="ASN",
+                       help="only the instance with this local ASN")
+    reset.set_defaults(func=cmd_reset)
+
     bfd = sub.add_parser("bfd", parents=[common], help="BFD sessions (vipd.io/bfd annotation)")
     bfdsub = bfd.add_subparsers(dest="bfd_cmd", required=True, metavar="SUBCOMMAND")
     bfd_peers = bfdsub.add_parser("peers", parents=[common],
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     bfd_peers.add_argument("--cluster", action="store_true",
                            help="cluster layout with a Node column (implied by several --socket)")
     bfd_peers.set_defaults(func=cmd_bfd_peers)
+
     status = sub.add_parser("status", parents=[common], help="conditions, reconcile errors, config errors")
     status.set_defaults(func=cmd_status)
 
@@ -286,6 +298,18 @@ def cmd_route_policies(args) -> int:
         if len(responses) > 1:
             print(f"Node: {resp.node}")
         sys.stdout.write(printers.route_policies_table(resp.policies, families=args.families))
+    return 0
+
+
+def cmd_reset(args) -> int:
+    request = vipd_pb2.ResetPeersRequest(peer=args.peer, soft=args.soft, vrouter=args.vrouter)
+    responses = _gather(args, "ResetPeers", request)
+    if args.output in ("json", "yaml"):
+        _print_json(responses, args.output)
+        return 0
+    for resp in responses:
+        for r in resp.resets:
+            print(f"{resp.node}: {r.instance} {r.peer_address}: {r.action}")
     return 0
 
 

@@ -7,6 +7,8 @@ dashboards port with a prefix swap:
     vipd_bgp_control_plane_advertised_routes{vrouter, neighbor, afi, safi}  only while established
     vipd_bgp_control_plane_received_routes{vrouter, neighbor, afi, safi}    only while established
     vipd_bgp_control_plane_reconcile_errors{reconciler, instance}           current failure streaks
+    vipd_reconcile_errors_total{reconciler}                                 failures ever (any reconciler)
+    vipd_reconcile_failures                                                 reconcilers failing now
     vipd_config_generation                                                  store generation applied
     vipd_kernel_routes{table}     routes vipd owns (--auto-direct-node-routes, --bgp-import-table)
 
@@ -93,9 +95,16 @@ class ControllerCollector:
                                  labels=["reconciler", "instance"])
         for rec in self.c.errors.records():
             errs.add_metric([rec.reconciler, rec.instance], rec.attempts)
+        total = CounterMetricFamily("vipd_reconcile_errors", "Reconcile failures recorded, by reconciler",
+                                    labels=["reconciler"])
+        for name, n in sorted(self.c.errors.totals.items()):
+            total.add_metric([name], n)
+        failing = GaugeMetricFamily("vipd_reconcile_failures",
+                                    "Reconcile failures now (what vipctl status lists; 0 = healthy)")
+        failing.add_metric([], len(self.c.errors.records()))
         gen = GaugeMetricFamily("vipd_config_generation", "Configuration generation last applied")
         gen.add_metric([], self.c.applied_generation)
-        yield from (state, adv, rcv, errs, gen)
+        yield from (state, adv, rcv, errs, total, failing, gen)
         svc = getattr(self.c, "services", None)
         if svc is not None:
             yield from _datapath_families(svc)

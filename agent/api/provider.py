@@ -58,6 +58,24 @@ class ControllerProvider:
             resp.unmatched_dropped.append(vipd_pb2.BfdDropped(reason=r, packets=n))
         return resp
 
+    async def reset_peers(self, request: vipd_pb2.ResetPeersRequest) -> vipd_pb2.ResetPeersResponse:
+        """``vipctl bgp reset``: the one write the API offers, an operator action on sessions
+        (the configuration still comes only from the sources)."""
+        resp = vipd_pb2.ResetPeersResponse(node=self.c.node_name)
+        wanted = _normalise(request.peer) if request.peer else None
+        targets = [(run, st.address) for run, st in self.c.peer_states()
+                   if (wanted is None or _normalise(st.address) == wanted)
+                   and (not request.vrouter or run.local_asn == request.vrouter)]
+        if not targets:
+            what = f"peer {request.peer}" if request.peer else "BGP peer"
+            raise LookupError(f"no {what} on node {self.c.node_name}"
+                              + (f" in vrouter {request.vrouter}" if request.vrouter else "")
+                              + " (see vipctl bgp peers)")
+        for run, address in targets:
+            action = await run.speaker.reset_neighbor(address, soft=request.soft)
+            resp.resets.append(vipd_pb2.PeerReset(instance=run.name, peer_address=address, action=action))
+        return resp
+
     # -- routes ---------------------------------------------------------------------------------
     def _instances(self, vrouter: int):
         runs = list(self.c.neighbors.running.values())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +40,7 @@ class Provider(Protocol):
     def list_route_policies(self, request: vipd_pb2.ListRoutePoliciesRequest) -> vipd_pb2.ListRoutePoliciesResponse: ...
     def get_status(self) -> vipd_pb2.GetStatusResponse: ...
     def list_bfd_peers(self) -> vipd_pb2.ListBfdPeersResponse: ...
+    async def reset_peers(self, request: vipd_pb2.ResetPeersRequest) -> vipd_pb2.ResetPeersResponse: ...
 
 
 class VipdServicer(vipd_pb2_grpc.VipdServicer):
@@ -91,16 +94,46 @@ class VipdServicer(vipd_pb2_grpc.VipdServicer):
 
     async def GetDatapathCounters(self, request, context):
         return await self._datapath(context, "get_datapath_counters")
+
     async def ListBfdPeers(self, request, context):
         return self.provider.list_bfd_peers()
+
+    async def ResetPeers(self, request, context):
+        try:
+            return await self.provider.reset_peers(request)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+
+class SocketInUse(RuntimeError):
+    """Another live process serves the API socket."""
+
+
+def socket_owner(path: Path) -> int | None:
+    """The PID of the live process that accepts connections on the unix socket ``path``, or
+    None if nothing does (no file, or a stale socket left by an agent that died)."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:  # ECONNREFUSED: stale; ENOTSOCK etc.: not a socket anyone serves
+            return None
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
 
 
 def _prepare_socket(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pid = socket_owner(path)
+    if pid is not None:
+        raise SocketInUse(f"another vipd (pid {pid}) serves {path}; stop it first, or give this "
+                          "one its own --api-socket and --state-dir")
     if path.exists() or path.is_symlink():
-        # A socket left by a crashed agent: nobody can be listening on it any more if we are
-        # the one starting (the daemon holds a lock on the state dir).
-        path.unlink()
+        path.unlink()  # stale: left by an agent that crashed
 
 
 class ApiServer:

@@ -142,6 +142,7 @@ class SessionDriver:
         self.protocol: BgpProtocol | None = None
         self.transport: asyncio.Transport | None = None
         self.connect_task: asyncio.Task | None = None
+        self.connect_sock: socket.socket | None = None  # the socket connect_task is connecting
         self.paused = False
         self._closing: list[BgpProtocol] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -204,7 +205,23 @@ class SessionDriver:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
+        if self._connected_but_not_attached():
+            # The loop was busy (a large reconcile pass) past the connect deadline while TCP
+            # came up: let the connect task attach it first instead of timing out a working
+            # connection and waiting a whole ConnectRetry for the next one.
+            self._timer = self.loop.call_later(0.01, self._on_timer)
+            return
         self.call(self.session.handle_timer, self.loop.time())
+
+    def _connected_but_not_attached(self) -> bool:
+        sock, task = self.connect_sock, self.connect_task
+        if sock is None or task is None or task.done() or self.transport is not None:
+            return False
+        try:
+            sock.getpeername()  # succeeds only once the handshake completed (no side effects)
+        except OSError:
+            return False
+        return True
 
     # -- transport side
 

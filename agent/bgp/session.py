@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 OPEN_SENT_HOLD_TIME = 240  # RFC 4271 §8.2.2: "large value" while waiting for the peer's OPEN
-IDLE_HOLD_TIME = 5.0  # back-off base after a connection failed before Established (RFC 4271 §8.1.1)
+IDLE_HOLD_TIME = 5.0  # first retry after a connection failed before Established (RFC 4271 §8.1.1)
 _CONNECTED = (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED)
 _FAMILIES = {f.value: f for f in Family}
 
@@ -302,6 +302,22 @@ class Session:
         self.admin_down = True
         return self._run(lambda: self._fire(Ev.OPEN_COLLISION_DUMP, now), now)
 
+    def soft_reset(self, now: float) -> list[SessionEvent]:
+        """Operator soft reset (``vipctl bgp reset --soft``), the session stays up: re-send the
+        whole Adj-RIB-Out (outbound, as if the peer had sent ROUTE-REFRESH; wrapped in BoRR /
+        EoRR with enhanced route refresh, RFC 7313) and ask the peer for its routes again
+        (inbound, RFC 2918) when it offered route refresh. Returns [] unless Established."""
+        if self.state is not State.ESTABLISHED:
+            return []
+        self._now = now
+        refresh_in = self.remote_open is not None and self.remote_open.capability(RouteRefreshCap) is not None
+        for family in self.families:
+            if refresh_in:
+                self._out.append(encode(RouteRefresh(family.afi, family.safi, 0)))
+            table = self.rib_out[family].snapshot(clear_pending=False)
+            self._bulk.append(self._table_stream([(family, table)], refresh=True))
+        return []
+
     def receive_data(self, data: bytes, now: float) -> list[SessionEvent]:
         if self.state not in _CONNECTED:
             return []
@@ -424,17 +440,20 @@ class Session:
         return Notification(E.CEASE, subcode, data)
 
     def _backoff(self, base: float) -> float:
-        """Jitter in [base, 2·base) with exponential back-off on repeated failures.
+        """Delay before the next connection attempt; never more than ConnectRetry (FRR and
+        GoBGP semantics: a router that comes back is reconnected within connectRetryTime).
 
         ``base`` is the ConnectRetry time T after a failed TCP connection attempt, and
-        IDLE_HOLD_TIME after a connection that failed before Established (the peer closed it,
-        or an OPEN error): a peer that is up but still clearing our previous session is retried
-        soon (GoBGP's IdleHoldTimeAfterReset is 5 s), a persistent error backs off."""
-        if self.failures <= 0:
-            return self._rng.uniform(0.5, 1.0)  # first retry after a long-lived session ended
+        IDLE_HOLD_TIME (at most T) after a connection that failed before Established: a peer that
+        is up but still clearing our previous session is retried soon (GoBGP's
+        IdleHoldTimeAfterReset is 5 s); it doubles on further failures in a row but stops at T.
+        Jitter: the RFC 4271 §10 factor 0.75..1.0, so agents that lost the same router do not
+        reconnect in lockstep."""
         t = self.config.connect_retry
-        delay = min(base * 2 ** (self.failures - 1), max(t, 300.0))
-        return delay * self._rng.uniform(1.0, 2.0)
+        if self.failures <= 0:
+            return min(t, self._rng.uniform(0.5, 1.0))  # first retry after a long-lived session ended
+        delay = min(base * 2 ** min(self.failures - 1, 16), t)
+        return delay * self._rng.uniform(0.75, 1.0)
 
     def _clear_timers(self) -> None:
         self._t_idle_hold = self._t_connect = self._t_hold = self._t_keepalive = None

@@ -189,6 +189,30 @@ class BgpSpeaker:
         self._rib_in_changed()
         self.log.info("neighbor removed", peer=peer.cfg.address, message=message or None)
 
+    async def reset_neighbor(self, address: str, *, soft: bool = False) -> str:
+        """Operator reset (``vipctl bgp reset``); returns what was done, for people.
+
+        Hard: Cease 6/4 Administrative Reset (RFC 4486; RFC 8538 Hard Reset when N was
+        negotiated, so the peer really drops our routes) and an immediate new connection.
+        Soft: the session stays up; the whole table is sent again and the peer is asked for
+        its routes (route refresh)."""
+        peer = self._peer(address)
+        d = peer.driver
+        if soft:
+            if d is None or d.session.state is not State.ESTABLISHED:
+                raise ValueError(f"neighbor {peer.cfg.address} is not established "
+                                 f"({d.session.state.value if d else 'idle'}): nothing to refresh; "
+                                 "use a hard reset to reconnect now")
+            d.call(d.session.soft_reset, self._now())
+            self.log.info("neighbor soft reset: table re-sent, route refresh requested", peer=peer.cfg.address)
+            return "soft reset: Adj-RIB-Out re-sent, route refresh requested"
+        await self._stop_peer(peer, subcode=E.ADMINISTRATIVE_RESET)
+        if self._started:
+            self._start_peer(peer)  # connects right away, not after connectRetryTime
+        self.log.info("neighbor reset by the operator (Cease/Administrative Reset); reconnecting",
+                      peer=peer.cfg.address)
+        return "hard reset: Cease/Administrative Reset sent, reconnecting"
+
     # ------------------------------------------------------------------ paths
 
     def advertise(self, address: str, family: Family, prefix, attrs: PathAttributes) -> None:
@@ -405,6 +429,7 @@ class BgpSpeaker:
             self._prepare_socket(sock, cfg)
             if cfg.local_address:
                 sock.bind((cfg.local_address, 0))
+            driver.connect_sock = sock
             await self._loop.sock_connect(sock, (cfg.address, cfg.port))
         except asyncio.CancelledError:
             sock.close()

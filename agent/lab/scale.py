@@ -59,8 +59,16 @@ def write_services(directory: Path, count: int, *, ports: int, pods: list[str], 
     return files
 
 
-def bgp_yaml(*, node_name: str, node_ip: str, peer_ip: str, local_asn: int, peer_asn: int) -> str:
-    """Node, LB-IPAM pool and the v2 BGP resources: announce every LoadBalancer IP to one peer."""
+def bgp_yaml(*, node_name: str, node_ip: str, peer_ip: str = "", local_asn: int, peer_asn: int = 0,
+             peers: list[tuple[str, str, int]] | None = None, connect_retry: int = 1) -> str:
+    """Node, LB-IPAM pool and the v2 BGP resources: announce every LoadBalancer IP to one peer
+    (``peer_ip``, ``peer_asn``, named router) or to ``peers`` ((name, address, ASN) each)."""
+    peer_lines = "".join(f"""\
+    - name: {name}
+      peerASN: {asn}
+      peerAddress: {ip}
+      peerConfigRef: {{name: router}}
+""" for name, ip, asn in (peers or [("router", peer_ip, peer_asn)]))
     return f"""\
 apiVersion: v1
 kind: Node
@@ -83,16 +91,12 @@ spec:
   - name: i1
     localASN: {local_asn}
     peers:
-    - name: router
-      peerASN: {peer_asn}
-      peerAddress: {peer_ip}
-      peerConfigRef: {{name: router}}
----
+{peer_lines}---
 apiVersion: cilium.io/v2
 kind: CiliumBGPPeerConfig
 metadata: {{name: router}}
 spec:
-  timers: {{connectRetryTimeSeconds: 1}}
+  timers: {{connectRetryTimeSeconds: {connect_retry}}}
   families:
   - afi: ipv4
     safi: unicast

@@ -31,6 +31,7 @@ __all__ = ["Controller", "ConditionClock", "atomic_write_yaml"]
 
 STATUS_FILE = "status.yaml"
 LBIPAM_FILE = "lbipam-allocations.yaml"
+ORDER_FILE = "cluster-config-order.yaml"  # first-seen order of ClusterConfigs (see ownership.py)
 STATUS_INTERVAL = 5.0  # Cilium pushes NodeConfig status every 5 s
 PROGRAMMED_CONDITION = "vipd.io/DatapathProgrammed"   # Service condition (False: not announced)
 
@@ -106,7 +107,7 @@ class ConditionClock:
 class Controller:
     def __init__(self, node_name: str, store, *, state_dir: str | Path, speaker_factory: Callable,
                  options=None, log=None, clock: Callable[[], float] = time.time, services=None,
-                 host=None, routes=None):
+                 host=None, routes=None, memo=None):
         from agent.controlplane.types import AgentOptions, Family
 
         self.node_name = node_name
@@ -141,10 +142,11 @@ class Controller:
         self._status_lock = asyncio.Lock()
         self.last_pass: dict[str, float] = {}
         from agent.controlplane.memo import Memo
-        self.memo = Memo()   # per-Service results of unchanged objects, kept from pass to pass
+        self.memo = memo or Memo()   # per-Service results of unchanged objects, kept from pass to pass
         self.cluster_conditions: dict = {}
         self.peer_conditions: dict = {}
         self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()
+        self.cluster_config_order: tuple[str, ...] = self._load_order()
         self._status_written: Any = None
         self._issues_logged: tuple = ()
         self._unprogrammed_seen: set[str] = set()
@@ -152,6 +154,24 @@ class Controller:
     # -- LB-IPAM persistence --------------------------------------------------------------------
     def _load_allocations(self) -> dict[str, tuple[str, ...]]:
         return load_allocations(self.state_dir)
+
+    def _load_order(self) -> tuple[str, ...]:
+        path = self.state_dir / ORDER_FILE
+        if not path.exists():
+            return ()
+        data = yaml.safe_load(path.read_text()) or {}
+        return tuple(str(n) for n in data.get("clusterConfigs") or ())
+
+    def _ordered(self, objects):
+        """ClusterConfigs in first-seen order (files have no creationTimestamp), persisted so
+        a restart or a new config with an earlier name does not move a node to another one."""
+        from agent.controlplane.ownership import order_cluster_configs
+
+        objects, order = order_cluster_configs(objects, self.cluster_config_order)
+        if order != self.cluster_config_order:
+            atomic_write_yaml(self.state_dir / ORDER_FILE, {"clusterConfigs": list(order)})
+            self.cluster_config_order = order
+        return objects
 
     def _save_allocations(self) -> None:
         atomic_write_yaml(self.state_dir / LBIPAM_FILE,
@@ -164,7 +184,7 @@ class Controller:
                                         lbipam, peer_config_conditions, route_policies)
 
         snap = self.store.current
-        objects = self.store.objects()
+        objects = self._ordered(self.store.objects())
         now = time.monotonic()
         self.passes += 1
         mark = _Marks()
@@ -240,6 +260,11 @@ class Controller:
             self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
         await self.write_status_async()
 
+    def record_failed_pass(self, exc: BaseException) -> None:
+        """A pass that raised (a bug or an effect failing outside the reconcilers): listed in
+        vipctl status, the condition and the metrics, and retried with backoff."""
+        self._record("controller", "", exc, time.monotonic())
+
     def _record(self, reconciler: str, instance: str, exc: BaseException, now: float) -> None:
         rec = self.errors.record(reconciler, instance, exc, now)
         self._log("error", "reconcile failed", reconciler=reconciler, instance=instance,
@@ -268,7 +293,7 @@ class Controller:
                         await self.reconcile_once()
                         self.errors.clear("controller", "")
                     except Exception as exc:  # noqa: BLE001 - a bug in one pass must not stop the agent
-                        self._record("controller", "", exc, time.monotonic())
+                        self.record_failed_pass(exc)
                 retry_at = self.errors.next_retry()
                 timeout = None if retry_at is None else max(0.05, retry_at - time.monotonic())
                 waiters = [asyncio.ensure_future(self.store.wait_for_change(generation)),
@@ -336,6 +361,8 @@ class Controller:
             doc["ciliumBGPNodeConfig"] = {"spec": node_config_object(self.node_config).get("spec", {}),
                                           "status": node_status}
             doc["nodeConfigIssues"] = [str(i) for i in self.node_config.issues]
+        elif self.errors:  # no pass got as far as a node config: the failure still has its condition
+            doc["ciliumBGPNodeConfig"] = {"spec": {}, "status": {"conditions": [self.reconcile_error_condition()]}}
         doc["ciliumBGPClusterConfigs"] = {
             name: {"conditions": [self.conditions.stamp(f"CiliumBGPClusterConfig/{name}", c) for c in conds]}
             for name, conds in sorted(self.cluster_conditions.items())}

@@ -38,9 +38,11 @@ class ErrorBook:
 
     def __init__(self) -> None:
         self._records: dict[tuple[str, str], ErrorRecord] = {}
+        self.totals: dict[str, int] = {}  # reconciler -> failures ever recorded (a counter metric)
 
     def record(self, reconciler: str, instance: str, error: BaseException | str, now: float) -> ErrorRecord:
         key = (reconciler, instance)
+        self.totals[reconciler] = self.totals.get(reconciler, 0) + 1
         text = (str(error) or type(error).__name__) if isinstance(error, BaseException) else error
         prev = self._records.get(key)
         attempts = prev.attempts + 1 if prev else 1

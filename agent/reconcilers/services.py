@@ -198,7 +198,7 @@ class ServiceReconciler:
     name = NAME
 
     def __init__(self, datapath, node_name: str, *, mode: str = "snat", log=None, maglev_size=None,
-                 map_max: int | None = None):
+                 map_max: int | None = None, memo=None):
         self.dp = datapath
         self.map_max = map_max                      # --bpf-lb-map-max: frontends / backends ceiling
         self.node_name = node_name
@@ -212,8 +212,9 @@ class ServiceReconciler:
         self.programmed_vips: frozenset = frozenset()
         self.failure_counts: dict[str, int] = {}    # reason -> frontends that entered failure (metric)
         self.growth_error: str | None = None
+        self.delete_failed: dict[str, str] = {}     # frontend -> error of a removal that failed
         from agent.controlplane.memo import Memo
-        self.memo = Memo()                          # frontends of unchanged Services
+        self.memo = memo or Memo()                  # frontends of unchanged Services
         self._last_objects = None
 
     def vip_ready(self, address: str) -> bool:
@@ -256,6 +257,12 @@ class ServiceReconciler:
                 self.blocked = None
             return
         errors.clear(NAME, "")
+        if phase in ("all", "delete"):  # a removed frontend still in the datapath: retried, visible
+            if self.delete_failed:
+                errors.record(NAME, "delete", "removed frontends still programmed: " + "; ".join(
+                    f"{k}: {e}" for k, e in sorted(self.delete_failed.items())), now)
+            else:
+                errors.clear(NAME, "delete")
         self.last, self.owners, self._last_objects = desired, owners, objects
         if phase in ("all", "upsert"):
             failed = {k: FrontendFailure(owners.get(k, ""), f.reason, f.message) for k, f in failed.items()}
@@ -299,12 +306,14 @@ class ServiceReconciler:
         current = self.dp.services()
         deleted = upserted = 0
         failed: dict = {}
+        delete_failed: dict[str, str] = {}
         if phase in ("all", "delete"):
             for key in [k for k in current if k not in desired]:
                 try:
                     self.dp.delete_service(key)
                     deleted += 1
                 except Exception as exc:  # noqa: BLE001 - one frontend must not stop the others
+                    delete_failed[str(key)] = str(exc)
                     if self.log is not None:
                         self.log.error("service delete failed", reconciler=NAME, frontend=str(key), error=str(exc))
         if phase in ("all", "upsert"):
@@ -343,6 +352,8 @@ class ServiceReconciler:
                         msg = str(exc2) + (f" (growth failed: {self.growth_error})" if self.growth_error else "")
                         failed[key] = FrontendFailure("", reason, msg)
         changed = (deleted, upserted) if deleted or upserted else None
+        if phase in ("all", "delete"):
+            self.delete_failed = delete_failed
         return changed, failed
 
     def _grow(self, capacity) -> None:
@@ -370,10 +381,12 @@ def clamp(capacity, map_max: int | None):
                               capacity.max_memberships, capacity.maglev_slots)
 
 
-def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, map_max: int | None = None):
-    """The Capacity the datapath should be created with for these (effective) objects."""
+def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, map_max: int | None = None,
+             memo=None):
+    """The Capacity the datapath should be created with for these (effective) objects.
+    ``memo``: the ServiceReconciler's, so its first pass reuses the frontends planned here."""
     from agent.datapath.capacity import plan_capacity
-    desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size)
+    desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size, memo=memo)
     return clamp(plan_capacity(s for s in desired.values() if check_service(s) is None), map_max)
 
 

@@ -396,21 +396,33 @@ def test_cease_becomes_hard_reset_when_n_bit_negotiated():
 
 # ------------------------------------------------------------------ connect retry
 
-def test_connect_retry_jitter_and_exponential_backoff():
+def test_connect_retry_is_fixed_with_small_jitter_and_never_grows():
+    """FRR/GoBGP semantics: a router down for minutes is retried every ConnectRetry, so it is
+    reconnected within connectRetryTime after it is back (no exponential back-off)."""
     s = Session(cfg(connect_retry=10), rng=random.Random(3))
     evs = s.start(0.0)
     assert isinstance(evs[0], ConnectRequested)
     now, delays = 0.0, []
-    for _ in range(7):
+    for _ in range(40):  # 40 refused attempts, ~6 minutes of a router that is down
         evs = s.connection_failed(now, "connection refused")
         delays.append(s.next_deadline() - now)
         assert s.state is State.IDLE and any(isinstance(e, ConnectFailed) for e in evs)
         now = s.next_deadline()
         evs = s.handle_timer(now)
         assert s.state is State.CONNECT and isinstance(evs[0], ConnectRequested)
-    for n, d in enumerate(delays, start=1):
-        base = min(10 * 2 ** (n - 1), 300)
-        assert base <= d < 2 * base, (n, d)
+    assert all(7.5 <= d <= 10 for d in delays), delays
+    assert len({round(d, 3) for d in delays}) > 30  # jittered, not lockstep
+
+
+def test_retry_after_an_established_session_drops_is_quick_then_connect_retry():
+    p = ebgp_pair(a_connect_retry=4).connect()
+    p.now += 60  # the session held a while
+    p.call("a", p.a.connection_failed, p.now, "connection reset")
+    assert 0.5 <= p.a.next_deadline() - p.now <= 1.0
+    p.now = p.a.next_deadline()
+    p.a.handle_timer(p.now)
+    p.a.connection_failed(p.now, "connection refused")  # the router is still down
+    assert 3.0 <= p.a.next_deadline() - p.now <= 4.0
 
 
 def test_connect_timeout_goes_idle_and_retries():
@@ -420,7 +432,7 @@ def test_connect_timeout_goes_idle_and_retries():
     evs = s.handle_timer(5.0)
     failed = [e for e in evs if isinstance(e, ConnectFailed)]
     assert failed and failed[0].timed_out and s.state is State.IDLE
-    assert 5.0 + 5 <= s.next_deadline() < 5.0 + 10
+    assert 5.0 + 3.75 <= s.next_deadline() <= 5.0 + 5
 
 
 def test_peer_notification_closes_and_schedules_restart():
@@ -496,13 +508,15 @@ def test_a_connection_closed_before_established_is_retried_after_the_idle_hold_t
     s = Session(cfg(connect_retry=120), rng=random.Random(5))
     s.start(0.0)
     now, delays = 0.0, []
-    for _ in range(3):
+    for _ in range(8):
         s.connection_made(now, "10.0.0.1", "10.0.0.2", outgoing=True)
         s.connection_failed(now, "closed by the peer")  # e.g. the peer is still clearing our old session
         delays.append(s.next_deadline() - now)
         now = s.next_deadline()
         s.handle_timer(now)
-    assert 5 <= delays[0] < 10 and 10 <= delays[1] < 20 and 20 <= delays[2] < 40, delays
+    # 5, 10, 20, ... s (jitter 0.75..1), never more than connectRetryTime (120 s)
+    assert 3.75 <= delays[0] <= 5 and 7.5 <= delays[1] <= 10 and 15 <= delays[2] <= 20, delays
+    assert max(delays) <= 120 and delays[-1] >= 90, delays
 
 
 def test_a_long_lived_session_that_ends_reconnects_within_a_second():

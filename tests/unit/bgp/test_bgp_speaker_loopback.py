@@ -354,3 +354,54 @@ def test_ttl_security_gtsm_both_sides_establish_and_a_ttl_1_peer_is_dropped():
         await d.stop()
 
     asyncio.run(main())
+
+
+def test_a_busy_loop_past_the_connect_timeout_does_not_throw_away_a_connection_that_came_up():
+    """At startup the first reconcile pass can keep the loop busy for seconds right after the
+    connect started; the TCP handshake completes meanwhile and must be used, not timed out."""
+    async def main():
+        b = await speaker(65002, "2.2.2.2", "127.0.0.2")
+        await b.add_neighbor(NeighborConfig("127.0.0.1", 65001, local_address="127.0.0.2", passive=True,
+                                            families=(V4,)))
+        log = Recorder()
+        a = BgpSpeaker(SpeakerConfig(65001, "1.1.1.1"), logger=log)
+        await a.start()
+        await a.add_neighbor(NeighborConfig("127.0.0.2", 65002, port=b.listening_port(),
+                                            local_address="127.0.0.1", connect_retry=1, families=(V4,)))
+        await asyncio.sleep(0)  # the connect task sends its SYN
+        time.sleep(1.5)  # a pass that blocks the loop past the 1 s connect timeout
+        t0 = time.monotonic()
+        await wait_for(lambda: state(a, "127.0.0.2").state == "established", timeout=5, what="established")
+        assert time.monotonic() - t0 < 0.5
+        assert not log.events("connect failed"), log.events("connect failed")
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_operator_reset_hard_sends_administrative_reset_and_reconnects_soft_resends_the_table():
+    async def main():
+        a, b, la, lb = await pair()
+        net = ip_network("10.9.0.0/24")
+        a.advertise("127.0.0.2", V4, net, PathAttributes())
+        await wait_for(lambda: net in b.adj_rib_in("127.0.0.1", V4), what="prefix at b")
+        up_since = state(a, "127.0.0.2").established_at
+        assert "soft" in await a.reset_neighbor("127.0.0.2", soft=True)
+        await wait_for(lambda: any(e["family"] == "ipv4-unicast" for e in lb.events("route refresh received")),
+                       what="b asked to refresh")  # b got our ROUTE-REFRESH request ...
+        await wait_for(lambda: len(la.events("route refresh received")) >= 1, what="b answered it")
+        assert state(a, "127.0.0.2").established_at == up_since  # ... and the session stayed up
+        assert net in b.adj_rib_in("127.0.0.1", V4)
+        t0 = time.monotonic()
+        assert "hard" in await a.reset_neighbor("127.0.0.2")
+        await wait_for(lambda: "6/4 Administrative Reset" in (state(b, "127.0.0.1").last_error or ""),
+                       what="Cease 6/4 at b")
+        await wait_for(lambda: state(a, "127.0.0.2").state == state(b, "127.0.0.1").state == "established",
+                       timeout=10, what="re-established")
+        assert time.monotonic() - t0 < 5, "reconnects at once, not after a retry timer"
+        await wait_for(lambda: net in b.adj_rib_in("127.0.0.1", V4), what="prefix back at b")
+        await a.stop()
+        await b.stop()
+
+    asyncio.run(main())

@@ -78,7 +78,17 @@ def test_daemon_serves_applies_edits_and_stops_gracefully_on_sigterm(tmp_path):
         other = subprocess.run([sys.executable, "-m", "agent.daemon", "run", "--config", str(cfg),
                                 "--node-name", "x", "--api-socket", str(tmp_path / "other.sock"),
                                 "--state-dir", str(state)], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert other.returncode != 0 and "another vipd is running" in other.stderr
+        assert other.returncode != 0 and f"another vipd (pid {proc.pid}) is running with state dir" in other.stderr
+        # a second daemon on the same API socket (own state dir) refuses too, before it peers
+        # with anyone, and the first one keeps serving the socket
+        other = subprocess.run([sys.executable, "-m", "agent.daemon", "run", "--config", str(cfg),
+                                "--node-name", "x", "--api-socket", str(sock),
+                                "--state-dir", str(tmp_path / "state2")],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert other.returncode == 1, other.stderr
+        assert f"another vipd (pid {proc.pid}) serves {sock}" in other.stderr
+        assert "vipd running" not in other.stderr
+        assert json.loads(vipctl(sock, "status", "-o", "json").stdout)["configGeneration"] == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
@@ -142,3 +152,133 @@ def test_systemd_readiness_and_stopping_notifications(tmp_path):
         proc.communicate(timeout=20)
     assert listener.recv(100) == b"STOPPING=1"
     listener.close()
+
+
+def test_a_stale_api_socket_left_by_a_crashed_agent_is_replaced(tmp_path):
+    import socket as socketlib
+
+    sock = tmp_path / "run" / "vipd.sock"
+    sock.parent.mkdir()
+    with socketlib.socket(socketlib.AF_UNIX) as s:  # bound, never listening: what a crash leaves
+        s.bind(str(sock))
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: vipctl(sock, "status", "-o", "json").returncode == 0 or proc.poll() is not None,
+                 what="API answering")
+        assert proc.poll() is None, proc.stdout.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+EARLIER_CLUSTER_CONFIG = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPClusterConfig
+metadata:
+  name: aaa-new
+spec:
+  nodeSelector:
+    matchLabels:
+      rack: rack0
+  bgpInstances:
+  - name: "65099"
+    localASN: 65099
+    peers:
+    - name: other
+      peerASN: 65098
+      peerAddress: 10.0.5.99
+"""
+
+
+def test_a_cluster_config_with_an_earlier_name_does_not_take_the_node_even_across_restarts(tmp_path):
+    """Files have no creationTimestamp: the first-seen order (state dir) decides the owner."""
+    def conflict(sock):
+        st = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+        res = {(r["kind"], r["name"]): {c["type"]: c["status"] for c in r["conditions"]} for r in st["resources"]}
+        cond = "cilium.io/ConflictingClusterConfig"
+        owner_ok = res.get(("CiliumBGPClusterConfig", "rack0"), {}).get(cond) == "False"
+        return owner_ok and res.get(("CiliumBGPClusterConfig", "aaa-new"), {}).get(cond) == "True" and st
+
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        (cfg / "aaa.yaml").write_text(EARLIER_CLUSTER_CONFIG)
+        st = wait_for(lambda: conflict(sock), what="ConflictingClusterConfig on the new config")
+        assert "Selecting the same node(s) with ClusterConfig(s): [rack0]" in json.dumps(st)
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
+        assert [(p["peerAddress"], p["localASN"]) for p in peers] == [("10.0.5.1", 65005)]
+        assert "aaa-new" in vipctl(sock, "status").stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    calls = json.loads(next(l for l in out.splitlines() if l.startswith("CALLS "))[6:])
+    assert not [c for c in calls if c[0] == "65099"], "the new config never ran here"
+    assert [c[1] for c in calls if c[0] == "65005"].count("start") == 1, "the working one was never restarted"
+    # a restart reads the same order from the state dir
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        wait_for(lambda: conflict(sock), what="the same owner after a restart")
+        peers = json.loads(vipctl(sock, "bgp", "peers", "-o", "json").stdout)["peers"]
+        assert [p["localASN"] for p in peers] == [65005]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+
+
+FAILING_PASS_DRIVER = r"""
+import sys, os
+sys.path.insert(0, {here!r})
+from recording_speaker import RecordingSpeaker
+from agent import daemon
+from agent.reconcilers.controller import Controller
+real = Controller.reconcile_once
+async def failing(self):
+    if not os.path.exists({fixed!r}):  # an effect that keeps failing until the operator fixes it
+        raise OSError("cannot write /var/lib/vipd: No space left on device")
+    return await real(self)
+Controller.reconcile_once = failing
+sys.exit(daemon.main(sys.argv[1:], speaker_factory=lambda inst: RecordingSpeaker(inst, [])))
+"""
+
+
+def test_a_failing_reconcile_pass_is_in_status_conditions_and_metrics_until_it_succeeds(tmp_path):
+    import socket as socketlib
+    import urllib.request
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg, state, sock = tmp_path / "cfg", tmp_path / "state", tmp_path / "vipd.sock"
+    cfg.mkdir()
+    (cfg / "nodes.yaml").write_text(demo.nodes_yaml())
+    (cfg / "bgp.yaml").write_text(demo.V2_BGP_YAML)
+    fixed = tmp_path / "fixed"
+    argv = [sys.executable, "-c", FAILING_PASS_DRIVER.format(here=str(HERE), fixed=str(fixed)), "run",
+            "--config", str(cfg), "--node-name", "cilium-bgp-worker", "--api-socket", str(sock),
+            "--state-dir", str(state), "--metrics-addr", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+    def metrics():
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        assert proc.poll() is None, proc.stdout.read()
+        text = vipctl(sock, "status").stdout
+        assert "Reconcile errors: none" not in text and "No space left on device" in text, text
+        st = json.loads(vipctl(sock, "status", "-o", "json").stdout)
+        assert [e["reconciler"] for e in st["reconcileErrors"]] == ["controller"]
+        node_conds = [c for r in st["resources"] if r["kind"] == "CiliumBGPNodeConfig" for c in r["conditions"]]
+        assert [(c["type"], c["status"]) for c in node_conds] == [("cilium.io/BGPReconcileError", "True")]
+        body = metrics()
+        assert 'vipd_reconcile_errors_total{reconciler="controller"}' in body
+        assert "vipd_reconcile_failures 1.0" in body
+        fixed.touch()  # the retry (backoff 1, 2, 4 ... s) succeeds: everything says healthy again
+        wait_for(lambda: "Reconcile errors: none" in vipctl(sock, "status").stdout, timeout=40,
+                 what="the error cleared after a successful pass")
+        assert "vipd_reconcile_failures 0.0" in metrics()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out

@@ -203,3 +203,24 @@ def test_when_the_desired_services_cannot_be_computed_only_programmed_vips_are_r
     assert errors.records()[0].reconciler == "services"
     assert rec.vip_ready("172.20.0.1")                 # programmed before: still ready
     assert not rec.vip_ready("172.20.0.99")            # anything else is not
+
+
+def test_a_frontend_that_cannot_be_removed_is_a_reconcile_error_until_it_is_gone():
+    class Stuck(RecordingDatapath):
+        stuck = True
+
+        def delete_service(self, key):
+            if self.stuck:
+                raise OSError("bpf map delete: Operation not permitted")
+            super().delete_service(key)
+    dp, errors = Stuck(), ErrorBook()
+    rec = ServiceReconciler(dp, "me")
+    asyncio.run(rec.reconcile(objects(SVC + SECOND), errors, 0.0))
+    asyncio.run(rec.reconcile(objects(SVC), errors, 1.0))  # db removed, its frontends stay
+    (err,) = errors.records()
+    assert (err.reconciler, err.instance) == ("services", "delete")
+    assert "172.20.0.2:5432/TCP: bpf map delete: Operation not permitted" in err.error
+    assert errors.totals == {"services": 1}
+    dp.stuck = False
+    asyncio.run(rec.reconcile(objects(SVC), errors, 2.0))
+    assert not errors and ServiceKey("172.20.0.2", 5432) not in dp.programmed

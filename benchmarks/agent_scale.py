@@ -1,0 +1,219 @@
+"""Agent start-up at scale: `vipd run --lb-interface` with N LoadBalancer Services from a config
+directory, against BIRD 2 exporting the same prefixes as static routes, to the same FRR.
+
+Per N (default 1,000 / 10,000 / 20,000 Services, one TCP port each; agent/lab/scale.py ScaleLab):
+
+* **start -> all**: seconds from spawning the process (``vipd run`` / ``bird``) until FRR's
+  received-prefix counter for the node reaches N (FRR polled every 0.2 s);
+* **peak RSS** of the agent (``VmHWM``);
+* at the largest N, **one change**: one more Service written to the config directory (atomic
+  rename); seconds until (a) a TCP connection from the router to its VIP is answered by a pod
+  (the datapath serves it; the router has a static route to the pool, so this does not wait
+  for BGP) and (b) FRR has the /32.
+
+Targets (issue 9): at 20,000, vipd start->all <= 2x BIRD, RSS <= 300 MB, one change <= 1 s.
+
+    sudo .venv/bin/python benchmarks/agent_scale.py                    # 1k, 10k, 20k
+    sudo .venv/bin/python benchmarks/agent_scale.py --services 20000 --json out.json
+
+Not a test: it prints numbers (PASS/MISS per target) and exits 0 unless a run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO), str(HERE)]
+
+from agent.lab import Lab, wait_until  # noqa: E402
+from agent.lab.scale import (NODE_ASN, NODE_IP, NODE_NAME, POOL, ROUTER_ASN, ROUTER_IP, ScaleLab,  # noqa: E402
+                             service_docs, vip_of)
+from bird import BirdDaemon, pid_vm_hwm_kib, static_export_config  # noqa: E402
+
+TARGET_RATIO, TARGET_RSS_MB, TARGET_CHANGE_S = 2.0, 300.0, 1.0
+
+# In the router: connect to VIP:80 until a pod answers; prints the wall time of the answer.
+PROBE = r"""
+import socket, sys, time
+vip, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+print("ready", flush=True)
+while time.time() < deadline:
+    try:
+        with socket.create_connection((vip, 80), timeout=0.2) as c:
+            if c.recv(100).strip():
+                print(f"{time.time():.4f}", flush=True)
+                sys.exit(0)
+    except OSError:
+        time.sleep(0.01)
+sys.exit(1)
+"""
+
+
+def frr_received(env: ScaleLab) -> int:
+    data = json.loads(env.frr.vtysh("show bgp ipv4 unicast summary json") or "{}")
+    peer = data.get("peers", {}).get(NODE_IP, {})
+    return peer.get("pfxRcd", 0) if peer.get("state") == "Established" else 0
+
+
+def wait_all(env: ScaleLab, n: int, started: float, alive, timeout: float) -> float:
+    """Seconds from ``started`` (wall clock) until FRR has n prefixes from the node."""
+    while True:
+        alive()
+        if frr_received(env) >= n:
+            return time.time() - started
+        if time.time() - started > timeout:
+            raise TimeoutError(f"FRR has {frr_received(env)}/{n} prefixes after {timeout}s")
+        time.sleep(0.2)
+
+
+def one_change(env: ScaleLab, n: int) -> dict:
+    """Add Service n; seconds until its VIP answers through the datapath and until FRR has it."""
+    vip = vip_of(n)
+    probe = subprocess.Popen(env.router.exec_argv([sys.executable, "-c", PROBE, vip, "30"]),
+                             stdout=subprocess.PIPE, text=True)
+    env.lab._procs.append(probe)
+    assert probe.stdout.readline().strip() == "ready"
+    written = time.time()
+    env.write("extra.yaml", service_docs(n, ports=1, pods=env.pod_ips, node_name=NODE_NAME))
+    frr_at = None
+    while frr_at is None and time.time() - written < 30:
+        if env.has_route(f"{vip}/32"):
+            frr_at = time.time()
+        else:
+            time.sleep(0.05)
+    answered = probe.stdout.readline().strip()
+    probe.wait(timeout=30)
+    return {"datapath_seconds": round(float(answered) - written, 3) if answered else None,
+            "frr_seconds": round(frr_at - written, 3) if frr_at else None}
+
+
+MILESTONES = ("configuration loaded", "datapath loaded", "datapath attached", "services programmed",
+              "session established", "vipd running")
+
+
+def timeline(log: str, started: float) -> dict:
+    """Seconds from the process start to the first log line of each milestone."""
+    from datetime import datetime
+
+    out = {}
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        ev = rec.get("event")
+        if ev in MILESTONES and ev not in out and "timestamp" in rec:
+            at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+            out[ev] = round(at - started, 2)
+    return out
+
+
+def run_vipd(n: int, timeout: float, change: bool) -> dict:
+    with Lab("cagsc") as lab:
+        env = ScaleLab(lab)
+        try:
+            env.write_services(n, ports=1)
+            # the datapath probe must not depend on BGP: the pool is routed to the node statically
+            env.router.route(POOL, via=NODE_IP)
+            started = time.time()
+            env.start("--shutdown-mode", "notify")
+
+            def alive():
+                if env.proc.poll() is not None:
+                    raise RuntimeError(f"vipd exited ({env.proc.returncode}):\n{env.log()[-3000:]}")
+            seconds = wait_all(env, n, started, alive, timeout)
+            rss = pid_vm_hwm_kib(env.proc.pid) / 1024
+            out = {"sender": "vipd", "services": n, "start_to_all_seconds": round(seconds, 3),
+                   "peak_rss_mb": round(rss, 1)}
+            out["timeline_seconds"] = timeline(env.log(), started)
+            passes = [json.loads(line) for line in env.log().splitlines()
+                      if line.startswith("{") and '"reconcile pass"' in line]
+            if passes:
+                out["first_pass_seconds"] = {k: v for k, v in passes[0].items() if isinstance(v, float)}
+            if change:
+                time.sleep(2.0)  # steady state: the router's zebra installed the initial flood
+                out["one_change"] = one_change(env, n)
+                passes = [json.loads(line) for line in env.log().splitlines()
+                          if line.startswith("{") and '"reconcile pass"' in line]
+                if len(passes) > 1:
+                    out["one_change"]["pass_seconds"] = {k: v for k, v in passes[-1].items() if isinstance(v, float)}
+                out["peak_rss_mb"] = round(pid_vm_hwm_kib(env.proc.pid) / 1024, 1)
+            env.proc.terminate()
+            env.proc.wait(timeout=30)
+            return out
+        finally:
+            env.cleanup_pins()
+
+
+def run_bird(n: int, timeout: float) -> dict:
+    with Lab("cagsb") as lab:
+        env = ScaleLab(lab, pods=1)
+        config = static_export_config(router_id=NODE_IP, local=NODE_IP, local_asn=NODE_ASN, neighbor=ROUTER_IP,
+                                      neighbor_asn=ROUTER_ASN, prefix_sets=[[f"{vip_of(i)}/32" for i in range(n)]],
+                                      community_asn=NODE_ASN)
+        bird = BirdDaemon(env.node, config)
+        started = time.time()
+        bird.start()
+        lab._daemons.append(bird)
+
+        def alive():
+            if bird.proc.poll() is not None:
+                raise RuntimeError(f"bird exited:\n{bird.log()[-3000:]}")
+        seconds = wait_all(env, n, started, alive, timeout)
+        return {"sender": "bird", "services": n, "start_to_all_seconds": round(seconds, 3),
+                "peak_rss_mb": round(pid_vm_hwm_kib(bird.pid) / 1024, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="vipd start-up at scale vs BIRD static routes, into FRR")
+    p.add_argument("--services", default="1000,10000,20000", help="comma-separated Service counts")
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        p.error("needs root (network namespaces, XDP)")
+    counts = [int(x) for x in args.services.split(",")]
+    results = []
+    for n in counts:
+        v = run_vipd(n, args.timeout, change=n == max(counts))
+        print(f"  vipd {n}: {json.dumps(v)}", flush=True)
+        b = run_bird(n, args.timeout)
+        print(f"  bird {n}: {json.dumps(b)}", flush=True)
+        results.append({"services": n, "vipd": v, "bird": b,
+                        "ratio_vipd_over_bird": round(v["start_to_all_seconds"] / b["start_to_all_seconds"], 2)})
+
+    print(f"\nprocess start -> all prefixes at FRR (bgpd + zebra), vipd run --lb-interface vs BIRD 2 "
+          f"static routes; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  {'services':>8} {'vipd (s)':>9} {'BIRD (s)':>9} {'ratio':>6} {'vipd RSS (MB)':>14}")
+    for r in results:
+        print(f"  {r['services']:>8} {r['vipd']['start_to_all_seconds']:>9.2f} "
+              f"{r['bird']['start_to_all_seconds']:>9.2f} {r['ratio_vipd_over_bird']:>6.2f} "
+              f"{r['vipd']['peak_rss_mb']:>14.1f}")
+    verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
+    top = results[-1]
+    print(f"  at {top['services']}: ratio {top['ratio_vipd_over_bird']:.2f}x (target <= {TARGET_RATIO}x): "
+          f"{verdict(top['ratio_vipd_over_bird'] <= TARGET_RATIO)}; RSS {top['vipd']['peak_rss_mb']:.1f} MB "
+          f"(target <= {TARGET_RSS_MB:.0f}): {verdict(top['vipd']['peak_rss_mb'] <= TARGET_RSS_MB)}")
+    ch = top["vipd"].get("one_change")
+    if ch:
+        worst = max(x for x in ch.values() if x is not None) if all(ch.values()) else None
+        print(f"  one Service added at {top['services']}: datapath {ch['datapath_seconds']} s, FRR "
+              f"{ch['frr_seconds']} s (target <= {TARGET_CHANGE_S} s): "
+              f"{verdict(worst is not None and worst <= TARGET_CHANGE_S)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
