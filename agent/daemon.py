@@ -179,7 +179,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     gc.set_threshold(100_000, 20, 20)
     store = Store()
     source = FileSource(args.config, store)
-    source.load()
+    await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     if args.lb_interface:
         from agent.reconcilers.services import ServiceReconciler, open_datapath
@@ -210,10 +210,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
 
     def on_hup() -> None:
         log.info("SIGHUP: reloading configuration")
-        try:
-            source.load()
-        except Exception as exc:  # noqa: BLE001
-            log.error("reload failed", error=str(exc))
+        source.request_reload()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)

@@ -131,7 +131,7 @@ class ObjectMeta(LooseModel):
     @field_validator("labels", "annotations", mode="before")
     @classmethod
     def _none_is_empty(cls, v):
-        return {} if v is None else {str(k): str(val) for k, val in v.items()}
+        return {} if v is None else v   # values must be strings (strict), as in Kubernetes
 
 
 class Condition(LooseModel):
