@@ -313,7 +313,8 @@ class Communities(Model):
 
 class BGPAttributes(Model):
     communities: Communities | None = None
-    local_preference: int | None = None
+    # int64 without bounds in the CRD; LOCAL_PREF is 32 bits on the wire
+    local_preference: U32 | None = None
 
 
 ServiceAddressType = Literal["LoadBalancerIP", "ClusterIP", "ExternalIP"]
@@ -366,7 +367,7 @@ class CiliumBGPAdvertisement(Resource):
 class OverridePeer(Model):
     name: Name255
     local_address: str | None = None
-    local_port: int | None = None   # deprecated; no effect (as in Cilium)
+    local_port: Port | None = None   # deprecated; no effect (as in Cilium)
 
     @field_validator("local_address")
     @classmethod
@@ -377,7 +378,8 @@ class OverridePeer(Model):
 class OverrideInstance(Model):
     name: Name255
     router_id: str | None = Field(None, alias="routerID")
-    local_port: int | None = None
+    # int32 without bounds in the CRD; it becomes the listen port, so only a port is accepted
+    local_port: Port | None = None
     local_asn: ASN | None = Field(None, alias="localASN")
     peers: list[OverridePeer] | None = None
 

@@ -39,6 +39,13 @@ class NodeAddress(LooseModel):
     type: str
     address: str
 
+    @model_validator(mode="after")
+    def _ip(self):
+        # the addresses vipd peers and routes from must be addresses (Hostname/DNS types are names)
+        if self.type in ("InternalIP", "ExternalIP"):
+            check_ip(self.address)
+        return self
+
 
 class NodeSpec(LooseModel):
     pod_cidr: str | None = Field(None, alias="podCIDR")
@@ -114,7 +121,16 @@ class ServicePort(LooseModel):
     port: int = Field(ge=1, le=65535)
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
     target_port: int | str | None = None
-    node_port: int | None = None
+    node_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @field_validator("target_port")
+    @classmethod
+    def _target_port(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 65535:
+            raise ValueError(f"{v} is not a port number (1..65535)")
+        if isinstance(v, str) and not v:
+            raise ValueError("a port name must not be empty")
+        return v
 
 
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
@@ -317,8 +333,8 @@ class Endpoint(LooseModel):
 
 class EndpointPort(LooseModel):
     name: str | None = None
-    port: int | None = None
-    protocol: str | None = "TCP"
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    protocol: Literal["TCP", "UDP", "SCTP"] | None = "TCP"
 
 
 class EndpointSlice(CoreResource):
