@@ -39,12 +39,13 @@ class NodeAddress(LooseModel):
     type: str
     address: str
 
-    @model_validator(mode="after")
-    def _ip(self):
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, v: str, info):
         # the addresses vipd peers and routes from must be addresses (Hostname/DNS types are names)
-        if self.type in ("InternalIP", "ExternalIP"):
-            check_ip(self.address)
-        return self
+        if info.data.get("type") in ("InternalIP", "ExternalIP"):
+            check_ip(v)
+        return v
 
 
 class NodeSpec(LooseModel):

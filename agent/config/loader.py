@@ -497,6 +497,8 @@ def _explain(model: type[BaseModel], error: dict) -> tuple[str, str]:
             msg += "; quote the value to make it a string"
         elif isinstance(got, str) and etype in ("int_type", "bool_type"):
             msg += "; write it without quotes"
+        elif isinstance(got, bool) and etype == "int_type":
+            msg += "; a boolean is not a number"
     return path, msg[:500]
 
 
@@ -506,6 +508,8 @@ def _shown(value: Any) -> str:
         return f"a mapping of {len(value)} keys"
     if isinstance(value, list):
         return f"a list of {len(value)} items"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -29,7 +29,7 @@ class Limits:
 
     max_file_bytes: int = 10 * 1024 * 1024      # per file
     max_dir_bytes: int = 256 * 1024 * 1024      # all manifests of the directory together
-    max_files: int = 20_000                     # manifests per directory
+    max_files: int = 5_000                      # manifests per directory
     max_documents: int = 100_000                # YAML documents per file
     max_depth: int = 100                        # nesting of mappings/sequences
     alias_expansion: int = 10                   # expanded nodes <= this x written nodes (+10,000)

@@ -288,19 +288,24 @@ class ValidationReport:
 def validate_dir(directory: str | Path, limits: Limits = DEFAULT_LIMITS) -> ValidationReport:
     """Everything the daemon would reject or flag, without a daemon: schema errors per document
     and the status conditions that are True (a missing PeerConfig, a selector matching nothing)."""
-    from agent.config import load_dir
+    from agent.config.loader import check_dir, load_files
 
     d = Path(directory)
     report = ValidationReport(str(d))
     if not d.is_dir():
         report.errors.append(f"{d}: not a directory")
         return report
-    report.files = [p.name for p in yaml_files(d)]
+    files = yaml_files(d)
+    report.files = [p.name for p in files]
     if not report.files:
         # Most likely a wrong path: the daemon reads only this directory, not subdirectories.
         report.errors.append(f"{d}: no *.yaml or *.yml files (subdirectories are not read)")
         return report
-    result = load_dir(d, limits=limits)
+    refused = check_dir(d, files, limits)
+    if refused is not None:
+        report.errors.append(f"{refused}; vipd would keep its previous configuration")
+        return report
+    result = load_files(files, limits=limits)
     report.objects = [o.key for o in result.objects.all()]
     report.errors = [str(e) for e in result.errors]
     report.ignored = list(result.ignored)
