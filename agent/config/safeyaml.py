@@ -227,6 +227,11 @@ def _check_graph(root, limits: Limits) -> tuple[int, int, DocumentError | None]:
 def load_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]:
     """Every non-empty document of ``text``. Raises YamlError when the file as a whole is
     unusable (syntax, depth, aliasing, too many documents)."""
+    # "---" in column 0 always starts a document (see _depth_bound): refuse before parsing
+    starts = sum(1 for _ in _DOC_START.finditer(text))
+    if starts > limits.max_documents:
+        raise YamlError(f"{starts:,} documents in one file; the limit is "
+                        f"{limits.max_documents:,} (split it into several files)")
     if _depth_bound(text) > _SAFE_COMPOSE_DEPTH:
         _exact_depth(text, limits.max_depth)
     loader = _Loader(text)
@@ -240,8 +245,9 @@ def load_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]
             if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
                 continue                  # an empty document (a stray "---")
             if len(out) >= limits.max_documents:
-                raise YamlError(f"more than {limits.max_documents} documents in one file; "
-                                "split it into several files")
+                raise YamlError(f"more than {limits.max_documents:,} documents in one file; "
+                                f"the limit is {limits.max_documents:,} (split it into several "
+                                "files)")
             w, e, dup = _check_graph(node, limits)
             written += w
             expanded += e
