@@ -14,7 +14,7 @@ import hashlib
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -78,6 +78,9 @@ class ConfigError:
 
     @property
     def object(self) -> str:
+        if len(self.name or "") > 253 or len(self.kind or "") > 253:   # never echo a huge value
+            return replace(self, kind=(self.kind or "")[:80] or None,
+                           name=(self.name or "")[:80] + "...").object
         kind = self.kind or "<no kind>"
         if self.name is None:
             return f"{kind} (document {self.document + 1})"

@@ -112,6 +112,8 @@ def main() -> None:
         if not limits_set:
             cap = request["limits"].worker_memory_bytes
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            # parsing yields the CPU to the daemon, whose loop runs the BGP timers
+            os.nice(10)
             limits_set = True
         serve_one(request, send)
 

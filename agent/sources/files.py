@@ -196,6 +196,9 @@ class FileSource:
             previous = self._last_good.get(err.file, {})
             if err.kind is None or err.name is None:      # the file (or a document) did not parse
                 candidates = previous.items()
+            elif err.field.endswith(("kind", "apiVersion")):   # a typo in the kind: same name
+                candidates = [(k, o) for k, o in previous.items() if o.name == err.name
+                              and (err.namespace is None or o.namespace == err.namespace)]
             else:
                 candidates = [(k, o) for k, o in previous.items()
                               if o.KIND == err.kind and o.name == err.name
