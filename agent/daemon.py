@@ -198,6 +198,9 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     controller = Controller(args.node_name, store, state_dir=state_dir, speaker_factory=speaker_factory,
                             log=get_logger("bgp-control-plane", node=args.node_name), services=services)
     api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
+    from agent.looplag import LoopLagMonitor
+
+    loop_lag = controller.loop_lag = LoopLagMonitor(log=log)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,7 +239,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     log.info("vipd running", config=str(args.config), state_dir=str(state_dir),
              socket=str(args.api_socket), generation=store.current.generation)
     tasks = [asyncio.create_task(controller.run(stop), name="controller"),
-             asyncio.create_task(source.run(stop), name="file-source")]
+             asyncio.create_task(source.run(stop), name="file-source"),
+             asyncio.create_task(loop_lag.run(stop), name="loop-lag")]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

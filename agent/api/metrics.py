@@ -8,6 +8,8 @@ dashboards port with a prefix swap:
     vipd_bgp_control_plane_received_routes{vrouter, neighbor, afi, safi}    only while established
     vipd_bgp_control_plane_reconcile_errors{reconciler, instance}           current failure streaks
     vipd_config_generation                                                  store generation applied
+    vipd_config_errors                                                      config problems now (vipctl status)
+    vipd_event_loop_lag_seconds_max                                         longest event-loop stall since start
 
 With the datapath (``--lb-interface``):
 
@@ -75,7 +77,18 @@ class ControllerCollector:
             errs.add_metric([rec.reconciler, rec.instance], rec.attempts)
         gen = GaugeMetricFamily("vipd_config_generation", "Configuration generation last applied")
         gen.add_metric([], self.c.applied_generation)
-        yield from (state, adv, rcv, errs, gen)
+        cfg = GaugeMetricFamily("vipd_config_errors",
+                                "Configuration problems now (invalid documents or files, edits "
+                                "rejected with the previous version kept)")
+        snap = self.c.store.current
+        cfg.add_metric([], len(snap.errors) + len(snap.kept))
+        yield from (state, adv, rcv, errs, gen, cfg)
+        lag = getattr(self.c, "loop_lag", None)
+        if lag is not None:
+            g = GaugeMetricFamily("vipd_event_loop_lag_seconds_max",
+                                  "Longest the event loop was late since start (BGP timers run on it)")
+            g.add_metric([], lag.max_lag)
+            yield g
         svc = getattr(self.c, "services", None)
         if svc is not None:
             yield from _datapath_families(svc)

@@ -12,9 +12,10 @@ bgp.yaml (truncated to 0 bytes, written in two chunks, a duplicate key, Internal
 * a TCP connection opened through a VIP before the first bad file still echoes at the end, and
   new connections to the VIPs are answered;
 * each bad file is reported by the API (`GetStatus` config errors name the file);
-* the API never stalls: a probe calls ListPeers over the unix socket every 20 ms and the
-  slowest answer stays under 100 ms (the daemon's event loop answers the API; a loop held by a
-  parse would show here);
+* the event loop never stalls for 100 ms: the daemon's own probe (a 10 ms sleep that measures
+  how late it wakes, vipd_event_loop_lag_seconds_max) says so, and from outside a client calling
+  ListPeers over the unix socket every 20 ms never waits 250 ms (that figure includes the test
+  process's own scheduling on a shared 2-CPU machine);
 
 and at the end a fixed file is applied (a fourth Service reaches FRR).
 """
@@ -33,7 +34,9 @@ from agent.lab import Lab, wait_until
 from agent.lab.scale import NODE_IP, ScaleLab, service_docs, vip_of
 from tests.corpus import all_cases, hostile
 
-MAX_API_LATENCY_S = 0.100
+MAX_LOOP_LAG_S = 0.100       # the daemon's own measure (vipd_event_loop_lag_seconds_max)
+MAX_API_LATENCY_S = 0.250    # seen from the test process, which shares the 2 CPUs
+METRICS_PORT = 9962          # inside the node's namespace
 
 
 class ApiProbe:
@@ -96,7 +99,7 @@ def env():
             env = ScaleLab(lab)
             env.write("services.yaml", "".join(
                 service_docs(i, ports=1, pods=env.pod_ips, node_name="node1") for i in range(3)))
-            env.start()
+            env.start(metrics_port=METRICS_PORT)
             wait_until(lambda: env.accepted() >= 3 or env.proc.poll() is not None, timeout=90,
                        interval=0.5, what="3 prefixes at FRR")
             assert env.proc.poll() is None, env.log()[-3000:]
@@ -185,5 +188,9 @@ def test_hostile_input_keeps_sessions_traffic_and_api_and_the_fix_applies(env):
     worst = sorted(probe.latencies, reverse=True)[:5]
     print(f"\n{len(cases) + len(BGP_EDITS) + 2} bad inputs; API probe: {len(probe.latencies)} calls, "
           f"slowest {[f'{s * 1000:.0f} ms ({label})' for s, label in worst]}")
+    lag = float(next(line.split()[1] for line in env.metrics(METRICS_PORT).splitlines()
+                     if line.startswith("vipd_event_loop_lag_seconds_max ")))
+    print(f"daemon event loop: longest stall {lag * 1000:.0f} ms")
+    assert lag < MAX_LOOP_LAG_S, env.log()[-3000:]
     assert worst[0][0] < MAX_API_LATENCY_S, worst
     assert "Traceback" not in env.log()
