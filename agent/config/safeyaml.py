@@ -31,6 +31,8 @@ class Limits:
     max_dir_bytes: int = 256 * 1024 * 1024      # all manifests of the directory together
     max_files: int = 5_000                      # manifests per directory
     max_documents: int = 100_000                # YAML documents per file
+    max_document_bytes: int = 1536 * 1024       # per document (object), etcd's request limit
+    max_document_values: int = 100_000          # per document: commas + line breaks
     max_depth: int = 100                        # nesting of mappings/sequences
     alias_expansion: int = 10                   # expanded nodes <= this x written nodes (+10,000)
     # the daemon's parser process (agent.config.worker): address space and silence before it
@@ -96,10 +98,10 @@ _DOC_START = re.compile(r"(?m)^---(?=[ \t\r\n]|$)")
 _SAFE_COMPOSE_DEPTH = 5_000   # libyaml's recursive composer is fine far beyond this
 
 
-def _depth_bound(text: str) -> int:
+def _depth_bound(text: str, chunks: list[str]) -> int:
     # libyaml ends a document at a "---" in column 0 in every context (inside a flow collection
     # or a quoted scalar it is an error), so flow nesting never crosses these splits.
-    flow = max((c.count("[") + c.count("{") for c in _DOC_START.split(text)), default=0)
+    flow = max((c.count("[") + c.count("{") for c in chunks), default=0)
     if flow > _SAFE_COMPOSE_DEPTH:
         return flow
     block = max((len(m) for m in _BLOCK_PREFIX.findall(text)), default=0)
@@ -228,11 +230,25 @@ def load_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]
     """Every non-empty document of ``text``. Raises YamlError when the file as a whole is
     unusable (syntax, depth, aliasing, too many documents)."""
     # "---" in column 0 always starts a document (see _depth_bound): refuse before parsing
-    starts = sum(1 for _ in _DOC_START.finditer(text))
-    if starts > limits.max_documents:
-        raise YamlError(f"{starts:,} documents in one file; the limit is "
+    chunks = _DOC_START.split(text)
+    if len(chunks) - 1 > limits.max_documents:
+        raise YamlError(f"{len(chunks) - 1:,} documents in one file; the limit is "
                         f"{limits.max_documents:,} (split it into several files)")
-    if _depth_bound(text) > _SAFE_COMPOSE_DEPTH:
+    biggest = max(range(len(chunks)), key=lambda i: len(chunks[i]))
+    if len(chunks[biggest]) > limits.max_document_bytes:
+        line = 1 + sum(c.count("\n") for c in chunks[:biggest])
+        raise YamlError(f"a document of {len(chunks[biggest]):,} bytes; the limit is "
+                        f"{limits.max_document_bytes:,} per object (Kubernetes' etcd refuses "
+                        "bigger objects too)", line)
+    # Building nodes costs ~3 µs each in libyaml's composer: a 1 MB flow list of 500,000 numbers
+    # takes seconds. Every value but the first of a collection follows a "," or a line break.
+    busiest = max(range(len(chunks)), key=lambda i: chunks[i].count(",") + chunks[i].count("\n"))
+    values = chunks[busiest].count(",") + chunks[busiest].count("\n")
+    if values > limits.max_document_values:
+        line = 1 + sum(c.count("\n") for c in chunks[:busiest])
+        raise YamlError(f"a document with about {values:,} values (commas and lines); the limit "
+                        f"is {limits.max_document_values:,} per object", line)
+    if _depth_bound(text, chunks) > _SAFE_COMPOSE_DEPTH:
         _exact_depth(text, limits.max_depth)
     loader = _Loader(text)
     out: list[Document] = []

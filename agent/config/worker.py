@@ -10,6 +10,7 @@ loop that keeps the BGP sessions alive.
         ("objects", path, [(obj, index)])  at most CHUNK objects, so unpickling one message
                                           never holds the parent's event loop for long
         ("done", dir_error, [paths])      the load is complete
+    (and once, when it has started: ("ready",))
 
 The worker lives under RLIMIT_AS (``Limits.worker_memory_bytes``); the parent kills it when it is
 silent for ``Limits.worker_timeout_s``. Either way the parent reports the file it was reading and
@@ -29,6 +30,7 @@ from agent.config.loader import (FileParse, check_dir, digest_of, file_error, ma
                                  parse_bytes, read_file)
 
 CHUNK = 256
+STARTUP_TIMEOUT_S = 60.0
 _HEADER = struct.Struct(">I")
 
 
@@ -104,6 +106,7 @@ def main() -> None:
         stdout.write(encode(message))
         stdout.flush()
 
+    send(("ready",))
     while True:
         header = stdin.read(header_size())
         if len(header) < header_size():
@@ -147,6 +150,13 @@ class ParserProcess:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.config.worker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env)
+        # imports take a while on a busy machine; the per-message timeout starts after them
+        try:
+            ready = await self._receive(self._proc, STARTUP_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            await self.close()
+            raise RuntimeError("the configuration parser process did not start") from None
+        assert ready == ("ready",), ready
         return self._proc
 
     async def _receive(self, proc, timeout: float):
