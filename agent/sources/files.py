@@ -72,7 +72,7 @@ class FileSource:
     for tools and tests) and on every change (:meth:`run`)."""
 
     def __init__(self, directory: str | Path, store, *, debounce_ms: int = 150,
-                 settle_ms: int = 300, limits: Limits = DEFAULT_LIMITS):
+                 settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS):
         from agent.config.loader import ParseCache
         from agent.config.worker import ParserProcess
 
