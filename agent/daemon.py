@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shutdown-mode", choices=("graceful", "notify"), default="graceful",
                      help="SIGTERM behaviour: graceful (no NOTIFICATION, peers keep routes under "
                           "graceful restart) or notify (Cease, peers withdraw now)")
+    run.add_argument("--config-limit", action="append", default=[], type=_config_limit,
+                     metavar="NAME=VALUE",
+                     help="raise or lower a config input limit (repeatable): file-bytes, "
+                          "dir-bytes, files, documents, document-bytes, document-values, depth, "
+                          "parser-memory-bytes, parser-timeout-seconds (docs/configuration.md)")
     run.add_argument("--log-level", default=os.environ.get("VIPD_LOG_LEVEL", "info"))
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     return parser
@@ -92,6 +97,16 @@ def _maglev_size(text: str):
         return parse_maglev_table_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _config_limit(text: str) -> str:
+    from agent.config.safeyaml import parse_limits
+
+    try:
+        parse_limits([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -178,7 +193,9 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     # them anyway (the agent's data has no reference cycles to speak of).
     gc.set_threshold(100_000, 20, 20)
     store = Store()
-    source = FileSource(args.config, store)
+    from agent.config.safeyaml import parse_limits
+
+    source = FileSource(args.config, store, limits=parse_limits(args.config_limit))
     await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     if args.lb_interface:

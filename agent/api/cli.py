@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = csub.add_parser("validate", parents=[common],
                                help="load and validate every *.yaml/*.yml in DIR (no daemon needed)")
     validate.add_argument("dir")
+    validate.add_argument("--config-limit", action="append", default=[], metavar="NAME=VALUE",
+                          help="the same limits as vipd run --config-limit")
     validate.set_defaults(func=cmd_config_validate)
 
     migrate = sub.add_parser("migrate", parents=[common],
@@ -247,9 +249,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_config_validate(args) -> int:
+    from agent.config.safeyaml import parse_limits
     from agent.sources.files import validate_dir
 
-    report = validate_dir(args.dir)
+    try:
+        limits = parse_limits(args.config_limit)
+    except ValueError as exc:
+        raise CliError(f"--config-limit {exc}", 2) from None
+    report = validate_dir(args.dir, limits)
     if args.output in ("json", "yaml"):
         import yaml
 

@@ -43,6 +43,33 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# `--config-limit NAME=VALUE` (vipd run, vipctl config validate): the names users write
+LIMIT_NAMES = {"file-bytes": "max_file_bytes", "dir-bytes": "max_dir_bytes",
+               "files": "max_files", "documents": "max_documents",
+               "document-bytes": "max_document_bytes", "document-values": "max_document_values",
+               "depth": "max_depth", "parser-memory-bytes": "worker_memory_bytes",
+               "parser-timeout-seconds": "worker_timeout_s"}
+
+
+def parse_limits(settings: list[str], base: Limits = DEFAULT_LIMITS) -> Limits:
+    """["files=10000", "dir-bytes=1073741824"] -> Limits; ValueError naming what is allowed."""
+    import dataclasses
+
+    changes: dict = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if name not in LIMIT_NAMES or not sep:
+            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(LIMIT_NAMES)}")
+        try:
+            number = float(value) if name == "parser-timeout-seconds" else int(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a number") from None
+        if number <= 0:
+            raise ValueError(f"{item!r}: must be positive")
+        changes[LIMIT_NAMES[name]] = number
+    return dataclasses.replace(base, **changes)
+
 
 class YamlError(Exception):
     """The whole file is unusable (syntax, encoding, a limit); ``line`` is 1-based or None."""
