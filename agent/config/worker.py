@@ -118,7 +118,15 @@ def main() -> None:
             # parsing yields the CPU to the daemon, whose loop runs the BGP timers
             os.nice(10)
             limits_set = True
-        serve_one(request, send)
+        try:
+            serve_one(request, send)
+        except MemoryError:
+            # out of memory outside a file's parse (sending its result): the parent reports
+            # the file it was reading and starts a new worker
+            os._exit(3)
+        except Exception as exc:  # noqa: BLE001 - one line for the daemon's log, not a traceback
+            sys.stderr.write(f"vipd config parser: {type(exc).__name__}: {str(exc)[:300]}\n")
+            os._exit(4)
 
 
 if __name__ == "__main__":
