@@ -270,7 +270,10 @@ def cmd_config_validate(args) -> int:
 def cmd_migrate(args) -> int:
     from agent.sources.files import migrate_files
 
-    text = migrate_files(args.files)
+    try:
+        text = migrate_files(args.files)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
     sys.stdout.write(text)
     return 0
 

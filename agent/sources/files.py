@@ -325,10 +325,23 @@ def migrate_files(paths: Iterable[str | Path]) -> str:
 
     from agent.controlplane.migrate import migrate
 
+    from agent.config.loader import read_file
+    from agent.config.safeyaml import YamlError, decode, load_documents
+
     documents: list[dict] = []
     for p in paths:
-        with open(p) as fh:
-            documents += [d for d in yaml.safe_load_all(fh) if d]
+        refused, data = read_file(p)
+        if refused is not None:
+            raise ValueError(str(refused.errors[0]))
+        try:
+            docs = load_documents(decode(data))
+        except YamlError as exc:
+            raise ValueError(f"{p}: {exc}") from None
+        for d in docs:
+            if d.error is not None:
+                raise ValueError(f"{p}: {d.error.field}: {d.error.message}")
+            if d.value:
+                documents.append(d.value)
     result = migrate(documents)
     header = "".join(f"# warning: {w}\n" for w in result.warnings)
     body = yaml.safe_dump_all(json.loads(json.dumps(result.documents)), sort_keys=False,
