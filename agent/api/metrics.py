@@ -10,7 +10,7 @@ dashboards port with a prefix swap:
     vipd_config_generation                                                  store generation applied
     vipd_config_errors                                                      config problems now (vipctl status)
     vipd_event_loop_lag_seconds_max                                         longest event-loop stall since start
-    vipd_event_loop_busy_lag_seconds_max                                    ... of it, vipd itself on the CPU
+    vipd_event_loop_busy_lag_seconds_max                                    ... of it, the loop running vipd's code
 
 With the datapath (``--lb-interface``):
 
@@ -90,8 +90,8 @@ class ControllerCollector:
                                   "Longest the event loop was late since start (BGP timers run on it)")
             g.add_metric([], lag.max_lag)
             b = GaugeMetricFamily("vipd_event_loop_busy_lag_seconds_max",
-                                  "Longest event-loop lateness during which vipd itself used the "
-                                  "CPU (its own stall, not the machine's load)")
+                                  "Longest event-loop lateness during which the loop's thread was "
+                                  "running vipd's code (its own stall, not the machine's load)")
             b.add_metric([], lag.max_busy_lag)
             yield from (g, b)
         svc = getattr(self.c, "services", None)
