@@ -164,7 +164,7 @@ def test_hostile_input_keeps_sessions_traffic_and_api_and_the_fix_applies(env):
         with open(config / "bgp.yaml", "w") as fh:     # truncate, half, pause, the rest
             fh.write(good_bgp[: len(good_bgp) // 2])
             fh.flush()
-            time.sleep(0.1)
+            time.sleep(0.05)
             fh.write(good_bgp[len(good_bgp) // 2:])
         time.sleep(2)
         assert frr_counters(env) == baseline, (frr_counters(env), baseline)

@@ -73,7 +73,7 @@ def test_a_file_written_in_two_chunks_is_applied_once_complete(tmp_path):
 
     async def scenario():
         store = Store()
-        src = FileSource(tmp_path, store, debounce_ms=50, settle_ms=300)
+        src = FileSource(tmp_path, store, debounce_ms=50, settle_ms=600)
         await src.reload()
         seen: list[list[str]] = []
         stop = asyncio.Event()
