@@ -66,6 +66,16 @@ def check_ip(value: str, *, allow_zone: bool = False) -> str:
     return value
 
 
+def check_router_id(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value[:80]!r} is not an IPv4 address (routerID is a dotted "
+                             "quad)") from None
+    return value
+
+
 def parse_standard_community(value: str) -> int:
     """'65000:99' or a decimal 0..4294967295 -> 32-bit value (Cilium's CRD regex)."""
     if re.fullmatch(r"\d+", value):
@@ -313,7 +323,8 @@ class Communities(Model):
 
 class BGPAttributes(Model):
     communities: Communities | None = None
-    local_preference: int | None = None
+    # int64 without bounds in the CRD; LOCAL_PREF is 32 bits on the wire
+    local_preference: U32 | None = None
 
 
 ServiceAddressType = Literal["LoadBalancerIP", "ClusterIP", "ExternalIP"]
@@ -366,7 +377,7 @@ class CiliumBGPAdvertisement(Resource):
 class OverridePeer(Model):
     name: Name255
     local_address: str | None = None
-    local_port: int | None = None   # deprecated; no effect (as in Cilium)
+    local_port: Port | None = None   # deprecated; no effect (as in Cilium)
 
     @field_validator("local_address")
     @classmethod
@@ -377,20 +388,15 @@ class OverridePeer(Model):
 class OverrideInstance(Model):
     name: Name255
     router_id: str | None = Field(None, alias="routerID")
-    local_port: int | None = None
+    # int32 without bounds in the CRD; it becomes the listen port, so only a port is accepted
+    local_port: Port | None = None
     local_asn: ASN | None = Field(None, alias="localASN")
     peers: list[OverridePeer] | None = None
 
     @field_validator("router_id")
     @classmethod
     def _rid(cls, v):
-        if v is not None:
-            try:
-                ipaddress.IPv4Address(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not an IPv4 address (routerID is a dotted quad)") \
-                    from None
-        return v
+        return check_router_id(v)
 
 
 class NodeConfigOverrideSpec(Model):
@@ -443,6 +449,11 @@ class NodeInstance(Model):
     router_id: str | None = Field(None, alias="routerID")
     local_port: Port | None = None
     peers: list[NodePeer] = Field(default_factory=list)
+
+    @field_validator("router_id")
+    @classmethod
+    def _rid(cls, v):
+        return check_router_id(v)
 
 
 class NodeConfigSpec(Model):
@@ -552,21 +563,32 @@ class IPBlock(Model):
     start: str | None = None
     stop: str | None = None
 
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v):
+        if v is not None:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError:
+                raise ValueError(f"{v[:80]!r} is not in CIDR format") from None
+        return v
+
+    @field_validator("start", "stop")
+    @classmethod
+    def _addr(cls, v):
+        return None if v is None else check_ip(v)
+
     @model_validator(mode="after")
     def _shape(self):
         if self.cidr is not None:
             if self.start is not None or self.stop is not None:
                 raise ValueError("a block is either cidr or start/stop, not both")
-            try:
-                ipaddress.ip_network(self.cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"cidr {self.cidr!r} is not in CIDR format") from None
         else:
             if self.start is None:
                 raise ValueError("a block needs cidr or start (stop optional)")
-            start = ipaddress.ip_address(check_ip(self.start))
+            start = ipaddress.ip_address(self.start)
             if self.stop is not None:
-                stop = ipaddress.ip_address(check_ip(self.stop))
+                stop = ipaddress.ip_address(self.stop)
                 if stop.version != start.version or stop < start:
                     raise ValueError(f"stop {self.stop} must be >= start {self.start} "
                                      "in the same family")
