@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agent.bgp.communities import WELL_KNOWN_COMMUNITIES
 from agent.config.meta import Condition, LabelSelector, LooseModel, Model, ObjectMeta
 
 U32 = Annotated[int, Field(ge=0, le=4294967295)]
@@ -30,27 +31,8 @@ SAFI = Literal["unicast", "multicast", "mpls_label", "encapsulation", "vpls", "e
                "sr_policy", "mup", "mpls_vpn", "mpls_vpn_multicast", "route_target_constraints",
                "flowspec_unicast", "flowspec_vpn", "key_value"]
 
-WELL_KNOWN_COMMUNITIES: dict[str, int] = {
-    "internet": 0x00000000,
-    "planned-shut": 0xFFFF0000,
-    "accept-own": 0xFFFF0001,
-    "route-filter-translated-v4": 0xFFFF0002,
-    "route-filter-v4": 0xFFFF0003,
-    "route-filter-translated-v6": 0xFFFF0004,
-    "route-filter-v6": 0xFFFF0005,
-    "llgr-stale": 0xFFFF0006,
-    "no-llgr": 0xFFFF0007,
-    "blackhole": 0xFFFF029A,
-    "no-export": 0xFFFFFF01,
-    "no-advertise": 0xFFFFFF02,
-    "no-export-subconfed": 0xFFFFFF03,
-    "no-peer": 0xFFFFFF04,
-}
-WellKnown = Literal[
-    "internet", "planned-shut", "accept-own", "route-filter-translated-v4", "route-filter-v4",
-    "route-filter-translated-v6", "route-filter-v6", "llgr-stale", "no-llgr", "blackhole",
-    "no-export", "no-advertise", "no-export-subconfed", "no-peer",
-]
+# Cilium validates wellKnown against GoBGP's names: the one table is agent/bgp/communities.py.
+WellKnown = Literal[tuple(WELL_KNOWN_COMMUNITIES)]  # type: ignore[valid-type]
 
 
 def check_ip(value: str, *, allow_zone: bool = False) -> str:
