@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shutdown-mode", choices=("graceful", "notify"), default="graceful",
                      help="SIGTERM behaviour: graceful (no NOTIFICATION, peers keep routes under "
                           "graceful restart) or notify (Cease, peers withdraw now)")
+    run.add_argument("--config-limit", action="append", default=[], type=_config_limit,
+                     metavar="NAME=VALUE",
+                     help="raise or lower a config input limit (repeatable): file-bytes, "
+                          "dir-bytes, files, documents, document-bytes, document-values, depth, "
+                          "parser-memory-bytes, parser-timeout-seconds (docs/configuration.md)")
     run.add_argument("--log-level", default=os.environ.get("VIPD_LOG_LEVEL", "info"))
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     return parser
@@ -112,6 +117,16 @@ def _route_table(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a routing table id (1..4294967295, "
                                          "not 253 'default' or 255 'local')")
     return int(text)
+
+
+def _config_limit(text: str) -> str:
+    from agent.config.safeyaml import parse_limits
+
+    try:
+        parse_limits([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -207,8 +222,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     # them anyway (the agent's data has no reference cycles to speak of).
     gc.set_threshold(100_000, 20, 20)
     store = Store()
-    source = FileSource(args.config, store)
-    source.load()
+    from agent.config.safeyaml import parse_limits
+
+    source = FileSource(args.config, store, limits=parse_limits(args.config_limit))
+    await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     from agent.controlplane.memo import Memo
 
@@ -246,6 +263,9 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                             log=get_logger("bgp-control-plane", node=args.node_name), services=services,
                             host=host, routes=routes, memo=memo)
     api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
+    from agent.looplag import LoopLagMonitor
+
+    loop_lag = controller.loop_lag = LoopLagMonitor(log=log)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -258,10 +278,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
 
     def on_hup() -> None:
         log.info("SIGHUP: reloading configuration")
-        try:
-            source.load()
-        except Exception as exc:  # noqa: BLE001
-            log.error("reload failed", error=str(exc))
+        source.request_reload()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
@@ -289,7 +306,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
              socket=str(args.api_socket), generation=store.current.generation)
     tasks = [asyncio.create_task(controller.run(stop), name="controller"),
              asyncio.create_task(source.run(stop), name="file-source"),
-             asyncio.create_task(host.run(stop), name="host-source")]
+             asyncio.create_task(host.run(stop), name="host-source"),
+             asyncio.create_task(loop_lag.run(stop), name="loop-lag")]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = csub.add_parser("validate", parents=[common],
                                help="load and validate every *.yaml/*.yml in DIR (no daemon needed)")
     validate.add_argument("dir")
+    validate.add_argument("--config-limit", action="append", default=[], metavar="NAME=VALUE",
+                          help="the same limits as vipd run --config-limit")
     validate.set_defaults(func=cmd_config_validate)
 
     migrate = sub.add_parser("migrate", parents=[common],
@@ -385,9 +387,14 @@ def cmd_bpf_drops(args) -> int:
 
 
 def cmd_config_validate(args) -> int:
+    from agent.config.safeyaml import parse_limits
     from agent.sources.files import validate_dir
 
-    report = validate_dir(args.dir)
+    try:
+        limits = parse_limits(args.config_limit)
+    except ValueError as exc:
+        raise CliError(f"--config-limit {exc}", 2) from None
+    report = validate_dir(args.dir, limits)
     if args.output in ("json", "yaml"):
         import yaml
 
@@ -401,7 +408,10 @@ def cmd_config_validate(args) -> int:
 def cmd_migrate(args) -> int:
     from agent.sources.files import migrate_files
 
-    text = migrate_files(args.files)
+    try:
+        text = migrate_files(args.files)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
     sys.stdout.write(text)
     return 0
 

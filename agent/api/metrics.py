@@ -10,6 +10,9 @@ dashboards port with a prefix swap:
     vipd_reconcile_errors_total{reconciler}                                 failures ever (any reconciler)
     vipd_reconcile_failures                                                 reconcilers failing now
     vipd_config_generation                                                  store generation applied
+    vipd_config_errors                                                      config problems now (vipctl status)
+    vipd_event_loop_lag_seconds_max                                         longest event-loop stall since start
+    vipd_event_loop_busy_lag_seconds_max                                    ... of it, the loop running vipd's code
     vipd_kernel_routes{table}     routes vipd owns (--auto-direct-node-routes, --bgp-import-table)
 
 With BFD (the ``vipd.io/bfd`` annotation on a CiliumBGPPeerConfig):
@@ -104,7 +107,22 @@ class ControllerCollector:
         failing.add_metric([], len(self.c.errors.records()))
         gen = GaugeMetricFamily("vipd_config_generation", "Configuration generation last applied")
         gen.add_metric([], self.c.applied_generation)
-        yield from (state, adv, rcv, errs, total, failing, gen)
+        cfg = GaugeMetricFamily("vipd_config_errors",
+                                "Configuration problems now (invalid documents or files, edits "
+                                "rejected with the previous version kept)")
+        snap = self.c.store.current
+        cfg.add_metric([], len(snap.errors) + len(snap.kept))
+        yield from (state, adv, rcv, errs, total, failing, gen, cfg)
+        lag = getattr(self.c, "loop_lag", None)
+        if lag is not None:
+            g = GaugeMetricFamily("vipd_event_loop_lag_seconds_max",
+                                  "Longest the event loop was late since start (BGP timers run on it)")
+            g.add_metric([], lag.max_lag)
+            b = GaugeMetricFamily("vipd_event_loop_busy_lag_seconds_max",
+                                  "Longest event-loop lateness during which the loop's thread was "
+                                  "running vipd's code (its own stall, not the machine's load)")
+            b.add_metric([], lag.max_busy_lag)
+            yield from (g, b)
         svc = getattr(self.c, "services", None)
         if svc is not None:
             yield from _datapath_families(svc)

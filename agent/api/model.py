@@ -15,6 +15,7 @@ from agent.api.gen import ensure_generated
 ensure_generated()
 from agent.api import vipd_pb2  # noqa: E402
 from agent.api.printers import format_attrs  # noqa: E402
+from agent.bgp.communities import community_name  # noqa: E402
 
 __all__ = ["vipd_pb2", "peer_message", "route_message", "community_str", "large_community_str",
            "family_names", "rfc3339", "SESSION_STATES"]
@@ -24,14 +25,6 @@ SESSION_STATES = ("idle", "connect", "active", "open_sent", "open_confirm", "est
 _AFI = {1: "ipv4", 2: "ipv6"}
 _SAFI = {1: "unicast", 2: "multicast"}
 
-# RFC 1997 / 7999 / 8326 well-known communities, rendered by name as GoBGP does.
-WELL_KNOWN_COMMUNITIES = {
-    0xFFFF0000: "graceful-shutdown", 0xFFFF0001: "accept-own", 0xFFFF029A: "blackhole",
-    0xFFFFFF01: "no-export", 0xFFFFFF02: "no-advertise", 0xFFFFFF03: "no-export-subconfed",
-    0xFFFFFF04: "no-peer",
-}
-
-
 def family_names(family) -> tuple[str, str]:
     """``Family.IPV4_UNICAST`` (value (1, 1)) or a tuple (1, 1) -> ("ipv4", "unicast")."""
     afi, safi = getattr(family, "value", family)
@@ -39,11 +32,8 @@ def family_names(family) -> tuple[str, str]:
 
 
 def community_str(value: int | str) -> str:
-    if isinstance(value, str):
-        return value
-    if value in WELL_KNOWN_COMMUNITIES:
-        return WELL_KNOWN_COMMUNITIES[value]
-    return f"{value >> 16}:{value & 0xFFFF}"
+    """As GoBGP (and so `cilium bgp routes`) prints it: a well-known name, else ASN:value."""
+    return value if isinstance(value, str) else community_name(value)
 
 
 def large_community_str(value) -> str:

@@ -45,20 +45,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from agent.bgp.api import BgpSpeaker, Family, NeighborConfig, Origin, PathAttributes, SpeakerConfig
-from agent.bgp.messages import WELL_KNOWN_COMMUNITIES
+from agent.bgp.communities import community_value
 
 FAMILIES = {"ipv4": Family.IPV4_UNICAST, "ipv6": Family.IPV6_UNICAST,
             "ipv4-unicast": Family.IPV4_UNICAST, "ipv6-unicast": Family.IPV6_UNICAST}
 
 
 def community(value) -> int:
-    if isinstance(value, int):
-        return value
-    s = str(value).strip().lower()
-    if s in WELL_KNOWN_COMMUNITIES:
-        return WELL_KNOWN_COMMUNITIES[s]
-    hi, lo = s.split(":")
-    return (int(hi) << 16) | int(lo)
+    return value if isinstance(value, int) else community_value(str(value))
 
 
 def path_attributes(d: dict | None) -> PathAttributes:

@@ -112,4 +112,11 @@ class PeerState:
     last_error: str | None
 
 
-from agent.bgp.speaker import BgpSpeaker  # noqa: E402  (the implementation needs the types above)
+def __getattr__(name: str):
+    """``BgpSpeaker`` (the asyncio implementation) is imported on first use, so the control
+    plane can import the API's types without loading asyncio, sockets and the speaker."""
+    if name == "BgpSpeaker":
+        from agent.bgp.speaker import BgpSpeaker
+
+        return BgpSpeaker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ __all__ = [
     "Attribute", "AsSegment", "OriginAttr", "AsPath", "NextHop", "Med", "LocalPref",
     "AtomicAggregate", "Aggregator", "Communities", "OriginatorId", "ClusterList", "MpReach",
     "MpUnreach", "ExtendedCommunities", "As4Path", "As4Aggregator", "LargeCommunities",
-    "UnknownAttribute", "WELL_KNOWN_COMMUNITIES",
+    "UnknownAttribute",
 ]
 
 AS_TRANS = 23456  # RFC 6793: the 2-octet stand-in for a 4-octet ASN
@@ -59,21 +59,6 @@ class Origin(enum.IntEnum):
     IGP = 0
     EGP = 1
     INCOMPLETE = 2
-
-
-# RFC 1997 / RFC 3765 / RFC 8326 / RFC 7999 well-known community names.
-WELL_KNOWN_COMMUNITIES = {
-    "no-export": 0xFFFFFF01,
-    "no-advertise": 0xFFFFFF02,
-    "no-export-subconfed": 0xFFFFFF03,
-    "local-as": 0xFFFFFF03,
-    "no-peer": 0xFFFFFF04,
-    "blackhole": 0xFFFF029A,
-    "graceful-shutdown": 0xFFFF0000,
-    "accept-own": 0xFFFF0001,
-    "llgr-stale": 0xFFFF0006,
-    "no-llgr": 0xFFFF0007,
-}
 
 
 def _u32(name: str, v: int | None) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agent.bgp.communities import WELL_KNOWN_COMMUNITIES
 from agent.config.meta import Condition, LabelSelector, LooseModel, Model, ObjectMeta
 
 U32 = Annotated[int, Field(ge=0, le=4294967295)]
@@ -30,27 +31,8 @@ SAFI = Literal["unicast", "multicast", "mpls_label", "encapsulation", "vpls", "e
                "sr_policy", "mup", "mpls_vpn", "mpls_vpn_multicast", "route_target_constraints",
                "flowspec_unicast", "flowspec_vpn", "key_value"]
 
-WELL_KNOWN_COMMUNITIES: dict[str, int] = {
-    "internet": 0x00000000,
-    "planned-shut": 0xFFFF0000,
-    "accept-own": 0xFFFF0001,
-    "route-filter-translated-v4": 0xFFFF0002,
-    "route-filter-v4": 0xFFFF0003,
-    "route-filter-translated-v6": 0xFFFF0004,
-    "route-filter-v6": 0xFFFF0005,
-    "llgr-stale": 0xFFFF0006,
-    "no-llgr": 0xFFFF0007,
-    "blackhole": 0xFFFF029A,
-    "no-export": 0xFFFFFF01,
-    "no-advertise": 0xFFFFFF02,
-    "no-export-subconfed": 0xFFFFFF03,
-    "no-peer": 0xFFFFFF04,
-}
-WellKnown = Literal[
-    "internet", "planned-shut", "accept-own", "route-filter-translated-v4", "route-filter-v4",
-    "route-filter-translated-v6", "route-filter-v6", "llgr-stale", "no-llgr", "blackhole",
-    "no-export", "no-advertise", "no-export-subconfed", "no-peer",
-]
+# Cilium validates wellKnown against GoBGP's names: the one table is agent/bgp/communities.py.
+WellKnown = Literal[tuple(WELL_KNOWN_COMMUNITIES)]  # type: ignore[valid-type]
 
 
 def check_ip(value: str, *, allow_zone: bool = False) -> str:
@@ -63,6 +45,16 @@ def check_ip(value: str, *, allow_zone: bool = False) -> str:
         ipaddress.ip_address(addr)
     except ValueError:
         raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    return value
+
+
+def check_router_id(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value[:80]!r} is not an IPv4 address (routerID is a dotted "
+                             "quad)") from None
     return value
 
 
@@ -313,7 +305,8 @@ class Communities(Model):
 
 class BGPAttributes(Model):
     communities: Communities | None = None
-    local_preference: int | None = None
+    # int64 without bounds in the CRD; LOCAL_PREF is 32 bits on the wire
+    local_preference: U32 | None = None
 
 
 ServiceAddressType = Literal["LoadBalancerIP", "ClusterIP", "ExternalIP"]
@@ -366,7 +359,7 @@ class CiliumBGPAdvertisement(Resource):
 class OverridePeer(Model):
     name: Name255
     local_address: str | None = None
-    local_port: int | None = None   # deprecated; no effect (as in Cilium)
+    local_port: Port | None = None   # deprecated; no effect (as in Cilium)
 
     @field_validator("local_address")
     @classmethod
@@ -377,20 +370,15 @@ class OverridePeer(Model):
 class OverrideInstance(Model):
     name: Name255
     router_id: str | None = Field(None, alias="routerID")
-    local_port: int | None = None
+    # int32 without bounds in the CRD; it becomes the listen port, so only a port is accepted
+    local_port: Port | None = None
     local_asn: ASN | None = Field(None, alias="localASN")
     peers: list[OverridePeer] | None = None
 
     @field_validator("router_id")
     @classmethod
     def _rid(cls, v):
-        if v is not None:
-            try:
-                ipaddress.IPv4Address(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not an IPv4 address (routerID is a dotted quad)") \
-                    from None
-        return v
+        return check_router_id(v)
 
 
 class NodeConfigOverrideSpec(Model):
@@ -443,6 +431,11 @@ class NodeInstance(Model):
     router_id: str | None = Field(None, alias="routerID")
     local_port: Port | None = None
     peers: list[NodePeer] = Field(default_factory=list)
+
+    @field_validator("router_id")
+    @classmethod
+    def _rid(cls, v):
+        return check_router_id(v)
 
 
 class NodeConfigSpec(Model):
@@ -552,21 +545,32 @@ class IPBlock(Model):
     start: str | None = None
     stop: str | None = None
 
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v):
+        if v is not None:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError:
+                raise ValueError(f"{v[:80]!r} is not in CIDR format") from None
+        return v
+
+    @field_validator("start", "stop")
+    @classmethod
+    def _addr(cls, v):
+        return None if v is None else check_ip(v)
+
     @model_validator(mode="after")
     def _shape(self):
         if self.cidr is not None:
             if self.start is not None or self.stop is not None:
                 raise ValueError("a block is either cidr or start/stop, not both")
-            try:
-                ipaddress.ip_network(self.cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"cidr {self.cidr!r} is not in CIDR format") from None
         else:
             if self.start is None:
                 raise ValueError("a block needs cidr or start (stop optional)")
-            start = ipaddress.ip_address(check_ip(self.start))
+            start = ipaddress.ip_address(self.start)
             if self.stop is not None:
-                stop = ipaddress.ip_address(check_ip(self.stop))
+                stop = ipaddress.ip_address(self.stop)
                 if stop.version != start.version or stop < start:
                     raise ValueError(f"stop {self.stop} must be >= start {self.start} "
                                      "in the same family")

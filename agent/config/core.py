@@ -39,31 +39,37 @@ class NodeAddress(LooseModel):
     type: str
     address: str
 
-
-class NodeSpec(LooseModel):
-    pod_cidr: str | None = Field(None, alias="podCIDR")
-    pod_cidrs: list[str] | None = Field(None, alias="podCIDRs")
-
-    @field_validator("pod_cidr")
+    @field_validator("address")
     @classmethod
-    def _one(cls, v):
-        if v is not None:
-            _check_cidr(v)
-        return v
-
-    @field_validator("pod_cidrs")
-    @classmethod
-    def _many(cls, v):
-        for c in v or []:
-            _check_cidr(c)
+    def _ip(cls, v: str, info):
+        # the addresses vipd peers and routes from must be addresses (Hostname/DNS types are names)
+        if info.data.get("type") in ("InternalIP", "ExternalIP"):
+            check_ip(v)
         return v
 
 
-def _check_cidr(v: str) -> None:
+def _check_cidr(v: str) -> str:
     try:
         ipaddress.ip_network(v, strict=True)
     except ValueError:
-        raise ValueError(f"{v!r} is not a network in CIDR form (host bits must be zero)") from None
+        raise ValueError(f"{v[:80]!r} is not a network in CIDR form (host bits must be zero)") \
+            from None
+    return v
+
+
+def _check_ip_or_none(v: str) -> str:
+    return v if v in ("", "None") else check_ip(v)
+
+
+# Validated per entry, so the index of a bad one is in the error's field path: podCIDRs[1].
+CIDR = Annotated[str, AfterValidator(_check_cidr)]
+IP = Annotated[str, AfterValidator(check_ip)]
+ClusterIP = Annotated[str, AfterValidator(_check_ip_or_none)]
+
+
+class NodeSpec(LooseModel):
+    pod_cidr: CIDR | None = Field(None, alias="podCIDR")
+    pod_cidrs: list[CIDR] | None = Field(None, alias="podCIDRs")
 
 
 class NodeStatus(LooseModel):
@@ -114,7 +120,16 @@ class ServicePort(LooseModel):
     port: int = Field(ge=1, le=65535)
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
     target_port: int | str | None = None
-    node_port: int | None = None
+    node_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @field_validator("target_port")
+    @classmethod
+    def _target_port(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 65535:
+            raise ValueError(f"{v} is not a port number (1..65535)")
+        if isinstance(v, str) and not v:
+            raise ValueError("a port name must not be empty")
+        return v
 
 
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
@@ -162,8 +177,8 @@ class SessionAffinityConfig(LooseModel):
 class ServiceSpec(LooseModel):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     cluster_ip: str | None = Field(None, alias="clusterIP")
-    cluster_ips: list[str] | None = Field(None, alias="clusterIPs")
-    external_ips: list[str] | None = Field(None, alias="externalIPs")
+    cluster_ips: list[ClusterIP] | None = Field(None, alias="clusterIPs")
+    external_ips: list[IP] | None = Field(None, alias="externalIPs")
     load_balancer_ip: str | None = Field(None, alias="loadBalancerIP")
     load_balancer_class: str | None = None
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
@@ -182,14 +197,6 @@ class ServiceSpec(LooseModel):
         if v in (None, "", "None"):
             return v
         return check_ip(v)
-
-    @field_validator("cluster_ips", "external_ips")
-    @classmethod
-    def _ips(cls, v):
-        for ip in v or []:
-            if ip not in ("", "None"):
-                check_ip(ip)
-        return v
 
 
 class LoadBalancerIngress(LooseModel):
@@ -296,16 +303,9 @@ class EndpointConditions(LooseModel):
 
 
 class Endpoint(LooseModel):
-    addresses: list[str] = Field(min_length=1)
+    addresses: list[IP] = Field(min_length=1)
     conditions: EndpointConditions = Field(default_factory=EndpointConditions)
     node_name: str | None = None
-
-    @field_validator("addresses")
-    @classmethod
-    def _ips(cls, v):
-        for ip in v:
-            check_ip(ip)
-        return v
 
     @property
     def is_active(self) -> bool:
@@ -317,8 +317,8 @@ class Endpoint(LooseModel):
 
 class EndpointPort(LooseModel):
     name: str | None = None
-    port: int | None = None
-    protocol: str | None = "TCP"
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    protocol: Literal["TCP", "UDP", "SCTP"] | None = "TCP"
 
 
 class EndpointSlice(CoreResource):

@@ -8,20 +8,62 @@ directory can be pointed at vipd unchanged.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import hashlib
+import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from agent.config import cilium, core
+from agent.config import cilium, core, safeyaml
 from agent.config.cilium import Resource
+from agent.config.safeyaml import DEFAULT_LIMITS, Limits, YamlError
 
+# The kinds vipd reads. A new kind (any group) is one model class with KIND and API_VERSIONS
+# added here; unknown kinds of its group then become errors with "did you mean …?".
 KINDS: dict[str, type[Resource]] = {m.KIND: m for m in (*cilium.CILIUM_KINDS, *core.CORE_KINDS)}
+
+# The other kinds that exist in the API groups vipd knows, so a manifest directory shared with a
+# cluster loads (they are listed as ignored). Any other kind in these groups is a typo.
+OTHER_KINDS: dict[str, frozenset[str]] = {
+    "": frozenset({  # core/v1
+        "Binding", "ComponentStatus", "Endpoints", "Event", "LimitRange", "Namespace",
+        "PersistentVolume", "PersistentVolumeClaim", "Pod", "PodTemplate",
+        "ReplicationController", "ResourceQuota", "ServiceAccount"}),
+    "discovery.k8s.io": frozenset(),
+    "cilium.io": frozenset({
+        "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "CiliumEndpoint",
+        "CiliumEndpointSlice", "CiliumExternalWorkload", "CiliumIdentity", "CiliumNode",
+        "CiliumNodeConfig", "CiliumPodIPPool", "CiliumL2AnnouncementPolicy",
+        "CiliumEgressGatewayPolicy", "CiliumLocalRedirectPolicy", "CiliumEnvoyConfig",
+        "CiliumClusterwideEnvoyConfig", "CiliumCIDRGroup", "CiliumBGPNodeConfig",
+        "CiliumGatewayClassConfig"}),
+}
+
+
+def api_group(api_version: str) -> str:
+    return api_version.rpartition("/")[0]
+
+
+def _group_kinds(group: str) -> dict[str, str]:
+    """Every kind of ``group`` vipd knows of -> "vipd" (read) or "other" (exists, ignored); None
+    for groups vipd knows nothing about."""
+    mine = {k: "vipd" for k, m in KINDS.items() if any(api_group(v) == group
+                                                       for v in m.API_VERSIONS)}
+    if not mine and group not in OTHER_KINDS:
+        return {}
+    return {**{k: "other" for k in OTHER_KINDS.get(group, ())}, **mine}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -36,14 +78,19 @@ class ConfigError:
 
     @property
     def object(self) -> str:
+        if len(self.name or "") > 253 or len(self.kind or "") > 253:   # never echo a huge value
+            return replace(self, kind=(self.kind or "")[:80] or None,
+                           name=(self.name or "")[:80] + "...").object
         kind = self.kind or "<no kind>"
         if self.name is None:
             return f"{kind} (document {self.document + 1})"
         return f"{kind}/{self.namespace}/{self.name}" if self.namespace else f"{kind}/{self.name}"
 
     def __str__(self) -> str:
-        where = f"{self.field}: " if self.field else ""
-        return f"{self.file}: {self.object}: {where}{self.message}"
+        if self.kind is None and self.name is None and not self.field:
+            return f"{self.file}: {self.message[:600]}"   # the file as a whole
+        where = f"{self.field[:200]}: " if self.field else ""
+        return f"{self.file}: {self.object[:300]}: {where}{self.message[:600]}"
 
 
 @dataclass(frozen=True)
@@ -134,18 +181,121 @@ class LoadResult:
     errors: list[ConfigError] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)   # object key -> "file#doc"
+    # False when the directory as a whole was refused (too many files, too many bytes): then
+    # nothing in it can be trusted to be complete and the daemon keeps its previous objects.
+    complete: bool = True
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
 
-def load_dir(path: str | Path, cache: "ParseCache | None" = None) -> LoadResult:
+@dataclass
+class FileParse:
+    """One file's parse: its valid objects (with document index), its errors and ignored
+    documents. ``unusable`` says the file as a whole could not be read (syntax, encoding, a
+    limit, empty): whoever applies it keeps the file's previous objects."""
+
+    path: str
+    digest: str = ""
+    parsed: list = field(default_factory=list)    # (object, document index)
+    errors: list[ConfigError] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    unusable: bool = False
+
+
+MAX_ERRORS_PER_FILE = 100
+
+
+def manifest_files(directory: Path) -> list[Path]:
+    """Every ``*.yaml`` / ``*.yml`` directly in ``directory`` (dot files are editors' temp
+    files), in name order."""
+    return sorted(f for f in directory.iterdir() if f.suffix in (".yaml", ".yml")
+                  and not f.name.startswith(".") and f.is_file())
+
+
+def file_error(path: str, message: str) -> FileParse:
+    return FileParse(str(path), errors=[ConfigError(str(path), 0, None, None, None, "", message)],
+                     unusable=True)
+
+
+def parse_bytes(data: bytes, filename: str, limits: Limits = DEFAULT_LIMITS,
+                digest: str = "") -> FileParse:
+    """The bytes of one manifest file -> FileParse (pure; never raises for bad input)."""
+    if len(data) > limits.max_file_bytes:
+        return file_error(filename, f"file is {len(data):,} bytes; the limit is "
+                                    f"{limits.max_file_bytes:,} per file (split it)")
+    if not data.strip():
+        # Usually a file caught between truncate and write: its previous objects stay.
+        out = file_error(filename, "file is empty; its previous objects (if any) stay applied "
+                                   "(delete the file to remove them)")
+        out.digest = digest
+        return out
+    result = LoadResult()
+    items: list = []
+    try:
+        text = safeyaml.decode(data)
+    except YamlError as exc:
+        out = file_error(filename, str(exc))
+        out.digest = digest
+        return out
+    unusable = not _parse_text(text, filename, items, result, limits)
+    if len(result.errors) > MAX_ERRORS_PER_FILE:
+        more = len(result.errors) - MAX_ERRORS_PER_FILE
+        result.errors[MAX_ERRORS_PER_FILE:] = [ConfigError(
+            filename, 0, None, None, None, "", f"... and {more:,} more errors in this file "
+            "(only the first ones are listed); the file's previous objects stay applied")]
+    return FileParse(filename, digest, [(o, i) for o, _f, i in items], result.errors,
+                     result.ignored, unusable)
+
+
+def read_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> tuple[FileParse | None, bytes]:
+    """Read one file within the size limit: -> (FileParse with the error, b"") when it cannot
+    be read or is too large, else (None, bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limits.max_file_bytes:
+                return file_error(path, f"file is {size:,} bytes; the limit is "
+                                        f"{limits.max_file_bytes:,} per file (split it)"), b""
+            data = fh.read(limits.max_file_bytes + 1)
+    except OSError as exc:
+        return file_error(path, f"cannot read file: {exc.strerror or exc}"), b""
+    return None, data
+
+
+def digest_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_dir(path: str | Path, cache: "ParseCache | None" = None,
+             limits: Limits = DEFAULT_LIMITS) -> LoadResult:
     """Every ``*.yaml`` / ``*.yml`` directly in ``path``, in name order."""
     p = Path(path)
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml")
-                   and not f.name.startswith("."))
-    return load_files(files, cache)
+    files = manifest_files(p)
+    refused = check_dir(p, files, limits)
+    if refused is not None:
+        return LoadResult(errors=[refused], complete=False)
+    return load_files(files, cache, limits)
+
+
+def check_dir(directory: Path, files: list[Path], limits: Limits) -> ConfigError | None:
+    """The directory-wide limits (file count, total bytes) -> an error, or None."""
+    if len(files) > limits.max_files:
+        return ConfigError(str(directory), 0, None, None, None, "",
+                           f"{len(files):,} manifest files; the limit is {limits.max_files:,} "
+                           "per directory (merge files into multi-document files)")
+    total = 0
+    for f in files:
+        try:
+            total += f.stat().st_size
+        except OSError:
+            continue
+    if total > limits.max_dir_bytes:
+        return ConfigError(str(directory), 0, None, None, None, "",
+                           f"manifests total {total:,} bytes; the limit is "
+                           f"{limits.max_dir_bytes:,} per directory")
+    return None
 
 
 class ParseCache:
@@ -155,44 +305,44 @@ class ParseCache:
     memos rely on. Holds only the files of the last load."""
 
     def __init__(self) -> None:
-        self._files: dict[str, tuple[str, list, list, list]] = {}   # path -> (text, parsed, errors, ignored)
+        self.files: dict[str, FileParse] = {}
 
-    def parse(self, text: str, filename: str, parsed: list, result: "LoadResult", seen: set) -> None:
-        seen.add(filename)
-        hit = self._files.get(filename)
-        if hit is None or hit[0] != text:
-            mine = LoadResult()
-            items: list = []
-            _parse_text(text, filename, items, mine)
-            hit = (text, items, mine.errors, mine.ignored)
-            self._files[filename] = hit
-        parsed.extend(hit[1])
-        result.errors.extend(hit[2])
-        result.ignored.extend(hit[3])
+    def get(self, path: str, digest: str) -> FileParse | None:
+        hit = self.files.get(path)
+        return hit if hit is not None and hit.digest == digest and digest else None
 
     def keep_only(self, seen: set) -> None:
-        for name in [n for n in self._files if n not in seen]:
-            del self._files[name]
+        for name in [n for n in self.files if n not in seen]:
+            del self.files[name]
 
 
-def load_files(paths: Iterable[str | Path], cache: ParseCache | None = None) -> LoadResult:
-    parsed: list[tuple[Resource, str, int]] = []
+def load_files(paths: Iterable[str | Path], cache: ParseCache | None = None,
+               limits: Limits = DEFAULT_LIMITS) -> LoadResult:
+    return assemble([parse_file(p, cache, limits) for p in paths], cache)
+
+
+def parse_file(path: str | Path, cache: ParseCache | None = None,
+               limits: Limits = DEFAULT_LIMITS) -> FileParse:
+    refused, data = read_file(path, limits)
+    if refused is not None:
+        return refused
+    digest = digest_of(data)
+    hit = cache.get(str(path), digest) if cache is not None else None
+    return hit if hit is not None else parse_bytes(data, str(path), limits, digest)
+
+
+def assemble(files: list[FileParse], cache: ParseCache | None = None) -> LoadResult:
+    """Per-file parses -> one LoadResult (objects de-duplicated across files)."""
     result = LoadResult()
-    seen: set[str] = set()
-    for path in paths:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            result.errors.append(ConfigError(str(path), 0, None, None, None, "",
-                                             f"cannot read file: {exc}"))
-            continue
+    parsed: list[tuple[Resource, str, int]] = []
+    for fp in files:
+        parsed.extend((obj, fp.path, index) for obj, index in fp.parsed)
+        result.errors.extend(fp.errors)
+        result.ignored.extend(fp.ignored)
         if cache is not None:
-            cache.parse(text, str(path), parsed, result, seen)
-        else:
-            _parse_text(text, str(path), parsed, result)
+            cache.files[fp.path] = fp
     if cache is not None:
-        cache.keep_only(seen)
+        cache.keep_only({fp.path for fp in files})
     _finish(parsed, result)
     return result
 
@@ -205,63 +355,91 @@ def load_documents(text: str, filename: str = "<input>") -> LoadResult:
     return result
 
 
-def validate_document(doc: Any, filename: str = "<input>", index: int = 0
+def validate_document(doc: Any, filename: str = "<input>", index: int = 0, *, where: str = ""
                       ) -> tuple[Resource | None, list[ConfigError], str | None]:
-    """One parsed YAML document -> (object or None, errors, ignored-reason or None)."""
+    """One parsed YAML document -> (object or None, errors, ignored-reason or None). Values are
+    checked strictly, as the API server does: 1 is not a boolean, "64512" is not an integer.
+    ``where`` prefixes field paths (``items[3]`` inside a ``kind: List``)."""
+    prefix = f"{where}." if where else ""
     if not isinstance(doc, dict):
-        return None, [ConfigError(filename, index, None, None, None, "",
-                                  f"a manifest must be a mapping, got {type(doc).__name__}")], None
+        return None, [ConfigError(filename, index, None, None, None, where,
+                                  f"a manifest must be a mapping, got {_type_name(doc)}")], None
     kind = doc.get("kind")
     api_version = doc.get("apiVersion")
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     name, namespace = meta.get("name"), meta.get("namespace")
+    name = name if isinstance(name, str) else None
+    namespace = namespace if isinstance(namespace, str) else None
 
     def err(fieldpath: str, msg: str) -> ConfigError:
-        return ConfigError(filename, index, kind, namespace, name, fieldpath, msg)
+        return ConfigError(filename, index, kind if isinstance(kind, str) else None, namespace,
+                           name, prefix + fieldpath if fieldpath else where, msg)
 
     if not kind or not api_version:
         return None, [err("apiVersion" if not api_version else "kind",
                           "required (every manifest needs apiVersion and kind)")], None
+    if not isinstance(kind, str) or not isinstance(api_version, str):
+        bad = "kind" if not isinstance(kind, str) else "apiVersion"
+        return None, [err(bad, f"must be a string, got {_type_name(doc[bad])}")], None
     model = KINDS.get(kind)
     if model is None:
-        return None, [], f"{filename}: {api_version} {kind} {name or ''}: kind not used by vipd"
+        known = _group_kinds(api_group(api_version))
+        if not known or known.get(kind) == "other":
+            return None, [], f"{filename}: {api_version} {kind} {name or ''}: kind not used by vipd"
+        group = api_group(api_version) or "core"
+        return None, [err("kind", f"{kind!r} is not a kind of the {group} API group"
+                          f"{did_you_mean(kind, known)}")], None
     if api_version not in model.API_VERSIONS:
-        return None, [err("apiVersion", f"{api_version!r} is not served for {kind}; use one of "
-                          f"{', '.join(model.API_VERSIONS)}")], None
+        return None, [err("apiVersion", f"{api_version[:100]!r} is not served for {kind}; use one "
+                          f"of {', '.join(model.API_VERSIONS)}")], None
     try:
-        obj = model.model_validate(doc)
+        obj = model.model_validate(doc, strict=True)
     except ValidationError as exc:
         return None, [err(*_explain(model, e)) for e in exc.errors()], None
     return obj, [], None
 
 
-# libyaml's parser when PyYAML has it (8x faster: 40,000 documents in ~4 s instead of ~35 s);
-# the same YAML 1.1 safe schema either way.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value),
+                                                                        type(value).__name__)
 
 
-def _parse_text(text: str, filename: str, parsed: list, result: LoadResult) -> None:
+def _parse_text(text: str, filename: str, parsed: list, result: LoadResult,
+                limits: Limits = DEFAULT_LIMITS) -> bool:
+    """False when the text as a whole is unusable (the error is in ``result``)."""
     try:
-        docs = list(yaml.load_all(text, Loader=_SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        result.errors.append(ConfigError(filename, 0, None, None, None, "",
-                                         f"invalid YAML{where}: {getattr(exc, 'problem', exc)}"))
-        return
-    index = -1
-    for doc in docs:
-        if doc is None:
+        docs = safeyaml.load_documents(text, limits)
+    except YamlError as exc:
+        result.errors.append(ConfigError(filename, 0, None, None, None, "", str(exc)))
+        return False
+    for d in docs:
+        if d.error is not None:
+            e = d.error
+            result.errors.append(ConfigError(filename, d.index, e.kind, e.namespace, e.name,
+                                             e.field, e.message))
             continue
-        index += 1
-        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-        for item in items or []:
-            obj, errors, ignored = validate_document(item, filename, index)
+        doc = d.value
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            items = doc.get("items")
+            if items is None:
+                continue
+            if not isinstance(items, list):
+                result.errors.append(ConfigError(filename, d.index, "List", None, None, "items",
+                                                 f"must be a list of objects, got "
+                                                 f"{_type_name(items)}"))
+                continue
+            entries = [(item, f"items[{i}]") for i, item in enumerate(items)]
+        else:
+            entries = [(doc, "")]
+        for item, where in entries:
+            obj, errors, ignored = validate_document(item, filename, d.index, where=where)
             result.errors.extend(errors)
             if ignored:
                 result.ignored.append(ignored)
             if obj is not None:
-                parsed.append((obj, filename, index))
+                parsed.append((obj, filename, d.index))
+    return True
 
 
 def _finish(parsed: list[tuple[Resource, str, int]], result: LoadResult) -> None:
@@ -306,14 +484,37 @@ def _explain(model: type[BaseModel], error: dict) -> tuple[str, str]:
     elif etype in ("greater_than_equal", "less_than_equal", "greater_than", "less_than",
                    "string_too_long", "string_too_short", "too_short", "too_long"):
         bounds = _bounds(model, loc)
-        shown = f"{len(got)} items" if isinstance(got, (list, dict)) else repr(got)
+        shown = f"{len(got)} items" if isinstance(got, (list, dict)) else _shown(got)
         if etype in ("string_too_long", "string_too_short"):
             shown = f"{len(got)} characters" if isinstance(got, str) else shown
         msg = f"{msg} (got {shown})" + (f"; allowed: {bounds}" if bounds else "")
     elif etype in ("int_parsing", "int_type", "bool_parsing", "bool_type", "string_type",
-                   "literal_error", "dict_type", "list_type", "model_type", "int_from_float"):
-        msg = f"{msg} (got {got!r})"
-    return path, msg
+                   "literal_error", "dict_type", "list_type", "model_type", "int_from_float",
+                   "model_attributes_type", "float_type", "enum", "string_pattern_mismatch"):
+        msg = f"{msg} (got {_shown(got)})"
+        if isinstance(got, bool) and etype in ("string_type", "literal_error"):
+            msg += ("; YAML reads unquoted true/false/yes/no/on/off as booleans: quote the "
+                    "value")
+        elif isinstance(got, (int, float)) and not isinstance(got, bool) and etype in (
+                "string_type", "literal_error"):
+            msg += "; quote the value to make it a string"
+        elif isinstance(got, str) and etype in ("int_type", "bool_type"):
+            msg += "; write it without quotes"
+        elif isinstance(got, bool) and etype == "int_type":
+            msg += "; a boolean is not a number"
+    return path, msg[:500]
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, never longer than a line (a mapping may be huge)."""
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} keys"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _format_loc(loc: list) -> str:

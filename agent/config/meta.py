@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 
 # Kubernetes label key: optional DNS-subdomain prefix + "/" + name (<=63 chars).
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -131,7 +132,33 @@ class ObjectMeta(LooseModel):
     @field_validator("labels", "annotations", mode="before")
     @classmethod
     def _none_is_empty(cls, v):
-        return {} if v is None else {str(k): str(val) for k, val in v.items()}
+        return {} if v is None else v   # values must be strings (strict), as in Kubernetes
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _DNS_SUBDOMAIN.match(v):
+            raise ValueError(f"{v[:80]!r} is not a valid name: lowercase letters, digits, '-' and "
+                             "'.', starting and ending with a letter or digit (RFC 1123)")
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and not (len(v) <= 63 and _DNS_LABEL.match(v)):
+            raise ValueError(f"{v[:80]!r} is not a valid namespace: at most 63 lowercase "
+                             "letters, digits and '-', starting and ending alphanumeric")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            check_label_key(key)
+            if value and not (len(value) <= 63 and _LABEL_NAME.match(value)):
+                raise ValueError(f"label {key}: value {value[:80]!r} must be at most 63 chars of "
+                                 "[A-Za-z0-9-_.], starting and ending alphanumeric")
+        return v
 
 
 class Condition(LooseModel):

@@ -471,6 +471,8 @@ def _gobgp_route(prefix: str, path: dict) -> Route:
                  stale=bool(path.get("stale", False)), source=path.get("neighbor-ip", ""))
 
 
+# How FRR prints well-known communities (the lab compares routes of FRR, GoBGP and BIRD in
+# FRR's words; vipd's own names are agent/bgp/communities.py, GoBGP's)
 _WELL_KNOWN = {0xFFFFFF01: "no-export", 0xFFFFFF02: "no-advertise", 0xFFFFFF03: "local-AS",
                0xFFFF0000: "graceful-shutdown", 0xFFFFFF04: "no-peer", 0xFFFF029A: "blackhole"}
 

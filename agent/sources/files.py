@@ -3,14 +3,18 @@
 Every ``*.yaml`` / ``*.yml`` directly in the directory is read (multi-document; other files
 and subdirectories are ignored), parsed and validated by :mod:`agent.config`, and installed
 into the :class:`~agent.store.Store` as one snapshot. The directory is watched with
-``watchfiles``: an edit, a new file or a deleted file produces a new snapshot within the
-debounce interval, no restart needed. A document that fails validation is reported (file,
-object, field path) and rejected like the API server rejects an invalid ``kubectl apply``: the
-object's previous valid version stays in effect (a file that no longer parses keeps all of its
-previous objects); every other document still applies.
+``watchfiles``: an edit, a new file or a deleted file produces a new snapshot once the files
+have stopped changing (``settle_ms``), no restart needed.
 
-Editors and config-management tools often write a temp file and rename it over the target;
-that is one change here. A content fingerprint suppresses no-op reloads (touch, chmod).
+The daemon parses in a separate process (:mod:`agent.config.worker`) under size, depth, alias,
+memory and time limits, and hands the results to the event loop in small pieces: no manifest,
+however hostile, holds the loop that keeps the BGP sessions alive.
+
+What applies when something is wrong (docs/operations.md, "Bad configuration"): a document that
+fails validation is rejected like the API server rejects an invalid ``kubectl apply`` — the
+object's previous valid version stays in effect; a file that cannot be read as a whole (syntax,
+encoding, a limit, empty) keeps all of its previous objects; a directory beyond the directory
+limits keeps the whole previous configuration. Everything else applies.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from agent.config.loader import manifest_files
+from agent.config.safeyaml import DEFAULT_LIMITS, Limits
 from agent.log import get_logger
 
 __all__ = ["FileSource", "yaml_files", "fingerprint", "validate_dir", "ValidationReport",
@@ -31,12 +38,7 @@ __all__ = ["FileSource", "yaml_files", "fingerprint", "validate_dir", "Validatio
 log = get_logger("config")
 
 SUFFIXES = (".yaml", ".yml")
-
-
-def yaml_files(directory: Path) -> list[Path]:
-    # Dot files are editors' temp files (and what agent.config.load_dir skips too).
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith("."))
+yaml_files = manifest_files
 
 
 def fingerprint(files: Iterable[Path]) -> str:
@@ -50,19 +52,48 @@ def fingerprint(files: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-class FileSource:
-    """Load ``directory`` into ``store`` now (:meth:`load`) and on every change (:meth:`run`)."""
+def _stat_snapshot(directory: Path) -> tuple:
+    """(name, size, mtime, inode) of every manifest: equal snapshots = nothing to reload."""
+    out = []
+    try:
+        for p in manifest_files(directory):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((p.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    except OSError:
+        return ()
+    return tuple(out)
 
-    def __init__(self, directory: str | Path, store, *, debounce_ms: int = 150):
+
+class FileSource:
+    """Load ``directory`` into ``store`` (:meth:`reload` in the daemon, :meth:`load` in-process
+    for tools and tests) and on every change (:meth:`run`)."""
+
+    def __init__(self, directory: str | Path, store, *, debounce_ms: int = 150,
+                 settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS):
+        from agent.config.loader import ParseCache
+        from agent.config.worker import ParserProcess
+
         self.directory = Path(directory)
         self.store = store
         self.debounce_ms = debounce_ms
+        self.settle_ms = settle_ms
+        self.limits = limits
         self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
-        from agent.config.loader import ParseCache
         self._cache = ParseCache()   # unchanged files are not parsed again
+        self._parser = ParserProcess(log)
+        self._lock = asyncio.Lock()
+        self._seen_stat: tuple | None = None
+        self._logged: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ loading
 
     def load(self) -> bool:
-        """Read and validate the directory; True when the store got a new snapshot."""
+        """Read and validate the directory in this process; True when the store got a new
+        snapshot. (The daemon uses :meth:`reload`, which parses in the worker process.)"""
         from agent.config import load_dir
 
         if not self.directory.is_dir():
@@ -71,19 +102,85 @@ class FileSource:
         fp = fingerprint(yaml_files(self.directory))
         if fp == self.store.current.fingerprint:
             return False
-        result = load_dir(self.directory, self._cache)
+        result = load_dir(self.directory, self._cache, self.limits)
+        return self._install(self._decide(result), fp, t0)
+
+    async def reload(self, *, force: bool = False) -> bool:
+        """Parse the directory in the worker process and install the result; True when the
+        store got a new snapshot. Skipped when no file changed (size, mtime, inode) unless
+        ``force``."""
+        from agent.config.loader import ConfigError, LoadResult, assemble
+
+        async with self._lock:
+            t0 = time.monotonic()
+            stat = await asyncio.to_thread(_stat_snapshot, self.directory)
+            if not force and stat == self._seen_stat and self.store.current.generation:
+                return False
+            if not self.directory.is_dir():
+                raise FileNotFoundError(f"config directory {self.directory} does not exist")
+            files, dir_error = await self._parser.parse_dir(self.directory, dict(self._cache.files),
+                                                            self.limits)
+            self._seen_stat = stat
+            if dir_error is not None:
+                result = LoadResult(errors=[ConfigError(str(self.directory), 0, None, None, None,
+                                                        "", dir_error)], complete=False)
+            else:
+                # object de-duplication and sorting: Python-level work, so the loop keeps its
+                # turns (a thread yields the GIL every few ms)
+                result = await asyncio.to_thread(assemble, files, self._cache)
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.path.encode() + b"\0" + f.digest.encode())
+            for e in result.errors:
+                h.update(str(e).encode())
+            decided = await asyncio.to_thread(self._decide, result)
+            return self._install(decided, h.hexdigest(), t0)
+
+    def request_reload(self) -> None:
+        """Reload soon (SIGHUP): a task on the running loop, never a parse in the caller."""
+        task = asyncio.get_running_loop().create_task(self._reload_logged(force=True))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self, *, force: bool = False) -> None:
+        try:
+            await self.reload(force=force)
+        except Exception as exc:  # noqa: BLE001 - a bad edit must never kill the watcher
+            log.error("configuration reload failed; the previous configuration stays applied",
+                      dir=str(self.directory), error=str(exc)[:500])
+
+    def _decide(self, result):
+        """-> (objects, errors, ignored, kept): what to install. A refused directory keeps the
+        whole previous configuration."""
+        if not result.complete:
+            previous = self.store.current
+            objects = previous.objects if previous.objects is not None else result.objects
+            kept = tuple(sorted(o.key for o in objects.all()))
+            return objects, result.errors, result.ignored, kept
         objects, kept = self._keep_last_good(result)
-        changed = self.store.replace(objects, errors=result.errors, ignored=result.ignored,
-                                     fingerprint=fp, source=str(self.directory), kept=kept)
+        return objects, result.errors, result.ignored, kept
+
+    def _install(self, decided, fp: str, t0: float) -> bool:
+        objects, errors, ignored, kept = decided
+        changed = self.store.replace(objects, errors=errors, ignored=ignored, fingerprint=fp,
+                                     source=str(self.directory), kept=kept)
         if changed:
             snap = self.store.current
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
-                     objects=sum(1 for _ in objects.all()), errors=len(result.errors),
+                     objects=sum(1 for _ in objects.all()), errors=len(errors),
                      load_s=round(time.monotonic() - t0, 3))
-            for err in result.errors:
-                log.warning("invalid object rejected", error=str(err))
+            # each problem is logged once, when it appears (not again on every reload)
+            now = {str(e) for e in errors} | {f"kept:{k}" for k in kept}
+            for err in errors:
+                if str(err) not in self._logged:
+                    log.warning("invalid configuration rejected", error=str(err))
             for key in kept:
-                log.warning("invalid edit rejected; the previous version stays applied", object=key)
+                if f"kept:{key}" not in self._logged:
+                    log.warning("invalid edit rejected; the previous version stays applied",
+                                object=key)
+            for gone in sorted(self._logged - now):
+                log.info("configuration problem resolved", error=gone.removeprefix("kept:"))
+            self._logged = now
         return changed
 
     def _keep_last_good(self, result):
@@ -99,6 +196,9 @@ class FileSource:
             previous = self._last_good.get(err.file, {})
             if err.kind is None or err.name is None:      # the file (or a document) did not parse
                 candidates = previous.items()
+            elif err.field.endswith(("kind", "apiVersion")):   # a typo in the kind: same name
+                candidates = [(k, o) for k, o in previous.items() if o.name == err.name
+                              and (err.namespace is None or o.namespace == err.namespace)]
             else:
                 candidates = [(k, o) for k, o in previous.items()
                               if o.KIND == err.kind and o.name == err.name
@@ -115,25 +215,43 @@ class FileSource:
             return result.objects, ()
         return ObjectSet.from_objects([*current.values(), *kept.values()]), tuple(sorted(kept))
 
+    # ------------------------------------------------------------------ watching
+
+    async def _settled(self) -> None:
+        """Wait until no manifest changed for ``settle_ms`` (a file written in several chunks,
+        or truncated and then written, is read once complete); at most 5 s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        before = await asyncio.to_thread(_stat_snapshot, self.directory)
+        while loop.time() < deadline:
+            await asyncio.sleep(self.settle_ms / 1000)
+            now = await asyncio.to_thread(_stat_snapshot, self.directory)
+            if now == before:
+                return
+            before = now
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Watch the directory until ``stop`` is set; reload on every change."""
         import watchfiles
 
-        def yaml_only(change, path: str) -> bool:
-            p = Path(path)
-            return p.suffix in SUFFIXES and not p.name.startswith(".") and p.parent == self.directory
-
         self.directory = self.directory.resolve()
-        # yield_on_timeout: also re-check every 2 s, so a change made before the watcher was
-        # armed (or lost by the OS) is picked up; unchanged content is a cheap no-op.
-        async for _changes in watchfiles.awatch(self.directory, watch_filter=yaml_only,
-                                                debounce=self.debounce_ms, step=50,
-                                                stop_event=stop, recursive=False,
-                                                rust_timeout=2000, yield_on_timeout=True):
-            try:
-                self.load()
-            except Exception as exc:  # noqa: BLE001 - a bad edit must never kill the watcher
-                log.error("configuration reload failed", dir=str(self.directory), error=str(exc))
+        try:
+            # yield_on_timeout: also re-check every 2 s, so a change made before the watcher was
+            # armed (or lost by the OS) is picked up. No per-path filter: with 10,000 files
+            # changing at once, a Python filter call per path held the loop for ~0.1 s; the stat
+            # snapshot in reload() says whether a manifest changed at all.
+            async for changes in watchfiles.awatch(self.directory, watch_filter=None,
+                                                   debounce=self.debounce_ms, step=50,
+                                                   stop_event=stop, recursive=False,
+                                                   rust_timeout=2000, yield_on_timeout=True):
+                if changes:
+                    await self._settled()
+                await self._reload_logged()
+        finally:
+            await self._parser.close()
+
+    async def close(self) -> None:
+        await self._parser.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,22 +286,27 @@ class ValidationReport:
         return "\n".join(lines) + "\n"
 
 
-def validate_dir(directory: str | Path) -> ValidationReport:
+def validate_dir(directory: str | Path, limits: Limits = DEFAULT_LIMITS) -> ValidationReport:
     """Everything the daemon would reject or flag, without a daemon: schema errors per document
     and the status conditions that are True (a missing PeerConfig, a selector matching nothing)."""
-    from agent.config import load_dir
+    from agent.config.loader import check_dir, load_files
 
     d = Path(directory)
     report = ValidationReport(str(d))
     if not d.is_dir():
         report.errors.append(f"{d}: not a directory")
         return report
-    report.files = [p.name for p in yaml_files(d)]
+    files = yaml_files(d)
+    report.files = [p.name for p in files]
     if not report.files:
         # Most likely a wrong path: the daemon reads only this directory, not subdirectories.
         report.errors.append(f"{d}: no *.yaml or *.yml files (subdirectories are not read)")
         return report
-    result = load_dir(d)
+    refused = check_dir(d, files, limits)
+    if refused is not None:
+        report.errors.append(f"{refused}; vipd would keep its previous configuration")
+        return report
+    result = load_files(files, limits=limits)
     report.objects = [o.key for o in result.objects.all()]
     report.errors = [str(e) for e in result.errors]
     from agent.config.bfd import bfd_annotation_errors
@@ -205,10 +328,23 @@ def migrate_files(paths: Iterable[str | Path]) -> str:
 
     from agent.controlplane.migrate import migrate
 
+    from agent.config.loader import read_file
+    from agent.config.safeyaml import YamlError, decode, load_documents
+
     documents: list[dict] = []
     for p in paths:
-        with open(p) as fh:
-            documents += [d for d in yaml.safe_load_all(fh) if d]
+        refused, data = read_file(p)
+        if refused is not None:
+            raise ValueError(str(refused.errors[0]))
+        try:
+            docs = load_documents(decode(data))
+        except YamlError as exc:
+            raise ValueError(f"{p}: {exc}") from None
+        for d in docs:
+            if d.error is not None:
+                raise ValueError(f"{p}: {d.error.field}: {d.error.message}")
+            if d.value:
+                documents.append(d.value)
     result = migrate(documents)
     header = "".join(f"# warning: {w}\n" for w in result.warnings)
     body = yaml.safe_dump_all(json.loads(json.dumps(result.documents)), sort_keys=False,

@@ -1,0 +1,311 @@
+"""YAML text -> Python documents, with limits that hold against hostile input (pure: text in,
+documents or errors out).
+
+libyaml builds the node graph (fast, in C); before any node becomes a Python value the graph is
+checked: nesting depth, alias expansion (a "billion laughs" file is a few hundred bytes whose
+aliases expand to billions of nodes), duplicate mapping keys (the Kubernetes API server rejects
+them; PyYAML silently keeps the last) and documents per file. libyaml's composer recurses once
+per nesting level in C, so a cheap upper bound on the depth is computed from the text first and,
+when it is high, the exact depth comes from libyaml's event stream (iterative) before composing.
+
+Timestamps stay strings, as they do when Kubernetes converts YAML to JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+__all__ = ["Limits", "YamlError", "DocumentError", "Document", "load_documents", "decode"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on configuration input; a file beyond one is rejected with an error that names
+    the limit (docs/configuration.md, "Limits")."""
+
+    max_file_bytes: int = 10 * 1024 * 1024      # per file
+    max_dir_bytes: int = 256 * 1024 * 1024      # all manifests of the directory together
+    max_files: int = 5_000                      # manifests per directory
+    max_documents: int = 100_000                # YAML documents per file
+    max_document_bytes: int = 1536 * 1024       # per document (object), etcd's request limit
+    max_document_values: int = 100_000          # per document: commas + line breaks
+    max_depth: int = 100                        # nesting of mappings/sequences
+    alias_expansion: int = 10                   # expanded nodes <= this x written nodes (+10,000)
+    # the daemon's parser process (agent.config.worker): address space and silence before it
+    # is killed and the file it was reading is reported
+    worker_memory_bytes: int = 2 * 1024 * 1024 * 1024
+    worker_timeout_s: float = 60.0
+
+
+DEFAULT_LIMITS = Limits()
+
+# `--config-limit NAME=VALUE` (vipd run, vipctl config validate): the names users write
+LIMIT_NAMES = {"file-bytes": "max_file_bytes", "dir-bytes": "max_dir_bytes",
+               "files": "max_files", "documents": "max_documents",
+               "document-bytes": "max_document_bytes", "document-values": "max_document_values",
+               "depth": "max_depth", "parser-memory-bytes": "worker_memory_bytes",
+               "parser-timeout-seconds": "worker_timeout_s"}
+
+
+def parse_limits(settings: list[str], base: Limits = DEFAULT_LIMITS) -> Limits:
+    """["files=10000", "dir-bytes=1073741824"] -> Limits; ValueError naming what is allowed."""
+    import dataclasses
+
+    changes: dict = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if name not in LIMIT_NAMES or not sep:
+            raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(LIMIT_NAMES)}")
+        try:
+            number = float(value) if name == "parser-timeout-seconds" else int(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a number") from None
+        if number <= 0:
+            raise ValueError(f"{item!r}: must be positive")
+        changes[LIMIT_NAMES[name]] = number
+    return dataclasses.replace(base, **changes)
+
+
+class YamlError(Exception):
+    """The whole file is unusable (syntax, encoding, a limit); ``line`` is 1-based or None."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+    def __str__(self) -> str:
+        msg = self.args[0]
+        return f"{msg} (line {self.line})" if self.line else msg
+
+
+@dataclass(frozen=True)
+class DocumentError:
+    """One document is unusable (a duplicate key); the file's other documents still load."""
+
+    field: str
+    message: str
+    kind: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class Document:
+    index: int                    # 0-based among the file's non-empty documents
+    value: Any = None
+    error: DocumentError | None = None
+
+
+def decode(data: bytes) -> str:
+    """UTF-8 (an optional BOM is dropped) or YamlError naming where the bad byte is."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise YamlError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                        "(manifests must be UTF-8)", line) from None
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's parser with PyYAML's safe constructors; timestamps stay strings."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+
+_COLLECTIONS = (yaml.MappingNode, yaml.SequenceNode)
+# Block nesting needs one column of indentation (or one "- " / "? " / ": " indicator) per level,
+# and flow nesting one bracket: this bounds the depth from above without parsing.
+_BLOCK_PREFIX = re.compile(r"(?m)^([ \t]*(?:(?:[-?:][ \t]+)[ \t]*)*)")
+_DOC_START = re.compile(r"(?m)^---(?=[ \t\r\n]|$)")
+_SAFE_COMPOSE_DEPTH = 5_000   # libyaml's recursive composer is fine far beyond this
+
+
+def _depth_bound(text: str, chunks: list[str]) -> int:
+    # libyaml ends a document at a "---" in column 0 in every context (inside a flow collection
+    # or a quoted scalar it is an error), so flow nesting never crosses these splits.
+    flow = max((c.count("[") + c.count("{") for c in chunks), default=0)
+    if flow > _SAFE_COMPOSE_DEPTH:
+        return flow
+    block = max((len(m) for m in _BLOCK_PREFIX.findall(text)), default=0)
+    return flow + block + 1
+
+
+def _exact_depth(text: str, limit: int) -> None:
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > limit:
+                    raise YamlError(f"nested deeper than {limit} levels", event.start_mark.line + 1)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc) from None
+
+
+def _syntax_error(exc: yaml.YAMLError) -> YamlError:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    msg = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
+    return YamlError(msg[:300], mark.line + 1 if mark is not None else None)
+
+
+def _scalar_text(node) -> str | None:
+    return node.value if isinstance(node, yaml.ScalarNode) else None
+
+
+def _child(node, key: str):
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if _scalar_text(k) == key:
+                return v
+    return None
+
+
+def _identity(root) -> tuple[str | None, str | None, str | None]:
+    meta = _child(root, "metadata")
+    return (_scalar_text(_child(root, "kind")) if _child(root, "kind") is not None else None,
+            _scalar_text(_child(meta, "name")) if _child(meta, "name") is not None else None,
+            _scalar_text(_child(meta, "namespace")) if _child(meta, "namespace") is not None else None)
+
+
+def _path_to(root, target) -> str:
+    """The field path of ``target`` below ``root`` (only asked for when reporting an error)."""
+    stack: list[tuple[Any, str]] = [(root, "")]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if id(node) in seen or not isinstance(node, _COLLECTIONS):
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node.value))
+        else:
+            for k, v in node.value:
+                key = _scalar_text(k) or "?"
+                stack.append((v, f"{path}.{key}" if path else key))
+    return ""
+
+
+def _check_graph(root, limits: Limits) -> tuple[int, int, DocumentError | None]:
+    """Walk one document's node graph once: -> (written nodes, expanded nodes, duplicate-key
+    error). Depth beyond the limit and recursive aliases raise YamlError."""
+    written = 0
+    expanded_of: dict[int, int] = {}      # collection id -> nodes it expands to
+    on_path: set[int] = set()
+    dup: DocumentError | None = None
+    # iterative post-order: (node, depth, children_done)
+    stack: list[tuple[Any, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if not isinstance(node, _COLLECTIONS):
+            continue
+        nid = id(node)
+        if done:
+            on_path.discard(nid)
+            total = 1
+            if isinstance(node, yaml.SequenceNode):
+                for v in node.value:
+                    total += expanded_of.get(id(v), 1)
+            else:
+                for k, v in node.value:
+                    total += expanded_of.get(id(k), 1) + expanded_of.get(id(v), 1)
+            expanded_of[nid] = total
+            continue
+        if nid in expanded_of:
+            continue                      # an alias of a node already measured
+        if nid in on_path:
+            raise YamlError("an alias refers to a node that contains it (recursive alias)",
+                            node.start_mark.line + 1)
+        if depth > limits.max_depth:
+            raise YamlError(f"nested deeper than {limits.max_depth} levels",
+                            node.start_mark.line + 1)
+        on_path.add(nid)
+        written += 1 + len(node.value)
+        stack.append((node, depth, True))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((v, depth + 1, False) for v in node.value)
+        else:
+            keys: set[tuple[str, str]] = set()
+            for k, v in node.value:
+                if dup is None and isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    ident = (k.tag, k.value)
+                    if ident in keys:
+                        kind, name, namespace = _identity(root)
+                        parent = _path_to(root, node)
+                        dup = DocumentError(
+                            f"{parent}.{k.value}" if parent else k.value,
+                            f"duplicate key {k.value[:80]!r} (line {k.start_mark.line + 1}); a "
+                            "mapping may hold each key once (the API server rejects this too)",
+                            kind, name, namespace)
+                    keys.add(ident)
+                stack.append((k, depth + 1, False))
+                stack.append((v, depth + 1, False))
+    return written, expanded_of.get(id(root), 1), dup
+
+
+def load_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]:
+    """Every non-empty document of ``text``. Raises YamlError when the file as a whole is
+    unusable (syntax, depth, aliasing, too many documents)."""
+    # "---" in column 0 always starts a document (see _depth_bound): refuse before parsing
+    chunks = _DOC_START.split(text)
+    if len(chunks) - 1 > limits.max_documents:
+        raise YamlError(f"{len(chunks) - 1:,} documents in one file; the limit is "
+                        f"{limits.max_documents:,} (split it into several files)")
+    biggest = max(range(len(chunks)), key=lambda i: len(chunks[i]))
+    if len(chunks[biggest]) > limits.max_document_bytes:
+        line = 1 + sum(c.count("\n") for c in chunks[:biggest])
+        raise YamlError(f"a document of {len(chunks[biggest]):,} bytes; the limit is "
+                        f"{limits.max_document_bytes:,} per object (Kubernetes' etcd refuses "
+                        "bigger objects too)", line)
+    # Building nodes costs ~3 µs each in libyaml's composer: a 1 MB flow list of 500,000 numbers
+    # takes seconds. Every value but the first of a collection follows a "," or a line break.
+    busiest = max(range(len(chunks)), key=lambda i: chunks[i].count(",") + chunks[i].count("\n"))
+    values = chunks[busiest].count(",") + chunks[busiest].count("\n")
+    if values > limits.max_document_values:
+        line = 1 + sum(c.count("\n") for c in chunks[:busiest])
+        raise YamlError(f"a document with about {values:,} values (commas and lines); the limit "
+                        f"is {limits.max_document_values:,} per object", line)
+    if _depth_bound(text, chunks) > _SAFE_COMPOSE_DEPTH:
+        _exact_depth(text, limits.max_depth)
+    loader = _Loader(text)
+    out: list[Document] = []
+    written = expanded = 0
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+                continue                  # an empty document (a stray "---")
+            if len(out) >= limits.max_documents:
+                raise YamlError(f"more than {limits.max_documents:,} documents in one file; "
+                                f"the limit is {limits.max_documents:,} (split it into several "
+                                "files)")
+            w, e, dup = _check_graph(node, limits)
+            written += w
+            expanded += e
+            if expanded > limits.alias_expansion * written + 10_000:
+                raise YamlError(f"aliases expand to more than {limits.alias_expansion}x the "
+                                f"nodes written ({expanded:,} > {written:,}); refusing a YAML "
+                                "alias bomb", node.start_mark.line + 1)
+            if dup is not None:
+                out.append(Document(len(out), None, dup))
+                continue
+            out.append(Document(len(out), loader.construct_document(node)))
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc) from None
+    except RecursionError:
+        raise YamlError(f"nested too deeply (limit {limits.max_depth} levels)") from None
+    finally:
+        loader.dispose()
+    return out

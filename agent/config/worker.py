@@ -1,0 +1,224 @@
+"""The parser process: the daemon reads its configuration directory through it, so hostile input
+(an alias bomb, a 10 MiB file, 10,000 files) costs this process CPU and memory, never the event
+loop that keeps the BGP sessions alive.
+
+    parent --request--> worker: {"dir", "known": {path: digest}, "poison": {path: digest}, "limits"}
+    worker --messages--> parent, one per line of work, each a length-prefixed pickle:
+        ("begin", path)                   about to parse path (names the culprit of a crash)
+        ("same", path, digest)            content unchanged since the parent's last load
+        ("file", FileParse)               a file's errors/ignored (objects follow in chunks)
+        ("objects", path, [(obj, index)])  at most CHUNK objects, so unpickling one message
+                                          never holds the parent's event loop for long
+        ("done", dir_error, [paths])      the load is complete
+    (and once, when it has started: ("ready",))
+
+The worker lives under RLIMIT_AS (``Limits.worker_memory_bytes``); the parent kills it when it is
+silent for ``Limits.worker_timeout_s``. Either way the parent reports the file it was reading and
+retries the load without that file (see ``agent.sources.files``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import struct
+import sys
+from pathlib import Path
+
+from agent.config.loader import (FileParse, check_dir, digest_of, file_error, manifest_files,
+                                 parse_bytes, read_file)
+
+CHUNK = 256
+STARTUP_TIMEOUT_S = 60.0
+_HEADER = struct.Struct(">I")
+
+
+def encode(message) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+def header_size() -> int:
+    return _HEADER.size
+
+
+def body_size(header: bytes) -> int:
+    return _HEADER.unpack(header)[0]
+
+
+def serve_one(request: dict, send) -> None:
+    """Answer one load request through ``send(message)`` (pure apart from reading the files)."""
+    directory = Path(request["dir"])
+    limits = request["limits"]
+    known: dict[str, str] = request.get("known", {})
+    poison: dict[str, str] = request.get("poison", {})
+    try:
+        files = manifest_files(directory)
+    except OSError as exc:
+        send(("done", f"{directory}: cannot list the directory: {exc.strerror or exc}", []))
+        return
+    refused = check_dir(directory, files, limits)
+    if refused is not None:
+        send(("done", str(refused), [str(f) for f in files]))
+        return
+    for f in files:
+        path = str(f)
+        error, data = read_file(f, limits)
+        if error is not None:
+            send(("file", error))
+            continue
+        digest = digest_of(data)
+        if known.get(path) == digest:
+            send(("same", path, digest))
+            continue
+        if poison.get(path) == digest:
+            fp = file_error(path, "the parser process died reading this file (memory limit "
+                                  f"{limits.worker_memory_bytes // 2**20} MiB or "
+                                  f"{limits.worker_timeout_s:g} s time limit); its previous "
+                                  "objects stay applied")
+            fp.digest = digest
+            send(("file", fp))
+            continue
+        send(("begin", path, digest))
+        try:
+            fp = parse_bytes(data, path, limits, digest)
+        except MemoryError:
+            fp = file_error(path, "parsing needs more memory than the parser's limit "
+                                  f"({limits.worker_memory_bytes // 2**20} MiB)")
+            fp.digest = digest
+        except RecursionError:
+            fp = file_error(path, "nested too deeply to parse")
+            fp.digest = digest
+        objects, fp.parsed = fp.parsed, []
+        send(("file", fp))
+        for start in range(0, len(objects), CHUNK):
+            send(("objects", path, objects[start:start + CHUNK]))
+        del objects, data
+    send(("done", None, [str(f) for f in files]))
+
+
+def main() -> None:
+    limits_set = False
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def send(message) -> None:
+        stdout.write(encode(message))
+        stdout.flush()
+
+    send(("ready",))
+    while True:
+        header = stdin.read(header_size())
+        if len(header) < header_size():
+            return                                    # the parent closed the pipe
+        request = pickle.loads(stdin.read(body_size(header)))
+        if not limits_set:
+            cap = request["limits"].worker_memory_bytes
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            # parsing yields the CPU to the daemon, whose loop runs the BGP timers
+            os.nice(10)
+            limits_set = True
+        try:
+            serve_one(request, send)
+        except MemoryError:
+            # out of memory outside a file's parse (sending its result): the parent reports
+            # the file it was reading and starts a new worker
+            os._exit(3)
+        except Exception as exc:  # noqa: BLE001 - one line for the daemon's log, not a traceback
+            sys.stderr.write(f"vipd config parser: {type(exc).__name__}: {str(exc)[:300]}\n")
+            os._exit(4)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
+
+
+# ------------------------------------------------------------------------------ the parent side
+
+
+class ParserProcess:
+    """The daemon's handle on one worker process (started on first use, restarted after it
+    dies). ``poison`` remembers files (by content) that killed a worker, so a bad file is
+    reported once instead of crashing every reload."""
+
+    def __init__(self, log=None) -> None:
+        self._proc = None
+        self.poison: dict[str, str] = {}
+        self.log = log
+
+    async def _start(self, limits):
+        import asyncio
+
+        if self._proc is not None and self._proc.returncode is None:
+            return self._proc
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.config.worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env)
+        # imports take a while on a busy machine; the per-message timeout starts after them
+        try:
+            ready = await self._receive(self._proc, STARTUP_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            await self.close()
+            raise RuntimeError("the configuration parser process did not start") from None
+        assert ready == ("ready",), ready
+        return self._proc
+
+    async def _receive(self, proc, timeout: float):
+        import asyncio
+
+        header = await asyncio.wait_for(proc.stdout.readexactly(header_size()), timeout)
+        body = await asyncio.wait_for(proc.stdout.readexactly(body_size(header)), timeout)
+        return pickle.loads(body)
+
+    async def parse_dir(self, directory: Path, known: dict[str, "FileParse"], limits
+                        ) -> tuple[list[FileParse], str | None]:
+        """-> (one FileParse per manifest, in name order; a directory-wide error or None).
+        Unchanged files come back as the very objects in ``known`` (path -> last FileParse)."""
+        import asyncio
+
+        for _attempt in range(8):
+            proc = await self._start(limits)
+            proc.stdin.write(encode({"dir": str(directory), "limits": limits, "poison": self.poison,
+                                     "known": {p: fp.digest for p, fp in known.items() if fp.digest}}))
+            files: list[FileParse] = []
+            current: tuple[str, str] | None = None
+            try:
+                await proc.stdin.drain()
+                while True:
+                    message = await self._receive(proc, limits.worker_timeout_s)
+                    tag = message[0]
+                    if tag == "begin":
+                        current = (message[1], message[2])
+                    elif tag == "same":
+                        files.append(known[message[1]])
+                    elif tag == "file":
+                        files.append(message[1])
+                        current = None
+                    elif tag == "objects":
+                        files[-1].parsed.extend(message[2])
+                    elif tag == "done":
+                        return files, message[1]
+                    await asyncio.sleep(0)    # let the sessions' timers run between messages
+            except (asyncio.IncompleteReadError, TimeoutError, BrokenPipeError,
+                    ConnectionResetError) as exc:
+                why = "timed out" if isinstance(exc, TimeoutError) else "died"
+                await self.close()
+                if current is None:
+                    raise RuntimeError(f"the configuration parser process {why} between files") \
+                        from None
+                self.poison[current[0]] = current[1]
+                if self.log is not None:
+                    self.log.error("configuration parser process failed on a file; it is "
+                                   "skipped and its previous objects stay applied",
+                                   file=current[0], reason=why)
+        raise RuntimeError("the configuration parser process failed 8 times in one load")
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
