@@ -1,12 +1,15 @@
-"""The wheel is what a node installs: build it, install it into a fresh venv, run it.
+"""The wheel is what a node installs: build it as the image does, install it as the guide does, run it.
 
-`pip wheel .` (hatch_build.py adds the gRPC stubs and bpf/), then a venv on Debian's python
-with --system-site-packages (python3-bpfcc's bcc, nothing else from the checkout) gets the
-wheel and its runtime dependencies only. From that venv, with no PYTHONPATH and outside the
-checkout:
+The wheel is built by `pip wheel` from only the files deploy/Dockerfile's builder stage copies
+(hatch_build.py adds the gRPC stubs and bpf/), then deploy/install-node.sh (the install guide's
+script) installs it below a scratch root: a venv on Debian's python with
+--system-site-packages (python3-bpfcc's bcc, nothing from the checkout), /etc/vipd, the
+systemd unit. From that venv, with no PYTHONPATH and outside the checkout:
 
 * `vipd --version` / `vipctl --version` print the wheel's version; grpcio-tools is absent;
-* `vipctl config validate` accepts seed 002's manifests and names a broken file;
+* `systemd-analyze verify` accepts the installed unit: every path it runs exists;
+* `vipctl config validate` accepts the lab's example config (deploy/vagrant/vipd, the guide's
+  example) and seed 002's manifests, and names a broken file;
 * `vipd run --lb-interface` compiles the shipped BPF C sources, peers with FRR, announces a
   LoadBalancer VIP that a client reaches over TCP through the XDP datapath, and `vipctl status`
   answers over its socket.
@@ -29,6 +32,7 @@ from agent.lab.scale import NODE_IP, NODE_NAME, ScaleLab, service_docs, vip_of
 
 ROOT = Path(__file__).resolve().parents[3]
 SEED = ROOT / "tests" / "golden" / "seeds" / "002"
+EXAMPLE_CONFIG = ROOT / "deploy" / "vagrant" / "vipd"
 # The installed commands must not see the checkout: no PYTHONPATH, cwd elsewhere.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
@@ -41,24 +45,43 @@ def run(argv, *, cwd, check=True, timeout=120) -> subprocess.CompletedProcess:
     return proc
 
 
+def builder_stage_sources(dest: Path) -> Path:
+    """Copy what deploy/Dockerfile's builder stage COPYs to /src into ``dest``; returns it."""
+    lines = (ROOT / "deploy" / "Dockerfile").read_text().split("\nFROM ")[1].splitlines()
+    copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
+    assert copies, "deploy/Dockerfile: no COPY in the builder stage"
+    for *sources, target in copies:
+        assert target.startswith("/src"), f"deploy/Dockerfile: COPY to {target}, expected /src"
+        for src in sources:
+            to = dest / target.removeprefix("/src").strip("/")
+            if (ROOT / src).is_dir():
+                shutil.copytree(ROOT / src, to, ignore=shutil.ignore_patterns("__pycache__", "*_pb2*.py"))
+            else:
+                to.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / src, to / Path(src).name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed():
-    """(wheel path, venv dir, a scratch cwd); everything is removed afterwards."""
+    """(wheel, venv, scratch dir, install root); everything is removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="e-wheel-"))
     try:
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(ROOT)],
+        src = builder_stage_sources(tmp / "src")
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)],
             cwd=tmp, timeout=300)
         wheel = next((tmp / "dist").glob("vipd-*.whl"))
-        venv = tmp / "venv"
-        run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp)
-        run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], cwd=tmp, timeout=300)
-        yield wheel, venv, tmp
+        root = tmp / "root"
+        out = run([ROOT / "deploy" / "install-node.sh", "--root", str(root), "--no-apt", str(wheel)],
+                  cwd=tmp, timeout=300)
+        assert "ok: vipd " in out.stdout, out.stdout
+        yield wheel, root / "opt" / "vipd" / "venv", tmp, root
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_installed_commands_report_version_and_validate_config(installed):
-    wheel, venv, cwd = installed
+    wheel, venv, cwd, _ = installed
     version = wheel.name.split("-")[1]
     assert run([venv / "bin" / "vipd", "--version"], cwd=cwd).stdout.strip() == f"vipd {version}"
     assert run([venv / "bin" / "vipctl", "--version"], cwd=cwd).stdout.strip() == f"vipctl {version}"
@@ -74,8 +97,9 @@ def test_installed_commands_report_version_and_validate_config(installed):
             "agent/bpf/tc_lb.c", "agent/bpf/include/lb.h"} <= names
     assert "grpcio-tools" not in requires.split("Provides-Extra: test")[0]
 
-    ok = run([venv / "bin" / "vipctl", "config", "validate", SEED], cwd=cwd)
-    assert "0 error(s)" in ok.stdout and "OK" in ok.stdout, ok.stdout
+    for config in (EXAMPLE_CONFIG, SEED):
+        ok = run([venv / "bin" / "vipctl", "config", "validate", config], cwd=cwd)
+        assert "0 error(s)" in ok.stdout and "OK" in ok.stdout, ok.stdout
     bad = cwd / "bad"
     bad.mkdir()
     (bad / "peering-policies.yaml").write_text(
@@ -85,7 +109,7 @@ def test_installed_commands_report_version_and_validate_config(installed):
 
 
 def test_installed_vipd_serves_a_vip_through_the_shipped_datapath(installed):
-    _, venv, cwd = installed
+    _, venv, cwd, _ = installed
     lab = Lab("epkg")
     env = None
     try:
@@ -115,3 +139,19 @@ def test_installed_vipd_serves_a_vip_through_the_shipped_datapath(installed):
     finally:
         if env is not None:
             env.cleanup_pins()
+
+
+def test_installed_systemd_unit_verifies(installed):
+    """The unit the guide installs names only paths the guide creates (systemd checks ExecStart)."""
+    _, _, cwd, root = installed
+    assert (root / "etc" / "vipd").is_dir() and (root / "etc" / "default" / "vipd").is_file()
+    assert os.readlink(root / "usr" / "local" / "bin" / "vipctl") == "/opt/vipd/venv/bin/vipctl"
+    # systemd resolves the unit's dependencies (sysinit.target, ...) inside --root too
+    shutil.copytree("/lib/systemd/system", root / "usr" / "lib" / "systemd" / "system", symlinks=True)
+    out = run(["systemd-analyze", "verify", f"--root={root}", "vipd.service"], cwd=cwd, check=False)
+    assert out.returncode == 0 and "vipd.service" not in out.stderr, out.stderr
+    # and a unit whose ExecStart does not exist fails (the check above can fail)
+    unit = root / "etc" / "systemd" / "system" / "vipd.service"
+    unit.write_text(unit.read_text().replace("/opt/vipd/venv/bin/vipd", "/opt/vipd/.venv/bin/vipd"))
+    out = run(["systemd-analyze", "verify", f"--root={root}", "vipd.service"], cwd=cwd, check=False)
+    assert out.returncode != 0 and "/opt/vipd/.venv/bin/vipd" in out.stderr, out.stderr
