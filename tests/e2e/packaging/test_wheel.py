@@ -6,7 +6,8 @@ script) installs it below a scratch root: a venv on Debian's python with
 --system-site-packages (python3-bpfcc's bcc, nothing from the checkout), /etc/vipd, the
 systemd unit. From that venv, with no PYTHONPATH and outside the checkout:
 
-* `vipd --version` / `vipctl --version` print the wheel's version; grpcio-tools is absent;
+* `vipd --version` / `vipctl --version` print the wheel's version ("dev" from a checkout);
+  grpcio-tools is absent;
 * `systemd-analyze verify` accepts the installed unit: every path it runs exists;
 * `vipctl config validate` accepts the lab's example config (deploy/vagrant/vipd, the guide's
   example) and seed 002's manifests, and names a broken file;
@@ -85,6 +86,10 @@ def test_installed_commands_report_version_and_validate_config(installed):
     version = wheel.name.split("-")[1]
     assert run([venv / "bin" / "vipd", "--version"], cwd=cwd).stdout.strip() == f"vipd {version}"
     assert run([venv / "bin" / "vipctl", "--version"], cwd=cwd).stdout.strip() == f"vipctl {version}"
+    # a checkout says so instead of claiming a release
+    checkout = subprocess.run([sys.executable, "-m", "agent.daemon", "--version"], cwd=ROOT, capture_output=True,
+                              text=True, env={**CLEAN_ENV, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert checkout.stdout.strip() == "vipd dev", checkout
     where = run([venv / "bin" / "python", "-c", "import agent; print(agent.__file__)"], cwd=cwd).stdout
     assert where.startswith(str(venv)), where
     # build-time only: the stubs are in the wheel, protoc is not needed on a node
