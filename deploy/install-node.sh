@@ -41,7 +41,11 @@ if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
 log "pip: installing vipd from $SOURCE"
-"$venv/bin/pip" install -q --upgrade "$SOURCE"
+if "$venv/bin/pip" show -q vipd 2>/dev/null; then
+  # A checkout keeps its version number while its code changes: always replace vipd itself.
+  "$venv/bin/pip" install -q --force-reinstall --no-deps "$SOURCE"
+fi
+"$venv/bin/pip" install -q --upgrade --upgrade-strategy only-if-needed "$SOURCE"
 # The PyPI package named "bcc" is unrelated to BPF; it must never shadow Debian's.
 "$venv/bin/python" -c 'import bcc; assert hasattr(bcc, "BPF")' \
   || { log "bcc does not import in $venv: install python3-bpfcc"; exit 1; }
