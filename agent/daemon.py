@@ -33,23 +33,16 @@ from pathlib import Path
 from typing import Sequence
 
 from agent.log import configure, get_logger
+from agent.version import version
 
 DEFAULT_STATE_DIR = "/var/lib/vipd"
 DEFAULT_SOCKET = "/run/vipd/vipd.sock"
 SHUTDOWN_TIMEOUT = 10.0  # seconds for the speakers to close their sessions on SIGTERM
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("vipd")
-    except Exception:  # noqa: BLE001
-        return "dev"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vipd", description="vipd node agent")
+    parser.add_argument("--version", action="version", version=f"vipd {version()}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the agent with the file source (a directory of manifests)")
     run.add_argument("--config", required=True, metavar="DIR",
@@ -262,7 +255,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     controller = Controller(args.node_name, store, state_dir=state_dir, speaker_factory=speaker_factory,
                             log=get_logger("bgp-control-plane", node=args.node_name), services=services,
                             host=host, routes=routes, memo=memo)
-    api = ApiServer(ControllerProvider(controller, version=_version()), args.api_socket)
+    api = ApiServer(ControllerProvider(controller, version=version()), args.api_socket)
     from agent.looplag import LoopLagMonitor
 
     loop_lag = controller.loop_lag = LoopLagMonitor(log=log)

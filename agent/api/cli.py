@@ -35,6 +35,7 @@ import grpc  # noqa: E402
 from google.protobuf.json_format import MessageToDict  # noqa: E402
 
 from agent.api import printers, vipd_pb2, vipd_pb2_grpc  # noqa: E402
+from agent.version import version  # noqa: E402
 
 DEFAULT_SOCKET = "/run/vipd/vipd.sock"
 TIMEOUT = 10.0
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Inspect and configure vipd.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n")[1])
+    parser.add_argument("--version", action="version", version=f"vipctl {version()}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     bgp = sub.add_parser("bgp", parents=[common], help="BGP control plane state")

@@ -13,7 +13,16 @@ import re
 import sys
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def _bpf_dir() -> Path:
+    """An installed wheel carries the C sources as ``agent/bpf``; a checkout has ``bpf/`` at the top."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "bpf"
+    return installed if (installed / "xdp_lb.c").exists() else package.parent / "bpf"
+
+
+BPF_DIR = _bpf_dir()
 INCLUDE_DIR = BPF_DIR / "include"
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
