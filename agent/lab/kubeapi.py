@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from agent.sources.kubernetes import plural
+
 __all__ = ["ApiResource", "FakeApiServer", "RESOURCES", "kubeconfig", "plural"]
 
 HISTORY = 10_000          # events kept for watches that resume (older -> 410 Gone)
@@ -47,11 +49,6 @@ class ApiResource:
     @property
     def group_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
-
-
-def plural(kind: str) -> str:
-    low = kind.lower()
-    return low[:-1] + "ies" if low.endswith("y") else low + "s"
 
 
 def _resources() -> list[ApiResource]:
