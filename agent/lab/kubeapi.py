@@ -12,7 +12,10 @@ instead and drive it with the real ``kubectl`` (proof that it speaks what real c
 * create (POST), replace (PUT), patch (JSON merge patch; server-side apply as an upsert of the
   applied object), delete, and the ``status`` subresource (PUT/PATCH change only ``status``);
 * test controls under ``/fake/``: ``POST /fake/compact`` forgets the event history (every
-  watch resuming from before it gets 410), ``POST /fake/close-watches`` ends every open watch.
+  watch resuming from before it gets 410), ``POST /fake/close-watches`` ends every open watch,
+  ``POST /fake/outage?seconds=S&userAgent=vipd`` cuts one client off for S seconds (its watches
+  end, its requests are refused, and the history is compacted when it ends) while kubectl
+  keeps working.
 
 Run it: ``python -m agent.lab.kubeapi --listen 127.0.0.1:0 --port-file F`` (prints the port).
 Plain HTTP, so kubeconfigs point at ``http://HOST:PORT`` (see :func:`kubeconfig`).
@@ -104,6 +107,9 @@ class Storage:
         self.events: list[tuple[int, ApiResource, str, dict]] = []
         self.oldest = 1                 # a watch may resume from rv >= oldest - 1
         self.watch_epoch = 0            # bumped by close_watches()
+        self.outage_until = 0.0         # /fake/outage: refuse one user agent until then
+        self.outage_agent = ""
+        self.compact_after_outage = False
 
     def _record(self, res: ApiResource, etype: str, obj: dict) -> None:
         self.events.append((self.rv, res, etype, copy.deepcopy(obj)))
@@ -190,6 +196,17 @@ class Storage:
         with self.lock:
             self.events.clear()
             self.oldest = self.rv + 1
+
+    def in_outage(self, user_agent: str) -> bool:
+        """True while ``user_agent`` is cut off; the first request after the outage compacts
+        the history, so every watch of the cut-off client resumes into 410 Gone."""
+        with self.lock:
+            if time.monotonic() < self.outage_until:
+                return user_agent.startswith(self.outage_agent)
+            if self.compact_after_outage:
+                self.compact_after_outage = False
+                self.compact()
+            return False
 
     def close_watches(self) -> None:
         with self.lock:
@@ -360,8 +377,17 @@ def _handler(server: FakeApiServer):
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
+        def _refused(self) -> bool:
+            """During a /fake/outage, requests of that user agent get their connection closed."""
+            if storage.in_outage(self.headers.get("User-Agent", "")):
+                self.close_connection = True
+                return True
+            return False
+
         # -- verbs ------------------------------------------------------------------------
         def do_GET(self):
+            if self._refused():
+                return
             self._guard(self._get)
 
         def _get(self):
@@ -391,6 +417,16 @@ def _handler(server: FakeApiServer):
             if path == "/fake/close-watches":
                 storage.close_watches()
                 return self._send(200, {"closed": True})
+            if path == "/fake/outage":
+                # a network outage for one client (by User-Agent, e.g. vipd) while kubectl still
+                # works: its watches end, its requests are refused for `seconds`, and the history
+                # is compacted so that its resumed watches get 410 Gone
+                q = {k: v[-1] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                storage.outage_agent = q.get("userAgent", "vipd")
+                storage.outage_until = time.monotonic() + float(q.get("seconds", "5"))
+                storage.compact_after_outage = True
+                storage.close_watches()
+                return self._send(200, {"outage": True})
             res, ns, name, sub, query, _ = self._route()
             body = self._body()
             meta = body.get("metadata") or {}
