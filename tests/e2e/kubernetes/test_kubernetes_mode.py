@@ -19,6 +19,7 @@ in the same namespace. Steps build on each other:
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from agent.lab import Lab, wait_until
 from agent.lab.kubeapi import kubeconfig
 
 ROOT = Path(__file__).resolve().parents[3]
+# Debian's kubernetes-client (1.20) or any newer kubectl on PATH; VIPD_KUBECTL picks another
+KUBECTL = os.environ.get("VIPD_KUBECTL", "kubectl")
 API = "http://10.0.5.1:6443"
 
 
@@ -72,7 +75,7 @@ class KubeLab:
             return None
 
     def kubectl(self, *args: str, manifest: str | None = None) -> str:
-        argv = ["kubectl", "--kubeconfig", str(self.kubeconfig), *args]
+        argv = [KUBECTL, "--kubeconfig", str(self.kubeconfig), *args]
         if manifest is not None:
             argv += ["-f", "-"]
         out = subprocess.run(self.apihost.exec_argv(argv), input=manifest, capture_output=True,
@@ -97,8 +100,9 @@ class KubeLab:
 
 @pytest.fixture(scope="module")
 def kube():
-    if shutil.which("kubectl") is None:
-        raise RuntimeError("kubectl not found: apt-get install kubernetes-client (scripts/install-deps)")
+    if shutil.which(KUBECTL) is None:
+        raise RuntimeError(f"{KUBECTL} not found: apt-get install kubernetes-client "
+                           "(scripts/install-deps)")
     with Lab("fk8s") as lab:
         env = Seed002Lab(lab).build(pods=False)
         k = KubeLab(env)
