@@ -324,6 +324,12 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
              asyncio.create_task(source.run(stop), name="config-source"),
              asyncio.create_task(host.run(stop), name="host-source"),
              asyncio.create_task(loop_lag.run(stop), name="loop-lag")]
+    if args.kubernetes:
+        from agent.sources.kubernetes_status import ServiceStatusWriter
+
+        # LB-IPAM allocations -> Service status (where they survive a lost state directory)
+        writer = ServiceStatusWriter(source.client, store, controller)
+        tasks.append(asyncio.create_task(writer.run(stop), name="service-status"))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -156,13 +156,16 @@ class KubeClient:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.tls = access.ssl_context if url.scheme == "https" else None
 
-    async def _open(self, path: str):
+    async def _open(self, path: str, method: str = "GET", body: bytes | None = None,
+                    content_type: str = "application/json"):
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, ssl=self.tls), 10)
         auth = f"Authorization: Bearer {self.access.token}\r\n" if self.access.token else ""
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                     f"Accept: application/json\r\nUser-Agent: vipd\r\n{auth}"
-                     "Connection: close\r\n\r\n".encode())
+        payload = (f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                   if body is not None else "")
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                     f"Accept: application/json\r\nUser-Agent: vipd\r\n{auth}{payload}"
+                     "Connection: close\r\n\r\n".encode() + (body or b""))
         await writer.drain()
         status_line = await asyncio.wait_for(reader.readline(), 30)
         parts = status_line.decode("latin-1").split(" ", 2)
@@ -197,14 +200,20 @@ class KubeClient:
             yield await reader.read()
 
     async def get_json(self, path: str) -> dict:
-        code, headers, reader, writer = await self._open(path)
+        return await self.request_json("GET", path)
+
+    async def request_json(self, method: str, path: str, body: dict | None = None,
+                           content_type: str = "application/json") -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        code, headers, reader, writer = await asyncio.wait_for(
+            self._open(path, method, data, content_type), 40)
         try:
-            body = b"".join([c async for c in self._chunks(reader, headers)])
+            reply = b"".join([c async for c in self._chunks(reader, headers)])
         finally:
             writer.close()
-        if code != 200:
-            raise ApiStatusError(code, _message(body))
-        return json.loads(body)
+        if code not in (200, 201):
+            raise ApiStatusError(code, _message(reply))
+        return json.loads(reply)
 
     async def watch(self, path: str) -> AsyncIterator[dict]:
         """The events of a watch stream, one JSON object per line, until the server ends it."""

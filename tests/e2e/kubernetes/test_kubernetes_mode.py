@@ -184,3 +184,31 @@ def test_4_deletion_during_an_outage_is_seen_after_the_410_relist(kube):
         log = env.vipd_log(n.name)
         assert "watch expired (410 Gone); re-listing" in log, n.name
         assert "watch interrupted; resuming after back-off" in log, n.name
+
+
+def test_5_lbipam_address_is_written_to_the_status_and_survives_lost_state(kube):
+    env = kube.env
+
+    def status_ip(name):
+        return kube.kubectl("get", "service", name, "-o",
+                            "jsonpath={.status.loadBalancer.ingress[*].ip}").strip()
+    # a first Service takes the pool's first address, so web gets another one
+    svc = demo.service_yaml(traffic_policy="Cluster", endpoint_node="cilium-bgp-worker")
+    first = svc.split("---\n", 1)[1].split("---\n")[0].replace("name: web\n", "name: first\n")
+    kube.kubectl("apply", "--validate=false", manifest=first)
+    first_ip = wait_until(lambda: status_ip("first"), timeout=30, what="first's address in its status")
+    kube.kubectl("apply", "--validate=false", manifest=svc)
+    vip = wait_until(lambda: status_ip("web"), timeout=30, what="web's address in its status")
+    assert vip != first_ip and vip == env.vip()
+    wait_until(lambda: len(announcers(env, f"{vip}/32")) == 4, timeout=30, what="VIP announced")
+    kube.kubectl("delete", "service", "first")
+    # every agent replaced by one with an empty state directory (a failover to new nodes): web
+    # is then the only Service, and would get the pool's first address but for its status
+    for n in NODES:
+        assert env.stop_node(n.name) == 0
+        (env.nodes[n.name].state_dir / "lbipam-allocations.yaml").unlink()
+    kube.start_nodes()
+    assert env.vip() == vip
+    wait_until(lambda: len(announcers(env, f"{vip}/32")) == 4, timeout=60,
+               what="web's VIP announced again by the new agents")
+    assert status_ip("web") == vip
