@@ -182,18 +182,19 @@ class KubeClient:
         return int(parts[1]), headers, reader, writer
 
     @staticmethod
-    async def _chunks(reader, headers) -> AsyncIterator[bytes]:
+    async def _chunks(reader, headers, idle_s: float = 60) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk; a peer silent for ``idle_s`` (a half-open connection) is
+        an error, so the caller reconnects."""
         if headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
-                size_line = await reader.readline()
+                size_line = await asyncio.wait_for(reader.readline(), idle_s)
                 if not size_line:
                     raise ConnectionError("stream ended inside a chunked body")
                 size = int(size_line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     return
-                data = await reader.readexactly(size)
-                await reader.readexactly(2)
-                yield data
+                data = await asyncio.wait_for(reader.readexactly(size + 2), idle_s)
+                yield data[:-2]
         elif "content-length" in headers:
             yield await reader.readexactly(int(headers["content-length"]))
         else:
@@ -223,7 +224,8 @@ class KubeClient:
                 body = b"".join([c async for c in self._chunks(reader, headers)])
                 raise ApiStatusError(code, _message(body))
             buf = b""
-            async for chunk in self._chunks(reader, headers):
+            # the server ends a watch after timeoutSeconds; silence well beyond that = dead link
+            async for chunk in self._chunks(reader, headers, idle_s=WATCH_TIMEOUT_S + 60):
                 buf += chunk
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
@@ -372,13 +374,25 @@ class KubernetesSource:
                     delay = BACKOFF_FIRST_S
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ApiStatusError,
-                    ValueError) as exc:
-                log.warning("watch interrupted; resuming after back-off", resource=w.path,
-                            resource_version=self.caches[w].resource_version,
-                            error=str(exc) or repr(exc), retry_s=round(delay, 2))
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, BACKOFF_MAX_S)
+            except ApiStatusError as exc:
+                if exc.code == 410:    # some servers answer an expired watch with HTTP 410
+                    log.info("watch expired (410 Gone); re-listing", resource=w.path,
+                             resource_version=self.caches[w].resource_version)
+                    self.relists += 1
+                    self.caches[w].resource_version = ""
+                    continue
+                delay = await self._back_off("watch refused; resuming after back-off", w, exc,
+                                             delay)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                delay = await self._back_off("watch interrupted; resuming after back-off", w, exc,
+                                             delay)
+
+    async def _back_off(self, message: str, w: Watched, exc: Exception, delay: float) -> float:
+        """Log why, sleep ``delay`` (±20 % so agents do not retry in step), -> the next delay."""
+        log.warning(message, resource=w.path, resource_version=self.caches[w].resource_version,
+                    error=str(exc) or repr(exc), retry_s=round(delay, 2))
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+        return min(delay * 2, BACKOFF_MAX_S)
 
     def _apply_event(self, w: Watched, event: dict) -> str:
         cache = self.caches[w]
