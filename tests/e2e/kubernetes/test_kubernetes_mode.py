@@ -12,10 +12,13 @@ in the same namespace. Steps build on each other:
 2. kubectl apply --server-side of the v2 resources, kubectl delete of the legacy policy: the
    same routes, now from the v2 instances;
 3. kubectl apply of a LoadBalancer Service: LB-IPAM allocates, every node announces the VIP;
-   kubectl delete: withdrawn;
+   the server closes every watch (as at its timeoutSeconds): they resume from their
+   resourceVersion without a re-list; kubectl delete: withdrawn;
 4. vipd cut off from the API server (its watches end and are refused; the history is
    compacted) while kubectl deletes the Service: when the outage ends, the watches get 410 Gone,
-   vipd re-lists, and the VIP is withdrawn.
+   vipd re-lists, and the VIP is withdrawn;
+5. the LB-IPAM address is written to the Service's status (read back with kubectl); agents
+   restarted with empty state directories (a failover to new nodes) keep it.
 """
 
 import json
@@ -164,8 +167,12 @@ def test_3_service_applied_with_kubectl_is_announced_and_withdrawn(kube):
     everyone = {n.address for n in NODES}
     wait_until(lambda: announcers(env, f"{vip}/32") == everyone, timeout=30,
                what="VIP announced by all four nodes")
+    # the watches end (as at a server's timeoutSeconds): they resume from their resourceVersion
+    # and see the deletion, with no re-list
+    assert kube.fake("POST", "/fake/close-watches") == {"closed": True}
     kube.kubectl("delete", "service", "web")
     wait_until(lambda: not announcers(env, f"{vip}/32"), timeout=30, what="VIP withdrawn")
+    assert not any("410 Gone" in env.vipd_log(n.name) for n in NODES)
 
 
 def test_4_deletion_during_an_outage_is_seen_after_the_410_relist(kube):
