@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or --kubeconfig); docs/kubernetes.md")
     run.add_argument("--kubeconfig", default=None, metavar="PATH",
                      help="with --kubernetes: the kubeconfig to use (default: in-cluster config)")
+    run.add_argument("--kubernetes-lease-namespace", default="kube-system", metavar="NS",
+                     help="with --kubernetes: namespace of the vipd-lbipam Lease that elects the "
+                          "one node writing Service status (default kube-system)")
     run.add_argument("--kubernetes-secrets-namespace", default="kube-system", metavar="NS",
                      help="with --kubernetes: the namespace of the BGP auth Secrets (default kube-system)")
     run.add_argument("--node-name", required=True, metavar="NAME",
@@ -325,10 +328,12 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
              asyncio.create_task(host.run(stop), name="host-source"),
              asyncio.create_task(loop_lag.run(stop), name="loop-lag")]
     if args.kubernetes:
-        from agent.sources.kubernetes_status import ServiceStatusWriter
+        from agent.sources.kubernetes_status import LeaseElector, ServiceStatusWriter
 
         # LB-IPAM allocations -> Service status (where they survive a lost state directory)
-        writer = ServiceStatusWriter(source.client, store, controller)
+        elector = LeaseElector(source.client, args.node_name, args.kubernetes_lease_namespace)
+        writer = ServiceStatusWriter(source.client, store, controller, elector=elector)
+        tasks.append(asyncio.create_task(elector.run(stop), name="lease-election"))
         tasks.append(asyncio.create_task(writer.run(stop), name="service-status"))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

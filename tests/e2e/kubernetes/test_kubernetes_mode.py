@@ -18,7 +18,9 @@ in the same namespace. Steps build on each other:
    compacted) while kubectl deletes the Service: when the outage ends, the watches get 410 Gone,
    vipd re-lists, and the VIP is withdrawn;
 5. the LB-IPAM address is written to the Service's status (read back with kubectl); agents
-   restarted with empty state directories (a failover to new nodes) keep it.
+   restarted with empty state directories (a failover to new nodes) keep it;
+6. one node writes status, the holder of the vipd-lbipam Lease; when it stops, another takes
+   the Lease and writes the next Service's address; existing addresses stay.
 """
 
 import json
@@ -87,15 +89,16 @@ class KubeLab:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {out.stderr}")
         return out.stdout
 
-    def start_nodes(self) -> None:
-        for name, node in self.env.nodes.items():
+    def start_nodes(self, names=None) -> None:
+        chosen = {n: self.env.nodes[n] for n in (names or self.env.nodes)}
+        for name, node in chosen.items():
             argv = [sys.executable, "-m", "agent.daemon", "run", "--kubernetes",
                     "--kubeconfig", str(self.kubeconfig), "--node-name", name,
                     "--api-socket", str(node.socket), "--state-dir", str(node.state_dir),
                     "--log-format", "json"]
             node.proc = node.host.spawn(argv, log_path=node.config_dir.parent / "vipd.log",
                                         env={"PYTHONPATH": str(ROOT)}, share_mounts=True)
-        for name, node in self.env.nodes.items():
+        for name, node in chosen.items():
             wait_until(lambda: node.socket.exists() or node.proc.poll() is not None, timeout=60,
                        what=f"vipd API socket of {name} (after its first list)")
             assert node.proc.poll() is None, self.env.vipd_log(name)[-3000:]
@@ -219,3 +222,36 @@ def test_5_lbipam_address_is_written_to_the_status_and_survives_lost_state(kube)
     wait_until(lambda: len(announcers(env, f"{vip}/32")) == 4, timeout=60,
                what="web's VIP announced again by the new agents")
     assert status_ip("web") == vip
+
+
+def test_6_lease_holder_failover_keeps_allocations_and_writes_new_ones(kube):
+    env = kube.env
+
+    def holder():
+        return kube.kubectl("get", "leases.coordination.k8s.io", "-n", "kube-system", "vipd-lbipam",
+                            "-o", "jsonpath={.spec.holderIdentity}").strip()
+    leader = wait_until(holder, timeout=30, what="a vipd holding the vipd-lbipam Lease")
+    assert leader in env.nodes
+    log_start = {n.name: len(env.vipd_log(n.name)) for n in NODES}
+    web = kube.kubectl("get", "service", "web", "-o",
+                       "jsonpath={.status.loadBalancer.ingress[*].ip}").strip()
+    assert env.stop_node(leader) == 0      # a stopping leader hands the Lease over at once
+    successor = wait_until(lambda: holder() not in ("", leader) and holder(), timeout=30,
+                           what="another vipd taking the Lease")
+    svc = demo.service_yaml(traffic_policy="Cluster", endpoint_node="cilium-bgp-worker")
+    second = svc.split("---\n", 1)[1].split("---\n")[0].replace("name: web\n", "name: second\n")
+    kube.kubectl("apply", "--validate=false", manifest=second)
+    ip = wait_until(lambda: kube.kubectl("get", "service", "second", "-o",
+                                         "jsonpath={.status.loadBalancer.ingress[*].ip}").strip(),
+                    timeout=30, what=f"second's address written by the new leader {successor}")
+    assert ip != web
+    assert kube.kubectl("get", "service", "web", "-o",
+                        "jsonpath={.status.loadBalancer.ingress[*].ip}").strip() == web
+    log = env.vipd_log(successor)
+    assert "Lease election: this node now writes Service status" in log
+    # only the Lease holders wrote a status (since this test began)
+    writers = {n.name for n in NODES
+               if "Service status written" in env.vipd_log(n.name)[log_start[n.name]:]}
+    assert writers and writers <= {leader, successor}, writers
+    kube.start_nodes([leader])
+    assert holder() == successor       # a returning node does not take the Lease back
