@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import ssl
 import tempfile
 import time
@@ -118,18 +119,23 @@ class ClusterAccess:
             if cluster.get("insecure-skip-tls-verify"):
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            cert, key = _client_cert(user)
-            if cert:
-                ctx.load_cert_chain(cert, key)
+            cert, key, tmp = _client_cert(user)
+            try:
+                if cert:
+                    ctx.load_cert_chain(cert, key)
+            finally:
+                if tmp:   # the key is in memory now; leave no copy on disk
+                    shutil.rmtree(tmp, ignore_errors=True)
         token = user.get("token")
         if not token and user.get("tokenFile"):
             token = Path(user["tokenFile"]).read_text().strip()
         return cls(server.rstrip("/"), token, ctx, str(path))
 
 
-def _client_cert(user: dict) -> tuple[str | None, str | None]:
+def _client_cert(user: dict) -> tuple[str | None, str | None, str | None]:
+    """-> (certificate file, key file, temporary directory to remove after loading)."""
     if user.get("client-certificate"):
-        return user["client-certificate"], user.get("client-key")
+        return user["client-certificate"], user.get("client-key"), None
     if user.get("client-certificate-data"):
         # ssl wants files; a private temporary directory holds them for the load only
         d = tempfile.mkdtemp(prefix="vipd-kube-")
@@ -139,8 +145,8 @@ def _client_cert(user: dict) -> tuple[str | None, str | None]:
             p.write_bytes(base64.b64decode(user.get(name, "")))
             p.chmod(0o600)
             paths.append(str(p))
-        return paths[0], paths[1]
-    return None, None
+        return paths[0], paths[1], d
+    return None, None, None
 
 
 # ---------------------------------------------------------------------------------- the client
