@@ -217,17 +217,28 @@ class Storage:
 class FakeApiServer:
     """The fake in a background thread: ``with FakeApiServer() as api: api.url``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, bookmark_interval: float = 1.0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, bookmark_interval: float = 1.0,
+                 tls: tuple[str, str] | None = None, token: str | None = None):
+        """``tls``: (certificate file, key file) to serve HTTPS; ``token``: require
+        ``Authorization: Bearer <token>`` (401 otherwise), as a service account would."""
         self.storage = Storage()
         self.bookmark_interval = bookmark_interval
+        self.token = token
+        self.scheme = "https" if tls else "http"
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
+        if tls:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def start(self) -> "FakeApiServer":
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="kubeapi",
@@ -247,12 +258,18 @@ class FakeApiServer:
         self.stop()
 
 
-def kubeconfig(server_url: str, namespace: str = "default") -> str:
+def kubeconfig(server_url: str, namespace: str = "default", *, ca_pem: bytes | None = None,
+               token: str | None = None) -> str:
     """A kubeconfig (YAML) for kubectl and ``vipd run --kubernetes --kubeconfig``."""
+    import base64
+
+    ca = (f"    certificate-authority-data: {base64.b64encode(ca_pem).decode()}\n"
+          if ca_pem else "")
+    user = f"\n    token: {token}" if token else " {}"
     return (f"apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n"
-            f"    server: {server_url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n"
-            f"    user: fake\n    namespace: {namespace}\ncurrent-context: fake\n"
-            f"users:\n- name: fake\n  user: {{}}\n")
+            f"    server: {server_url}\n{ca}contexts:\n- name: fake\n  context:\n"
+            f"    cluster: fake\n    user: fake\n    namespace: {namespace}\n"
+            f"current-context: fake\nusers:\n- name: fake\n  user:{user}\n")
 
 
 # ------------------------------------------------------------------------------------ HTTP
@@ -369,6 +386,8 @@ def _handler(server: FakeApiServer):
 
         def _guard(self, fn) -> None:
             try:
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    raise ApiError(401, "Unauthorized", "Unauthorized")
                 fn()
             except ApiError as exc:
                 self._send(exc.status["code"], exc.status)

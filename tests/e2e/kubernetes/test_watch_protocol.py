@@ -82,3 +82,35 @@ def test_bookmarks_spare_a_relist_and_an_expired_resume_point_relists(api):
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def _self_signed(tmp_path):
+    """A CA-less self-signed server certificate for 127.0.0.1 (the kubeconfig trusts it)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+def test_https_with_a_bearer_token_from_the_kubeconfig(tmp_path, caplog):
+    if shutil.which(KUBECTL) is None:
+        raise RuntimeError(f"{KUBECTL} not found: apt-get install kubernetes-client")
+    cert, key = _self_signed(tmp_path)
+    with FakeApiServer("127.0.0.1", 0, tls=(str(cert), str(key)), token="s3cret") as server:
+        kc = tmp_path / "kubeconfig"
+        kc.write_text(kubeconfig(server.url, ca_pem=cert.read_bytes(), token="s3cret"))
+        kubectl(kc, "apply", "--validate=false", manifest=demo.nodes_yaml())
+        store = Store()
+        asyncio.run(KubernetesSource(ClusterAccess.from_kubeconfig(kc), store).reload())
+        assert len(nodes(store)) == 4
+        # a wrong token is refused, and vipd says so (it keeps retrying: the first list times out)
+        kc.write_text(kubeconfig(server.url, ca_pem=cert.read_bytes(), token="wrong"))
+        source = KubernetesSource(ClusterAccess.from_kubeconfig(kc), Store())
+
+        async def first_list():
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(source.reload(), 1.5)
+        asyncio.run(first_list())
+        assert "cannot list from the Kubernetes API server; retrying" in caplog.text
+        assert "HTTP 401: Unauthorized" in caplog.text
