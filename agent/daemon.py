@@ -1,8 +1,8 @@
-"""vipd, the node agent: ``vipd run --config DIR --node-name NAME``.
+"""vipd, the node agent: ``vipd run --config DIR --node-name NAME`` (or ``--kubernetes``).
 
 Wiring only (the logic lives in the pure control plane and the reconcilers):
 
-    FileSource(DIR) --snapshots--> Store --> Controller (LB-IPAM, node config, [services],
+    FileSource(DIR) | KubernetesSource --snapshots--> Store --> Controller (LB-IPAM, node config, [services],
     HostSource (netlink) --facts---------->   neighbors, advertisements, [routes], status)
                                                --> BGP speakers, [eBPF datapath: --lb-interface],
                                                    [kernel routes: --auto-direct-node-routes,
@@ -44,9 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vipd", description="vipd node agent")
     parser.add_argument("--version", action="version", version=f"vipd {version()}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the agent with the file source (a directory of manifests)")
-    run.add_argument("--config", required=True, metavar="DIR",
-                     help="directory of *.yaml/*.yml manifests (watched; changes apply without restart)")
+    run = sub.add_parser("run", help="run the agent: manifests from a directory (--config) or "
+                                     "from the Kubernetes API (--kubernetes)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="DIR",
+                        help="directory of *.yaml/*.yml manifests (watched; changes apply without restart)")
+    source.add_argument("--kubernetes", action="store_true",
+                        help="list and watch the Kubernetes API instead (in-cluster service account, "
+                             "or --kubeconfig); docs/kubernetes.md")
+    run.add_argument("--kubeconfig", default=None, metavar="PATH",
+                     help="with --kubernetes: the kubeconfig to use (default: in-cluster config)")
+    run.add_argument("--kubernetes-lease-namespace", default="kube-system", metavar="NS",
+                     help="with --kubernetes: namespace of the vipd-lbipam Lease that elects the "
+                          "one node writing Service status (default kube-system)")
+    run.add_argument("--kubernetes-secrets-namespace", default="kube-system", metavar="NS",
+                     help="with --kubernetes: the namespace of the BGP auth Secrets (default kube-system)")
     run.add_argument("--node-name", required=True, metavar="NAME",
                      help="this node's Node object name (default: none; required)")
     run.add_argument("--api-socket", default=DEFAULT_SOCKET, metavar="PATH",
@@ -217,7 +229,14 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     store = Store()
     from agent.config.safeyaml import parse_limits
 
-    source = FileSource(args.config, store, limits=parse_limits(args.config_limit))
+    if args.kubernetes:
+        from agent.sources.kubernetes import KubernetesSource
+
+        source = KubernetesSource(args.cluster_access, store,
+                                  secrets_namespace=args.kubernetes_secrets_namespace)
+        log.info("waiting for the first list from the Kubernetes API", source=source.origin)
+    else:
+        source = FileSource(args.config, store, limits=parse_limits(args.config_limit))
     await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     from agent.controlplane.memo import Memo
@@ -295,12 +314,20 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     gc.freeze()
     await api.start()
     _sd_notify("READY=1")
-    log.info("vipd running", config=str(args.config), state_dir=str(state_dir),
+    log.info("vipd running", config=store.current.source, state_dir=str(state_dir),
              socket=str(args.api_socket), generation=store.current.generation)
     tasks = [asyncio.create_task(controller.run(stop), name="controller"),
-             asyncio.create_task(source.run(stop), name="file-source"),
+             asyncio.create_task(source.run(stop), name="config-source"),
              asyncio.create_task(host.run(stop), name="host-source"),
              asyncio.create_task(loop_lag.run(stop), name="loop-lag")]
+    if args.kubernetes:
+        from agent.sources.kubernetes_status import LeaseElector, ServiceStatusWriter
+
+        # LB-IPAM allocations -> Service status (where they survive a lost state directory)
+        elector = LeaseElector(source.client, args.node_name, args.kubernetes_lease_namespace)
+        writer = ServiceStatusWriter(source.client, store, controller, elector=elector)
+        tasks.append(asyncio.create_task(elector.run(stop), name="lease-election"))
+        tasks.append(asyncio.create_task(writer.run(stop), name="service-status"))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
@@ -333,7 +360,19 @@ def main(argv: Sequence[str] | None = None, *, speaker_factory=speaker_factory) 
     args = build_parser().parse_args(argv)
     configure(args.log_level, json=None if args.log_format == "auto" else args.log_format == "json")
     if args.cmd == "run":
-        if not Path(args.config).is_dir():
+        if args.kubeconfig and not args.kubernetes:
+            print("vipd: --kubeconfig is used with --kubernetes only", file=sys.stderr)
+            return 2
+        if args.kubernetes:
+            from agent.sources.kubernetes import ClusterAccess
+
+            try:
+                args.cluster_access = (ClusterAccess.from_kubeconfig(args.kubeconfig) if args.kubeconfig
+                                       else ClusterAccess.in_cluster())
+            except (ValueError, OSError) as exc:
+                print(f"vipd: {exc}", file=sys.stderr)
+                return 2
+        elif not Path(args.config).is_dir():
             print(f"vipd: --config {args.config}: not a directory (it holds the *.yaml manifests)",
                   file=sys.stderr)
             return 2
