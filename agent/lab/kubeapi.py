@@ -110,6 +110,9 @@ class Storage:
         self.outage_until = 0.0         # /fake/outage: refuse one user agent until then
         self.outage_agent = ""
         self.compact_after_outage = False
+        # the RBAC audit: (user agent, verb, group, resource[/subresource], namespace) of every
+        # resource request, so a test can compare what a client used with what its Role grants
+        self.audit: set[tuple[str, str, str, str, str]] = set()
 
     def _record(self, res: ApiResource, etype: str, obj: dict) -> None:
         self.events.append((self.rv, res, etype, copy.deepcopy(obj)))
@@ -355,6 +358,12 @@ def _handler(server: FakeApiServer):
             return res, (namespace or "") if res.namespaced else "", name, sub, query, \
                 namespace if res.namespaced else None
 
+        def _audit(self, verb: str, res, sub: str, namespace) -> None:
+            agent = self.headers.get("User-Agent", "").split("/")[0].split(" ")[0]
+            resource = f"{res.plural}/{sub}" if sub else res.plural
+            with storage.lock:
+                storage.audit.add((agent, verb, res.group, resource, namespace or ""))
+
         def _discovery(self) -> dict | None:
             path = urlsplit(self.path).path.rstrip("/")
             if path == "/version":
@@ -415,7 +424,11 @@ def _handler(server: FakeApiServer):
                 return self._send(200, disc)
             if urlsplit(self.path).path.startswith("/openapi"):
                 raise ApiError(404, "NotFound", "no OpenAPI document in the fake")
+            if urlsplit(self.path).path == "/fake/audit":
+                return self._send(200, {"requests": sorted(storage.audit)})
             res, ns, name, sub, query, list_ns = self._route()
+            self._audit("get" if name is not None else "watch" if query.get("watch") in ("1", "true")
+                        else "list", res, sub, ns if name is not None else list_ns)
             if name is not None:
                 return self._send(200, storage.get(res, ns, name))
             if query.get("watch") in ("1", "true"):
@@ -449,6 +462,7 @@ def _handler(server: FakeApiServer):
             res, ns, name, sub, query, _ = self._route()
             body = self._body()
             meta = body.get("metadata") or {}
+            self._audit("create", res, sub, ns or meta.get("namespace") if res.namespaced else "")
             if res.namespaced:
                 ns = ns or meta.get("namespace") or "default"
             obj, _ = storage.put(res, ns, meta.get("name") or "", body, create=True)
@@ -459,6 +473,7 @@ def _handler(server: FakeApiServer):
 
         def _put(self):
             res, ns, name, sub, query, _ = self._route()
+            self._audit("update", res, sub, ns)
             obj, created = storage.put(res, ns, name, self._body(), create=None, subresource=sub)
             self._send(201 if created else 200, obj)
 
@@ -467,6 +482,7 @@ def _handler(server: FakeApiServer):
 
         def _patch(self):
             res, ns, name, sub, query, _ = self._route()
+            self._audit("patch", res, sub, ns)
             ctype = self.headers.get("Content-Type", "").split(";")[0]
             body = self._body()
             if ctype == "application/apply-patch+yaml":
@@ -503,6 +519,8 @@ def _handler(server: FakeApiServer):
         def _delete(self):
             self._body()   # DeleteOptions (propagationPolicy...): read, not needed here
             res, ns, name, sub, query, list_ns = self._route()
+            self._audit("delete" if name is not None else "deletecollection", res, sub,
+                        ns if name is not None else list_ns)
             if name is None:
                 items, _ = storage.list(res, list_ns)
                 for o in items:

@@ -255,3 +255,40 @@ def test_6_lease_holder_failover_keeps_allocations_and_writes_new_ones(kube):
     assert writers and writers <= {leader, successor}, writers
     kube.start_nodes([leader])
     assert holder() == successor       # a returning node does not take the Lease back
+
+
+def _granted(manifest: Path) -> tuple[set, set]:
+    """(cluster-wide, {(namespace, ...)}) grants of the vipd ClusterRole and Role: tuples of
+    (verb, group, resource)."""
+    import yaml
+
+    cluster, namespaced = set(), set()
+    for doc in yaml.safe_load_all(manifest.read_text()):
+        if not doc or doc.get("kind") not in ("ClusterRole", "Role"):
+            continue
+        for rule in doc["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        if doc["kind"] == "ClusterRole":
+                            cluster.add((verb, group, resource))
+                        else:
+                            namespaced.add((doc["metadata"]["namespace"], verb, group, resource))
+    return cluster, namespaced
+
+
+def test_7_rbac_in_deploy_grants_exactly_what_vipd_used(kube):
+    """Every request the agents made in tests 1-6 (the fake's audit, by User-Agent) is allowed
+    by deploy/kubernetes/vipd.yaml, and every grant there was used: no missing permission
+    (a 403 in a real cluster), no unneeded one."""
+    audit = kube.fake("GET", "/fake/audit")
+    used = {(verb, group, resource, ns) for agent, verb, group, resource, ns in audit["requests"]
+            if agent == "vipd"}
+    assert used, audit
+    cluster, namespaced = _granted(ROOT / "deploy" / "kubernetes" / "vipd.yaml")
+    missing = sorted(u for u in used if (u[0], u[1], u[2]) not in cluster
+                     and (u[3], u[0], u[1], u[2]) not in namespaced)
+    assert not missing, f"vipd made requests its RBAC does not allow: {missing}"
+    unused = sorted(g for g in cluster if not any(u[:3] == g for u in used))
+    unused += sorted(g for g in namespaced if not any(u[3] == g[0] and u[:3] == g[1:] for u in used))
+    assert not unused, f"RBAC grants vipd never used (drop them): {unused}"
