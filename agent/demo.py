@@ -485,6 +485,14 @@ class Seed002Lab:
     def vipd_log(self, name: str) -> str:
         return (self.nodes[name].config_dir.parent / "vipd.log").read_text(errors="replace")
 
+    def report_dead_agents(self) -> None:
+        """Print the log tail of every vipd that exited: the first thing to look at when a
+        step failed (tests call it on teardown)."""
+        for name, node in self.nodes.items():
+            if node.proc and node.proc.poll() is not None:
+                print(f"--- vipd {name} exited ({node.proc.returncode}); log tail:\n"
+                      f"{self.vipd_log(name)[-3000:]}")
+
     # -- inspecting ----------------------------------------------------------------------------
     def vipctl(self, name: str, *args: str, check: bool = True) -> str:
         node = self.nodes[name]

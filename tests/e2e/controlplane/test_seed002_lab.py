@@ -42,11 +42,7 @@ def env():
         try:
             yield env
         finally:
-            # a vipd that died is the first thing to look at when a step failed
-            for name, node in env.nodes.items():
-                if node.proc and node.proc.poll() is not None:
-                    print(f"--- vipd {name} exited ({node.proc.returncode}); log tail:\n"
-                          f"{env.vipd_log(name)[-3000:]}")
+            env.report_dead_agents()
 
 
 def assert_pod_cidrs_everywhere(env: Seed002Lab) -> None:

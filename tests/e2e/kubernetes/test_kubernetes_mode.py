@@ -124,10 +124,7 @@ def kube():
         try:
             yield k
         finally:
-            for name, node in env.nodes.items():
-                if node.proc and node.proc.poll() is not None:
-                    print(f"--- vipd {name} exited ({node.proc.returncode}); log tail:\n"
-                          f"{env.vipd_log(name)[-3000:]}")
+            env.report_dead_agents()
 
 
 def announcers(env, prefix: str) -> set[str]:
