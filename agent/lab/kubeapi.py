@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from agent.lab import ssa
 from agent.sources.kubernetes import plural
 
 __all__ = ["ApiResource", "FakeApiServer", "RESOURCES", "kubeconfig", "plural"]
@@ -135,8 +136,11 @@ class Storage:
             return copy.deepcopy(obj)
 
     def put(self, res: ApiResource, namespace: str, name: str, obj: dict, *,
-            create: bool | None, subresource: str = "") -> tuple[dict, bool]:
-        """create=True: must not exist; False: must exist; None: either. -> (object, created)."""
+            create: bool | None, subresource: str = "", manager: str = "",
+            managed: list[dict] | None = None) -> tuple[dict, bool]:
+        """create=True: must not exist; False: must exist; None: either. -> (object, created).
+        ``managed``: the managedFields (server-side apply computed them); otherwise the
+        fields this write changed are recorded as ``manager``'s (an Update)."""
         with self.lock:
             old = self.objects[res].get((namespace, name))
             if create is True and old is not None:
@@ -147,6 +151,8 @@ class Storage:
                 if old is None:
                     raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
                 new = {**old, "status": obj.get("status")}
+                if new["status"] is None:
+                    del new["status"]
             else:
                 new = dict(obj)
                 if old is not None and "status" in old and "status" not in new:
@@ -166,6 +172,11 @@ class Storage:
             meta["uid"] = base.get("uid") or str(uuid.uuid4())
             meta["creationTimestamp"] = base.get("creationTimestamp") or _now()
             meta.pop("managedFields", None)
+            if managed is None:
+                managed = ssa.track_update(old, {**new, "metadata": meta}, manager or "unknown",
+                                           subresource=subresource, api_version=res.group_version)
+            if managed:
+                meta["managedFields"] = managed
             if old is not None and {k: v for k, v in new.items() if k != "metadata"} == \
                     {k: v for k, v in old.items() if k != "metadata"} and \
                     {k: v for k, v in meta.items() if k != "resourceVersion"} == \
@@ -465,7 +476,8 @@ def _handler(server: FakeApiServer):
             self._audit("create", res, sub, ns or meta.get("namespace") if res.namespaced else "")
             if res.namespaced:
                 ns = ns or meta.get("namespace") or "default"
-            obj, _ = storage.put(res, ns, meta.get("name") or "", body, create=True)
+            obj, _ = storage.put(res, ns, meta.get("name") or "", body, create=True,
+                                 manager=self._manager(query))
             self._send(201, obj)
 
         def do_PUT(self):
@@ -474,7 +486,8 @@ def _handler(server: FakeApiServer):
         def _put(self):
             res, ns, name, sub, query, _ = self._route()
             self._audit("update", res, sub, ns)
-            obj, created = storage.put(res, ns, name, self._body(), create=None, subresource=sub)
+            obj, created = storage.put(res, ns, name, self._body(), create=None, subresource=sub,
+                                       manager=self._manager(query))
             self._send(201 if created else 200, obj)
 
         def do_PATCH(self):
@@ -486,22 +499,7 @@ def _handler(server: FakeApiServer):
             ctype = self.headers.get("Content-Type", "").split(";")[0]
             body = self._body()
             if ctype == "application/apply-patch+yaml":
-                # server-side apply, one field manager at a time: the applied object is the
-                # object (status kept unless the status subresource is applied)
-                try:
-                    old = storage.get(res, ns, name)
-                except ApiError:
-                    old = None
-                if sub == "status":
-                    new = body
-                else:
-                    new = {k: v for k, v in body.items() if k != "status"}
-                    meta = dict(new.get("metadata") or {})
-                    for k in ("uid", "creationTimestamp", "resourceVersion", "generation"):
-                        meta.pop(k, None)
-                    new["metadata"] = meta
-                obj, created = storage.put(res, ns, name, new, create=None, subresource=sub)
-                return self._send(201 if created else 200, obj)
+                return self._apply(res, ns, name, sub, query, body)
             if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
                 raise ApiError(415, "UnsupportedMediaType",
                                f"the fake supports merge patches and server-side apply, not {ctype}")
@@ -510,8 +508,58 @@ def _handler(server: FakeApiServer):
             # replaced whole. Enough for kubectl patch --type=merge and label/annotation edits.
             new = _merge_patch(old, _strip_directives(body))
             new.get("metadata", {}).pop("resourceVersion", None)
-            obj, _ = storage.put(res, ns, name, new, create=False, subresource=sub)
+            obj, _ = storage.put(res, ns, name, new, create=False, subresource=sub,
+                                 manager=self._manager(query))
             self._send(200, obj)
+
+        def _manager(self, query: dict) -> str:
+            """The field manager: ?fieldManager=, else the User-Agent's program name (as the
+            API server defaults it)."""
+            return query.get("fieldManager") or \
+                self.headers.get("User-Agent", "unknown").split("/")[0].split(" ")[0]
+
+        def _apply(self, res, ns, name, sub, query, body) -> None:
+            """Server-side apply: ownership per field manager (agent.lab.ssa); the status
+            subresource applies status only, the main resource everything but status."""
+            manager = query.get("fieldManager")
+            if not manager:
+                raise ApiError(400, "BadRequest", "PATCH requests with the apply content type "
+                               "(application/apply-patch+yaml) require fieldManager")
+            if sub == "status":
+                applied = {"status": body.get("status") or {}}
+            else:
+                applied = {k: v for k, v in body.items() if k != "status"}
+                meta = dict(applied.get("metadata") or {})
+                if meta.get("name") not in (None, name):
+                    raise ApiError(400, "BadRequest", f"the name of the object "
+                                   f"({meta.get('name')}) does not match the name on the URL ({name})")
+                applied["metadata"] = {k: v for k, v in meta.items() if k in ssa.METADATA_OWNED}
+            with storage.lock:
+                try:
+                    live = storage.get(res, ns, name)
+                except ApiError:
+                    if sub == "status":
+                        raise
+                    live = None
+                try:
+                    new, managed = ssa.apply(live, applied, manager,
+                                             force=query.get("force") in ("true", "1"),
+                                             subresource=sub, api_version=res.group_version)
+                except ssa.ApplyConflict as exc:
+                    status = _status(409, "Conflict", str(exc))
+                    status["details"] = {"name": name, "group": res.group, "kind": res.plural,
+                                         "causes": [{"reason": "FieldManagerConflict",
+                                                     "message": f'conflict with "{m}"',
+                                                     "field": ssa.describe(p)}
+                                                    for m, p in exc.conflicts]}
+                    return self._send(409, status)
+                meta = dict(new.get("metadata") or {})
+                meta.pop("resourceVersion", None)
+                meta["name"] = name
+                new["metadata"] = meta
+                obj, created = storage.put(res, ns, name, new, create=None, subresource=sub,
+                                           managed=managed)
+            self._send(201 if created else 200, obj)
 
         def do_DELETE(self):
             self._guard(self._delete)
