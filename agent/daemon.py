@@ -328,6 +328,11 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         writer = ServiceStatusWriter(source.client, store, controller, elector=elector)
         tasks.append(asyncio.create_task(elector.run(stop), name="lease-election"))
         tasks.append(asyncio.create_task(writer.run(stop), name="service-status"))
+        from agent.sources.kubernetes_bgp_status import BgpStatusWriter
+
+        # this node's CiliumBGPNodeConfig; the Lease holder: BGP and pool conditions
+        bgp_status = BgpStatusWriter(source.client, source, controller, elector=elector)
+        tasks.append(asyncio.create_task(bgp_status.run(stop), name="bgp-status"))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -415,6 +415,8 @@ def _handler(server: FakeApiServer):
                 self._send(400, _status(400, "BadRequest", str(exc)))
             except (BrokenPipeError, ConnectionResetError):
                 pass
+            except Exception as exc:  # noqa: BLE001 - a fake bug: answer 500, as a server would
+                self._send(500, _status(500, "InternalError", f"fake API server: {exc!r}"))
 
         def _refused(self) -> bool:
             """During a /fake/outage, requests of that user agent get their connection closed."""

@@ -221,7 +221,7 @@ def apply(live: dict | None, applied: dict, manager: str, *, force: bool, subres
     wanted = fieldset(applied)
     conflicts, taken = [], {}
     for other, e in entries.items():
-        if other[0] == manager and other[1] == "Apply":
+        if other == key:
             continue
         owned = decode(e["fieldsV1"])
         clash = sorted(p for p in wanted & owned

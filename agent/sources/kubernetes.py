@@ -444,6 +444,14 @@ class KubernetesSource:
     async def close(self) -> None:
         pass
 
+    def live(self, kind: str, name: str, namespace: str = "") -> tuple[str, str, dict] | None:
+        """(api version, plural, object) of ``kind`` ``name`` as the watches last saw it, in
+        the first version that has it (v2 before v2alpha1), or None."""
+        for w, cache in self.caches.items():
+            if w.kind == kind and (obj := cache.items.get(f"{namespace}/{name}")) is not None:
+                return w.api_version, w.plural, obj
+        return None
+
     # -- installing --------------------------------------------------------------------------
     def _install(self) -> bool:
         from agent.config import ObjectSet
@@ -455,6 +463,8 @@ class KubernetesSource:
         validated = {}
         for w, cache in self.caches.items():
             for key, raw in sorted(cache.items.items()):
+                if w.kind == "CiliumBGPNodeConfig" and _derived(raw):
+                    continue     # an output (vipd's or Cilium's operator's), not configuration
                 rv = str(raw.get("metadata", {}).get("resourceVersion", ""))
                 vkey = (w.api_version + "/" + w.kind, key, rv)
                 result = self._validated.get(vkey)
@@ -486,6 +496,14 @@ class KubernetesSource:
                 log.warning("invalid object ignored", error=e)
             self._logged = now
         return changed
+
+
+def _derived(raw: dict) -> bool:
+    """A CiliumBGPNodeConfig owned by a CiliumBGPClusterConfig: derived from it (by vipd's
+    write-back or Cilium's operator), so reading it back as input would only echo it — and keep
+    a node's sessions up after it left every ClusterConfig."""
+    refs = (raw.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("kind") == "CiliumBGPClusterConfig" for r in refs)
 
 
 def _key(obj: dict) -> str:
