@@ -55,11 +55,16 @@ class ApiResource:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
+CRD = ApiResource("apiextensions.k8s.io", "v1", "customresourcedefinitions",
+                  "CustomResourceDefinition", False)
+
+
 def _resources() -> list[ApiResource]:
     from agent.config.loader import KINDS
 
     out = [ApiResource("", "v1", "namespaces", "Namespace", False),
-           ApiResource("coordination.k8s.io", "v1", "leases", "Lease", True)]
+           ApiResource("coordination.k8s.io", "v1", "leases", "Lease", True),
+           CRD]
     for kind, model in sorted(KINDS.items()):
         for api_version in model.API_VERSIONS:
             group, _, version = api_version.rpartition("/")
@@ -157,6 +162,10 @@ class Storage:
                 new = dict(obj)
                 if old is not None and "status" in old and "status" not in new:
                     new["status"] = old["status"]     # the main resource does not write status
+            if res == CRD:
+                _check_crd(name, new)
+            else:
+                new = self._pruned(res, new)
             meta = dict(new.get("metadata") or {})
             sent_rv = meta.get("resourceVersion")
             if old is not None and sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
@@ -195,6 +204,22 @@ class Storage:
             self.objects[res][(namespace, name)] = new
             self._record(res, "ADDED" if old is None else "MODIFIED", new)
             return copy.deepcopy(new), old is None
+
+    def _pruned(self, res: ApiResource, obj: dict) -> dict:
+        """Once the kind's CRD is installed, fields its schema does not name are dropped, as a
+        real API server prunes them (a CRD that forgets a field vipd reads shows here)."""
+        crd = self.objects[CRD].get(("", f"{res.plural}.{res.group}"))
+        if crd is None:
+            return obj
+        version = next((v for v in crd["spec"].get("versions") or [] if v.get("name") == res.version), None)
+        if version is None:
+            raise ApiError(404, "NotFound", f"the CRD {res.plural}.{res.group} does not serve "
+                           f"version {res.version}")
+        schema = (version.get("schema") or {}).get("openAPIV3Schema") or {}
+        meta = obj.get("metadata")
+        out = _prune(obj, schema)
+        out["metadata"] = meta
+        return out
 
     def delete(self, res: ApiResource, namespace: str, name: str) -> dict:
         with self.lock:
@@ -289,7 +314,8 @@ def kubeconfig(server_url: str, namespace: str = "default", *, ca_pem: bytes | N
 # ------------------------------------------------------------------------------------ HTTP
 
 
-SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "configmaps": ["cm"]}
+SHORT_NAMES = {"services": ["svc"], "nodes": ["no"], "namespaces": ["ns"], "configmaps": ["cm"],
+               "customresourcedefinitions": ["crd", "crds"]}
 
 
 def _discovery_resources(gv: str) -> list[dict]:
@@ -647,6 +673,54 @@ def _handler(server: FakeApiServer):
             self.close_connection = True
 
     return Handler
+
+
+def _check_crd(name: str, crd: dict) -> None:
+    """What the API server refuses in a CustomResourceDefinition, as far as the fake uses it."""
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    if name != f"{names.get('plural')}.{spec.get('group')}":
+        raise ApiError(422, "Invalid", f'CustomResourceDefinition.apiextensions.k8s.io "{name}" '
+                       f"is invalid: metadata.name: must be spec.names.plural+\".\"+spec.group")
+    versions = spec.get("versions") or []
+    if sum(1 for v in versions if v.get("storage")) != 1:
+        raise ApiError(422, "Invalid", f'CustomResourceDefinition "{name}" is invalid: '
+                       "spec.versions: must have exactly one version marked as storage version")
+    for v in versions:
+        missing = _untyped((v.get("schema") or {}).get("openAPIV3Schema") or {}, "")
+        if missing:
+            raise ApiError(422, "Invalid", f'CustomResourceDefinition "{name}" is invalid: '
+                           f"spec.versions[{v.get('name')}].schema.openAPIV3Schema{missing}.type: "
+                           "Required value: must not be empty for specified object fields "
+                           "(not a structural schema)")
+
+
+def _untyped(schema: dict, where: str) -> str:
+    """The first schema node without a type (a structural schema has none), or ""."""
+    if "type" not in schema and not schema.get("x-kubernetes-int-or-string") and \
+            not schema.get("x-kubernetes-preserve-unknown-fields"):
+        return where or "."
+    for k, sub in (schema.get("properties") or {}).items():
+        if (found := _untyped(sub, f"{where}.properties[{k}]")):
+            return found
+    for k in ("items", "additionalProperties"):
+        if isinstance(schema.get(k), dict) and (found := _untyped(schema[k], f"{where}.{k}")):
+            return found
+    return ""
+
+
+def _prune(value, schema: dict):
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        if props is None:
+            return {k: _prune(v, extra) for k, v in value.items()} if isinstance(extra, dict) else value
+        return {k: _prune(v, props[k]) for k, v in value.items() if k in props}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_prune(v, schema["items"]) for v in value]
+    return value
 
 
 def _strip_directives(patch):
