@@ -310,6 +310,8 @@ class KubernetesSource:
         self._logged: set[str] = set()
         self._not_served: set[Watched] = set()
         self.relists = 0          # 410 Gone answers handled (tests and logs read it)
+        self.resyncs = 0          # SIGHUPs handled
+        self._tasks: dict[Watched, asyncio.Task] = {}
 
     @property
     def origin(self) -> str:
@@ -353,8 +355,17 @@ class KubernetesSource:
         return self._install()
 
     def request_reload(self) -> None:
-        """SIGHUP: nothing to re-read; the watches follow every change as it happens."""
-        log.info("SIGHUP ignored in Kubernetes mode: the watches are continuous")
+        """SIGHUP: list every kind again and watch from there (a full resync: whatever a watch
+        may have missed — a proxy that dropped an event, an object edited behind the API
+        server's back — is then what the server has)."""
+        log.info("SIGHUP: listing every kind again", kinds=len(self.resources))
+        self.resyncs += 1
+        for w in self.resources:
+            self.caches[w].resource_version = ""
+            task = self._tasks.get(w)
+            if task is not None:
+                task.cancel()
+                self._tasks[w] = asyncio.create_task(self._follow(w), name=f"watch {w.path}")
 
     # -- watching ----------------------------------------------------------------------------
     async def _follow(self, w: Watched) -> None:
@@ -429,7 +440,8 @@ class KubernetesSource:
         return etype or ""
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        tasks = [asyncio.create_task(self._follow(w), name=f"watch {w.path}") for w in self.resources]
+        self._tasks = {w: asyncio.create_task(self._follow(w), name=f"watch {w.path}")
+                       for w in self.resources}
         try:
             while stop is None or not stop.is_set():
                 await self._dirty.wait()
@@ -437,6 +449,7 @@ class KubernetesSource:
                 self._dirty.clear()
                 self._install()
         finally:
+            tasks, self._tasks = list(self._tasks.values()), {}
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
