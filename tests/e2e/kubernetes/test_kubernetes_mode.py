@@ -7,10 +7,14 @@ HTTP/JSON protocol: discovery, list, chunked watches, bookmarks, 410 Gone), runn
 leaf01's namespace on 10.0.5.1:6443; rack1's nodes reach it through the routers. kubectl runs
 in the same namespace. Steps build on each other:
 
+0. kubectl apply of deploy/kubernetes/cilium-crds.yaml (the fake prunes by their schemas);
 1. kubectl apply of the seed's CiliumBGPPeeringPolicy and Nodes: the routers learn the four
    PodCIDRs exactly as in file mode (the assertion of tests/e2e/controlplane/test_seed002_lab);
 2. kubectl apply --server-side of the v2 resources, kubectl delete of the legacy policy: the
    same routes, now from the v2 instances;
+2b. each node's CiliumBGPNodeConfig (written by its vipd with server-side apply) reports the
+   established session, timers and route counts; a node relabelled out of every ClusterConfig
+   loses its NodeConfig and session (the router withdraws its PodCIDR), and gets both back;
 3. kubectl apply of a LoadBalancer Service: LB-IPAM allocates, every node announces the VIP;
    the server closes every watch (as at its timeoutSeconds): they resume from their
    resourceVersion without a re-list; kubectl delete: withdrawn;
@@ -118,6 +122,10 @@ def kube():
                    timeout=60, what="leaf02 routing to the API server's subnet")
         # client-side apply (what most users type), no client-side schema: the fake serves
         # no OpenAPI document; the server validates, as with --validate=false on a real one
+        # vipd's CRDs first: the fake then prunes every object by their schemas, as a real
+        # API server would (a field a schema forgot is then missing in every step below)
+        k.kubectl("apply", "--validate=false",
+                  manifest=(ROOT / "deploy" / "kubernetes" / "cilium-crds.yaml").read_text())
         k.kubectl("apply", "--validate=false", manifest=demo.nodes_yaml())
         k.kubectl("apply", "--validate=false", manifest=demo.LEGACY_POLICY_YAML)
         k.start_nodes()
@@ -157,6 +165,41 @@ def test_2_v2_resources_replace_the_policy_live(kube):
     wait_until(env.sessions_established, timeout=60, what="sessions from the v2 resources")
     wait_until(env.learned_pod_cidrs, timeout=60, what="PodCIDRs from the v2 resources")
     _assert_pod_cidrs_everywhere(env)
+
+
+def test_2b_node_configs_report_the_real_sessions_and_go_with_the_node(kube):
+    """Each agent's CiliumBGPNodeConfig (server-side applied) shows its session with the real
+    router as Cilium's agent reports it; a node that leaves every ClusterConfig loses its
+    NodeConfig and its session, and the router withdraws its PodCIDR."""
+    env = kube.env
+
+    def node_config(name):
+        return json.loads(kube.kubectl("get", "ciliumbgpnodeconfig", name, "-o", "json"))
+
+    def established(name):
+        peers = node_config(name)["status"]["bgpInstances"][0]["peers"]
+        return all(p["peeringState"] == "established" and p.get("establishedTime")
+                   and p.get("timers", {}).get("appliedHoldTimeSeconds") for p in peers) and peers
+    for n in NODES:
+        [peer] = wait_until(lambda: established(n.name), timeout=30,
+                            what=f"{n.name}'s NodeConfig status: established")
+        assert peer["peerAddress"] == n.leaf_address
+        v4 = next(c for c in peer["routeCount"] if c["afi"] == "ipv4")
+        assert v4["advertised"] >= 1 and v4["received"] >= 1, peer   # its PodCIDR; the reflected
+        owner = node_config(n.name)["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == \
+            ("CiliumBGPClusterConfig", n.rack, True)
+    leaving = NODES[3]
+    kube.kubectl("label", "node", leaving.name, "rack=none", "--overwrite")
+    wait_until(lambda: leaving.pod_cidr not in env.routes_by_prefix(leaving.leaf), timeout=30,
+               what=f"{leaving.leaf} withdrawing {leaving.name}'s PodCIDR")
+    assert "NotFound" in subprocess.run(
+        kube.env.lab.hosts["leaf01"].exec_argv([KUBECTL, "--kubeconfig", str(kube.kubeconfig), "get",
+                                               "ciliumbgpnodeconfig", leaving.name]),
+        capture_output=True, text=True, timeout=60).stderr
+    kube.kubectl("label", "node", leaving.name, f"rack={leaving.rack}", "--overwrite")
+    wait_until(env.learned_pod_cidrs, timeout=60, what=f"{leaving.name}'s PodCIDR back")
+    wait_until(lambda: established(leaving.name), timeout=30, what="its NodeConfig back")
 
 
 def test_3_service_applied_with_kubectl_is_announced_and_withdrawn(kube):

@@ -35,3 +35,35 @@ def test_daemonset_args_and_probes_are_real_commands():
     assert {"/sys/fs/bpf", "/run/vipd", "/var/lib/vipd", "/lib/modules", "/usr/src"} <= mounts
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "/opt/vipd/venv/bin/vipctl /usr/local/bin/" in dockerfile
+
+
+def test_cilium_crds_are_generated_and_cover_every_cilium_kind_vipd_uses():
+    """deploy/kubernetes/cilium-crds.yaml is what scripts/gen-cilium-crds.py writes, and has one
+    CRD per cilium.io kind vipd reads or writes, serving each version vipd asks for, with a
+    status subresource where vipd writes status."""
+    import subprocess
+    import sys
+
+    from agent.sources.kubernetes import watched_resources
+
+    path = ROOT / "deploy" / "kubernetes" / "cilium-crds.yaml"
+    generated = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-cilium-crds.py")],
+                               capture_output=True, text=True, check=True, timeout=60).stdout
+    assert generated == path.read_text(), \
+        "stale: run python3 scripts/gen-cilium-crds.py > deploy/kubernetes/cilium-crds.yaml"
+    crds = {d["spec"]["names"]["kind"]: d for d in yaml.safe_load_all(generated) if d}
+    wanted: dict[str, set] = {}
+    for w in watched_resources():
+        if w.api_version.startswith("cilium.io/"):
+            wanted.setdefault(w.kind, set()).add(w.api_version.split("/")[1])
+    assert set(crds) == set(wanted)
+    written = {"CiliumBGPNodeConfig", "CiliumBGPClusterConfig", "CiliumBGPPeerConfig",
+               "CiliumLoadBalancerIPPool"}
+    for kind, crd in crds.items():
+        assert crd["spec"]["scope"] == "Cluster"
+        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        assert set(versions) == wanted[kind], kind
+        storage = "v2" if "v2" in versions else "v2alpha1"    # as in Cilium 1.18
+        assert [n for n, v in versions.items() if v["storage"]] == [storage], kind
+        if kind in written:
+            assert "status" in versions["v2"]["subresources"], kind
