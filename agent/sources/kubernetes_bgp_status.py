@@ -154,12 +154,14 @@ def _owned_by_us(obj: dict) -> bool:
 class BgpStatusWriter:
     """The only writer of CiliumBGPNodeConfigs and BGP / LB-IPAM pool conditions."""
 
-    def __init__(self, client, source, controller, *, elector=None, interval_s: float = 1.0):
+    def __init__(self, client, source, controller, *, elector=None, interval_s: float = 5.0,
+                 poll_s: float = 0.5):
         self.client = client
         self.source = source          # KubernetesSource: what the watches last saw
         self.controller = controller
         self.elector = elector
-        self.interval_s = interval_s
+        self.interval_s = interval_s  # peer state (timers, route counts): Cilium's 5 s push
+        self.poll_s = poll_s          # a configuration pass or a new Lease holder: at once
         self._sent: dict[str, tuple[str, float]] = {}   # path -> (body, when)
         self.written = 0
 
@@ -214,10 +216,21 @@ class BgpStatusWriter:
         if w.what.endswith(" spec"):
             log.info("CiliumBGPNodeConfig applied", object=w.what)
 
+    def _trigger(self) -> tuple:
+        """What makes a write due before the next interval (cheap to read, unlike the status)."""
+        sessions = tuple(sorted((s.address, s.state) for _, s in self.controller.peer_states()))
+        return (self.controller.applied_generation, self.elector is None or self.elector.is_leader,
+                sessions)
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        last, due = None, 0.0
         while stop is None or not stop.is_set():
-            try:
-                await self.write_once()
-            except Exception as exc:  # noqa: BLE001 - a status bug must not stop the agent
-                log.warning("BGP status write-back failed; retrying", error=str(exc) or repr(exc))
-            await asyncio.sleep(self.interval_s)
+            trigger = self._trigger()
+            if trigger != last or time.monotonic() >= due:
+                last, due = trigger, time.monotonic() + self.interval_s
+                try:
+                    await self.write_once()
+                except Exception as exc:  # noqa: BLE001 - a status bug must not stop the agent
+                    log.warning("BGP status write-back failed; retrying",
+                                error=str(exc) or repr(exc))
+            await asyncio.sleep(self.poll_s)
