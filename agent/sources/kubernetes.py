@@ -465,6 +465,21 @@ class KubernetesSource:
                 return w.api_version, w.plural, obj
         return None
 
+    def objects(self, kind: str) -> list[dict]:
+        """Every object of ``kind`` the watches last saw (first version that has it)."""
+        seen: dict[str, dict] = {}
+        for w, cache in self.caches.items():
+            if w.kind == kind:
+                for key, obj in cache.items.items():
+                    seen.setdefault(key, obj)
+        return list(seen.values())
+
+    def served_version(self, kind: str) -> str:
+        """The first API version of ``kind`` this cluster serves (v2 before v2alpha1)."""
+        versions = [w for w in self.resources if w.kind == kind]
+        return next((w.api_version for w in versions if w not in self._not_served),
+                    versions[0].api_version)
+
     # -- installing --------------------------------------------------------------------------
     def _install(self) -> bool:
         from agent.config import ObjectSet

@@ -7,9 +7,10 @@ server-side apply (field manager ``vipd``):
   establishedTime, routeCount, the BGPReconcileError condition). Deleted when the node leaves
   every ClusterConfig (only a NodeConfig vipd wrote: one hand-written or written by Cilium's
   operator is left alone).
-* **conditions** of CiliumBGPClusterConfig, CiliumBGPPeerConfig and CiliumLoadBalancerIPPool
-  (status subresource), by the holder of the ``vipd-lbipam`` Lease only, as Cilium's single
-  operator does. CiliumBGPAdvertisement has no status in Cilium: nothing is written there.
+* **conditions** of CiliumBGPClusterConfig, CiliumBGPPeerConfig, CiliumLoadBalancerIPPool and
+  the LB-IPAM condition of Services (``cilium.io/IPAMRequestSatisfied``), through the status
+  subresource, by the holder of the ``vipd-lbipam`` Lease only, as Cilium's single operator
+  does. CiliumBGPAdvertisement has no status in Cilium: nothing is written there.
 
 A condition keeps its ``lastTransitionTime`` while its status stays the same, whoever wrote it
 before (so a new Lease holder does not restamp every condition). An apply that conflicts with
@@ -37,8 +38,7 @@ log = get_logger("config")
 FIELD_MANAGER = "vipd"
 NODE_CONFIG = "CiliumBGPNodeConfig"
 CLUSTER_CONFIG = "CiliumBGPClusterConfig"
-# the kinds whose conditions the Lease holder writes, and where the controller keeps them
-CONDITION_KINDS = ("CiliumBGPClusterConfig", "CiliumBGPPeerConfig", "CiliumLoadBalancerIPPool")
+REQUEST_SATISFIED = "cilium.io/IPAMRequestSatisfied"   # the one Service condition written
 RETRY_S = 5.0
 
 
@@ -49,7 +49,8 @@ class BgpStatus:
     node: str
     owner: str | None = None               # the ClusterConfig this node's config comes from
     node_config: dict | None = None        # {"spec": ..., "status": ...}
-    conditions: dict[tuple[str, str], list[dict]] = field(default_factory=dict)  # (kind, name)
+    # (kind, namespace or "", name) -> the conditions the Lease holder writes there
+    conditions: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
 
 
 def bgp_status_inputs(controller) -> BgpStatus:
@@ -58,15 +59,21 @@ def bgp_status_inputs(controller) -> BgpStatus:
     doc = controller.status_document()
     source = getattr(controller.node_config, "source", None) or ""
     owner = source.split("/", 1)[1] if source.startswith(CLUSTER_CONFIG + "/") else None
-    conditions: dict[tuple[str, str], list[dict]] = {}
+    conditions: dict[tuple[str, str, str], list[dict]] = {}
     for kind, key in (("CiliumBGPClusterConfig", "ciliumBGPClusterConfigs"),
                       ("CiliumBGPPeerConfig", "ciliumBGPPeerConfigs")):
         for name, entry in (doc.get(key) or {}).items():
-            conditions[(kind, name)] = list(entry.get("conditions") or [])
+            conditions[(kind, "", name)] = list(entry.get("conditions") or [])
     lbipam = getattr(controller, "lbipam", None)
     for name, conds in sorted((getattr(lbipam, "pool_conditions", None) or {}).items()):
-        conditions[("CiliumLoadBalancerIPPool", name)] = [
+        conditions[("CiliumLoadBalancerIPPool", "", name)] = [
             controller.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c) for c in conds]
+    for key, entry in (doc.get("services") or {}).items():
+        # only LB-IPAM's: the datapath condition is one node's view, not the cluster's
+        ipam = [c for c in entry.get("conditions") or [] if c.get("type") == REQUEST_SATISFIED]
+        if ipam:
+            namespace, name = key.split("/", 1)
+            conditions[("Service", namespace, name)] = ipam
     return BgpStatus(controller.node_name, owner,
                      doc.get("ciliumBGPNodeConfig") if owner else None, conditions)
 
@@ -93,20 +100,24 @@ class Write:
     what: str                 # "CiliumBGPNodeConfig/node1 spec", for logs
 
 
-def _path(api_version: str, plural: str, name: str, sub: str = "") -> str:
-    return f"/apis/{api_version}/{plural}/{name}" + (f"/{sub}" if sub else "")
+def _path(api_version: str, plural: str, name: str, sub: str = "", namespace: str = "") -> str:
+    prefix = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    ns = f"/namespaces/{namespace}" if namespace else ""
+    return f"{prefix}{ns}/{plural}/{name}" + (f"/{sub}" if sub else "")
 
 
-def desired_writes(status: BgpStatus, live, *, leader: bool) -> list[Write]:
-    """The writes that make the API match ``status``. ``live(kind, name)`` -> (api_version,
-    plural, object) as last seen by the watch, or None."""
+def desired_writes(status: BgpStatus, live, *, leader: bool, node_config_version: str = "cilium.io/v2",
+                   written_services=()) -> list[Write]:
+    """The writes that make the API match ``status``. ``live(kind, name, namespace="")`` ->
+    (api_version, plural, object) as last seen by the watch, or None. ``written_services``:
+    (namespace, name) of the Services whose status has an LB-IPAM condition now."""
     out: list[Write] = []
     found = live(NODE_CONFIG, status.node)
     if status.owner and status.node_config is not None:
         owner = live(CLUSTER_CONFIG, status.owner)
         uid = ((owner or (None, None, {}))[2].get("metadata") or {}).get("uid")
         if uid:   # the owner's uid comes with the watch; until then, nothing to own it by
-            api_version, plural = "cilium.io/v2", "ciliumbgpnodeconfigs"
+            api_version, plural = node_config_version, "ciliumbgpnodeconfigs"
             meta = {"name": status.node, "ownerReferences": [{
                 "apiVersion": owner[0], "kind": CLUSTER_CONFIG, "name": status.owner,
                 "uid": uid, "controller": True, "blockOwnerDeletion": True}]}
@@ -129,18 +140,28 @@ def desired_writes(status: BgpStatus, live, *, leader: bool) -> list[Write]:
     elif found and _owned_by_us(found[2]):
         out.append(Write(_path(found[0], found[1], status.node), None,
                          f"{NODE_CONFIG}/{status.node} (the node left every ClusterConfig)"))
-    if leader:
-        for (kind, name), conds in sorted(status.conditions.items()):
-            seen = live(kind, name)
-            if seen is None:
-                continue
-            api_version, plural, obj = seen
-            merged = merge_conditions(conds, (obj.get("status") or {}).get("conditions"))
-            if (obj.get("status") or {}).get("conditions", []) != merged:
-                out.append(Write(_path(api_version, plural, name, "status"),
-                                 {"apiVersion": api_version, "kind": kind, "metadata": {"name": name},
-                                  "status": {"conditions": merged}},
-                                 f"{kind}/{name} conditions"))
+    if not leader:
+        return out
+    wanted = dict(status.conditions)
+    for namespace, name in written_services:
+        # LB-IPAM no longer handles it (no longer a LoadBalancer, another class): the condition
+        # goes, as Cilium removes it; applying none drops the fields vipd owned
+        wanted.setdefault(("Service", namespace, name), [])
+    for (kind, namespace, name), conds in sorted(wanted.items()):
+        seen = live(kind, name, namespace)
+        if seen is None:
+            continue
+        api_version, plural, obj = seen
+        have = (obj.get("status") or {}).get("conditions") or []
+        merged = merge_conditions(conds, have)
+        if kind == "Service":     # other controllers' conditions stay; vipd's one is compared
+            have = [c for c in have if c.get("type") == REQUEST_SATISFIED]
+        if have != merged:
+            meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+            out.append(Write(_path(api_version, plural, name, "status", namespace),
+                             {"apiVersion": api_version, "kind": kind, "metadata": meta,
+                              "status": {"conditions": merged}},
+                             f"{kind}/{namespace + '/' if namespace else ''}{name} conditions"))
     return out
 
 
@@ -170,7 +191,9 @@ class BgpStatusWriter:
             return     # no pass yet
         status = bgp_status_inputs(self.controller)
         leader = self.elector is None or self.elector.is_leader
-        writes = desired_writes(status, self.source.live, leader=leader)
+        writes = desired_writes(status, self.source.live, leader=leader,
+                                node_config_version=self.source.served_version(NODE_CONFIG),
+                                written_services=self._services_with_ipam_condition())
         now = time.monotonic()
         for w in writes:
             text = json.dumps(w.body, sort_keys=True)
@@ -187,6 +210,15 @@ class BgpStatusWriter:
         due = {w.path for w in writes}
         for path in set(self._sent) - due:
             del self._sent[path]
+
+    def _services_with_ipam_condition(self) -> list[tuple[str, str]]:
+        out = []
+        for obj in self.source.objects("Service"):
+            if any(c.get("type") == REQUEST_SATISFIED
+                   for c in (obj.get("status") or {}).get("conditions") or []):
+                meta = obj.get("metadata") or {}
+                out.append((meta.get("namespace") or "", meta.get("name") or ""))
+        return out
 
     async def _write(self, w: Write) -> None:
         from agent.sources.kubernetes import ApiStatusError

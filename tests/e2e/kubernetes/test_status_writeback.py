@@ -5,7 +5,9 @@ would). Peers are unreachable loopback addresses: this is about the API objects,
 (tests/e2e/kubernetes/test_kubernetes_mode.py has the peering with real routers).
 
 1. each agent's CiliumBGPNodeConfig (owner reference with the ClusterConfig's uid, spec,
-   peer status, BGPReconcileError) and the ClusterConfig / pool conditions, by server-side apply;
+   peer status, BGPReconcileError) and the ClusterConfig / pool conditions, by server-side
+   apply; a Service's cilium.io/IPAMRequestSatisfied condition, removed when LB-IPAM no longer
+   handles it;
 2. a field of the NodeConfig taken by another field manager (kubectl patch): vipd's apply
    conflicts (409), is logged with the manager's name, and is retried with force;
 3. Cilium's ClusterConfig conditions when a PeerConfig is missing and no node matches; a node
@@ -173,6 +175,22 @@ def test_1_node_configs_and_conditions_are_applied(cluster):
     pool = wait_until(lambda: c.conditions("ciliumloadbalancerippool", "vips"), timeout=30,
                       what="the pool's conditions")
     assert {"cilium.io/IPsTotal", "cilium.io/IPsAvailable", "cilium.io/IPsUsed"} <= set(pool)
+
+
+def test_1b_lbipam_condition_on_the_service_comes_and_goes(cluster):
+    """Cilium's Service condition, next to the address: satisfied while LB-IPAM handles the
+    Service, removed when it no longer does (type changed to ClusterIP)."""
+    c = cluster
+    svc = demo.service_yaml(traffic_policy="Cluster", endpoint_node=FIRST).split("---\n")[1]
+    c.kubectl("apply", "--validate=false", manifest=svc.replace("name: web\n", "name: d-web\n"))
+    cond = wait_until(lambda: c.conditions("service", "d-web").get("cilium.io/IPAMRequestSatisfied"),
+                      timeout=30, what="d-web's IPAMRequestSatisfied condition")
+    assert (cond["status"], cond["reason"]) == ("True", "satisfied")
+    assert c.get("service", "d-web")["status"]["loadBalancer"]["ingress"]
+    c.kubectl("patch", "service", "d-web", "--type=merge", "-p", '{"spec": {"type": "ClusterIP"}}')
+    wait_until(lambda: "cilium.io/IPAMRequestSatisfied" not in c.conditions("service", "d-web"),
+               timeout=30, what="the condition removed once LB-IPAM no longer handles d-web")
+    c.kubectl("delete", "service", "d-web")
 
 
 def test_2_a_field_taken_by_another_manager_is_forced_back(cluster):
