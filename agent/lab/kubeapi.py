@@ -4,13 +4,18 @@ No kube-apiserver can be installed on the test machines, so the Kubernetes-mode 
 instead and drive it with the real ``kubectl`` (proof that it speaks what real clients speak):
 
 * discovery (``/api``, ``/apis``, ``/api/v1``, ``/apis/<group>/<version>``, ``/version``) for
-  the kinds vipd reads (generated from :data:`agent.config.loader.KINDS`) plus Namespaces and
-  coordination.k8s.io Leases;
+  the kinds vipd reads (generated from :data:`agent.config.loader.KINDS`) plus Namespaces,
+  coordination.k8s.io Leases and CustomResourceDefinitions;
 * LIST with ``metadata.resourceVersion``; WATCH (``?watch=1&resourceVersion=N``) as a chunked
   stream of JSON lines: ADDED / MODIFIED / DELETED, BOOKMARK when ``allowWatchBookmarks``, and
   an ERROR event with a 410 Gone Status when N is older than the kept history;
-* create (POST), replace (PUT), patch (JSON merge patch; server-side apply as an upsert of the
-  applied object), delete, and the ``status`` subresource (PUT/PATCH change only ``status``);
+* create (POST), replace (PUT), patch (JSON merge patch), server-side apply with field
+  ownership (``metadata.managedFields``, 409 conflicts unless ``force``, removal of fields a
+  manager stops applying: :mod:`agent.lab.ssa`), delete, and the ``status`` subresource
+  (PUT/PATCH/apply change only ``status``; the main resource never does);
+* ``apiextensions.k8s.io/v1`` CustomResourceDefinitions: a non-structural schema or a wrong
+  name is refused, and once a kind's CRD exists its objects are pruned by the schema, as a real
+  API server prunes unknown fields;
 * test controls under ``/fake/``: ``POST /fake/compact`` forgets the event history (every
   watch resuming from before it gets 410), ``POST /fake/close-watches`` ends every open watch,
   ``POST /fake/outage?seconds=S&userAgent=vipd`` cuts one client off for S seconds (its watches
