@@ -312,6 +312,7 @@ class KubernetesSource:
         self.relists = 0          # 410 Gone answers handled (tests and logs read it)
         self.resyncs = 0          # SIGHUPs handled
         self._tasks: dict[Watched, asyncio.Task] = {}
+        self._epoch = 0           # bumped by a resync or a stop: older watch loops end
 
     @property
     def origin(self) -> str:
@@ -360,19 +361,23 @@ class KubernetesSource:
         server's back — is then what the server has)."""
         log.info("SIGHUP: listing every kind again", kinds=len(self.resources))
         self.resyncs += 1
+        self._epoch += 1
         for w in self.resources:
             self.caches[w].resource_version = ""
             task = self._tasks.get(w)
             if task is not None:
                 task.cancel()
-                self._tasks[w] = asyncio.create_task(self._follow(w), name=f"watch {w.path}")
+                self._tasks[w] = asyncio.create_task(self._follow(w, self._epoch),
+                                                     name=f"watch {w.path}")
 
     # -- watching ----------------------------------------------------------------------------
-    async def _follow(self, w: Watched) -> None:
-        """Watch one kind forever: resume from the last resourceVersion, re-list on 410 Gone,
-        back off on errors."""
+    async def _follow(self, w: Watched, epoch: int) -> None:
+        """Watch one kind until stopped or resynced (``epoch`` is then old): resume from the
+        last resourceVersion, re-list on 410 Gone, back off on errors."""
         delay = BACKOFF_FIRST_S
-        while True:
+        # Python 3.11's wait_for can swallow a cancellation that races with data arriving, so
+        # the loop also checks that it is still wanted
+        while epoch == self._epoch:
             try:
                 cache = self.caches[w]
                 if not cache.resource_version or w in self._not_served:
@@ -386,6 +391,8 @@ class KubernetesSource:
                                    "allowWatchBookmarks": "true",
                                    "timeoutSeconds": str(WATCH_TIMEOUT_S)})
                 async for event in self.client.watch(f"{w.path}?{query}"):
+                    if epoch != self._epoch:
+                        return
                     if self._apply_event(w, event) == "gone":
                         break
                     delay = BACKOFF_FIRST_S
@@ -440,7 +447,7 @@ class KubernetesSource:
         return etype or ""
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        self._tasks = {w: asyncio.create_task(self._follow(w), name=f"watch {w.path}")
+        self._tasks = {w: asyncio.create_task(self._follow(w, self._epoch), name=f"watch {w.path}")
                        for w in self.resources}
         try:
             while stop is None or not stop.is_set():
@@ -449,10 +456,12 @@ class KubernetesSource:
                 self._dirty.clear()
                 self._install()
         finally:
-            tasks, self._tasks = list(self._tasks.values()), {}
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._epoch += 1
+            pending, self._tasks = set(self._tasks.values()), {}
+            while pending:      # again until they end: a cancellation can be swallowed (3.11)
+                for t in pending:
+                    t.cancel()
+                _, pending = await asyncio.wait(pending, timeout=1.0)
 
     async def close(self) -> None:
         pass

@@ -97,7 +97,13 @@ class Cluster:
     def stop(self, node: str) -> int:
         proc = self.agents.pop(node)
         proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout=30)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"vipd {node} did not stop within 30 s of SIGTERM:\n"
+                                 + self.log(node)[-3000:]) from None
 
     def log(self, node: str) -> str:
         return (self.workdir / node / "vipd.log").read_text(errors="replace")
