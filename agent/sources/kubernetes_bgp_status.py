@@ -17,8 +17,8 @@ before (so a new Lease holder does not restamp every condition). An apply that c
 another field manager is logged, naming the manager and fields, and retried with ``force``:
 these objects are outputs that vipd owns, as the operator owns them in a Cilium cluster.
 
-Pure part: :func:`bgp_status_inputs` (the one reader of the controller) and
-:func:`desired_writes`; effect: :class:`BgpStatusWriter`.
+Pure part: :func:`bgp_status_inputs` and :func:`status_trigger` (the only readers of the
+controller) and :func:`desired_writes`; effect: :class:`BgpStatusWriter`.
 """
 
 from __future__ import annotations
@@ -76,6 +76,15 @@ def bgp_status_inputs(controller) -> BgpStatus:
             conditions[("Service", namespace, name)] = ipam
     return BgpStatus(controller.node_name, owner,
                      doc.get("ciliumBGPNodeConfig") if owner else None, conditions)
+
+
+def status_trigger(controller) -> tuple | None:
+    """What makes a write due before the next interval (cheap, unlike the status itself);
+    None before the first pass."""
+    if controller.node_config is None and not controller.errors:
+        return None
+    sessions = tuple(sorted((s.address, s.state) for _, s in controller.peer_states()))
+    return controller.applied_generation, sessions
 
 
 def merge_conditions(desired: list[dict], live: list[dict] | None) -> list[dict]:
@@ -187,7 +196,7 @@ class BgpStatusWriter:
         self.written = 0
 
     async def write_once(self) -> None:
-        if self.controller.node_config is None and not self.controller.errors:
+        if status_trigger(self.controller) is None:
             return     # no pass yet
         status = bgp_status_inputs(self.controller)
         leader = self.elector is None or self.elector.is_leader
@@ -249,10 +258,7 @@ class BgpStatusWriter:
             log.info("CiliumBGPNodeConfig applied", object=w.what)
 
     def _trigger(self) -> tuple:
-        """What makes a write due before the next interval (cheap to read, unlike the status)."""
-        sessions = tuple(sorted((s.address, s.state) for _, s in self.controller.peer_states()))
-        return (self.controller.applied_generation, self.elector is None or self.elector.is_leader,
-                sessions)
+        return status_trigger(self.controller), self.elector is None or self.elector.is_leader
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         last, due = None, 0.0
