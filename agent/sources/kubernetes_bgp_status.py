@@ -49,6 +49,7 @@ class BgpStatus:
     node: str
     owner: str | None = None               # the ClusterConfig this node's config comes from
     node_config: dict | None = None        # {"spec": ..., "status": ...}
+    hand_written: bool = False             # the config is a CiliumBGPNodeConfig someone wrote
     # (kind, namespace or "", name) -> the conditions the Lease holder writes there
     conditions: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
 
@@ -74,8 +75,10 @@ def bgp_status_inputs(controller) -> BgpStatus:
         if ipam:
             namespace, name = key.split("/", 1)
             conditions[("Service", namespace, name)] = ipam
+    hand_written = source == f"{NODE_CONFIG}/{controller.node_name}"
     return BgpStatus(controller.node_name, owner,
-                     doc.get("ciliumBGPNodeConfig") if owner else None, conditions)
+                     doc.get("ciliumBGPNodeConfig") if owner or hand_written else None,
+                     hand_written, conditions)
 
 
 def status_trigger(controller) -> tuple | None:
@@ -130,22 +133,19 @@ def desired_writes(status: BgpStatus, live, *, leader: bool, node_config_version
             meta = {"name": status.node, "ownerReferences": [{
                 "apiVersion": owner[0], "kind": CLUSTER_CONFIG, "name": status.owner,
                 "uid": uid, "controller": True, "blockOwnerDeletion": True}]}
-            head = {"apiVersion": api_version, "kind": NODE_CONFIG, "metadata": meta}
-            spec = {**head, "spec": status.node_config.get("spec") or {}}
-            node_status = dict(status.node_config.get("status") or {})
+            spec = {"apiVersion": api_version, "kind": NODE_CONFIG, "metadata": meta,
+                    "spec": status.node_config.get("spec") or {}}
             live_obj = found[2] if found else {}
-            node_status["conditions"] = merge_conditions(
-                list(node_status.get("conditions") or []),
-                (live_obj.get("status") or {}).get("conditions"))
             if not found or _owned_by_us(live_obj) is not True or \
                     live_obj.get("spec") != spec["spec"] or \
                     (live_obj.get("metadata") or {}).get("ownerReferences") != meta["ownerReferences"]:
                 out.append(Write(_path(api_version, plural, status.node), spec,
                                  f"{NODE_CONFIG}/{status.node} spec"))
-            if live_obj.get("status") != node_status:
-                out.append(Write(_path(api_version, plural, status.node, "status"),
-                                 {**head, "metadata": {"name": status.node}, "status": node_status},
-                                 f"{NODE_CONFIG}/{status.node} status"))
+            out += _node_status_write(status, api_version, plural, live_obj)
+    elif status.hand_written and found and status.node_config is not None:
+        # someone else's NodeConfig (no ClusterConfig owns it): its status only, as Cilium's
+        # agent reports on whatever NodeConfig it runs
+        out += _node_status_write(status, *found)
     elif found and _owned_by_us(found[2]):
         out.append(Write(_path(found[0], found[1], status.node), None,
                          f"{NODE_CONFIG}/{status.node} (the node left every ClusterConfig)"))
@@ -172,6 +172,17 @@ def desired_writes(status: BgpStatus, live, *, leader: bool, node_config_version
                               "status": {"conditions": merged}},
                              f"{kind}/{namespace + '/' if namespace else ''}{name} conditions"))
     return out
+
+
+def _node_status_write(status: BgpStatus, api_version: str, plural: str, live_obj: dict) -> list[Write]:
+    node_status = dict(status.node_config.get("status") or {})
+    node_status["conditions"] = merge_conditions(list(node_status.get("conditions") or []),
+                                                 (live_obj.get("status") or {}).get("conditions"))
+    if live_obj.get("status") == node_status:
+        return []
+    return [Write(_path(api_version, plural, status.node, "status"),
+                  {"apiVersion": api_version, "kind": NODE_CONFIG, "metadata": {"name": status.node},
+                   "status": node_status}, f"{NODE_CONFIG}/{status.node} status")]
 
 
 def _owned_by_us(obj: dict) -> bool:

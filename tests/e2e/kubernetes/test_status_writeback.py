@@ -15,7 +15,8 @@ would). Peers are unreachable loopback addresses: this is about the API objects,
    (the deleted NodeConfig is not read back as configuration);
 4. the Lease holder stops: the other agent writes the next condition change, and the
    conditions that did not change keep their lastTransitionTime;
-5. SIGHUP lists every kind again: a change the watches never delivered is seen.
+5. SIGHUP lists every kind again: a change the watches never delivered is seen;
+6. a hand-written NodeConfig (no owner) is run, gets its status, and is never deleted.
 """
 
 import json
@@ -272,3 +273,27 @@ def test_5_sighup_lists_every_kind_again(cluster):
     wait_until(lambda: c.get("ciliumbgpnodeconfig", FIRST) is None, timeout=30,
                what="FIRST's NodeConfig deleted after the re-list")
     assert "SIGHUP: listing every kind again" in c.log(FIRST)
+
+
+def test_6_a_hand_written_node_config_is_run_reported_and_left_alone(cluster):
+    """No ClusterConfig selects FIRST now (test 5): a CiliumBGPNodeConfig written by hand (no
+    owner) is its configuration; vipd reports its status there and never deletes or rewrites it."""
+    c = cluster
+    c.kubectl("apply", "--validate=false", manifest=(
+        f"apiVersion: cilium.io/v2\nkind: CiliumBGPNodeConfig\nmetadata: {{name: {FIRST}}}\n"
+        "spec:\n  bgpInstances:\n  - name: hand\n    localASN: 65123\n    peers:\n"
+        "    - {name: p, peerAddress: 127.0.0.54, peerASN: 65123}\n"))
+    nc = wait_until(lambda: (o := c.get("ciliumbgpnodeconfig", FIRST)) and o.get("status") and o,
+                    timeout=30, what="the hand-written NodeConfig's status")
+    [instance] = nc["status"]["bgpInstances"]
+    assert (instance["name"], instance["peers"][0]["peerAddress"]) == ("hand", "127.0.0.54")
+    assert "ownerReferences" not in nc["metadata"]
+    assert nc["spec"]["bgpInstances"][0]["localASN"] == 65123
+    assert {(m["manager"], m.get("subresource", "")) for m in nc["metadata"]["managedFields"]
+            if m["manager"] == "vipd"} == {("vipd", "status")}
+    peers = json.loads(c.vipctl(FIRST, "bgp", "peers", "-o", "json"))["peers"]
+    assert [(p["instance"], p["peerAddress"]) for p in peers] == [("hand", "127.0.0.54")]
+    time.sleep(2)
+    later = c.get("ciliumbgpnodeconfig", FIRST)
+    assert later is not None and later["spec"] == nc["spec"]
+    assert "ownerReferences" not in later["metadata"]
