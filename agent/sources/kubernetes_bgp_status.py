@@ -161,6 +161,8 @@ def desired_writes(status: BgpStatus, live, *, leader: bool, node_config_version
         if seen is None:
             continue
         api_version, plural, obj = seen
+        if kind == CLUSTER_CONFIG and api_version.endswith("/v2alpha1"):
+            continue      # v2alpha1 ClusterConfigs have no status (a cluster without v2)
         have = (obj.get("status") or {}).get("conditions") or []
         merged = merge_conditions(conds, have)
         if kind == "Service":     # other controllers' conditions stay; vipd's one is compared
@@ -178,6 +180,8 @@ def _node_status_write(status: BgpStatus, api_version: str, plural: str, live_ob
     node_status = dict(status.node_config.get("status") or {})
     node_status["conditions"] = merge_conditions(list(node_status.get("conditions") or []),
                                                  (live_obj.get("status") or {}).get("conditions"))
+    if api_version.endswith("/v2alpha1"):
+        del node_status["conditions"]     # not in v2alpha1's schema (the server would prune it)
     if live_obj.get("status") == node_status:
         return []
     return [Write(_path(api_version, plural, status.node, "status"),
