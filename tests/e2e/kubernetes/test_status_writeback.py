@@ -149,8 +149,13 @@ def cluster(tmp_path_factory):
             c.start(SECOND)
             yield c
         finally:
-            for node in list(c.agents):
-                c.stop(node)
+            hung = []
+            for node in list(c.agents):     # every one, even when one does not stop
+                try:
+                    c.stop(node)
+                except AssertionError as exc:
+                    hung.append(str(exc))
+            assert not hung, "\n".join(hung)
 
 
 def test_1_node_configs_and_conditions_are_applied(cluster):
