@@ -24,6 +24,7 @@ from agent.bgp.messages import (
     PathAttributes,
 )
 from agent.bgp.rib import AdjRibOut
+from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, zone_of
 from agent.bgp.session import (
     ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, Session,
     SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
@@ -89,6 +90,9 @@ class BgpSpeaker:
         self._started = False
         self._hint_tasks: set[asyncio.Task] = set()  # route lookups for connect-failure hints
         self._bfd_manager = None   # agent.bfd.transport.BfdManager, once a neighbor uses BFD
+        # Router Advertisements on the interfaces of link-local (unnumbered) neighbors, so the
+        # router learns our address (agent.bgp.unnumbered)
+        self._advertiser = RouterAdvertiser(logger=self.log)
         # Called (no arguments) whenever a peer's Adj-RIB-In may have changed: an UPDATE came
         # in, a session went down (its routes were dropped), a neighbor was removed. The
         # daemon's route reconciler uses it to import received routes into the kernel.
@@ -105,6 +109,7 @@ class BgpSpeaker:
             if not self._servers:
                 raise OSError(f"could not listen on port {self.config.listen_port} on any of "
                               f"{self.config.listen_addresses}")
+        self._sync_advertiser()
         for peer in self._peers.values():  # neighbors added before start()
             self._start_peer(peer)
 
@@ -131,6 +136,7 @@ class BgpSpeaker:
             self._bfd_sync(peer.cfg, None)
         for task in list(self._hint_tasks):
             task.cancel()
+        self._advertiser.close()
         self.log.info("speaker stopped", notify=notify, message=message or None)
         self._started = False
 
@@ -146,6 +152,7 @@ class BgpSpeaker:
         self._set_listener_key(cfg.address, cfg.password)
         self._update_listener_ttl()
         if self._started:
+            self._sync_advertiser()
             self._start_peer(peer)
         self.log.info("neighbor added", peer=key, peer_asn=cfg.peer_asn, port=cfg.port,
                       passive=cfg.passive, families=[f.short for f in cfg.families])
@@ -186,6 +193,8 @@ class BgpSpeaker:
         self._set_listener_key(peer.cfg.address, None)
         del self._peers[peer.cfg.address]
         self._update_listener_ttl()
+        if self._started:
+            self._sync_advertiser()
         self._rib_in_changed()
         self.log.info("neighbor removed", peer=peer.cfg.address, message=message or None)
 
@@ -348,6 +357,9 @@ class BgpSpeaker:
         except (KeyError, ValueError):
             raise KeyError(f"no neighbor {address}") from None
 
+    def _sync_advertiser(self) -> None:
+        self._advertiser.set_interfaces({z for z in (zone_of(p.cfg.address) for p in self._peers.values()) if z})
+
     def _drivers(self, peer: _Peer) -> list[SessionDriver]:
         return [d for d in (peer.driver, *peer.candidates) if d is not None]
 
@@ -430,7 +442,7 @@ class BgpSpeaker:
             if cfg.local_address:
                 sock.bind((cfg.local_address, 0))
             driver.connect_sock = sock
-            await self._loop.sock_connect(sock, (cfg.address, cfg.port))
+            await self._loop.sock_connect(sock, sockaddr(cfg.address, cfg.port))
         except asyncio.CancelledError:
             sock.close()
             raise
@@ -511,7 +523,9 @@ class BgpSpeaker:
             return None
         remote = peername[0]
         try:
-            key = str(ip_address(remote.split("%")[0]))
+            key = str(ip_address(remote))
+            if key not in self._peers:   # a link-local peer is known with its zone, others without
+                key = str(ip_address(remote.split("%")[0]))
         except ValueError:
             key = remote
         peer = self._peers.get(key)

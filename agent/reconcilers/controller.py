@@ -450,7 +450,8 @@ def _host_inputs(facts, node) -> dict:
     """What derive_node_config takes from the host (see agent.sources.host)."""
     node_addresses = (node.addresses(4) + node.addresses(6)) if node is not None else []
     return {"interfaces": facts.interfaces(), "default_gateways": facts.default_gateways(),
-            "router_id_mac": facts.router_id_mac(node_addresses)}
+            "router_id_mac": facts.router_id_mac(node_addresses),
+            "ipv6_routers": facts.link_local_routers()}
 
 
 def _with_rib_hook(factory: Callable, hook: Callable[[], None]) -> Callable:

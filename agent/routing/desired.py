@@ -82,7 +82,8 @@ def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
     """BGP-learned prefixes as kernel routes in ``table``: per prefix, the paths with the
     highest LOCAL_PREF, all of them as equal-cost next hops (ECMP across the peers that
     announce it). Skipped: paths without a next hop of the prefix's family (IPv4 over an
-    IPv6 next hop, RFC 8950, is not installed) and next hops in ``exclude`` (our own
+    IPv6 next hop, RFC 8950, is not installed), link-local next hops (unnumbered peers: the
+    path does not say on which interface) and next hops in ``exclude`` (our own
     addresses: a route via ourselves loops). Every route gets ``metric`` (see IMPORT_METRIC)."""
     own = {ipaddress.ip_address(a) for a in exclude}
     best: dict = {}   # prefix -> (local_pref, {next hops})
@@ -91,7 +92,7 @@ def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
             continue
         prefix = ipaddress.ip_network(p.prefix, strict=True)
         hop = ipaddress.ip_address(p.next_hop)
-        if hop.version != prefix.version or hop in own:
+        if hop.version != prefix.version or hop in own or (hop.version == 6 and hop.is_link_local):
             continue
         pref = 100 if p.local_pref is None else p.local_pref
         cur = best.get(prefix)

@@ -1,0 +1,196 @@
+"""BGP unnumbered peering (`autoDiscovery: {mode: Unnumbered}`), through `vipd run` as users run
+it, against FRR's ``neighbor eth0 interface`` (RFC 8950 extended next hop)::
+
+      r (FRR + zebra, AS 65001)  eth0 ── eth0  node (vipd, AS 65010)
+      link-local addresses only on the link; r announces 203.0.113.0/24
+
+* vipd learns r's link-local address from the Router Advertisements FRR sends on eth0 (the
+  kernel's router-flagged neighbour entry, via the host facts) and connects to ``fe80::…%eth0``;
+  FRR learns ours from the Router Advertisements vipd sends there;
+* IPv4 and IPv6 Pod CIDRs reach FRR over the one IPv6 session, both with our link-local next
+  hop; IPv4 in MP_REACH_NLRI (RFC 8950); FRR's IPv4 route reaches us the same way;
+* removing the Pod CIDRs withdraws them; a new router link-local address moves the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.lab import Lab, wait_until
+from agent.lab.peers import Announce, FrrPeer, Neighbor
+
+REPO = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.e2e
+
+POD4, POD6, FROM_R = "10.244.0.0/24", "fd44::/64", "203.0.113.0/24"
+
+NODES_YAML = """\
+apiVersion: v1
+kind: Node
+metadata: {name: node, labels: {bgp: "yes"}}
+spec: {podCIDRs: [%s]}
+status: {addresses: [{type: InternalIP, address: 192.0.2.11}]}
+"""
+
+BGP_YAML = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPClusterConfig
+metadata: {name: unnumbered}
+spec:
+  nodeSelector: {matchLabels: {bgp: "yes"}}
+  bgpInstances:
+  - name: main
+    localASN: 65010
+    peers:
+    - name: tor
+      peerASN: 65001
+      autoDiscovery: {mode: Unnumbered, unnumbered: {interface: eth0}}
+      peerConfigRef: {name: tor}
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPPeerConfig
+metadata: {name: tor}
+spec:
+  timers: {connectRetryTimeSeconds: 1, holdTimeSeconds: 9, keepAliveTimeSeconds: 3}
+  families:
+  - {afi: ipv4, safi: unicast, advertisements: {matchLabels: {advertise: pods}}}
+  - {afi: ipv6, safi: unicast, advertisements: {matchLabels: {advertise: pods}}}
+---
+apiVersion: cilium.io/v2
+kind: CiliumBGPAdvertisement
+metadata: {name: pods, labels: {advertise: pods}}
+spec:
+  advertisements:
+  - advertisementType: PodCIDR
+"""
+
+
+class Env:
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        base = lab.workdir / "vipd"
+        self.config, self.state = base / "config", base / "state"
+        self.config.mkdir(parents=True)
+        self.socket, self.log = base / "vipd.sock", base / "vipd.log"
+        self.router = lab.host("r", forwarding=True)
+        self.node = lab.host("node")
+        lab.link(self.router, self.node, a_if="eth0", b_if="eth0")
+        self.node.add_address("lo", "192.0.2.11/32")
+        self.frr = lab.frr(self.router, FrrPeer(
+            65001, "10.255.0.1", [Neighbor("eth0", 65010, interface=True, families=("ipv4", "ipv6"),
+                                           extended_nexthop=True, hold_time=9, keepalive=3)],
+            [Announce(FROM_R)], zebra=True))
+
+    def write(self, filename: str, text: str) -> None:
+        tmp = self.config / f".{filename}.tmp"
+        tmp.write_text(text)
+        tmp.rename(self.config / filename)
+
+    def start_vipd(self) -> None:
+        argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config), "--node-name", "node",
+                "--api-socket", str(self.socket), "--state-dir", str(self.state), "--log-format", "json"]
+        self.proc = self.node.spawn(argv, log_path=self.log, env={"PYTHONPATH": str(REPO)})
+        wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=60, what="vipd API socket")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"vipd exited:\n{self.log.read_text()[-3000:]}")
+
+    def link_local(self, host) -> str:
+        [addr] = [a["local"] for i in json.loads(host.run("ip", "-j", "-6", "addr", "show", "dev", "eth0"))
+                  for a in i["addr_info"] if a["scope"] == "link"]
+        return addr
+
+    def session(self):
+        return self.frr.sessions().get("eth0")
+
+    def established(self) -> bool:
+        s = self.session()
+        return s is not None and s.state == "established"
+
+    def frr_routes(self, afi: str) -> dict[str, list[dict]]:
+        """prefix -> FRR's next hops (as `show bgp <afi> unicast json` gives them)."""
+        data = json.loads(self.frr.vtysh(f"show bgp {afi} unicast json") or "{}")
+        return {p: [nh for path in paths for nh in path.get("nexthops", [])]
+                for p, paths in data.get("routes", {}).items()}
+
+    def vipctl(self, *args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(self.socket), *args],
+                              capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def peer(self) -> dict:
+        [p] = json.loads(self.vipctl("bgp", "peers", "-o", "json"))["peers"]
+        return p
+
+    def vipd_log(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def env():
+    with Lab("funnum") as lab:
+        env = Env(lab)
+        env.write("nodes.yaml", NODES_YAML % f'{POD4}, "{POD6}"')
+        env.write("bgp.yaml", BGP_YAML)
+        env.start_vipd()
+        wait_until(env.established, timeout=60,
+                   what=f"unnumbered session at FRR\n{env.frr.log()[-2000:]}\n{env.vipd_log()[-3000:]}")
+        yield env
+
+
+def test_unnumbered_peer_is_found_from_router_advertisements_and_established_over_link_local(env):
+    router_ll, node_ll = env.link_local(env.router), env.link_local(env.node)
+    peer = env.peer()
+    assert (peer["peerAddress"], peer["sessionState"]) == (f"{router_ll}%eth0", "established")
+    assert peer["localAddress"].split("%")[0] == node_ll
+    # FRR learned our link-local address (from our Router Advertisements) and negotiated RFC 8950
+    session = env.session()
+    assert session.raw["bgpNeighborAddr"] == node_ll
+    assert session.raw["neighborCapabilities"]["extendedNexthop"] == "advertisedAndReceived"
+
+
+def test_ipv4_and_ipv6_pod_cidrs_reach_frr_with_our_link_local_next_hop(env):
+    node_ll = env.link_local(env.node)
+    wait_until(lambda: POD4 in env.frr_routes("ipv4") and POD6 in env.frr_routes("ipv6"), timeout=30,
+               what=f"Pod CIDRs at FRR: {env.frr_routes('ipv4')} {env.frr_routes('ipv6')}")
+    for afi, prefix in (("ipv4", POD4), ("ipv6", POD6)):
+        hops = env.frr_routes(afi)[prefix]
+        # one 16-byte link-local next hop; FRR files it as "global" and shows its empty LL slot as ::
+        assert {h["ip"] for h in hops if h["ip"] != "::"} == {node_ll} and {h["afi"] for h in hops} == {"ipv6"}, hops
+    # FRR resolved the link-local next hop on eth0 and installed the IPv4 route via zebra
+    fib = json.loads(env.router.run("ip", "-j", "-4", "route", "show", POD4))
+    assert [(r["dev"], r["via"]["family"], r["via"]["host"]) for r in fib] == [("eth0", "inet6", node_ll)], fib
+    # and IPv4 packets flow over the unnumbered link (the way back: by hand, vipd imports nothing here)
+    env.router.add_address("lo", "10.255.0.1/32")
+    env.node.add_address("lo", "10.244.0.10/32")
+    env.node.run("ip", "route", "add", "10.255.0.1/32", "via", "inet6", env.link_local(env.router), "dev", "eth0")
+    env.router.run("ping", "-c", "1", "-W", "2", "-I", "10.255.0.1", "10.244.0.10")
+
+
+def test_frr_ipv4_route_is_received_over_the_ipv6_session(env):
+    wait_until(lambda: env.peer().get("families", {}) and
+               any(f.get("received", 0) >= 1 for f in env.peer()["families"]
+                   if f.get("afi") == "ipv4"), timeout=30, what=f"{FROM_R} received: {env.peer()}")
+
+
+def test_removed_pod_cidrs_are_withdrawn(env):
+    env.write("nodes.yaml", NODES_YAML % "")
+    wait_until(lambda: POD4 not in env.frr_routes("ipv4") and POD6 not in env.frr_routes("ipv6"), timeout=30,
+               what="Pod CIDRs withdrawn at FRR")
+    assert env.established()   # a withdraw, not a session reset
+
+
+def test_session_follows_a_new_router_link_local_address(env):
+    old = env.link_local(env.router)
+    new = "fe80::abcd"
+    env.router.run("ip", "-6", "addr", "add", f"{new}/64", "dev", "eth0")
+    env.router.run("ip", "-6", "addr", "del", f"{old}/64", "dev", "eth0")
+    wait_until(lambda: env.peer()["peerAddress"] == f"{new}%eth0" and env.peer()["sessionState"] == "established",
+               timeout=60, what=f"session to {new}: {env.peer()}\n{env.vipd_log()[-2000:]}")
+    wait_until(env.established, timeout=30, what="FRR re-established")
