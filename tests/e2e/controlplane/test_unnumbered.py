@@ -15,17 +15,12 @@ it, against FRR's ``neighbor eth0 interface`` (RFC 8950 extended next hop)::
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from agent.lab import Lab, wait_until
 from agent.lab.peers import Announce, FrrPeer, Neighbor
-
-REPO = Path(__file__).resolve().parents[3]
+from agent.lab.vipd import VipdRun
 pytestmark = pytest.mark.e2e
 
 POD4, POD6, FROM_R = "10.244.0.0/24", "fd44::/64", "203.0.113.0/24"
@@ -71,34 +66,16 @@ spec:
 """
 
 
-class Env:
+class Env(VipdRun):
     def __init__(self, lab: Lab):
-        self.lab = lab
-        base = lab.workdir / "vipd"
-        self.config, self.state = base / "config", base / "state"
-        self.config.mkdir(parents=True)
-        self.socket, self.log = base / "vipd.sock", base / "vipd.log"
         self.router = lab.host("r", forwarding=True)
-        self.node = lab.host("node")
+        super().__init__(lab, lab.host("node"))
         lab.link(self.router, self.node, a_if="eth0", b_if="eth0")
         self.node.add_address("lo", "192.0.2.11/32")
         self.frr = lab.frr(self.router, FrrPeer(
             65001, "10.255.0.1", [Neighbor("eth0", 65010, interface=True, families=("ipv4", "ipv6"),
                                            extended_nexthop=True, hold_time=9, keepalive=3)],
             [Announce(FROM_R)], zebra=True))
-
-    def write(self, filename: str, text: str) -> None:
-        tmp = self.config / f".{filename}.tmp"
-        tmp.write_text(text)
-        tmp.rename(self.config / filename)
-
-    def start_vipd(self) -> None:
-        argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config), "--node-name", "node",
-                "--api-socket", str(self.socket), "--state-dir", str(self.state), "--log-format", "json"]
-        self.proc = self.node.spawn(argv, log_path=self.log, env={"PYTHONPATH": str(REPO)})
-        wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=60, what="vipd API socket")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"vipd exited:\n{self.log.read_text()[-3000:]}")
 
     def link_local(self, host) -> str:
         [addr] = [a["local"] for i in json.loads(host.run("ip", "-j", "-6", "addr", "show", "dev", "eth0"))
@@ -118,18 +95,9 @@ class Env:
         return {p: [nh for path in paths for nh in path.get("nexthops", [])]
                 for p, paths in data.get("routes", {}).items()}
 
-    def vipctl(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(self.socket), *args],
-                              capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
     def peer(self) -> dict:
         [p] = json.loads(self.vipctl("bgp", "peers", "-o", "json"))["peers"]
         return p
-
-    def vipd_log(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
