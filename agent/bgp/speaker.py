@@ -26,7 +26,7 @@ from agent.bgp.messages import (
 from agent.bgp.rib import AdjRibOut
 from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, zone_of
 from agent.bgp.session import (
-    ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, Session,
+    ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, RoutesNotSent, Session,
     SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
 )
 
@@ -310,7 +310,8 @@ class BgpSpeaker:
                 local_capabilities=s.local_capabilities() if s is not None else (),
                 remote_capabilities=s.remote_capabilities() if s is not None else (),
                 families=fams,
-                last_error=(s.last_error if s is not None and s.last_error else peer.last_error)))
+                last_error=((_not_sent(s) if est else None)
+                            or (s.last_error if s is not None and s.last_error else peer.last_error))))
         return result
 
     # ------------------------------------------------------------------ BFD (RFC 5882)
@@ -604,6 +605,8 @@ class BgpSpeaker:
                 log.warning("malformed UPDATE handled (RFC 7606)", peer=addr, action=ev.action, reason=ev.reason)
             elif isinstance(ev, EndOfRibReceived):
                 log.info("End-of-RIB received", peer=addr, family=ev.family.short)
+            elif isinstance(ev, RoutesNotSent):
+                log.warning("prefixes not sent to this peer", peer=addr, family=ev.family.short, reason=ev.reason)
             elif isinstance(ev, RouteRefreshReceived):
                 log.info("route refresh received", peer=addr, family=ev.family.short, subtype=ev.subtype)
         if self.on_rib_in_change is not None and any(isinstance(ev, (UpdateReceived, SessionDown))
@@ -710,6 +713,14 @@ def collision_keeps_outgoing(local_id: str, remote_id: str, local_asn: int, remo
     if lid != rid:
         return lid > rid
     return local_asn > remote_asn
+
+
+def _not_sent(session) -> str | None:
+    """What an Established session cannot carry (the encoder's reasons), else None."""
+    enc = session.encoder
+    if enc is None or not enc.unsendable:
+        return None
+    return "; ".join(f"{f.short} prefixes not sent: {why}" for f, why in enc.unsendable.items())
 
 
 def _path_attributes(attrs: tuple) -> PathAttributes:

@@ -1,14 +1,17 @@
 """BGP unnumbered peering (`autoDiscovery: {mode: Unnumbered}`), through `vipd run` as users run
 it, against FRR's ``neighbor eth0 interface`` (RFC 8950 extended next hop)::
 
-      r (FRR + zebra, AS 65001)  eth0 ── eth0  node (vipd, AS 65010)
+      r  (FRR + zebra, AS 65001)  eth0 ── eth0     node (vipd, AS 65010)
       link-local addresses only on the link; r announces 203.0.113.0/24
+      r2 (FRR, AS 65002) fd02::1 eth-node ── eth-r2 fd02::11   (IPv6 session, no extended next hop)
 
 * vipd learns r's link-local address from the Router Advertisements FRR sends on eth0 (the
   kernel's router-flagged neighbour entry, via the host facts) and connects to ``fe80::…%eth0``;
   FRR learns ours from the Router Advertisements vipd sends there;
 * IPv4 and IPv6 Pod CIDRs reach FRR over the one IPv6 session, both with our link-local next
   hop; IPv4 in MP_REACH_NLRI (RFC 8950); FRR's IPv4 route reaches us the same way;
+* r2 offers no extended next hop: the IPv4 Pod CIDR is not sent there, and `vipctl bgp peers`
+  says why (the IPv6 one is);
 * removing the Pod CIDRs withdraws them; a new router link-local address moves the session.
 """
 
@@ -47,6 +50,10 @@ spec:
       peerASN: 65001
       autoDiscovery: {mode: Unnumbered, unnumbered: {interface: eth0}}
       peerConfigRef: {name: tor}
+    - name: r2
+      peerASN: 65002
+      peerAddress: "fd02::1"
+      peerConfigRef: {name: tor}
 ---
 apiVersion: cilium.io/v2
 kind: CiliumBGPPeerConfig
@@ -76,6 +83,11 @@ class Env(VipdRun):
             65001, "10.255.0.1", [Neighbor("eth0", 65010, interface=True, families=("ipv4", "ipv6"),
                                            extended_nexthop=True, hold_time=9, keepalive=3)],
             [Announce(FROM_R)], zebra=True))
+        self.router2 = lab.host("r2")
+        lab.link(self.router2, self.node, ["fd02::1/64"], ["fd02::11/64"])
+        self.frr2 = lab.frr(self.router2, FrrPeer(
+            65002, "10.255.0.2", [Neighbor("fd02::11", 65010, families=("ipv4", "ipv6"), hold_time=9, keepalive=3)],
+            zebra=True))   # FRR needs zebra for the link-local half of our IPv6 next hop
 
     def link_local(self, host) -> str:
         [addr] = [a["local"] for i in json.loads(host.run("ip", "-j", "-6", "addr", "show", "dev", "eth0"))
@@ -95,9 +107,8 @@ class Env(VipdRun):
         return {p: [nh for path in paths for nh in path.get("nexthops", [])]
                 for p, paths in data.get("routes", {}).items()}
 
-    def peer(self) -> dict:
-        [p] = json.loads(self.vipctl("bgp", "peers", "-o", "json"))["peers"]
-        return p
+    def peer(self, name: str = "tor") -> dict:
+        return {p["name"]: p for p in json.loads(self.vipctl("bgp", "peers", "-o", "json"))["peers"]}[name]
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +156,18 @@ def test_frr_ipv4_route_is_received_over_the_ipv6_session(env):
     wait_until(lambda: env.peer().get("families", {}) and
                any(f.get("received", 0) >= 1 for f in env.peer()["families"]
                    if f.get("afi") == "ipv4"), timeout=30, what=f"{FROM_R} received: {env.peer()}")
+
+
+def test_ipv4_is_not_sent_over_an_ipv6_session_without_extended_next_hop_and_vipctl_says_why(env):
+    def at_r2(afi):
+        return json.loads(env.frr2.vtysh(f"show bgp {afi} unicast json") or "{}").get("routes", {})
+    wait_until(lambda: POD6 in at_r2("ipv6"), timeout=30, what=f"{POD6} at r2")
+    assert POD4 not in at_r2("ipv4")
+    peer = env.peer("r2")
+    assert peer["sessionState"] == "established"
+    assert "ipv4-unicast prefixes not sent: IPv4 prefixes need an IPv4 next hop or the extended next hop " \
+           "capability (RFC 8950)" in peer["lastError"], peer
+    assert "prefixes not sent to this peer" in env.vipd_log()
 
 
 def test_removed_pod_cidrs_are_withdrawn(env):

@@ -277,6 +277,10 @@ def test_ipv4_over_ipv6_session_without_extended_next_hop_is_not_sent():
     s.rib_out[V4].advertise(encode_prefix(net("10.9.0.0/24")), PA())
     assert [m for m in messages(s.data_to_send()) if isinstance(m, Update)] == []
     assert s.encoder.unsendable[V4].startswith("IPv4 prefixes need")
+    # reported once per session and family (the speaker logs it and shows it as the peer's lastError)
+    [event] = s.take_routes_not_sent()
+    assert (event.family, "extended next hop capability (RFC 8950)" in event.reason) == (V4, True)
+    assert s.take_routes_not_sent() == []
 
 
 # ------------------------------------------------------------------ UPDATE handling
