@@ -178,10 +178,13 @@ def test_removed_pod_cidrs_are_withdrawn(env):
 
 
 def test_session_follows_a_new_router_link_local_address(env):
+    # The old address stays a router until the kernel's neighbour entry for it fails: after the
+    # ND reachable time (30 s by default; lowered here, as an operator can) plus the probes.
+    env.node.sysctl("net.ipv6.neigh.eth0.base_reachable_time_ms", "3000")
     old = env.link_local(env.router)
-    new = "fe80::abcd"
+    new = "fe80::ffff:ffff:ffff:fff0"   # sorts after the old one: the old must be found dead first
     env.router.run("ip", "-6", "addr", "add", f"{new}/64", "dev", "eth0")
     env.router.run("ip", "-6", "addr", "del", f"{old}/64", "dev", "eth0")
     wait_until(lambda: env.peer()["peerAddress"] == f"{new}%eth0" and env.peer()["sessionState"] == "established",
-               timeout=60, what=f"session to {new}: {env.peer()}\n{env.vipd_log()[-2000:]}")
+               timeout=45, what=f"session to {new}: {env.peer()}\n{env.vipd_log()[-2000:]}")
     wait_until(env.established, timeout=30, what="FRR re-established")
