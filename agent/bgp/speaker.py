@@ -24,7 +24,7 @@ from agent.bgp.messages import (
     PathAttributes,
 )
 from agent.bgp.rib import AdjRibOut
-from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, zone_of
+from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, with_zone, zone_of
 from agent.bgp.session import (
     ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, RoutesNotSent, Session,
     SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
@@ -524,11 +524,12 @@ class BgpSpeaker:
             return None
         remote = peername[0]
         try:
-            key = str(ip_address(remote))
-            if key not in self._peers:   # a link-local peer is known with its zone, others without
-                key = str(ip_address(remote.split("%")[0]))
+            key = str(ip_address(remote.split("%")[0]))
         except ValueError:
             key = remote
+        zoned = with_zone(key, peername)
+        if zoned in self._peers:   # a link-local peer is known with its zone ("fe80::1%eth0")
+            key = zoned
         peer = self._peers.get(key)
         if peer is None or peer.removed:
             # RFC 4271 §8.2.1.1: refuse connections from unconfigured peers.

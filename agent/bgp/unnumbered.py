@@ -17,7 +17,7 @@ import asyncio
 import socket
 import struct
 
-__all__ = ["router_advertisement", "RouterAdvertiser", "RA_INTERVAL", "zone_of", "sockaddr"]
+__all__ = ["router_advertisement", "RouterAdvertiser", "RA_INTERVAL", "zone_of", "sockaddr", "with_zone"]
 
 ND_ROUTER_ADVERT = 134
 ALL_NODES = "ff02::1"
@@ -46,6 +46,17 @@ def sockaddr(address: str, port: int) -> tuple:
     except OSError:
         raise OSError(f"interface {zone!r} of link-local peer {address} does not exist") from None
     return (address.partition("%")[0], port, 0, index)
+
+
+def with_zone(address: str, sockname: tuple) -> str:
+    """``address`` with the zone of an IPv6 socket address whose scope id is set (a link-local
+    peer: the kernel gives the interface index, not its name), else ``address`` unchanged."""
+    if len(sockname) < 4 or not sockname[3]:
+        return address
+    try:
+        return f"{address}%{socket.if_indextoname(sockname[3])}"
+    except OSError:
+        return address
 
 
 class RouterAdvertiser:

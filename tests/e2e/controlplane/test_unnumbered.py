@@ -18,6 +18,7 @@ it, against FRR's ``neighbor eth0 interface`` (RFC 8950 extended next hop)::
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -119,7 +120,7 @@ def env():
         env.write("bgp.yaml", BGP_YAML)
         env.start_vipd()
         wait_until(env.established, timeout=60,
-                   what=f"unnumbered session at FRR\n{env.frr.log()[-2000:]}\n{env.vipd_log()[-3000:]}")
+                   what="unnumbered session Established at FRR")
         yield env
 
 
@@ -137,7 +138,7 @@ def test_unnumbered_peer_is_found_from_router_advertisements_and_established_ove
 def test_ipv4_and_ipv6_pod_cidrs_reach_frr_with_our_link_local_next_hop(env):
     node_ll = env.link_local(env.node)
     wait_until(lambda: POD4 in env.frr_routes("ipv4") and POD6 in env.frr_routes("ipv6"), timeout=30,
-               what=f"Pod CIDRs at FRR: {env.frr_routes('ipv4')} {env.frr_routes('ipv6')}")
+               what="both Pod CIDRs at FRR")
     for afi, prefix in (("ipv4", POD4), ("ipv6", POD6)):
         hops = env.frr_routes(afi)[prefix]
         # one 16-byte link-local next hop; FRR files it as "global" and shows its empty LL slot as ::
@@ -155,7 +156,7 @@ def test_ipv4_and_ipv6_pod_cidrs_reach_frr_with_our_link_local_next_hop(env):
 def test_frr_ipv4_route_is_received_over_the_ipv6_session(env):
     wait_until(lambda: env.peer().get("families", {}) and
                any(f.get("received", 0) >= 1 for f in env.peer()["families"]
-                   if f.get("afi") == "ipv4"), timeout=30, what=f"{FROM_R} received: {env.peer()}")
+                   if f.get("afi") == "ipv4"), timeout=30, what=f"{FROM_R} received from FRR")
 
 
 def test_ipv4_is_not_sent_over_an_ipv6_session_without_extended_next_hop_and_vipctl_says_why(env):
@@ -185,6 +186,29 @@ def test_session_follows_a_new_router_link_local_address(env):
     new = "fe80::ffff:ffff:ffff:fff0"   # sorts after the old one: the old must be found dead first
     env.router.run("ip", "-6", "addr", "add", f"{new}/64", "dev", "eth0")
     env.router.run("ip", "-6", "addr", "del", f"{old}/64", "dev", "eth0")
-    wait_until(lambda: env.peer()["peerAddress"] == f"{new}%eth0" and env.peer()["sessionState"] == "established",
-               timeout=45, what=f"session to {new}: {env.peer()}\n{env.vipd_log()[-2000:]}")
+    try:
+        wait_until(lambda: env.peer()["peerAddress"] == f"{new}%eth0" and env.peer()["sessionState"] == "established",
+                   timeout=45, what=f"session to {new}")
+    except TimeoutError as exc:   # what the node and the router saw at the end
+        raise AssertionError(f"{exc}: {env.peer()}\nrouter: {env.router.run('ip', '-6', 'addr')}\nnode: "
+                             f"{env.node.run('ip', '-6', 'neigh')}\n{env.vipd_log()[-3000:]}") from None
     wait_until(env.established, timeout=30, what="FRR re-established")
+
+
+DIAL_FROM_ROUTER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1] + "%eth0", 179), timeout=10)
+print(s.recv(4096)[:21].hex())
+"""
+
+
+def test_with_a_listener_a_connection_from_the_routers_link_local_address_is_matched_to_the_peer(env):
+    # localPort makes vipd listen. A connection from fe80::…%eth0 must find the configured
+    # peer (answered with an OPEN, or a collision Cease), not be refused as unknown (Cease 6/5).
+    env.write("bgp.yaml", BGP_YAML.replace("    localASN: 65010\n", "    localASN: 65010\n    localPort: 179\n"))
+    wait_until(lambda: '"event": "listening"' in env.vipd_log(), timeout=30, what="vipd listening on 179")
+    first = bytes.fromhex(env.router.run(sys.executable, "-c", DIAL_FROM_ROUTER, env.link_local(env.node)).strip())
+    assert first[18] == 1 or first[18:21] == bytes((3, 6, 7)), first.hex()   # OPEN, or Cease/collision
+    assert "refused BGP connection from an unconfigured peer" not in env.vipd_log()
+    wait_until(lambda: env.established() and env.peer()["sessionState"] == "established", timeout=45,
+               what="session back with FRR")

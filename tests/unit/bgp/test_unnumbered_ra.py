@@ -7,7 +7,7 @@ import socket
 import pytest
 from scapy.layers.inet6 import ICMPv6ND_RA
 
-from agent.bgp.unnumbered import router_advertisement, sockaddr, zone_of
+from agent.bgp.unnumbered import router_advertisement, sockaddr, with_zone, zone_of
 
 pytestmark = pytest.mark.unit
 
@@ -25,3 +25,11 @@ def test_zone_scoped_peers_connect_through_their_interface_index():
     assert sockaddr("10.0.0.1", 179) == ("10.0.0.1", 179)
     with pytest.raises(OSError, match="interface 'nosuch0' of link-local peer fe80::1%nosuch0 does not exist"):
         sockaddr("fe80::1%nosuch0", 179)
+
+
+def test_an_accepted_link_local_peer_is_named_with_its_zone():
+    # accept() gives the interface index, the configured peer is "fe80::1%IF"
+    lo = socket.if_nametoindex("lo")
+    assert with_zone("fe80::1", ("fe80::1", 4321, 0, lo)) == "fe80::1%lo"
+    assert with_zone("fd00::1", ("fd00::1", 4321, 0, 0)) == "fd00::1"
+    assert with_zone("10.0.0.1", ("10.0.0.1", 4321)) == "10.0.0.1"
