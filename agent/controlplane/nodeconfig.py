@@ -399,6 +399,10 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
         except ValueError as exc:
             issues.append(ConfigIssue("error", f"CiliumBGPPeerConfig/{ref}", f"metadata.annotations"
                                       f"[{BFD_ANNOTATION}]: {exc}; BFD is off for peer {name} until fixed"))
+    if bfd is not None and link_local:
+        issues.append(ConfigIssue("warning", peer_where, f"BFD ({BFD_ANNOTATION}) is not supported "
+                                  f"for the link-local peer {address} yet; BFD is off for it"))
+        bfd = None
     return PeerSpec(
         name=name, address=str(peer_ip), peer_asn=peer_asn,
         port=transport.peer_port if transport else 179, local_address=local_address,

@@ -277,6 +277,15 @@ def test_node_config_link_local_peers(peer_fields, address, error):
         assert nc.instances[0].peers[0].neighbor_config().address == address
 
 
+def test_bfd_is_off_with_a_warning_for_link_local_peers():
+    pc = peer_config()
+    pc["metadata"]["annotations"] = {"vipd.io/bfd": ""}
+    cc = cluster_config("cc", [instance(peers=[{**peer(), "peerAddress": None, "autoDiscovery": UNNUMBERED}])])
+    nc = derive(objs(node("n1"), cc, pc), interfaces={"eth0": []}, ipv6_routers={"eth0": ["fe80::1"]})
+    assert nc.instances[0].peers[0].bfd is None
+    assert "BFD (vipd.io/bfd) is not supported for the link-local peer fe80::1%eth0" in nc.issues[0].message
+
+
 def test_source_interface_is_ignored_for_link_local_peers():
     cc = cluster_config("cc", [instance(peers=[{**peer(), "peerAddress": None, "autoDiscovery": UNNUMBERED}])])
     o = objs(node("n1"), cc, peer_config(transport={"sourceInterface": "eth1"}))
