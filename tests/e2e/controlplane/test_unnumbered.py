@@ -2,9 +2,11 @@
 it, against FRR's ``neighbor eth0 interface`` (RFC 8950 extended next hop)::
 
       r  (FRR + zebra, AS 65001)  eth0 ── eth0     node (vipd, AS 65010)
-      link-local addresses only on the link; r announces 203.0.113.0/24
+      link-local addresses only on the link; r announces 203.0.113.0/24 and 2001:db8:100::/48
       r2 (FRR, AS 65002) fd02::1 eth-node ── eth-r2 fd02::11   (IPv6 session, no extended next hop)
 
+* ``--bgp-import-table 254``: r's routes land in the main table via r's link-local address on
+  eth0 (IPv4 ones as ``via inet6``), and packets flow both ways;
 * vipd learns r's link-local address from the Router Advertisements FRR sends on eth0 (the
   kernel's router-flagged neighbour entry, via the host facts) and connects to ``fe80::…%eth0``;
   FRR learns ours from the Router Advertisements vipd sends there;
@@ -27,7 +29,7 @@ from agent.lab.peers import Announce, FrrPeer, Neighbor
 from agent.lab.vipd import VipdRun
 pytestmark = pytest.mark.e2e
 
-POD4, POD6, FROM_R = "10.244.0.0/24", "fd44::/64", "203.0.113.0/24"
+POD4, POD6, FROM_R, FROM_R6 = "10.244.0.0/24", "fd44::/64", "203.0.113.0/24", "2001:db8:100::/48"
 
 NODES_YAML = """\
 apiVersion: v1
@@ -83,7 +85,7 @@ class Env(VipdRun):
         self.frr = lab.frr(self.router, FrrPeer(
             65001, "10.255.0.1", [Neighbor("eth0", 65010, interface=True, families=("ipv4", "ipv6"),
                                            extended_nexthop=True, hold_time=9, keepalive=3)],
-            [Announce(FROM_R)], zebra=True))
+            [Announce(FROM_R), Announce(FROM_R6)], zebra=True))
         self.router2 = lab.host("r2")
         lab.link(self.router2, self.node, ["fd02::1/64"], ["fd02::11/64"])
         self.frr2 = lab.frr(self.router2, FrrPeer(
@@ -118,7 +120,7 @@ def env():
         env = Env(lab)
         env.write("nodes.yaml", NODES_YAML % f'{POD4}, "{POD6}"')
         env.write("bgp.yaml", BGP_YAML)
-        env.start_vipd()
+        env.start_vipd(["--bgp-import-table", "254"])
         wait_until(env.established, timeout=60,
                    what="unnumbered session Established at FRR")
         yield env
@@ -153,10 +155,20 @@ def test_ipv4_and_ipv6_pod_cidrs_reach_frr_with_our_link_local_next_hop(env):
     env.router.run("ping", "-c", "1", "-W", "2", "-I", "10.255.0.1", "10.244.0.10")
 
 
-def test_frr_ipv4_route_is_received_over_the_ipv6_session(env):
-    wait_until(lambda: env.peer().get("families", {}) and
-               any(f.get("received", 0) >= 1 for f in env.peer()["families"]
-                   if f.get("afi") == "ipv4"), timeout=30, what=f"{FROM_R} received from FRR")
+def test_frr_routes_are_imported_via_its_link_local_address_and_traffic_flows(env):
+    router_ll = env.link_local(env.router)
+
+    def imported(family):
+        return {r["dst"]: r for r in json.loads(env.node.run("ip", "-j", family, "route", "show", "proto", "241"))}
+    wait_until(lambda: FROM_R in imported("-4") and FROM_R6 in imported("-6"), timeout=30,
+               what=f"{FROM_R} and {FROM_R6} imported into the main table")
+    v4, v6 = imported("-4")[FROM_R], imported("-6")[FROM_R6]
+    assert (v4["dev"], v4["via"], v6["dev"], v6["gateway"]) == (
+        "eth0", {"family": "inet6", "host": router_ll}, "eth0", router_ll), (v4, v6)
+    # a Pod answers a client behind the router: out through the imported route, back through
+    # the Pod CIDR route FRR installed from our announcement
+    env.router.add_address("lo", "203.0.113.1/32")
+    env.node.run("ping", "-c", "1", "-W", "2", "-I", "10.244.0.10", "203.0.113.1")
 
 
 def test_ipv4_is_not_sent_over_an_ipv6_session_without_extended_next_hop_and_vipctl_says_why(env):
@@ -193,6 +205,11 @@ def test_session_follows_a_new_router_link_local_address(env):
         raise AssertionError(f"{exc}: {env.peer()}\nrouter: {env.router.run('ip', '-6', 'addr')}\nnode: "
                              f"{env.node.run('ip', '-6', 'neigh')}\n{env.vipd_log()[-3000:]}") from None
     wait_until(env.established, timeout=30, what="FRR re-established")
+
+    def imported_via():
+        [route] = json.loads(env.node.run("ip", "-j", "-4", "route", "show", FROM_R, "proto", "241"))
+        return route["via"]["host"]
+    wait_until(lambda: imported_via() == new, timeout=30, what=f"{FROM_R} imported via {new}")
 
 
 DIAL_FROM_ROUTER = """
