@@ -403,7 +403,8 @@ class Controller:
                                       for c in conds]}
                 for name, conds in sorted(self.lbipam.pool_conditions.items())}
         if self.host is not None and self.host.facts is not None:
-            doc["host"] = {"defaultGateways": {g.family: f"{g.address} dev {g.dev}" for g in self.host.facts.gateways}}
+            doc["host"] = {"defaultGateways": {g.family: f"{g.address} dev {g.dev}" for g in self.host.facts.gateways},
+                           "ipv6Routers": self.host.facts.link_local_routers()}   # Unnumbered peers
         if self.routes is not None:
             doc["kernelRoutes"] = self.routes.view()
         doc["reconcileErrors"] = [

@@ -23,6 +23,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from agent.lab import Lab, wait_until
 from agent.lab.peers import Announce, FrrPeer, Neighbor
@@ -135,6 +136,9 @@ def test_unnumbered_peer_is_found_from_router_advertisements_and_established_ove
     session = env.session()
     assert session.raw["bgpNeighborAddr"] == node_ll
     assert session.raw["neighborCapabilities"]["extendedNexthop"] == "advertisedAndReceived"
+    # what vipd heard, in the status file
+    status = yaml.safe_load((env.state / "status.yaml").read_text())
+    assert status["host"]["ipv6Routers"] == {"eth0": [router_ll]}
 
 
 def test_ipv4_and_ipv6_pod_cidrs_reach_frr_with_our_link_local_next_hop(env):
