@@ -139,6 +139,8 @@ def test_unnumbered_peer_is_found_from_router_advertisements_and_established_ove
     # what vipd heard, in the status file
     status = yaml.safe_load((env.state / "status.yaml").read_text())
     assert status["host"]["ipv6Routers"] == {"eth0": [router_ll]}
+    # operators name the peer as vipctl shows it
+    assert "soft reset" in env.vipctl("bgp", "reset", f"{router_ll}%eth0", "--soft")
 
 
 def test_ipv4_and_ipv6_pod_cidrs_reach_frr_with_our_link_local_next_hop(env):
