@@ -5,7 +5,10 @@ the neighbour's link-local address from the Router Advertisements it receives on
 interface, and refuses connections from neighbours it has not learned. So, like FRR on both
 ends of an unnumbered link, vipd sends Router Advertisements on every interface that has a
 link-local BGP neighbour: router lifetime 0 (RFC 4861 §4.2: "not a default router", so no
-host on the link routes through us), no prefixes, no flags.
+host on the link routes through us), no prefixes, no flags, and no source link-layer address
+option: without it Linux creates no neighbour entry from the RA (it only flags an entry that
+already exists), so other vipd nodes on a shared link normally do not take this node for
+their unnumbered peer.
 
 :func:`router_advertisement` is the message (pure); :class:`RouterAdvertiser` owns one raw
 ICMPv6 socket and sends it on each interface in use, at once and then every ``interval``.
