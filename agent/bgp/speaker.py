@@ -24,11 +24,11 @@ from agent.bgp.messages import (
     PathAttributes,
 )
 from agent.bgp.rib import AdjRibOut
-from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, with_zone, zone_of
 from agent.bgp.session import (
-    ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, RoutesNotSent, Session,
-    SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
+    ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, RoutesNotSent,
+    Session, SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
 )
+from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, with_zone, zone_of
 
 __all__ = ["BgpSpeaker"]
 
