@@ -254,7 +254,7 @@ class HostSource:
                     await ipr.bind(groups=groups)
                     await self.load()   # anything that changed before the bind
                     dirty = asyncio.Event()
-                    reader = asyncio.create_task(self._read(ipr, dirty))
+                    reader = asyncio.create_task(self._read(ipr, dirty, self._known_routers))
                     try:
                         while not stop.is_set():
                             await dirty.wait()
@@ -271,25 +271,31 @@ class HostSource:
                 log.error("host netlink watch failed; retrying in 1 s", error=repr(exc))
                 await asyncio.sleep(1.0)
 
+    def _known_routers(self) -> set[str]:
+        return {r.address for r in self.facts.routers} if self.facts is not None else set()
+
     @staticmethod
-    async def _read(ipr, dirty: asyncio.Event) -> None:
+    async def _read(ipr, dirty: asyncio.Event, known_routers) -> None:
         try:
             while True:
                 async for msg in ipr.get():
-                    if _relevant(msg):
+                    if _relevant(msg, known_routers):
                         dirty.set()
         finally:
             dirty.set()   # wake the loop, which re-raises our error
 
 
-def _relevant(msg) -> bool:
+def _relevant(msg, known_routers=lambda: set()) -> bool:   # known_routers(): addresses now in the facts
     """Route events matter only for default routes of the main table (our own imported
-    routes in other tables, or Pod CIDR routes, must not cause re-dumps); neighbour events
-    only for IPv6 link-local neighbours (candidate routers; ARP churn is none of our business)."""
+    routes in other tables, or Pod CIDR routes, must not cause re-dumps); neighbour events only
+    for IPv6 routers: flagged ones, or ones we know that lost the flag (the link-local
+    neighbours of every Pod veth, or ARP churn, are none of our business)."""
     event = msg.get("event")
     if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
         dst = msg.get("dst")
-        return msg.get("family") == AF_INET6 and dst is not None and str(dst).lower().startswith("fe80:")
+        if msg.get("family") != AF_INET6 or dst is None or not str(dst).lower().startswith("fe80:"):
+            return False
+        return bool(msg.get("flags", 0) & _NTF_ROUTER) or str(dst).split("%")[0] in known_routers()
     if event not in ("RTM_NEWROUTE", "RTM_DELROUTE"):
         return True
     table = msg.get("table") or msg["table"]

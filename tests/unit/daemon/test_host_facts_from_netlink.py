@@ -73,3 +73,16 @@ def test_ipv6_routers_are_the_router_flagged_link_local_neighbours_that_still_an
     facts = facts_from_netlink(LINKS, ADDRS, [], neighbours)
     assert facts.link_local_routers() == {"eth0": ["fe80::1", "fe80::2"], "eth1": ["fe80::3"]}
     assert facts_from_netlink(LINKS, ADDRS, [], neighbours[:1]) != facts_from_netlink(LINKS, ADDRS, [], [])
+
+
+def test_only_router_neighbour_events_wake_the_host_source():
+    from agent.sources.host import _relevant
+
+    def ev(dst, router=True, family=AF_INET6, event="RTM_NEWNEIGH"):
+        return {**neigh(2, dst, router=router, family=family), "event": event}
+    known = lambda: {"fe80::1"}   # noqa: E731
+    assert _relevant(ev("fe80::9"), known)                             # a (new) router
+    assert _relevant(ev("fe80::1", router=False), known)               # ours lost the router flag
+    assert _relevant(ev("fe80::1", router=False, event="RTM_DELNEIGH"), known)
+    assert not _relevant(ev("fe80::7", router=False), known)           # a Pod's veth neighbour
+    assert not _relevant(ev("fd01::1"), known) and not _relevant(ev("10.0.0.1", family=AF_INET), known)
