@@ -180,6 +180,9 @@ class SessionDriver:
                 t.write(data)
             if self.paused or not data or not s.wants_to_send:
                 break
+        unsent = s.take_routes_not_sent()
+        if unsent:
+            self.on_events(self, unsent)
 
     def request_flush(self) -> None:
         """Coalesce many advertise()/withdraw() calls of one loop iteration into one flush."""

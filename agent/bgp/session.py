@@ -44,7 +44,7 @@ from agent.bgp.rib import AdjRibIn, AdjRibOut, UpdateEncoder, end_of_rib
 __all__ = [
     "Session", "SessionConfig", "SessionEvent", "StateChanged", "ConnectRequested", "CloseConnection",
     "ConnectFailed", "OpenReceived", "SessionEstablished", "SessionDown", "UpdateReceived",
-    "UpdateErrorHandled", "EndOfRibReceived", "RouteRefreshReceived", "capability_name",
+    "UpdateErrorHandled", "EndOfRibReceived", "RouteRefreshReceived", "RoutesNotSent", "capability_name",
     "OPEN_SENT_HOLD_TIME", "IDLE_HOLD_TIME",
 ]
 
@@ -161,6 +161,15 @@ class EndOfRibReceived(SessionEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class RoutesNotSent(SessionEvent):
+    """Prefixes of ``family`` in the Adj-RIB-Out cannot be sent on this session (e.g. IPv4
+    over an IPv6 session whose peer did not offer extended next hop, RFC 8950): why, for people."""
+
+    family: Family
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRefreshReceived(SessionEvent):
     family: Family
     subtype: int
@@ -245,6 +254,7 @@ class Session:
         self.extended_next_hop = False
         self.peer_graceful_restart: GracefulRestart | None = None
         self.encoder: UpdateEncoder | None = None
+        self._unsent_reported: set[Family] = set()
 
     # ------------------------------------------------------------------ public API
 
@@ -351,6 +361,16 @@ class Session:
     def next_deadline(self) -> float | None:
         ts = [t for t in (self._t_idle_hold, self._t_connect, self._t_hold, self._t_keepalive) if t is not None]
         return min(ts) if ts else None
+
+    def take_routes_not_sent(self) -> list[RoutesNotSent]:
+        """Families whose prefixes the encoder refused since the last call (once per session
+        and family; the writer calls this after data_to_send)."""
+        enc = self.encoder
+        if enc is None or len(enc.unsendable) == len(self._unsent_reported):
+            return []
+        new = [RoutesNotSent(f, why) for f, why in enc.unsendable.items() if f not in self._unsent_reported]
+        self._unsent_reported.update(e.family for e in new)
+        return new
 
     def data_to_send(self, limit: int | None = None) -> bytes:
         """Bytes to write. Control messages are always returned; bulk UPDATEs (table, refresh,

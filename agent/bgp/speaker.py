@@ -25,9 +25,10 @@ from agent.bgp.messages import (
 )
 from agent.bgp.rib import AdjRibOut
 from agent.bgp.session import (
-    ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, Session,
-    SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
+    ConnectFailed, ConnectRequested, EndOfRibReceived, OpenReceived, RouteRefreshReceived, RoutesNotSent,
+    Session, SessionConfig, SessionDown, SessionEstablished, StateChanged, UpdateErrorHandled, UpdateReceived,
 )
+from agent.bgp.unnumbered import RouterAdvertiser, sockaddr, with_zone, zone_of
 
 __all__ = ["BgpSpeaker"]
 
@@ -89,6 +90,9 @@ class BgpSpeaker:
         self._started = False
         self._hint_tasks: set[asyncio.Task] = set()  # route lookups for connect-failure hints
         self._bfd_manager = None   # agent.bfd.transport.BfdManager, once a neighbor uses BFD
+        # Router Advertisements on the interfaces of link-local (unnumbered) neighbors, so the
+        # router learns our address (agent.bgp.unnumbered)
+        self._advertiser = RouterAdvertiser(logger=self.log)
         # Called (no arguments) whenever a peer's Adj-RIB-In may have changed: an UPDATE came
         # in, a session went down (its routes were dropped), a neighbor was removed. The
         # daemon's route reconciler uses it to import received routes into the kernel.
@@ -105,6 +109,7 @@ class BgpSpeaker:
             if not self._servers:
                 raise OSError(f"could not listen on port {self.config.listen_port} on any of "
                               f"{self.config.listen_addresses}")
+        self._sync_advertiser()
         for peer in self._peers.values():  # neighbors added before start()
             self._start_peer(peer)
 
@@ -131,6 +136,7 @@ class BgpSpeaker:
             self._bfd_sync(peer.cfg, None)
         for task in list(self._hint_tasks):
             task.cancel()
+        self._advertiser.close()
         self.log.info("speaker stopped", notify=notify, message=message or None)
         self._started = False
 
@@ -146,6 +152,7 @@ class BgpSpeaker:
         self._set_listener_key(cfg.address, cfg.password)
         self._update_listener_ttl()
         if self._started:
+            self._sync_advertiser()
             self._start_peer(peer)
         self.log.info("neighbor added", peer=key, peer_asn=cfg.peer_asn, port=cfg.port,
                       passive=cfg.passive, families=[f.short for f in cfg.families])
@@ -186,6 +193,8 @@ class BgpSpeaker:
         self._set_listener_key(peer.cfg.address, None)
         del self._peers[peer.cfg.address]
         self._update_listener_ttl()
+        if self._started:
+            self._sync_advertiser()
         self._rib_in_changed()
         self.log.info("neighbor removed", peer=peer.cfg.address, message=message or None)
 
@@ -301,7 +310,8 @@ class BgpSpeaker:
                 local_capabilities=s.local_capabilities() if s is not None else (),
                 remote_capabilities=s.remote_capabilities() if s is not None else (),
                 families=fams,
-                last_error=(s.last_error if s is not None and s.last_error else peer.last_error)))
+                last_error=((_not_sent(s) if est else None)
+                            or (s.last_error if s is not None and s.last_error else peer.last_error))))
         return result
 
     # ------------------------------------------------------------------ BFD (RFC 5882)
@@ -347,6 +357,9 @@ class BgpSpeaker:
             return self._peers[str(ip_address(address))]
         except (KeyError, ValueError):
             raise KeyError(f"no neighbor {address}") from None
+
+    def _sync_advertiser(self) -> None:
+        self._advertiser.set_interfaces({z for z in (zone_of(p.cfg.address) for p in self._peers.values()) if z})
 
     def _drivers(self, peer: _Peer) -> list[SessionDriver]:
         return [d for d in (peer.driver, *peer.candidates) if d is not None]
@@ -430,7 +443,7 @@ class BgpSpeaker:
             if cfg.local_address:
                 sock.bind((cfg.local_address, 0))
             driver.connect_sock = sock
-            await self._loop.sock_connect(sock, (cfg.address, cfg.port))
+            await self._loop.sock_connect(sock, sockaddr(cfg.address, cfg.port))
         except asyncio.CancelledError:
             sock.close()
             raise
@@ -514,6 +527,9 @@ class BgpSpeaker:
             key = str(ip_address(remote.split("%")[0]))
         except ValueError:
             key = remote
+        zoned = with_zone(key, peername)
+        if zoned in self._peers:   # a link-local peer is known with its zone ("fe80::1%eth0")
+            key = zoned
         peer = self._peers.get(key)
         if peer is None or peer.removed:
             # RFC 4271 §8.2.1.1: refuse connections from unconfigured peers.
@@ -590,6 +606,8 @@ class BgpSpeaker:
                 log.warning("malformed UPDATE handled (RFC 7606)", peer=addr, action=ev.action, reason=ev.reason)
             elif isinstance(ev, EndOfRibReceived):
                 log.info("End-of-RIB received", peer=addr, family=ev.family.short)
+            elif isinstance(ev, RoutesNotSent):
+                log.warning("prefixes not sent to this peer", peer=addr, family=ev.family.short, reason=ev.reason)
             elif isinstance(ev, RouteRefreshReceived):
                 log.info("route refresh received", peer=addr, family=ev.family.short, subtype=ev.subtype)
         if self.on_rib_in_change is not None and any(isinstance(ev, (UpdateReceived, SessionDown))
@@ -696,6 +714,14 @@ def collision_keeps_outgoing(local_id: str, remote_id: str, local_asn: int, remo
     if lid != rid:
         return lid > rid
     return local_asn > remote_asn
+
+
+def _not_sent(session) -> str | None:
+    """What an Established session cannot carry (the encoder's reasons), else None."""
+    enc = session.encoder
+    if enc is None or not enc.unsendable:
+        return None
+    return "; ".join(f"{f.short} prefixes not sent: {why}" for f, why in enc.unsendable.items())
 
 
 def _path_attributes(attrs: tuple) -> PathAttributes:

@@ -70,15 +70,19 @@ def node_owners(objects: ObjectSet) -> dict[str, str]:
 def derive_node_config(objects: ObjectSet, node_name: str, options: AgentOptions = AgentOptions(),
                        *, router_id_mac: str | None = None,
                        interfaces: dict[str, list[str]] | None = None,
-                       default_gateways: dict[str, str] | None = None) -> NodeConfigResult:
+                       default_gateways: dict[str, str] | None = None,
+                       ipv6_routers: dict[str, list[str]] | None = None) -> NodeConfigResult:
     """This node's BGP instances and peers (see module docstring for the precedence rules).
 
     ``interfaces``: interface name -> addresses on this node, used for PeerConfig
     ``transport.sourceInterface``; None means "unknown" (the option is then ignored with a warning).
     ``default_gateways``: {"ipv4": addr, "ipv6": addr} of this node's lowest-metric default
     routes, for peers with ``autoDiscovery.mode: DefaultGateway``.
+    ``ipv6_routers``: interface -> link-local addresses of the IPv6 routers heard on it, for
+    ``autoDiscovery.mode: Unnumbered`` and ``peerInterface``; None means "unknown" (offline
+    validation: such peers are skipped with a warning).
     """
-    host = _Host(interfaces, default_gateways or {})
+    host = _Host(interfaces, default_gateways or {}, ipv6_routers)
     issues: list[ConfigIssue] = []
     node = objects.node(node_name)
     if node is None:
@@ -169,6 +173,7 @@ class _Host:
 
     interfaces: dict[str, list[str]] | None
     default_gateways: dict[str, str]
+    ipv6_routers: dict[str, list[str]] | None = None
 
 
 def _from_cluster_config(objects, cc, node, node_name, options, mac, host, issues):
@@ -229,7 +234,7 @@ def _from_node_config(objects, nc: CiliumBGPNodeConfig, node, options, mac, host
             spec = _resolve_peer(objects, options, where, inst.name, p.name, p.peer_address,
                                  p.auto_discovery, p.peer_asn,
                                  p.peer_config_ref.name if p.peer_config_ref else None,
-                                 p.local_address, host, issues)
+                                 p.local_address, host, issues, peer_interface=p.peer_interface)
             if spec is not None:
                 peers.append(spec)
         out.append(BgpInstance(inst.name, inst.local_asn, router_id, inst.local_port,
@@ -269,10 +274,49 @@ def _usable_source(addresses: Iterable[str], version: int) -> list[str]:
     return out
 
 
+def _link_local_peer(host: _Host, ifname: str, address: str | None, why: str, peer_where: str,
+                     issues: list[ConfigIssue]) -> str | None:
+    """The zone-scoped peer address ``fe80::x%ifname`` of an unnumbered peer: ``address`` if
+    given (peerInterface with peerAddress), else the IPv6 router heard on ``ifname`` (its
+    Router Advertisements or router-flagged Neighbor Advertisements, from the host facts)."""
+    if host.interfaces is not None and ifname not in host.interfaces:
+        issues.append(ConfigIssue("error", peer_where, f"{why}: interface {ifname!r} does not "
+                                  "exist on this node; peer skipped"))
+        return None
+    if address is not None:
+        return f"{ipaddress.ip_address(address.split('%')[0])}%{ifname}"
+    if host.ipv6_routers is None:
+        issues.append(ConfigIssue("warning", peer_where, f"{why}: the peer is discovered at run "
+                                  f"time from IPv6 Router Advertisements on {ifname!r}; skipped "
+                                  "here (no host facts)"))
+        return None
+    routers = host.ipv6_routers.get(ifname) or []
+    if not routers:
+        issues.append(ConfigIssue("error", peer_where, f"{why}: no IPv6 router heard on "
+                                  f"{ifname!r} yet; the router must send Router Advertisements "
+                                  "there (FRR does for `neighbor IFACE interface`; else `ipv6 nd "
+                                  "ra-interval` / `no ipv6 nd suppress-ra`) and the interface "
+                                  "must accept them (accept_ra); peer skipped until one is heard"))
+        return None
+    if len(routers) > 1:
+        issues.append(ConfigIssue("warning", peer_where, f"{why}: several IPv6 routers on "
+                                  f"{ifname!r} ({', '.join(routers)}); peering with {routers[0]}"))
+    return f"{routers[0]}%{ifname}"
+
+
 def _resolve_peer(objects, options, where, instance, name, address, auto_discovery, peer_asn,
-                  ref, local_address, host, issues) -> PeerSpec | None:
+                  ref, local_address, host, issues, *, peer_interface=None) -> PeerSpec | None:
     peer_where = f"{where} instance {instance!r} peer {name!r}"
     interfaces = host.interfaces
+    if peer_interface is not None and auto_discovery is None:
+        address = _link_local_peer(host, peer_interface, address, "peerInterface", peer_where, issues)
+        if address is None:
+            return None
+    if address is None and auto_discovery is not None and auto_discovery.mode == "Unnumbered":
+        address = _link_local_peer(host, auto_discovery.unnumbered.interface, None,
+                                   "autoDiscovery Unnumbered", peer_where, issues)
+        if address is None:
+            return None
     if address is None and auto_discovery is not None and \
             auto_discovery.mode == "DefaultGateway":
         fam = auto_discovery.default_gateway.address_family
@@ -295,10 +339,18 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
             issues.append(ConfigIssue("error", peer_where, "peerAddress is required (no "
                                       "autoDiscovery); peer skipped"))
         return None
-    if "%" in address:
-        issues.append(ConfigIssue("error", peer_where, "zone-scoped (link-local) peer addresses "
-                                  "are not supported by vipd; peer skipped"))
+    peer_ip = ipaddress.ip_address(address)
+    if peer_ip.version == 6 and peer_ip.is_link_local and not peer_ip.scope_id:
+        issues.append(ConfigIssue("error", peer_where, f"link-local peerAddress {address} needs "
+                                  "its interface: write it as fe80::…%IFACE, or use "
+                                  "autoDiscovery Unnumbered / peerInterface; peer skipped"))
         return None
+    if peer_ip.version == 6 and peer_ip.scope_id and not peer_ip.is_link_local:
+        issues.append(ConfigIssue("error", peer_where, f"peerAddress {address}: a zone (%…) is "
+                                  "only meaningful on a link-local (fe80::/10) address; peer "
+                                  "skipped"))
+        return None
+    link_local = bool(peer_ip.version == 6 and peer_ip.scope_id)
     if ref is not None:
         pc = objects.peer_config(ref)
         if pc is None:
@@ -317,7 +369,12 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
                              f"CiliumBGPPeerConfig/{ref}", issues)
     if not ok:
         return None
-    if local_address is None and transport is not None and transport.source_interface:
+    if link_local and transport is not None and transport.source_interface:
+        issues.append(ConfigIssue("warning", peer_where, f"sourceInterface "
+                                  f"{transport.source_interface!r} is ignored for the link-local "
+                                  f"peer {address}: the session comes from our link-local address "
+                                  "on that interface"))
+    elif local_address is None and transport is not None and transport.source_interface:
         ifname = transport.source_interface
         if interfaces is None:
             issues.append(ConfigIssue("warning", peer_where, f"sourceInterface {ifname!r}: "
@@ -342,8 +399,12 @@ def _resolve_peer(objects, options, where, instance, name, address, auto_discove
         except ValueError as exc:
             issues.append(ConfigIssue("error", f"CiliumBGPPeerConfig/{ref}", f"metadata.annotations"
                                       f"[{BFD_ANNOTATION}]: {exc}; BFD is off for peer {name} until fixed"))
+    if bfd is not None and link_local:
+        issues.append(ConfigIssue("warning", peer_where, f"BFD ({BFD_ANNOTATION}) is not supported "
+                                  f"for the link-local peer {address} yet; BFD is off for it"))
+        bfd = None
     return PeerSpec(
-        name=name, address=str(ipaddress.ip_address(address)), peer_asn=peer_asn,
+        name=name, address=str(peer_ip), peer_asn=peer_asn,
         port=transport.peer_port if transport else 179, local_address=local_address,
         password=password, auth_secret_ref=spec.auth_secret_ref if spec else None,
         ebgp_multihop=spec.ebgp_multihop if spec else 1,

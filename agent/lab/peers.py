@@ -45,6 +45,7 @@ class Neighbor:
     graceful_restart: bool = False
     extended_nexthop: bool = False
     bfd: str | None = None                     # "": `neighbor X bfd`; a name: `bfd profile NAME`
+    interface: bool = False                    # FRR unnumbered: ``address`` is an interface name
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class FrrDaemon:
             lines += [" bgp graceful-restart", " bgp graceful-restart preserve-fw-state"]
         for n in p.neighbors:
             a = n.address
-            lines.append(f" neighbor {a} remote-as {n.remote_asn}")
+            lines.append(f" neighbor {a}{' interface' if n.interface else ''} remote-as {n.remote_asn}")
             if n.password:
                 lines.append(f" neighbor {a} password {n.password}")
             if n.ebgp_multihop:

@@ -403,7 +403,8 @@ class Controller:
                                       for c in conds]}
                 for name, conds in sorted(self.lbipam.pool_conditions.items())}
         if self.host is not None and self.host.facts is not None:
-            doc["host"] = {"defaultGateways": {g.family: f"{g.address} dev {g.dev}" for g in self.host.facts.gateways}}
+            doc["host"] = {"defaultGateways": {g.family: f"{g.address} dev {g.dev}" for g in self.host.facts.gateways},
+                           "ipv6Routers": self.host.facts.link_local_routers()}   # Unnumbered peers
         if self.routes is not None:
             doc["kernelRoutes"] = self.routes.view()
         doc["reconcileErrors"] = [
@@ -450,7 +451,8 @@ def _host_inputs(facts, node) -> dict:
     """What derive_node_config takes from the host (see agent.sources.host)."""
     node_addresses = (node.addresses(4) + node.addresses(6)) if node is not None else []
     return {"interfaces": facts.interfaces(), "default_gateways": facts.default_gateways(),
-            "router_id_mac": facts.router_id_mac(node_addresses)}
+            "router_id_mac": facts.router_id_mac(node_addresses),
+            "ipv6_routers": facts.link_local_routers()}
 
 
 def _with_rib_hook(factory: Callable, hook: Callable[[], None]) -> Callable:

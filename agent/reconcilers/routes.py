@@ -87,9 +87,10 @@ class RouteReconciler:
             for state in speaker.peers():
                 if state.state != "established":
                     continue
+                zone = state.address.partition("%")[2]   # an unnumbered peer's interface
                 for family in state.families:
                     for prefix, attrs in speaker.adj_rib_in(state.address, family).items():
-                        paths.append(ReceivedPath(str(prefix), attrs.next_hop, attrs.local_pref))
+                        paths.append(ReceivedPath(str(prefix), _zoned(attrs.next_hop, zone), attrs.local_pref))
         return bgp_import_routes(paths, table=self.import_table, exclude=self._host_addresses)
 
     async def sync(self, errors: ErrorBook, now: float) -> None:
@@ -116,3 +117,10 @@ class RouteReconciler:
         """For the status file: what vipd owns in the kernel now."""
         return {"autoDirectNodeRoutes": self.auto_direct_node_routes, "importTable": self.import_table,
                 "installed": [str(r) for r in self.installed]}
+
+
+def _zoned(next_hop: str | None, zone: str) -> str | None:
+    """A link-local next hop from a link-local peer is on that peer's interface."""
+    if next_hop and zone and next_hop.lower().startswith("fe80:") and "%" not in next_hop:
+        return f"{next_hop}%{zone}"
+    return next_hop

@@ -81,9 +81,11 @@ def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
                       exclude: Iterable[str] = (), metric: int = IMPORT_METRIC) -> list[Route]:
     """BGP-learned prefixes as kernel routes in ``table``: per prefix, the paths with the
     highest LOCAL_PREF, all of them as equal-cost next hops (ECMP across the peers that
-    announce it). Skipped: paths without a next hop of the prefix's family (IPv4 over an
-    IPv6 next hop, RFC 8950, is not installed) and next hops in ``exclude`` (our own
-    addresses: a route via ourselves loops). Every route gets ``metric`` (see IMPORT_METRIC)."""
+    announce it). IPv4 prefixes may have IPv6 next hops (RFC 8950: ``via inet6``); a
+    link-local next hop needs its zone (``fe80::1%eth0``, from an unnumbered peer) to name the
+    device. Skipped: IPv6 prefixes with IPv4 next hops, link-local next hops without a zone,
+    and next hops in ``exclude`` (our own addresses: a route via ourselves loops). Every route
+    gets ``metric`` (see IMPORT_METRIC)."""
     own = {ipaddress.ip_address(a) for a in exclude}
     best: dict = {}   # prefix -> (local_pref, {next hops})
     for p in paths:
@@ -91,7 +93,9 @@ def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
             continue
         prefix = ipaddress.ip_network(p.prefix, strict=True)
         hop = ipaddress.ip_address(p.next_hop)
-        if hop.version != prefix.version or hop in own:
+        bare = ipaddress.ip_address(hop.packed)
+        if (hop.version == 4 and prefix.version == 6) or bare in own or (
+                hop.version == 6 and hop.is_link_local and not hop.scope_id):
             continue
         pref = 100 if p.local_pref is None else p.local_pref
         cur = best.get(prefix)
@@ -99,5 +103,6 @@ def bgp_import_routes(paths: Iterable[ReceivedPath], *, table: int = MAIN_TABLE,
             best[prefix] = (pref, {hop})
         elif pref == cur[0]:
             cur[1].add(hop)
-    return [Route(prefix, tuple(NextHop(h) for h in sorted(hops)), table=table, metric=metric)
+    return [Route(prefix, tuple(NextHop(h) for h in sorted(hops, key=lambda h: (h.version, h, str(h)))),
+                  table=table, metric=metric)
             for prefix, (_, hops) in sorted(best.items(), key=lambda kv: (kv[0].version, kv[0]))]

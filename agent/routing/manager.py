@@ -141,7 +141,9 @@ def _identity(route: Route, proto: int) -> dict:
 
 def _hop_request(hop: NextHop, index: dict[str, int], route: Route) -> dict:
     req: dict = {"hops": hop.weight - 1}
-    if hop.gateway is not None:
+    if hop.gateway is not None and hop.gateway.version != route.family:
+        req["via"] = {"family": AF_INET6, "addr": str(hop.gateway)}   # IPv4 route via IPv6 (RTA_VIA)
+    elif hop.gateway is not None:
         req["gateway"] = str(hop.gateway)
     if hop.dev is not None:
         if hop.dev not in index:
@@ -171,10 +173,12 @@ def _from_msg(msg, names: dict[int, str]) -> Route | None:
     if multipath:
         hops = []
         for nh in multipath:
-            gw = dict(nh.get("attrs") or ()).get("RTA_GATEWAY")
+            attrs = dict(nh.get("attrs") or ())
+            gw = attrs.get("RTA_GATEWAY") or (attrs.get("RTA_VIA") or {}).get("addr")
             hops.append(NextHop(gateway=gw, dev=names.get(nh["oif"]), weight=nh["hops"] + 1))
     else:
-        hops = [NextHop(gateway=msg.get("gateway"), dev=names.get(msg.get("oif")))]
+        gw = msg.get("gateway") or (msg.get("via") or {}).get("addr")
+        hops = [NextHop(gateway=gw, dev=names.get(msg.get("oif")))]
     return Route(prefix, tuple(hops), table=table, metric=metric)
 
 

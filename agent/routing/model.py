@@ -39,6 +39,14 @@ class NextHop:
     def __post_init__(self):
         if self.gateway is not None and not isinstance(self.gateway, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             object.__setattr__(self, "gateway", ipaddress.ip_address(self.gateway))
+        gw = self.gateway
+        if gw is not None and gw.version == 6 and gw.scope_id:
+            # "fe80::1%eth0": the zone is the device (the kernel wants the interface, not a zone)
+            if self.dev is None:
+                object.__setattr__(self, "dev", gw.scope_id)
+            object.__setattr__(self, "gateway", ipaddress.IPv6Address(gw.packed))
+        if self.gateway is not None and self.gateway.version == 6 and self.gateway.is_link_local and self.dev is None:
+            raise ValueError(f"link-local next hop {self.gateway} needs its device")
         if self.gateway is None and self.dev is None:
             raise ValueError("a next hop needs a gateway, a device, or both")
         if not isinstance(self.weight, int) or not 1 <= self.weight <= 256:
@@ -55,6 +63,12 @@ class NextHop:
         return " ".join(parts)
 
 
+def _hop_order(h: NextHop) -> tuple:
+    """IPv4 before IPv6 next hops (an IPv4 route may have both), then by address and device."""
+    gw = h.gateway
+    return (gw is None, gw.version if gw else 0, int(gw) if gw else 0, h.dev or "", h.weight)
+
+
 @dataclass(frozen=True)
 class Route:
     prefix: ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -69,7 +83,8 @@ class Route:
         if not isinstance(prefix, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
             prefix = ipaddress.ip_network(prefix, strict=True)
         object.__setattr__(self, "prefix", prefix)
-        hops = tuple(sorted(NextHop(**h) if isinstance(h, dict) else h for h in self.nexthops))
+        hops = tuple(sorted((NextHop(**h) if isinstance(h, dict) else h for h in self.nexthops),
+                            key=_hop_order))
         object.__setattr__(self, "nexthops", hops)
         if self.metric is None:
             object.__setattr__(self, "metric", default_metric(prefix.version))
@@ -80,7 +95,8 @@ class Route:
         if self.type == "blackhole" and hops:
             raise ValueError(f"route {prefix}: a blackhole route has no next hops")
         for h in hops:
-            if h.gateway is not None and h.gateway.version != prefix.version:
+            # an IPv4 route via an IPv6 next hop is fine (RFC 8950 routes; `via inet6` in iproute2)
+            if h.gateway is not None and h.gateway.version != prefix.version and prefix.version == 6:
                 raise ValueError(f"route {prefix}: next hop {h.gateway} is IPv{h.gateway.version}")
         if len(set((h.gateway, h.dev) for h in hops)) != len(hops):
             raise ValueError(f"route {prefix}: duplicate next hop")

@@ -3,10 +3,12 @@
 The control plane needs facts only the host knows: ``autoDiscovery: DefaultGateway`` peers
 (the lowest-metric default route), ``transport.sourceInterface`` (an interface's address),
 ``Interface`` advertisements (the addresses of an up interface), the MAC-based router ID of
-IPv6-only nodes, and the connected networks autoDirectNodeRoutes needs. :class:`HostFacts` is
-pure data built by :func:`facts_from_netlink` from netlink messages (unit-testable, no
-root); :class:`HostSource` owns the netlink sockets: it dumps once, then listens to link,
-address and route events, re-dumps after a quiet ~100 ms and publishes new facts only when
+IPv6-only nodes, the connected networks autoDirectNodeRoutes needs, and the IPv6 routers on
+each link (``autoDiscovery: Unnumbered``: link-local neighbours the kernel marked as routers,
+from their Router Advertisements or Neighbor Advertisements). :class:`HostFacts` is pure data
+built by :func:`facts_from_netlink` from netlink messages (unit-testable, no root);
+:class:`HostSource` owns the netlink sockets: it dumps once, then listens to link, address,
+route and IPv6 neighbour events, re-dumps after a quiet ~100 ms and publishes new facts only when
 they differ, waking whoever waits in :meth:`HostSource.wait_for_change`.
 """
 
@@ -21,7 +23,7 @@ from typing import Iterable, Mapping
 from agent.log import get_logger
 from agent.routing.model import RTPROT_VIPD
 
-__all__ = ["Link", "DefaultGateway", "HostFacts", "facts_from_netlink", "HostSource"]
+__all__ = ["Link", "DefaultGateway", "Router", "HostFacts", "facts_from_netlink", "HostSource"]
 
 log = get_logger("host")
 
@@ -29,6 +31,10 @@ MAIN_TABLE = 254
 _IFF_UP = 0x1
 _RTN_UNICAST = 1
 _DEBOUNCE_S = 0.1
+_NTF_ROUTER = 0x80
+# Neighbour states in which a router still counts: FAILED / INCOMPLETE mean it stopped
+# answering Neighbor Solicitations (moved or gone), so a session to it cannot work.
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80   # REACHABLE STALE DELAY PROBE PERMANENT
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,18 @@ class DefaultGateway:
 
 
 @dataclass(frozen=True)
+class Router:
+    """An IPv6 router on a link: a link-local neighbour with the kernel's router flag."""
+
+    dev: str
+    address: str             # fe80::…, without the zone
+
+
+@dataclass(frozen=True)
 class HostFacts:
     links: tuple[Link, ...] = ()
     gateways: tuple[DefaultGateway, ...] = ()   # the lowest-metric default route per family
+    routers: tuple[Router, ...] = ()            # sorted by (dev, address)
     _by_name: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -71,6 +86,13 @@ class HostFacts:
 
     def default_gateways(self) -> dict[str, str]:
         return {g.family: g.address for g in self.gateways}
+
+    def link_local_routers(self) -> dict[str, list[str]]:
+        """interface -> link-local addresses of the IPv6 routers on it (``Unnumbered`` peers)."""
+        out: dict[str, list[str]] = {}
+        for r in self.routers:
+            out.setdefault(r.dev, []).append(r.address)
+        return out
 
     def connected_networks(self) -> list[str]:
         """Subnets of up links, for on-link next hops (autoDirectNodeRoutes)."""
@@ -113,8 +135,9 @@ def _usable_mac(mac: str | None) -> str | None:
 
 
 def facts_from_netlink(links: Iterable[Mapping], addrs: Iterable[Mapping],
-                       routes: Iterable[Mapping]) -> HostFacts:
-    """Pure: RTM_NEWLINK / RTM_NEWADDR / RTM_NEWROUTE messages (pyroute2 dict view) -> facts."""
+                       routes: Iterable[Mapping], neighbours: Iterable[Mapping] = ()) -> HostFacts:
+    """Pure: RTM_NEWLINK / RTM_NEWADDR / RTM_NEWROUTE / RTM_NEWNEIGH messages (pyroute2 dict
+    view) -> facts."""
     by_index: dict[int, dict] = {}
     for m in links:
         oper = _attr(m, "operstate") or "UNKNOWN"
@@ -151,7 +174,21 @@ def facts_from_netlink(links: Iterable[Mapping], addrs: Iterable[Mapping],
             best[family] = DefaultGateway(family, str(ipaddress.ip_address(gw)), dev, metric)
     out = tuple(Link(v["name"], i, v["mac"], v["up"], tuple(v["addresses"]))
                 for i, v in sorted(by_index.items()) if v["name"])
-    return HostFacts(out, tuple(best[f] for f in sorted(best)))
+    return HostFacts(out, tuple(best[f] for f in sorted(best)), _routers(neighbours, by_index))
+
+
+def _routers(neighbours: Iterable[Mapping], by_index: dict) -> tuple[Router, ...]:
+    found = set()
+    for m in neighbours:
+        dst, dev = _attr(m, "dst"), by_index.get(m.get("ifindex"), {}).get("name")
+        if m.get("family") != AF_INET6 or dst is None or dev is None:
+            continue
+        if not (m.get("flags", 0) & _NTF_ROUTER) or not (m.get("state", 0) & _NUD_USABLE):
+            continue
+        ip = ipaddress.IPv6Address(str(dst).split("%")[0])
+        if ip.is_link_local:
+            found.add((dev, ip))
+    return tuple(Router(dev, str(ip)) for dev, ip in sorted(found))
 
 
 class HostSource:
@@ -177,7 +214,8 @@ class HostSource:
             routes = []
             for family in (AF_INET, AF_INET6):
                 routes += [m async for m in await ipr.route("dump", family=family, table=MAIN_TABLE)]
-        return facts_from_netlink(links, addrs, routes)
+            neighbours = [m async for m in await ipr.neigh("dump", family=AF_INET6)]
+        return facts_from_netlink(links, addrs, routes, neighbours)
 
     async def load(self) -> bool:
         """Dump now; True (and waiters woken) when the facts changed."""
@@ -191,6 +229,8 @@ class HostSource:
         if previous is None or previous.gateways != facts.gateways:
             log.info("host default gateways", gateways={g.family: f"{g.address} dev {g.dev} metric {g.metric}"
                                                          for g in facts.gateways})
+        if (previous.routers if previous else ()) != facts.routers:
+            log.info("host IPv6 routers", routers=facts.link_local_routers())
         else:
             log.debug("host facts changed", generation=self.generation)
         return True
@@ -201,19 +241,20 @@ class HostSource:
         return self.generation
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch link / address / route events; after each burst (quiet for ``debounce``)
+        """Watch link / address / route / IPv6 neighbour events; after each burst (quiet for ``debounce``)
         re-dump and publish. A netlink error is logged and the watch restarts after 1 s."""
         from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR,
-                                           RTMGRP_IPV6_ROUTE, RTMGRP_LINK)
+                                           RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH)
 
-        groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+        groups = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+                  | RTMGRP_NEIGH)
         while not stop.is_set():
             try:
                 async with self._ipr() as ipr:
                     await ipr.bind(groups=groups)
                     await self.load()   # anything that changed before the bind
                     dirty = asyncio.Event()
-                    reader = asyncio.create_task(self._read(ipr, dirty))
+                    reader = asyncio.create_task(self._read(ipr, dirty, self._known_routers))
                     try:
                         while not stop.is_set():
                             await dirty.wait()
@@ -230,21 +271,32 @@ class HostSource:
                 log.error("host netlink watch failed; retrying in 1 s", error=repr(exc))
                 await asyncio.sleep(1.0)
 
+    def _known_routers(self) -> set[str]:
+        return {r.address for r in self.facts.routers} if self.facts is not None else set()
+
     @staticmethod
-    async def _read(ipr, dirty: asyncio.Event) -> None:
+    async def _read(ipr, dirty: asyncio.Event, known_routers) -> None:
         try:
             while True:
                 async for msg in ipr.get():
-                    if _relevant(msg):
+                    if _relevant(msg, known_routers):
                         dirty.set()
         finally:
             dirty.set()   # wake the loop, which re-raises our error
 
 
-def _relevant(msg) -> bool:
+def _relevant(msg, known_routers=lambda: set()) -> bool:   # known_routers(): addresses now in the facts
     """Route events matter only for default routes of the main table (our own imported
-    routes in other tables, or Pod CIDR routes, must not cause re-dumps)."""
-    if msg.get("event") not in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+    routes in other tables, or Pod CIDR routes, must not cause re-dumps); neighbour events only
+    for IPv6 routers: flagged ones, or ones we know that lost the flag (the link-local
+    neighbours of every Pod veth, or ARP churn, are none of our business)."""
+    event = msg.get("event")
+    if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+        dst = msg.get("dst")
+        if msg.get("family") != AF_INET6 or dst is None or not str(dst).lower().startswith("fe80:"):
+            return False
+        return bool(msg.get("flags", 0) & _NTF_ROUTER) or str(dst).split("%")[0] in known_routers()
+    if event not in ("RTM_NEWROUTE", "RTM_DELROUTE"):
         return True
     table = msg.get("table") or msg["table"]
     return msg["dst_len"] == 0 and table == MAIN_TABLE

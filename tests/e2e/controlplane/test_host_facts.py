@@ -27,17 +27,15 @@ kernel routes (`--auto-direct-node-routes`, `--bgp-import-table`).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from agent.lab import Lab, wait_until
 from agent.lab.peers import Announce, FrrPeer, Neighbor
+from agent.lab.vipd import VipdRun
 
-REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.e2e
 
 TABLE = 100
@@ -123,17 +121,10 @@ spec:
 """
 
 
-class Env:
-    def __init__(self, lab: Lab):
-        self.lab = lab
-        base = lab.workdir / "vipd"
-        self.config, self.state = base / "config", base / "state"
-        self.config.mkdir(parents=True)
-        self.socket, self.log = base / "vipd.sock", base / "vipd.log"
-
+class Env(VipdRun):
     def build(self) -> "Env":
         lab = self.lab
-        self.node = node = lab.host("node")
+        self.node = node = lab.host("node")   # VipdRun runs vipd here
         self.routers = {}
         for i, asn in ((1, 65001), (2, 65001), (3, 65003)):
             r = lab.host(f"r{i}")
@@ -164,20 +155,9 @@ class Env:
             self.frr[name] = daemon
         return self
 
-    def write(self, filename: str, text: str) -> None:
-        tmp = self.config / f".{filename}.tmp"
-        tmp.write_text(text)
-        tmp.rename(self.config / filename)
-
     def start_vipd(self) -> None:
-        argv = [sys.executable, "-m", "agent.daemon", "run", "--config", str(self.config), "--node-name", "node",
-                "--api-socket", str(self.socket), "--state-dir", str(self.state), "--log-format", "json",
-                "--auto-direct-node-routes", "--bgp-import-table", str(TABLE),
-                "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"]
-        self.proc = self.node.spawn(argv, log_path=self.log, env={"PYTHONPATH": str(REPO)})
-        wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=60, what="vipd API socket")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"vipd exited:\n{self.log.read_text()[-3000:]}")
+        super().start_vipd(["--auto-direct-node-routes", "--bgp-import-table", str(TABLE),
+                            "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"])
 
     def state_of(self, router: str, neighbor: str) -> str:
         s = self.frr[router].sessions().get(neighbor)
@@ -200,12 +180,6 @@ class Env:
             out[r["dst"]] = {h["gateway"] for h in hops}
         return out
 
-    def vipctl(self, *args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "agent.api.cli", "--socket", str(self.socket), *args],
-                              capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
     def kernel_routes_metric(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -214,9 +188,6 @@ class Env:
         text = self.node.run(sys.executable, "-c", code)
         return {s.labels["table"]: s.value for f in text_string_to_metric_families(text)
                 for s in f.samples if s.name == "vipd_kernel_routes"}
-
-    def vipd_log(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")

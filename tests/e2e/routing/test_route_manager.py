@@ -162,3 +162,30 @@ def test_proto_number_is_ours():
     assert RTPROT_VIPD == 241
     with pytest.raises(ValueError):
         RouteManager(proto=2)
+
+
+def test_ipv4_routes_via_ipv6_link_local_next_hops_install_once_and_carry_traffic(lab):
+    # What BGP import makes of unnumbered / RFC 8950 paths: `via inet6 fe80::… dev IF`, single and
+    # ECMP; a second sync reads them back as equal (RTA_VIA parsed), so nothing is rewritten.
+    node, r1, r2 = lab.hosts["node"], lab.hosts["r1"], lab.hosts["r2"]
+    lls = []
+    for r in (r1, r2):
+        [ll] = [a["local"] for i in json.loads(r.run("ip", "-j", "-6", "addr", "show", "scope", "link"))
+                for a in i["addr_info"] if a.get("local", "").startswith("fe80:")]
+        lls.append(ll)
+    mgr = RouteManager(netns=node.ns)
+    desired = [Route("10.78.0.0/24", [NextHop(f"{lls[0]}%eth-r1")], table=300),
+               Route("10.79.0.0/24", [NextHop(f"{lls[0]}%eth-r1"), NextHop(f"{lls[1]}%eth-r2")], table=300)]
+    assert run(mgr.sync(desired)).replaced == tuple(desired)
+    again = run(mgr.sync(desired))
+    assert (again.replaced, again.deleted, again.failed) == ((), (), ())
+    got = {r["dst"]: r for r in json.loads(node.run("ip", "-j", "-4", "route", "show", "table", "300"))}
+    assert (got["10.78.0.0/24"]["via"], got["10.78.0.0/24"]["dev"]) == ({"family": "inet6", "host": lls[0]}, "eth-r1")
+    assert {(h["via"]["host"], h["dev"]) for h in got["10.79.0.0/24"]["nexthops"]} == {
+        (lls[0], "eth-r1"), (lls[1], "eth-r2")}
+    # packets follow the route: to 10.77.0.1 (both routers have it) through r1's link-local address
+    run(mgr.sync([Route("10.77.0.0/24", [NextHop(f"{lls[0]}%eth-r1")])]))
+    before = rx_packets(r1, "eth-node")
+    node.run("ping", "-c", "2", "-W", "2", "-I", "10.0.1.1", "10.77.0.1")
+    assert rx_packets(r1, "eth-node") >= before + 2
+    run(mgr.sync([]))

@@ -236,6 +236,20 @@ def test_mp_reach_bad_next_hop_length_resets():
     assert (e.code, e.subcode) == (3, 9)
 
 
+@pytest.mark.parametrize("nh_hex,next_hops", [
+    ("10 fe800000000000000000000000000001", ("fe80::1",)),                        # unnumbered: LL only
+    ("20 fd000000000000000000000000000001 fe800000000000000000000000000001", ("fd00::1", "fe80::1")),
+])
+def test_rfc8950_ipv4_nlri_with_an_ipv6_next_hop_decodes_and_encodes_byte_exact(nh_hex, next_hops):
+    # MP_REACH_NLRI AFI 1 / SAFI 1, next hop 16 (link-local only) or 32 bytes, NLRI 10.9.0.0/24
+    value = h("0001 01" + nh_hex + "00 18 0a0900")
+    raw = upd("40 01 01 00 40 02 00 80 0e " + f"{len(value):02x}" + value.hex(), "")
+    reach = decode(raw).attribute(MpReach)
+    assert (reach.afi, reach.safi, reach.nlri) == (1, 1, (IPv4Network("10.9.0.0/24"),))
+    assert tuple(str(a) for a in reach.next_hops()) == next_hops
+    assert encode(decode(raw)) == raw
+
+
 def test_as4_path_with_confederation_segment_is_discarded():
     u = decode(upd(BASE + "c0 11 06 03 01 0000fde9"))
     assert u.treat_as_withdraw is None and not u.attribute(As4Path)

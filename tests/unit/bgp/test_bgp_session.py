@@ -254,6 +254,21 @@ def test_extended_next_hop_sends_ipv4_nlri_with_ipv6_next_hop():
     assert encode_prefix(net("10.9.0.0/24")) in p.b.rib_in[V4].routes
 
 
+def test_unnumbered_session_sends_both_families_with_the_16_byte_link_local_next_hop():
+    # Over a link-local (unnumbered) session our only address is fe80::…%eth0: IPv4 prefixes go in
+    # MP_REACH_NLRI (RFC 8950) and IPv6 ones too, with that address alone, never :: or a zone.
+    p = Pair(cfg(), cfg(65002, "2.2.2.2", 65001), a_addr="fe80::2%eth0", b_addr="fe80::1%eth0")
+    p.a.rib_out[V4].advertise(encode_prefix(net("10.9.0.0/24")), PA())
+    p.a.rib_out[V6].advertise(encode_prefix(net("fd44::/64")), PA())
+    p.connect()
+    reaches = {(r.afi, r.safi): r for m in messages(b"".join(p.wire["a"]))
+               if isinstance(m, Update) and (r := m.attribute(MpReach)) is not None}
+    assert {k: r.next_hop for k, r in reaches.items()} == {(1, 1): IPv6Address("fe80::2").packed,
+                                                          (2, 1): IPv6Address("fe80::2").packed}
+    assert encode_prefix(net("10.9.0.0/24")) in p.b.rib_in[V4].routes
+    assert encode_prefix(net("fd44::/64")) in p.b.rib_in[V6].routes
+
+
 def test_ipv4_over_ipv6_session_without_extended_next_hop_is_not_sent():
     s = raw_established(cfg(), open_bytes(caps=(MultiProtocol(1, 1), MultiProtocol(2, 1), FourOctetAs(65002))),
                         local="fd00::1", remote="fd00::2")
@@ -262,6 +277,10 @@ def test_ipv4_over_ipv6_session_without_extended_next_hop_is_not_sent():
     s.rib_out[V4].advertise(encode_prefix(net("10.9.0.0/24")), PA())
     assert [m for m in messages(s.data_to_send()) if isinstance(m, Update)] == []
     assert s.encoder.unsendable[V4].startswith("IPv4 prefixes need")
+    # reported once per session and family (the speaker logs it and shows it as the peer's lastError)
+    [event] = s.take_routes_not_sent()
+    assert (event.family, "extended next hop capability (RFC 8950)" in event.reason) == (V4, True)
+    assert s.take_routes_not_sent() == []
 
 
 # ------------------------------------------------------------------ UPDATE handling

@@ -228,8 +228,6 @@ def test_secrets_namespace_option():
      {"ipv4": "10.0.0.1"}, None, "no ipv6 default gateway"),
     ({"mode": "DefaultGateway", "defaultGateway": {"addressFamily": "ipv6"}},
      {"ipv6": "fe80::1"}, None, "link-local gateway fe80::1 is not supported"),
-    ({"mode": "Unnumbered", "unnumbered": {"interface": "eth0"}}, {}, None,
-     "autoDiscovery mode Unnumbered is not supported"),
 ])
 def test_auto_discovery(mode_block, gateways, address, error):
     cc = cluster_config("cc", [instance(peers=[{"name": "gw", "autoDiscovery": mode_block}])])
@@ -239,6 +237,62 @@ def test_auto_discovery(mode_block, gateways, address, error):
     else:
         assert nc.instances[0].peers == ()
         assert error in nc.errors[0].message
+
+
+UNNUMBERED = {"mode": "Unnumbered", "unnumbered": {"interface": "eth0"}}
+
+
+@pytest.mark.parametrize("interfaces,routers,address,severity,message", [
+    ({"eth0": []}, {"eth0": ["fe80::1"]}, "fe80::1%eth0", None, None),
+    ({"eth0": []}, {"eth0": ["fe80::1", "fe80::2"]}, "fe80::1%eth0", "warning",
+     "several IPv6 routers on 'eth0' (fe80::1, fe80::2); peering with fe80::1"),
+    ({"eth0": []}, {"eth1": ["fe80::1"]}, None, "error", "no IPv6 router heard on 'eth0' yet"),
+    ({"eth1": []}, {}, None, "error", "interface 'eth0' does not exist on this node"),
+    (None, None, None, "warning", "discovered at run time from IPv6 Router Advertisements"),
+])
+def test_unnumbered_peer_is_the_ipv6_router_heard_on_the_interface(interfaces, routers, address, severity,
+                                                                    message):
+    cc = cluster_config("cc", [instance(peers=[{"name": "tor", "autoDiscovery": UNNUMBERED}])])
+    nc = derive(objs(node("n1"), cc), interfaces=interfaces, ipv6_routers=routers)
+    assert [p.address for p in nc.instances[0].peers] == ([address] if address else [])
+    assert [(i.severity, message in i.message) for i in nc.issues] == ([(severity, True)] if severity else [])
+
+
+@pytest.mark.parametrize("peer_fields,address,error", [
+    ({"peerInterface": "eth0", "autoDiscovery": UNNUMBERED}, "fe80::1%eth0", None),  # discovered
+    ({"peerInterface": "eth0", "peerAddress": "fe80::9"}, "fe80::9%eth0", None),  # given
+    ({"peerAddress": "fe80::9%eth0"}, "fe80::9%eth0", None),                     # zone in the address
+    ({"peerAddress": "fe80::9"}, None, "needs its interface"),
+    ({"peerAddress": "fd00::9%eth0"}, None, "only meaningful on a link-local"),
+])
+def test_node_config_link_local_peers(peer_fields, address, error):
+    nc_obj = {"apiVersion": "cilium.io/v2", "kind": "CiliumBGPNodeConfig", "metadata": {"name": "n1"},
+              "spec": {"bgpInstances": [{"name": "i", "localASN": 65001,
+                                         "peers": [{"name": "p", "peerASN": 65000, **peer_fields}]}]}}
+    nc = derive(objs(node("n1"), nc_obj), interfaces={"eth0": ["fe80::2/64"]}, ipv6_routers={"eth0": ["fe80::1"]})
+    assert [p.address for p in nc.instances[0].peers] == ([address] if address else [])
+    assert [error in e.message for e in nc.errors] == ([True] if error else [])
+    # the session is on the link: ``neighbor_config`` keeps the zone the speaker connects with
+    if address:
+        assert nc.instances[0].peers[0].neighbor_config().address == address
+
+
+def test_bfd_is_off_with_a_warning_for_link_local_peers():
+    pc = peer_config()
+    pc["metadata"]["annotations"] = {"vipd.io/bfd": ""}
+    cc = cluster_config("cc", [instance(peers=[{**peer(), "peerAddress": None, "autoDiscovery": UNNUMBERED}])])
+    nc = derive(objs(node("n1"), cc, pc), interfaces={"eth0": []}, ipv6_routers={"eth0": ["fe80::1"]})
+    assert nc.instances[0].peers[0].bfd is None
+    assert "BFD (vipd.io/bfd) is not supported for the link-local peer fe80::1%eth0" in nc.issues[0].message
+
+
+def test_source_interface_is_ignored_for_link_local_peers():
+    cc = cluster_config("cc", [instance(peers=[{**peer(), "peerAddress": None, "autoDiscovery": UNNUMBERED}])])
+    o = objs(node("n1"), cc, peer_config(transport={"sourceInterface": "eth1"}))
+    nc = derive(o, interfaces={"eth0": [], "eth1": ["10.0.0.5/24"]}, ipv6_routers={"eth0": ["fe80::1"]})
+    [p] = nc.instances[0].peers
+    assert (p.address, p.local_address) == ("fe80::1%eth0", None)
+    assert "sourceInterface 'eth1' is ignored for the link-local peer" in nc.issues[0].message
 
 
 @pytest.mark.parametrize("addrs,expected", [

@@ -57,3 +57,32 @@ def test_router_id_mac_is_the_mac_of_the_link_holding_the_node_address():
     assert facts.router_id_mac(["fd01::11"]) == "02:00:0a:63:00:0b"
     assert facts.router_id_mac([]) == "02:00:00:00:00:02"           # else the IPv6 default route's link
     assert facts.link("lo").mac is None                             # all-zero MAC: none
+
+
+def neigh(index, dst, state=0x04, router=True, family=AF_INET6):
+    return {"family": family, "ifindex": index, "dst": dst, "state": state, "flags": 0x80 if router else 0}
+
+
+def test_ipv6_routers_are_the_router_flagged_link_local_neighbours_that_still_answer():
+    neighbours = [neigh(2, "fe80::2"), neigh(2, "fe80::1", state=0x02),   # STALE, REACHABLE
+                  neigh(2, "fe80::9", state=0x20),                         # FAILED: moved or gone
+                  neigh(2, "fe80::7", router=False),                       # a host, not a router
+                  neigh(2, "fd01::1"),                                     # not link-local
+                  neigh(3, "fe80::3", state=0x10),                         # PROBE: still counts
+                  neigh(2, "10.1.0.1", family=AF_INET), neigh(99, "fe80::5")]   # IPv4; unknown link
+    facts = facts_from_netlink(LINKS, ADDRS, [], neighbours)
+    assert facts.link_local_routers() == {"eth0": ["fe80::1", "fe80::2"], "eth1": ["fe80::3"]}
+    assert facts_from_netlink(LINKS, ADDRS, [], neighbours[:1]) != facts_from_netlink(LINKS, ADDRS, [], [])
+
+
+def test_only_router_neighbour_events_wake_the_host_source():
+    from agent.sources.host import _relevant
+
+    def ev(dst, router=True, family=AF_INET6, event="RTM_NEWNEIGH"):
+        return {**neigh(2, dst, router=router, family=family), "event": event}
+    known = lambda: {"fe80::1"}   # noqa: E731
+    assert _relevant(ev("fe80::9"), known)                             # a (new) router
+    assert _relevant(ev("fe80::1", router=False), known)               # ours lost the router flag
+    assert _relevant(ev("fe80::1", router=False, event="RTM_DELNEIGH"), known)
+    assert not _relevant(ev("fe80::7", router=False), known)           # a Pod's veth neighbour
+    assert not _relevant(ev("fd01::1"), known) and not _relevant(ev("10.0.0.1", family=AF_INET), known)

@@ -64,8 +64,20 @@ def test_import_makes_ecmp_over_every_peer_with_the_prefix_in_the_chosen_table()
 def test_import_keeps_only_the_highest_local_pref_and_drops_unusable_next_hops():
     paths = [ReceivedPath("203.0.113.0/24", "10.1.0.1", local_pref=200),
              ReceivedPath("203.0.113.0/24", "10.2.0.1"),                  # 100 by default: loses
-             ReceivedPath("198.51.100.0/24", "fd01::1"),                  # IPv4 over an IPv6 next hop
+             ReceivedPath("198.51.100.0/24", "fe80::1"),                  # link-local: no device known
+             ReceivedPath("2001:db8::/32", "10.1.0.1"),                   # IPv6 via IPv4: never
              ReceivedPath("192.0.2.0/24", "10.4.0.11"),                   # via ourselves: a loop
              ReceivedPath("192.0.2.128/25", None)]
     routes = bgp_import_routes(paths, exclude=["10.4.0.11"])
     assert [str(r) for r in routes] == ["203.0.113.0/24 via 10.1.0.1 metric 20"]
+
+
+def test_import_of_rfc_8950_and_unnumbered_paths_uses_ipv6_next_hops_and_the_peer_interface():
+    paths = [ReceivedPath("198.51.100.0/24", "fd01::1"),                  # IPv4 over a global IPv6 hop
+             ReceivedPath("203.0.113.0/24", "fe80::1%eth0"),              # unnumbered peer on eth0
+             ReceivedPath("203.0.113.0/24", "10.1.0.1"),                  # ECMP with a numbered one
+             ReceivedPath("2001:db8::/32", "fe80::1%eth0")]
+    assert [str(r) for r in bgp_import_routes(paths)] == [
+        "198.51.100.0/24 via fd01::1 metric 20",
+        "203.0.113.0/24 nexthop via 10.1.0.1 nexthop via fe80::1 dev eth0 metric 20",
+        "2001:db8::/32 via fe80::1 dev eth0 metric 20"]

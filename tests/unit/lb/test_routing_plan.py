@@ -20,8 +20,11 @@ def test_default_metric_per_family():
 def test_validation():
     with pytest.raises(ValueError, match="needs at least one next hop"):
         Route("10.0.0.0/24", [])
-    with pytest.raises(ValueError, match="IPv6"):
-        r("10.0.0.0/24", "fd00::1")
+    with pytest.raises(ValueError, match="IPv4"):
+        r("fd00::/64", "10.0.0.1")                    # IPv4 via IPv6 is fine (RFC 8950), not the reverse
+    with pytest.raises(ValueError, match="needs its device"):
+        r("10.0.0.0/24", "fe80::1")
+    assert NextHop("fe80::1%eth0") == NextHop("fe80::1", dev="eth0")   # the zone is the device
     with pytest.raises(ValueError):
         Route("10.0.0.1/24", [NextHop("10.0.0.2")])  # host bits set
     with pytest.raises(ValueError, match="duplicate"):
