@@ -13,11 +13,12 @@ The reconciler also remembers when each path was (re)advertised, for the ``Age``
 from __future__ import annotations
 
 import ipaddress
+from types import MappingProxyType
 from typing import Any, Callable
 
 from agent.reconcilers.errors import ErrorBook
 
-__all__ = ["AdvertisementReconciler", "canonical"]
+__all__ = ["AdvertisementReconciler", "AdvertisementsView", "canonical"]
 
 
 def canonical(address: str) -> str:
@@ -30,16 +31,28 @@ def canonical(address: str) -> str:
 NAME = "advertisements"
 
 
+class AdvertisementsView:
+    """Read-only: the loc-RIB per instance (``vipctl bgp routes available``) and when each
+    path was last (re)advertised to each peer (the ``Age`` column)."""
+
+    def __init__(self, available: dict, advertised_at: dict):
+        self.available = MappingProxyType(available)     # instance -> {(family, prefix): (attrs, since)}
+        self.advertised_at = MappingProxyType(advertised_at)  # (instance, peer, family, prefix) -> wall time
+
+
 class AdvertisementReconciler:
     name = NAME
 
     def __init__(self, neighbors, desired_paths: Callable[..., dict], families: tuple, *, log=None,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, ready: Callable[[], Any] | None = None):
         """``neighbors``: the NeighborReconciler (its running instances are the speakers).
         ``desired_paths(instance, peer) -> {Family: {prefix: PathAttributes}}`` for this pass.
-        ``families``: every Family the speaker knows (to withdraw from families no longer desired)."""
+        ``families``: every Family the speaker knows (to withdraw from families no longer desired).
+        ``ready``: the datapath's view getter (its ``vip_ready`` is the announce rule; None:
+        no datapath, every address may be announced)."""
         import time
 
+        self.ready = ready
         self.neighbors = neighbors
         self.desired_paths = desired_paths
         self.families = families
@@ -49,6 +62,17 @@ class AdvertisementReconciler:
         self.advertised_at: dict[tuple, float] = {}
         # instance -> {(family, prefix): (attrs, first seen)}: the instance's loc-rib view
         self.available: dict[str, dict[tuple, tuple[Any, float]]] = {}
+
+    async def apply(self, plan, errors: ErrorBook, now: float) -> None:
+        # The announce rule: with the datapath, a Service address is announced only while every
+        # desired frontend at it is programmed (the datapath view's vip_ready).
+        datapath = self.ready() if self.ready is not None else None
+        vip_ready = datapath.vip_ready if datapath is not None else None
+        await self.reconcile(plan.node_config, errors, now,
+                             desired_paths=lambda inst, peer: plan.paths(inst, peer, vip_ready))
+
+    def view(self) -> AdvertisementsView:
+        return AdvertisementsView(self.available, self.advertised_at)
 
     async def reconcile(self, node_config, errors: ErrorBook, now: float,
                         desired_paths: Callable[..., dict] | None = None) -> None:

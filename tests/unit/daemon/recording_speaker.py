@@ -85,6 +85,21 @@ class RecordingSpeaker:
     def adj_rib_out(self, address, family):
         return dict(self.rib.get((address, family), {}))
 
+    def adj_rib_out_sent(self, address, family):
+        """As the real speaker: each attribute set through the session's own encoder (the
+        fake's sessions are all Established, four-octet AS, IPv4 local address)."""
+        from agent.bgp.rib import UpdateEncoder
+
+        cfg = self.neighbors[address]
+        enc = UpdateEncoder(local_asn=self.asn, ibgp=cfg.peer_asn == self.asn, four_octet_as=True,
+                            max_size=4096, local_address=cfg.local_address or "10.0.0.100")
+        out = {}
+        for prefix, attrs in self.rib.get((address, family), {}).items():
+            sent = enc.sent_path(family, attrs)
+            if sent is not None:
+                out[prefix] = sent
+        return out
+
     def adj_rib_in(self, address, family):
         return {}
 

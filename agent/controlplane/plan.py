@@ -1,0 +1,183 @@
+"""One pure step from inputs to everything the effects need: ``plan() -> NodePlan``.
+
+    plan(objects, host facts, settings, previous plan, memos) -> NodePlan
+        ClusterConfigs in first-seen order -> LB-IPAM allocations -> effective Services
+        -> node config (instances, peers, issues) -> datapath frontends -> kernel routes
+        -> conditions
+
+No I/O, no clock, no event loop: the controller calls it once per pass and hands the result
+to the reconcilers (agent/reconcilers), each of which owns one effect. A part that raises is
+reported in ``NodePlan.failures`` (part -> message) and, where the previous pass had a
+result, that result is kept (LB-IPAM, kernel routes), so a bug never tears down what runs.
+
+Desired BGP paths depend on one effect's outcome, the announce rule (a VIP is announced only
+while the datapath programs it): :meth:`NodePlan.paths` takes the datapath's ready set and
+is itself pure. ``memo`` (agent.controlplane.memo.Memo) keeps per-object results of earlier
+passes, so one changed Service costs little at 20,000; see :mod:`agent.controlplane.memo`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from agent.controlplane.types import AgentOptions, LbIpamResult, NodeConfigResult
+
+__all__ = ["PlanSettings", "DatapathSettings", "NodePlan", "plan"]
+
+
+@dataclass(frozen=True)
+class DatapathSettings:
+    """``vipd run --lb-interface``'s flags that shape the frontends."""
+
+    mode: str = "snat"
+    maglev_size: Any = None     # agent.datapath.capacity.MaglevSize (None: auto)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the agent's flags fix for the life of the process."""
+
+    node_name: str
+    options: AgentOptions = AgentOptions()
+    datapath: DatapathSettings | None = None     # None: no eBPF datapath on this node
+    auto_direct_node_routes: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class NodePlan:
+    """The desired state of this node for one (config generation, host facts) pair.
+
+    Immutable by convention: the mappings are built fresh by :func:`plan` and never changed
+    afterwards; the reconcilers only read them."""
+
+    settings: PlanSettings
+    generation: int
+    objects: Any                                  # ObjectSet, ClusterConfigs oldest first
+    cluster_config_order: tuple[str, ...]         # first-seen order to persist
+    lbipam: LbIpamResult | None                   # None: no allocation yet
+    effective: Any                                # ObjectSet with LB-IPAM addresses in Services
+    node_config: NodeConfigResult | None          # None: derivation failed (see failures)
+    facts: Any = None                             # HostFacts the plan was made from (None: unknown)
+    interfaces: Mapping[str, list[str]] | None = None  # up interfaces -> addresses (Interface adverts)
+    frontends: Mapping | None = None              # ServiceKey -> datapath Service (None: not computed)
+    owners: Mapping = field(default_factory=dict)  # ServiceKey -> "namespace/name"
+    direct_routes: tuple | None = None            # autoDirectNodeRoutes (None: keep the last good set)
+    cluster_conditions: Mapping = field(default_factory=dict)
+    peer_conditions: Mapping = field(default_factory=dict)
+    failures: Mapping[str, str] = field(default_factory=dict)   # part -> what went wrong
+    memo: Any = None
+
+    @property
+    def allocations(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.lbipam.allocations) if self.lbipam is not None else {}
+
+    @property
+    def issues(self) -> tuple:
+        return self.node_config.issues if self.node_config is not None else ()
+
+    def paths(self, instance, peer, vip_ready: Callable[[str], bool] | None = None) -> dict:
+        """Desired Adj-RIB-Out of one peer: {Family: {prefix: PathAttributes}}. ``vip_ready``:
+        the datapath's announce rule (None: no datapath, every address is ready)."""
+        from agent.controlplane.advertisements import desired_paths
+
+        # ``effective`` already carries the LB-IPAM addresses: lbipam=None spares a second
+        # copy of every Service per peer
+        return desired_paths(self.effective, self.settings.node_name, instance, peer, None,
+                             self.settings.options, self.interfaces, vip_ready=vip_ready, memo=self.memo)
+
+    def policies(self) -> list:
+        """Cilium's GoBGP route policies as data (``vipctl bgp route-policies``); costly at
+        scale (a second per peer at 20,000 Services), so computed only when asked."""
+        from agent.controlplane import route_policies
+
+        if self.node_config is None:
+            return []
+        return list(route_policies(self.effective, self.node_config, None, self.settings.options,
+                                   self.interfaces))
+
+
+def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = None, *,
+         generation: int = 0, cluster_config_order: tuple[str, ...] = (),
+         allocations: Mapping[str, tuple[str, ...]] | None = None, memo=None,
+         frontends_memo=None) -> NodePlan:
+    """The NodePlan for ``objects`` (a Store snapshot's ObjectSet) and ``facts`` (HostFacts or
+    None). ``previous``: the last plan (its LB-IPAM result and routes are kept when this
+    pass's computation fails). ``cluster_config_order`` / ``allocations``: the persisted
+    state the first plan starts from (later plans take them from ``previous``)."""
+    from agent.controlplane import effective_services, lbipam as lbipam_mod
+    from agent.controlplane.conditions import cluster_config_conditions, peer_config_conditions
+    from agent.controlplane.nodeconfig import derive_node_config
+    from agent.controlplane.ownership import order_cluster_configs
+
+    failures: dict[str, str] = {}
+    node_name, options = settings.node_name, settings.options
+    if previous is not None:
+        cluster_config_order = previous.cluster_config_order
+        allocations = previous.allocations if previous.lbipam is not None else allocations
+    objects, order = order_cluster_configs(objects, tuple(cluster_config_order))
+
+    lb = previous.lbipam if previous is not None else None
+    try:
+        lb = lbipam_mod.allocate(objects, dict(allocations or {}), memo)
+    except Exception as exc:  # noqa: BLE001 - keep the previous allocations
+        failures["lbipam"] = _text(exc)
+    effective = effective_services(objects, lb, memo) if lb is not None else objects
+
+    interfaces = facts.up_interfaces() if facts is not None else None
+    node_config = None
+    try:
+        host_kw = {} if facts is None else _host_inputs(facts, objects.node(node_name))
+        node_config = derive_node_config(effective, node_name, options, **host_kw)
+    except Exception as exc:  # noqa: BLE001 - the controller keeps the running state
+        failures["node-config"] = _text(exc)
+
+    frontends, owners = None, {}
+    if settings.datapath is not None:
+        from agent.controlplane.frontends import desired_services
+        try:
+            frontends = desired_services(effective, node_name, mode=settings.datapath.mode,
+                                         maglev_size=settings.datapath.maglev_size, owners=owners,
+                                         memo=frontends_memo)
+        except Exception as exc:  # noqa: BLE001 - the services reconciler announces only what runs
+            failures["services"] = _text(exc)
+            owners = {}
+        if frontends_memo is not None:
+            frontends_memo.rotate()
+
+    direct = None
+    if settings.auto_direct_node_routes:
+        direct = ()
+        if facts is not None:
+            from agent.routing.desired import PeerNode, direct_node_routes
+            try:
+                nodes = [PeerNode(n.name, n.addresses(4) + n.addresses(6), n.pod_cidrs) for n in effective.nodes]
+                direct = tuple(direct_node_routes(node_name, facts.connected_networks(), nodes))
+            except Exception as exc:  # noqa: BLE001 - e.g. two Nodes claim one Pod CIDR
+                failures["routes"] = f"autoDirectNodeRoutes: {_text(exc)}"
+                direct = None
+
+    cluster_conditions: Mapping = previous.cluster_conditions if previous is not None else {}
+    peer_conditions: Mapping = previous.peer_conditions if previous is not None else {}
+    try:
+        cluster_conditions = cluster_config_conditions(effective, options)
+        peer_conditions = peer_config_conditions(effective, options)
+    except Exception as exc:  # noqa: BLE001
+        failures["status"] = _text(exc)
+
+    return NodePlan(settings=settings, generation=generation, objects=objects, cluster_config_order=order,
+                    lbipam=lb, effective=effective, node_config=node_config, facts=facts,
+                    interfaces=interfaces, frontends=frontends, owners=owners, direct_routes=direct,
+                    cluster_conditions=cluster_conditions, peer_conditions=peer_conditions,
+                    failures=failures, memo=memo)
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _host_inputs(facts, node) -> dict:
+    """What derive_node_config takes from the host (see agent.sources.host)."""
+    node_addresses = (node.addresses(4) + node.addresses(6)) if node is not None else []
+    return {"interfaces": facts.interfaces(), "default_gateways": facts.default_gateways(),
+            "router_id_mac": facts.router_id_mac(node_addresses)}
