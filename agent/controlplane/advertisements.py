@@ -79,15 +79,23 @@ class Selection:
 # ------------------------------------------------------------------------------ service rules
 
 
-def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Memo | None = None
-                       ) -> ObjectSet:
+def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Memo | None = None,
+                       reuse: dict | None = None) -> ObjectSet:
     """Services LB-IPAM is responsible for get status.loadBalancer.ingress = its allocations
     (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says).
-    ``memo``: reuse the copy made for the same Service object and addresses last pass."""
+    ``memo``: reuse the copy made for the same Service object and addresses last pass.
+    ``reuse``: id(Service) -> its effective copy, for Services whose addresses are known not
+    to have changed (the plan's incremental path)."""
     if lbipam is None or not (lbipam.allocations or lbipam.service_conditions):
         return objects
     out = []
+    get = reuse.get if reuse else None
     for svc in objects.services:
+        if get is not None:
+            known = get(id(svc))
+            if known is not None:
+                out.append(known)
+                continue
         key = f"{svc.namespace}/{svc.name}"
         ips = lbipam.allocations.get(key)
         if ips is None and key in lbipam.service_conditions:

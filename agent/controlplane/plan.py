@@ -117,12 +117,25 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
         allocations = previous.allocations if previous.lbipam is not None else allocations
     objects, order = order_cluster_configs(objects, tuple(cluster_config_order))
 
+    # What changed since the previous plan, by object identity (the sources hand out the very
+    # same objects for what did not change): one changed Service then costs O(1), not O(all).
+    delta = _service_delta(previous.objects, objects) if previous is not None else None
     lb = previous.lbipam if previous is not None else None
+    incremental = False
     try:
-        lb = lbipam_mod.allocate(objects, dict(allocations or {}), memo)
+        new = None
+        if (delta is not None and lb is not None and "lbipam" not in previous.failures
+                and _same(previous.objects.lb_pools, objects.lb_pools)):
+            new = lbipam_mod.allocate_changed(objects, lb, delta[0], delta[1], memo)
+            incremental = new is not None
+        lb = new if new is not None else lbipam_mod.allocate(objects, dict(allocations or {}), memo)
     except Exception as exc:  # noqa: BLE001 - keep the previous allocations
         failures["lbipam"] = _text(exc)
-    effective = effective_services(objects, lb, memo) if lb is not None else objects
+    reuse = None
+    if incremental and previous.effective is not previous.objects:
+        # unchanged Services kept their addresses: their effective copies are still right
+        reuse = dict(zip(map(id, previous.objects.services), previous.effective.services))
+    effective = effective_services(objects, lb, memo, reuse=reuse) if lb is not None else objects
 
     interfaces = facts.up_interfaces() if facts is not None else None
     node_config = None
@@ -170,6 +183,19 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
                     interfaces=interfaces, frontends=frontends, owners=owners, direct_routes=direct,
                     cluster_conditions=cluster_conditions, peer_conditions=peer_conditions,
                     failures=failures, memo=memo)
+
+
+def _same(a, b) -> bool:
+    """The very same objects, in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _service_delta(before, after) -> tuple[list, set[str]]:
+    """(Services of ``after`` that are new or changed, in object order; keys of those gone)."""
+    old = {id(s): s for s in before.services}
+    changed = [s for s in after.services if old.pop(id(s), None) is None]
+    keys = {f"{s.namespace}/{s.name}" for s in changed}
+    return changed, {f"{s.namespace}/{s.name}" for s in old.values()} - keys
 
 
 def _text(exc: BaseException) -> str:

@@ -145,6 +145,8 @@ def test_metrics_use_cilium_names_and_labels(tmp_path):
     assert ('vipd_bgp_control_plane_advertised_routes{afi="ipv4",neighbor="10.0.5.1:179",safi="unicast",'
             'vrouter="65005"} 2.0') in text
     assert "vipd_config_generation 1.0" in text
+    for step in ("plan", "state", "neighbors", "advertisements"):   # one pass, each step timed once
+        assert f'vipd_reconcile_duration_seconds_count{{reconciler="{step}"}} 1.0' in text
 
 
 def test_metrics_endpoint_serves_over_http(tmp_path):
@@ -287,6 +289,8 @@ def test_with_a_datapath_a_vip_that_cannot_be_programmed_is_withdrawn_and_report
     assert "vipd_services_unprogrammed 1.0" in text
     assert 'vipd_service_program_failures_total{reason="DatapathError"} 1.0' in text   # the LB IP
     assert 'vipd_datapath_capacity{map="services"} 1.048576e+06' in text
+    assert "vipd_maglev_builds_total 0.0" in text      # this fake datapath builds no tables
+    assert 'vipd_reconcile_duration_seconds_count{reconciler="services-delete"} 2.0' in text
 
     dp.broken = False
     w.controller.store.replace(w.controller.store.objects(), fingerprint="3", source="/cfg")
