@@ -67,6 +67,11 @@ class NodePlan:
     peer_conditions: Mapping = field(default_factory=dict)
     failures: Mapping[str, str] = field(default_factory=dict)   # part -> what went wrong
     memo: Any = None
+    # Services ("namespace/name" -> object now, None: gone) whose effective object or
+    # EndpointSlices differ from the previous plan's (None: no previous plan)
+    changed_services: Mapping | None = None
+    previous_paths: Mapping | None = None          # the previous plan's path_states
+    path_states: dict = field(default_factory=dict)  # (instance, peer) -> PeerPaths, filled by paths()
 
     @property
     def allocations(self) -> dict[str, tuple[str, ...]]:
@@ -76,15 +81,29 @@ class NodePlan:
     def issues(self) -> tuple:
         return self.node_config.issues if self.node_config is not None else ()
 
-    def paths(self, instance, peer, vip_ready: Callable[[str], bool] | None = None) -> dict:
+    def paths(self, instance, peer, vip_ready: Callable[[str], bool] | None = None,
+              ready_token: Any = ()) -> dict:
         """Desired Adj-RIB-Out of one peer: {Family: {prefix: PathAttributes}}. ``vip_ready``:
-        the datapath's announce rule (None: no datapath, every address is ready)."""
-        from agent.controlplane.advertisements import desired_paths
+        the datapath's announce rule (None: no datapath, every address is ready);
+        ``ready_token``: a value equal from pass to pass exactly while ``vip_ready`` answers
+        the same (the set of held-back addresses). Redoes only the changed Services' part of
+        the previous plan's paths when nothing else changed."""
+        from agent.controlplane.advertisements import desired_paths, desired_paths_changed
 
-        # ``effective`` already carries the LB-IPAM addresses: lbipam=None spares a second
-        # copy of every Service per peer
-        return desired_paths(self.effective, self.settings.node_name, instance, peer, None,
-                             self.settings.options, self.interfaces, vip_ready=vip_ready, memo=self.memo)
+        name, options = self.settings.node_name, self.settings.options
+        if instance.legacy is not None:
+            # ``effective`` already carries the LB-IPAM addresses: lbipam=None spares a second
+            # copy of every Service per peer
+            return desired_paths(self.effective, name, instance, peer, None, options, self.interfaces,
+                                 vip_ready=vip_ready, memo=self.memo)
+        key = (instance.name, peer.address)
+        inputs = (instance, peer, self.effective.node(name), tuple(self.effective.advertisements),
+                  self.settings, self.interfaces, ready_token)
+        state = desired_paths_changed(
+            self.effective, name, instance, peer, options, self.interfaces, vip_ready, self.memo,
+            inputs=inputs, previous=(self.previous_paths or {}).get(key), changed=self.changed_services)
+        self.path_states[key] = state
+        return state.result
 
     def policies(self) -> list:
         """Cilium's GoBGP route policies as data (``vipctl bgp route-policies``); costly at
@@ -182,7 +201,9 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
                     lbipam=lb, effective=effective, node_config=node_config, facts=facts,
                     interfaces=interfaces, frontends=frontends, owners=owners, direct_routes=direct,
                     cluster_conditions=cluster_conditions, peer_conditions=peer_conditions,
-                    failures=failures, memo=memo)
+                    failures=failures, memo=memo,
+                    changed_services=_effective_delta(previous.effective, effective) if previous else None,
+                    previous_paths=previous.path_states if previous is not None else None)
 
 
 def _same(a, b) -> bool:
@@ -196,6 +217,30 @@ def _service_delta(before, after) -> tuple[list, set[str]]:
     changed = [s for s in after.services if old.pop(id(s), None) is None]
     keys = {f"{s.namespace}/{s.name}" for s in changed}
     return changed, {f"{s.namespace}/{s.name}" for s in old.values()} - keys
+
+
+def _effective_delta(before, after) -> dict:
+    """"namespace/name" -> the Service now (None: gone) for each Service whose effective
+    object or any of whose EndpointSlices is not the very same object as before."""
+    old = {id(s): s for s in before.services}
+    out = {}
+    for s in after.services:
+        if old.pop(id(s), None) is None:
+            out[f"{s.namespace}/{s.name}"] = s
+    for s in old.values():
+        out.setdefault(f"{s.namespace}/{s.name}", None)
+    old_slices = {id(e): e for e in before.endpoint_slices}
+    touched = {(e.namespace, e.service_name) for e in after.endpoint_slices if old_slices.pop(id(e), None) is None}
+    touched |= {(e.namespace, e.service_name) for e in old_slices.values()}
+    index = None
+    for ns, name in touched:
+        key = f"{ns}/{name}"
+        if not name or key in out:
+            continue
+        if index is None:
+            index = {f"{s.namespace}/{s.name}": s for s in after.services}
+        out[key] = index.get(key)
+    return out
 
 
 def _text(exc: BaseException) -> str:

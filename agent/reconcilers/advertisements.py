@@ -68,8 +68,10 @@ class AdvertisementReconciler:
         # desired frontend at it is programmed (the datapath view's vip_ready).
         datapath = self.ready() if self.ready is not None else None
         vip_ready = datapath.vip_ready if datapath is not None else None
+        # the held-back addresses; unknown (None) never equals a previous pass's
+        token = () if datapath is None else (datapath.blocked if datapath.blocked is not None else object())
         await self.reconcile(plan.node_config, errors, now,
-                             desired_paths=lambda inst, peer: plan.paths(inst, peer, vip_ready))
+                             desired_paths=lambda inst, peer: plan.paths(inst, peer, vip_ready, token))
 
     def view(self) -> AdvertisementsView:
         return AdvertisementsView(self.available, self.advertised_at)

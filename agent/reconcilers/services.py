@@ -269,6 +269,7 @@ class DatapathView:
     def __init__(self, rec: ServiceReconciler):
         self._rec = rec
         self.vip_ready = rec.vip_ready
+        self.blocked = rec.blocked        # addresses held back (None: unknown, only programmed ones go)
         self.owners = MappingProxyType(rec.owners)          # ServiceKey -> "namespace/name"
         self.failed = MappingProxyType(rec.failed)          # ServiceKey -> FrontendFailure
         self.failure_counts = MappingProxyType(rec.failure_counts)

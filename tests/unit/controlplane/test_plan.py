@@ -125,3 +125,83 @@ def test_one_changed_service_is_allocated_incrementally_exactly_as_a_full_alloca
         assert p.lbipam.service_conditions == full.service_conditions, step
         assert p.lbipam.pool_conditions == full.pool_conditions, step
     assert incremental > 20, "the incremental path was taken"
+
+
+ADVERTS = """\
+apiVersion: cilium.io/v2
+kind: CiliumBGPAdvertisement
+metadata: {name: services, labels: {advertise: bgp}}
+spec:
+  advertisements:
+  - advertisementType: Service
+    service: {addresses: [LoadBalancerIP]}
+    selector: {matchExpressions: [{key: somekey, operator: NotIn, values: [never]}]}
+    attributes: {communities: {standard: ["65000:99"]}, localPreference: 200}
+  - advertisementType: Service
+    service: {addresses: [ExternalIP], aggregationLengthIPv4: 24}
+    selector: {matchLabels: {color: blue}}
+    attributes: {communities: {standard: ["65000:7"]}}
+"""
+
+
+def svc_with_slice(i: int, *, color: str, ext: int, local: bool, ready: bool, node: str) -> str:
+    return (f"apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns, labels: {{color: {color}}}}}\n"
+            f"spec:\n  type: LoadBalancer\n  externalTrafficPolicy: {'Local' if local else 'Cluster'}\n"
+            f"  externalIPs: [10.50.{ext % 3}.{ext}]\n  ports: [{{port: 80}}]\n---\n"
+            f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
+            f"metadata: {{name: s{i}-1, namespace: ns, labels: {{kubernetes.io/service-name: s{i}}}}}\n"
+            f"addressType: IPv4\nports: [{{port: 80}}]\n"
+            f"endpoints: [{{addresses: [10.1.3.9], conditions: {{ready: {str(ready).lower()}}}, nodeName: {node}}}]\n")
+
+
+def test_desired_paths_of_one_change_equal_paths_computed_from_scratch():
+    """Random Service and EndpointSlice edits (eTP Local endpoints moving between nodes, /24
+    aggregation shared by several Services, removals): each plan's paths, built from the
+    previous plan's in O(changed), equal desired_paths() over all objects."""
+    import random
+
+    from agent.controlplane.advertisements import desired_paths
+
+    rng = random.Random(5)
+    base = objects(demo.nodes_yaml(), demo.V2_BGP_YAML.split("---\n", 4)[0] + "---\n"
+                   + "---\n".join(demo.V2_BGP_YAML.split("---\n", 4)[1:3]), ADVERTS, POOLS)
+    nodes = [NODE, "cilium-bgp-worker2"]
+
+    def doc(i):
+        return svc_with_slice(i, color=rng.choice(["red", "blue"]), ext=rng.randint(1, 9),
+                              local=rng.random() < 0.5, ready=rng.random() < 0.8, node=rng.choice(nodes))
+    docs = {i: doc(i) for i in range(10)}
+    parsed = {}
+
+    def current():
+        for i, text in docs.items():
+            if parsed.get(i, (None,))[0] != text:
+                parsed[i] = (text, load_documents(text, "x.yaml").objects.all())
+        objs = [o for i in sorted(docs) for o in parsed[i][1]]
+        return base.replace(services=[o for o in objs if o.kind == "Service"],
+                            endpoint_slices=[o for o in objs if o.kind == "EndpointSlice"])
+
+    settings = PlanSettings(NODE)
+    p = None
+    incremental = 0
+    seen_kinds = set()   # prefix lengths advertised: PodCIDR /24 and the VIPs /32
+    for step in range(40):
+        p = plan(current(), None, settings, p)
+        (inst,) = p.node_config.instances
+        for peer in inst.peers:
+            prev = (p.previous_paths or {}).get((inst.name, peer.address))
+            got = p.paths(inst, peer)
+            incremental += prev is not None and p.changed_services is not None and len(p.changed_services) < 3
+            want = desired_paths(p.effective, NODE, inst, peer, None, settings.options, None)
+            assert {f: dict(x) for f, x in got.items()} == want, step
+            kinds = {p.prefixlen for x in want.values() for p in x}
+            seen_kinds = seen_kinds | kinds
+        op = rng.choice(["add", "remove", "edit", "edit"])
+        if op == "add":
+            docs[100 + step] = doc(100 + step)
+        elif op == "remove" and docs:
+            del docs[rng.choice(list(docs))]
+        elif docs:
+            i = rng.choice(list(docs))
+            docs[i] = doc(i)
+    assert incremental > 20 and seen_kinds == {24, 32}
