@@ -140,6 +140,7 @@ class Controller:
         self._status_written: Any = None
         self._issues_logged: tuple = ()
         self._unprogrammed_seen: set[str] = set()
+        self._entries: dict = {}   # status document: Service -> (condition, addresses, entry)
 
     @property
     def reconcilers(self) -> list:
@@ -346,10 +347,7 @@ class Controller:
             name: {"conditions": [self.conditions.stamp(f"CiliumBGPPeerConfig/{name}", c) for c in conds]}
             for name, conds in sorted(self.peer_conditions.items())}
         if self.lbipam is not None:
-            doc["services"] = {
-                key: {"loadBalancerIngress": list(self.lbipam.allocations.get(key, ())),
-                      "conditions": [self.conditions.stamp(f"Service/{key}", cond)]}
-                for key, cond in sorted(self.lbipam.service_conditions.items())}
+            doc["services"] = self._service_entries(self.lbipam)
         if self.services is not None:
             dp = self.services.view()
             # A Service the datapath could not program: withdrawn, with a False condition saying
@@ -367,7 +365,7 @@ class Controller:
                 else:
                     cond = {"type": PROGRAMMED_CONDITION, "status": "True", "reason": "Programmed",
                             "message": "every frontend is programmed in the datapath"}
-                entry = services.setdefault(key, {"conditions": []})
+                entry = services[key] = dict(services.get(key, {"conditions": []}))   # cached: copy
                 entry["conditions"] = [*entry.get("conditions", []),
                                        self.conditions.stamp(f"Service/{key}", cond)]
             self._unprogrammed_seen |= set(failing)
@@ -387,6 +385,22 @@ class Controller:
             {"reconciler": r.reconciler, "instance": r.instance, "error": r.error, "attempts": r.attempts}
             for r in self.errors.records()]
         return doc
+
+    def _service_entries(self, lb) -> dict:
+        """"namespace/name" -> {loadBalancerIngress, conditions} of the LB-IPAM Services. An
+        entry whose condition object and addresses are those of the last call is reused (its
+        lastTransitionTime cannot have moved): 20,000 entries cost a lookup each, not a stamp."""
+        cache, fresh = self._entries, {}
+        allocations = lb.allocations
+        for key, cond in lb.service_conditions.items():
+            ips = allocations.get(key, ())
+            hit = cache.get(key)
+            if hit is None or hit[0] is not cond or hit[1] != ips:
+                hit = (cond, ips, {"loadBalancerIngress": list(ips),
+                                   "conditions": [self.conditions.stamp(f"Service/{key}", cond)]})
+            fresh[key] = hit
+        self._entries = fresh
+        return {key: fresh[key][2] for key in sorted(fresh)}
 
     @property
     def policies(self) -> list:
@@ -411,11 +425,11 @@ class Controller:
     async def write_status_async(self) -> None:
         """write_status with the file written by a worker thread: the event loop (BGP sessions,
         the updates just queued) is not held up by a large status file."""
+        await asyncio.sleep(0)   # let the speakers send what this pass queued first
         doc = self.status_document()
         if doc == self._status_written:
             return
         async with self._status_lock:
-            await asyncio.sleep(0)   # let the speakers send what this pass queued first
             self.state_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(atomic_write_yaml, self.state_dir / STATUS_FILE, doc)
             self._status_written = doc

@@ -7,6 +7,7 @@ same state dir starts from them (stable VIPs, the same ClusterConfig owning the 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from pathlib import Path
@@ -29,14 +30,25 @@ LARGE_DOCUMENT = 2000   # entries: above this, write YAML's JSON form (a 20,000-
 
 def dump_yaml(data: Any) -> str:
     """YAML text of ``data``: block style, or for large documents the JSON form (YAML is a
-    superset of JSON: every YAML parser reads it, ``yaml.safe_load`` included)."""
-    import json
-
+    superset of JSON: every YAML parser reads it, ``yaml.safe_load`` included), one line per
+    top-level key and per entry of a large mapping, each line by json's C encoder."""
     size = sum(len(v) for v in data.values() if isinstance(v, (dict, list))) if isinstance(data, dict) else 0
     if size > LARGE_DOCUMENT:
-        return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+        return _json_lines(data) + "\n"
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
                      default_flow_style=False)
+
+
+def _json_lines(data: dict, depth: int = 0) -> str:
+    import json
+
+    pad = " " * (depth + 1)
+    lines = []
+    for k, v in data.items():
+        text = _json_lines(v, depth + 1) if isinstance(v, dict) and len(v) > 50 and depth < 1 else \
+            json.dumps(v, ensure_ascii=False)
+        lines.append(f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n" + " " * depth + "}"
 
 
 def atomic_write_yaml(path: Path, data: Any) -> None:
@@ -80,18 +92,21 @@ class StateReconciler:
         self.log = log
         self.allocations: dict[str, tuple[str, ...]] = load_allocations(self.state_dir)
         self.cluster_config_order: tuple[str, ...] = load_order(self.state_dir)
+        self._written = None     # the LbIpamResult last persisted (same object: nothing to compare)
 
     async def apply(self, plan, errors: ErrorBook, now: float) -> None:
         try:
             if plan.cluster_config_order != self.cluster_config_order:
                 atomic_write_yaml(self.state_dir / ORDER_FILE, {"clusterConfigs": list(plan.cluster_config_order)})
                 self.cluster_config_order = plan.cluster_config_order
-            if plan.lbipam is not None:
-                allocations = {k: tuple(v) for k, v in plan.lbipam.allocations.items()}
+            if plan.lbipam is not None and plan.lbipam is not self._written:
+                allocations = plan.lbipam.allocations    # tuples, as allocate() makes them
                 if allocations != self.allocations:
-                    atomic_write_yaml(self.state_dir / LBIPAM_FILE,
-                                      {"allocations": {k: list(v) for k, v in sorted(allocations.items())}})
-                    self.allocations = allocations
+                    doc = {"allocations": {k: list(v) for k, v in sorted(allocations.items())}}
+                    # 20,000 entries take a moment: off the event loop (BGP keepalives, UPDATEs)
+                    await asyncio.to_thread(atomic_write_yaml, self.state_dir / LBIPAM_FILE, doc)
+                    self.allocations = dict(allocations)
+                self._written = plan.lbipam
         except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
             rec = errors.record(NAME, "", f"state directory {self.state_dir}: {exc}", now)
             if self.log is not None:
