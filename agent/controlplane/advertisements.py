@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -409,6 +410,12 @@ class PeerPaths:
     by_service: dict       # "namespace/name" -> its Selections
     by_prefix: dict        # (family, prefix) -> every Selection contributing to it
     result: DesiredPaths
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+    base: int | None = None          # serial of the PeerPaths this one was derived from (None: anew)
+    affected: frozenset = frozenset()  # (family, prefix) whose path may differ from ``base``'s
+
+
+_SERIALS = itertools.count(1)
 
 
 def desired_paths_changed(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
@@ -464,7 +471,7 @@ def desired_paths_changed(objects: ObjectSet, node_name: str, instance: BgpInsta
                 result[family].pop(p, None)
         elif family in result:
             result[family][p] = _merge_into_attrs(sels, ibgp)
-    return PeerPaths(inputs, by_service, by_prefix, result)
+    return PeerPaths(inputs, by_service, by_prefix, result, base=previous.serial, affected=frozenset(affected))
 
 
 def _merge_into_attrs(sels, ibgp: bool | None) -> PathAttributes:

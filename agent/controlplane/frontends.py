@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-__all__ = ["desired_services", "FrontendFailure", "blocked_vips", "check_service",
+__all__ = ["desired_services", "desired_services_changed", "FrontendFailure", "blocked_vips", "check_service",
            "CAPACITY", "MAGLEV_TOO_SMALL", "DATAPATH_ERROR"]
 
 # Reasons a frontend is not programmed (condition reason, metric label)
@@ -106,7 +106,7 @@ def _ranges_for(ranges: tuple, version: int) -> tuple:
 
 
 def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size=None,
-                     owners: dict | None = None, memo=None) -> dict:
+                     owners: dict | None = None, memo=None, contested: list | None = None) -> dict:
     """{ServiceKey: datapath Service} for every frontend of every Service (see module doc).
     ``maglev_size``: the node's ``--maglev-table-size`` (a ``MaglevSize``; default auto): M of
     each frontend from its backend count. ``owners`` (optional) is filled with ServiceKey ->
@@ -128,11 +128,39 @@ def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size
             owner, mine = memo.get("frontends", svc, extra, _frontends, objects, svc, node_name, mode, maglev_size)
         for key, service in mine:
             if key in out:  # the same VIP:port claimed twice: the older Service keeps it
+                if contested is not None:
+                    contested.append(key)
                 continue
             out[key] = service
             if owners is not None:
                 owners[key] = owner
     return out
+
+
+def desired_services_changed(objects, node_name: str, previous: dict, owners: dict, changed: dict, *,
+                             mode: str = "snat", maglev_size=None) -> tuple[dict, dict] | None:
+    """:func:`desired_services` for ``objects`` from its result for the objects before
+    (``previous`` frontends and their ``owners``, with no frontend claimed twice), redoing only
+    ``changed`` ("namespace/name" -> Service now, None: gone). None when a changed Service
+    claims a frontend another Service holds: which one keeps it is decided by age, so
+    :func:`desired_services` must run."""
+    from agent.datapath.capacity import MaglevSize
+
+    maglev_size = maglev_size or MaglevSize()
+    out, owners = dict(previous), dict(owners)
+    gone = {k for k, owner in owners.items() if owner in changed} if changed else ()
+    for k in gone:
+        del out[k], owners[k]
+    for svc in changed.values():
+        if svc is None or svc.spec.type == "ExternalName":
+            continue
+        owner, mine = _frontends(objects, svc, node_name, mode, maglev_size)
+        for key, service in mine:
+            if key in out:
+                return None
+            out[key] = service
+            owners[key] = owner
+    return out, owners
 
 
 def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> tuple[str, list]:

@@ -71,6 +71,7 @@ class NodePlan:
     # EndpointSlices differ from the previous plan's (None: no previous plan)
     changed_services: Mapping | None = None
     previous_paths: Mapping | None = None          # the previous plan's path_states
+    frontends_contested: bool = False              # a frontend claimed by two Services (age decides)
     path_states: dict = field(default_factory=dict)  # (instance, peer) -> PeerPaths, filled by paths()
 
     @property
@@ -164,16 +165,25 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
     except Exception as exc:  # noqa: BLE001 - the controller keeps the running state
         failures["node-config"] = _text(exc)
 
-    frontends, owners = None, {}
+    changed = _effective_delta(previous.effective, effective) if previous is not None else None
+    frontends, owners, contested = None, {}, []
     if settings.datapath is not None:
-        from agent.controlplane.frontends import desired_services
+        from agent.controlplane.frontends import desired_services, desired_services_changed
+        dp = settings.datapath
         try:
-            frontends = desired_services(effective, node_name, mode=settings.datapath.mode,
-                                         maglev_size=settings.datapath.maglev_size, owners=owners,
-                                         memo=frontends_memo)
+            done = None
+            if (changed is not None and previous.frontends is not None and not previous.frontends_contested
+                    and previous.settings == settings):
+                done = desired_services_changed(effective, node_name, previous.frontends, previous.owners,
+                                                changed, mode=dp.mode, maglev_size=dp.maglev_size)
+            if done is None:
+                frontends = desired_services(effective, node_name, mode=dp.mode, maglev_size=dp.maglev_size,
+                                             owners=owners, memo=frontends_memo, contested=contested)
+            else:
+                frontends, owners = done
         except Exception as exc:  # noqa: BLE001 - the services reconciler announces only what runs
             failures["services"] = _text(exc)
-            owners = {}
+            frontends, owners = None, {}
         if frontends_memo is not None:
             frontends_memo.rotate()
 
@@ -202,7 +212,7 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
                     interfaces=interfaces, frontends=frontends, owners=owners, direct_routes=direct,
                     cluster_conditions=cluster_conditions, peer_conditions=peer_conditions,
                     failures=failures, memo=memo,
-                    changed_services=_effective_delta(previous.effective, effective) if previous else None,
+                    changed_services=changed, frontends_contested=bool(contested),
                     previous_paths=previous.path_states if previous is not None else None)
 
 

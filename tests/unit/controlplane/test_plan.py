@@ -154,10 +154,11 @@ def svc_with_slice(i: int, *, color: str, ext: int, local: bool, ready: bool, no
             f"endpoints: [{{addresses: [10.1.3.9], conditions: {{ready: {str(ready).lower()}}}, nodeName: {node}}}]\n")
 
 
-def test_desired_paths_of_one_change_equal_paths_computed_from_scratch():
+def test_paths_and_frontends_of_one_change_equal_those_computed_from_scratch():
     """Random Service and EndpointSlice edits (eTP Local endpoints moving between nodes, /24
-    aggregation shared by several Services, removals): each plan's paths, built from the
-    previous plan's in O(changed), equal desired_paths() over all objects."""
+    aggregation shared by several Services, removals): each plan's paths and datapath
+    frontends, built from the previous plan's in O(changed), equal desired_paths() and
+    desired_services() over all objects."""
     import random
 
     from agent.controlplane.advertisements import desired_paths
@@ -168,7 +169,7 @@ def test_desired_paths_of_one_change_equal_paths_computed_from_scratch():
     nodes = [NODE, "cilium-bgp-worker2"]
 
     def doc(i):
-        return svc_with_slice(i, color=rng.choice(["red", "blue"]), ext=rng.randint(1, 9),
+        return svc_with_slice(i, color=rng.choice(["red", "blue"]), ext=rng.randint(1, 60),
                               local=rng.random() < 0.5, ready=rng.random() < 0.8, node=rng.choice(nodes))
     docs = {i: doc(i) for i in range(10)}
     parsed = {}
@@ -181,7 +182,9 @@ def test_desired_paths_of_one_change_equal_paths_computed_from_scratch():
         return base.replace(services=[o for o in objs if o.kind == "Service"],
                             endpoint_slices=[o for o in objs if o.kind == "EndpointSlice"])
 
-    settings = PlanSettings(NODE)
+    from agent.controlplane.frontends import desired_services
+
+    settings = PlanSettings(NODE, datapath=DatapathSettings())
     p = None
     incremental = 0
     seen_kinds = set()   # prefix lengths advertised: PodCIDR /24 and the VIPs /32
@@ -194,6 +197,9 @@ def test_desired_paths_of_one_change_equal_paths_computed_from_scratch():
             incremental += prev is not None and p.changed_services is not None and len(p.changed_services) < 3
             want = desired_paths(p.effective, NODE, inst, peer, None, settings.options, None)
             assert {f: dict(x) for f, x in got.items()} == want, step
+            owners = {}
+            assert p.frontends == desired_services(p.effective, NODE, owners=owners), step
+            assert p.owners == owners, step
             kinds = {p.prefixlen for x in want.values() for p in x}
             seen_kinds = seen_kinds | kinds
         op = rng.choice(["add", "remove", "edit", "edit"])

@@ -82,6 +82,22 @@ class RecordingSpeaker:
         self._call("withdraw", address, family, str(prefix))
         self.rib.get((address, family), {}).pop(prefix, None)
 
+    def advertise_many(self, address, family, prefixes, attrs):
+        changed = 0
+        for prefix in prefixes:
+            if self.rib.get((address, family), {}).get(prefix) != attrs:
+                self.advertise(address, family, prefix, attrs)
+                changed += 1
+        return changed
+
+    def withdraw_many(self, address, family, prefixes):
+        changed = 0
+        for prefix in prefixes:
+            if prefix in self.rib.get((address, family), {}):
+                self.withdraw(address, family, prefix)
+                changed += 1
+        return changed
+
     def adj_rib_out(self, address, family):
         return dict(self.rib.get((address, family), {}))
 
