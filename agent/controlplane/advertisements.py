@@ -12,6 +12,7 @@ route-policy view (``route_policies``), so what the CLI shows is what is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -108,7 +109,12 @@ def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Me
             else:
                 svc = _with_ingress(svc, ips)
         out.append(svc)
-    return objects.replace(services=out)
+    # the same order as ``objects`` (the copies keep their names and ages): no re-sort; and
+    # the same EndpointSlices, so their per-Service index carries over
+    effective = dataclasses.replace(objects, services=tuple(out))
+    if "_slices_by_service" in objects.__dict__:
+        effective.__dict__["_slices_by_service"] = objects.__dict__["_slices_by_service"]
+    return effective
 
 
 def _with_ingress(svc: Service, ips: tuple[str, ...]) -> Service:

@@ -337,7 +337,8 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
     used: dict[str, int] = {}
     for r in alloc.origin.values():
         used[r.pool] = used.get(r.pool, 0) + 1
-    return LbIpamResult(allocations, service_conditions, _pool_conditions(objects, ranges, conflicts, used))
+    return LbIpamResult(allocations, service_conditions, _pool_conditions(objects, ranges, conflicts, used),
+                        {(r.pool, r.text): alloc.hint[id(r)] for r in ranges if id(r) in alloc.hint})
 
 
 def allocate_changed(objects: ObjectSet, previous: LbIpamResult, changed: list[Service], removed: set[str],
@@ -367,13 +368,18 @@ def allocate_changed(objects: ObjectSet, previous: LbIpamResult, changed: list[S
         conditions.pop(key, None)
     alloc = _Allocator(ranges)
     alloc.clusters = dict.fromkeys((ip for ips in allocations.values() for ip in ips), ())
+    for r in ranges:
+        if (r.pool, r.text) in previous.free_from:
+            alloc.hint[id(r)] = previous.free_from[(r.pool, r.text)]
     delta: dict[str, int] = {}
     for ips in freed.values():
         for ip in ips:
             addr = _ip_address(ip)
-            pool = next((r.pool for r in ranges if r.contains(int(addr), addr.version)), None)
-            if pool is not None:
-                delta[pool] = delta.get(pool, 0) - 1
+            r = next((r for r in ranges if r.contains(int(addr), addr.version)), None)
+            if r is not None:
+                delta[r.pool] = delta.get(r.pool, 0) - 1
+                if id(r) in alloc.hint:   # a freed address lies below the hint again
+                    alloc.hint[id(r)] = min(alloc.hint[id(r)], int(addr))
     for v in views:   # the two steps of allocate() for one Service: restore, then satisfy
         for ip in freed.get(v.key, ()):
             version = _ip_address(ip).version
@@ -401,7 +407,8 @@ def allocate_changed(objects: ObjectSet, previous: LbIpamResult, changed: list[S
     for pool, conds in previous.pool_conditions.items():
         before = next((int(c.message) for c in conds if c.type == IPS_USED), 0)
         used[pool] = before + delta.get(pool, 0)
-    return LbIpamResult(allocations, conditions, _pool_conditions(objects, ranges, conflicts, used))
+    return LbIpamResult(allocations, conditions, _pool_conditions(objects, ranges, conflicts, used),
+                        {(r.pool, r.text): alloc.hint[id(r)] for r in ranges if id(r) in alloc.hint})
 
 
 def _pool_conditions(objects: ObjectSet, ranges: list[_Range], conflicts: dict[str, str],

@@ -240,8 +240,10 @@ def _effective_delta(before, after) -> dict:
     for s in old.values():
         out.setdefault(f"{s.namespace}/{s.name}", None)
     old_slices = {id(e): e for e in before.endpoint_slices}
-    touched = {(e.namespace, e.service_name) for e in after.endpoint_slices if old_slices.pop(id(e), None) is None}
-    touched |= {(e.namespace, e.service_name) for e in old_slices.values()}
+    added = [e for e in after.endpoint_slices if old_slices.pop(id(e), None) is None]
+    touched = {(e.namespace, e.service_name) for e in added} | {(e.namespace, e.service_name)
+                                                                 for e in old_slices.values()}
+    _carry_slice_index(before, after, added, old_slices, touched)
     index = None
     for ns, name in touched:
         key = f"{ns}/{name}"
@@ -251,6 +253,30 @@ def _effective_delta(before, after) -> dict:
             index = {f"{s.namespace}/{s.name}": s for s in after.services}
         out[key] = index.get(key)
     return out
+
+
+def _carry_slice_index(before, after, added: list, removed: dict, touched: set) -> None:
+    """Give ``after`` the EndpointSlices-per-Service index of ``before`` patched for the
+    Services whose slices changed (building it anew walks every slice)."""
+    index = before.__dict__.get("_slices_by_service")
+    if index is None or "_slices_by_service" in after.__dict__:
+        return
+    from agent.config.loader import _age_key
+
+    index = dict(index)
+    added_to: dict = {}
+    for e in added:
+        added_to.setdefault((e.namespace, e.service_name), []).append(e)
+    for key in touched:
+        if not key[1]:
+            continue
+        kept = [e for e in index.get(key, ()) if id(e) not in removed]
+        new = sorted(kept + added_to.get(key, []), key=_age_key)
+        if new:
+            index[key] = new
+        else:
+            index.pop(key, None)
+    after.__dict__["_slices_by_service"] = index
 
 
 def _text(exc: BaseException) -> str:

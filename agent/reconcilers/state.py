@@ -102,9 +102,8 @@ class StateReconciler:
             if plan.lbipam is not None and plan.lbipam is not self._written:
                 allocations = plan.lbipam.allocations    # tuples, as allocate() makes them
                 if allocations != self.allocations:
-                    doc = {"allocations": {k: list(v) for k, v in sorted(allocations.items())}}
                     # 20,000 entries take a moment: off the event loop (BGP keepalives, UPDATEs)
-                    await asyncio.to_thread(atomic_write_yaml, self.state_dir / LBIPAM_FILE, doc)
+                    await asyncio.to_thread(self._write_allocations, allocations)
                     self.allocations = dict(allocations)
                 self._written = plan.lbipam
         except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
@@ -113,6 +112,10 @@ class StateReconciler:
                 self.log.error("reconcile failed", reconciler=NAME, error=rec.error, attempts=rec.attempts)
         else:
             errors.clear(NAME, "")
+
+    def _write_allocations(self, allocations: dict) -> None:
+        doc = {"allocations": {k: list(v) for k, v in sorted(allocations.items())}}
+        atomic_write_yaml(self.state_dir / LBIPAM_FILE, doc)
 
     def view(self) -> StateView:
         return StateView(self.allocations, self.cluster_config_order)

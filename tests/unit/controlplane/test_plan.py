@@ -1,6 +1,7 @@
 """plan() -> NodePlan: the whole desired state of a node from the seed 002 manifests, with no
 root, no event loop and no effect; a part that fails keeps the previous result and says why."""
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -197,6 +198,8 @@ def test_paths_and_frontends_of_one_change_equal_those_computed_from_scratch():
             incremental += prev is not None and p.changed_services is not None and len(p.changed_services) < 3
             want = desired_paths(p.effective, NODE, inst, peer, None, settings.options, None)
             assert {f: dict(x) for f, x in got.items()} == want, step
+            fresh = dataclasses.replace(p.effective)       # EndpointSlices per Service, indexed anew
+            assert p.effective._slices_by_service == fresh._slices_by_service, step
             owners = {}
             assert p.frontends == desired_services(p.effective, NODE, owners=owners), step
             assert p.owners == owners, step
