@@ -1,12 +1,12 @@
 """The controller: one pass = one pure plan, then each reconciler applies its part in order.
 
     store snapshot + host facts --plan()--> NodePlan (agent/controlplane/plan.py, no I/O)
-      -> state        (LB-IPAM allocations, ClusterConfig order -> state dir)
       -> services     (datapath upserts, when enabled: a VIP is programmed before it is announced)
       -> neighbors    (speaker instances and peers)
       -> advertisements (Adj-RIB-Out per peer, withdraw before advertise; announce rule)
       -> services-delete (removed VIPs leave the datapath only after they were withdrawn)
       -> routes       (kernel routes, when enabled)
+      -> state        (LB-IPAM allocations, ClusterConfig order -> state dir)
       -> status file, API and metrics render from the reconcilers' read-only views
 
 Every reconciler has the same interface: ``name``, ``async apply(plan, errors, now)`` and
@@ -145,7 +145,7 @@ class Controller:
     @property
     def reconcilers(self) -> list:
         """The effects in the order a pass applies them (see the module docstring)."""
-        out: list = [self.state]
+        out: list = []
         if self.services is not None:
             out.append(self.services)
         out += [self.neighbors, self.advertisements]
@@ -153,6 +153,9 @@ class Controller:
             out.append(self.services.deletions)
         if self.routes is not None:
             out.append(self.routes)
+        # last: announcing does not wait for a 20,000-entry file; a restart recomputes the same
+        # allocations from the previous file and the objects (LB-IPAM is deterministic)
+        out.append(self.state)
         return out
 
     def settings(self):
@@ -218,8 +221,8 @@ class Controller:
                 self._record(part, "", plan.failures[part], now)
             else:
                 self.errors.clear(part, "")
-        await self._apply(self.state, plan, now, mark)
         if plan.node_config is None:
+            await self._apply(self.state, plan, now, mark)   # allocations are still persisted
             return   # keep the running state; never tear down on a bug (the failure is recorded)
         self.plan, self._policies = plan, None
         if plan.issues != self._issues_logged:  # log each new set once, not every pass
@@ -227,7 +230,7 @@ class Controller:
             for issue in plan.issues:
                 self._log("warning" if issue.severity == "warning" else "error", "node config issue",
                           issue=str(issue))
-        for rec in self.reconcilers[1:]:
+        for rec in self.reconcilers:
             await self._apply(rec, plan, now, mark)
         self.memo.rotate()
         self.applied_generation = snap.generation
