@@ -221,6 +221,7 @@ def advertised_equals_received(env, node: str, node_address: str, leaf: str, lea
     from the node (else None)."""
     data = json.loads(env.vipctl(node, "-o", "json", "bgp", "routes", "advertised", "ipv4", "unicast",
                                  "peer", leaf_address))
+    data = data if isinstance(data, list) else [data]     # one node: one response
     sent = {r["prefix"]: (r.get("nextHop"), tuple(int(a) for a in r.get("asPath", [])),
                           r.get("localPref") if r.get("hasLocalPref") else None,
                           tuple(sorted(r.get("communities", []))), tuple(sorted(r.get("largeCommunities", []))))
