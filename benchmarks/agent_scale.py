@@ -91,8 +91,37 @@ def one_change(env: ScaleLab, n: int) -> dict:
             time.sleep(0.05)
     answered = probe.stdout.readline().strip()
     probe.wait(timeout=30)
+    time.sleep(1.0)   # the agent's log lines of this change are on disk
     return {"datapath_seconds": round(float(answered) - written, 3) if answered else None,
-            "frr_seconds": round(frr_at - written, 3) if frr_at else None}
+            "frr_seconds": round(frr_at - written, 3) if frr_at else None,
+            "timeline_seconds": change_timeline(env.log(), written)}
+
+
+CHANGE_MILESTONES = ("configuration loaded", "services programmed", "advertisements changed", "reconcile pass")
+
+
+def change_timeline(log: str, written: float) -> dict:
+    """Seconds from the file write to the agent's first log line of each step of the change:
+    the reload (parse in the worker), the datapath upsert, the Adj-RIB-Out update, the pass's end."""
+    from datetime import datetime
+
+    out: dict = {}
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        ev = rec.get("event")
+        if ev not in CHANGE_MILESTONES or ev in out or "timestamp" not in rec:
+            continue
+        at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+        if at >= written:
+            out[ev] = round(at - written, 3)
+            if ev == "reconcile pass":
+                out["pass_steps"] = {k: v for k, v in rec.items() if isinstance(v, float)}
+    return out
 
 
 MILESTONES = ("configuration loaded", "datapath loaded", "datapath attached", "services programmed",
@@ -143,10 +172,6 @@ def run_vipd(n: int, timeout: float, change: bool) -> dict:
             if change:
                 time.sleep(2.0)  # steady state: the router's zebra installed the initial flood
                 out["one_change"] = one_change(env, n)
-                passes = [json.loads(line) for line in env.log().splitlines()
-                          if line.startswith("{") and '"reconcile pass"' in line]
-                if len(passes) > 1:
-                    out["one_change"]["pass_seconds"] = {k: v for k, v in passes[-1].items() if isinstance(v, float)}
                 out["peak_rss_mb"] = round(pid_vm_hwm_kib(env.proc.pid) / 1024, 1)
             env.proc.terminate()
             env.proc.wait(timeout=30)
@@ -206,7 +231,8 @@ def main() -> int:
           f"(target <= {TARGET_RSS_MB:.0f}): {verdict(top['vipd']['peak_rss_mb'] <= TARGET_RSS_MB)}")
     ch = top["vipd"].get("one_change")
     if ch:
-        worst = max(x for x in ch.values() if x is not None) if all(ch.values()) else None
+        seconds = [ch["datapath_seconds"], ch["frr_seconds"]]
+        worst = max(seconds) if all(x is not None for x in seconds) else None
         print(f"  one Service added at {top['services']}: datapath {ch['datapath_seconds']} s, FRR "
               f"{ch['frr_seconds']} s (target <= {TARGET_CHANGE_S} s): "
               f"{verdict(worst is not None and worst <= TARGET_CHANGE_S)}")

@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent.api.model import family_names
 
@@ -83,16 +83,17 @@ class ControllerCollector:
                                 "Routes advertised to the neighbor", labels=["vrouter", "neighbor", "afi", "safi"])
         rcv = GaugeMetricFamily("vipd_bgp_control_plane_received_routes",
                                 "Routes received from the neighbor", labels=["vrouter", "neighbor", "afi", "safi"])
-        for run, st in self.c.peer_states():
+        for p in self.c.peer_states():
+            st, vrouter = p.state, str(p.local_asn)
             neighbor = f"{st.address}:{st.port}"
             established = st.state == "established"
-            state.add_metric([str(run.local_asn), neighbor, str(st.peer_asn)], 1.0 if established else 0.0)
+            state.add_metric([vrouter, neighbor, str(st.peer_asn)], 1.0 if established else 0.0)
             if not established:
                 continue  # Cilium emits route counts only while established
             for fam, counts in (st.families or {}).items():
                 afi, safi = family_names(fam)
-                adv.add_metric([str(run.local_asn), neighbor, afi, safi], counts.advertised)
-                rcv.add_metric([str(run.local_asn), neighbor, afi, safi], counts.received)
+                adv.add_metric([vrouter, neighbor, afi, safi], counts.advertised)
+                rcv.add_metric([vrouter, neighbor, afi, safi], counts.received)
         errs = GaugeMetricFamily("vipd_bgp_control_plane_reconcile_errors",
                                  "Consecutive failures of a reconciler (0 = healthy)",
                                  labels=["reconciler", "instance"])
@@ -113,6 +114,14 @@ class ControllerCollector:
         snap = self.c.store.current
         cfg.add_metric([], len(snap.errors) + len(snap.kept))
         yield from (state, adv, rcv, errs, total, failing, gen, cfg)
+        durations = getattr(self.c, "durations", None)
+        if durations is not None:
+            h = HistogramMetricFamily("vipd_reconcile_duration_seconds",
+                                      "Seconds per reconcile pass step: the pure plan and each reconciler",
+                                      labels=["reconciler"])
+            for name, buckets, total_s in durations.samples():
+                h.add_metric([name], buckets, total_s)
+            yield h
         lag = getattr(self.c, "loop_lag", None)
         if lag is not None:
             g = GaugeMetricFamily("vipd_event_loop_lag_seconds_max",
@@ -125,7 +134,7 @@ class ControllerCollector:
             yield from (g, b)
         svc = getattr(self.c, "services", None)
         if svc is not None:
-            yield from _datapath_families(svc)
+            yield from _datapath_families(svc.view())
         from agent.bfd.transport import existing_manager
 
         manager = existing_manager()
@@ -175,7 +184,7 @@ REASONS = ("CapacityExceeded", "MaglevTableTooSmall", "DatapathError")
 
 
 def _datapath_families(svc):
-    """The ServiceReconciler's view: what is not programmed (and so not announced), and why."""
+    """The services reconciler's view: what is not programmed (and so not announced), and why."""
     unprog = GaugeMetricFamily("vipd_services_unprogrammed",
                                "Services with at least one frontend not programmed in the datapath "
                                "(their VIPs are not announced)")
@@ -193,11 +202,14 @@ def _datapath_families(svc):
     for reason, n in sorted(counts.items()):
         total.add_metric([reason], n)
     cap = GaugeMetricFamily("vipd_datapath_capacity", "Entries of the datapath's sized maps", labels=["map"])
-    for name, value in zip(("services", "backends", "memberships", "maglev_slots"), svc.dp.capacity.astuple()):
+    for name, value in zip(("services", "backends", "memberships", "maglev_slots"), svc.capacity.astuple()):
         cap.add_metric([name], value)
     reloads = CounterMetricFamily("vipd_datapath_reloads", "Datapath growths (reloads that keep flows)")
-    reloads.add_metric([], svc.dp.reloads)
-    yield from (unprog, fronts, total, cap, reloads)
+    reloads.add_metric([], svc.reloads)
+    builds = CounterMetricFamily("vipd_maglev_builds", "Maglev lookup tables computed (a table shared by "
+                                 "Services with the same backends and size is built once)")
+    builds.add_metric([], svc.maglev_builds)
+    yield from (unprog, fronts, total, cap, reloads, builds)
 
 
 class DatapathCollector:
@@ -210,10 +222,11 @@ class DatapathCollector:
     def collect(self):
         from agent.datapath import inspect
 
-        svc = getattr(self.c, "services", None)
-        if svc is None or getattr(svc, "dp", None) is None:
+        rec = getattr(self.c, "services", None)
+        if rec is None or getattr(rec, "dp", None) is None:
             return
-        dp = svc.dp
+        svc = rec.view()
+        dp = svc.maps
         try:
             drops = inspect.read_drops(dp)
             stats = inspect.read_stats(dp)

@@ -1,7 +1,7 @@
-"""The daemon's answers to the API: reads the controller's state, builds API messages.
-
-Read-only: nothing here changes the speaker or the store.
-"""
+"""The daemon's answers to the API, rendered from read-only views: the controller's last
+NodePlan and each reconciler's ``view()`` (BGP sessions and what they sent, the loc-RIB, the
+datapath). Nothing here changes a speaker or the store, except ``vipctl bgp reset``, an
+operator action the neighbors reconciler carries out."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ class ControllerProvider:
     # -- peers ----------------------------------------------------------------------------------
     def list_peers(self) -> vipd_pb2.ListPeersResponse:
         resp = vipd_pb2.ListPeersResponse(node=self.c.node_name)
-        for run, state in self.c.peer_states():
-            cfg = run.neighbors.get(state.address)
+        for p in self.c.peer_states():
+            cfg = p.config
             resp.peers.append(peer_message(
-                state, node=self.c.node_name, instance=run.name, name=cfg.name if cfg else "",
+                p.state, node=self.c.node_name, instance=p.instance, name=cfg.name if cfg else "",
                 families=cfg.families if cfg else None))
         return resp
 
@@ -63,39 +63,38 @@ class ControllerProvider:
         (the configuration still comes only from the sources)."""
         resp = vipd_pb2.ResetPeersResponse(node=self.c.node_name)
         wanted = _normalise(request.peer) if request.peer else None
-        targets = [(run, st.address) for run, st in self.c.peer_states()
-                   if (wanted is None or _normalise(st.address) == wanted)
-                   and (not request.vrouter or run.local_asn == request.vrouter)]
+        targets = [(p.instance, p.state.address) for p in self.c.peer_states()
+                   if (wanted is None or _normalise(p.state.address) == wanted)
+                   and (not request.vrouter or p.local_asn == request.vrouter)]
         if not targets:
             what = f"peer {request.peer}" if request.peer else "BGP peer"
             raise LookupError(f"no {what} on node {self.c.node_name}"
                               + (f" in vrouter {request.vrouter}" if request.vrouter else "")
                               + " (see vipctl bgp peers)")
-        for run, address in targets:
-            action = await run.speaker.reset_neighbor(address, soft=request.soft)
-            resp.resets.append(vipd_pb2.PeerReset(instance=run.name, peer_address=address, action=action))
+        for instance, address in targets:
+            action = await self.c.neighbors.reset_peer(instance, address, soft=request.soft)
+            resp.resets.append(vipd_pb2.PeerReset(instance=instance, peer_address=address, action=action))
         return resp
 
     # -- routes ---------------------------------------------------------------------------------
-    def _instances(self, vrouter: int):
-        runs = list(self.c.neighbors.running.values())
-        if vrouter:
-            runs = [r for r in runs if r.local_asn == vrouter]
-        return runs
+    def _instances(self, vrouter: int) -> list[tuple[str, int]]:
+        """[(instance, local ASN)] of the running instances (of ``vrouter`` if set)."""
+        return [(name, asn) for name, asn in self.c.neighbors.view().instances() if not vrouter or asn == vrouter]
 
     def list_routes(self, request: vipd_pb2.ListRoutesRequest) -> vipd_pb2.ListRoutesResponse:
         fam = _FAMILY[request.afi]
         resp = vipd_pb2.ListRoutesResponse(node=self.c.node_name)
         runs = self._instances(request.vrouter)
         now = self.c.clock()
+        adverts = self.c.advertisements.view()
         if request.table == vipd_pb2.AVAILABLE:
             unspecified = "0.0.0.0" if request.afi == "ipv4" else "::"
-            for run in runs:
-                for (f, prefix), (attrs, since) in self.c.advertisements.available.get(run.name, {}).items():
+            for name, asn in runs:
+                for (f, prefix), (attrs, since) in adverts.available.get(name, {}).items():
                     if f != fam:
                         continue
                     resp.routes.append(route_message(
-                        node=self.c.node_name, instance=run.name, vrouter=run.local_asn, prefix=prefix,
+                        node=self.c.node_name, instance=name, vrouter=asn, prefix=prefix,
                         attrs=attrs, next_hop=attrs.next_hop or unspecified, afi=request.afi,
                         age_seconds=now - since))
             return resp
@@ -103,20 +102,22 @@ class ControllerProvider:
             raise LookupError("multiple virtual routers configured, router ASN must be specified")
         peer_filter = _normalise(request.peer) if request.peer else None
         found = False
-        for run in runs:
-            for state in run.speaker.peers():
-                if peer_filter is not None and _normalise(state.address) != peer_filter:
-                    continue
-                found = True
-                ebgp = state.peer_asn != run.local_asn
-                for prefix, attrs in run.speaker.adj_rib_out(state.address, fam).items():
-                    since = self.c.advertisements.advertised_at.get((run.name, state.address, fam, prefix), now)
-                    resp.routes.append(route_message(
-                        node=self.c.node_name, instance=run.name, vrouter=run.local_asn, peer=state.address,
-                        prefix=prefix, attrs=attrs, afi=request.afi,
-                        next_hop=attrs.next_hop or state.local_address or "",
-                        as_path=[run.local_asn] if ebgp else [], age_seconds=now - since,
-                        send_local_pref=not ebgp))
+        bgp = self.c.neighbors.view()
+        wanted = {name for name, _ in runs}
+        for p in bgp.peers():
+            state = p.state
+            if p.instance not in wanted:
+                continue
+            if peer_filter is not None and _normalise(state.address) != peer_filter:
+                continue
+            found = True
+            # the Adj-RIB-Out as sent: attributes decoded from the session's UPDATE bytes
+            for prefix, sent in bgp.sent(p.instance, state.address, fam).items():
+                since = adverts.advertised_at.get((p.instance, state.address, fam, prefix), now)
+                resp.routes.append(route_message(
+                    node=self.c.node_name, instance=p.instance, vrouter=p.local_asn, peer=state.address,
+                    prefix=prefix, attrs=sent, afi=request.afi, next_hop=sent.next_hop,
+                    as_path=sent.as_path, age_seconds=now - since))
         if peer_filter is not None and not found:
             raise LookupError(f"no peer {request.peer} on this node")
         return resp
@@ -220,7 +221,7 @@ class DatapathProvider:
         svc = getattr(self.c, "services", None)
         if svc is None or getattr(svc, "dp", None) is None:
             raise DatapathOff("the eBPF datapath is off on this node (vipd run without --lb-interface)")
-        return svc.dp
+        return svc.view().maps
 
     def _service_types(self) -> dict:
         """frontend address -> (namespace/name -> type) from the Services in the store."""
@@ -242,7 +243,7 @@ class DatapathProvider:
         from agent.datapath import inspect
 
         dp = self._dp()
-        owners = self.c.services.owners
+        owners = self.c.services.view().owners
         types = self._service_types()
         backends = inspect.read_backends(dp)
         fronts = inspect.read_frontends(dp)

@@ -13,13 +13,14 @@ set's attribute block once per session and packs as many prefixes as fit into ea
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Iterable, Iterator
 
 from agent.bgp.codec import AS_TRANS, MARKER, attr_bytes
 from agent.bgp.messages import Family, PathAttributes
 
-__all__ = ["AdjRibOut", "AdjRibIn", "UpdateEncoder", "end_of_rib"]
+__all__ = ["AdjRibOut", "AdjRibIn", "UpdateEncoder", "SentPath", "end_of_rib"]
 
 _H = struct.Struct(">H")
 _I = struct.Struct(">I")
@@ -195,6 +196,21 @@ def _chunks(keys: Iterable[bytes], room: int) -> Iterator[list[bytes]]:
         yield batch
 
 
+@dataclass(frozen=True)
+class SentPath:
+    """One attribute set as it went on the wire to a peer, decoded back from the UPDATE bytes
+    (``vipctl bgp routes advertised``): AS_PATH with our ASN on eBGP, the NEXT_HOP sent,
+    LOCAL_PREF only on iBGP."""
+
+    origin: int
+    as_path: tuple[int, ...]
+    next_hop: str
+    med: int | None
+    local_pref: int | None
+    communities: tuple[int, ...]
+    large_communities: tuple[tuple[int, int, int], ...]
+
+
 class UpdateEncoder:
     """Builds UPDATE messages for one established session.
 
@@ -284,6 +300,34 @@ class UpdateEncoder:
 
     def sendable(self, family: Family, attrs: PathAttributes) -> bool:
         return self._block(family, attrs) is not None
+
+    def sent_path(self, family: Family, attrs: PathAttributes) -> SentPath | None:
+        """``attrs`` as this session puts them on the wire: one UPDATE encoded exactly as
+        :meth:`announce` does, then decoded (None: not sendable on this session)."""
+        ck = ("sent", family, attrs)
+        if ck in self._cache:
+            return self._cache[ck]
+        from agent.bgp import messages as m
+        from agent.bgp.codec import decode
+
+        msg = next(self.announce(family, attrs, [b"\x00"]), None)   # the default route as a stand-in
+        sent = None
+        if msg is not None:
+            upd = decode(msg, self.four_octet_as)
+            four = upd.attribute(m.As4Path)
+            path = upd.attribute(m.AsPath)
+            mp = upd.attribute(m.MpReach)
+            nh = upd.attribute(m.NextHop)
+            med, lp = upd.attribute(m.Med), upd.attribute(m.LocalPref)
+            comms, large = upd.attribute(m.Communities), upd.attribute(m.LargeCommunities)
+            sent = SentPath(
+                origin=upd.attribute(m.OriginAttr).value,
+                as_path=tuple((four or path).asns()) if (four or path) else (),
+                next_hop=str(nh.address) if nh else str(mp.next_hops()[0]),
+                med=med.value if med else None, local_pref=lp.value if lp else None,
+                communities=comms.values if comms else (), large_communities=large.values if large else ())
+        self._cache[ck] = sent
+        return sent
 
     # -- messages
 

@@ -269,6 +269,33 @@ class BgpSpeaker:
             peer.rib_out_views[family] = cached
         return dict(cached[1])
 
+    def adj_rib_out_sent(self, address: str, family: Family) -> dict:
+        """What the Established session sent in ``family``: {network: SentPath}, the
+        attributes decoded from the UPDATE bytes (AS_PATH, NEXT_HOP, LOCAL_PREF as on the
+        wire). A prefix changed since the session's last flush shows what the peer holds, its
+        previous attributes. Empty while no session is Established (nothing was sent)."""
+        peer = self._peer(address)
+        d = peer.driver
+        s = d.session if d is not None else None
+        if s is None or s.state is not State.ESTABLISHED or s.encoder is None or family not in s.families:
+            return {}
+        rib, enc = peer.rib_out[family], s.encoder
+        pending = rib.pending
+        out = {}
+        for attrs, keys in rib.groups.items():
+            sent = enc.sent_path(family, attrs)
+            if sent is None:
+                continue
+            for k in keys:
+                if k not in pending:
+                    out[prefix_from_key(k, family.afi)] = sent
+        for k in pending:   # not flushed yet: the peer holds the previous attributes (or nothing)
+            prev = rib.previous.get(k)
+            sent = enc.sent_path(family, prev) if prev is not None else None
+            if sent is not None:
+                out[prefix_from_key(k, family.afi)] = sent
+        return out
+
     def adj_rib_in(self, address: str, family: Family) -> dict:
         peer = self._peer(address)
         d = peer.driver

@@ -12,8 +12,10 @@ route-policy view (``route_policies``), so what the CLI shows is what is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,15 +81,23 @@ class Selection:
 # ------------------------------------------------------------------------------ service rules
 
 
-def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Memo | None = None
-                       ) -> ObjectSet:
+def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Memo | None = None,
+                       reuse: dict | None = None) -> ObjectSet:
     """Services LB-IPAM is responsible for get status.loadBalancer.ingress = its allocations
     (possibly none: an unsatisfied Service has no VIP to advertise, whatever its YAML says).
-    ``memo``: reuse the copy made for the same Service object and addresses last pass."""
+    ``memo``: reuse the copy made for the same Service object and addresses last pass.
+    ``reuse``: id(Service) -> its effective copy, for Services whose addresses are known not
+    to have changed (the plan's incremental path)."""
     if lbipam is None or not (lbipam.allocations or lbipam.service_conditions):
         return objects
     out = []
+    get = reuse.get if reuse else None
     for svc in objects.services:
+        if get is not None:
+            known = get(id(svc))
+            if known is not None:
+                out.append(known)
+                continue
         key = f"{svc.namespace}/{svc.name}"
         ips = lbipam.allocations.get(key)
         if ips is None and key in lbipam.service_conditions:
@@ -99,7 +109,12 @@ def effective_services(objects: ObjectSet, lbipam: LbIpamResult | None, memo: Me
             else:
                 svc = _with_ingress(svc, ips)
         out.append(svc)
-    return objects.replace(services=out)
+    # the same order as ``objects`` (the copies keep their names and ages): no re-sort; and
+    # the same EndpointSlices, so their per-Service index carries over
+    effective = dataclasses.replace(objects, services=tuple(out))
+    if "_slices_by_service" in objects.__dict__:
+        effective.__dict__["_slices_by_service"] = objects.__dict__["_slices_by_service"]
+    return effective
 
 
 def _with_ingress(svc: Service, ips: tuple[str, ...]) -> Service:
@@ -198,7 +213,17 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
     None: every address is ready (BGP only, no datapath). ``memo``: reuse per-Service results
     of earlier passes for unchanged objects (see agent.controlplane.memo)."""
     objects = effective_services(objects, lbipam)
+    if instance.legacy is not None:
+        return _legacy_selections(objects, objects.node(node_name), node_name, instance, peer, options,
+                                  vip_ready)
+    return [sel for _, sel in _walk(objects, node_name, peer, options, interfaces, vip_ready, memo,
+                                    objects.services, others=True)]
 
+
+def _walk(objects: ObjectSet, node_name: str, peer: PeerSpec, options: AgentOptions, interfaces, vip_ready,
+          memo, services, *, others: bool):
+    """(owner, Selection) for a v2 instance's peer: owner "namespace/name" for the Selections
+    of ``services``, None for the PodCIDR and Interface ones (only with ``others``)."""
     def vips(svc, addr_type):
         if memo is None:
             return service_vips(objects, svc, addr_type, node_name, options)
@@ -207,11 +232,7 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
         return memo.get(addr_type, svc, (slices, node_name, options),
                         service_vips, objects, svc, addr_type, node_name, options)
 
-    node = objects.node(node_name)
-    if instance.legacy is not None:
-        return _legacy_selections(objects, node, node_name, instance, peer, options, vip_ready)
-
-    out: list[Selection] = []
+    node = objects.node(node_name) if others else None
     for fam in peer.families:
         family = fam.family
         if family is None or fam.advertisements is None:
@@ -224,54 +245,61 @@ def selections(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: 
                 std, large = communities_of(attrs.communities if attrs else None)
                 lp = attrs.local_preference if attrs else None
                 common = dict(communities=std, large=large, local_pref=lp)
-                if entry.advertisement_type == "PodCIDR":
+                if entry.advertisement_type == "PodCIDR" and others:
                     pods = [ipaddress.ip_network(c) for c in (node.pod_cidrs if node else [])]
                     pfx = _in_family(pods, family)
                     if pfx:
-                        out.append(Selection(family, "PodCIDR", None, pfx, **common))
+                        yield None, Selection(family, "PodCIDR", None, pfx, **common)
                 elif entry.advertisement_type == "Service":
                     if entry.selector is None:
                         continue   # nil selector selects no service (Cilium's rule)
-                    def service_selections(svc, ready=None):
-                        """[(ips, Selection)] of one Service for this entry and family."""
-                        found = []
-                        if not entry.selector.matches(svc.selector_labels):
-                            return found
-                        for addr_type in entry.service.addresses:
-                            ips, local = vips(svc, addr_type)
-                            if ready is not None:
-                                ips = [ip for ip in ips if ready(ip)]
-                            pfx = _in_family([_host_prefix(
-                                ip, entry.service.aggregation_length_ipv4,
-                                entry.service.aggregation_length_ipv6, local) for ip in ips],
-                                family)
-                            if pfx:
-                                found.append((tuple(ips), Selection(
-                                    family, "Service", f"{svc.name}-{svc.namespace}-{addr_type}",
-                                    pfx, incomplete_origin=(addr_type == "LoadBalancerIP" and
-                                                            options.legacy_origin_attribute),
-                                    **common)))
-                        return found
-
-                    for svc in objects.services:
-                        if memo is None:
-                            found = service_selections(svc)
-                        else:   # unchanged Service, entry and endpoints: the same selections
-                            meta = svc.metadata
-                            slices = tuple(objects.endpoint_slices_for(meta.namespace or "default", meta.name))
-                            found = memo.get(("selections", id(entry), family), svc,
-                                             (entry, family, slices, node_name, options), service_selections, svc)
-                        if vip_ready is not None and any(not vip_ready(ip) for ips, _ in found for ip in ips):
-                            found = service_selections(svc, vip_ready)   # some address is held back
-                        out.extend(sel for _, sel in found)
-                elif entry.advertisement_type == "Interface":
+                    for svc in services:
+                        owner = f"{svc.namespace}/{svc.name}"
+                        for sel in _entry_service_selections(objects, svc, entry, family, common, node_name,
+                                                             options, vips, vip_ready, memo):
+                            yield owner, sel
+                elif entry.advertisement_type == "Interface" and others:
                     addrs = (interfaces or {}).get(entry.interface.name, [])
                     pfx = _in_family(_interface_prefixes(addrs), family)
                     if pfx:
-                        out.append(Selection(family, "Interface", entry.interface.name, pfx,
-                                             **common))
+                        yield None, Selection(family, "Interface", entry.interface.name, pfx, **common)
                 # CiliumPodIPPool: multi-pool IPAM does not exist in vipd; nothing to advertise.
-    return out
+
+
+def _entry_service_selections(objects, svc, entry, family, common, node_name, options, vips, vip_ready,
+                              memo) -> list[Selection]:
+    """The Selections one Service contributes through one Service advertisement entry."""
+    def service_selections(svc, ready=None):
+        """[(ips, Selection)] of one Service for this entry and family."""
+        found = []
+        if not entry.selector.matches(svc.selector_labels):
+            return found
+        for addr_type in entry.service.addresses:
+            ips, local = vips(svc, addr_type)
+            if ready is not None:
+                ips = [ip for ip in ips if ready(ip)]
+            pfx = _in_family([_host_prefix(
+                ip, entry.service.aggregation_length_ipv4,
+                entry.service.aggregation_length_ipv6, local) for ip in ips],
+                family)
+            if pfx:
+                found.append((tuple(ips), Selection(
+                    family, "Service", f"{svc.name}-{svc.namespace}-{addr_type}",
+                    pfx, incomplete_origin=(addr_type == "LoadBalancerIP" and
+                                            options.legacy_origin_attribute),
+                    **common)))
+        return found
+
+    if memo is None:
+        found = service_selections(svc)
+    else:   # unchanged Service, entry and endpoints: the same selections
+        meta = svc.metadata
+        slices = tuple(objects.endpoint_slices_for(meta.namespace or "default", meta.name))
+        found = memo.get(("selections", id(entry), family), svc,
+                         (entry, family, slices, node_name, options), service_selections, svc)
+    if vip_ready is not None and any(not vip_ready(ip) for ips, _ in found for ip in ips):
+        found = service_selections(svc, vip_ready)   # some address is held back
+    return [sel for _, sel in found]
 
 
 def _pool_of(objects: ObjectSet, ip: str) -> CiliumLoadBalancerIPPool | None:
@@ -377,6 +405,86 @@ def desired_paths(objects: ObjectSet, node_name: str, instance: BgpInstance, pee
         for p in sorted(prefixes, key=_prefix_key):
             out[family][p] = _path_attributes(prefixes[p], ibgp)
     return out
+
+
+@dataclass
+class PeerPaths:
+    """One peer's desired paths with what they were built from, so the next pass can redo
+    only the Services that changed (:func:`desired_paths_changed`)."""
+
+    inputs: tuple          # everything but the Services and their endpoints (compared with ==)
+    by_service: dict       # "namespace/name" -> its Selections
+    by_prefix: dict        # (family, prefix) -> every Selection contributing to it
+    result: DesiredPaths
+    serial: int = field(default_factory=lambda: next(_SERIALS))
+    base: int | None = None          # serial of the PeerPaths this one was derived from (None: anew)
+    affected: frozenset = frozenset()  # (family, prefix) whose path may differ from ``base``'s
+
+
+_SERIALS = itertools.count(1)
+
+
+def desired_paths_changed(objects: ObjectSet, node_name: str, instance: BgpInstance, peer: PeerSpec,
+                          options: AgentOptions, interfaces, vip_ready, memo, *, inputs: tuple,
+                          previous: PeerPaths | None, changed: dict | None) -> PeerPaths:
+    """:func:`desired_paths` (same paths; order aside), in O(changed Services) from ``previous``.
+    ``inputs``: what, besides Services and EndpointSlices, the paths depend on (the caller's
+    fingerprint: peer, instance, node, advertisements, announce-rule state, interfaces);
+    ``changed``: "namespace/name" -> the Service's object now (None: gone) for every Service
+    whose object or EndpointSlices changed since ``previous`` (None: unknown, build anew)."""
+    ibgp = peer.is_ibgp(instance.local_asn)
+    if previous is None or changed is None or previous.inputs != inputs:
+        by_service: dict = {}
+        by_prefix: dict = {}
+        for owner, sel in _walk(objects, node_name, peer, options, interfaces, vip_ready, memo,
+                                objects.services, others=True):
+            if owner is not None:
+                by_service.setdefault(owner, []).append(sel)
+            for p in sel.prefixes:
+                by_prefix.setdefault((sel.family, p), []).append(sel)
+        result: DesiredPaths = {f: {} for f in peer.speaker_families}
+        for (family, p) in sorted(by_prefix, key=lambda k: _prefix_key(k[1])):
+            if family in result:
+                result[family][p] = _merge_into_attrs(by_prefix[(family, p)], ibgp)
+        return PeerPaths(inputs, by_service, by_prefix, result)
+    by_service = dict(previous.by_service)
+    by_prefix = dict(previous.by_prefix)
+    result = {f: dict(paths) for f, paths in previous.result.items()}
+    affected = set()
+    for owner, svc in changed.items():
+        for sel in by_service.pop(owner, ()):
+            for p in sel.prefixes:
+                key = (sel.family, p)
+                by_prefix[key] = [x for x in by_prefix[key] if x is not sel]
+                affected.add(key)
+        if svc is None:
+            continue
+        new = [sel for _, sel in _walk(objects, node_name, peer, options, interfaces, vip_ready, memo, (svc,),
+                                       others=False)]
+        if new:
+            by_service[owner] = new
+        for sel in new:
+            for p in sel.prefixes:
+                key = (sel.family, p)
+                by_prefix[key] = [*by_prefix.get(key, ()), sel]
+                affected.add(key)
+    for key in affected:
+        family, p = key
+        sels = by_prefix.get(key)
+        if not sels:
+            by_prefix.pop(key, None)
+            if family in result:
+                result[family].pop(p, None)
+        elif family in result:
+            result[family][p] = _merge_into_attrs(sels, ibgp)
+    return PeerPaths(inputs, by_service, by_prefix, result, base=previous.serial, affected=frozenset(affected))
+
+
+def _merge_into_attrs(sels, ibgp: bool | None) -> PathAttributes:
+    acc = _Attrs()
+    for s in sels:
+        acc.merge(s.communities, s.large, s.local_pref, s.incomplete_origin)
+    return _path_attributes(acc, ibgp)
 
 
 def all_desired_paths(objects: ObjectSet, node_config: NodeConfigResult,

@@ -334,12 +334,90 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
 
     allocations = {v.key: tuple(sorted(v.allocated, key=_ip_sort)) for v in views if v.allocated}
     service_conditions = {v.key: v.condition for v in views if v.condition is not None}
+    used: dict[str, int] = {}
+    for r in alloc.origin.values():
+        used[r.pool] = used.get(r.pool, 0) + 1
+    return LbIpamResult(allocations, service_conditions, _pool_conditions(objects, ranges, conflicts, used),
+                        {(r.pool, r.text): alloc.hint[id(r)] for r in ranges if id(r) in alloc.hint})
 
+
+def allocate_changed(objects: ObjectSet, previous: LbIpamResult, changed: list[Service], removed: set[str],
+                     memo=None) -> LbIpamResult | None:
+    """What :func:`allocate` returns for ``objects``, computed from ``previous`` (its result for
+    the objects before) in O(changed): ``changed`` are the Services that are new or differ
+    (in object order), ``removed`` the keys of those gone; the pools must be the very same.
+    None when this shortcut cannot promise the same answer (then call :func:`allocate`): a
+    Service of the previous pass was waiting for an address (a freed one may now be its), or
+    a changed Service asks for specific addresses, shares an address or already has some."""
+    if not objects.lb_pools or any(c is not _SATISFIED for c in previous.service_conditions.values()):
+        return None
+    views = []
+    for svc in changed:
+        if not is_handled(svc):
+            continue
+        v = _view(svc, memo)
+        if v.requested or v.sharing_key or svc.ingress_ips:
+            return None
+        views.append(v)
+    ranges, conflicts = _ranges(objects)
+    allocations = dict(previous.allocations)
+    conditions = dict(previous.service_conditions)
+    freed: dict[str, tuple[str, ...]] = {}
+    for key in removed | {f"{svc.namespace}/{svc.name}" for svc in changed}:
+        freed[key] = allocations.pop(key, ())
+        conditions.pop(key, None)
+    alloc = _Allocator(ranges)
+    alloc.clusters = dict.fromkeys((ip for ips in allocations.values() for ip in ips), ())
+    for r in ranges:
+        if (r.pool, r.text) in previous.free_from:
+            alloc.hint[id(r)] = previous.free_from[(r.pool, r.text)]
+    delta: dict[str, int] = {}
+    for ips in freed.values():
+        for ip in ips:
+            addr = _ip_address(ip)
+            r = next((r for r in ranges if r.contains(int(addr), addr.version)), None)
+            if r is not None:
+                delta[r.pool] = delta.get(r.pool, 0) - 1
+                if id(r) in alloc.hint:   # a freed address lies below the hint again
+                    alloc.hint[id(r)] = min(alloc.hint[id(r)], int(addr))
+    for v in views:   # the two steps of allocate() for one Service: restore, then satisfy
+        for ip in freed.get(v.key, ()):
+            version = _ip_address(ip).version
+            if (version == 4 and not v.want_v4) or (version == 6 and not v.want_v6) or ip in v.allocated:
+                continue
+            r, _ = alloc.find_range(v, ip, allow_disabled=True)
+            if r is not None and ip not in alloc.clusters:
+                alloc.take(v, ip, r)
+        for version, wanted in ((4, v.want_v4), (6, v.want_v6)):
+            if wanted and not any(_ip_address(i).version == version for i in v.allocated):
+                ip, full = alloc.alloc_any(v, version)
+                if ip is None and full:
+                    v.fail("out_of_ips", OUT_OF_IPS_MSG)
+                elif ip is None:
+                    v.fail("no_pool", NO_POOL_MSG)
+        if v.satisfied():
+            v.condition = _SATISFIED
+        if v.allocated:
+            allocations[v.key] = tuple(sorted(v.allocated, key=_ip_sort))
+        if v.condition is not None:
+            conditions[v.key] = v.condition
+    for r in alloc.origin.values():
+        delta[r.pool] = delta.get(r.pool, 0) + 1
+    used = {}
+    for pool, conds in previous.pool_conditions.items():
+        before = next((int(c.message) for c in conds if c.type == IPS_USED), 0)
+        used[pool] = before + delta.get(pool, 0)
+    return LbIpamResult(allocations, conditions, _pool_conditions(objects, ranges, conflicts, used),
+                        {(r.pool, r.text): alloc.hint[id(r)] for r in ranges if id(r) in alloc.hint})
+
+
+def _pool_conditions(objects: ObjectSet, ranges: list[_Range], conflicts: dict[str, str],
+                     used_by_pool: dict[str, int]) -> dict[str, tuple[Condition, ...]]:
     pool_conditions: dict[str, tuple[Condition, ...]] = {}
     for pool in objects.lb_pools:
         mine = [r for r in ranges if r.pool == pool.name]
         total = sum(r.size for r in mine)
-        used = sum(1 for ip, r in alloc.origin.items() if r.pool == pool.name)
+        used = used_by_pool.get(pool.name, 0)
         conds = [
             Condition(IPS_AVAILABLE, "Unknown", "noreason", str(total - used)),
             Condition(IPS_TOTAL, "Unknown", "noreason", str(total)),
@@ -350,7 +428,7 @@ def allocate(objects: ObjectSet, previous_allocations: dict[str, tuple[str, ...]
         else:
             conds.append(Condition(POOL_CONFLICT, "False", "resolved", ""))
         pool_conditions[pool.name] = tuple(sorted(conds, key=lambda c: c.type))
-    return LbIpamResult(allocations, service_conditions, pool_conditions)
+    return pool_conditions
 
 
 _SATISFIED = Condition(REQUEST_SATISFIED, "True", "satisfied", "")

@@ -252,6 +252,9 @@ class LbIpamResult:
     service_conditions: dict[str, Condition] = field(default_factory=dict)
     # pool name -> conditions (IPsTotal, IPsAvailable, IPsUsed, PoolConflict)
     pool_conditions: dict[str, tuple[Condition, ...]] = field(default_factory=dict)
+    # (pool, range) -> lowest address that may be free: below it every address is taken
+    # (lets the next allocation of one Service skip the 20,000 taken ones)
+    free_from: dict[tuple[str, str], int] = field(default_factory=dict, compare=False)
 
 
 def to_data(value: Any) -> Any:

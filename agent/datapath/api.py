@@ -317,6 +317,7 @@ class Datapath:
         self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
         self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
         self.reloads = 0                                           # growths done by this process
+        self.maglev_builds = 0                                     # tables computed (vipd_maglev_builds_total)
 
     # ------------------------------------------------------------------ load / adopt
 
@@ -926,6 +927,7 @@ class Datapath:
             if len(self._tables) >= TABLE_CACHE_SIZE:
                 self._tables.clear()
             table = self._tables[key] = tuple(self._table_builder(backends, m))
+            self.maglev_builds += 1
         return table
 
     def _alloc_svc_id(self) -> int:

@@ -1,89 +1,84 @@
-"""The controller: one reconcile pass = the pure control plane, then each effect in order.
+"""The controller: one pass = one pure plan, then each reconciler applies its part in order.
 
-    snapshot (store) + host facts -> LB-IPAM allocation (persisted) -> node config derivation
-      -> [services: upserts into the datapath, when enabled]
-      -> neighbors (speaker instances/peers) -> advertisements (Adj-RIB-Out)
-      -> [services: deletions] -> [kernel routes] -> route policies, conditions -> status YAML
+    store snapshot + host facts --plan()--> NodePlan (agent/controlplane/plan.py, no I/O)
+      -> services     (datapath upserts, when enabled: a VIP is programmed before it is announced)
+      -> neighbors    (speaker instances and peers)
+      -> advertisements (Adj-RIB-Out per peer, withdraw before advertise; announce rule)
+      -> services-delete (removed VIPs leave the datapath only after they were withdrawn)
+      -> routes       (kernel routes, when enabled)
+      -> state        (LB-IPAM allocations, ClusterConfig order -> state dir)
+      -> status file, API and metrics render from the reconcilers' read-only views
 
-Passes run on every new snapshot, on every change of the host facts (links, addresses,
-default gateways) and when a failed reconciler's backoff expires. Each
-reconciler records its own failures (:class:`ErrorBook`) and the pass goes on with the
-others; everything is idempotent, so a retry pass only changes what still differs.
+Every reconciler has the same interface: ``name``, ``async apply(plan, errors, now)`` and
+``view()``. Passes run on every new snapshot, on every change of the host facts (links,
+addresses, default gateways) and when a failed reconciler's backoff expires. Each reconciler
+records its own failures (:class:`ErrorBook`) and the pass goes on with the others;
+everything is idempotent, so a retry pass only changes what still differs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from agent.reconcilers.advertisements import AdvertisementReconciler
 from agent.reconcilers.errors import ErrorBook
 from agent.reconcilers.neighbors import NeighborReconciler
+from agent.reconcilers.state import (LBIPAM_FILE, ORDER_FILE, StateReconciler, atomic_write_yaml,  # noqa: F401
+                                     dump_yaml, load_allocations)
 
-__all__ = ["Controller", "ConditionClock", "atomic_write_yaml"]
+__all__ = ["Controller", "ConditionClock", "atomic_write_yaml", "DurationHistogram"]
 
 STATUS_FILE = "status.yaml"
-LBIPAM_FILE = "lbipam-allocations.yaml"
-ORDER_FILE = "cluster-config-order.yaml"  # first-seen order of ClusterConfigs (see ownership.py)
 STATUS_INTERVAL = 5.0  # Cilium pushes NodeConfig status every 5 s
 PROGRAMMED_CONDITION = "vipd.io/DatapathProgrammed"   # Service condition (False: not announced)
 
 
-LARGE_DOCUMENT = 2000   # entries: above this, write YAML's JSON form (a 20,000-Service status
-                        # file takes ~0.1 s instead of ~7 s with PyYAML's emitter)
-
-
-def dump_yaml(data: Any) -> str:
-    """YAML text of ``data``: block style, or for large documents the JSON form (YAML is a
-    superset of JSON: every YAML parser reads it, ``yaml.safe_load`` included)."""
-    size = sum(len(v) for v in data.values() if isinstance(v, (dict, list))) if isinstance(data, dict) else 0
-    if size > LARGE_DOCUMENT:
-        return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
-                     default_flow_style=False)
-
-
-def atomic_write_yaml(path: Path, data: Any) -> None:
-    """Write via a temp file + rename so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(dump_yaml(data))
-    os.replace(tmp, path)
-
-
-def load_allocations(state_dir: Path) -> dict[str, tuple[str, ...]]:
-    """The persisted LB-IPAM allocations ({} when there are none yet)."""
-    path = Path(state_dir) / LBIPAM_FILE
-    if not path.exists():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    return {k: tuple(v) for k, v in (data.get("allocations") or {}).items()}
-
-
-SLOW_PASS_S = 0.5   # passes slower than this are logged with their phases
-
-
 class _Marks:
-    """Seconds spent per phase of a pass (``vipd`` logs slow passes; benchmarks read them)."""
+    """Seconds spent per phase of a pass (``vipd`` logs each pass; benchmarks read them)."""
 
     def __init__(self) -> None:
         self.t0 = self.last = time.monotonic()
         self.phases: dict[str, float] = {}
 
-    def __call__(self, phase: str) -> None:
+    def __call__(self, phase: str) -> float:
         now = time.monotonic()
-        self.phases[phase] = round(now - self.last, 3)
+        spent = now - self.last
+        self.phases[phase] = round(spent, 3)
         self.last = now
+        return spent
 
     def done(self) -> dict[str, float]:
         return {**self.phases, "total": round(time.monotonic() - self.t0, 3)}
+
+
+class DurationHistogram:
+    """``vipd_reconcile_duration_seconds{reconciler}``: cumulative bucket counts per name."""
+
+    BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self) -> None:
+        self.series: dict[str, list] = {}   # name -> [bucket counts..., +Inf count, sum]
+
+    def observe(self, name: str, seconds: float) -> None:
+        s = self.series.get(name)
+        if s is None:
+            s = self.series[name] = [0] * (len(self.BUCKETS) + 1) + [0.0]
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                s[i] += 1
+        s[len(self.BUCKETS)] += 1
+        s[-1] += seconds
+
+    def samples(self):
+        """[(name, [(le, cumulative count)], sum)] in the shape prometheus_client takes."""
+        out = []
+        for name, s in sorted(self.series.items()):
+            buckets = [(str(b), s[i]) for i, b in enumerate(self.BUCKETS)] + [("+Inf", s[len(self.BUCKETS)])]
+            out.append((name, buckets, s[-1]))
+        return out
 
 
 class ConditionClock:
@@ -108,6 +103,7 @@ class Controller:
     def __init__(self, node_name: str, store, *, state_dir: str | Path, speaker_factory: Callable,
                  options=None, log=None, clock: Callable[[], float] = time.time, services=None,
                  host=None, routes=None, memo=None):
+        from agent.controlplane.memo import Memo
         from agent.controlplane.types import AgentOptions, Family
 
         self.node_name = node_name
@@ -118,73 +114,96 @@ class Controller:
         self.clock = clock
         self.errors = ErrorBook()
         self.host = host                  # HostSource: links, addresses, gateways (None: unknown)
+        self.state = StateReconciler(self.state_dir, log=log)
         self.routes = routes              # RouteReconciler: vipd's kernel routes (None: off)
         if routes is not None and routes.import_table is not None:
             speaker_factory = _with_rib_hook(speaker_factory, routes.rib_changed)
         self.neighbors = NeighborReconciler(speaker_factory, log=log)
         if routes is not None:
-            routes.neighbors = self.neighbors
-        self.advertisements = AdvertisementReconciler(self.neighbors, None, tuple(Family), log=log,
-                                                      clock=clock)
+            routes.bgp = self.neighbors.view()
         self.services = services          # ServiceReconciler when the datapath is enabled
+        self.advertisements = AdvertisementReconciler(
+            self.neighbors, None, tuple(Family), log=log, clock=clock,
+            ready=lambda: self.services.view() if self.services is not None else None)
         self.conditions = ConditionClock(clock)
+        self.durations = DurationHistogram()
         self.started_at = clock()
         self.applied_generation = 0
         self.attempted_generation = -1
         self.attempted_host_generation = -1
         self.passes = 0
-        self.objects = None
-        self.effective_objects = None
-        self.node_config = None
-        self.lbipam = None
-        self._policies: list | None = []
-        self._policy_inputs: tuple | None = None
+        self.plan = None                  # the NodePlan last applied (a read-only view itself)
+        self._policies: list | None = None
         self._status_lock = asyncio.Lock()
         self.last_pass: dict[str, float] = {}
-        from agent.controlplane.memo import Memo
         self.memo = memo or Memo()   # per-Service results of unchanged objects, kept from pass to pass
-        self.cluster_conditions: dict = {}
-        self.peer_conditions: dict = {}
-        self.allocations: dict[str, tuple[str, ...]] = self._load_allocations()
-        self.cluster_config_order: tuple[str, ...] = self._load_order()
         self._status_written: Any = None
         self._issues_logged: tuple = ()
         self._unprogrammed_seen: set[str] = set()
+        self._entries: dict = {}   # status document: Service -> (condition, addresses, entry)
 
-    # -- LB-IPAM persistence --------------------------------------------------------------------
-    def _load_allocations(self) -> dict[str, tuple[str, ...]]:
-        return load_allocations(self.state_dir)
+    @property
+    def reconcilers(self) -> list:
+        """The effects in the order a pass applies them (see the module docstring)."""
+        out: list = []
+        if self.services is not None:
+            out.append(self.services)
+        out += [self.neighbors, self.advertisements]
+        if self.services is not None:
+            out.append(self.services.deletions)
+        if self.routes is not None:
+            out.append(self.routes)
+        # last: announcing does not wait for a 20,000-entry file; a restart recomputes the same
+        # allocations from the previous file and the objects (LB-IPAM is deterministic)
+        out.append(self.state)
+        return out
 
-    def _load_order(self) -> tuple[str, ...]:
-        path = self.state_dir / ORDER_FILE
-        if not path.exists():
-            return ()
-        data = yaml.safe_load(path.read_text()) or {}
-        return tuple(str(n) for n in data.get("clusterConfigs") or ())
+    def settings(self):
+        from agent.controlplane.plan import DatapathSettings, PlanSettings
 
-    def _ordered(self, objects):
-        """ClusterConfigs in first-seen order (files have no creationTimestamp), persisted so
-        a restart or a new config with an earlier name does not move a node to another one."""
-        from agent.controlplane.ownership import order_cluster_configs
+        dp = None
+        if self.services is not None:
+            dp = DatapathSettings(mode=self.services.mode, maglev_size=self.services.maglev_size)
+        return PlanSettings(node_name=self.node_name, options=self.options, datapath=dp,
+                            auto_direct_node_routes=bool(self.routes is not None
+                                                         and self.routes.auto_direct_node_routes))
 
-        objects, order = order_cluster_configs(objects, self.cluster_config_order)
-        if order != self.cluster_config_order:
-            atomic_write_yaml(self.state_dir / ORDER_FILE, {"clusterConfigs": list(order)})
-            self.cluster_config_order = order
-        return objects
+    # -- views of the last plan (read-only) -------------------------------------------------------
+    @property
+    def node_config(self):
+        return self.plan.node_config if self.plan is not None else None
 
-    def _save_allocations(self) -> None:
-        atomic_write_yaml(self.state_dir / LBIPAM_FILE,
-                          {"allocations": {k: list(v) for k, v in sorted(self.allocations.items())}})
+    @property
+    def effective_objects(self):
+        return self.plan.effective if self.plan is not None else None
+
+    @property
+    def objects(self):
+        return self.plan.objects if self.plan is not None else None
+
+    @property
+    def lbipam(self):
+        return self.plan.lbipam if self.plan is not None else None
+
+    @property
+    def allocations(self) -> dict[str, tuple[str, ...]]:
+        """LB-IPAM allocations (as persisted in the state dir)."""
+        return dict(self.state.view().allocations)
+
+    @property
+    def cluster_conditions(self) -> dict:
+        return dict(self.plan.cluster_conditions) if self.plan is not None else {}
+
+    @property
+    def peer_conditions(self) -> dict:
+        return dict(self.plan.peer_conditions) if self.plan is not None else {}
 
     # -- one pass -------------------------------------------------------------------------------
     async def reconcile_once(self) -> None:
-        from agent.controlplane import (all_desired_paths, cluster_config_conditions,  # noqa: F401
-                                        derive_node_config, desired_paths, effective_services,
-                                        lbipam, peer_config_conditions, route_policies)
+        from agent.controlplane.plan import plan as make_plan
 
         snap = self.store.current
-        objects = self._ordered(self.store.objects())
+        objects = self.store.objects()
         now = time.monotonic()
         self.passes += 1
         mark = _Marks()
@@ -192,83 +211,48 @@ class Controller:
         facts = self.host.facts if self.host is not None else None
         if self.host is not None:
             self.attempted_host_generation = self.host.generation
-        host_kw = {} if facts is None else _host_inputs(facts, objects.node(self.node_name))
-        interfaces = facts.up_interfaces() if facts is not None else None
-
-        try:
-            lb = lbipam.allocate(objects, self.allocations, self.memo)
-            if dict(lb.allocations) != self.allocations:
-                self.allocations = {k: tuple(v) for k, v in lb.allocations.items()}
-                self._save_allocations()
-            self.lbipam = lb
-            self.errors.clear("lbipam", "")
-        except Exception as exc:  # noqa: BLE001
-            self._record("lbipam", "", exc, now)
-            lb = self.lbipam
-        effective = effective_services(objects, lb, self.memo) if lb is not None else objects
-        mark("lbipam")
-
-        try:
-            node_config = derive_node_config(effective, self.node_name, self.options, **host_kw)
-            self.errors.clear("node-config", "")
-        except Exception as exc:  # noqa: BLE001 - keep the running state; never tear down on a bug
-            self._record("node-config", "", exc, now)
-            return
-        self.objects, self.effective_objects, self.node_config = objects, effective, node_config
-        if node_config.issues != self._issues_logged:  # log each new set once, not every pass
-            self._issues_logged = node_config.issues
-            for issue in node_config.issues:
+        state = self.state.view()
+        plan = make_plan(objects, facts, self.settings(), self.plan, generation=snap.generation,
+                         cluster_config_order=state.cluster_config_order, allocations=dict(state.allocations),
+                         memo=self.memo, frontends_memo=self.services.memo if self.services is not None else None)
+        self.durations.observe("plan", mark("plan"))
+        for part in ("lbipam", "node-config", "status"):   # the others: their reconcilers record them
+            if part in plan.failures:
+                self._record(part, "", plan.failures[part], now)
+            else:
+                self.errors.clear(part, "")
+        if plan.node_config is None:
+            await self._apply(self.state, plan, now, mark)   # allocations are still persisted
+            return   # keep the running state; never tear down on a bug (the failure is recorded)
+        self.plan, self._policies = plan, None
+        if plan.issues != self._issues_logged:  # log each new set once, not every pass
+            self._issues_logged = plan.issues
+            for issue in plan.issues:
                 self._log("warning" if issue.severity == "warning" else "error", "node config issue",
                           issue=str(issue))
-
-        if self.services is not None:  # program new/changed VIPs before announcing them
-            await self.services.reconcile(effective, self.errors, now, phase="upsert")
-            mark("services")
-        await self.neighbors.reconcile(node_config, self.errors, now)
-
-        # The announce rule: with the datapath, a Service address is announced only while every
-        # desired frontend at it is programmed (ServiceReconciler.vip_ready). ``effective``
-        # already carries the LB-IPAM addresses, so lbipam=None spares a second copy of every
-        # Service per peer.
-        vip_ready = self.services.vip_ready if self.services is not None else None
-
-        def desired(inst, peer):
-            return desired_paths(effective, self.node_name, inst, peer, None, self.options, interfaces,
-                                 vip_ready=vip_ready, memo=self.memo)
-
-        await self.advertisements.reconcile(node_config, self.errors, now, desired_paths=desired)
-        mark("advertisements")
+        for rec in self.reconcilers:
+            await self._apply(rec, plan, now, mark)
         self.memo.rotate()
-        if self.services is not None:  # drop removed VIPs only after they were withdrawn
-            await self.services.reconcile(effective, self.errors, now, phase="delete")
-        if self.routes is not None:
-            await self.routes.reconcile(effective, facts, self.errors, now)
-            mark("routes")
-
-        try:
-            # route policies are for `vipctl bgp route-policies` only: computed when asked
-            self._policy_inputs, self._policies = (effective, node_config, interfaces), None
-            self.cluster_conditions = cluster_config_conditions(effective, self.options)
-            self.peer_conditions = peer_config_conditions(effective, self.options)
-            self.errors.clear("status", "")
-        except Exception as exc:  # noqa: BLE001
-            self._record("status", "", exc, now)
         self.applied_generation = snap.generation
-        mark("rest")
         self.last_pass = mark.done()
-        if self.last_pass["total"] > SLOW_PASS_S:
-            self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
+        # one line per pass (passes follow changes): its phases are the one-change timeline
+        self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
         await self.write_status_async()
+
+    async def _apply(self, reconciler, plan, now: float, mark: _Marks) -> None:
+        await reconciler.apply(plan, self.errors, now)
+        self.durations.observe(reconciler.name, mark(reconciler.name))
 
     def record_failed_pass(self, exc: BaseException) -> None:
         """A pass that raised (a bug or an effect failing outside the reconcilers): listed in
         vipctl status, the condition and the metrics, and retried with backoff."""
         self._record("controller", "", exc, time.monotonic())
 
-    def _record(self, reconciler: str, instance: str, exc: BaseException, now: float) -> None:
+    def _record(self, reconciler: str, instance: str, exc: BaseException | str, now: float) -> None:
         rec = self.errors.record(reconciler, instance, exc, now)
         self._log("error", "reconcile failed", reconciler=reconciler, instance=instance,
-                  error=rec.error, attempts=rec.attempts, exc_info=exc)
+                  error=rec.error, attempts=rec.attempts,
+                  **({"exc_info": exc} if isinstance(exc, BaseException) else {}))
 
     def _log(self, level: str, event: str, **kw) -> None:
         if self.log is not None:
@@ -320,13 +304,9 @@ class Controller:
         await self.neighbors.stop_all(graceful=graceful)
 
     # -- status ---------------------------------------------------------------------------------
-    def peer_states(self) -> list[tuple[Any, Any]]:
-        """[(RunningInstance, PeerState)] for every running peer."""
-        out = []
-        for run in self.neighbors.running.values():
-            for st in run.speaker.peers():
-                out.append((run, st))
-        return out
+    def peer_states(self) -> list:
+        """[PeerView] of every running peer (the neighbors reconciler's view)."""
+        return self.neighbors.view().peers()
 
     def reconcile_error_condition(self) -> dict:
         lines = sorted(f"{r.instance or self.node_name}: {r.reconciler}: {r.error}"
@@ -352,7 +332,7 @@ class Controller:
         if self.node_config is not None:
             node_status: dict = {}
             try:
-                node_status = node_config_status(self.node_config, [s for _, s in self.peer_states()],
+                node_status = node_config_status(self.node_config, [p.state for p in self.peer_states()],
                                                  self.errors.by_instance(), self.clock())
             except Exception as exc:  # noqa: BLE001 - status must not fail on a partial state
                 node_status = {"error": str(exc)}
@@ -370,17 +350,15 @@ class Controller:
             name: {"conditions": [self.conditions.stamp(f"CiliumBGPPeerConfig/{name}", c) for c in conds]}
             for name, conds in sorted(self.peer_conditions.items())}
         if self.lbipam is not None:
-            doc["services"] = {
-                key: {"loadBalancerIngress": list(self.lbipam.allocations.get(key, ())),
-                      "conditions": [self.conditions.stamp(f"Service/{key}", cond)]}
-                for key, cond in sorted(self.lbipam.service_conditions.items())}
+            doc["services"] = self._service_entries(self.lbipam)
         if self.services is not None:
+            dp = self.services.view()
             # A Service the datapath could not program: withdrawn, with a False condition saying
             # why (only these are listed: 20,000 "True" entries would bury them). Once a Service
             # failed, its condition stays listed, True again when it is programmed.
             services = doc.setdefault("services", {})
-            failing = self.services.unprogrammed_services()
-            existing = set(self.services.owners.values())
+            failing = dp.unprogrammed_services()
+            existing = set(dp.owners.values())
             for key in sorted(set(failing) | (self._unprogrammed_seen & existing)):
                 items = failing.get(key)
                 if items:
@@ -390,14 +368,15 @@ class Controller:
                 else:
                     cond = {"type": PROGRAMMED_CONDITION, "status": "True", "reason": "Programmed",
                             "message": "every frontend is programmed in the datapath"}
-                entry = services.setdefault(key, {"conditions": []})
+                entry = services[key] = dict(services.get(key, {"conditions": []}))   # cached: copy
                 entry["conditions"] = [*entry.get("conditions", []),
                                        self.conditions.stamp(f"Service/{key}", cond)]
             self._unprogrammed_seen |= set(failing)
             doc["datapath"] = {"capacity": dict(zip(
                 ("maxServices", "maxBackends", "maxMemberships", "maglevSlots"),
-                self.services.dp.capacity.astuple())), "reloads": self.services.dp.reloads,
-                "unprogrammedFrontends": len(self.services.failed)}
+                dp.capacity.astuple())), "reloads": dp.reloads,
+                "unprogrammedFrontends": len(dp.failed)}
+        if self.lbipam is not None:   # pools have conditions with or without a datapath
             doc["ciliumLoadBalancerIPPools"] = {
                 name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)
                                       for c in conds]}
@@ -412,15 +391,29 @@ class Controller:
             for r in self.errors.records()]
         return doc
 
+    def _service_entries(self, lb) -> dict:
+        """"namespace/name" -> {loadBalancerIngress, conditions} of the LB-IPAM Services. An
+        entry whose condition object and addresses are those of the last call is reused (its
+        lastTransitionTime cannot have moved): 20,000 entries cost a lookup each, not a stamp."""
+        cache, fresh = self._entries, {}
+        allocations = lb.allocations
+        for key, cond in lb.service_conditions.items():
+            ips = allocations.get(key, ())
+            hit = cache.get(key)
+            if hit is None or hit[0] is not cond or hit[1] != ips:
+                hit = (cond, ips, {"loadBalancerIngress": list(ips),
+                                   "conditions": [self.conditions.stamp(f"Service/{key}", cond)]})
+            fresh[key] = hit
+        self._entries = fresh
+        return {key: fresh[key][2] for key in sorted(fresh)}
+
     @property
     def policies(self) -> list:
         """Cilium's GoBGP route policies as data (``vipctl bgp route-policies``), computed on
         first use after each pass: at 20,000 Services they cost a second per peer."""
         if self._policies is None:
-            from agent.controlplane import route_policies
-            effective, node_config, interfaces = self._policy_inputs
             try:
-                self._policies = list(route_policies(effective, node_config, None, self.options, interfaces))
+                self._policies = self.plan.policies() if self.plan is not None else []
             except Exception as exc:  # noqa: BLE001
                 self._record("status", "", exc, time.monotonic())
                 self._policies = []
@@ -437,22 +430,14 @@ class Controller:
     async def write_status_async(self) -> None:
         """write_status with the file written by a worker thread: the event loop (BGP sessions,
         the updates just queued) is not held up by a large status file."""
+        await asyncio.sleep(0)   # let the speakers send what this pass queued first
         doc = self.status_document()
         if doc == self._status_written:
             return
         async with self._status_lock:
-            await asyncio.sleep(0)   # let the speakers send what this pass queued first
             self.state_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(atomic_write_yaml, self.state_dir / STATUS_FILE, doc)
             self._status_written = doc
-
-
-def _host_inputs(facts, node) -> dict:
-    """What derive_node_config takes from the host (see agent.sources.host)."""
-    node_addresses = (node.addresses(4) + node.addresses(6)) if node is not None else []
-    return {"interfaces": facts.interfaces(), "default_gateways": facts.default_gateways(),
-            "router_id_mac": facts.router_id_mac(node_addresses),
-            "ipv6_routers": facts.link_local_routers()}
 
 
 def _with_rib_hook(factory: Callable, hook: Callable[[], None]) -> Callable:

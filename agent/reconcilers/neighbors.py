@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from agent.reconcilers.errors import ErrorBook
 
-__all__ = ["NeighborReconciler", "RunningInstance", "instance_identity"]
+__all__ = ["NeighborReconciler", "RunningInstance", "instance_identity", "BgpView", "PeerView"]
 
 NAME = "neighbors"
 
@@ -43,6 +43,46 @@ class RunningInstance:
     neighbors: dict[str, Any] = field(default_factory=dict)   # address -> NeighborConfig applied
 
 
+@dataclass(frozen=True)
+class PeerView:
+    """One configured peer of a running instance, with its session state (agent.bgp.api.PeerState)."""
+
+    instance: str
+    local_asn: int
+    config: Any          # the NeighborConfig applied (None while being re-created)
+    state: Any
+
+
+class BgpView:
+    """Read-only view of the running BGP instances for the API, metrics, status and the
+    routes reconciler: sessions, what was sent (the Adj-RIB-Out as on the wire) and what was
+    received. Nothing here changes a speaker."""
+
+    def __init__(self, running: dict[str, RunningInstance]):
+        self._running = running
+
+    def instances(self) -> list[tuple[str, int]]:
+        """[(instance name, local ASN)]"""
+        return [(r.name, r.local_asn) for r in list(self._running.values())]
+
+    def peers(self) -> list[PeerView]:
+        out = []
+        for run in list(self._running.values()):
+            for st in run.speaker.peers():
+                out.append(PeerView(run.name, run.local_asn, run.neighbors.get(st.address), st))
+        return out
+
+    def sent(self, instance: str, address: str, family) -> dict:
+        """{network: SentPath}: the paths the Established session sent (empty otherwise)."""
+        run = self._running.get(instance)
+        return run.speaker.adj_rib_out_sent(address, family) if run is not None else {}
+
+    def received(self, instance: str, address: str, family) -> dict:
+        """{network: PathAttributes} accepted from the peer (its Adj-RIB-In)."""
+        run = self._running.get(instance)
+        return run.speaker.adj_rib_in(address, family) if run is not None else {}
+
+
 class NeighborReconciler:
     name = NAME
 
@@ -52,6 +92,16 @@ class NeighborReconciler:
         self.settle_seconds = settle_seconds
         self.running: dict[str, RunningInstance] = {}
         self.log = log
+
+    async def apply(self, plan, errors: ErrorBook, now: float) -> None:
+        await self.reconcile(plan.node_config, errors, now)
+
+    def view(self) -> BgpView:
+        return BgpView(self.running)
+
+    async def reset_peer(self, instance: str, address: str, *, soft: bool = False) -> str:
+        """``vipctl bgp reset``: an operator action on one session (hard or soft)."""
+        return await self.running[instance].speaker.reset_neighbor(address, soft=soft)
 
     async def reconcile(self, node_config, errors: ErrorBook, now: float) -> None:
         desired = {inst.name: inst for inst in node_config.instances}

@@ -40,7 +40,7 @@ class RouteReconciler:
         self.auto_direct_node_routes = auto_direct_node_routes
         self.import_table = import_table
         self.log = log
-        self.neighbors = None                  # NeighborReconciler: the speakers to import from
+        self.bgp = None                        # the neighbors reconciler's BgpView: what peers sent
         self.direct: tuple[Route, ...] = ()
         self.installed: tuple[Route, ...] = ()  # read-only view: what the last sync made true
         self._host_addresses: tuple[str, ...] = ()
@@ -51,8 +51,19 @@ class RouteReconciler:
         """The speakers' hook (BgpSpeaker.on_rib_in_change)."""
         self._rib_changed.set()
 
+    async def apply(self, plan, errors: ErrorBook, now: float) -> None:
+        """The controller's pass: the plan's autoDirectNodeRoutes (Node objects, host facts)."""
+        if plan.facts is not None:
+            self._host_addresses = tuple(a.split("/")[0] for l in plan.facts.links for a in l.addresses)
+        if self.auto_direct_node_routes:
+            if plan.direct_routes is None:   # could not be computed: keep the last good set
+                self._fail(errors, plan.failures.get(NAME, "autoDirectNodeRoutes: not computed"), now)
+                return
+            self.direct = tuple(plan.direct_routes)
+        await self.sync(errors, now)
+
     async def reconcile(self, objects, facts, errors: ErrorBook, now: float) -> None:
-        """The controller's pass: new Node objects / host facts."""
+        """New Node objects / host facts, without a plan (tools and tests)."""
         if facts is not None:
             self._host_addresses = tuple(a.split("/")[0] for l in facts.links for a in l.addresses)
         if self.auto_direct_node_routes:
@@ -79,18 +90,17 @@ class RouteReconciler:
             await self.sync(errors, time.monotonic())
 
     def imported(self) -> list[Route]:
-        if self.import_table is None or self.neighbors is None:
+        if self.import_table is None or self.bgp is None:
             return []
         paths = []
-        for run in list(self.neighbors.running.values()):
-            speaker = run.speaker
-            for state in speaker.peers():
-                if state.state != "established":
-                    continue
-                zone = state.address.partition("%")[2]   # an unnumbered peer's interface
-                for family in state.families:
-                    for prefix, attrs in speaker.adj_rib_in(state.address, family).items():
-                        paths.append(ReceivedPath(str(prefix), _zoned(attrs.next_hop, zone), attrs.local_pref))
+        for peer in self.bgp.peers():
+            state = peer.state
+            if state.state != "established":
+                continue
+            zone = state.address.partition("%")[2]   # an unnumbered peer's interface
+            for family in state.families:
+                for prefix, attrs in self.bgp.received(peer.instance, state.address, family).items():
+                    paths.append(ReceivedPath(str(prefix), _zoned(attrs.next_hop, zone), attrs.local_pref))
         return bgp_import_routes(paths, table=self.import_table, exclude=self._host_addresses)
 
     async def sync(self, errors: ErrorBook, now: float) -> None:

@@ -32,166 +32,17 @@ with a desired frontend that is not programmed is not announced.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
 
+from agent.controlplane.frontends import (  # noqa: F401 - the pure half (agent.controlplane), re-exported
+    CAPACITY, DATAPATH_ERROR, MAGLEV_TOO_SMALL, FrontendFailure, _canonical, blocked_vips, check_service,
+    desired_services)
 from agent.reconcilers.errors import ErrorBook
 
 __all__ = ["desired_services", "ServiceReconciler", "FrontendFailure", "blocked_vips", "check_service"]
 
 NAME = "services"
-
-# Reasons a frontend is not programmed (condition reason, metric label)
-CAPACITY = "CapacityExceeded"        # a sized map is full and could not be grown
-MAGLEV_TOO_SMALL = "MaglevTableTooSmall"   # more backends than the Maglev table has slots
-DATAPATH_ERROR = "DatapathError"     # anything else the datapath refused
-
-
-@dataclass(frozen=True)
-class FrontendFailure:
-    """Why one frontend (VIP:port/proto) of a Service is not programmed."""
-
-    service: str       # "namespace/name" of the Kubernetes Service ("" if unknown)
-    reason: str        # CAPACITY | MAGLEV_TOO_SMALL | DATAPATH_ERROR
-    message: str
-
-
-def check_service(svc) -> FrontendFailure | None:
-    """Refusals decided before touching the maps (pure)."""
-    n = len(svc.selectable_backends())
-    if n > svc.maglev_m:
-        return FrontendFailure("", MAGLEV_TOO_SMALL,
-                               f"{n} backends exceed the Maglev table size {svc.maglev_m} "
-                               "(raise --maglev-table-size)")
-    return None
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _canonical(address: str) -> str:
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return address
-
-
-def blocked_vips(desired: Iterable, failed: Mapping) -> frozenset:
-    """Addresses not to announce: those with at least one desired frontend in ``failed`` (pure).
-    ``desired``: the desired ServiceKeys; ``failed``: ServiceKey -> FrontendFailure."""
-    if not isinstance(desired, (dict, set, frozenset)):
-        desired = set(desired)
-    return frozenset(str(k.vip) for k in failed if k in desired)
-
-
-def _slice_port(slice_, port) -> int | None:
-    for p in slice_.ports or ():
-        if (p.name or None) == (port.name or None) and (p.protocol or "TCP") == port.protocol and p.port:
-            return p.port
-    if isinstance(port.target_port, int):
-        return port.target_port
-    if port.target_port is None and not slice_.ports:
-        return port.port
-    return None
-
-
-def _backends(objects, svc, port, node_name: str):
-    from agent.datapath.model import Backend
-
-    found: dict[tuple, Backend] = {}
-    for slice_ in objects.endpoint_slices_for(svc.namespace, svc.name):
-        if slice_.address_type not in ("IPv4", "IPv6"):
-            continue
-        target = _slice_port(slice_, port)
-        if target is None:
-            continue
-        for ep in slice_.endpoints or ():
-            c = ep.conditions
-            active = c.ready is not False and c.terminating is not True
-            draining = not active and c.terminating is True and c.serving is True
-            if not (active or draining):
-                continue
-            for addr in ep.addresses:
-                key = (ipaddress.ip_address(addr), target)
-                if key in found and not found[key].terminating:
-                    continue
-                found[key] = Backend(addr, target, local=ep.node_name == node_name, terminating=draining)
-    return sorted(found.values(), key=lambda b: (b.addr.version, int(b.addr), b.port))
-
-
-# The datapath reads an empty allow list as "allow everyone" and has no "allow no one". A
-# Service whose ranges are all of the other family must still shut this family out (Cilium
-# does; kube-proxy ignores them, failing open), so such a frontend gets the unspecified
-# address as its only range: no TCP/UDP client can send from 0.0.0.0 or ::.
-NOBODY = {4: ipaddress.ip_network("0.0.0.0/32"), 6: ipaddress.ip_network("::/128")}
-
-
-def _ranges_for(ranges: tuple, version: int) -> tuple:
-    if not ranges:
-        return ()
-    return tuple(r for r in ranges if r.version == version) or (NOBODY[version],)
-
-
-def desired_services(objects, node_name: str, *, mode: str = "snat", maglev_size=None,
-                     owners: dict | None = None, memo=None) -> dict:
-    """{ServiceKey: datapath Service} for every frontend of every Service (see module doc).
-    ``maglev_size``: the node's ``--maglev-table-size`` (a ``MaglevSize``; default auto): M of
-    each frontend from its backend count. ``owners`` (optional) is filled with ServiceKey ->
-    "namespace/name". ``memo`` (an ``agent.controlplane.memo.Memo``): reuse the frontends of a
-    Service whose object and EndpointSlices are unchanged since the last pass."""
-    from agent.datapath.capacity import MaglevSize
-
-    maglev_size = maglev_size or MaglevSize()
-    out: dict = {}
-    slices_for = objects.endpoint_slices_for
-    for svc in objects.services:
-        if svc.spec.type == "ExternalName":
-            continue
-        meta = svc.metadata
-        if memo is None:
-            owner, mine = _frontends(objects, svc, node_name, mode, maglev_size)
-        else:
-            extra = (tuple(slices_for(meta.namespace or "default", meta.name)), node_name, mode, maglev_size)
-            owner, mine = memo.get("frontends", svc, extra, _frontends, objects, svc, node_name, mode, maglev_size)
-        for key, service in mine:
-            if key in out:  # the same VIP:port claimed twice: the older Service keeps it
-                continue
-            out[key] = service
-            if owners is not None:
-                owners[key] = owner
-    return out
-
-
-def _frontends(objects, svc, node_name: str, mode: str, maglev_size) -> tuple[str, list]:
-    """("namespace/name", [(ServiceKey, datapath Service)]) of one Service, in claim order."""
-    from agent.datapath.capacity import choose_maglev_m
-    from agent.datapath.model import Mode, Proto, Service, ServiceKey
-
-    spec = svc.spec
-    internal_local = spec.internal_traffic_policy == "Local"
-    external_local = spec.external_traffic_policy == "Local"
-    # (address, traffic policy Local?, source ranges apply?); LoadBalancer ingress first, so
-    # an address that is also an externalIP keeps its source ranges
-    frontends = [(ip, external_local, True) for ip in svc.ingress_ips] if spec.type == "LoadBalancer" else []
-    frontends += [(ip, internal_local, False) for ip in svc.cluster_ips]
-    frontends += [(ip, external_local, False) for ip in spec.external_ips or () if ip not in ("", "None")]
-    affinity, ranges = svc.affinity_timeout, svc.source_ranges
-    out: dict = {}
-    for port in spec.ports:
-        if port.protocol not in ("TCP", "UDP"):
-            continue
-        backends = _backends(objects, svc, port, node_name)
-        for ip, local, filtered in frontends:
-            key = ServiceKey(ip, port.port, Proto[port.protocol])
-            if key in out:
-                continue
-            version = key.vip.version
-            mine = tuple(b for b in backends if b.addr.version == version)
-            out[key] = Service(key, mine, traffic_policy_local=local, mode=Mode(mode),
-                               affinity_timeout=affinity,
-                               source_ranges=_ranges_for(ranges, version) if filtered else (),
-                               maglev_m=choose_maglev_m(len(mine), maglev_size))
-    return f"{svc.namespace}/{svc.name}", list(out.items())
 
 
 class ServiceReconciler:
@@ -216,6 +67,7 @@ class ServiceReconciler:
         from agent.controlplane.memo import Memo
         self.memo = memo or Memo()                  # frontends of unchanged Services
         self._last_objects = None
+        self.deletions = ServiceDeletions(self)
 
     def vip_ready(self, address: str) -> bool:
         """The announce rule: False while a desired frontend at ``address`` is not programmed.
@@ -233,19 +85,39 @@ class ServiceReconciler:
             out.setdefault(f.service or str(key.vip), []).append((key, f))
         return out
 
+    async def apply(self, plan, errors: ErrorBook, now: float) -> None:
+        """The controller's pass, before the BGP reconcilers: program new and changed frontends
+        (a VIP is programmed before it is announced). ``deletions`` runs after them."""
+        await self._program(plan.frontends, plan.owners, plan.failures.get(NAME), errors, now, "upsert")
+
+    def view(self) -> "DatapathView":
+        return DatapathView(self)
+
     async def reconcile(self, objects, errors: ErrorBook, now: float, *, phase: str = "all") -> None:
-        """``phase="upsert"`` before the BGP reconcilers (a VIP is programmed before it is
-        announced), ``phase="delete"`` after them (withdrawn before it stops working)."""
-        try:
-            if phase == "delete" and objects is self._last_objects:
-                desired, owners = self.last, self.owners     # the same pass's upsert computed it
-            else:
-                owners = {}
+        """Desired frontends computed from ``objects`` here (tools and tests; the daemon goes
+        through the plan). ``phase``: "upsert", "delete" or "all"."""
+        if phase == "delete" and objects is self._last_objects:
+            desired, owners, why = self.last, self.owners, None    # the same pass's upsert computed it
+        else:
+            owners, why = {}, None
+            try:
                 desired = desired_services(objects, self.node_name, mode=self.mode,
                                            maglev_size=self.maglev_size, owners=owners, memo=self.memo)
-                self.memo.rotate()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                desired, why = None, str(exc) or type(exc).__name__
+            self.memo.rotate()
+        self._last_objects = objects if desired is not None else None
+        await self._program(desired, owners, why, errors, now, phase)
+
+    async def _program(self, desired, owners, why: str | None, errors: ErrorBook, now: float,
+                       phase: str) -> None:
+        """``desired``: ServiceKey -> datapath Service (None: could not be computed, ``why``)."""
+        try:
+            if desired is None:
+                raise RuntimeError(f"desired services not computed: {why}")
             changed, failed = await asyncio.to_thread(self._apply, desired, phase)
         except Exception as exc:  # noqa: BLE001 - recorded, retried with backoff
+            self._last_objects = None
             rec = errors.record(NAME, "", exc, now)
             if self.log is not None:
                 self.log.error("reconcile failed", reconciler=NAME, error=rec.error, attempts=rec.attempts)
@@ -263,7 +135,7 @@ class ServiceReconciler:
                     f"{k}: {e}" for k, e in sorted(self.delete_failed.items())), now)
             else:
                 errors.clear(NAME, "delete")
-        self.last, self.owners, self._last_objects = desired, owners, objects
+        self.last, self.owners = desired, owners
         if phase in ("all", "upsert"):
             failed = {k: FrontendFailure(owners.get(k, ""), f.reason, f.message) for k, f in failed.items()}
             self._report(failed, errors, now)
@@ -370,6 +242,53 @@ class ServiceReconciler:
             if self.log is not None:
                 self.log.error("datapath growth failed", reconciler=NAME, error=str(exc),
                                wanted=str(capacity))
+
+
+class ServiceDeletions:
+    """The services reconciler's second step in a pass, after the BGP reconcilers: frontends
+    no longer desired leave the datapath only once their VIPs were withdrawn."""
+
+    name = "services-delete"
+
+    def __init__(self, services: ServiceReconciler):
+        self.services = services
+
+    async def apply(self, plan, errors: ErrorBook, now: float) -> None:
+        s = self.services
+        await s._program(plan.frontends, plan.owners, plan.failures.get(NAME), errors, now, "delete")
+
+    def view(self) -> "DatapathView":
+        return self.services.view()
+
+
+class DatapathView:
+    """Read-only view of the services reconciler and its datapath: the announce rule
+    (``vip_ready``), which Service claims each frontend, what is not programmed and why, the
+    maps' capacity and counters. ``maps`` is the Datapath for *reading* (agent.datapath.inspect)."""
+
+    def __init__(self, rec: ServiceReconciler):
+        self._rec = rec
+        self.vip_ready = rec.vip_ready
+        self.blocked = rec.blocked        # addresses held back (None: unknown, only programmed ones go)
+        self.owners = MappingProxyType(rec.owners)          # ServiceKey -> "namespace/name"
+        self.failed = MappingProxyType(rec.failed)          # ServiceKey -> FrontendFailure
+        self.failure_counts = MappingProxyType(rec.failure_counts)
+        self.maps = rec.dp
+
+    def unprogrammed_services(self) -> dict[str, list]:
+        return self._rec.unprogrammed_services()
+
+    @property
+    def capacity(self):
+        return self.maps.capacity
+
+    @property
+    def reloads(self) -> int:
+        return self.maps.reloads
+
+    @property
+    def maglev_builds(self) -> int:
+        return getattr(self.maps, "maglev_builds", 0)
 
 
 def clamp(capacity, map_max: int | None):

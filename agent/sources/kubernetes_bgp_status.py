@@ -86,7 +86,7 @@ def status_trigger(controller) -> tuple | None:
     None before the first pass."""
     if controller.node_config is None and not controller.errors:
         return None
-    sessions = tuple(sorted((s.address, s.state) for _, s in controller.peer_states()))
+    sessions = tuple(sorted((p.state.address, p.state.state) for p in controller.peer_states()))
     return controller.applied_generation, sessions
 
 

@@ -174,6 +174,11 @@ def test_operator_sees_the_service_its_backend_table_flows_and_counters(env):
     assert _metric(metrics, "vipd_datapath_drops_total", reason="NO_BACKEND") >= 0
     assert _metric(metrics, "vipd_datapath_packets_total", hook="xdp", outcome="ct_new") > 0
     assert _metric(metrics, "vipd_datapath_conntrack_entries", direction="service") >= 1
+    # the service's Maglev table was built (once: frontends with the same backends share it);
+    # every pass step is timed, the pure plan and each reconciler
+    assert _metric(metrics, "vipd_maglev_builds_total") >= 1
+    for step in ("plan", "services", "neighbors", "advertisements", "services-delete"):
+        assert _metric(metrics, "vipd_reconcile_duration_seconds_count", reconciler=step) >= 1
 
 
 def test_inspection_errors_are_clear(env):

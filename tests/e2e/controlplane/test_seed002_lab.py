@@ -195,6 +195,12 @@ def test_3_lb_service_etp_local_follows_the_ready_endpoint(env):
     (path,) = [p for p in env.routes_by_prefix("leaf01")[prefix] if p.next_hop == "10.0.5.12"]
     assert path.local_pref == 200
     assert "65000:99" in path.communities and "65000:1:1" in path.large_communities
+    # `vipctl bgp routes advertised` is the Adj-RIB-Out as sent: every route with the attributes
+    # leaf01 received from the node, LOCAL_PREF 100 on the PodCIDR included (iBGP, on the wire)
+    sent = wait_until(lambda: advertised_equals_received(env, "cilium-bgp-worker", "10.0.5.12", "leaf01",
+                                                         "10.0.5.1"),
+                      timeout=15, what="vipctl's advertised routes equal leaf01's received routes")
+    assert sent[prefix][2] == 200 and sent["10.1.3.0/24"][2] == 100, sent
     # the endpoint moves to rack1: the announcement moves with it
     env.write_all("svc.yaml", demo.service_yaml(traffic_policy="Local", endpoint_node="cilium-bgp-worker3"))
     wait_until(lambda: announcers(env, prefix) == {"leaf01": set(), "leaf02": {"10.0.10.12"}},
@@ -207,6 +213,24 @@ def test_3_lb_service_etp_local_follows_the_ready_endpoint(env):
     # advertisement-only changes never reset a session
     assert connections_established(env) == before
     assert all(before[n.address] for n in NODES)
+
+
+def advertised_equals_received(env, node: str, node_address: str, leaf: str, leaf_address: str):
+    """{prefix: (next hop, AS path, LOCAL_PREF, communities, large communities)} when what
+    ``vipctl bgp routes advertised`` shows toward the leaf equals the paths the leaf's FRR holds
+    from the node (else None)."""
+    data = json.loads(env.vipctl(node, "-o", "json", "bgp", "routes", "advertised", "ipv4", "unicast",
+                                 "peer", leaf_address))
+    data = data if isinstance(data, list) else [data]     # one node: one response
+    sent = {r["prefix"]: (r.get("nextHop"), tuple(int(a) for a in r.get("asPath", [])),
+                          r.get("localPref") if r.get("hasLocalPref") else None,
+                          tuple(sorted(r.get("communities", []))), tuple(sorted(r.get("largeCommunities", []))))
+            for resp in data for r in resp.get("routes", [])}
+    received = {p.prefix: (p.next_hop, p.as_path, p.local_pref, tuple(sorted(p.communities)),
+                           tuple(sorted(p.large_communities)))
+                for paths in env.routes_by_prefix(leaf).values() for p in paths
+                if p.next_hop == node_address and p.as_path == ()}
+    return sent if sent and sent == received else None
 
 
 def test_4_lb_service_etp_cluster_announced_by_every_node(env):

@@ -82,8 +82,39 @@ class RecordingSpeaker:
         self._call("withdraw", address, family, str(prefix))
         self.rib.get((address, family), {}).pop(prefix, None)
 
+    def advertise_many(self, address, family, prefixes, attrs):
+        changed = 0
+        for prefix in prefixes:
+            if self.rib.get((address, family), {}).get(prefix) != attrs:
+                self.advertise(address, family, prefix, attrs)
+                changed += 1
+        return changed
+
+    def withdraw_many(self, address, family, prefixes):
+        changed = 0
+        for prefix in prefixes:
+            if prefix in self.rib.get((address, family), {}):
+                self.withdraw(address, family, prefix)
+                changed += 1
+        return changed
+
     def adj_rib_out(self, address, family):
         return dict(self.rib.get((address, family), {}))
+
+    def adj_rib_out_sent(self, address, family):
+        """As the real speaker: each attribute set through the session's own encoder (the
+        fake's sessions are all Established, four-octet AS, IPv4 local address)."""
+        from agent.bgp.rib import UpdateEncoder
+
+        cfg = self.neighbors[address]
+        enc = UpdateEncoder(local_asn=self.asn, ibgp=cfg.peer_asn == self.asn, four_octet_as=True,
+                            max_size=4096, local_address=cfg.local_address or "10.0.0.100")
+        out = {}
+        for prefix, attrs in self.rib.get((address, family), {}).items():
+            sent = enc.sent_path(family, attrs)
+            if sent is not None:
+                out[prefix] = sent
+        return out
 
     def adj_rib_in(self, address, family):
         return {}
