@@ -176,16 +176,22 @@ def test_2b_node_configs_report_the_real_sessions_and_go_with_the_node(kube):
     def node_config(name):
         return json.loads(kube.kubectl("get", "ciliumbgpnodeconfig", name, "-o", "json"))
 
+    def v4_counts(peer):
+        return next((c for c in peer.get("routeCount") or () if c["afi"] == "ipv4"), {})
+
     def established(name):
+        # route counts change without a session change: the status catches up within its
+        # 5 s refresh, so wait for them too
         peers = node_config(name)["status"]["bgpInstances"][0]["peers"]
         return all(p["peeringState"] == "established" and p.get("establishedTime")
-                   and p.get("timers", {}).get("appliedHoldTimeSeconds") for p in peers) and peers
+                   and p.get("timers", {}).get("appliedHoldTimeSeconds")
+                   and v4_counts(p).get("advertised", 0) >= 1 and v4_counts(p).get("received", 0) >= 1
+                   for p in peers) and peers
     for n in NODES:
+        # its PodCIDR advertised; the other nodes' PodCIDRs received (reflected)
         [peer] = wait_until(lambda: established(n.name), timeout=30,
-                            what=f"{n.name}'s NodeConfig status: established")
+                            what=f"{n.name}'s NodeConfig status: established, routes both ways")
         assert peer["peerAddress"] == n.leaf_address
-        v4 = next(c for c in peer["routeCount"] if c["afi"] == "ipv4")
-        assert v4["advertised"] >= 1 and v4["received"] >= 1, peer   # its PodCIDR; the reflected
         owner = node_config(n.name)["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["controller"]) == \
             ("CiliumBGPClusterConfig", n.rack, True)
