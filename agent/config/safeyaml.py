@@ -21,16 +21,22 @@ takes the path above, so values and error messages never depend on which parser 
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import yaml
 
-try:  # optional accelerator (see the module docstring); without it every file takes libyaml
+# The accelerator (see the module docstring); without it (or with VIPD_FAST_YAML=0, for
+# comparisons: benchmarks/config_parse.py) every file takes libyaml, with the same results.
+try:
     import yaml_rs
 except ImportError:  # pragma: no cover - installed by scripts/install-deps
+    yaml_rs = None
+if os.environ.get("VIPD_FAST_YAML") == "0":
     yaml_rs = None
 
 __all__ = ["Limits", "YamlError", "DocumentError", "Document", "load_documents", "decode"]
@@ -388,14 +394,14 @@ _AMBIGUOUS = re.compile(
     + r"(?![0-9a-fA-F:.]*(?:::|:[0-9]*[a-fA-F])[0-9a-fA-F:.]*(?:/[0-9]+)?" + _END + r")"
     + r"[-+]?[0-9._])", re.MULTILINE)
 # Document end markers and flow collections used as keys ("[a, b]: c", which PyYAML refuses).
+# A flow collection right after "{" or "," (spaces and line breaks removed) may be a key.
+_FLOW_IN_FLOW = (b"{[", b"{{", b",[", b",{")
 _SLOW_STRUCTURE = re.compile(r"(?m:^\.\.\.)|[\]}] *:(?=[\s,\[\]{}]|$)")
 
 
-def _plain_subset(text: str) -> bool:
-    """True when yaml_rs reads ``text`` exactly as libyaml + PyYAML's safe constructors do."""
-    if not text.isascii():
-        return False
-    data = text.encode("ascii")
+def _plain_subset(text: str, data: bytes) -> bool:
+    """True when yaml_rs reads ``text`` (``data``: its ASCII bytes) exactly as libyaml + PyYAML's
+    safe constructors do, but for collections used as keys (see _fast_documents)."""
     if data.translate(None, _NOT_SLOW):
         return False
     # inside flow collections YAML 1.2 lets a plain scalar hold ":" (::1, a:b); libyaml does not
@@ -418,7 +424,10 @@ def _fast_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document
     """The documents of ``text`` by yaml_rs, or None when the text must take libyaml (see the
     module docstring). The size and document-count limits are checked before."""
     # yaml_rs recurses per nesting level (it crashes near 50,000): the bound comes first
-    if yaml_rs is None or not _depth_at_most(text, limits.max_depth) or not _plain_subset(text):
+    if yaml_rs is None or not text.isascii() or not _depth_at_most(text, limits.max_depth):
+        return None
+    data = text.encode("ascii")
+    if not _plain_subset(text, data):
         return None
     try:
         # a leading document makes the result a list of documents even for one document
@@ -426,4 +435,12 @@ def _fast_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document
                                duplicate_key_policy=yaml_rs.DuplicateKeyPolicy.Error)
     except Exception:  # noqa: BLE001 - syntax, duplicate key ...: libyaml says exactly what
         return None
+    squeezed = data.translate(None, b" \n")
+    if any(p in squeezed for p in _FLOW_IN_FLOW):
+        # a flow collection as a key ("{[a]}", "{x: 1, {b: c}}") is a tuple or frozenset key
+        # here and an error in PyYAML; json refuses such keys, at C speed
+        try:
+            json.dumps(values, check_circular=False)
+        except (TypeError, ValueError):
+            return None
     return [Document(i, v) for i, v in enumerate(v for v in values[1:] if v is not None)]

@@ -118,8 +118,9 @@ class FileSource:
                 return False
             if not self.directory.is_dir():
                 raise FileNotFoundError(f"config directory {self.directory} does not exist")
-            files, dir_error = await self._parser.parse_dir(self.directory, dict(self._cache.files),
-                                                            self.limits)
+            files, dir_error = await self._parser.parse_dir(
+                self.directory, dict(self._cache.files), self.limits,
+                urgent=not self.store.current.generation)
             self._seen_stat = stat
             if dir_error is not None:
                 result = LoadResult(errors=[ConfigError(str(self.directory), 0, None, None, None,

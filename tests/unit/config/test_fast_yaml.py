@@ -93,6 +93,19 @@ def test_scalars_where_yaml_versions_differ(token, monkeypatch):
         assert_same(text, monkeypatch)
 
 
+# structures libyaml refuses or reads differently (found by fuzzing: collections as keys)
+STRUCTURES = ["a: {x: 1, [7]}\n", "a: {[7]}\n", "a: {{b: 1}}\n", "a: [[x]: 1]\n",
+              "a: {x: 1,\n  [7]}\n", "a: [[7]]\n", "a: [{x: 1}, {y: 2}]\n", "a: {x, y}\n",
+              "a: [x: 1]\n", ": x\n", "a: [::1]\n", "a: [a:b]\n", "a: [-, b]\n", "a: [-]\n",
+              "[a, b]: c\n", "{a: 1}: b\n", "a: b: c\n", "a: 'x\n---\n  y'\n", "- - - a\n",
+              "a: 1\n...\n", "a: x\n---x\n", "--- {a: 1}\n--- [b]\n", "a:\n- b\n-  c\n"]
+
+
+@pytest.mark.parametrize("text", STRUCTURES)
+def test_structures_where_parsers_differ(text, monkeypatch):
+    assert_same(text, monkeypatch)
+
+
 _token = st.one_of(st.sampled_from(DIFFERENT),
                    st.text(alphabet="0123456789abeoxEOX.+-_:", min_size=1, max_size=6),
                    st.text(alphabet=" abc019:-.,[]{}#'\"\n", max_size=8))
