@@ -236,7 +236,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                                   secrets_namespace=args.kubernetes_secrets_namespace)
         log.info("waiting for the first list from the Kubernetes API", source=source.origin)
     else:
-        source = FileSource(args.config, store, limits=parse_limits(args.config_limit))
+        source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
+                            cache_dir=state_dir / "config-cache")
     await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     from agent.controlplane.memo import Memo

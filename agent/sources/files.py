@@ -72,7 +72,8 @@ class FileSource:
     for tools and tests) and on every change (:meth:`run`)."""
 
     def __init__(self, directory: str | Path, store, *, debounce_ms: int = 150,
-                 settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS):
+                 settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS,
+                 cache_dir: str | Path | None = None):
         from agent.config.loader import ParseCache
         from agent.config.worker import ParserProcess
 
@@ -84,6 +85,9 @@ class FileSource:
         self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
         self._cache = ParseCache()   # unchanged files are not parsed again
         self._parser = ParserProcess(log)
+        # parsed files kept on disk for restarts (agent.config.worker.ParseCacheDir)
+        self._parser.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.last_load: dict[str, int] = {}     # files, parsed, cached, unchanged of the last load
         self._lock = asyncio.Lock()
         self._seen_stat: tuple | None = None
         self._logged: set[str] = set()
@@ -99,6 +103,7 @@ class FileSource:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"config directory {self.directory} does not exist")
         t0 = time.monotonic()
+        self.last_load = {}
         fp = fingerprint(yaml_files(self.directory))
         if fp == self.store.current.fingerprint:
             return False
@@ -118,10 +123,14 @@ class FileSource:
                 return False
             if not self.directory.is_dir():
                 raise FileNotFoundError(f"config directory {self.directory} does not exist")
+            known = dict(self._cache.files)
             files, dir_error = await self._parser.parse_dir(
-                self.directory, dict(self._cache.files), self.limits,
-                urgent=not self.store.current.generation)
+                self.directory, known, self.limits, urgent=not self.store.current.generation)
             self._seen_stat = stat
+            unchanged = sum(1 for f in files if known.get(f.path) is f)
+            self.last_load = {"files": len(files), "cached": self._parser.cached,
+                              "unchanged": unchanged,
+                              "parsed": len(files) - unchanged - self._parser.cached}
             if dir_error is not None:
                 result = LoadResult(errors=[ConfigError(str(self.directory), 0, None, None, None,
                                                         "", dir_error)], complete=False)
@@ -169,7 +178,7 @@ class FileSource:
             snap = self.store.current
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
                      objects=sum(1 for _ in objects.all()), errors=len(errors),
-                     load_s=round(time.monotonic() - t0, 3))
+                     load_s=round(time.monotonic() - t0, 3), **self.last_load)
             # each problem is logged once, when it appears (not again on every reload)
             now = {str(e) for e in errors} | {f"kept:{k}" for k in kept}
             for err in errors:
