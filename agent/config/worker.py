@@ -264,6 +264,9 @@ class ParserProcess:
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # yaml_rs's allocator (mimalloc) reserves 1 GiB of address space up front, half of the
+        # parser's RLIMIT_AS: without the reserve it maps what it uses (~10 % slower parsing)
+        env.setdefault("MIMALLOC_ARENA_RESERVE", "0")
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.config.worker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env)
