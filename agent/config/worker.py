@@ -35,9 +35,6 @@ import struct
 import sys
 from pathlib import Path
 
-from agent.config.loader import (FileParse, check_dir, digest_of, file_error, manifest_files,
-                                 parse_bytes, read_file)
-
 CHUNK = 256
 STARTUP_TIMEOUT_S = 60.0
 _HEADER = struct.Struct(">I")
@@ -134,6 +131,9 @@ def _whole_frames(blob: bytes) -> bool:
 def serve_one(request: dict, send) -> None:
     """Answer one load request through ``send(message)``, or ``send(bytes)`` for messages
     already encoded (pure apart from reading the files and the parse cache)."""
+    from agent.config.loader import (check_dir, digest_of, file_error, manifest_files, parse_bytes,
+                                     read_file)
+
     directory = Path(request["dir"])
     limits = request["limits"]
     cache = ParseCacheDir(request["cache_dir"], limits) if request.get("cache_dir") else None
@@ -205,6 +205,8 @@ def main() -> None:
         stdout.write(message if isinstance(message, bytes) else encode(message))
         stdout.flush()
 
+    import agent.config.loader  # noqa: F401 - the models load before "ready" (its own timeout)
+
     send(("ready",))
     while True:
         header = stdin.read(header_size())
@@ -251,16 +253,19 @@ class ParserProcess:
 
     def __init__(self, log=None) -> None:
         self._proc = None
+        self._ready = False
         self.poison: dict[str, str] = {}
         self.log = log
         self.cache_dir: Path | None = None
         self.cached = 0               # files of the last parse_dir served by the parse cache
 
-    async def _start(self, limits):
+    async def spawn(self) -> None:
+        """Start the process without waiting for it: its imports (~0.5 s) overlap the caller's
+        (`vipd run` calls this first thing). Importing this module costs no models."""
         import asyncio
 
         if self._proc is not None and self._proc.returncode is None:
-            return self._proc
+            return
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -270,6 +275,14 @@ class ParserProcess:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.config.worker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env)
+        self._ready = False
+
+    async def _start(self, limits):
+        import asyncio
+
+        await self.spawn()
+        if self._ready:
+            return self._proc
         # imports take a while on a busy machine; the per-message timeout starts after them
         try:
             ready = await self._receive(self._proc, STARTUP_TIMEOUT_S)
@@ -277,6 +290,7 @@ class ParserProcess:
             await self.close()
             raise RuntimeError("the configuration parser process did not start") from None
         assert ready == ("ready",), ready
+        self._ready = True
         return self._proc
 
     async def _receive(self, proc, timeout: float):

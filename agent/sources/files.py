@@ -73,7 +73,7 @@ class FileSource:
 
     def __init__(self, directory: str | Path, store, *, debounce_ms: int = 150,
                  settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, parser=None):
         from agent.config.loader import ParseCache
         from agent.config.worker import ParserProcess
 
@@ -84,7 +84,8 @@ class FileSource:
         self.limits = limits
         self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
         self._cache = ParseCache()   # unchanged files are not parsed again
-        self._parser = ParserProcess(log)
+        self._parser = parser if parser is not None else ParserProcess(log)   # maybe spawned early
+        self._parser.log = log
         # parsed files kept on disk for restarts (agent.config.worker.ParseCacheDir)
         self._parser.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.last_load: dict[str, int] = {}     # files, parsed, cached, unchanged of the last load
