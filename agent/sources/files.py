@@ -109,7 +109,11 @@ class FileSource:
         if fp == self.store.current.fingerprint:
             return False
         result = load_dir(self.directory, self._cache, self.limits)
-        return self._install(self._decide(result), fp, t0)
+        decided = self._decide(result)
+        changed = self._install(decided, fp, t0)
+        if changed:
+            self._log_problems(decided[1], decided[3])
+        return changed
 
     async def reload(self, *, force: bool = False) -> bool:
         """Parse the directory in the worker process and install the result; True when the
@@ -145,7 +149,10 @@ class FileSource:
             for e in result.errors:
                 h.update(str(e).encode())
             decided = await asyncio.to_thread(self._decide, result)
-            return self._install(decided, h.hexdigest(), t0)
+            changed = self._install(decided, h.hexdigest(), t0)
+            if changed:
+                await asyncio.to_thread(self._log_problems, decided[1], decided[3])
+            return changed
 
     def request_reload(self) -> None:
         """Reload soon (SIGHUP): a task on the running loop, never a parse in the caller."""
@@ -180,19 +187,23 @@ class FileSource:
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
                      objects=sum(1 for _ in objects.all()), errors=len(errors),
                      load_s=round(time.monotonic() - t0, 3), **self.last_load)
-            # each problem is logged once, when it appears (not again on every reload)
-            now = {str(e) for e in errors} | {f"kept:{k}" for k in kept}
-            for err in errors:
-                if str(err) not in self._logged:
-                    log.warning("invalid configuration rejected", error=str(err))
-            for key in kept:
-                if f"kept:{key}" not in self._logged:
-                    log.warning("invalid edit rejected; the previous version stays applied",
-                                object=key)
-            for gone in sorted(self._logged - now):
-                log.info("configuration problem resolved", error=gone.removeprefix("kept:"))
-            self._logged = now
         return changed
+
+    def _log_problems(self, errors, kept) -> None:
+        """Each problem is logged once, when it appears (not again on every reload), and once
+        when it is gone. Thousands of lines when a big file breaks or is fixed: the daemon runs
+        this in a thread, never on the event loop."""
+        now = {str(e) for e in errors} | {f"kept:{k}" for k in kept}
+        for err in errors:
+            if str(err) not in self._logged:
+                log.warning("invalid configuration rejected", error=str(err))
+        for key in kept:
+            if f"kept:{key}" not in self._logged:
+                log.warning("invalid edit rejected; the previous version stays applied",
+                            object=key)
+        for gone in sorted(self._logged - now):
+            log.info("configuration problem resolved", error=gone.removeprefix("kept:"))
+        self._logged = now
 
     def _keep_last_good(self, result):
         """An invalid edit is rejected the way the Kubernetes API server rejects it: the object's
