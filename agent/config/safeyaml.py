@@ -389,7 +389,10 @@ _END = r"(?=[\s,\[\]{}#]|:(?=[\s,\[\]{}]|$)|$)"
 # and CIDRs, and IPv6 addresses (which contain "::" or a hex letter, unlike 1.1's 12:30).
 _AMBIGUOUS = re.compile(
     _START + r"(?:(?:[Yy]es|YES|[Nn]o|NO|[Oo]n|ON|[Oo]ff|OFF|=)" + _END
-    + r"|(?![-+]?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]*)?" + _END + r")"
+    # a token that can be a number at all: digits, hex letters, base prefixes, ".", "_", ":",
+    # a signed exponent (uids like 3c5e8f12-9a7b-... are never numbers)
+    + r"|(?=[-+]?[0-9._](?:[0-9a-fA-FxXoO_.:]|[eE][-+])*" + _END + r")"
+    + r"(?![-+]?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]*)?" + _END + r")"
     + r"(?![0-9]+(?:\.[0-9]+){2,}(?:/[0-9]+)?" + _END + r")"
     + r"(?![0-9a-fA-F:.]*(?:::|:[0-9]*[a-fA-F])[0-9a-fA-F:.]*(?:/[0-9]+)?" + _END + r")"
     + r"[-+]?[0-9._])", re.MULTILINE)
@@ -399,14 +402,23 @@ _FLOW_IN_FLOW = (b"{[", b"{{", b",[", b",{")
 _SLOW_STRUCTURE = re.compile(r"(?m:^\.\.\.)|[\]}] *:(?=[\s,\[\]{}]|$)")
 
 
+# a quoted scalar starting a token, on one line ('' is an escaped quote in single quotes)
+_QUOTED = re.compile(rb"""(?<![^\s,\[\]{}:])(?:"(?:[^"\\\n]|\\.)*"|'(?:[^'\n]|'')*')""")
+
+
+def _colon_not_before_space(data: bytes) -> bool:
+    return data.count(b":") != data.count(b": ") + data.count(b":\n") + data.endswith(b":")
+
+
 def _plain_subset(text: str, data: bytes) -> bool:
     """True when yaml_rs reads ``text`` (``data``: its ASCII bytes) exactly as libyaml + PyYAML's
     safe constructors do, but for collections used as keys (see _fast_documents)."""
     if data.translate(None, _NOT_SLOW):
         return False
-    # inside flow collections YAML 1.2 lets a plain scalar hold ":" (::1, a:b); libyaml does not
-    if (b"[" in data or b"{" in data) and data.count(b":") != (
-            data.count(b": ") + data.count(b":\n") + data.endswith(b":")):
+    # inside flow collections YAML 1.2 lets a plain scalar hold ":" (::1, a:b); libyaml does not.
+    # A ":" inside a one-line quoted scalar ("2024-05-01T10:00:00Z", kubectl's timestamps) is fine.
+    if (b"[" in data or b"{" in data) and _colon_not_before_space(data) \
+            and _colon_not_before_space(_QUOTED.sub(b"", data)):
         return False
     # a ":" starting a token (": x", "[: x]", "a : b"): libyaml refuses an empty key
     if b" :" in b" " + data.translate(_BREAKS):

@@ -48,6 +48,46 @@ def assert_same(text: str, monkeypatch) -> bool:
     return fast is not None
 
 
+KUBECTL = """apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2024-05-01T10:00:00Z"
+    labels: {app: web}
+    name: web
+    namespace: default
+    resourceVersion: "123456"
+    uid: 3c5e8f12-9a7b-4c1d-8e2f-0123456789ab
+  spec:
+    clusterIP: 10.96.12.34
+    clusterIPs:
+    - 10.96.12.34
+    externalTrafficPolicy: Cluster
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    ports:
+    - nodePort: 31234
+      port: 80
+      protocol: TCP
+      targetPort: 8080
+    selector: {app: web}
+    sessionAffinity: None
+    type: LoadBalancer
+  status:
+    loadBalancer: {}
+kind: List
+metadata:
+  resourceVersion: ""
+"""
+
+
+def test_kubectl_output_takes_the_fast_path(monkeypatch):
+    assert assert_same(KUBECTL, monkeypatch)
+
+
 def test_fast_path_is_installed_and_reads_the_scale_manifests(monkeypatch):
     # the start-up budget at 20,000 Services depends on it (benchmarks/config_parse.py)
     assert safeyaml.yaml_rs is not None, "yaml_rs is missing: run scripts/install-deps"
@@ -83,7 +123,9 @@ DIFFERENT = ["yes", "No", "ON", "off", "0777", "09", "0o17", "1e3", "1.0e3", "1e
              "1.7976931348623157e309", "2001-12-14", ".inf", "-.Inf", ".NaN", "~", "null",
              "12345678901234567890123", "0.", "00", "+0", "-0", "0", "1", "1.5", "10.1.0.10",
              "10.0.0.0/8", "2001:db8::1", "fd00::10:20", "::1", "1:2a", "true", "False", "TRUE",
-             "a: b", "[1, 2]", "{a: 1}", "- x", "x # c", "'q'", '"q"', "", "a b", "1 2", "v1.2.3"]
+             "a: b", "[1, 2]", "{a: 1}", "- x", "x # c", "'q'", '"q"', "", "a b", "1 2", "v1.2.3",
+             "3c5e8f12-9a7b-4c1d-8e2f-0123456789ab", "3c5e8f12", "1e5a-x", "0x1g", "1.5e-3",
+             "2001-12-14T21:59:43.10-05:00", "1-2", "+1-2", "1.inf", ".inf-x"]
 
 
 @pytest.mark.parametrize("token", DIFFERENT)
