@@ -213,6 +213,13 @@ class StateDirLock:
 
 
 async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
+    parser = None
+    if not args.kubernetes:
+        # first: the configuration parser process imports its models while this one imports
+        from agent.config.worker import ParserProcess
+
+        parser = ParserProcess()
+        await parser.spawn()
     from agent.api.provider import ControllerProvider
     from agent.api.server import ApiServer
     from agent.reconcilers.controller import Controller
@@ -236,7 +243,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                                   secrets_namespace=args.kubernetes_secrets_namespace)
         log.info("waiting for the first list from the Kubernetes API", source=source.origin)
     else:
-        source = FileSource(args.config, store, limits=parse_limits(args.config_limit))
+        source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
+                            cache_dir=state_dir / "config-cache", parser=parser)
     await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     from agent.controlplane.memo import Memo

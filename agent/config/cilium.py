@@ -35,6 +35,9 @@ SAFI = Literal["unicast", "multicast", "mpls_label", "encapsulation", "vpls", "e
 WellKnown = Literal[tuple(WELL_KNOWN_COMMUNITIES)]  # type: ignore[valid-type]
 
 
+# Cached: endpoint, node and peer addresses repeat across thousands of objects (exceptions are
+# not cached, so a bad address is reported every time).
+@functools.lru_cache(maxsize=65536)
 def check_ip(value: str, *, allow_zone: bool = False) -> str:
     addr = value
     if allow_zone and "%" in value:

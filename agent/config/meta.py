@@ -8,6 +8,7 @@ per field), so callers decide with ``selector is None`` before calling ``matches
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Literal
@@ -37,6 +38,8 @@ class LooseModel(Model):
     model_config = ConfigDict(extra="ignore")
 
 
+# Cached: the same few label keys appear on thousands of objects.
+@functools.lru_cache(maxsize=4096)
 def check_label_key(key: str) -> str:
     prefix, _, name = key.rpartition("/")
     if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):

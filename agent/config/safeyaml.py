@@ -9,15 +9,35 @@ per nesting level in C, so a cheap upper bound on the depth is computed from the
 when it is high, the exact depth comes from libyaml's event stream (iterative) before composing.
 
 Timestamps stay strings, as they do when Kubernetes converts YAML to JSON.
+
+Fast path: a file written in the plain subset of YAML that configuration generators and
+``kubectl get -o yaml`` produce is parsed by yaml_rs (Rust, ~8x faster than libyaml's Python
+composer) when the text proves that both parsers give the same values: no anchors, aliases,
+tags, block scalars, directives, tabs or non-ASCII text, and no plain scalar that YAML 1.1
+(PyYAML, the API server's go-yaml) and YAML 1.2 (yaml_rs) resolve differently (``yes``, ``0777``,
+``1e3``, ``12:30`` ...). Anything else, and every file yaml_rs refuses (syntax, duplicate keys),
+takes the path above, so values and error messages never depend on which parser ran.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import yaml
+
+# The accelerator (see the module docstring); without it (or with VIPD_FAST_YAML=0, for
+# comparisons: benchmarks/config_parse.py) every file takes libyaml, with the same results.
+try:
+    import yaml_rs
+except ImportError:  # pragma: no cover - installed by scripts/install-deps
+    yaml_rs = None
+if os.environ.get("VIPD_FAST_YAML") == "0":
+    yaml_rs = None
 
 __all__ = ["Limits", "YamlError", "DocumentError", "Document", "load_documents", "decode"]
 
@@ -133,6 +153,22 @@ def _depth_bound(text: str, chunks: list[str]) -> int:
         return flow
     block = max((len(m) for m in _BLOCK_PREFIX.findall(text)), default=0)
     return flow + block + 1
+
+
+def _depth_at_most(text: str, limit: int) -> bool:
+    """True when no document of ``text`` nests deeper than ``limit`` (an upper bound from the
+    text alone); it implies ``_depth_bound(...) <= limit``, at a fraction of its cost."""
+    block = limit // 2
+    # a block prefix (spaces, tabs, "- ", "? ", ": ") is a run of these characters at a line start
+    if re.search(r"\n[ \t?:-]{%d}" % block, "\n" + text):
+        return False
+    flow = text.count("[") + text.count("{")
+    if flow > limit - block:
+        # pieces between "---" lines: each one or more whole documents (not every document
+        # start, e.g. "--- {a: 1}", is a split here), so their counts still bound the depth
+        pieces = text.split("\n---\n")
+        flow = max(map(str.count, pieces, repeat("["))) + max(map(str.count, pieces, repeat("{")))
+    return flow <= limit - block
 
 
 def _exact_depth(text: str, limit: int) -> None:
@@ -256,26 +292,41 @@ def _check_graph(root, limits: Limits) -> tuple[int, int, DocumentError | None]:
 def load_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]:
     """Every non-empty document of ``text``. Raises YamlError when the file as a whole is
     unusable (syntax, depth, aliasing, too many documents)."""
-    # "---" in column 0 always starts a document (see _depth_bound): refuse before parsing
-    chunks = _DOC_START.split(text)
-    if len(chunks) - 1 > limits.max_documents:
+    # "---" in column 0 always starts a document (see _depth_bound): refuse before parsing.
+    # Each limit is first checked on the whole text (a cheap bound: a file within a per-document
+    # limit has no document beyond it); only a file beyond the bound is split into documents.
+    chunks: list[str] = []
+
+    def split() -> list[str]:
+        if not chunks:
+            chunks.extend(_DOC_START.split(text))
+        return chunks
+
+    if text.count("---") > limits.max_documents and len(split()) - 1 > limits.max_documents:
         raise YamlError(f"{len(chunks) - 1:,} documents in one file; the limit is "
                         f"{limits.max_documents:,} (split it into several files)")
-    biggest = max(range(len(chunks)), key=lambda i: len(chunks[i]))
-    if len(chunks[biggest]) > limits.max_document_bytes:
-        line = 1 + sum(c.count("\n") for c in chunks[:biggest])
-        raise YamlError(f"a document of {len(chunks[biggest]):,} bytes; the limit is "
-                        f"{limits.max_document_bytes:,} per object (Kubernetes' etcd refuses "
-                        "bigger objects too)", line)
+    if len(text) > limits.max_document_bytes:
+        biggest = max(range(len(split())), key=lambda i: len(chunks[i]))
+        if len(chunks[biggest]) > limits.max_document_bytes:
+            line = 1 + sum(c.count("\n") for c in chunks[:biggest])
+            raise YamlError(f"a document of {len(chunks[biggest]):,} bytes; the limit is "
+                            f"{limits.max_document_bytes:,} per object (Kubernetes' etcd refuses "
+                            "bigger objects too)", line)
     # Building nodes costs ~3 µs each in libyaml's composer: a 1 MB flow list of 500,000 numbers
     # takes seconds. Every value but the first of a collection follows a "," or a line break.
-    busiest = max(range(len(chunks)), key=lambda i: chunks[i].count(",") + chunks[i].count("\n"))
-    values = chunks[busiest].count(",") + chunks[busiest].count("\n")
-    if values > limits.max_document_values:
-        line = 1 + sum(c.count("\n") for c in chunks[:busiest])
-        raise YamlError(f"a document with about {values:,} values (commas and lines); the limit "
-                        f"is {limits.max_document_values:,} per object", line)
-    if _depth_bound(text, chunks) > _SAFE_COMPOSE_DEPTH:
+    if text.count(",") + text.count("\n") > limits.max_document_values:
+        busiest = max(range(len(split())),
+                      key=lambda i: chunks[i].count(",") + chunks[i].count("\n"))
+        values = chunks[busiest].count(",") + chunks[busiest].count("\n")
+        if values > limits.max_document_values:
+            line = 1 + sum(c.count("\n") for c in chunks[:busiest])
+            raise YamlError(f"a document with about {values:,} values (commas and lines); the "
+                            f"limit is {limits.max_document_values:,} per object", line)
+    fast = _fast_documents(text, limits)
+    if fast is not None:
+        return fast
+    if not _depth_at_most(text, _SAFE_COMPOSE_DEPTH) \
+            and _depth_bound(text, split()) > _SAFE_COMPOSE_DEPTH:
         _exact_depth(text, limits.max_depth)
     loader = _Loader(text)
     out: list[Document] = []
@@ -309,3 +360,99 @@ def load_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document]
     finally:
         loader.dispose()
     return out
+
+
+# ------------------------------------------------------------------------------ the fast path
+
+# Bytes the fast path never takes: control characters, tabs and CR (non-ASCII is refused
+# before), anchors/aliases/tags (&, *, !), block scalars (|, >), directives and reserved
+# indicators (%, @, `), merge keys (<), complex keys (?): where libyaml and yaml_rs differ at the
+# edges, or where the limits on aliases need libyaml's node graph.
+_SLOW_BYTES = bytes(range(0, 10)) + bytes(range(11, 32)) + b"\x7f&*!|>%@`<?"
+_NOT_SLOW = bytes(c for c in range(128) if c not in _SLOW_BYTES)
+# Candidates for the exact check below, found by short literal searches (each a memchr-speed
+# scan) in a translation of the text: flow indicators, line breaks, comments and ":" become
+# spaces (a plain token starts after one), signs "+", "0" and "." "0", digits 1-9 "1", letters
+# lower case. Plain scalars whose value may differ between YAML 1.1 and 1.2 start with a 0, a dot
+# or a sign and one of those (0777, .5, -.5), hold an exponent (1e3), are a 1.1 boolean or "=",
+# or hold an underscore (1_000) or "digit:digit" (1.1's base 60: 12:30).
+_TOKENS = bytes.maketrans(b"\n,[]{}#:-.ABCDEFGHIJKLMNOPQRSTUVWXYZ23456789",
+                          b"        +0abcdefghijklmnopqrstuvwxyz11111111")
+_MAYBE_AMBIGUOUS = (b" 0", b" +0", b"1e", b"0e", b" yes ", b" no ", b" on ", b" off ", b" = ")
+_BREAKS = bytes.maketrans(b"\n,[]{}", b"      ")
+_DIGITS = bytes.maketrans(b"023456789", b"111111111")
+# The exact check. A plain token ends at whitespace, a flow indicator, a comment or a ": ".
+_START = r"(?<![^\s,\[\]{}])"
+_END = r"(?=[\s,\[\]{}#]|:(?=[\s,\[\]{}]|$)|$)"
+# Plain scalars YAML 1.1 and 1.2 resolve differently: 1.1 booleans, "=", and number-like tokens
+# other than decimal integers (<= 18 digits), simple decimals (1.5, 3.), IPv4 addresses, versions
+# and CIDRs, and IPv6 addresses (which contain "::" or a hex letter, unlike 1.1's 12:30).
+_AMBIGUOUS = re.compile(
+    _START + r"(?:(?:[Yy]es|YES|[Nn]o|NO|[Oo]n|ON|[Oo]ff|OFF|=)" + _END
+    # a token that can be a number at all: digits, hex letters, base prefixes, ".", "_", ":",
+    # a signed exponent (uids like 3c5e8f12-9a7b-... are never numbers)
+    + r"|(?=[-+]?[0-9._](?:[0-9a-fA-FxXoO_.:]|[eE][-+])*" + _END + r")"
+    + r"(?![-+]?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]*)?" + _END + r")"
+    + r"(?![0-9]+(?:\.[0-9]+){2,}(?:/[0-9]+)?" + _END + r")"
+    + r"(?![0-9a-fA-F:.]*(?:::|:[0-9]*[a-fA-F])[0-9a-fA-F:.]*(?:/[0-9]+)?" + _END + r")"
+    + r"[-+]?[0-9._])", re.MULTILINE)
+# Document end markers and flow collections used as keys ("[a, b]: c", which PyYAML refuses).
+# A flow collection right after "{" or "," (spaces and line breaks removed) may be a key.
+_FLOW_IN_FLOW = (b"{[", b"{{", b",[", b",{")
+_SLOW_STRUCTURE = re.compile(r"(?m:^\.\.\.)|[\]}] *:(?=[\s,\[\]{}]|$)")
+
+
+# a quoted scalar starting a token, on one line ('' is an escaped quote in single quotes)
+_QUOTED = re.compile(rb"""(?<![^\s,\[\]{}:])(?:"(?:[^"\\\n]|\\.)*"|'(?:[^'\n]|'')*')""")
+
+
+def _colon_not_before_space(data: bytes) -> bool:
+    return data.count(b":") != data.count(b": ") + data.count(b":\n") + data.endswith(b":")
+
+
+def _plain_subset(text: str, data: bytes) -> bool:
+    """True when yaml_rs reads ``text`` (``data``: its ASCII bytes) exactly as libyaml + PyYAML's
+    safe constructors do, but for collections used as keys (see _fast_documents)."""
+    if data.translate(None, _NOT_SLOW):
+        return False
+    # inside flow collections YAML 1.2 lets a plain scalar hold ":" (::1, a:b); libyaml does not.
+    # A ":" inside a one-line quoted scalar ("2024-05-01T10:00:00Z", kubectl's timestamps) is fine.
+    if (b"[" in data or b"{" in data) and _colon_not_before_space(data) \
+            and _colon_not_before_space(_QUOTED.sub(b"", data)):
+        return False
+    # a ":" starting a token (": x", "[: x]", "a : b"): libyaml refuses an empty key
+    if b" :" in b" " + data.translate(_BREAKS):
+        return False
+    if (b"]:" in data or b"}:" in data or b"] " in data or b"} " in data or b"..." in data) \
+            and _SLOW_STRUCTURE.search(text):
+        return False
+    tokens = b" " + data.translate(_TOKENS) + b" "
+    maybe = (b"_" in data or b"1:1" in data.translate(_DIGITS)
+             or any(m in tokens for m in _MAYBE_AMBIGUOUS))
+    return not (maybe and _AMBIGUOUS.search(text))
+
+
+def _fast_documents(text: str, limits: Limits = DEFAULT_LIMITS) -> list[Document] | None:
+    """The documents of ``text`` by yaml_rs, or None when the text must take libyaml (see the
+    module docstring). The size and document-count limits are checked before."""
+    # yaml_rs recurses per nesting level (it crashes near 50,000): the bound comes first
+    if yaml_rs is None or not text.isascii() or not _depth_at_most(text, limits.max_depth):
+        return None
+    data = text.encode("ascii")
+    if not _plain_subset(text, data):
+        return None
+    try:
+        # a leading document makes the result a list of documents even for one document
+        values = yaml_rs.loads("0\n---\n" + text, parse_datetime=False,
+                               duplicate_key_policy=yaml_rs.DuplicateKeyPolicy.Error)
+    except Exception:  # noqa: BLE001 - syntax, duplicate key ...: libyaml says exactly what
+        return None
+    squeezed = data.translate(None, b" \n")
+    if any(p in squeezed for p in _FLOW_IN_FLOW):
+        # a flow collection as a key ("{[a]}", "{x: 1, {b: c}}") is a tuple or frozenset key
+        # here and an error in PyYAML; json refuses such keys, at C speed
+        try:
+            json.dumps(values, check_circular=False)
+        except (TypeError, ValueError):
+            return None
+    return [Document(i, v) for i, v in enumerate(v for v in values[1:] if v is not None)]

@@ -2,15 +2,22 @@
 (an alias bomb, a 10 MiB file, 10,000 files) costs this process CPU and memory, never the event
 loop that keeps the BGP sessions alive.
 
-    parent --request--> worker: {"dir", "known": {path: digest}, "poison": {path: digest}, "limits"}
+    parent --request--> worker: {"dir", "known": {path: digest}, "poison": {path: digest}, "limits",
+                                 "urgent": the daemon's first load (not niced)}
     worker --messages--> parent, one per line of work, each a length-prefixed pickle:
         ("begin", path)                   about to parse path (names the culprit of a crash)
         ("same", path, digest)            content unchanged since the parent's last load
         ("file", FileParse)               a file's errors/ignored (objects follow in chunks)
         ("objects", path, [(obj, index)])  at most CHUNK objects, so unpickling one message
                                           never holds the parent's event loop for long
+        ("cached", path)                  the "file" and "objects" messages that follow come
+                                          from the parse cache (see ParseCacheDir)
         ("done", dir_error, [paths])      the load is complete
     (and once, when it has started: ("ready",))
+
+With ``"cache_dir"`` in the request (the daemon: STATE_DIR/config-cache), each file's messages
+are also written there, keyed by the file's path and content and by the parser's own code, and
+a restart sends them again instead of parsing the file (see ParseCacheDir).
 
 The worker lives under RLIMIT_AS (``Limits.worker_memory_bytes``); the parent kills it when it is
 silent for ``Limits.worker_timeout_s``. Either way the parent reports the file it was reading and
@@ -19,15 +26,14 @@ retries the load without that file (see ``agent.sources.files``).
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import os
 import pickle
 import resource
 import struct
 import sys
 from pathlib import Path
-
-from agent.config.loader import (FileParse, check_dir, digest_of, file_error, manifest_files,
-                                 parse_bytes, read_file)
 
 CHUNK = 256
 STARTUP_TIMEOUT_S = 60.0
@@ -47,10 +53,90 @@ def body_size(header: bytes) -> int:
     return _HEADER.unpack(header)[0]
 
 
+class ParseCacheDir:
+    """Parsed files on disk, for restarts: the encoded messages of one file's parse, under a key
+    of the file's path and content digest, the limits and this parser's code (its source files
+    and the versions of the libraries that read YAML and check types), so an entry is exactly
+    what parsing the file again would send. Entries of files not in the last load are removed.
+
+    The entries are pickles: the directory must be writable only by vipd (the state dir is)."""
+
+    SUFFIX = ".parse"
+
+    def __init__(self, directory: str | Path, limits) -> None:
+        import pydantic
+        import yaml
+
+        from agent.config import safeyaml
+
+        self.directory = Path(directory)
+        code = hashlib.sha256(repr((limits, sys.version, pydantic.VERSION, yaml.__version__,
+                                    getattr(safeyaml.yaml_rs, "__version__", None))).encode())
+        for source in sorted(Path(__file__).parent.glob("*.py")):
+            code.update(source.read_bytes())
+        self._code = code.hexdigest()
+        self.used: set[str] = set()
+
+    def _entry(self, path: str, digest: str) -> Path:
+        key = hashlib.sha256(f"{self._code}\0{path}\0{digest}".encode()).hexdigest()
+        self.used.add(key + self.SUFFIX)
+        return self.directory / (key + self.SUFFIX)
+
+    def keep(self, path: str, digest: str) -> None:
+        """The file is unchanged since the parent's last load: its entry stays."""
+        self._entry(path, digest)
+
+    def get(self, path: str, digest: str) -> bytes | None:
+        try:
+            blob = self._entry(path, digest).read_bytes()
+        except OSError:
+            return None
+        return blob if _whole_frames(blob) else None     # a torn write is a miss
+
+    def put(self, path: str, digest: str, frames: bytes) -> None:
+        entry = self._entry(path, digest)
+        tmp = entry.with_suffix(".tmp")
+        try:
+            # the entries hold the objects, Secrets included: readable by vipd only
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(frames)
+            os.replace(tmp, entry)
+        except OSError:
+            pass          # a cache that cannot be written costs the next restart time, no more
+
+    def prune(self) -> None:
+        try:
+            stale = [e for e in self.directory.iterdir() if e.name not in self.used]
+        except OSError:
+            return
+        for entry in stale:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def _whole_frames(blob: bytes) -> bool:
+    """True when ``blob`` is a sequence of complete length-prefixed messages."""
+    at = 0
+    while at < len(blob):
+        if at + _HEADER.size > len(blob):
+            return False
+        at += _HEADER.size + _HEADER.unpack_from(blob, at)[0]
+    return at == len(blob) and at > 0
+
+
 def serve_one(request: dict, send) -> None:
-    """Answer one load request through ``send(message)`` (pure apart from reading the files)."""
+    """Answer one load request through ``send(message)``, or ``send(bytes)`` for messages
+    already encoded (pure apart from reading the files and the parse cache)."""
+    from agent.config.loader import (check_dir, digest_of, file_error, manifest_files, parse_bytes,
+                                     read_file)
+
     directory = Path(request["dir"])
     limits = request["limits"]
+    cache = ParseCacheDir(request["cache_dir"], limits) if request.get("cache_dir") else None
     known: dict[str, str] = request.get("known", {})
     poison: dict[str, str] = request.get("poison", {})
     try:
@@ -71,6 +157,8 @@ def serve_one(request: dict, send) -> None:
         digest = digest_of(data)
         if known.get(path) == digest:
             send(("same", path, digest))
+            if cache is not None:
+                cache.keep(path, digest)
             continue
         if poison.get(path) == digest:
             fp = file_error(path, "the parser process died reading this file (memory limit "
@@ -81,6 +169,11 @@ def serve_one(request: dict, send) -> None:
             send(("file", fp))
             continue
         send(("begin", path, digest))
+        hit = cache.get(path, digest) if cache is not None else None
+        if hit is not None:
+            send(("cached", path))
+            send(hit)
+            continue
         try:
             fp = parse_bytes(data, path, limits, digest)
         except MemoryError:
@@ -91,20 +184,28 @@ def serve_one(request: dict, send) -> None:
             fp = file_error(path, "nested too deeply to parse")
             fp.digest = digest
         objects, fp.parsed = fp.parsed, []
-        send(("file", fp))
-        for start in range(0, len(objects), CHUNK):
-            send(("objects", path, objects[start:start + CHUNK]))
-        del objects, data
+        frames = [encode(("file", fp))]
+        frames += [encode(("objects", path, objects[start:start + CHUNK]))
+                   for start in range(0, len(objects), CHUNK)]
+        for frame in frames:
+            send(frame)
+        if cache is not None:
+            cache.put(path, digest, b"".join(frames))
+        del objects, data, frames
+    if cache is not None:
+        cache.prune()
     send(("done", None, [str(f) for f in files]))
 
 
 def main() -> None:
-    limits_set = False
+    limits_set = niced = False
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 
     def send(message) -> None:
-        stdout.write(encode(message))
+        stdout.write(message if isinstance(message, bytes) else encode(message))
         stdout.flush()
+
+    import agent.config.loader  # noqa: F401 - the models load before "ready" (its own timeout)
 
     send(("ready",))
     while True:
@@ -115,9 +216,16 @@ def main() -> None:
         if not limits_set:
             cap = request["limits"].worker_memory_bytes
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-            # parsing yields the CPU to the daemon, whose loop runs the BGP timers
-            os.nice(10)
             limits_set = True
+        if not niced and not request.get("urgent"):
+            # parsing yields the CPU to the daemon, whose loop runs the BGP timers (the first
+            # load, before any session exists, runs at full priority: it gates the start)
+            os.nice(10)
+            niced = True
+        # A load allocates millions of containers and frees them by refcount; the cyclic GC's
+        # scans of them cost ~20 % of a load at 20,000 Services. Cycles (an exception's
+        # traceback) are collected once per load instead, within the same memory limit.
+        gc.disable()
         try:
             serve_one(request, send)
         except MemoryError:
@@ -127,6 +235,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - one line for the daemon's log, not a traceback
             sys.stderr.write(f"vipd config parser: {type(exc).__name__}: {str(exc)[:300]}\n")
             os._exit(4)
+        gc.collect()
 
 
 if __name__ == "__main__":
@@ -144,20 +253,36 @@ class ParserProcess:
 
     def __init__(self, log=None) -> None:
         self._proc = None
+        self._ready = False
         self.poison: dict[str, str] = {}
         self.log = log
+        self.cache_dir: Path | None = None
+        self.cached = 0               # files of the last parse_dir served by the parse cache
+
+    async def spawn(self) -> None:
+        """Start the process without waiting for it: its imports (~0.5 s) overlap the caller's
+        (`vipd run` calls this first thing). Importing this module costs no models."""
+        import asyncio
+
+        if self._proc is not None and self._proc.returncode is None:
+            return
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # yaml_rs's allocator (mimalloc) reserves 1 GiB of address space up front, half of the
+        # parser's RLIMIT_AS: without the reserve it maps what it uses (~10 % slower parsing)
+        env.setdefault("MIMALLOC_ARENA_RESERVE", "0")
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.config.worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=env)
+        self._ready = False
 
     async def _start(self, limits):
         import asyncio
 
-        if self._proc is not None and self._proc.returncode is None:
+        await self.spawn()
+        if self._ready:
             return self._proc
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.config.worker", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env=env)
         # imports take a while on a busy machine; the per-message timeout starts after them
         try:
             ready = await self._receive(self._proc, STARTUP_TIMEOUT_S)
@@ -165,6 +290,7 @@ class ParserProcess:
             await self.close()
             raise RuntimeError("the configuration parser process did not start") from None
         assert ready == ("ready",), ready
+        self._ready = True
         return self._proc
 
     async def _receive(self, proc, timeout: float):
@@ -174,15 +300,18 @@ class ParserProcess:
         body = await asyncio.wait_for(proc.stdout.readexactly(body_size(header)), timeout)
         return pickle.loads(body)
 
-    async def parse_dir(self, directory: Path, known: dict[str, "FileParse"], limits
-                        ) -> tuple[list[FileParse], str | None]:
+    async def parse_dir(self, directory: Path, known: dict[str, "FileParse"], limits, *,
+                        urgent: bool = False) -> tuple[list[FileParse], str | None]:
         """-> (one FileParse per manifest, in name order; a directory-wide error or None).
-        Unchanged files come back as the very objects in ``known`` (path -> last FileParse)."""
+        Unchanged files come back as the very objects in ``known`` (path -> last FileParse).
+        ``urgent``: nothing runs yet that parsing could delay (the first load)."""
         import asyncio
 
         for _attempt in range(8):
             proc = await self._start(limits)
+            self.cached = 0
             proc.stdin.write(encode({"dir": str(directory), "limits": limits, "poison": self.poison,
+                                     "urgent": urgent, "cache_dir": self.cache_dir and str(self.cache_dir),
                                      "known": {p: fp.digest for p, fp in known.items() if fp.digest}}))
             files: list[FileParse] = []
             current: tuple[str, str] | None = None
@@ -200,6 +329,8 @@ class ParserProcess:
                         current = None
                     elif tag == "objects":
                         files[-1].parsed.extend(message[2])
+                    elif tag == "cached":
+                        self.cached += 1
                     elif tag == "done":
                         return files, message[1]
                     await asyncio.sleep(0)    # let the sessions' timers run between messages

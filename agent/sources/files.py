@@ -72,7 +72,8 @@ class FileSource:
     for tools and tests) and on every change (:meth:`run`)."""
 
     def __init__(self, directory: str | Path, store, *, debounce_ms: int = 150,
-                 settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS):
+                 settle_ms: int = 200, limits: Limits = DEFAULT_LIMITS,
+                 cache_dir: str | Path | None = None, parser=None):
         from agent.config.loader import ParseCache
         from agent.config.worker import ParserProcess
 
@@ -83,7 +84,11 @@ class FileSource:
         self.limits = limits
         self._last_good: dict[str, dict[str, object]] = {}   # file -> object key -> object
         self._cache = ParseCache()   # unchanged files are not parsed again
-        self._parser = ParserProcess(log)
+        self._parser = parser if parser is not None else ParserProcess(log)   # maybe spawned early
+        self._parser.log = log
+        # parsed files kept on disk for restarts (agent.config.worker.ParseCacheDir)
+        self._parser.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.last_load: dict[str, int] = {}     # files, parsed, cached, unchanged of the last load
         self._lock = asyncio.Lock()
         self._seen_stat: tuple | None = None
         self._logged: set[str] = set()
@@ -99,11 +104,16 @@ class FileSource:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"config directory {self.directory} does not exist")
         t0 = time.monotonic()
+        self.last_load = {}
         fp = fingerprint(yaml_files(self.directory))
         if fp == self.store.current.fingerprint:
             return False
         result = load_dir(self.directory, self._cache, self.limits)
-        return self._install(self._decide(result), fp, t0)
+        decided = self._decide(result)
+        changed = self._install(decided, fp, t0)
+        if changed:
+            self._log_problems(decided[1], decided[3])
+        return changed
 
     async def reload(self, *, force: bool = False) -> bool:
         """Parse the directory in the worker process and install the result; True when the
@@ -118,9 +128,14 @@ class FileSource:
                 return False
             if not self.directory.is_dir():
                 raise FileNotFoundError(f"config directory {self.directory} does not exist")
-            files, dir_error = await self._parser.parse_dir(self.directory, dict(self._cache.files),
-                                                            self.limits)
+            known = dict(self._cache.files)
+            files, dir_error = await self._parser.parse_dir(
+                self.directory, known, self.limits, urgent=not self.store.current.generation)
             self._seen_stat = stat
+            unchanged = sum(1 for f in files if known.get(f.path) is f)
+            self.last_load = {"files": len(files), "cached": self._parser.cached,
+                              "unchanged": unchanged,
+                              "parsed": len(files) - unchanged - self._parser.cached}
             if dir_error is not None:
                 result = LoadResult(errors=[ConfigError(str(self.directory), 0, None, None, None,
                                                         "", dir_error)], complete=False)
@@ -134,7 +149,10 @@ class FileSource:
             for e in result.errors:
                 h.update(str(e).encode())
             decided = await asyncio.to_thread(self._decide, result)
-            return self._install(decided, h.hexdigest(), t0)
+            changed = self._install(decided, h.hexdigest(), t0)
+            if changed:
+                await asyncio.to_thread(self._log_problems, decided[1], decided[3])
+            return changed
 
     def request_reload(self) -> None:
         """Reload soon (SIGHUP): a task on the running loop, never a parse in the caller."""
@@ -168,20 +186,24 @@ class FileSource:
             snap = self.store.current
             log.info("configuration loaded", dir=str(self.directory), generation=snap.generation,
                      objects=sum(1 for _ in objects.all()), errors=len(errors),
-                     load_s=round(time.monotonic() - t0, 3))
-            # each problem is logged once, when it appears (not again on every reload)
-            now = {str(e) for e in errors} | {f"kept:{k}" for k in kept}
-            for err in errors:
-                if str(err) not in self._logged:
-                    log.warning("invalid configuration rejected", error=str(err))
-            for key in kept:
-                if f"kept:{key}" not in self._logged:
-                    log.warning("invalid edit rejected; the previous version stays applied",
-                                object=key)
-            for gone in sorted(self._logged - now):
-                log.info("configuration problem resolved", error=gone.removeprefix("kept:"))
-            self._logged = now
+                     load_s=round(time.monotonic() - t0, 3), **self.last_load)
         return changed
+
+    def _log_problems(self, errors, kept) -> None:
+        """Each problem is logged once, when it appears (not again on every reload), and once
+        when it is gone. Thousands of lines when a big file breaks or is fixed: the daemon runs
+        this in a thread, never on the event loop."""
+        now = {str(e) for e in errors} | {f"kept:{k}" for k in kept}
+        for err in errors:
+            if str(err) not in self._logged:
+                log.warning("invalid configuration rejected", error=str(err))
+        for key in kept:
+            if f"kept:{key}" not in self._logged:
+                log.warning("invalid edit rejected; the previous version stays applied",
+                            object=key)
+        for gone in sorted(self._logged - now):
+            log.info("configuration problem resolved", error=gone.removeprefix("kept:"))
+        self._logged = now
 
     def _keep_last_good(self, result):
         """An invalid edit is rejected the way the Kubernetes API server rejects it: the object's
