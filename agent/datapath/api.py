@@ -29,15 +29,15 @@ import ipaddress
 import os
 import shutil
 import struct as _struct
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from agent.datapath import abi
+from agent.datapath import abi, bpfsys
 from agent.datapath.abi import BackendFlag, CtDir, CtFlag, DropReason, Hook, MapName, Stat, SvcFlag
-from agent.datapath.loader import BPF_DIR, BPF_F_XDP_HAS_FRAGS, bundle, compile_program, import_bcc, load_prog
+from agent.datapath.child import SIZE_DEFINES, Loaded, LoaderChild
+from agent.datapath.loader import ensure_bpffs
 from agent.datapath.model import (
     Backend, IPAddress, IPNetwork, Mode, Proto, Service, ServiceKey, backend_name,
 )
@@ -298,8 +298,7 @@ class Datapath:
         self.features = features
         self._table_builder = table_builder
         self._tables: dict[tuple, tuple[int, ...]] = {}  # (backends, M) -> Maglev table
-        self._xdp_bpf = None
-        self._tc_bpf = None
+        self._loaded: Loaded | None = None   # programs and maps handed over by the loader child
         self._fns: dict[str, object] = {}
         self._programmed: dict[ServiceKey, _Programmed] = {}
         self._wildcards: dict[tuple[int, IPAddress], int] = {}
@@ -320,14 +319,21 @@ class Datapath:
 
     # ------------------------------------------------------------------ load / adopt
 
-    def load(self, capacity=None) -> None:
+    def loader_defines(self) -> dict[str, object]:
+        """The compile-time defines a loader child needs before the sizes are known
+        (``LoaderChild.start(dp.loader_defines())`` as early as possible, then ``load(child=)``)."""
+        return self.features.defines(self.pin_dir)
+
+    def load(self, capacity=None, *, child: LoaderChild | None = None) -> None:
         """Compile both programs and open (or create) the pinned maps, then adopt their state.
 
+        Compiling and loading happen in a child process (agent/datapath/child.py): ``child``
+        is one started earlier with :meth:`loader_defines`, so its compile overlapped other work.
         Sized maps that are already pinned are adopted at their pinned size (never shrunk);
         without pins they are created at ``Features``' capacity. With ``capacity`` (a
         :class:`~agent.datapath.capacity.Capacity`, e.g. from ``plan_capacity``) maps that are
         smaller are grown right after adoption (:meth:`grow`)."""
-        _ensure_bpffs(self.pin_dir)
+        ensure_bpffs(self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         pinned = self._pinned_capacity()
         if pinned is not None:
@@ -335,30 +341,37 @@ class Datapath:
         elif capacity is not None:
             self.features = self.features.with_capacity(capacity)
         t0 = time.monotonic()
-        self._xdp_bpf, self._tc_bpf, self._fns = self._compile(self.features, self.pin_dir)
+        self._loaded = self._compile(self.features, self.pin_dir, child=child)
+        self._fns = self._loaded.programs
         self._alloc.size = self.features.maglev_slots
         self._hz = _kernel_hz(self._fns["clock-probe"].fd)
         self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
-                 compile_s=round(time.monotonic() - t0, 2), capacity=str(self.features.capacity),
-                 verified_insns={k: getattr(f, "verified_insns", None) for k, f in self._fns.items()})
+                 compile_s=round(self._loaded.compile_s, 2), waited_s=round(time.monotonic() - t0, 2),
+                 capacity=str(self.features.capacity),
+                 verified_insns={k: f.verified_insns for k, f in self._fns.items()})
         self._check_pins()
         self._migrate_ct_v1()
         self._adopt()
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
 
-    def _compile(self, features: Features, sized_pin_dir: Path):
-        bcc = import_bcc()
-        defines = features.defines(self.pin_dir, sized_pin_dir)
-        xdp = compile_program(bundle(BPF_DIR / "xdp_lb.c"), defines)
-        # multi-buffer aware (BPF_F_XDP_HAS_FRAGS): veth refuses MTUs above ~3.5k otherwise
-        fns = {"xdp": load_prog(xdp, "xdp_lb", bcc.BPF.XDP, prog_flags=BPF_F_XDP_HAS_FRAGS)}
-        tc = compile_program(bundle(BPF_DIR / "tc_lb.c"), defines)
-        fns["tc-egress"] = load_prog(tc, "tc_egress", bcc.BPF.SCHED_CLS)
-        fns["tc-ingress"] = load_prog(tc, "tc_ingress", bcc.BPF.SCHED_CLS)
-        fns["clock-probe"] = xdp.load_func(b"clock_probe", bcc.BPF.XDP)
-        return xdp, tc, fns
+    def _compile(self, features: Features, sized_pin_dir: Path, child: LoaderChild | None = None) -> Loaded:
+        """Programs and maps from a loader child; the sized maps are created at ``features``'
+        capacity under ``sized_pin_dir`` unless pinned there already."""
+        defines = features.defines(self.pin_dir)
+        if child is not None and _without_sizes(child.defines) != _without_sizes(defines):
+            log.warning("the early loader child was started with other settings; compiling again",
+                        instance=self.instance)
+            child.kill()
+            child = None
+        if child is None:
+            child = LoaderChild.start(defines)
+        sizes = {d: int(defines[d]) for d in SIZE_DEFINES}
+        try:
+            return child.finish(sized_pin_dir, sizes)
+        except Exception as exc:
+            raise DatapathError(f"datapath {self.instance}: {exc}") from exc
 
     def _pinned_capacity(self):
         """The capacity of the sized maps pinned now (None when they are not all pinned)."""
@@ -402,10 +415,10 @@ class Datapath:
         shutil.rmtree(stage, ignore_errors=True)   # a growth interrupted before its renames
         stage.mkdir()
         try:
-            xdp, tc, fns = self._compile(new, stage)
+            loaded = self._compile(new, stage)
             t_compile = time.monotonic() - t0
             for name in SIZED_MAPS:
-                old_t, new_t = self.table(name), xdp[name.value.encode()]
+                old_t, new_t = self.table(name), loaded.tables[name.value]
                 limit = self._alloc.top if name is MapName.MAGLEV else None
                 _copy_map(old_t.map_fd, new_t.map_fd, limit=limit)
             for name in SIZED_MAPS:
@@ -414,8 +427,8 @@ class Datapath:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         os.rmdir(stage)
-        old_bpfs = (self._xdp_bpf, self._tc_bpf)
-        self._xdp_bpf, self._tc_bpf, self._fns = xdp, tc, fns
+        old_loaded = self._loaded
+        self._loaded, self._fns = loaded, loaded.programs
         self._write_neigh_cfg(gen=0)   # the next-hop cache is per program (not pinned): configure it
         old_features, self.features = self.features, new
         self._alloc.size = new.maglev_slots
@@ -425,8 +438,7 @@ class Datapath:
                                 accept_local=False)
             else:
                 self.attach_tc(ifname, hook.split("-", 1)[1], netns=netns)
-        for b in old_bpfs:
-            b.cleanup()
+        old_loaded.close()
         self.reloads += 1
         log.info("datapath grown", instance=self.instance, old=str(old_features.capacity),
                  new=str(new.capacity), compile_s=round(t_compile, 2),
@@ -434,7 +446,7 @@ class Datapath:
 
     @property
     def loaded(self) -> bool:
-        return self._xdp_bpf is not None
+        return self._loaded is not None
 
     def program_fd(self, name: str) -> int:
         """File descriptor of a loaded program: "xdp", "tc-egress" or "tc-ingress"."""
@@ -442,13 +454,13 @@ class Datapath:
         return self._fns[name].fd
 
     def table(self, name: MapName | str):
-        """The bcc table object of a map (for tests and the CLI)."""
+        """A map (:class:`~agent.datapath.maptable.MapTable`: bcc-like Key/Leaf types, raw syscalls)."""
         self._require_loaded()
         name = name.value if isinstance(name, MapName) else name
-        return self._xdp_bpf[name.encode()]
+        return self._loaded.tables[name]
 
     def _require_loaded(self):
-        if self._xdp_bpf is None:
+        if self._loaded is None:
             raise DatapathError("datapath not loaded: call load() first")
 
     def _check_pins(self) -> None:
@@ -458,7 +470,8 @@ class Datapath:
             tbl = self.table(name)
             info = _map_info(tbl.map_fd)
             leaf = getattr(tbl, "sLeaf", tbl.Leaf)   # per-CPU tables: Leaf is the per-CPU array
-            want = (ctypes.sizeof(tbl.Key), ctypes.sizeof(leaf), tbl.max_entries)
+            declared = tbl.declared_entries if tbl.declared_entries is not None else info.max_entries
+            want = (ctypes.sizeof(tbl.Key), ctypes.sizeof(leaf), declared)
             got = (info.key_size, info.value_size, info.max_entries)
             if got != want:
                 raise DatapathError(
@@ -470,14 +483,13 @@ class Datapath:
         """Conntrack of an older vipd (``ct_v1``: addresses first in the value) moves into
         ``ct_v2`` (the fields an established packet reads first), so flows survive the upgrade;
         then the old pin goes. Keys are the same; values are re-ordered field by field."""
-        from bcc.libbcc import lib
-
         old = self.pin_dir / "ct_v1"
         if not old.exists():
             return
-        fd = lib.bpf_obj_get(str(old).encode())
-        if fd < 0:
-            raise DatapathError(f"cannot open the old conntrack map {old}: {os.strerror(ctypes.get_errno())}")
+        try:
+            fd = bpfsys.obj_get(old)
+        except OSError as exc:
+            raise DatapathError(f"cannot open the old conntrack map {old}: {exc.strerror}") from exc
         try:
             info = _map_info(fd)
             if (info.key_size, info.value_size) != (40, CT_V1_VALUE.size):
@@ -492,10 +504,9 @@ class Datapath:
                      last_seen, svc_gen) = CT_V1_VALUE.unpack_from(vals, i * CT_V1_VALUE.size)
                     CT_V2_VALUE.pack_into(out, i * CT_V2_VALUE.size, backend_id, svc_id, svc_gen, flags,
                                           nat_port, rport, rdport, last_seen, a0, a1, a2, a3, d0, d1, d2, d3)
-                cnt = ctypes.c_uint32(n)
-                if lib.bpf_update_batch(dst.map_fd, ctypes.byref(keys), ctypes.byref(out), ctypes.byref(cnt)) != 0:
-                    raise DatapathError(f"migrating conntrack: BPF_MAP_UPDATE_BATCH failed: "
-                                        f"{os.strerror(ctypes.get_errno())}")
+                _, rc = bpfsys.update_batch(dst.map_fd, keys, out, n)
+                if rc:
+                    raise DatapathError(f"migrating conntrack: BPF_MAP_UPDATE_BATCH failed: {os.strerror(-rc)}")
                 moved += n
         finally:
             os.close(fd)
@@ -576,7 +587,6 @@ class Datapath:
         (their source is the node's own address). Pass False on nodes without SNAT services.
         """
         self._require_loaded()
-        bcc = import_bcc()
         flags = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}[mode]
         fn = self._fns["xdp"]
 
@@ -585,7 +595,7 @@ class Datapath:
             # own address as source; without accept_local the stack drops them as martians.
             if accept_local:
                 _sysctl(f"net/ipv4/conf/{ifname}/accept_local", "1")
-            bcc.BPF.attach_xdp(ifname.encode(), fn, flags)
+            _set_xdp(ifname, netns, fn.fd, flags)
 
         in_netns(netns, work)
         self._remember(ifname, "xdp", netns)
@@ -619,10 +629,9 @@ class Datapath:
     def detach(self, ifname: str, hook: str, *, netns: str | None = None) -> None:
         """Detach ``hook`` ("xdp" | "tc-ingress" | "tc-egress") from ``ifname``."""
         if hook == "xdp":
-            bcc = import_bcc()
-            in_netns(netns, lambda: bcc.BPF.remove_xdp(ifname.encode(), 0))
+            in_netns(netns, lambda: _set_xdp(ifname, netns, -1, 0))
             try:
-                in_netns(netns, lambda: bcc.BPF.remove_xdp(ifname.encode(), XDP_FLAGS_SKB_MODE))
+                in_netns(netns, lambda: _set_xdp(ifname, netns, -1, XDP_FLAGS_SKB_MODE))
             except Exception:  # noqa: BLE001 - nothing attached in generic mode
                 pass
         elif hook in ("tc-ingress", "tc-egress"):
@@ -859,7 +868,7 @@ class Datapath:
     # ------------------------------------------------------------------ next-hop cache
 
     def _write_neigh_cfg(self, gen: int) -> None:
-        tbl = self._xdp_bpf[b"neigh_cfg_v1"]
+        tbl = self.table("neigh_cfg_v1")
         v = tbl.Leaf()
         v.gen = gen & 0xFFFFFFFF
         v.ttl = max(1, round(self._hz * NEIGH_TTL_S))
@@ -871,15 +880,15 @@ class Datapath:
         each remote backend does a FIB lookup. Without a flush a route or neighbour change is
         followed within NEIGH_TTL_S (1 s) of the change (docs/datapath.md, "Next-hop cache")."""
         self._require_loaded()
-        self._write_neigh_cfg(self._xdp_bpf[b"neigh_cfg_v1"][ctypes.c_uint32(0)].gen + 1)
+        self._write_neigh_cfg(self.table("neigh_cfg_v1")[0].gen + 1)
 
     def neighbours(self) -> list[NeighEntry]:
         """The next hops cached per CPU (entries of the current generation, any age)."""
         self._require_loaded()
-        gen = self._xdp_bpf[b"neigh_cfg_v1"][ctypes.c_uint32(0)].gen
+        gen = self.table("neigh_cfg_v1")[0].gen
         now = _jiffies32(self._fns["clock-probe"].fd)
         out = []
-        for slot, per_cpu in self._xdp_bpf[b"neigh_v1"].items():
+        for slot, per_cpu in self.table("neigh_v1").items():
             for cpu, e in enumerate(per_cpu):
                 if e.stamp and e.gen == gen:
                     out.append(NeighEntry(
@@ -892,11 +901,10 @@ class Datapath:
 
     def close(self) -> None:
         """Drop this process's handles. Attached programs keep running; maps stay pinned."""
-        for b in (self._xdp_bpf, self._tc_bpf):
-            if b is not None:
-                b.cleanup()
-        self._xdp_bpf = self._tc_bpf = None
-        self._fns.clear()
+        if self._loaded is not None:
+            self._loaded.close()
+        self._loaded = None
+        self._fns = {}
 
     def destroy(self) -> None:
         """Detach what this instance attached, close, and remove the pin directory."""
@@ -1013,7 +1021,6 @@ class Datapath:
 
     def _sweep_replies(self, doomed_if, why: str) -> int:
         """Delete the REPLY entries for which ``doomed_if(backend_id, key)``."""
-        from bcc.libbcc import lib
         tbl = self.table(MapName.CT)
         reply = int(CtDir.REPLY)
         doomed = [tbl.Key.from_buffer_copy(k) for k, v in _hash_items(tbl)
@@ -1021,9 +1028,7 @@ class Datapath:
         done = 0
         if doomed:   # one BPF_MAP_DELETE_BATCH; it stops at a key gone meanwhile: the rest one by one
             keys = (tbl.Key * len(doomed))(*doomed)
-            cnt = ctypes.c_uint32(len(doomed))
-            lib.bpf_delete_batch(tbl.map_fd, ctypes.byref(keys), ctypes.byref(cnt))
-            done = cnt.value
+            done, _ = bpfsys.delete_batch(tbl.map_fd, keys, len(doomed))
         for k in doomed[done:]:
             try:
                 del tbl[k]
@@ -1202,69 +1207,56 @@ def _array_write(tbl, items: list[tuple[int, int]]) -> None:
     """Batch-update u32 -> u32 array slots (one syscall per 64k slots)."""
     if not items:
         return
-    from bcc.libbcc import lib
+    _array_write_arrays(tbl, array("I", [k for k, _ in items]), array("I", [v for _, v in items]))
+
+
+def _array_write_arrays(tbl, keys: array, vals: array) -> None:
+    """Batch-update u32 -> u32 array slots given as two ``array('I')`` of equal length."""
     chunk = 65536
-    for i in range(0, len(items), chunk):
-        part = items[i:i + chunk]
-        n = len(part)
-        # array('I') then a ctypes view of its buffer: ~10x cheaper than c_uint32 * n (*items)
-        key_buf, val_buf = array("I", [k for k, _ in part]), array("I", [v for _, v in part])
-        keys = (ctypes.c_uint32 * n).from_buffer(key_buf)
-        vals = (ctypes.c_uint32 * n).from_buffer(val_buf)
-        cnt = ctypes.c_uint32(n)
-        if lib.bpf_update_batch(tbl.map_fd, ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt)) != 0:
-            err = ctypes.get_errno()
+    for i in range(0, len(keys), chunk):
+        kpart, vpart = keys[i:i + chunk], vals[i:i + chunk]
+        n = len(kpart)
+        done, rc = bpfsys.update_batch(tbl.map_fd, (ctypes.c_uint32 * n).from_buffer(kpart),
+                                       (ctypes.c_uint32 * n).from_buffer(vpart), n)
+        if rc:
             # kernels without batch ops on arrays: fall back to single updates
-            if err not in (22, 95, 524):
-                raise DatapathError(f"BPF_MAP_UPDATE_BATCH failed: {os.strerror(err)}")
-            for k, v in part:
+            if -rc not in (22, 95, 524):
+                raise DatapathError(f"BPF_MAP_UPDATE_BATCH on {tbl.name} failed: {os.strerror(-rc)}")
+            for k, v in zip(kpart[done:], vpart[done:]):
                 tbl[tbl.Key(k)] = tbl.Leaf(v)
 
 
 def _array_read_range(tbl, start: int, count: int) -> list[int]:
     """Read ``count`` u32 slots of an array starting at ``start`` (batch lookup)."""
-    from bcc.libbcc import lib
-    out: list[int] = []
     keys = (ctypes.c_uint32 * count)()
     vals = (ctypes.c_uint32 * count)()
-    cnt = ctypes.c_uint32(count)
     out_batch = ctypes.c_uint32(0)
-    if start == 0:
-        rc = lib.bpf_lookup_batch(tbl.map_fd, None, ctypes.byref(out_batch), ctypes.byref(keys),
-                                  ctypes.byref(vals), ctypes.byref(cnt))
-    else:
-        in_batch = ctypes.c_uint32(start - 1)   # the batch cursor is the key *before* the first
-        rc = lib.bpf_lookup_batch(tbl.map_fd, ctypes.byref(in_batch), ctypes.byref(out_batch),
-                                  ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
-    if rc == 0 or cnt.value:
-        got = {keys[i]: vals[i] for i in range(cnt.value)}
+    # the batch cursor is the key *before* the first
+    in_batch = None if start == 0 else ctypes.c_uint32(start - 1)
+    n, rc = bpfsys.lookup_batch(tbl.map_fd, in_batch, out_batch, keys, vals, count)
+    if rc == 0 or n:
+        got = {keys[i]: vals[i] for i in range(n)}
         if all(start + i in got for i in range(count)):
             return [got[start + i] for i in range(count)]
-    for i in range(count):
-        out.append(tbl[tbl.Key(start + i)].value)
-    return out
+    return [tbl[tbl.Key(start + i)].value for i in range(count)]
 
 
 def _hash_items(tbl, chunk: int = 4096):
     """(key, value) of every element of a hash map, by BPF_MAP_LOOKUP_BATCH in chunks (the
     yielded ctypes objects are views of a reused buffer: copy what is kept)."""
-    from bcc.libbcc import lib
     keys, vals = (tbl.Key * chunk)(), (tbl.Leaf * chunk)()
     token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
     first = True
     while True:
-        cnt = ctypes.c_uint32(chunk)
-        res = lib.bpf_lookup_batch(tbl.map_fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
-                                   ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
-        err = ctypes.get_errno() if res != 0 else 0
-        if res != 0 and err != 2:   # ENOENT: the last batch
-            if first and err in (22, 95, 524):   # no batch ops: one by one
+        n, rc = bpfsys.lookup_batch(tbl.map_fd, None if first else token_in, token_out, keys, vals, chunk)
+        if rc and rc != -errno.ENOENT:   # ENOENT: the last batch
+            if first and -rc in (22, 95, 524):   # no batch ops: one by one
                 yield from tbl.items()
                 return
-            raise DatapathError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
-        for i in range(cnt.value):
+            raise DatapathError(f"BPF_MAP_LOOKUP_BATCH on {tbl.name} failed: {os.strerror(-rc)}")
+        for i in range(n):
             yield keys[i], vals[i]
-        if res != 0:
+        if rc:
             return
         token_in.value, first = token_out.value, False
 
@@ -1276,20 +1268,12 @@ def _array_items(tbl):
             yield int(k.value) if hasattr(k, "value") else int(k), v
 
 
-class _BpfMapInfo(ctypes.Structure):
-    """The head of struct bpf_map_info (include/uapi/linux/bpf.h)."""
-
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 64)]
-
-
-def _pinned_map_info(path: Path) -> _BpfMapInfo:
+def _pinned_map_info(path: Path) -> bpfsys.MapInfo:
     """Map info of a pinned map (BPF_OBJ_GET, then BPF_OBJ_GET_INFO_BY_FD)."""
-    from bcc.libbcc import lib
-    fd = lib.bpf_obj_get(str(path).encode())
-    if fd < 0:
-        raise DatapathError(f"cannot open pinned map {path}: {os.strerror(ctypes.get_errno())}")
+    try:
+        fd = bpfsys.obj_get(path)
+    except OSError as exc:
+        raise DatapathError(f"cannot open pinned map {path}: {exc.strerror}") from exc
     try:
         return _map_info(fd)
     finally:
@@ -1308,21 +1292,17 @@ CT_V2_VALUE = _struct.Struct("<IIIHHHHI4I4I")
 def _raw_batches(fd: int, key_size: int, value_size: int, chunk: int = 1 << 14):
     """(keys buffer, values buffer, n) per BPF_MAP_LOOKUP_BATCH of any map (the buffers are
     reused: consume them before the next batch)."""
-    from bcc.libbcc import lib
     keys = ctypes.create_string_buffer(key_size * chunk)
     vals = ctypes.create_string_buffer(value_size * chunk)
     in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
     first = True
     while True:
-        cnt = ctypes.c_uint32(chunk)
-        rc = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
-                                  ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(cnt))
-        err = ctypes.get_errno() if rc != 0 else 0
-        if rc != 0 and err != errno.ENOENT:
-            raise DatapathError(f"reading map: BPF_MAP_LOOKUP_BATCH failed: {os.strerror(err)}")
-        if cnt.value:
-            yield keys, vals, cnt.value
-        if rc != 0:
+        n, rc = bpfsys.lookup_batch(fd, None if first else in_batch, out_batch, keys, vals, chunk)
+        if rc and rc != -errno.ENOENT:
+            raise DatapathError(f"reading map: BPF_MAP_LOOKUP_BATCH failed: {os.strerror(-rc)}")
+        if n:
+            yield keys, vals, n
+        if rc:
             return
         in_batch.value = out_batch.value
         first = False
@@ -1332,13 +1312,11 @@ def _copy_map(src_fd: int, dst_fd: int, *, limit: int | None = None, chunk: int 
     """Copy every entry of one map into another of the same type and layout (batch lookup +
     batch update, ``chunk`` entries per syscall pair). ``limit``: for arrays, copy only keys
     below it. Returns the number of entries copied."""
-    from bcc.libbcc import lib
-    from bcc.utils import get_possible_cpus
     info = _map_info(src_fd)
     ks, vs = info.key_size, info.value_size
-    if info.type in (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH):
-        vs = ((vs + 7) // 8) * 8 * len(get_possible_cpus())
-    is_array = info.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
+    if info.type in bpfsys.PERCPU_TYPES:
+        vs = ((vs + 7) // 8) * 8 * len(bpfsys.possible_cpus())
+    is_array = info.type in bpfsys.ARRAY_TYPES
     if is_array and limit is not None:
         chunk = max(1, min(chunk, limit))
     copied = 0
@@ -1346,29 +1324,34 @@ def _copy_map(src_fd: int, dst_fd: int, *, limit: int | None = None, chunk: int 
         if is_array and limit is not None:
             n = max(0, min(n, limit - copied))
         if n:
-            ucnt = ctypes.c_uint32(n)
-            if lib.bpf_update_batch(dst_fd, ctypes.byref(keys), ctypes.byref(vals), ctypes.byref(ucnt)) != 0:
-                raise DatapathError(f"copying map: BPF_MAP_UPDATE_BATCH failed: {os.strerror(ctypes.get_errno())}")
+            _, rc = bpfsys.update_batch(dst_fd, keys, vals, n)
+            if rc:
+                raise DatapathError(f"copying map: BPF_MAP_UPDATE_BATCH failed: {os.strerror(-rc)}")
             copied += n
         if is_array and limit is not None and copied >= limit:
             break
     return copied
 
 
-BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH = 2, 5, 6, 10
+def _map_info(fd: int) -> bpfsys.MapInfo:
+    try:
+        return bpfsys.map_info(fd)
+    except OSError as exc:
+        raise DatapathError(f"BPF_OBJ_GET_INFO_BY_FD failed: {exc.strerror}") from exc
 
 
-def _map_info(fd: int) -> _BpfMapInfo:
-    """BPF_OBJ_GET_INFO_BY_FD through bcc's libbcc (bpf_obj_get_info)."""
-    from bcc.libbcc import lib
-    info = _BpfMapInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    fn = lib.bpf_obj_get_info
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
-    if fn(fd, ctypes.byref(info), ctypes.byref(size)) != 0:
-        raise DatapathError(f"BPF_OBJ_GET_INFO_BY_FD failed: {os.strerror(ctypes.get_errno())}")
-    return info
+def _set_xdp(ifname: str, netns: str | None, fd: int, flags: int) -> None:
+    """Attach (fd >= 0, replacing) or detach (fd -1) XDP on ``ifname`` by netlink (IFLA_XDP),
+    in the calling thread's network namespace."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname, netns)
+        attrs = [("IFLA_XDP_FD", fd)] + ([("IFLA_XDP_FLAGS", flags)] if flags else [])
+        ipr.link("set", index=idx, xdp={"attrs": attrs})
+
+
+def _without_sizes(defines: dict) -> dict:
+    return {k: v for k, v in defines.items() if k not in SIZE_DEFINES and k != "SIZED_PIN_DIR"}
 
 
 def _ifindex(ipr, ifname: str, netns: str | None) -> int:
@@ -1383,14 +1366,3 @@ def _sysctl(key: str, value: str) -> None:
     path = Path("/proc/sys") / key
     if path.exists() and path.read_text().strip() != value:
         path.write_text(value)
-
-
-def _ensure_bpffs(pin_dir: Path) -> None:
-    """bpffs must be mounted at /sys/fs/bpf for pinning (mount it if the host did not)."""
-    root = Path("/sys/fs/bpf")
-    if not str(pin_dir).startswith(str(root)):
-        return
-    with open("/proc/mounts") as f:
-        if any(line.split()[1] == str(root) and line.split()[2] == "bpf" for line in f):
-            return
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
