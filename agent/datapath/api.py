@@ -30,12 +30,14 @@ import os
 import shutil
 import struct as _struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from agent.datapath import abi, bpfsys
 from agent.datapath.abi import BackendFlag, CtDir, CtFlag, DropReason, Hook, MapName, Stat, SvcFlag
+from agent.datapath.changes import MapChanges, Phase
 from agent.datapath.child import SIZE_DEFINES, Loaded, LoaderChild
 from agent.datapath.loader import ensure_bpffs
 from agent.datapath.model import (
@@ -220,10 +222,12 @@ class _Programmed:
 
 # ---------------------------------------------------------------------------- byte helpers
 
+_FOUR_U32 = _struct.Struct("<4I")
+
+
 def _words(addr: IPAddress) -> tuple[int, int, int, int]:
     """An address as the four raw network-order u32 words of the C structs (little-endian host)."""
-    raw = addr.packed.ljust(16, b"\0")
-    return tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+    return _FOUR_U32.unpack(addr.packed.ljust(16, b"\0"))
 
 
 def _addr_from_words(words, family: int) -> IPAddress:
@@ -236,6 +240,11 @@ def _htons(v: int) -> int:
 
 
 _ntohs = _htons
+
+# flag values as plain ints for the per-service hot path
+_BE_ACTIVE, _BE_LOCAL, _BE_TERMINATING = int(BackendFlag.ACTIVE), int(BackendFlag.LOCAL), int(BackendFlag.TERMINATING)
+_SVC_LOCAL_ONLY, _SVC_DSR, _SVC_AFFINITY = int(SvcFlag.LOCAL_ONLY), int(SvcFlag.DSR), int(SvcFlag.AFFINITY)
+_SVC_SOURCE_RANGES, _SVC_STATELESS = int(SvcFlag.SOURCE_RANGES), int(SvcFlag.STATELESS)
 
 _HOOK_NAMES = {Hook.XDP: "xdp", Hook.TC_INGRESS: "tc_ingress", Hook.TC_EGRESS: "tc_egress"}
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -300,6 +309,15 @@ class Datapath:
         self._tables: dict[tuple, tuple[int, ...]] = {}  # (backends, M) -> Maglev table
         self._loaded: Loaded | None = None   # programs and maps handed over by the loader child
         self._fns: dict[str, object] = {}
+        self._changes: MapChanges | None = None   # writes being recorded (see _writes)
+        self._defer_sweep = False
+        self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
+        self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
+        self.reloads = 0                                           # growths done by this process
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Forget what the maps program (ids, tables, ranges); ``_adopt`` reads it back."""
         self._programmed: dict[ServiceKey, _Programmed] = {}
         self._wildcards: dict[tuple[int, IPAddress], int] = {}
         self._backend_ids: dict[tuple[IPAddress, int], int] = {}
@@ -309,13 +327,9 @@ class Datapath:
         self._revnat: dict[int, ServiceKey] = {}    # local backend id -> its designated service
         self._free_svc_ids: list[int] = []
         self._dead_backends: dict[int, tuple[IPAddress, int]] = {}   # deactivated, REPLY entries not yet swept
-        self._defer_sweep = False
         self._next_svc_id = 1
         self._next_backend_id = 1
-        self._alloc = _RangeAllocator(features.maglev_slots)
-        self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
-        self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
-        self.reloads = 0                                           # growths done by this process
+        self._alloc = _RangeAllocator(self.features.maglev_slots)
 
     # ------------------------------------------------------------------ load / adopt
 
@@ -455,9 +469,12 @@ class Datapath:
 
     def table(self, name: MapName | str):
         """A map (:class:`~agent.datapath.maptable.MapTable`: bcc-like Key/Leaf types, raw syscalls)."""
-        self._require_loaded()
-        name = name.value if isinstance(name, MapName) else name
-        return self._loaded.tables[name]
+        if self._loaded is None:
+            self._require_loaded()
+        try:
+            return self._loaded.tables[name]
+        except KeyError:   # MapName members are str: equal names hash alike, so this is rare
+            return self._loaded.tables[name.value if isinstance(name, MapName) else name]
 
     def _require_loaded(self):
         if self._loaded is None:
@@ -714,6 +731,100 @@ class Datapath:
         one update of the frontend entry, so no packet sees a half-written table.
         """
         self._require_loaded()
+        with self._writes():
+            change = self._upsert(svc, atomic)
+        if not self._defer_sweep:
+            self._sweep_dead_backends()
+        return change
+
+    def upsert_services(self, services: Iterable[Service]) -> dict[ServiceKey, Exception]:
+        """Program many services with one batch of writes per map and phase (the first pass
+        at 20,000 Services: a handful of syscalls instead of ~10^5). Returns the services that
+        could not be programmed, with why. When a batch write fails (a map is full), the
+        in-memory view is read back from the maps and the services are programmed one by one,
+        so each failure (e.g. :class:`CapacityError`) names its own service."""
+        self._require_loaded()
+        services = list(services)
+        errors: dict[ServiceKey, Exception] = {}
+        self._defer_sweep = True
+        try:
+            try:
+                with self._writes():
+                    for svc in services:
+                        try:
+                            self._upsert(svc, False)
+                        except Exception as exc:  # noqa: BLE001 - one service must not stop the others
+                            errors[svc.key] = exc
+            except DatapathError as exc:
+                log.info("batched service writes failed; programming one by one", error=str(exc))
+                errors = {}
+                for svc in services:
+                    try:
+                        self.upsert_service(svc)
+                    except Exception as exc2:  # noqa: BLE001 - as above
+                        errors[svc.key] = exc2
+        finally:
+            self._defer_sweep = False
+            self._sweep_dead_backends()
+        return errors
+
+    @contextmanager
+    def _writes(self):
+        """Record the map writes of the block and apply them at its end in one batch per map
+        and phase (agent/datapath/changes.py, writer.py); nested blocks join the outer one.
+        What was recorded before an exception is applied too (as direct writes would have
+        been). A refused write leaves the maps partly written: the in-memory view is then
+        read back from them (adoption), so the next upsert writes what is missing."""
+        if self._changes is not None:
+            yield
+            return
+        from agent.datapath.writer import WriteError, apply
+
+        self._changes = MapChanges()
+        try:
+            yield
+        finally:
+            changes, self._changes = self._changes, None
+            try:
+                apply(changes, self._loaded.tables)
+            except WriteError as exc:
+                self._reset_state()
+                self._adopt()
+                if exc.full and exc.map == MapName.SVC_BACKENDS.value:
+                    raise CapacityError("memberships", f"service memberships map full "
+                                        f"({self.features.max_memberships}): {exc}") from exc
+                raise DatapathError(str(exc)) from exc
+
+    def _put(self, phase: Phase, name: MapName | str, key, value) -> None:
+        """Write one entry now, or record it when inside ``_writes``."""
+        tbl = self.table(name)
+        if self._changes is None:
+            tbl[key] = value
+        else:
+            self._changes.put(phase, tbl.name, bytes(key), bytes(value))
+
+    def _del(self, phase: Phase, name: MapName | str, key) -> None:
+        """Delete one entry (absent: nothing happens) now, or record it inside ``_writes``."""
+        tbl = self.table(name)
+        if self._changes is None:
+            bpfsys.delete(tbl.map_fd, key)
+        else:
+            self._changes.delete(phase, tbl.name, bytes(key))
+
+    def _write_slots(self, first: int, values: Sequence[int]) -> None:
+        if self._changes is None:
+            _array_write_arrays(self.table(MapName.MAGLEV), array("I", range(first, first + len(values))),
+                                array("I", values))
+        else:
+            self._changes.slots(MapName.MAGLEV.value, first, values)
+
+    def _write_slot_items(self, items: list[tuple[int, int]]) -> None:
+        if self._changes is None:
+            _array_write(self.table(MapName.MAGLEV), items)
+        else:
+            self._changes.slot_items(MapName.MAGLEV.value, items)
+
+    def _upsert(self, svc: Service, atomic: bool) -> ServiceChange:
         if svc.stateless and svc.mode is Mode.SNAT and any(not b.local for b in svc.backends):
             raise ValueError(f"service {svc.key}: stateless needs mode DSR or local backends only "
                              "(SNAT keeps per-flow port state)")
@@ -726,19 +837,11 @@ class Datapath:
         selectable = svc.selectable_backends()
         sel_ids = [ids[svc.backends.index(b)] for b in selectable]
         idx_table = self._build_table([(b.name, b.weight) for b in selectable], svc.maglev_m)
-        table = [sel_ids[i] for i in idx_table]
+        table = [sel_ids[0]] * len(idx_table) if len(sel_ids) == 1 else [sel_ids[i] for i in idx_table]
 
-        flags = 0
-        if svc.traffic_policy_local:
-            flags |= SvcFlag.LOCAL_ONLY
-        if svc.mode is Mode.DSR:
-            flags |= SvcFlag.DSR
-        if svc.affinity_timeout:
-            flags |= SvcFlag.AFFINITY
-        if svc.source_ranges:
-            flags |= SvcFlag.SOURCE_RANGES
-        if svc.stateless:
-            flags |= SvcFlag.STATELESS
+        flags = ((_SVC_LOCAL_ONLY if svc.traffic_policy_local else 0) | (_SVC_DSR if svc.mode is Mode.DSR else 0)
+                 | (_SVC_AFFINITY if svc.affinity_timeout else 0)
+                 | (_SVC_SOURCE_RANGES if svc.source_ranges else 0) | (_SVC_STATELESS if svc.stateless else 0))
 
         # 2. membership before any slot names a new backend; a backend that leaves is removed
         #    now and announced by the generation bump in the frontend entry (step 4): flows
@@ -760,13 +863,17 @@ class Datapath:
         swapped = False
         if old and old.table_cap == svc.maglev_m and not atomic:
             off, cap = old.table_off, old.table_cap
-            changes = _slot_diff(old.table, table)
-            _array_write(self.table(MapName.MAGLEV), [(off + s, v) for s, v in changes])
-            written = len(changes)
+            if len(old.table) != len(table):   # emptied / refilled within the same range
+                self._write_slots(off, table)
+                written = len(table)
+            else:
+                changes = [(off + s, v) for s, (u, v) in enumerate(zip(old.table, table)) if u != v]
+                self._write_slot_items(changes)
+                written = len(changes)
         else:
             cap = svc.maglev_m
             off = self._alloc.alloc(cap)
-            _array_write(self.table(MapName.MAGLEV), [(off + s, v) for s, v in enumerate(table)])
+            self._write_slots(off, table)
             written = len(table)
             swapped = old is not None
 
@@ -790,23 +897,25 @@ class Datapath:
         if old:
             self._ref_backends(old.refs, -1)
         self._index_members(key, old_members, members)
-        if not self._defer_sweep:
-            self._sweep_dead_backends()
         change = ServiceChange(created, written, swapped, service_written)
-        log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
+        if not self._defer_sweep:   # one service at a time (a batch of 20,000 would log 20,000 lines)
+            log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
         return change
 
     def delete_service(self, key: ServiceKey) -> bool:
         """Remove a frontend; returns False when it was not programmed."""
         self._require_loaded()
+        with self._writes():
+            deleted = self._delete(key)
+        if deleted and not self._defer_sweep:
+            self._sweep_dead_backends()
+        return deleted
+
+    def _delete(self, key: ServiceKey) -> bool:
         old = self._programmed.pop(key, None)
         if old is None:
             return False
-        svcs = self.table(MapName.SERVICES)
-        try:
-            del svcs[self._svc_key(key.vip, key.port, key.proto)]
-        except KeyError:
-            pass
+        self._del(Phase.CLEANUP, MapName.SERVICES, self._svc_key(key.vip, key.port, key.proto))
         self._wildcard_ref(key, -1)
         self._write_members(old.svc_id, old.members, present=False)
         self._index_members(key, old.members, frozenset())
@@ -815,8 +924,7 @@ class Datapath:
         self._free_svc_ids.append(old.svc_id)
         self._ref_backends(old.refs, -1)
         if not self._defer_sweep:
-            self._sweep_dead_backends()
-        log.debug("service deleted", service=str(key))
+            log.debug("service deleted", service=str(key))
         return True
 
     def reconcile(self, services: Iterable[Service]) -> dict[str, int]:
@@ -825,13 +933,14 @@ class Datapath:
         stats = {"upserted": 0, "deleted": 0, "slots_written": 0}
         self._defer_sweep = True   # one conntrack sweep for the whole batch
         try:
-            for key in [k for k in self._programmed if k not in want]:
-                self.delete_service(key)
-                stats["deleted"] += 1
-            for svc in want.values():
-                ch = self.upsert_service(svc)
-                stats["upserted"] += 1
-                stats["slots_written"] += ch.slots_written
+            with self._writes():   # one batch of writes per map and phase
+                for key in [k for k in self._programmed if k not in want]:
+                    self._delete(key)
+                    stats["deleted"] += 1
+                for svc in want.values():
+                    ch = self._upsert(svc, False)
+                    stats["upserted"] += 1
+                    stats["slots_written"] += ch.slots_written
         finally:
             self._defer_sweep = False
             self._sweep_dead_backends()
@@ -925,6 +1034,8 @@ class Datapath:
             self._table_builder = build_table
         if not backends:
             return []
+        if len(backends) == 1:   # every slot names the only backend (no permutation needed)
+            return (0,) * m
         # Services often share a backend set (one Deployment behind several Services, or many
         # single-backend Services): the table is a pure function of (backends, M), so build it
         # once. At 20,000 Services this is ~2.5 s of start-up.
@@ -964,13 +1075,10 @@ class Datapath:
                 if bid is None:
                     raise CapacityError("backends", f"too many backends (max {self.features.max_backends - 1})")
             self._next_backend_id = bid + 1
-        flags = BackendFlag.ACTIVE
-        if b.local:
-            flags |= BackendFlag.LOCAL
-        if b.terminating:
-            flags |= BackendFlag.TERMINATING
-        if self._backend_vals.get(bid) != (b.addr, b.port, int(flags)):
-            self._backend_vals[bid] = (b.addr, b.port, int(flags))
+        flags = (_BE_ACTIVE | (_BE_LOCAL if b.local else 0)        # plain ints: IntFlag
+                 | (_BE_TERMINATING if b.terminating else 0))     # arithmetic is slow
+        if self._backend_vals.get(bid) != (b.addr, b.port, flags):
+            self._backend_vals[bid] = (b.addr, b.port, flags)
             self._write_backend(bid)
         self._backend_ids[ident] = bid
         return bid
@@ -991,7 +1099,7 @@ class Datapath:
             if val is not None:
                 self._backend_ids.pop((val[0], val[1]), None)
                 tbl = tbl or self.table(MapName.BACKENDS)
-                tbl[tbl.Key(bid)] = tbl.Leaf()
+                self._put(Phase.CLEANUP, MapName.BACKENDS, tbl.Key(bid), tbl.Leaf())
                 self._dead_backends[bid] = (val[0], val[1])
 
     def _sweep_dead_backends(self) -> int:
@@ -1049,7 +1157,7 @@ class Datapath:
         leaf.flags = flags
         rk = self._revnat.get(bid)
         leaf.revnat_svc = self._programmed[rk].svc_id if rk is not None else 0
-        tbl[tbl.Key(bid)] = leaf
+        self._put(Phase.BACKENDS, MapName.BACKENDS, tbl.Key(bid), leaf)
 
     def _write_members(self, svc_id: int, bids: Iterable[int], present: bool) -> None:
         tbl = self.table(MapName.SVC_BACKENDS)
@@ -1058,15 +1166,12 @@ class Datapath:
             k.svc_id, k.backend_id = svc_id, bid
             if present:
                 try:
-                    tbl[k] = ctypes.c_uint32(1)
-                except Exception as exc:  # noqa: BLE001 - bcc raises a plain Exception (E2BIG)
+                    self._put(Phase.MEMBERS, MapName.SVC_BACKENDS, k, ctypes.c_uint32(1))
+                except OSError as exc:   # E2BIG: full
                     raise CapacityError("memberships", f"service memberships map full "
                                         f"({self.features.max_memberships}): {exc}") from exc
             else:
-                try:
-                    del tbl[k]
-                except KeyError:
-                    pass
+                self._del(Phase.MEMBERS, MapName.SVC_BACKENDS, k)
 
     def _index_members(self, key: ServiceKey, old: frozenset, new: frozenset) -> None:
         """Keep backend -> services current and re-designate the backends whose set changed."""
@@ -1092,9 +1197,9 @@ class Datapath:
 
         def eligible(k):
             p = self._programmed.get(k)
-            return p is not None and k in svcs and not p.flags & SvcFlag.STATELESS
+            return p is not None and k in svcs and not p.flags & _SVC_STATELESS
 
-        if val is None or not val[2] & BackendFlag.LOCAL or not self.features.derive_local_replies:
+        if val is None or not val[2] & _BE_LOCAL or not self.features.derive_local_replies:
             want = None
         elif cur is not None and cur in self._programmed and cur in svcs:
             want = cur     # even if it became stateless: its existing flows stay derivable
@@ -1112,10 +1217,7 @@ class Datapath:
         cur = self._revnat.pop(bid, None)
         if cur is not None and addr is not None:
             self._write_backend(bid)
-            try:
-                del tbl[self._revnat_key(addr, port, cur.proto)]
-            except KeyError:
-                pass
+            self._del(Phase.CLEANUP, MapName.REVNAT, self._revnat_key(addr, port, cur.proto))
         if key is None or addr is None:
             return
         p = self._programmed[key]
@@ -1123,7 +1225,7 @@ class Datapath:
         for i, w in enumerate(_words(key.vip)):
             v.vip[i] = w
         v.vport, v.svc_id, v.backend_id = _htons(key.port), p.svc_id, bid
-        tbl[self._revnat_key(addr, port, key.proto)] = v
+        self._put(Phase.REVNAT, MapName.REVNAT, self._revnat_key(addr, port, key.proto), v)
         self._revnat[bid] = key
         self._write_backend(bid)
 
@@ -1151,7 +1253,7 @@ class Datapath:
         v = tbl.Leaf()
         v.id, v.flags, v.table_off, v.table_size = svc_id, int(flags), off, size
         v.affinity_timeout, v.table_cap, v.backend_gen = affinity_timeout, cap, gen
-        tbl[self._svc_key(key.vip, key.port, key.proto)] = v
+        self._put(Phase.FRONTENDS, MapName.SERVICES, self._svc_key(key.vip, key.port, key.proto), v)
 
     def _wildcard_ref(self, key: ServiceKey, delta: int) -> None:
         wk = (key.family, key.vip)
@@ -1170,12 +1272,9 @@ class Datapath:
         if present:
             v = tbl.Leaf()
             v.flags = int(SvcFlag.WILDCARD)
-            tbl[k] = v
+            self._put(Phase.FRONTENDS, MapName.SERVICES, k, v)
         else:
-            try:
-                del tbl[k]
-            except KeyError:
-                pass
+            self._del(Phase.CLEANUP, MapName.SERVICES, k)
 
     def _write_ranges(self, svc_id: int, nets: Iterable[IPNetwork], present: bool) -> None:
         tbl = self.table(MapName.SRC_RANGES)
@@ -1186,22 +1285,12 @@ class Datapath:
             for i, w in enumerate(_words(net.network_address)):
                 k.addr[i] = w
             if present:
-                tbl[k] = ctypes.c_uint8(1)
+                self._put(Phase.MEMBERS, MapName.SRC_RANGES, k, ctypes.c_uint8(1))
             else:
-                try:
-                    del tbl[k]
-                except KeyError:
-                    pass
+                self._del(Phase.CLEANUP, MapName.SRC_RANGES, k)
 
 
 # ---------------------------------------------------------------------------- map helpers
-
-def _slot_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int]]:
-    if len(old) != len(new):
-        # size change within the same range (table emptied / refilled): write all new slots
-        return list(enumerate(new))
-    return [(s, v) for s, (u, v) in enumerate(zip(old, new)) if u != v]
-
 
 def _array_write(tbl, items: list[tuple[int, int]]) -> None:
     """Batch-update u32 -> u32 array slots (one syscall per 64k slots)."""

@@ -127,6 +127,25 @@ class MapTable:
             out.append(nxt)
             cur = nxt
 
+    def __len__(self) -> int:
+        """Entries (arrays: their size, as bcc)."""
+        return self.max_entries if self.is_array else len(self.keys())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return bpfsys.lookup(self.map_fd, self._key(key), self.Leaf())
+
+    def clear(self) -> None:
+        """Delete every element (arrays: zero every element)."""
+        if self.is_array:
+            for i in range(self.max_entries):
+                del self[i]
+            return
+        for k in self.keys():
+            bpfsys.delete(self.map_fd, k)
+
     def items(self):
         """(key, value) of every element (elements deleted meanwhile are skipped)."""
         out = []
