@@ -362,6 +362,7 @@ class Datapath:
         self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
                  compile_s=round(self._loaded.compile_s, 2), waited_s=round(time.monotonic() - t0, 2),
+                 loader_child_peak_rss_mb=round(self._loaded.child_peak_rss_mb),
                  capacity=str(self.features.capacity),
                  verified_insns={k: f.verified_insns for k, f in self._fns.items()})
         self._check_pins()
@@ -547,8 +548,10 @@ class Datapath:
             ranges.setdefault(k.svc_id, set()).add((tuple(k.addr), fam_bits))
         maglev = self.table(MapName.MAGLEV)
         members: dict[int, set[int]] = {}
+        member_keys = []
         for k, _ in self.table(MapName.SVC_BACKENDS).items():
             members.setdefault(k.svc_id, set()).add(k.backend_id)
+            member_keys.append(k)
         revnat_svc = {k: v.revnat_svc for k, v in _array_items(backends) if v.revnat_svc}
         key_of_id: dict[int, ServiceKey] = {}
         used_ids = set()
@@ -581,6 +584,9 @@ class Datapath:
             if n == 0:   # a leftover wildcard without services
                 self._write_wildcard(wk, present=False)
                 del self._wildcards[wk]
+        for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
+            if k.svc_id not in key_of_id:
+                bpfsys.delete(self.table(MapName.SVC_BACKENDS).map_fd, k)
         for bid, sid in revnat_svc.items():
             if sid in key_of_id and bid in self._backend_vals:
                 self._revnat[bid] = key_of_id[sid]

@@ -79,6 +79,7 @@ class Loaded:
     sized: dict            # map name -> (define, factor)
     compile_s: float       # the child's compile time (it overlaps the agent's work)
     load_s: float          # finish request -> fds received (what the agent waited)
+    child_peak_rss_mb: float = 0.0
 
     def close(self) -> None:
         for t in self.tables.values():
@@ -125,7 +126,10 @@ class LoaderChild:
             raise LoaderError(f"the BPF loader child failed: {exc}") from exc
         finally:
             self._sock.close()
-        rc = self.proc.wait(timeout=30)
+        # reap it ourselves for its peak RSS (bcc + LLVM live there, for these seconds only)
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        rc = self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.peak_rss_mb = usage.ru_maxrss / 1024
         if not msg:
             raise LoaderError(f"the BPF loader child exited with status {rc} without an answer "
                               "(its error is on stderr above)")
@@ -141,7 +145,7 @@ class LoaderChild:
         programs = {p["agent_name"]: Program(p["name"], fds[base + i], p["verified_insns"])
                     for i, p in enumerate(reply["programs"])}
         return Loaded(tables, programs, {k: tuple(v) for k, v in reply["sized"].items()},
-                      reply["compile_s"], time.monotonic() - t0)
+                      reply["compile_s"], time.monotonic() - t0, self.peak_rss_mb)
 
     def kill(self) -> None:
         """Stop the child (the agent gave up on it); its scratch pins go with the next child."""
