@@ -792,7 +792,8 @@ class Datapath:
         finally:
             changes, self._changes = self._changes, None
             try:
-                apply(changes, self._loaded.tables)
+                if len(changes):
+                    apply(changes, self._loaded.tables)
             except WriteError as exc:
                 self._reset_state()
                 self._adopt()
