@@ -20,7 +20,9 @@ import enum
 from array import array
 from typing import Iterator, Sequence
 
-__all__ = ["Phase", "MapChanges", "Batch"]
+__all__ = ["Phase", "MapChanges", "Batch", "SLOT_CHUNK"]
+
+SLOT_CHUNK = 1 << 16   # Maglev slots per BPF_MAP_UPDATE_BATCH
 
 
 class Phase(enum.IntEnum):
@@ -55,7 +57,27 @@ class MapChanges:
         self.slots_map: str | None = None
 
     def __len__(self) -> int:
-        return sum(len(w) for w in self._writes.values()) + sum(len(k) for k, _ in self._slots)
+        return sum(len(w) for w in self._writes.values()) + self.pending_slots
+
+    @property
+    def pending_slots(self) -> int:
+        return sum(len(k) for k, _ in self._slots)
+
+    def take_through(self, last: Phase) -> "MapChanges":
+        """Move the writes of phases up to ``last`` into a new MapChanges (to be applied now):
+        a long batch writes its Maglev slots as it goes instead of holding millions of them.
+        Safe because everything left here belongs to a later phase, and a key written again
+        afterwards is a later write."""
+        out = MapChanges()
+        for (phase, map_name) in [w for w in self._writes if w[0] <= last]:
+            writes = self._writes.pop((phase, map_name))
+            out._writes[(phase, map_name)] = writes
+            for key in writes:
+                del self._phase_of[(map_name, key)]
+                out._phase_of[(map_name, key)] = phase
+        if last >= Phase.SLOTS:
+            out._slots, out.slots_map, self._slots = self._slots, self.slots_map, []
+        return out
 
     def put(self, phase: Phase, map_name: str, key: bytes, value: bytes | None) -> None:
         """Record an update (``value`` bytes) or a delete (``value`` None) of ``key``."""
@@ -83,16 +105,23 @@ class MapChanges:
         self.slots_map = map_name
         self._slots.append((array("I", [k for k, _ in items]), array("I", [v for _, v in items])))
 
+    def _slot_batches(self, chunk: int = SLOT_CHUNK) -> Iterator[Batch]:
+        """The recorded slots in runs of about ``chunk`` (not one copy of all of them)."""
+        keys, vals = array("I"), array("I")
+        for k, v in self._slots:
+            keys.extend(k)
+            vals.extend(v)
+            if len(keys) >= chunk:
+                yield Batch(self.slots_map, "update", keys, vals)
+                keys, vals = array("I"), array("I")
+        if keys:
+            yield Batch(self.slots_map, "update", keys, vals)
+
     def batches(self) -> Iterator[Batch]:
         """The runs in write order: by phase; within a phase by map, updates before deletes."""
         for phase in Phase:
-            if phase is Phase.SLOTS and self._slots:
-                keys = array("I")
-                vals = array("I")
-                for k, v in self._slots:
-                    keys.extend(k)
-                    vals.extend(v)
-                yield Batch(self.slots_map, "update", keys, vals)
+            if phase is Phase.SLOTS:
+                yield from self._slot_batches()
             for (ph, map_name), writes in self._writes.items():
                 if ph != phase or not writes:
                     continue

@@ -66,3 +66,18 @@ def test_only_map_references_are_relocated_to_the_real_maps():
     imms = [INSN.unpack_from(out, i)[3] for i in range(0, len(out), 8)]
     assert imms == [50, 0, 60, 0, 5, 0, 5, 0]
     assert relocate_map_fds(code, {}) == code
+
+
+def test_a_long_batch_hands_over_its_early_phases_and_keeps_the_rest_in_order():
+    c = MapChanges()
+    c.put(Phase.BACKENDS, "backends_v2", b"\1", b"be1")
+    c.slots("maglev_v1", 0, [1, 1])
+    c.put(Phase.FRONTENDS, "services_v2", b"s1", b"svc1")
+    c.put(Phase.CLEANUP, "backends_v2", b"\2", b"dead")
+    early = c.take_through(Phase.SLOTS)
+    assert runs(early) == [("backends_v2", "update", [b"\1"], [b"be1"]), ("maglev_v1", "update", [0, 1], [1, 1])]
+    c.put(Phase.BACKENDS, "backends_v2", b"\1", b"be1'")   # written again after the hand-over: a later write
+    assert runs(c) == [("backends_v2", "update", [b"\1"], [b"be1'"]),
+                       ("services_v2", "update", [b"s1"], [b"svc1"]),
+                       ("backends_v2", "update", [b"\2"], [b"dead"])]
+    assert c.pending_slots == 0 and len(early) == 3
