@@ -54,14 +54,12 @@ class MapChanges:
         self._writes: dict[tuple[Phase, str], dict[bytes, bytes | None]] = {}
         self._phase_of: dict[tuple[str, bytes], Phase] = {}
         self._slots: list[tuple[array, array]] = []     # (slot indices, values) in write order
+        self.pending_slots = 0                           # slots in _slots
         self.slots_map: str | None = None
 
     def __len__(self) -> int:
         return sum(len(w) for w in self._writes.values()) + self.pending_slots
 
-    @property
-    def pending_slots(self) -> int:
-        return sum(len(k) for k, _ in self._slots)
 
     def take_through(self, last: Phase) -> "MapChanges":
         """Move the writes of phases up to ``last`` into a new MapChanges (to be applied now):
@@ -77,6 +75,7 @@ class MapChanges:
                 out._phase_of[(map_name, key)] = phase
         if last >= Phase.SLOTS:
             out._slots, out.slots_map, self._slots = self._slots, self.slots_map, []
+            out.pending_slots, self.pending_slots = self.pending_slots, 0
         return out
 
     def put(self, phase: Phase, map_name: str, key: bytes, value: bytes | None) -> None:
@@ -97,6 +96,7 @@ class MapChanges:
             return
         self.slots_map = map_name
         self._slots.append((array("I", range(first, first + len(values))), array("I", values)))
+        self.pending_slots += len(values)
 
     def slot_items(self, map_name: str, items: Sequence[tuple[int, int]]) -> None:
         """Scattered slots: (index, value) pairs."""
@@ -104,6 +104,7 @@ class MapChanges:
             return
         self.slots_map = map_name
         self._slots.append((array("I", [k for k, _ in items]), array("I", [v for _, v in items])))
+        self.pending_slots += len(items)
 
     def _slot_batches(self, chunk: int = SLOT_CHUNK) -> Iterator[Batch]:
         """The recorded slots in runs of about ``chunk`` (not one copy of all of them)."""
