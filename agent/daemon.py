@@ -245,6 +245,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     else:
         source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
                             cache_dir=state_dir / "config-cache", parser=parser)
+    loader = None
+    if args.lb_interface:   # the BPF compile (seconds) overlaps the parsing; map sizes come later
+        from agent.reconcilers.services import start_datapath_loader
+        loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root)
     await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     from agent.controlplane.memo import Memo
@@ -259,7 +263,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         try:
             datapath = await asyncio.to_thread(open_datapath, store.objects().node(args.node_name),
                                                args.node_name, args.lb_interface,
-                                               pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity)
+                                               pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity,
+                                               loader=loader)
         except Exception as exc:  # noqa: BLE001 - asked for a datapath that cannot load: say why, stop
             log.error("datapath failed to load", error=str(exc), interfaces=args.lb_interface)
             return 1

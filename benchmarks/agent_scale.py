@@ -231,7 +231,7 @@ def main() -> int:
           f"(target <= {TARGET_RSS_MB:.0f}): {verdict(top['vipd']['peak_rss_mb'] <= TARGET_RSS_MB)}")
     ch = top["vipd"].get("one_change")
     if ch:
-        seconds = [ch["datapath_seconds"], ch["frr_seconds"]]
+        seconds = [ch.get("datapath_seconds"), ch.get("frr_seconds")]   # ch also holds pass_seconds
         worst = max(seconds) if all(x is not None for x in seconds) else None
         print(f"  one Service added at {top['services']}: datapath {ch['datapath_seconds']} s, FRR "
               f"{ch['frr_seconds']} s (target <= {TARGET_CHANGE_S} s): "

@@ -85,27 +85,10 @@ def compile_program(source: str, defines: dict[str, object], extra_cflags: list[
     return bcc.BPF(text=source.encode(), cflags=cflags)
 
 
-# struct bpf_prog_info (include/uapi/linux/bpf.h, Linux >= 5.16): verified_insns is the u32 at
-# offset 216 (after recursion_misses); the kernel fills only as many bytes as we pass.
-_PROG_INFO_SIZE = 232
-_VERIFIED_INSNS_OFF = 216
-
-
 def verified_insns(prog_fd: int) -> int:
     """The verifier's "processed N insns" for a loaded program (bpf_prog_info.verified_insns)."""
-    import ctypes
-
-    from bcc.libbcc import lib
-    buf = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
-    size = ctypes.c_uint32(_PROG_INFO_SIZE)
-    fn = lib.bpf_obj_get_info
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
-    if fn(prog_fd, ctypes.byref(buf), ctypes.byref(size)) != 0:
-        raise OSError(ctypes.get_errno(), "BPF_OBJ_GET_INFO_BY_FD on a program failed")
-    if size.value < _VERIFIED_INSNS_OFF + 4:
-        raise RuntimeError("kernel too old: bpf_prog_info has no verified_insns (Linux >= 5.16)")
-    return int.from_bytes(bytes(buf[_VERIFIED_INSNS_OFF:_VERIFIED_INSNS_OFF + 4]), "little")
+    from agent.datapath.bpfsys import prog_info_verified_insns
+    return prog_info_verified_insns(prog_fd)
 
 
 BPF_F_XDP_HAS_FRAGS = 1 << 5
@@ -113,12 +96,11 @@ _BPF_PROG_LOAD = 5
 _NR_BPF = 321   # x86_64
 
 
-def load_prog(bpf, name: str, prog_type: int, *, prog_flags: int = 0):
-    """Load function ``name`` of a compiled ``bcc.BPF`` with BPF_PROG_LOAD ourselves: bcc 0.26's
-    ``load_func`` cannot pass ``prog_flags`` (``BPF_F_XDP_HAS_FRAGS``: an XDP program that
-    accepts multi-buffer frames, which veth requires for an MTU above ~3.5k). The instructions
-    from ``dump_func`` already carry the map fds. Returns a ``bcc.BPF.Function`` owned by
-    ``bpf`` (closed with it), with ``verified_insns``: the verifier's "processed" count."""
+def load_insns(code: bytes, name: str, prog_type: int, *, prog_flags: int = 0) -> tuple[int, int | None]:
+    """BPF_PROG_LOAD of raw instructions (map fds already in them); returns (fd, the
+    verifier's "processed" count). bcc 0.26's ``load_func`` cannot pass ``prog_flags``
+    (``BPF_F_XDP_HAS_FRAGS``: an XDP program that accepts multi-buffer frames, which veth
+    requires for an MTU above ~3.5k), so every program is loaded here."""
     import ctypes
     import errno as _errno
 
@@ -130,10 +112,8 @@ def load_prog(bpf, name: str, prog_type: int, *, prog_flags: int = 0):
                     ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16),
                     ("prog_ifindex", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32)]
 
-    bcc = import_bcc()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    code = bpf.dump_func(name.encode())
     insns = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(b"GPL")
     for log_level, size in ((4, 1 << 12), (1, 1 << 24)):   # stats only; the full log on failure
@@ -150,8 +130,29 @@ def load_prog(bpf, name: str, prog_type: int, *, prog_flags: int = 0):
     text = log.value.decode(errors="replace")
     if fd < 0:
         raise RuntimeError(f"BPF_PROG_LOAD {name}: {os.strerror(err)}\n{text[-4000:]}")
-    fn = bcc.BPF.Function(bpf, name.encode(), fd)
     m = re.search(r"processed (\d+) insns", text)
-    fn.verified_insns = int(m.group(1)) if m else None
+    return fd, int(m.group(1)) if m else None
+
+
+def load_prog(bpf, name: str, prog_type: int, *, prog_flags: int = 0):
+    """Load function ``name`` of a compiled ``bcc.BPF`` (tests and benchmarks that compile in
+    their own process): a ``bcc.BPF.Function`` owned by ``bpf`` with ``verified_insns``."""
+    bcc = import_bcc()
+    fd, insns = load_insns(bpf.dump_func(name.encode()), name, prog_type, prog_flags=prog_flags)
+    fn = bcc.BPF.Function(bpf, name.encode(), fd)
+    fn.verified_insns = insns
     bpf.funcs[name.encode()] = fn
     return fn
+
+
+def ensure_bpffs(pin_dir: Path) -> None:
+    """bpffs must be mounted at /sys/fs/bpf for pinning (mount it if the host did not)."""
+    import subprocess
+
+    root = Path("/sys/fs/bpf")
+    if not str(pin_dir).startswith(str(root)):
+        return
+    with open("/proc/mounts") as f:
+        if any(line.split()[1] == str(root) and line.split()[2] == "bpf" for line in f):
+            return
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)

@@ -201,13 +201,15 @@ class ServiceReconciler:
             ok = {k: s for k, s in desired.items() if k not in failed}
             self._grow(plan_capacity(ok.values(), self.dp.capacity))
             retry = {}
-            for key, svc in todo.items():
-                try:
-                    self.dp.upsert_service(svc)
-                    upserted += 1
-                except CapacityError as exc:
-                    retry[key] = (svc, exc)
-                except Exception as exc:  # noqa: BLE001 - one frontend must not stop the others
+            try:   # one batch of map writes for all of them (the first pass: 20,000 frontends)
+                errors = self.dp.upsert_services(todo.values())
+            except Exception as exc:  # noqa: BLE001 - the batch itself failed: every frontend says why
+                errors = {key: exc for key in todo}
+            upserted += len(todo) - len(errors)
+            for key, exc in errors.items():
+                if isinstance(exc, CapacityError):
+                    retry[key] = (todo[key], exc)
+                else:
                     failed[key] = FrontendFailure("", DATAPATH_ERROR, str(exc))
             if retry:   # full although the plan said it fits (fragmented slots): double and retry
                 cap = self.dp.capacity
@@ -309,15 +311,25 @@ def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, m
     return clamp(plan_capacity(s for s in desired.values() if check_service(s) is None), map_max)
 
 
+def start_datapath_loader(node_name: str, *, pin_root: str):
+    """Start compiling the BPF programs in a child process now (agent/datapath/child.py);
+    ``open_datapath(..., loader=)`` finishes the load once the map sizes are planned."""
+    from agent.datapath.api import Datapath
+    from agent.datapath.child import LoaderChild
+
+    return LoaderChild.start(Datapath(instance=node_name, pin_root=pin_root).loader_defines())
+
+
 def open_datapath(node, node_name: str, interfaces: list[str], *, pin_root: str, log=None,
-                  capacity=None) -> Any:
+                  capacity=None, loader=None) -> Any:
     """Load (or adopt) the datapath and attach it to the uplinks: XDP for services and SNAT
     replies, tc ingress/egress for DSR and local-backend replies. Synchronous. ``capacity``:
-    the sized maps are created (or grown) to at least this (``plan_for``)."""
+    the sized maps are created (or grown) to at least this (``plan_for``). ``loader``: a
+    child from ``start_datapath_loader`` (compiling since then)."""
     from agent.datapath.api import Datapath
 
     dp = Datapath(instance=node_name, pin_root=pin_root)
-    dp.load(capacity=capacity)
+    dp.load(capacity=capacity, child=loader)
     v4 = node.addresses(4) if node is not None else []
     v6 = node.addresses(6) if node is not None else []
     dp.set_node_addresses(v4=v4[0] if v4 else None, v6=v6[0] if v6 else None)

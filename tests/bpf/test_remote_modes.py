@@ -226,7 +226,7 @@ def test_stateless_snat_is_rejected():
     from agent.datapath.api import Datapath
     with pytest.raises(ValueError, match="stateless"):
         dp = Datapath("unused")
-        dp._xdp_bpf = object()   # bypass load: validation happens before any map access
+        dp._loaded = object()   # bypass load: validation happens before any map access
         dp.upsert_service(_svc(VIP4, Proto.TCP, B4, Mode.SNAT, stateless=True))
 
 

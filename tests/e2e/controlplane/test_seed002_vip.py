@@ -46,6 +46,13 @@ def test_etp_local_vip_is_served_by_the_local_pod_through_xdp(env):
     assert "xdp" in link and "prog/xdp id" in link, link
     status = env.vipctl("cilium-bgp-worker", "status")
     assert "Reconcile errors: none" in status
+    # the programs were compiled and loaded by a child process: bcc, clang and LLVM (~240 MB)
+    # are not mapped into the serving agent
+    agent = env.nodes["cilium-bgp-worker"].proc
+    libs = {line.split()[-1] for line in Path(f"/proc/{agent.pid}/maps").read_text().splitlines()
+            if ".so" in line}
+    assert agent.poll() is None and libs, "agent not running"
+    assert not [lib for lib in libs if "libbcc" in lib or "LLVM" in lib or "clang" in lib], sorted(libs)
 
 
 def ingress_rack(env, address: str) -> str:

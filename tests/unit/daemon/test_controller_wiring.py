@@ -260,6 +260,15 @@ def test_with_a_datapath_a_vip_that_cannot_be_programmed_is_withdrawn_and_report
                 raise OSError("no space left in the maps")
             self.programmed[svc.key] = svc
 
+        def upsert_services(self, svcs):   # as Datapath.upsert_services: failures per service
+            errors = {}
+            for svc in svcs:
+                try:
+                    self.upsert_service(svc)
+                except Exception as exc:  # noqa: BLE001
+                    errors[svc.key] = exc
+            return errors
+
         def delete_service(self, key):
             return self.programmed.pop(key, None) is not None
 

@@ -136,6 +136,15 @@ class RecordingDatapath:
         self.upserts.append(svc.key)
         self.programmed[svc.key] = svc
 
+    def upsert_services(self, svcs):   # as Datapath.upsert_services: failures per service
+        errors = {}
+        for svc in svcs:
+            try:
+                self.upsert_service(svc)
+            except Exception as exc:  # noqa: BLE001
+                errors[svc.key] = exc
+        return errors
+
     def delete_service(self, key):
         return self.programmed.pop(key, None) is not None
 

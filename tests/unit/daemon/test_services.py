@@ -86,6 +86,15 @@ class RecordingDatapath:
         self.calls.append(("upsert", str(svc.key)))
         self.programmed[svc.key] = svc
 
+    def upsert_services(self, svcs):   # as Datapath.upsert_services: failures per service
+        errors = {}
+        for svc in svcs:
+            try:
+                self.upsert_service(svc)
+            except Exception as exc:  # noqa: BLE001
+                errors[svc.key] = exc
+        return errors
+
     def delete_service(self, key):
         self.calls.append(("delete", str(key)))
         return self.programmed.pop(key, None) is not None

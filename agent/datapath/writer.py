@@ -1,0 +1,96 @@
+"""The thin map writer: applies :class:`~agent.datapath.changes.MapChanges` with batched bpf(2)
+calls (BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, Linux >= 5.6; one call per 64k entries),
+falling back to one call per entry where a map type has no batch operations."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from array import array
+
+from agent.datapath import bpfsys
+from agent.datapath.changes import MapChanges
+
+__all__ = ["WriteError", "apply"]
+
+CHUNK = 1 << 16
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)   # 524: ENOTSUPP (kernel-internal)
+
+
+class WriteError(OSError):
+    """A map refused a write: ``map`` names it, ``errno`` says why (E2BIG / ENOSPC: full)."""
+
+    def __init__(self, map_name: str, err: int, op: str):
+        super().__init__(err, f"{op} in map {map_name} failed: {os.strerror(err)}")
+        self.map = map_name
+
+    @property
+    def full(self) -> bool:
+        return self.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+def _buffer(items):
+    """A ctypes buffer over keys or values: an ``array`` as is, a list of bytes joined."""
+    if isinstance(items, array):
+        return (ctypes.c_char * max(1, len(items) * items.itemsize)).from_buffer(items)
+    data = b"".join(items)
+    return ctypes.create_string_buffer(data, max(1, len(data)))
+
+
+def apply(changes: MapChanges, tables: dict) -> int:
+    """Write ``changes`` into ``tables`` (name -> MapTable); returns the entries written or
+    deleted. Raises :class:`WriteError` at the first refused write (earlier runs stay written)."""
+    done_total = 0
+    for b in changes.batches():
+        tbl = tables[b.map]
+        for i in range(0, len(b.keys), CHUNK):
+            keys = b.keys[i:i + CHUNK]
+            n = len(keys)
+            if b.op == "update":
+                vals = b.values[i:i + CHUNK]
+                kbuf, vbuf = _buffer(keys), _buffer(vals)
+                done, rc = bpfsys.update_batch(tbl.map_fd, kbuf, vbuf, n)
+                if rc and -rc in _NO_BATCH and done == 0:
+                    _one_by_one(tbl, b.map, keys, vals)
+                elif rc:
+                    raise WriteError(b.map, -rc, "update")
+            else:
+                _delete(tbl, b.map, keys)
+            done_total += n
+    return done_total
+
+
+def _one_by_one(tbl, name: str, keys, vals) -> None:
+    ks = ctypes.sizeof(tbl.Key)
+    vs = ctypes.sizeof(tbl.Leaf)
+    kraw = bytes(_buffer(keys))
+    vraw = bytes(_buffer(vals))
+    for j in range(len(keys)):
+        k = ctypes.create_string_buffer(kraw[j * ks:(j + 1) * ks], ks)
+        v = ctypes.create_string_buffer(vraw[j * vs:(j + 1) * vs], vs)
+        try:
+            bpfsys.update(tbl.map_fd, k, v)
+        except OSError as exc:
+            raise WriteError(name, exc.errno, "update") from exc
+
+
+def _delete(tbl, name: str, keys: list[bytes]) -> None:
+    """Delete ``keys``; absent ones are skipped (DELETE_BATCH stops at the first of them)."""
+    start = 0
+    while start < len(keys):
+        part = keys[start:]
+        done, rc = bpfsys.delete_batch(tbl.map_fd, _buffer(part), len(part))
+        if rc == 0:
+            return
+        if -rc in _NO_BATCH and done == 0:
+            for k in part:
+                kb = ctypes.create_string_buffer(k, len(k))
+                try:
+                    bpfsys.delete(tbl.map_fd, kb)
+                except OSError as exc:
+                    raise WriteError(name, exc.errno, "delete") from exc
+            return
+        if -rc != errno.ENOENT:
+            raise WriteError(name, -rc, "delete")
+        start += done + 1   # skip the absent key
