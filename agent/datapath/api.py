@@ -1064,6 +1064,7 @@ class Datapath:
         if not backends:
             return []
         if len(backends) == 1:   # every slot names the only backend (no permutation needed)
+            self.maglev_builds += 1
             return (0,) * m
         # Services often share a backend set (one Deployment behind several Services, or many
         # single-backend Services): the table is a pure function of (backends, M), so build it

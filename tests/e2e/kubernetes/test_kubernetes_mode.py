@@ -196,14 +196,20 @@ def test_2b_node_configs_report_the_real_sessions_and_go_with_the_node(kube):
         assert (owner["kind"], owner["name"], owner["controller"]) == \
             ("CiliumBGPClusterConfig", n.rack, True)
     leaving = NODES[3]
+    def node_config_gone():
+        # the NodeConfig is deleted by the status writer after the pass that withdrew the routes
+        return "NotFound" in subprocess.run(
+            kube.env.lab.hosts["leaf01"].exec_argv([KUBECTL, "--kubeconfig", str(kube.kubeconfig), "get",
+                                                   "ciliumbgpnodeconfig", leaving.name]),
+            capture_output=True, text=True, timeout=60).stderr
+
     kube.kubectl("label", "node", leaving.name, "rack=none", "--overwrite")
-    wait_until(lambda: leaving.pod_cidr not in env.routes_by_prefix(leaving.leaf), timeout=30,
-               what=f"{leaving.leaf} withdrawing {leaving.name}'s PodCIDR")
-    assert "NotFound" in subprocess.run(
-        kube.env.lab.hosts["leaf01"].exec_argv([KUBECTL, "--kubeconfig", str(kube.kubeconfig), "get",
-                                               "ciliumbgpnodeconfig", leaving.name]),
-        capture_output=True, text=True, timeout=60).stderr
-    kube.kubectl("label", "node", leaving.name, f"rack={leaving.rack}", "--overwrite")
+    try:
+        wait_until(lambda: leaving.pod_cidr not in env.routes_by_prefix(leaving.leaf), timeout=30,
+                   what=f"{leaving.leaf} withdrawing {leaving.name}'s PodCIDR")
+        wait_until(node_config_gone, timeout=15, what=f"{leaving.name}'s NodeConfig deleted")
+    finally:   # the later tests need all four nodes back
+        kube.kubectl("label", "node", leaving.name, f"rack={leaving.rack}", "--overwrite")
     wait_until(env.learned_pod_cidrs, timeout=60, what=f"{leaving.name}'s PodCIDR back")
     wait_until(lambda: established(leaving.name), timeout=30, what="its NodeConfig back")
 
