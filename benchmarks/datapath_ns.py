@@ -66,6 +66,7 @@ from scapy.packet import Raw  # noqa: E402
 
 from agent.datapath.abi import MapName  # noqa: E402
 from agent.datapath.api import Datapath, Features  # noqa: E402
+from agent.datapath.snatports import snat_slot_index  # noqa: E402
 from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc, verified_insns  # noqa: E402
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey  # noqa: E402
 from agent.datapath.netns import in_netns  # noqa: E402
@@ -154,19 +155,23 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
     fd = tbl.map_fd
     fwd = ct_key(tbl, CLIENT, 31337, vip, 80, 1)
     # local: the REPLY entry of a non-designated flow (absent for designated ones: no-op);
-    # SNAT: the REPLY entry {backend:8080 -> node:nat_port}, nat_port read from each output
-    rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2) if mode == "local" else \
-        ct_key(tbl, backend, 8080, NODE, 0, 2)
-    delete = lib.bpf_delete_elem
-    pf, pr = ctypes.byref(fwd), ctypes.byref(rep)
+    # SNAT: the node port's slot {backend:8080 -> node:nat_port}, nat_port read from each output
+    rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2)
+    slots = dp.table(MapName.SNAT_PORTS)
+    free_slot = slots.Leaf()
+    seed, nslots = dp.features.hash_seed, dp.features.snat_slots
+    delete, update = lib.bpf_delete_elem, lib.bpf_update_elem
+    pf, pr, pfree = ctypes.byref(fwd), ctypes.byref(rep), ctypes.byref(free_slot)
     outbuf = runner.output_buffer   # the output frame: SNAT's node port is its TCP source port
     run = runner.run_loaded
     out = []
     for _ in range(runs):
-        if mode == "SNAT":
-            rep.dport = _be16(struct.unpack_from("!H", outbuf, SPORT_OFF)[0])
         delete(fd, pf)
-        if mode != "DSR":
+        if mode == "SNAT":
+            nat_port = struct.unpack_from("!H", outbuf, SPORT_OFF)[0]
+            idx = ctypes.c_uint32(snat_slot_index(backend, 8080, nat_port, 6, seed, nslots))
+            update(slots.map_fd, ctypes.byref(idx), pfree, 0)
+        elif mode == "local":
             delete(fd, pr)
         rv, dur = run()
         out.append(dur)

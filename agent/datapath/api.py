@@ -86,6 +86,7 @@ class Features:
     max_memberships: int = 262144     # {service, backend} pairs (sum of backends over services)
     maglev_slots: int = 1 << 22       # u32 slots shared by all services' Maglev tables (16 MiB)
     ct_size: int = 1 << 18
+    snat_slots: int = 1 << 18         # SNAT node-port slots (power of 2): live SNAT flows well below this
     affinity_size: int = 65536
     src_range_size: int = 16384
     hash_seed: int = 0x4A4C6676       # flow hash seed: equal on every node
@@ -94,6 +95,7 @@ class Features:
     ct_close_timeout: int = 10        # s: a SNAT port whose TCP flow saw FIN/RST is reusable after this
     ct_tcp_idle_timeout: int = 21600  # s: ... or after this long without a reply
     ct_udp_idle_timeout: int = 60
+    ct_syn_timeout: int = 60          # s: a SNAT port that never saw a reply is reusable after this
     # Flows of a local backend's designated service get no REPLY conntrack entry; tc derives
     # their reply rewrite instead (one LRU insert less per new flow, ~60 ns of XDP time here;
     # costs tc egress ~+70 ns per such reply and ~+20 ns per egress packet without a REPLY
@@ -106,11 +108,11 @@ class Features:
             "MAX_SERVICES": self.max_services,
             "MAX_BACKENDS": self.max_backends, "MAX_MEMBERS": self.max_memberships,
             "MAGLEV_SLOTS": self.maglev_slots,
-            "CT_SIZE": self.ct_size, "AFFINITY_SIZE": self.affinity_size,
+            "CT_SIZE": self.ct_size, "SNAT_SLOTS": self.snat_slots, "AFFINITY_SIZE": self.affinity_size,
             "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
             "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
             "CT_CLOSE_TIMEOUT_S": self.ct_close_timeout, "CT_TCP_IDLE_TIMEOUT_S": self.ct_tcp_idle_timeout,
-            "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout,
+            "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout, "CT_SYN_TIMEOUT_S": self.ct_syn_timeout,
             "DERIVE_LOCAL_REPLIES": int(self.derive_local_replies),
         }
 
@@ -344,6 +346,7 @@ class Datapath:
                  verified_insns={k: getattr(f, "verified_insns", None) for k, f in self._fns.items()})
         self._check_pins()
         self._migrate_ct_v1()
+        self._migrate_snat_replies()
         self._adopt()
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
@@ -501,6 +504,15 @@ class Datapath:
             os.close(fd)
         old.unlink()
         log.info("conntrack migrated from ct_v1 to ct_v2", entries=moved, pin_dir=str(self.pin_dir))
+
+    def _migrate_snat_replies(self) -> None:
+        """SNAT REPLY conntrack entries of a vipd from before port slots move into
+        ``snat_ports_v1`` (agent/datapath/snatports.py), so its SNAT flows survive the upgrade."""
+        from agent.datapath.snatports import migrate_reply_entries
+        moved, lost = migrate_reply_entries(self)
+        if moved or lost:
+            log.info("SNAT REPLY conntrack entries moved into node-port slots", moved=moved,
+                     lost_to_slot_collisions=lost, pin_dir=str(self.pin_dir))
 
     def _adopt(self) -> None:
         """Rebuild the in-memory view (ids, tables, ranges) from the pinned maps."""
@@ -1012,8 +1024,14 @@ class Datapath:
                                    "stale at load")
 
     def _sweep_replies(self, doomed_if, why: str) -> int:
-        """Delete the REPLY entries for which ``doomed_if(backend_id, key)``."""
+        """Delete the REPLY entries, and free the SNAT node-port slots, for which
+        ``doomed_if(backend_id, key)``."""
         from bcc.libbcc import lib
+
+        from agent.datapath.snatports import clear_slots
+        freed = clear_slots(self, doomed_if)
+        if freed:
+            log.info("SNAT node ports of backends no longer active freed", why=why, slots=freed)
         tbl = self.table(MapName.CT)
         reply = int(CtDir.REPLY)
         doomed = [tbl.Key.from_buffer_copy(k) for k, v in _hash_items(tbl)
@@ -1031,7 +1049,7 @@ class Datapath:
                 pass   # gone meanwhile (LRU, or taken over by the datapath)
         if doomed:
             log.info("conntrack REPLY entries of backends no longer active deleted", why=why, entries=len(doomed))
-        return len(doomed)
+        return len(doomed) + freed
 
     def _write_backend(self, bid: int) -> None:
         addr, port, flags = self._backend_vals[bid]
