@@ -80,7 +80,8 @@ def test_a_snat_flow_of_the_old_layout_survives_the_upgrade(net):
     dp = Datapath(instance, pin_root=PIN_ROOT, features=TEST_FEATURES)
     try:
         # the old agent's services and backends (pinned maps whose layout did not change)
-        _old_agent(instance, key, TEST_FEATURES).close()
+        before = _old_agent(instance, key, TEST_FEATURES)
+        before.close()
         # ... and its conntrack, in the old layout (the old build had no ct_v2)
         (before.pin_dir / "ct_v2").unlink()
         _old_conntrack(str(before.pin_dir / "ct_v1"))
