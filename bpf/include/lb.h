@@ -329,8 +329,8 @@ static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_
  * REPLY entry into the conntrack LRU (~150 ns here). A key maps to exactly one slot, so no two
  * live flows share (backend, bport, node port); a key whose slot is taken by another key's
  * live flow is a busy port (the next candidate is tried). Slots are never evicted: a port is
- * reused when its flow closed (FIN/RST + CT_CLOSE_TIMEOUT_S) or went idle, and the agent
- * clears the slots of backends it removes (as it deleted their REPLY entries). */
+ * reused when its flow closed (FIN/RST + CT_CLOSE_TIMEOUT_S), never answered or went idle
+ * (snat_slot_stale), and the agent frees the slots of backends it removes. */
 static __always_inline __u32 snat_slot_index(const __u32 *baddr, __u8 family, __be16 bport, __be16 nat_port,
 					     __u8 proto)
 {
@@ -380,9 +380,9 @@ static __always_inline int snat_slot_stale(const struct snat_slot *s, __u32 now)
  * candidates from a start hashed from the flow (client, ports, VIP), so a retransmitted SYN
  * or a new connection from a reused client port walks the same candidates and takes back the
  * slot that is already its own (like Linux's NAT, whose port search starts at a hash of the
- * tuple). A candidate is taken when its slot is free, already this flow's, or stale; a stale slot's flow loses its SERVICE entry too if that entry still
- * uses this port (the client port may carry a newer flow, which lives on). Returns the port
- * (network order) or 0. */
+ * tuple). A candidate is taken when its slot is free, already this flow's, or stale; a stale
+ * slot's flow loses its SERVICE entry too if that entry still uses this port (the client port
+ * may carry a newer flow, which lives on). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
 					 __u32 svc_id, __u32 now)
 {
