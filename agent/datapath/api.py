@@ -313,6 +313,7 @@ class Datapath:
         self._free_svc_ids: list[int] = []
         self._dead_backends: dict[int, tuple[IPAddress, int]] = {}   # deactivated, REPLY entries not yet swept
         self._defer_sweep = False
+        self._dead_remote = False   # a deactivated backend was remote: its SNAT port slots need freeing
         self._next_svc_id = 1
         self._next_backend_id = 1
         self._alloc = _RangeAllocator(features.maglev_slots)
@@ -997,6 +998,8 @@ class Datapath:
                 tbl = tbl or self.table(MapName.BACKENDS)
                 tbl[tbl.Key(bid)] = tbl.Leaf()
                 self._dead_backends[bid] = (val[0], val[1])
+                if not val[2] & BackendFlag.LOCAL:   # only remote backends have SNAT ports
+                    self._dead_remote = True
 
     def _sweep_dead_backends(self) -> int:
         """Delete the REPLY conntrack entries of the backends deactivated since the last sweep.
@@ -1008,11 +1011,12 @@ class Datapath:
         would find its ports taken). One batched scan of conntrack per call (not per backend);
         ``reconcile`` sweeps once at its end. Returns the number of entries deleted."""
         dead, self._dead_backends = self._dead_backends, {}
+        remote, self._dead_remote = self._dead_remote, False
         if not dead:
             return 0
         dead_keys = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port) in dead.items()}
         return self._sweep_replies(lambda bid, k: bid in dead_keys and dead_keys[bid] == (tuple(k.saddr), k.sport),
-                                   "removed backends")
+                                   "removed backends", slots=remote)
 
     def _sweep_stale_replies(self) -> int:
         """At load: delete REPLY entries naming a backend id that is not active with the
@@ -1023,13 +1027,14 @@ class Datapath:
         return self._sweep_replies(lambda bid, k: bid != 0 and live.get(bid) != (tuple(k.saddr), k.sport),
                                    "stale at load")
 
-    def _sweep_replies(self, doomed_if, why: str) -> int:
-        """Delete the REPLY entries, and free the SNAT node-port slots, for which
-        ``doomed_if(backend_id, key)``."""
+    def _sweep_replies(self, doomed_if, why: str, slots: bool = True) -> int:
+        """Delete the REPLY entries, and (``slots``) free the SNAT node-port slots, for which
+        ``doomed_if(backend_id, key)``. The slot scan reads the whole array (~0.3 s per 256 Ki
+        slots here), so it is skipped when only local backends left."""
         from bcc.libbcc import lib
 
         from agent.datapath.snatports import clear_slots
-        freed = clear_slots(self, doomed_if)
+        freed = clear_slots(self, doomed_if) if slots else 0
         if freed:
             log.info("SNAT node ports of backends no longer active freed", why=why, slots=freed)
         tbl = self.table(MapName.CT)

@@ -61,10 +61,13 @@ def claimed_slots(tbl):
     bid_word = tbl.Leaf.backend_id.offset // 4
     for keys, vals, n in _raw_batches(tbl.map_fd, ks, vs):
         words = memoryview(vals).cast("B").cast("I")[:n * vs // 4]
+        kraw = vraw = None
         for j, bid in enumerate(words[bid_word::vs // 4]):
             if bid:
-                yield (int.from_bytes(keys.raw[j * ks:j * ks + 4], "little"),
-                       tbl.Leaf.from_buffer_copy(vals.raw[j * vs:(j + 1) * vs]))
+                if kraw is None:   # one copy of each buffer per batch
+                    kraw, vraw = keys.raw, vals.raw
+                yield (int.from_bytes(kraw[j * ks:j * ks + 4], "little"),
+                       tbl.Leaf.from_buffer_copy(vraw, j * vs))
 
 
 def read_slots(dp) -> list[SnatSlot]:

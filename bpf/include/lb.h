@@ -377,16 +377,12 @@ static __always_inline int snat_slot_stale(const struct snat_slot *s, __u32 now)
 }
 
 /* Claim a node port towards backend baddr:bport for the client flow p: up to SNAT_PORT_TRIES
- * candidates from a start hashed from the flow (client, ports, VIP), so a retransmitted SYN
- * or a new connection from a reused client port walks the same candidates and takes back the
- * slot that is already its own (like Linux's NAT, whose port search starts at a hash of the
- * tuple). A candidate is taken when its slot is free, already this flow's, or stale; a stale
- * slot's flow loses its SERVICE entry too if that entry still uses this port (the client port
+ * candidates from start (snat_port_for: first a hash of the flow, then a random one). A
+ * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's flow loses its SERVICE entry too if that entry still uses this port (the client port
  * may carry a newer flow, which lives on). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					 __u32 svc_id, __u32 now)
+					 __u32 svc_id, __u32 now, __u32 start)
 {
-	__u32 start = jhash_2words(flow_hash(p, p->sport), p->daddr[0] ^ p->daddr[3], HASH_SEED);
 	struct ct_key fk = {};   /* a taken-over flow's SERVICE key (one, outside the loop: stack) */
 	__be16 got = 0, old_port = 0;
 	__u32 old_bid = 0;
@@ -441,6 +437,23 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
 	}
 	return got;
+}
+
+/* A node port for a new SNAT flow: SNAT_PORT_TRIES candidates from a start hashed from the flow
+ * (client, ports, VIP), so a retransmitted SYN or a new connection from a reused client port
+ * walks the same candidates and takes back the slot that is already its own (Linux's NAT also
+ * starts its port search at a hash of the tuple); if all are busy, as many from a random start,
+ * so a retried SYN is not refused by the same busy ports again. */
+static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
+					    __u32 svc_id)
+{
+	__u32 now = now_s();
+	__u32 start = jhash_2words(flow_hash(p, p->sport), p->daddr[0] ^ p->daddr[3], HASH_SEED);
+	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, now, start);
+
+	if (!port)
+		port = snat_claim(p, baddr, bport, bid, svc_id, now, bpf_get_prandom_u32());
+	return port;
 }
 
 /* SNAT's two rewrites in one pass (XDP): destination -> backend:bport, source -> node:nat_port,
@@ -683,7 +696,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 	}
 	if (!nat_port) {
-		nat_port = snat_claim(p, baddr, bport, bid, svc_id, now_s());
+		nat_port = snat_port_for(p, baddr, bport, bid, svc_id);
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
 		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
