@@ -298,10 +298,10 @@ def test_a_port_that_never_saw_a_reply_is_free_after_the_syn_timeout(dp, net):
     assert forward(dp, net, C, 4000, "S") == (B1, PORT)
     slots = dp.table(MapName.SNAT_PORTS)
     idx, val = _slot(dp)
-    val.last_seen -= 59
+    val.last_seen -= 50                                     # (a margin for the clock's next second)
     slots[slots.Key(idx)] = val
     assert forward(dp, net, D, 4001, "S") is None          # not yet
-    val.last_seen -= 2
+    val.last_seen -= 11
     slots[slots.Key(idx)] = val
     assert forward(dp, net, D, 4001, "S") == (B1, PORT)    # never answered for 61 s: reused
     assert back(dp, net, B1, "SA") == (D, 4001)
