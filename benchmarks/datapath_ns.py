@@ -178,6 +178,14 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
     return out
 
 
+def clear_flows(dp: Datapath) -> None:
+    """Forget every flow: conntrack and the SNAT node-port slots (an array: zeroed in one batch)."""
+    dp.table(MapName.CT).items_delete_batch()
+    slots = dp.table(MapName.SNAT_PORTS)
+    n = slots.max_entries
+    slots.items_update_batch((slots.Key * n)(*range(n)), (slots.Leaf * n)())
+
+
 def add_fillers(dp: Datapath, have: int, want: int) -> None:
     """Services 10.200.0.0 + i, port 80/TCP, M=251, one local backend each (distinct tables)."""
     base = int(ipaddress.ip_address("10.200.0.0"))
@@ -209,7 +217,7 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
         if mode not in args.modes:
             continue
         vip = VIPS[mode]
-        dp.table(MapName.CT).items_delete_batch()
+        clear_flows(dp)
         syn, ack = frame(vip, "S"), frame(vip, "A")
         lb.load(syn)
         lb.run_loaded()
@@ -218,7 +226,7 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
         base = flows_base + i * 0x40000
         time_distinct(lb, syn, args.flows, base, EXPECT[mode])          # create the flows
         res[f"{mode} ACK, {args.flows // 1000}k flows"] = time_distinct(lb, ack, args.flows, base, EXPECT[mode])
-    dp.table(MapName.CT).items_delete_batch()
+    clear_flows(dp)
     if "local" in args.modes:
         res["local SYN, +REPLY"] = time_syn(dp, lb, frame(VIP_SHARED, "S"), args.runs, "local", VIP_SHARED)
         # replies through tc egress: a designated flow (sport 40001) and a REPLY-entry flow (40002)
@@ -236,7 +244,7 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
         res["tc_egress reply, REPLY"] = time_fixed(tc, replies[VIP_SHARED], args.runs)
         res["tc_egress non-service"] = time_fixed(tc, frame("10.97.0.1", "A"), args.runs)
     res["non-service"] = time_fixed(lb, frame("10.97.0.1", "A"), args.runs, expect=XDP_PASS)
-    dp.table(MapName.CT).items_delete_batch()
+    clear_flows(dp)
     return res
 
 
@@ -312,11 +320,11 @@ def main() -> int:
                     iqm_ratio = statistics.median(iqm(rd[case]) / iqm(rd["floor xdp_pass"]) for rd in rounds)
                     rows.append((n, case, statistics.median(meds), statistics.median(ratios),
                                  max(meds) - min(meds), iqm_ns, iqm_ratio))
+    finally:   # also when a case stopped on an unexpected verdict: the drop reasons say why
         c = dp.counters()
         print(f"# counters: ct_new={c.stat('xdp', 'ct_new')} ct_hit={c.stat('xdp', 'ct_hit')} "
               f"tx={c.stat('xdp', 'tx')} neigh_punt={c.stat('xdp', 'neigh_punt')} "
-              f"drops={ {k: v for k, v in c.drops.items() if v} }")
-    finally:
+              f"snat_reuse={c.stat('xdp', 'snat_reuse')} drops={ {k: v for k, v in c.drops.items() if v} }")
         dp.destroy()
         shutil.rmtree(PIN_ROOT, ignore_errors=True)
 
