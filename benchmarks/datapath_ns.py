@@ -268,9 +268,9 @@ def main() -> int:
     fn_parse = floors.load_func(b"xdp_parse", bcc.BPF.XDP)
 
     need_slots = max(counts) * 251 + 4 * 16381 + 1024
-    # a wide SNAT port range: 100k SNAT flows over 32 backends must not run out of ports
+    # a wide SNAT port range and 1 Mi port slots: 100k SNAT flows over 32 backends must not run out of ports
     feats = Features(max_services=max(65536, 2 * max(counts) + 8), maglev_slots=1 << need_slots.bit_length(),
-                     ct_size=1 << 20, snat_port_min=1024)
+                     ct_size=1 << 20, snat_slots=1 << 20, snat_port_min=1024)
     dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats)
     t0 = time.monotonic()
     dp.load()
