@@ -378,8 +378,9 @@ static __always_inline int snat_slot_stale(const struct snat_slot *s, __u32 now)
 
 /* Claim a node port towards backend baddr:bport for the client flow p: up to SNAT_PORT_TRIES
  * candidates from start (snat_port_for: first a hash of the flow, then a random one). A
- * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's flow loses its SERVICE entry too if that entry still uses this port (the client port
- * may carry a newer flow, which lives on). Returns the port (network order) or 0. */
+ * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's
+ * flow loses its SERVICE entry too if that entry still uses this port (the client port may
+ * carry a newer flow, which lives on). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
 					 __u32 svc_id, __u32 now, __u32 start)
 {
