@@ -66,6 +66,7 @@ from scapy.packet import Raw  # noqa: E402
 
 from agent.datapath.abi import MapName  # noqa: E402
 from agent.datapath.api import Datapath, Features  # noqa: E402
+from agent.datapath.snatports import snat_slot_index  # noqa: E402
 from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc, verified_insns  # noqa: E402
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey  # noqa: E402
 from agent.datapath.netns import in_netns  # noqa: E402
@@ -154,23 +155,35 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
     fd = tbl.map_fd
     fwd = ct_key(tbl, CLIENT, 31337, vip, 80, 1)
     # local: the REPLY entry of a non-designated flow (absent for designated ones: no-op);
-    # SNAT: the REPLY entry {backend:8080 -> node:nat_port}, nat_port read from each output
-    rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2) if mode == "local" else \
-        ct_key(tbl, backend, 8080, NODE, 0, 2)
-    delete = lib.bpf_delete_elem
-    pf, pr = ctypes.byref(fwd), ctypes.byref(rep)
+    # SNAT: the node port's slot {backend:8080 -> node:nat_port}, nat_port read from each output
+    rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2)
+    slots = dp.table(MapName.SNAT_PORTS)
+    free_slot = slots.Leaf()
+    seed, nslots = dp.features.hash_seed, dp.features.snat_slots
+    delete, update = lib.bpf_delete_elem, lib.bpf_update_elem
+    pf, pr, pfree = ctypes.byref(fwd), ctypes.byref(rep), ctypes.byref(free_slot)
     outbuf = runner.output_buffer   # the output frame: SNAT's node port is its TCP source port
     run = runner.run_loaded
     out = []
     for _ in range(runs):
-        if mode == "SNAT":
-            rep.dport = _be16(struct.unpack_from("!H", outbuf, SPORT_OFF)[0])
         delete(fd, pf)
-        if mode != "DSR":
+        if mode == "SNAT":
+            nat_port = struct.unpack_from("!H", outbuf, SPORT_OFF)[0]
+            idx = ctypes.c_uint32(snat_slot_index(backend, 8080, nat_port, 6, seed, nslots))
+            update(slots.map_fd, ctypes.byref(idx), pfree, 0)
+        elif mode == "local":
             delete(fd, pr)
         rv, dur = run()
         out.append(dur)
     return out
+
+
+def clear_flows(dp: Datapath) -> None:
+    """Forget every flow: conntrack and the SNAT node-port slots (an array: zeroed in one batch)."""
+    dp.table(MapName.CT).items_delete_batch()
+    slots = dp.table(MapName.SNAT_PORTS)
+    n = slots.max_entries
+    slots.items_update_batch((slots.Key * n)(*range(n)), (slots.Leaf * n)())
 
 
 def add_fillers(dp: Datapath, have: int, want: int) -> None:
@@ -204,7 +217,7 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
         if mode not in args.modes:
             continue
         vip = VIPS[mode]
-        dp.table(MapName.CT).items_delete_batch()
+        clear_flows(dp)
         syn, ack = frame(vip, "S"), frame(vip, "A")
         lb.load(syn)
         lb.run_loaded()
@@ -213,7 +226,7 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
         base = flows_base + i * 0x40000
         time_distinct(lb, syn, args.flows, base, EXPECT[mode])          # create the flows
         res[f"{mode} ACK, {args.flows // 1000}k flows"] = time_distinct(lb, ack, args.flows, base, EXPECT[mode])
-    dp.table(MapName.CT).items_delete_batch()
+    clear_flows(dp)
     if "local" in args.modes:
         res["local SYN, +REPLY"] = time_syn(dp, lb, frame(VIP_SHARED, "S"), args.runs, "local", VIP_SHARED)
         # replies through tc egress: a designated flow (sport 40001) and a REPLY-entry flow (40002)
@@ -231,7 +244,7 @@ def one_round(dp, runners, args, flows_base: int) -> dict[str, list[int]]:
         res["tc_egress reply, REPLY"] = time_fixed(tc, replies[VIP_SHARED], args.runs)
         res["tc_egress non-service"] = time_fixed(tc, frame("10.97.0.1", "A"), args.runs)
     res["non-service"] = time_fixed(lb, frame("10.97.0.1", "A"), args.runs, expect=XDP_PASS)
-    dp.table(MapName.CT).items_delete_batch()
+    clear_flows(dp)
     return res
 
 
@@ -255,9 +268,9 @@ def main() -> int:
     fn_parse = floors.load_func(b"xdp_parse", bcc.BPF.XDP)
 
     need_slots = max(counts) * 251 + 4 * 16381 + 1024
-    # a wide SNAT port range: 100k SNAT flows over 32 backends must not run out of ports
+    # a wide SNAT port range and 1 Mi port slots: 100k SNAT flows over 32 backends must not run out of ports
     feats = Features(max_services=max(65536, 2 * max(counts) + 8), maglev_slots=1 << need_slots.bit_length(),
-                     ct_size=1 << 20, snat_port_min=1024)
+                     ct_size=1 << 20, snat_slots=1 << 20, snat_port_min=1024)
     dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats)
     t0 = time.monotonic()
     dp.load()
@@ -307,11 +320,11 @@ def main() -> int:
                     iqm_ratio = statistics.median(iqm(rd[case]) / iqm(rd["floor xdp_pass"]) for rd in rounds)
                     rows.append((n, case, statistics.median(meds), statistics.median(ratios),
                                  max(meds) - min(meds), iqm_ns, iqm_ratio))
+    finally:   # also when a case stopped on an unexpected verdict: the drop reasons say why
         c = dp.counters()
         print(f"# counters: ct_new={c.stat('xdp', 'ct_new')} ct_hit={c.stat('xdp', 'ct_hit')} "
               f"tx={c.stat('xdp', 'tx')} neigh_punt={c.stat('xdp', 'neigh_punt')} "
-              f"drops={ {k: v for k, v in c.drops.items() if v} }")
-    finally:
+              f"snat_reuse={c.stat('xdp', 'snat_reuse')} drops={ {k: v for k, v in c.drops.items() if v} }")
         dp.destroy()
         shutil.rmtree(PIN_ROOT, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """TCP throughput through a VIP vs straight to the pod, in each mode, measured in the same run.
 
 Run as root:  .venv/bin/python benchmarks/datapath_throughput.py [--seconds 5] [--reps 3]
-              [--offloads on|off] [--mtu 1500] [--families 4,6]
+              [--offloads on|off] [--mtu 1500] [--families 4,6] [--modes local,snat,dsr]
 
 The lab is the traffic-matrix lab (tests/e2e/datapath/matrix_lab.py: client -> router -> LAN ->
 node-a / node-b -> pods a1, b1; vipd's XDP + tc on both nodes' LAN interface, each node's
@@ -70,8 +70,10 @@ def main() -> None:
     ap.add_argument("--offloads", default="on", choices=["on", "off"])
     ap.add_argument("--mtu", type=int, default=1500)
     ap.add_argument("--families", default="4,6")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"a subset of {','.join(MODES)}")
     args = ap.parse_args()
     families = [int(f) for f in args.families.split(",")]
+    modes = {mode: MODES[mode] for mode in args.modes.split(",")}
     with Lab("tput") as lab:
         m = MatrixLab(lab, args.offloads, args.mtu)
         try:
@@ -83,7 +85,7 @@ def main() -> None:
                                    via=NODE_ADDR["node-a"] if fam == 4 else NODE_ADDR6["node-a"])
             rows = []
             for fam in families:
-                for mode, pod in MODES.items():
+                for mode, pod in modes.items():
                     port = STREAM_PORT[mode, fam]
                     # SNAT returns b1's replies through node-a: so does "direct" for this mode
                     # (a host route on node-b), else the baseline skips two LAN hops

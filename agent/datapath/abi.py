@@ -42,6 +42,7 @@ class CtFlag(enum.IntFlag):        # CT_F_*
     DSR = 1 << 2
     STATELESS = 1 << 3
     CLOSING = 1 << 4
+    REPLIED = 1 << 5
 
 
 class Hook(enum.IntEnum):          # HOOK_*
@@ -112,6 +113,7 @@ class MapName(str, enum.Enum):
     REVNAT = "revnat_v1"
     MAGLEV = "maglev_v1"
     CT = "ct_v2"
+    SNAT_PORTS = "snat_ports_v1"
     AFFINITY = "affinity_v1"
     SRC_RANGES = "src_ranges_v1"
     NODE_CFG = "node_cfg_v1"

@@ -89,6 +89,7 @@ class Features:
     max_memberships: int = 262144     # {service, backend} pairs (sum of backends over services)
     maglev_slots: int = 1 << 22       # u32 slots shared by all services' Maglev tables (16 MiB)
     ct_size: int = 1 << 18
+    snat_slots: int = 1 << 18         # SNAT node-port slots (power of 2): live SNAT flows well below this
     affinity_size: int = 65536
     src_range_size: int = 16384
     hash_seed: int = 0x4A4C6676       # flow hash seed: equal on every node
@@ -97,6 +98,7 @@ class Features:
     ct_close_timeout: int = 10        # s: a SNAT port whose TCP flow saw FIN/RST is reusable after this
     ct_tcp_idle_timeout: int = 21600  # s: ... or after this long without a reply
     ct_udp_idle_timeout: int = 60
+    ct_syn_timeout: int = 60          # s: a SNAT port that never saw a reply is reusable after this
     # Flows of a local backend's designated service get no REPLY conntrack entry; tc derives
     # their reply rewrite instead (one LRU insert less per new flow, ~60 ns of XDP time here;
     # costs tc egress ~+70 ns per such reply and ~+20 ns per egress packet without a REPLY
@@ -109,11 +111,11 @@ class Features:
             "MAX_SERVICES": self.max_services,
             "MAX_BACKENDS": self.max_backends, "MAX_MEMBERS": self.max_memberships,
             "MAGLEV_SLOTS": self.maglev_slots,
-            "CT_SIZE": self.ct_size, "AFFINITY_SIZE": self.affinity_size,
+            "CT_SIZE": self.ct_size, "SNAT_SLOTS": self.snat_slots, "AFFINITY_SIZE": self.affinity_size,
             "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
             "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
             "CT_CLOSE_TIMEOUT_S": self.ct_close_timeout, "CT_TCP_IDLE_TIMEOUT_S": self.ct_tcp_idle_timeout,
-            "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout,
+            "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout, "CT_SYN_TIMEOUT_S": self.ct_syn_timeout,
             "DERIVE_LOCAL_REPLIES": int(self.derive_local_replies),
         }
 
@@ -329,6 +331,7 @@ class Datapath:
         self._revnat: dict[int, ServiceKey] = {}    # local backend id -> its designated service
         self._free_svc_ids: list[int] = []
         self._dead_backends: dict[int, tuple[IPAddress, int]] = {}   # deactivated, REPLY entries not yet swept
+        self._dead_remote = False   # a deactivated backend was remote: its SNAT port slots need freeing
         self._next_svc_id = 1
         self._next_backend_id = 1
         self._alloc = _RangeAllocator(self.features.maglev_slots)
@@ -369,6 +372,7 @@ class Datapath:
                  verified_insns={k: f.verified_insns for k, f in self._fns.items()})
         self._check_pins()
         self._migrate_ct_v1()
+        self._migrate_snat_replies()
         self._adopt()
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
@@ -532,6 +536,15 @@ class Datapath:
             os.close(fd)
         old.unlink()
         log.info("conntrack migrated from ct_v1 to ct_v2", entries=moved, pin_dir=str(self.pin_dir))
+
+    def _migrate_snat_replies(self) -> None:
+        """SNAT REPLY conntrack entries of a vipd from before port slots move into
+        ``snat_ports_v1`` (agent/datapath/snatports.py), so its SNAT flows survive the upgrade."""
+        from agent.datapath.snatports import migrate_reply_entries
+        moved, lost = migrate_reply_entries(self)
+        if moved or lost:
+            log.info("SNAT REPLY conntrack entries moved into node-port slots", moved=moved,
+                     lost_to_slot_collisions=lost, pin_dir=str(self.pin_dir))
 
     def _adopt(self) -> None:
         """Rebuild the in-memory view (ids, tables, ranges) from the pinned maps."""
@@ -1132,6 +1145,8 @@ class Datapath:
                 tbl = tbl or self.table(MapName.BACKENDS)
                 self._put(Phase.CLEANUP, MapName.BACKENDS, tbl.Key(bid), tbl.Leaf())
                 self._dead_backends[bid] = (val[0], val[1])
+                if not val[2] & BackendFlag.LOCAL:   # only remote backends have SNAT ports
+                    self._dead_remote = True
 
     def _sweep_dead_backends(self) -> int:
         """Delete the REPLY conntrack entries of the backends deactivated since the last sweep.
@@ -1143,11 +1158,12 @@ class Datapath:
         would find its ports taken). One batched scan of conntrack per call (not per backend);
         ``reconcile`` sweeps once at its end. Returns the number of entries deleted."""
         dead, self._dead_backends = self._dead_backends, {}
+        remote, self._dead_remote = self._dead_remote, False
         if not dead:
             return 0
         dead_keys = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port) in dead.items()}
         return self._sweep_replies(lambda bid, k: bid in dead_keys and dead_keys[bid] == (tuple(k.saddr), k.sport),
-                                   "removed backends")
+                                   "removed backends", slots=remote)
 
     def _sweep_stale_replies(self) -> int:
         """At load: delete REPLY entries naming a backend id that is not active with the
@@ -1158,8 +1174,14 @@ class Datapath:
         return self._sweep_replies(lambda bid, k: bid != 0 and live.get(bid) != (tuple(k.saddr), k.sport),
                                    "stale at load")
 
-    def _sweep_replies(self, doomed_if, why: str) -> int:
-        """Delete the REPLY entries for which ``doomed_if(backend_id, key)``."""
+    def _sweep_replies(self, doomed_if, why: str, slots: bool = True) -> int:
+        """Delete the REPLY entries, and (``slots``) free the SNAT node-port slots, for which
+        ``doomed_if(backend_id, key)``. The slot scan reads the whole array (~0.3 s per 256 Ki
+        slots here), so it is skipped when only local backends left."""
+        from agent.datapath.snatports import clear_slots
+        freed = clear_slots(self, doomed_if) if slots else 0
+        if freed:
+            log.info("SNAT node ports of backends no longer active freed", why=why, slots=freed)
         tbl = self.table(MapName.CT)
         reply = int(CtDir.REPLY)
         doomed = [tbl.Key.from_buffer_copy(k) for k, v in _hash_items(tbl)
@@ -1175,7 +1197,7 @@ class Datapath:
                 pass   # gone meanwhile (LRU, or taken over by the datapath)
         if doomed:
             log.info("conntrack REPLY entries of backends no longer active deleted", why=why, entries=len(doomed))
-        return len(doomed)
+        return len(doomed) + freed
 
     def _write_backend(self, bid: int) -> None:
         addr, port, flags = self._backend_vals[bid]

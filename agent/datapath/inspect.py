@@ -17,6 +17,7 @@ from agent.datapath.api import (
     CtEntry, _HOOK_NAMES, _addr_from_words, _array_items, _array_read_range, _hash_items, _ntohs,
 )
 from agent.datapath.model import IPAddress, Proto, ServiceKey
+from agent.datapath.snatports import claimed_slots, read_slots
 
 __all__ = [
     "BackendRow", "FrontendRow", "read_backends", "read_frontends", "read_maglev",
@@ -125,13 +126,36 @@ def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:
             backend_id=int(v.backend_id), service_id=int(v.svc_id), flags=CtFlag(v.flags),
             rewrite_saddr=_addr_from_words(v.raddr, fam) if reply else None,
             rewrite_sport=_ntohs(v.rport) if reply else None, nat_port=_ntohs(v.nat_port)))
+    # SNAT flows' reply direction lives in the node-port slots, shown as the REPLY entries
+    # they replaced: {backend:bport -> node:nat_port} rewritten to VIP:vport -> client
+    nodes = _node_addresses(dp)
+    for s in read_slots(dp):
+        total += 1
+        if limit is not None and len(rows) >= limit:
+            continue
+        rows.append(CtEntry(
+            direction="reply", proto=Proto(s.proto), saddr=s.backend, sport=s.bport,
+            daddr=nodes.get(s.backend.version, s.backend), dport=s.nat_port, backend_id=s.backend_id,
+            service_id=s.svc_id, flags=CtFlag(s.flags), rewrite_saddr=s.vip, rewrite_sport=s.vport,
+            nat_port=0))
     return rows, total
+
+
+def _node_addresses(dp) -> dict[int, IPAddress]:
+    """IP version -> the node address SNAT uses (node_cfg_v1)."""
+    tbl, out = dp.table(MapName.NODE_CFG), {}
+    for idx, fam in ((0, 4), (1, 6)):
+        v = tbl[tbl.Key(idx)]
+        if v.valid:
+            out[fam] = _addr_from_words(v.addr, fam)
+    return out
 
 
 def count_conntrack(dp) -> dict[str, int]:
     counts = {"service": 0, "reply": 0}
     for k, _ in _hash_items(dp.table(MapName.CT)):
         counts["reply" if k.dir == CtDir.REPLY else "service"] += 1
+    counts["reply"] += sum(1 for _ in claimed_slots(dp.table(MapName.SNAT_PORTS)))
     return counts
 
 

@@ -22,7 +22,10 @@
 #define MAGLEV_SLOTS (1 << 22)    /* u32 slots shared by all services' Maglev tables */
 #endif
 #ifndef CT_SIZE
-#define CT_SIZE (1 << 18)         /* conntrack LRU entries (two per NATed flow) */
+#define CT_SIZE (1 << 18)         /* conntrack LRU entries (one per flow, two per local non-designated flow) */
+#endif
+#ifndef SNAT_SLOTS
+#define SNAT_SLOTS (1 << 18)      /* SNAT node-port slots (power of 2; keep live SNAT flows below ~half) */
 #endif
 #ifndef CT_MAP_FLAGS
 #define CT_MAP_FLAGS 0   /* common LRU (BPF_F_NO_COMMON_LRU measured no faster here) */
@@ -50,6 +53,9 @@
 #endif
 #ifndef CT_TCP_IDLE_TIMEOUT_S
 #define CT_TCP_IDLE_TIMEOUT_S 21600  /* ... or after this long without a reply (Cilium: 6 h) */
+#endif
+#ifndef CT_SYN_TIMEOUT_S
+#define CT_SYN_TIMEOUT_S 60       /* ... or this long after its claim if no reply ever came */
 #endif
 #ifndef CT_UDP_IDLE_TIMEOUT_S
 #define CT_UDP_IDLE_TIMEOUT_S 60
@@ -93,6 +99,7 @@
 #define CT_F_DSR       (1 << 2)
 #define CT_F_STATELESS (1 << 3)
 #define CT_F_CLOSING   (1 << 4)   /* SNAT: FIN or RST seen; the port frees CT_CLOSE_TIMEOUT_S later */
+#define CT_F_REPLIED   (1 << 5)   /* SNAT port slot: a reply came back (else it frees CT_SYN_TIMEOUT_S later) */
 
 /* ---- hooks: index into stats (hook * NUM_STATS + stat) ---- */
 #define HOOK_XDP        0

@@ -9,7 +9,7 @@
  *   DSR backend:   the same, then forwarded to the backend (FIB);
  *   SNAT backend:  the same plus quoted destination client:port -> node:nat_port, forwarded.
  * A router between this node and a SNAT backend answers our translated request (quoted
- * node:nat_port -> backend:port, addressed to the node): its REPLY entry turns the error into
+ * node:nat_port -> backend:port, addressed to the node): its port slot turns the error into
  * one about client:port -> VIP:port, sent to the client.
  * IPv4 header, quoted IP header and ICMP checksums are updated incrementally (ICMPv6: the
  * pseudo header too); the quoted L4 checksum is left alone (receivers do not check it).
@@ -137,15 +137,13 @@ static __always_inline int icmp_error_snat_request(struct xdp_md *ctx, struct pk
 	struct node_addr *na = node_cfg_v1.lookup(&nidx);
 	if (!na || !na->valid || !addr_eq(na->addr, q->saddr))
 		return -1;
-	struct ct_key rk = {};
-	ct_key_set(&rk, q->daddr, q->saddr, q->dport, q->sport, q->proto, q->family, CT_DIR_REPLY);
-	struct ct_val *rv = ct_v2.lookup(&rk);
-	if (!rv || !(rv->flags & CT_F_SNAT))
+	struct snat_slot *s = snat_slot_find(q->daddr, q->family, q->dport, q->sport, q->proto);
+	if (!s)
 		return -1;
 	__u32 vip[4], client[4];
-	__be16 vport = rv->rport, cport = rv->rdport;
-	addr_copy(vip, rv->raddr);
-	addr_copy(client, rv->rdaddr);
+	__be16 vport = s->vport, cport = s->cport;
+	addr_copy(vip, s->vaddr);
+	addr_copy(client, s->caddr);
 	__u32 zero = 0;
 	struct scratch *scr = scratch_v1.lookup(&zero);
 	if (!scr)

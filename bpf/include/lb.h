@@ -321,13 +321,140 @@ static __always_inline void fill_fwd_val(struct ct_val *v, __u32 bid, __u32 svc_
 	v->nat_port = nat_port;
 }
 
-/* Is this SNAT REPLY entry the mapping of the client flow p (client:cport -> VIP:vport)? Its key
- * (backend:bport -> node:nat_port) has no client in it, so a flow must check before it trusts,
- * marks or deletes "its" entry: the port may have been given to another flow since. */
-static __always_inline int snat_reply_of(const struct ct_val *rv, const struct pkt *p)
+/* ---- SNAT node ports -------------------------------------------------------------------
+ * A SNAT flow's node port is claimed in snat_ports, an array, at the index hashed from what
+ * the flow's replies carry (backend:bport -> node:nat_port, proto): a reply finds its slot in
+ * one array lookup and checks the tag, and the SYN path claims a port with an atomic
+ * compare-and-swap on the slot's sequence word plus plain stores, instead of inserting a
+ * REPLY entry into the conntrack LRU (~150 ns here). A key maps to exactly one slot, so no two
+ * live flows share (backend, bport, node port); a key whose slot is taken by another key's
+ * live flow is a busy port (the next candidate is tried). Slots are never evicted: a port is
+ * reused when its flow closed (FIN/RST + CT_CLOSE_TIMEOUT_S), never answered or went idle
+ * (snat_slot_stale), and the agent frees the slots of backends it removes. */
+static __always_inline __u32 snat_slot_index(const __u32 *baddr, __u8 family, __be16 bport, __be16 nat_port,
+					     __u8 proto)
 {
-	return (rv->flags & CT_F_SNAT) && rv->rdport == p->sport && rv->rport == p->dport &&
-	       addr_eq(rv->rdaddr, p->saddr) && addr_eq(rv->raddr, p->daddr);
+	return flow_hash_tuple(baddr, family, nat_port, bport, proto) & (SNAT_SLOTS - 1);
+}
+
+static __always_inline int snat_slot_is(const struct snat_slot *s, const __u32 *baddr, __u8 family,
+					__be16 bport, __be16 nat_port, __u8 proto)
+{
+	return s->backend_id && s->nat_port == nat_port && s->bport == bport && s->proto == proto &&
+	       s->family == family && addr_eq(s->baddr, baddr);
+}
+
+/* The slot of the SNAT mapping {backend:bport -> node:nat_port}, or NULL */
+static __always_inline struct snat_slot *snat_slot_find(const __u32 *baddr, __u8 family, __be16 bport,
+							__be16 nat_port, __u8 proto)
+{
+	__u32 idx = snat_slot_index(baddr, family, bport, nat_port, proto);
+	struct snat_slot *s = snat_ports_v1.lookup(&idx);
+
+	if (!s || !snat_slot_is(s, baddr, family, bport, nat_port, proto))
+		return NULL;
+	return s;
+}
+
+/* Is this slot the mapping of the client flow p (client:cport -> VIP:vport)? A flow checks
+ * before it trusts or marks "its" port: the port may have been given to another flow since. */
+static __always_inline int snat_slot_of(const struct snat_slot *s, const struct pkt *p)
+{
+	return s->cport == p->sport && s->vport == p->dport && addr_eq(s->caddr, p->saddr) &&
+	       addr_eq(s->vaddr, p->daddr);
+}
+
+/* May this claimed port be given to another flow? Its flow closed (FIN/RST) CT_CLOSE_TIMEOUT_S
+ * ago, never had a reply for CT_SYN_TIMEOUT_S (a SYN that moved to another backend, a scan, a
+ * dead backend), or had no reply for the protocol's idle timeout. */
+static __always_inline int snat_slot_stale(const struct snat_slot *s, __u32 now)
+{
+	__u32 age = now - s->last_seen;
+
+	return ((s->flags & CT_F_CLOSING) && age >= CT_CLOSE_TIMEOUT_S) ||
+	       (!(s->flags & CT_F_REPLIED) && age >= CT_SYN_TIMEOUT_S) ||
+	       age >= (s->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S);
+}
+
+/* Claim a node port towards backend baddr:bport for the client flow p: up to SNAT_PORT_TRIES
+ * candidates from start (snat_port_for: first a hash of the flow, then a random one). A
+ * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's
+ * flow loses its SERVICE entry too if that entry still uses this port (the client port may
+ * carry a newer flow, which lives on). Returns the port (network order) or 0. */
+static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
+					 __u32 svc_id, __u32 now, __u32 start)
+{
+	struct ct_key fk = {};   /* a taken-over flow's SERVICE key (one, outside the loop: stack) */
+	__be16 got = 0, old_port = 0;
+	__u32 old_bid = 0;
+
+#pragma unroll
+	for (int i = 0; i < SNAT_PORT_TRIES; i++) {
+		__be16 port = bpf_htons(SNAT_PORT_MIN + (start + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
+		__u32 idx = snat_slot_index(baddr, p->family, bport, port, p->proto);
+		struct snat_slot *s = snat_ports_v1.lookup(&idx);
+		if (!s)
+			continue;
+		__u64 seq = *(volatile __u64 *)&s->seq;
+		if (seq & 1)
+			continue;   /* another CPU is writing it */
+		if (s->backend_id) {
+			if (snat_slot_is(s, baddr, p->family, bport, port, p->proto) && snat_slot_of(s, p)) {
+				s->flags &= ~CT_F_CLOSING;   /* ours already: live again */
+				s->last_seen = now;
+				return port;
+			}
+			if (!snat_slot_stale(s, now))
+				continue;   /* a live flow's port (or another key's slot): busy */
+			old_port = s->nat_port;
+			old_bid = s->backend_id;
+			ct_key_set(&fk, s->caddr, s->vaddr, s->cport, s->vport, s->proto, s->family, CT_DIR_SERVICE);
+		}
+		if (__sync_val_compare_and_swap(&s->seq, seq, seq + 1) != seq) {
+			old_bid = 0;
+			continue;   /* lost the race for this slot */
+		}
+		s->backend_id = bid;
+		addr_copy(s->baddr, baddr);
+		s->bport = bport;
+		s->nat_port = port;
+		s->proto = p->proto;
+		s->family = p->family;
+		s->flags = CT_F_SNAT;
+		s->last_seen = now;
+		s->svc_id = svc_id;
+		addr_copy(s->caddr, p->saddr);
+		addr_copy(s->vaddr, p->daddr);
+		s->cport = p->sport;
+		s->vport = p->dport;
+		__sync_fetch_and_add(&s->seq, 1);
+		got = port;
+		break;
+	}
+	if (got && old_bid) {
+		struct ct_val *fv = ct_v2.lookup(&fk);
+		if (fv && fv->nat_port == old_port && fv->backend_id == old_bid)
+			ct_v2.delete(&fk);
+		stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
+	}
+	return got;
+}
+
+/* A node port for a new SNAT flow: SNAT_PORT_TRIES candidates from a start hashed from the flow
+ * (client, ports, VIP), so a retransmitted SYN or a new connection from a reused client port
+ * walks the same candidates and takes back the slot that is already its own (Linux's NAT also
+ * starts its port search at a hash of the tuple); if all are busy, as many from a random start,
+ * so a retried SYN is not refused by the same busy ports again. */
+static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
+					    __u32 svc_id)
+{
+	__u32 now = now_s();
+	__u32 start = jhash_2words(flow_hash(p, p->sport), p->daddr[0] ^ p->daddr[3], HASH_SEED);
+	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, now, start);
+
+	if (!port)
+		port = snat_claim(p, baddr, bport, bid, svc_id, now, bpf_get_prandom_u32());
+	return port;
 }
 
 /* SNAT's two rewrites in one pass (XDP): destination -> backend:bport, source -> node:nat_port,
@@ -405,13 +532,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	}
 
 	ct_key_set(&ck, p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family, CT_DIR_SERVICE);
-	/* A TCP SYN (without ACK) of a DSR service is a new flow: no conntrack probe that would
-	 * miss anyway (Katran's rule; measured -20..30 ns per SYN). Its entry is written below,
-	 * replacing one a reused or retransmitted SYN's 4-tuple may have left; Maglev gives it the
-	 * same backend unless the table changed in between. SNAT keeps the probe: a retransmitted
-	 * SYN must keep its node port. */
-	int syn_new = (flags & SVC_F_DSR) && p->proto == IPPROTO_TCP &&
-		      (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	/* A TCP SYN (without ACK) is a new flow: no conntrack probe that would miss anyway
+	 * (Katran's rule; measured -20..30 ns per SYN). Its entry is written below, replacing one
+	 * a reused or retransmitted SYN's 4-tuple may have left; Maglev gives it the same backend
+	 * unless the table changed in between. A SNAT SYN keeps its node port all the same: the
+	 * port candidates are a function of the flow, and the first slot that is already this
+	 * flow's is taken back (snat_claim). */
+	int syn_new = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	if (!(flags & SVC_F_STATELESS) && !syn_new) {
 		cv = ct_v2.lookup(&ck);
 		if (cv) {
@@ -552,69 +679,25 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	int fr = nh_resolve(ctx, p, bid, naddr, baddr, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
-	int ctl = p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST);
-	if (ctl || !nat_port) {   /* the REPLY key: established packets do not build it */
-		addr_copy(rk.saddr, baddr);
-		addr_copy(rk.daddr, naddr);
-		rk.sport = bport;
-		rk.proto = p->proto;
-		rk.family = p->family;
-		rk.dir = CT_DIR_REPLY;
-	}
-	if (nat_port && ctl) {
-		/* only SYN/FIN/RST look at the REPLY entry (established packets pay nothing) */
-		rk.dport = nat_port;
-		struct ct_val *rv = ct_v2.lookup(&rk);
-		if (!rv || !snat_reply_of(rv, p)) {
-			nat_port = 0;   /* the port's entry is gone or another flow's: a new port */
+	if (nat_port && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		/* only SYN/FIN/RST look at the port's slot (established packets pay nothing) */
+		struct snat_slot *s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
+		if (!s || !snat_slot_of(s, p)) {
+			nat_port = 0;   /* the port was freed or given to another flow: a new port */
 		} else if (p->tcp_flags & TCP_FLAG_SYN) {
 			/* a new connection from a reused client port (or a retransmitted SYN): live, so
 			 * the closed predecessor's CLOSING mark must not let the port be taken over */
-			if (rv->flags & CT_F_CLOSING) {
-				rv->flags &= ~CT_F_CLOSING;
-				rv->last_seen = now_s();
+			if (s->flags & CT_F_CLOSING) {
+				s->flags &= ~CT_F_CLOSING;
+				s->last_seen = now_s();
 			}
 		} else {
-			rv->flags |= CT_F_CLOSING;
-			rv->last_seen = now_s();
+			s->flags |= CT_F_CLOSING;
+			s->last_seen = now_s();
 		}
 	}
 	if (!nat_port) {
-		__u32 now = now_s();
-		__u32 start = bpf_get_prandom_u32();  /* a retried SYN probes other ports */
-		fill_reply_val(vp, p, bid, svc_id, CT_F_SNAT);
-		vp->last_seen = now;
-#pragma unroll
-		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
-			__u16 port = SNAT_PORT_MIN + (start + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1);
-			rk.dport = bpf_htons(port);
-			/* insert first (BPF_NOEXIST): a free port, the common case, costs no probe */
-			if (ct_v2.insert(&rk, vp) == 0) {
-				nat_port = rk.dport;
-				break;
-			}
-			struct ct_val *old = ct_v2.lookup(&rk);
-			if (!old)
-				continue;   /* evicted in between: the next port */
-			/* a closed (FIN/RST + grace) or idle flow's port is taken over; its SERVICE
-			 * entry goes too, so a late packet of it starts a new flow on a new port -- but
-			 * only if that entry still uses this port: the client port may carry a newer
-			 * flow by now (to another backend, or on another port), which must live on */
-			__u32 age = now - old->last_seen;
-			if (((old->flags & CT_F_CLOSING) && age >= CT_CLOSE_TIMEOUT_S) ||
-			    age >= (p->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S)) {
-				struct ct_key fk = {};
-				ct_key_set(&fk, old->rdaddr, old->raddr, old->rdport, old->rport,
-					   rk.proto, rk.family, CT_DIR_SERVICE);
-				struct ct_val *fv = ct_v2.lookup(&fk);
-				if (fv && fv->nat_port == rk.dport && fv->backend_id == old->backend_id)
-					ct_v2.delete(&fk);
-				ct_v2.update(&rk, vp);
-				nat_port = rk.dport;
-				stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
-				break;
-			}
-		}
+		nat_port = snat_port_for(p, baddr, bport, bid, svc_id);
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
 		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
@@ -643,20 +726,24 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p)
 	struct node_addr *na = node_cfg_v1.lookup(&nidx);
 	if (!na || !na->valid || !addr_eq(na->addr, p->daddr))
 		return -1;
-	struct ct_key rk = {};
-	reply_key(&rk, p);
-	struct ct_val *rv = ct_v2.lookup(&rk);
-	if (!rv || !(rv->flags & CT_F_SNAT))
+	struct snat_slot *s = snat_slot_find(p->saddr, p->family, p->sport, p->dport, p->proto);
+	if (!s)
 		return -1;
+	__u64 seq = *(volatile __u64 *)&s->seq;
 	__u32 vip[4], client[4];
-	__be16 vport = rv->rport, cport = rv->rdport;
-	addr_copy(vip, rv->raddr);
-	addr_copy(client, rv->rdaddr);
+	__be16 vport = s->vport, cport = s->cport;
+	addr_copy(vip, s->vaddr);
+	addr_copy(client, s->caddr);
+	/* a slot being taken over (a stale flow's) is not trusted half-written */
+	if ((seq & 1) || *(volatile __u64 *)&s->seq != seq)
+		return -1;
 	__u32 now = now_s();
 	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		rv->flags |= CT_F_CLOSING;
-	if (rv->last_seen != now)
-		rv->last_seen = now;   /* keeps the port from being taken over as idle */
+		s->flags |= CT_F_CLOSING;
+	if (s->last_seen != now)
+		s->last_seen = now;   /* keeps the port from being taken over as idle */
+	if (!(s->flags & CT_F_REPLIED))
+		s->flags |= CT_F_REPLIED;
 	/* the next hop towards the client from the per-CPU cache (slot by client address; the
 	 * entry is tagged with it, so a collision is only a miss) */
 	__u32 slot = client[0] ^ client[3] ^ (client[0] >> 13) ^ NEIGH_CLIENT_SALT;

@@ -30,6 +30,10 @@ BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "
 /* connection tracking: flows keep their backend; replies find their rewrite */
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v2, CT_SIZE, PIN_DIR "/ct_v2",
 		 CT_MAP_FLAGS);
+/* SNAT node ports: one slot per claimed (backend, bport, node port, proto), at an index hashed
+ * from exactly what a reply carries; replaces the per-flow REPLY conntrack entry (an array
+ * write instead of an LRU insert on the SYN path; docs/datapath.md "SNAT port slots") */
+BPF_TABLE_PINNED("array", __u32, struct snat_slot, snat_ports_v1, SNAT_SLOTS, PIN_DIR "/snat_ports_v1");
 /* ClientIP session affinity */
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_val, affinity_v1, AFFINITY_SIZE,
 		 PIN_DIR "/affinity_v1");

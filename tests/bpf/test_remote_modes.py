@@ -282,11 +282,12 @@ def test_snat_ports_of_closed_flows_are_reused():
 
 
 @pytest.mark.parametrize("mode", [Mode.DSR, Mode.SNAT], ids=["dsr", "snat"])
-def test_syn_of_a_known_flow_dsr_replaces_it_snat_keeps_it(dp, net, mode):
-    """A DSR service's TCP SYN skips the conntrack probe (Katran's rule): a SYN reusing a known
-    4-tuple is placed by Maglev afresh (here: after a backend was added, some move), while its
-    ACKs keep the flow's backend. SNAT keeps the probe: a retransmitted SYN keeps its backend
-    and node port."""
+def test_syn_of_a_known_flow_is_placed_afresh_and_snat_keeps_its_port(dp, net, mode):
+    """A TCP SYN skips the conntrack probe (Katran's rule): a SYN reusing a known 4-tuple is
+    placed by Maglev afresh (here: after a backend was added, some move), while its ACKs keep
+    the flow's backend until then. SNAT: a SYN that stays on its backend keeps its node port
+    (the port candidates are a function of the flow), and one that moved gets a port whose
+    replies reach the client."""
     b2 = "10.2.0.6"
     dp.set_node_addresses(v4=NODE4)
     dp.upsert_service(_svc(VIP4, Proto.TCP, B4, mode))
@@ -305,9 +306,12 @@ def test_syn_of_a_known_flow_dsr_replaces_it_snat_keeps_it(dp, net, mode):
         out = Ether(run_xdp(dp, _req(C4, VIP4, sport=s), netns=net["ns"]).data)
         again[s] = (out[IP].dst, out[TCP].sport)
     moved = [s for s in sports if again[s][0] != B4]
-    if mode == Mode.DSR:
-        assert moved, "no SYN was re-placed by Maglev"
-        for s in moved:   # the new placement is now the flow's
-            assert Ether(run_xdp(dp, _req(C4, VIP4, sport=s, flags="A"), netns=net["ns"]).data)[IP].dst == b2
-    else:
-        assert again == first
+    assert moved, "no SYN was re-placed by Maglev"
+    for s in moved:   # the new placement is now the flow's
+        assert Ether(run_xdp(dp, _req(C4, VIP4, sport=s, flags="A"), netns=net["ns"]).data)[IP].dst == b2
+    if mode == Mode.SNAT:
+        assert all(again[s] == first[s] for s in sports if s not in moved)
+        for s in moved:
+            rep = Ether() / IP(src=b2, dst=NODE4) / TCP(sport=8080, dport=again[s][1], flags="SA")
+            out = Ether(run_xdp(dp, rep, netns=net["ns"]).data)
+            assert (out[IP].src, out[IP].dst, out[TCP].sport, out[TCP].dport) == (VIP4, C4, 80, s)
