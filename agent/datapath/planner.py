@@ -298,7 +298,12 @@ class Planner:
             # nothing of this service is programmed: no id, no backend only it would have used
             if created:
                 self.free_svc_ids.append(svc_id)
-            self._ref_backends([bid for bid in new_ids if bid not in self.backend_refs], 0)
+            for bid in new_ids:
+                if bid not in self.backend_refs:   # no flow can name it yet: no sweep needed
+                    val = self.backend_vals.pop(bid)
+                    self.backend_ids.pop((val[0], val[1]), None)
+                    self.changes.put(Phase.CLEANUP, _BACKENDS, bytes(self.layouts.key(_BACKENDS)(bid)),
+                                     bytes(self.layouts.leaf(_BACKENDS)()))
             raise
 
         flags = ((_SVC_LOCAL_ONLY if svc.traffic_policy_local else 0) | (_SVC_DSR if svc.mode is Mode.DSR else 0)

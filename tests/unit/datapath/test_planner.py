@@ -312,6 +312,7 @@ def test_maglev_slot_space_exhausted_names_the_service_and_leaves_no_backend():
     assert set(errors) == {b.key} and errors[b.key].what == "maglev_slots"
     assert "10.0.0.1:81/TCP" in str(errors[b.key])
     assert {_ntohs(v.port) for v in fake.active_backends().values()} == {8080}   # only a's backend
+    assert p.take_dead_backends() == ({}, False)            # never active: no conntrack sweep
     assert set(fake.frontends()[0]) == {a.key}
 
 
