@@ -718,6 +718,10 @@ class Datapath:
             self._plan.take_changes()   # the rest is not written: the maps are read back
             raise self._recover(exc) from exc
 
+    def _svc_key(self, vip: IPAddress, port: int, proto: int):
+        """The services map key of a frontend (tests read entries with it)."""
+        return self.table(MapName.SERVICES).Key.from_buffer_copy(self._plan._svc_key(vip, port, proto))
+
     def _upsert(self, svc: Service, atomic: bool) -> ServiceChange:
         change = self._plan.upsert(svc, atomic)
         if not self._defer_sweep:   # one service at a time (a batch of 20,000 would log 20,000 lines)
