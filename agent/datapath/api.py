@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 from agent.datapath import abi, bpfsys
 from agent.datapath.abi import BackendFlag, CtDir, CtFlag, DropReason, Hook, MapName, Stat, SvcFlag
@@ -41,9 +41,13 @@ from agent.datapath.changes import MapChanges, Phase
 from agent.datapath.child import SIZE_DEFINES, Loaded, LoaderChild
 from agent.datapath.loader import ensure_bpffs
 from agent.datapath.model import (
-    Backend, IPAddress, IPNetwork, Mode, Proto, Service, ServiceKey, backend_name,
+    Backend, IPAddress, Mode, Proto, Service, ServiceKey,
 )
 from agent.datapath.netns import in_netns
+from agent.datapath.planner import (
+    CapacityError, DatapathError, Layouts, Limits, Planner, Programmed, ServiceChange, TableBuilder,
+    htons as _htons, words as _words,
+)
 from agent.log import get_logger
 
 __all__ = ["Datapath", "Features", "Counters", "CtEntry", "NeighEntry", "ServiceChange", "DatapathError",
@@ -51,22 +55,7 @@ __all__ = ["Datapath", "Features", "Counters", "CtEntry", "NeighEntry", "Service
 
 log = get_logger("datapath")
 
-TableBuilder = Callable[[Sequence[tuple[str, int]], int], list[int]]
 EARLY_SLOTS = 1 << 20   # Maglev slots a batch holds before writing them (4 MiB each of keys, values)
-TABLE_CACHE_SIZE = 4096  # distinct (backends, M) Maglev tables kept (~1 KB each at M = 251)
-
-
-class DatapathError(RuntimeError):
-    """A datapath operation failed; the message says which object and why."""
-
-
-class CapacityError(DatapathError):
-    """A sized map is full (``what``: "services", "backends", "memberships", "maglev_slots");
-    ``Datapath.grow`` with a bigger :class:`~agent.datapath.capacity.Capacity` fixes it."""
-
-    def __init__(self, what: str, message: str):
-        super().__init__(message)
-        self.what = what
 
 
 # Maps whose size comes from the configuration (Capacity); pinned under SIZED_PIN_DIR and
@@ -128,16 +117,6 @@ class Features:
         from dataclasses import replace
         return replace(self, max_services=cap.max_services, max_backends=cap.max_backends,
                        max_memberships=cap.max_memberships, maglev_slots=cap.maglev_slots)
-
-
-@dataclass(frozen=True)
-class ServiceChange:
-    """What one upsert wrote."""
-
-    created: bool          # a new service id / frontend entry
-    slots_written: int     # Maglev slots written (delta) or filled (swap)
-    swapped: bool          # a fresh table range was filled and swapped in atomically
-    service_written: bool  # the frontend entry (flags, table pointer) was rewritten
 
 
 @dataclass(frozen=True)
@@ -206,94 +185,19 @@ def _kernel_hz(probe_fd: int) -> int:
     return best if abs(best - hz) <= 0.15 * best else max(1, int(hz))
 
 
-@dataclass
-class _Programmed:
-    """What the maps currently hold for one frontend."""
-
-    svc_id: int
-    flags: int
-    table_off: int
-    table_cap: int
-    table: Sequence[int]          # backend id per slot, array('I') (empty = no backend for new flows)
-    affinity_timeout: int
-    ranges: frozenset
-    service: Service | None       # the model last upserted (None after adoption)
-    refs: frozenset = frozenset()  # backend ids this service keeps alive (table + listed backends)
-    members: frozenset = frozenset()  # backend ids in svc_backends for this service (listed backends)
-    backend_gen: int = 0           # svc_val.backend_gen: bumped whenever a member leaves
-
-
 # ---------------------------------------------------------------------------- byte helpers
-
-_FOUR_U32 = _struct.Struct("<4I")
-
-
-def _words(addr: IPAddress) -> tuple[int, int, int, int]:
-    """An address as the four raw network-order u32 words of the C structs (little-endian host)."""
-    return _FOUR_U32.unpack(addr.packed.ljust(16, b"\0"))
-
 
 def _addr_from_words(words, family: int) -> IPAddress:
     raw = b"".join(int(w).to_bytes(4, "little") for w in words)
     return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
 
 
-def _htons(v: int) -> int:
-    return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF)
-
-
-_ntohs = _htons
-
-# flag values as plain ints for the per-service hot path
-_BE_ACTIVE, _BE_LOCAL, _BE_TERMINATING = int(BackendFlag.ACTIVE), int(BackendFlag.LOCAL), int(BackendFlag.TERMINATING)
-_SVC_LOCAL_ONLY, _SVC_DSR, _SVC_AFFINITY = int(SvcFlag.LOCAL_ONLY), int(SvcFlag.DSR), int(SvcFlag.AFFINITY)
-_SVC_SOURCE_RANGES, _SVC_STATELESS = int(SvcFlag.SOURCE_RANGES), int(SvcFlag.STATELESS)
+def _ntohs(v: int) -> int:
+    return _htons(v)
 
 _HOOK_NAMES = {Hook.XDP: "xdp", Hook.TC_INGRESS: "tc_ingress", Hook.TC_EGRESS: "tc_egress"}
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-
-
-class _RangeAllocator:
-    """Maglev slot ranges: a bump pointer plus free lists per size (tables come in a handful
-    of prime sizes, so exact-size reuse keeps fragmentation low). Freed ranges rest a while
-    before reuse so a packet still reading a just-swapped-out table never sees another
-    service's slots."""
-
-    QUARANTINE_S = 2.0
-
-    def __init__(self, size: int):
-        self.size = size
-        self.top = 0
-        self.used: dict[int, int] = {}                 # off -> length
-        self.free_by_len: dict[int, list[int]] = {}
-        self.resting: list[tuple[float, int, int]] = []
-
-    def reserve(self, off: int, length: int) -> None:
-        """Mark a range in use (adoption); gaps below the top become free lists lazily."""
-        self.used[off] = length
-        self.top = max(self.top, off + length)
-
-    def alloc(self, length: int) -> int:
-        now = time.monotonic()
-        while self.resting and self.resting[0][0] <= now:
-            _, off, n = self.resting.pop(0)
-            self.free_by_len.setdefault(n, []).append(off)
-        free = self.free_by_len.get(length)
-        if free:
-            off = free.pop()
-        else:
-            if self.top + length > self.size:
-                raise CapacityError("maglev_slots", f"Maglev slot space exhausted ({self.size} slots)")
-            off = self.top
-            self.top += length
-        self.used[off] = length
-        return off
-
-    def free(self, off: int) -> None:
-        n = self.used.pop(off, None)
-        if n:
-            self.resting.append((time.monotonic() + self.QUARANTINE_S, off, n))
 
 
 # ---------------------------------------------------------------------------- the datapath
@@ -308,33 +212,25 @@ class Datapath:
         self.instance = instance
         self.pin_dir = Path(pin_root) / instance
         self.features = features
-        self._table_builder = table_builder
-        self._tables: dict[tuple, tuple[int, ...]] = {}  # (backends, M) -> Maglev table
+        # what the maps program and the rules that turn service changes into writes (pure);
+        # its map layouts arrive with the loaded maps
+        self._plan = Planner(None, Limits.of(features), table_builder=table_builder)
         self._loaded: Loaded | None = None   # programs and maps handed over by the loader child
         self._fns: dict[str, object] = {}
-        self._changes: MapChanges | None = None   # writes being recorded (see _writes)
+        self._batching = False   # inside _writes: the planner's changes are applied at its end
         self._defer_sweep = False
         self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
         self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
         self.reloads = 0                                           # growths done by this process
-        self.maglev_builds = 0                                     # tables computed (vipd_maglev_builds_total)
-        self._reset_state()
+
+    @property
+    def maglev_builds(self) -> int:
+        """Maglev tables computed (vipd_maglev_builds_total)."""
+        return self._plan.maglev_builds
 
     def _reset_state(self) -> None:
         """Forget what the maps program (ids, tables, ranges); ``_adopt`` reads it back."""
-        self._programmed: dict[ServiceKey, _Programmed] = {}
-        self._wildcards: dict[tuple[int, IPAddress], int] = {}
-        self._backend_ids: dict[tuple[IPAddress, int], int] = {}
-        self._backend_vals: dict[int, tuple[IPAddress, int, int]] = {}   # id -> (addr, port, flags)
-        self._backend_refs: dict[int, int] = {}                           # id -> services using it
-        self._backend_svcs: dict[int, set[ServiceKey]] = {}               # id -> services listing it
-        self._revnat: dict[int, ServiceKey] = {}    # local backend id -> its designated service
-        self._free_svc_ids: list[int] = []
-        self._dead_backends: dict[int, tuple[IPAddress, int]] = {}   # deactivated, REPLY entries not yet swept
-        self._dead_remote = False   # a deactivated backend was remote: its SNAT port slots need freeing
-        self._next_svc_id = 1
-        self._next_backend_id = 1
-        self._alloc = _RangeAllocator(self.features.maglev_slots)
+        self._plan.reset()
 
     # ------------------------------------------------------------------ load / adopt
 
@@ -362,7 +258,8 @@ class Datapath:
         t0 = time.monotonic()
         self._loaded = self._compile(self.features, self.pin_dir, child=child)
         self._fns = self._loaded.programs
-        self._alloc.size = self.features.maglev_slots
+        self._plan.layouts = Layouts.from_tables(self._loaded.tables)
+        self._plan.set_limits(Limits.of(self.features))
         self._hz = _kernel_hz(self._fns["clock-probe"].fd)
         self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
@@ -440,7 +337,7 @@ class Datapath:
             t_compile = time.monotonic() - t0
             for name in SIZED_MAPS:
                 old_t, new_t = self.table(name), loaded.tables[name.value]
-                limit = self._alloc.top if name is MapName.MAGLEV else None
+                limit = self._plan.alloc.top if name is MapName.MAGLEV else None
                 _copy_map(old_t.map_fd, new_t.map_fd, limit=limit)
             for name in SIZED_MAPS:
                 os.rename(stage / name.value, self.pin_dir / name.value)
@@ -452,7 +349,8 @@ class Datapath:
         self._loaded, self._fns = loaded, loaded.programs
         self._write_neigh_cfg(gen=0)   # the next-hop cache is per program (not pinned): configure it
         old_features, self.features = self.features, new
-        self._alloc.size = new.maglev_slots
+        self._plan.layouts = Layouts.from_tables(loaded.tables)
+        self._plan.set_limits(Limits.of(new))
         for ifname, hook, netns in list(self._attached):
             if hook == "xdp":
                 self.attach_xdp(ifname, netns=netns, mode=self._xdp_modes.get((ifname, netns), "native"),
@@ -547,33 +445,30 @@ class Datapath:
                      lost_to_slot_collisions=lost, pin_dir=str(self.pin_dir))
 
     def _adopt(self) -> None:
-        """Rebuild the in-memory view (ids, tables, ranges) from the pinned maps."""
+        """Rebuild the planner's view (ids, tables, ranges) from the pinned maps."""
+        plan = self._plan
         backends = self.table(MapName.BACKENDS)
+        revnat_svc = {}
         for k, v in _array_items(backends):
             if v.flags & BackendFlag.ACTIVE:
-                addr = _addr_from_words(v.addr, v.family)
-                port = _ntohs(v.port)
-                self._backend_ids[(addr, port)] = k
-                self._backend_vals[k] = (addr, port, v.flags)
-                self._next_backend_id = max(self._next_backend_id, k + 1)
+                plan.adopt_backend(k, _addr_from_words(v.addr, v.family), _ntohs(v.port), v.flags)
+            if v.revnat_svc:
+                revnat_svc[k] = v.revnat_svc
         ranges: dict[int, set] = {}
         for k, _ in self.table(MapName.SRC_RANGES).items():
-            plen = k.prefixlen - 32
-            fam_bits = plen
-            ranges.setdefault(k.svc_id, set()).add((tuple(k.addr), fam_bits))
+            ranges.setdefault(k.svc_id, set()).add((tuple(k.addr), k.prefixlen - 32))
         maglev = self.table(MapName.MAGLEV)
         members: dict[int, set[int]] = {}
         member_keys = []
         for k, _ in self.table(MapName.SVC_BACKENDS).items():
             members.setdefault(k.svc_id, set()).add(k.backend_id)
             member_keys.append(k)
-        revnat_svc = {k: v.revnat_svc for k, v in _array_items(backends) if v.revnat_svc}
-        key_of_id: dict[int, ServiceKey] = {}
-        used_ids = set()
+        wildcards = []
+        svc_ids = set()
         for k, v in self.table(MapName.SERVICES).items():
             addr = _addr_from_words(k.addr, k.family)
             if v.flags & SvcFlag.WILDCARD:
-                self._wildcards[(k.family, addr)] = 0   # recounted below
+                wildcards.append((k.family, addr))
                 continue
             key = ServiceKey(addr, _ntohs(k.port), Proto(k.proto))
             table = array("I", _array_read_range(maglev, v.table_off, v.table_size) if v.table_size else ())
@@ -581,37 +476,20 @@ class Datapath:
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
                 for a, plen in ranges.get(v.id, ()))
             mem = frozenset(members.get(v.id, ()))
-            refs = frozenset(table) | mem
-            self._programmed[key] = _Programmed(
+            plan.adopt_service(key, Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
-                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None, refs=refs,
-                members=mem, backend_gen=v.backend_gen)
-            self._ref_backends(refs, +1)
-            for bid in mem:
-                self._backend_svcs.setdefault(bid, set()).add(key)
-            key_of_id[v.id] = key
-            self._alloc.reserve(v.table_off, v.table_cap)
-            used_ids.add(v.id)
-        for key in self._programmed:
-            wk = (key.family, key.vip)
-            self._wildcards[wk] = self._wildcards.get(wk, 0) + 1
-        for wk, n in list(self._wildcards.items()):
-            if n == 0:   # a leftover wildcard without services
-                self._write_wildcard(wk, present=False)
-                del self._wildcards[wk]
+                table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
+                refs=frozenset(table) | mem, members=mem, backend_gen=v.backend_gen))
+            svc_ids.add(v.id)
+        with self._writes():   # leftover wildcards without services are deleted
+            plan.adopt_done(wildcards, revnat_svc)
         for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
-            if k.svc_id not in key_of_id:
+            if k.svc_id not in svc_ids:
                 bpfsys.delete(self.table(MapName.SVC_BACKENDS).map_fd, k)
-        for bid, sid in revnat_svc.items():
-            if sid in key_of_id and bid in self._backend_vals:
-                self._revnat[bid] = key_of_id[sid]
-        if used_ids:
-            self._next_svc_id = max(used_ids) + 1
-            self._free_svc_ids = sorted(set(range(1, self._next_svc_id)) - used_ids, reverse=True)
         self._sweep_stale_replies()
-        if self._programmed or self._backend_ids:
-            log.info("adopted pinned datapath state", services=len(self._programmed),
-                     backends=len(self._backend_ids))
+        if plan.programmed or plan.backend_ids:
+            log.info("adopted pinned datapath state", services=len(plan.programmed),
+                     backends=len(plan.backend_ids))
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -715,16 +593,16 @@ class Datapath:
     def services(self) -> dict[ServiceKey, Service]:
         """The services the maps program now (reconstructed from maps after adoption)."""
         out = {}
-        for key, p in self._programmed.items():
+        for key, p in self._plan.programmed.items():
             if p.service is not None:
                 out[key] = p.service
                 continue
             ids = sorted(set(p.table))
             backends = tuple(
-                Backend(self._backend_vals[i][0], self._backend_vals[i][1],
-                        local=bool(self._backend_vals[i][2] & BackendFlag.LOCAL),
-                        terminating=bool(self._backend_vals[i][2] & BackendFlag.TERMINATING), id=i)
-                for i in ids if i in self._backend_vals)
+                Backend(self._plan.backend_vals[i][0], self._plan.backend_vals[i][1],
+                        local=bool(self._plan.backend_vals[i][2] & BackendFlag.LOCAL),
+                        terminating=bool(self._plan.backend_vals[i][2] & BackendFlag.TERMINATING), id=i)
+                for i in ids if i in self._plan.backend_vals)
             out[key] = Service(
                 key, backends, traffic_policy_local=bool(p.flags & SvcFlag.LOCAL_ONLY),
                 mode=Mode.DSR if p.flags & SvcFlag.DSR else Mode.SNAT,
@@ -734,15 +612,15 @@ class Datapath:
         return out
 
     def service_id(self, key: ServiceKey) -> int | None:
-        p = self._programmed.get(key)
+        p = self._plan.programmed.get(key)
         return p.svc_id if p else None
 
     def backend_id(self, addr, port: int) -> int | None:
-        return self._backend_ids.get((ipaddress.ip_address(addr), port))
+        return self._plan.backend_ids.get((ipaddress.ip_address(addr), port))
 
     def maglev_table(self, key: ServiceKey) -> list[int]:
         """The backend ids of a service's Maglev slots as programmed ([] = none)."""
-        return list(self._programmed[key].table)
+        return list(self._plan.programmed[key].table)
 
     def upsert_service(self, svc: Service, *, atomic: bool = False) -> ServiceChange:
         """Program ``svc``; writes only what differs from what the maps hold.
@@ -792,23 +670,24 @@ class Datapath:
 
     @contextmanager
     def _writes(self):
-        """Record the map writes of the block and apply them at its end in one batch per map
-        and phase (agent/datapath/changes.py, writer.py); nested blocks join the outer one.
-        What was recorded before an exception is applied too (as direct writes would have
-        been). A refused write leaves the maps partly written: the in-memory view is then
-        read back from them (adoption), so the next upsert writes what is missing."""
-        if self._changes is not None:
+        """Let the planner record the map writes of the block and apply them at its end in one
+        batch per map and phase (agent/datapath/planner.py, changes.py, writer.py); nested
+        blocks join the outer one. What was recorded before an exception is applied too (the
+        planner's view already includes it). A refused write leaves the maps partly written:
+        the view is then read back from them (adoption), so the next upsert writes what is
+        missing."""
+        if self._batching:
             yield
             return
         from agent.datapath.writer import WriteError, apply
 
-        self._changes = MapChanges()
+        self._batching = True
         try:
             yield
         finally:
-            changes, self._changes = self._changes, None
+            self._batching = False
             try:
-                if len(changes):
+                for changes in self._plan.take_changes():
                     apply(changes, self._loaded.tables)
             except WriteError as exc:
                 raise self._recover(exc) from exc
@@ -828,120 +707,26 @@ class Datapath:
         pending (bounded memory; the frontends that point at them still come after)."""
         from agent.datapath.writer import WriteError, apply
 
-        if self._changes is None or self._changes.pending_slots < EARLY_SLOTS:
+        if not self._batching or self._plan.changes.pending_slots < EARLY_SLOTS:
             return
         try:
-            apply(self._changes.take_through(Phase.SLOTS), self._loaded.tables)
+            if len(self._plan.first):   # what must land before any of the rest
+                apply(self._plan.first, self._loaded.tables)
+                self._plan.first = MapChanges()
+            apply(self._plan.changes.take_through(Phase.SLOTS), self._loaded.tables)
         except WriteError as exc:
-            self._changes = MapChanges()   # the rest is not written: the maps are read back
+            self._plan.take_changes()   # the rest is not written: the maps are read back
             raise self._recover(exc) from exc
 
-    def _put(self, phase: Phase, name: MapName | str, key, value) -> None:
-        """Write one entry now, or record it when inside ``_writes``."""
-        tbl = self.table(name)
-        if self._changes is None:
-            tbl[key] = value
-        else:
-            self._changes.put(phase, tbl.name, bytes(key), bytes(value))
-
-    def _del(self, phase: Phase, name: MapName | str, key) -> None:
-        """Delete one entry (absent: nothing happens) now, or record it inside ``_writes``."""
-        tbl = self.table(name)
-        if self._changes is None:
-            bpfsys.delete(tbl.map_fd, key)
-        else:
-            self._changes.delete(phase, tbl.name, bytes(key))
-
-    def _write_slots(self, first: int, values: Sequence[int]) -> None:
-        if self._changes is None:
-            _array_write_arrays(self.table(MapName.MAGLEV), array("I", range(first, first + len(values))),
-                                array("I", values))
-        else:
-            self._changes.slots(MapName.MAGLEV.value, first, values)
-
-    def _write_slot_items(self, items: list[tuple[int, int]]) -> None:
-        if self._changes is None:
-            _array_write(self.table(MapName.MAGLEV), items)
-        else:
-            self._changes.slot_items(MapName.MAGLEV.value, items)
+    def _svc_key(self, vip: IPAddress, port: int, proto: int):
+        """The services map key of a frontend (tests read entries with it)."""
+        return self.table(MapName.SERVICES).Key.from_buffer_copy(self._plan._svc_key(vip, port, proto))
 
     def _upsert(self, svc: Service, atomic: bool) -> ServiceChange:
-        if svc.stateless and svc.mode is Mode.SNAT and any(not b.local for b in svc.backends):
-            raise ValueError(f"service {svc.key}: stateless needs mode DSR or local backends only "
-                             "(SNAT keeps per-flow port state)")
-        key = svc.key
-        old = self._programmed.get(key)
-        created = old is None
-
-        # 1. backends first, so every id a slot will name is programmed before the slot
-        ids = [self._program_backend(b) for b in svc.backends]
-        selectable = svc.selectable_backends()
-        sel_ids = [ids[svc.backends.index(b)] for b in selectable]
-        idx_table = self._build_table([(b.name, b.weight) for b in selectable], svc.maglev_m)
-        table = [sel_ids[0]] * len(idx_table) if len(sel_ids) == 1 else [sel_ids[i] for i in idx_table]
-
-        flags = ((_SVC_LOCAL_ONLY if svc.traffic_policy_local else 0) | (_SVC_DSR if svc.mode is Mode.DSR else 0)
-                 | (_SVC_AFFINITY if svc.affinity_timeout else 0)
-                 | (_SVC_SOURCE_RANGES if svc.source_ranges else 0) | (_SVC_STATELESS if svc.stateless else 0))
-
-        # 2. membership before any slot names a new backend; a backend that leaves is removed
-        #    now and announced by the generation bump in the frontend entry (step 4): flows
-        #    whose conntrack entry names it re-balance even when another service still uses it
-        svc_id = old.svc_id if old else self._alloc_svc_id()
-        members = frozenset(ids)
-        old_members = old.members if old else frozenset()
-        self._write_members(svc_id, members - old_members, present=True)
-        self._write_members(svc_id, old_members - members, present=False)
-        gen = (old.backend_gen if old else 0) + (1 if old_members - members else 0)
-        gen &= 0xFFFFFFFF
-
-        # 2b. source ranges before the flag that enforces them
-        old_ranges = old.ranges if old else frozenset()
-        new_ranges = frozenset(svc.source_ranges)
-        self._write_ranges(svc_id, new_ranges - old_ranges, present=True)
-
-        # 3. table: delta in place, or fill a fresh range and swap
-        swapped = False
-        if old and old.table_cap == svc.maglev_m and not atomic:
-            off, cap = old.table_off, old.table_cap
-            if len(old.table) != len(table):   # emptied / refilled within the same range
-                self._write_slots(off, table)
-                written = len(table)
-            else:
-                changes = [(off + s, v) for s, (u, v) in enumerate(zip(old.table, table)) if u != v]
-                self._write_slot_items(changes)
-                written = len(changes)
-        else:
-            cap = svc.maglev_m
-            off = self._alloc.alloc(cap)
-            self._write_slots(off, table)
-            written = len(table)
-            swapped = old is not None
-
-        # 4. the frontend entry (one atomic update: flags, table pointer)
-        table_size = len(table)
-        service_written = (created or swapped or old.flags != flags or old.affinity_timeout != svc.affinity_timeout
-                           or (len(old.table) == 0) != (table_size == 0) or old.backend_gen != gen)
-        if service_written:
-            self._write_service(key, svc_id, flags, off, table_size, cap, svc.affinity_timeout, gen)
-        if created:
-            self._wildcard_ref(key, +1)
-        if old and swapped:
-            self._alloc.free(old.table_off)
-
-        # 5. clean-ups after the switch
-        self._write_ranges(svc_id, old_ranges - new_ranges, present=False)
-        refs = frozenset(ids) | frozenset(table)
-        # array('I'): 4 bytes a slot, not a list's 8 (20,000 tables of 251 slots: 20 MB less)
-        self._programmed[key] = _Programmed(svc_id, flags, off, cap, array("I", table), svc.affinity_timeout,
-                                            new_ranges, svc, refs, members, gen)
-        self._ref_backends(refs, +1)
-        if old:
-            self._ref_backends(old.refs, -1)
-        self._index_members(key, old_members, members)
-        change = ServiceChange(created, written, swapped, service_written)
+        change = self._plan.upsert(svc, atomic)
         if not self._defer_sweep:   # one service at a time (a batch of 20,000 would log 20,000 lines)
-            log.debug("service programmed", service=str(key), slots=written, swapped=swapped, created=created)
+            log.debug("service programmed", service=str(svc.key), slots=change.slots_written,
+                      swapped=change.swapped, created=change.created)
         return change
 
     def delete_service(self, key: ServiceKey) -> bool:
@@ -954,20 +739,10 @@ class Datapath:
         return deleted
 
     def _delete(self, key: ServiceKey) -> bool:
-        old = self._programmed.pop(key, None)
-        if old is None:
-            return False
-        self._del(Phase.CLEANUP, MapName.SERVICES, self._svc_key(key.vip, key.port, key.proto))
-        self._wildcard_ref(key, -1)
-        self._write_members(old.svc_id, old.members, present=False)
-        self._index_members(key, old.members, frozenset())
-        self._write_ranges(old.svc_id, old.ranges, present=False)
-        self._alloc.free(old.table_off)
-        self._free_svc_ids.append(old.svc_id)
-        self._ref_backends(old.refs, -1)
-        if not self._defer_sweep:
+        deleted = self._plan.delete(key)
+        if deleted and not self._defer_sweep:
             log.debug("service deleted", service=str(key))
-        return True
+        return deleted
 
     def reconcile(self, services: Iterable[Service]) -> dict[str, int]:
         """Make the maps program exactly ``services``: upsert each, delete the rest."""
@@ -976,7 +751,7 @@ class Datapath:
         self._defer_sweep = True   # one conntrack sweep for the whole batch
         try:
             with self._writes():   # one batch of writes per map and phase
-                for key in [k for k in self._programmed if k not in want]:
+                for key in [k for k in self._plan.programmed if k not in want]:
                     self._delete(key)
                     stats["deleted"] += 1
                 for svc in want.values():
@@ -1005,7 +780,7 @@ class Datapath:
             drops[r.name] = int(sum(dt[dt.Key(r)]))
         services = {}
         st = self.table(MapName.SVC_STATS)
-        for key, p in self._programmed.items():
+        for key, p in self._plan.programmed.items():
             vals = st[st.Key(p.svc_id)]
             services[key] = (int(sum(c.packets for c in vals)), int(sum(c.bytes for c in vals)))
         return Counters(stats, drops, services)
@@ -1070,84 +845,6 @@ class Datapath:
 
     # ------------------------------------------------------------------ internals
 
-    def _build_table(self, backends: list[tuple[str, int]], m: int) -> Sequence[int]:
-        if self._table_builder is None:
-            from agent.lb.maglev import build_table
-            self._table_builder = build_table
-        if not backends:
-            return []
-        if len(backends) == 1:   # every slot names the only backend (no permutation needed)
-            self.maglev_builds += 1
-            return (0,) * m
-        # Services often share a backend set (one Deployment behind several Services, or many
-        # single-backend Services): the table is a pure function of (backends, M), so build it
-        # once. At 20,000 Services this is ~2.5 s of start-up.
-        key = (tuple(backends), m)
-        table = self._tables.get(key)
-        if table is None:
-            if len(self._tables) >= TABLE_CACHE_SIZE:
-                self._tables.clear()
-            table = self._tables[key] = tuple(self._table_builder(backends, m))
-            self.maglev_builds += 1
-        return table
-
-    def _alloc_svc_id(self) -> int:
-        if self._free_svc_ids:
-            return self._free_svc_ids.pop()
-        if self._next_svc_id >= self.features.max_services:
-            raise CapacityError("services", f"too many services (max {self.features.max_services - 1})")
-        self._next_svc_id += 1
-        return self._next_svc_id - 1
-
-    def _program_backend(self, b: Backend) -> int:
-        ident = (b.addr, b.port)
-        bid = self._backend_ids.get(ident)
-        if b.id is not None:
-            if bid is not None and bid != b.id:
-                raise DatapathError(f"backend {b.name} already has id {bid}, asked for {b.id}")
-            other = self._backend_vals.get(b.id)
-            if other and (other[0], other[1]) != ident:
-                raise DatapathError(f"backend id {b.id} is taken by {backend_name(other[0], other[1])}")
-            bid = b.id
-        if bid is None:
-            bid = self._next_backend_id
-            while bid in self._backend_vals:
-                bid += 1
-            if bid >= self.features.max_backends:
-                # ids are handed out in order; after a wrap, reuse the lowest free one
-                bid = next((i for i in range(1, self.features.max_backends) if i not in self._backend_vals), None)
-                if bid is None:
-                    raise CapacityError("backends", f"too many backends (max {self.features.max_backends - 1})")
-            self._next_backend_id = bid + 1
-        flags = (_BE_ACTIVE | (_BE_LOCAL if b.local else 0)        # plain ints: IntFlag
-                 | (_BE_TERMINATING if b.terminating else 0))     # arithmetic is slow
-        if self._backend_vals.get(bid) != (b.addr, b.port, flags):
-            self._backend_vals[bid] = (b.addr, b.port, flags)
-            self._write_backend(bid)
-        self._backend_ids[ident] = bid
-        return bid
-
-    def _ref_backends(self, ids: Iterable[int], delta: int) -> None:
-        """Count services per backend; one that no service uses any more is deactivated in the
-        map (flags 0), so its conntrack entries re-balance instead of reaching a stale address."""
-        tbl = None
-        for bid in ids:
-            n = self._backend_refs.get(bid, 0) + delta
-            if n > 0:
-                self._backend_refs[bid] = n
-                continue
-            self._backend_refs.pop(bid, None)
-            if bid in self._revnat:
-                self._set_revnat(bid, None)
-            val = self._backend_vals.pop(bid, None)
-            if val is not None:
-                self._backend_ids.pop((val[0], val[1]), None)
-                tbl = tbl or self.table(MapName.BACKENDS)
-                self._put(Phase.CLEANUP, MapName.BACKENDS, tbl.Key(bid), tbl.Leaf())
-                self._dead_backends[bid] = (val[0], val[1])
-                if not val[2] & BackendFlag.LOCAL:   # only remote backends have SNAT ports
-                    self._dead_remote = True
-
     def _sweep_dead_backends(self) -> int:
         """Delete the REPLY conntrack entries of the backends deactivated since the last sweep.
 
@@ -1157,8 +854,7 @@ class Datapath:
         address busy for the 6 h idle timeout (an address that comes back, as a restarted pod,
         would find its ports taken). One batched scan of conntrack per call (not per backend);
         ``reconcile`` sweeps once at its end. Returns the number of entries deleted."""
-        dead, self._dead_backends = self._dead_backends, {}
-        remote, self._dead_remote = self._dead_remote, False
+        dead, remote = self._plan.take_dead_backends()
         if not dead:
             return 0
         dead_keys = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port) in dead.items()}
@@ -1170,7 +866,7 @@ class Datapath:
         entry's backend address (an agent that stopped between deactivating a backend and
         sweeping it, or one from before the sweep existed). Entries without a backend id
         (DSR replies recorded on a backend's node) are left alone."""
-        live = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port, _) in self._backend_vals.items()}
+        live = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port, _) in self._plan.backend_vals.items()}
         return self._sweep_replies(lambda bid, k: bid != 0 and live.get(bid) != (tuple(k.saddr), k.sport),
                                    "stale at load")
 
@@ -1199,174 +895,7 @@ class Datapath:
             log.info("conntrack REPLY entries of backends no longer active deleted", why=why, entries=len(doomed))
         return len(doomed) + freed
 
-    def _write_backend(self, bid: int) -> None:
-        addr, port, flags = self._backend_vals[bid]
-        tbl = self.table(MapName.BACKENDS)
-        leaf = tbl.Leaf()
-        for i, w in enumerate(_words(addr)):
-            leaf.addr[i] = w
-        leaf.port = _htons(port)
-        leaf.family = addr.version
-        leaf.flags = flags
-        rk = self._revnat.get(bid)
-        leaf.revnat_svc = self._programmed[rk].svc_id if rk is not None else 0
-        self._put(Phase.BACKENDS, MapName.BACKENDS, tbl.Key(bid), leaf)
-
-    def _write_members(self, svc_id: int, bids: Iterable[int], present: bool) -> None:
-        tbl = self.table(MapName.SVC_BACKENDS)
-        for bid in bids:
-            k = tbl.Key()
-            k.svc_id, k.backend_id = svc_id, bid
-            if present:
-                try:
-                    self._put(Phase.MEMBERS, MapName.SVC_BACKENDS, k, ctypes.c_uint32(1))
-                except OSError as exc:   # E2BIG: full
-                    raise CapacityError("memberships", f"service memberships map full "
-                                        f"({self.features.max_memberships}): {exc}") from exc
-            else:
-                self._del(Phase.MEMBERS, MapName.SVC_BACKENDS, k)
-
-    def _index_members(self, key: ServiceKey, old: frozenset, new: frozenset) -> None:
-        """Keep backend -> services current and re-designate the backends whose set changed."""
-        for bid in old - new:
-            svcs = self._backend_svcs.get(bid)
-            if svcs is not None:
-                svcs.discard(key)
-                if not svcs:
-                    del self._backend_svcs[bid]
-        for bid in new - old:
-            self._backend_svcs.setdefault(bid, set()).add(key)
-        for bid in old | new:
-            self._designate(bid)
-
-    def _designate(self, bid: int) -> None:
-        """Pick the service whose flows on local backend ``bid`` XDP creates without a REPLY
-        conntrack entry (tc derives their reply rewrite from revnat[backend] and the flow's
-        SERVICE entry). A designation stays while its service lists the backend, so its
-        existing flows keep being derivable; flows of other services get REPLY entries."""
-        val = self._backend_vals.get(bid)
-        cur = self._revnat.get(bid)
-        svcs = self._backend_svcs.get(bid, ())
-
-        def eligible(k):
-            p = self._programmed.get(k)
-            return p is not None and k in svcs and not p.flags & _SVC_STATELESS
-
-        if val is None or not val[2] & _BE_LOCAL or not self.features.derive_local_replies:
-            want = None
-        elif cur is not None and cur in self._programmed and cur in svcs:
-            want = cur     # even if it became stateless: its existing flows stay derivable
-        else:
-            want = min((k for k in svcs if eligible(k)), key=str, default=None)
-        if want != cur:
-            self._set_revnat(bid, want)
-
-    def _set_revnat(self, bid: int, key: ServiceKey | None) -> None:
-        """Move a backend's designation. Order: XDP stops skipping REPLY entries (backend
-        entry) before tc's revnat entry changes, and a new revnat entry exists before XDP
-        starts skipping them for the new service."""
-        tbl = self.table(MapName.REVNAT)
-        addr, port, _ = self._backend_vals.get(bid, (None, None, None))
-        cur = self._revnat.pop(bid, None)
-        if cur is not None and addr is not None:
-            self._write_backend(bid)
-            self._del(Phase.CLEANUP, MapName.REVNAT, self._revnat_key(addr, port, cur.proto))
-        if key is None or addr is None:
-            return
-        p = self._programmed[key]
-        v = tbl.Leaf()
-        for i, w in enumerate(_words(key.vip)):
-            v.vip[i] = w
-        v.vport, v.svc_id, v.backend_id = _htons(key.port), p.svc_id, bid
-        self._put(Phase.REVNAT, MapName.REVNAT, self._revnat_key(addr, port, key.proto), v)
-        self._revnat[bid] = key
-        self._write_backend(bid)
-
-    def _revnat_key(self, addr: IPAddress, port: int, proto: int):
-        k = self.table(MapName.REVNAT).Key()
-        for i, w in enumerate(_words(addr)):
-            k.addr[i] = w
-        k.port = _htons(port)
-        k.proto = int(proto)
-        k.family = addr.version
-        return k
-
-    def _svc_key(self, vip: IPAddress, port: int, proto: int):
-        tbl = self.table(MapName.SERVICES)
-        k = tbl.Key()
-        for i, w in enumerate(_words(vip)):
-            k.addr[i] = w
-        k.port = _htons(port)
-        k.proto = int(proto)
-        k.family = vip.version
-        return k
-
-    def _write_service(self, key: ServiceKey, svc_id, flags, off, size, cap, affinity_timeout, gen):
-        tbl = self.table(MapName.SERVICES)
-        v = tbl.Leaf()
-        v.id, v.flags, v.table_off, v.table_size = svc_id, int(flags), off, size
-        v.affinity_timeout, v.table_cap, v.backend_gen = affinity_timeout, cap, gen
-        self._put(Phase.FRONTENDS, MapName.SERVICES, self._svc_key(key.vip, key.port, key.proto), v)
-
-    def _wildcard_ref(self, key: ServiceKey, delta: int) -> None:
-        wk = (key.family, key.vip)
-        n = self._wildcards.get(wk, 0) + delta
-        if n > 0 and wk not in self._wildcards:
-            self._write_wildcard(wk, present=True)
-        if n <= 0:
-            self._wildcards.pop(wk, None)
-            self._write_wildcard(wk, present=False)
-        else:
-            self._wildcards[wk] = n
-
-    def _write_wildcard(self, wk, present: bool) -> None:
-        tbl = self.table(MapName.SERVICES)
-        k = self._svc_key(wk[1], 0, 0)
-        if present:
-            v = tbl.Leaf()
-            v.flags = int(SvcFlag.WILDCARD)
-            self._put(Phase.FRONTENDS, MapName.SERVICES, k, v)
-        else:
-            self._del(Phase.CLEANUP, MapName.SERVICES, k)
-
-    def _write_ranges(self, svc_id: int, nets: Iterable[IPNetwork], present: bool) -> None:
-        tbl = self.table(MapName.SRC_RANGES)
-        for net in nets:
-            k = tbl.Key()
-            k.prefixlen = 32 + net.prefixlen
-            k.svc_id = svc_id
-            for i, w in enumerate(_words(net.network_address)):
-                k.addr[i] = w
-            if present:
-                self._put(Phase.MEMBERS, MapName.SRC_RANGES, k, ctypes.c_uint8(1))
-            else:
-                self._del(Phase.CLEANUP, MapName.SRC_RANGES, k)
-
-
 # ---------------------------------------------------------------------------- map helpers
-
-def _array_write(tbl, items: list[tuple[int, int]]) -> None:
-    """Batch-update u32 -> u32 array slots (one syscall per 64k slots)."""
-    if not items:
-        return
-    _array_write_arrays(tbl, array("I", [k for k, _ in items]), array("I", [v for _, v in items]))
-
-
-def _array_write_arrays(tbl, keys: array, vals: array) -> None:
-    """Batch-update u32 -> u32 array slots given as two ``array('I')`` of equal length."""
-    chunk = 65536
-    for i in range(0, len(keys), chunk):
-        kpart, vpart = keys[i:i + chunk], vals[i:i + chunk]
-        n = len(kpart)
-        done, rc = bpfsys.update_batch(tbl.map_fd, (ctypes.c_uint32 * n).from_buffer(kpart),
-                                       (ctypes.c_uint32 * n).from_buffer(vpart), n)
-        if rc:
-            # kernels without batch ops on arrays: fall back to single updates
-            if -rc not in (22, 95, 524):
-                raise DatapathError(f"BPF_MAP_UPDATE_BATCH on {tbl.name} failed: {os.strerror(-rc)}")
-            for k, v in zip(kpart[done:], vpart[done:]):
-                tbl[tbl.Key(k)] = tbl.Leaf(v)
-
 
 def _array_read_range(tbl, start: int, count: int) -> list[int]:
     """Read ``count`` u32 slots of an array starting at ``start`` (batch lookup)."""
