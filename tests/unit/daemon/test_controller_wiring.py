@@ -16,6 +16,7 @@ from agent.config import load_documents
 from agent.controlplane.types import Family
 from agent.reconcilers.controller import Controller
 from agent.store import Store
+from tests.unit.daemon.fake_datapath import upsert_each
 
 V4 = Family.IPV4_UNICAST
 N = ipaddress.ip_network
@@ -260,14 +261,7 @@ def test_with_a_datapath_a_vip_that_cannot_be_programmed_is_withdrawn_and_report
                 raise OSError("no space left in the maps")
             self.programmed[svc.key] = svc
 
-        def upsert_services(self, svcs):   # as Datapath.upsert_services: failures per service
-            errors = {}
-            for svc in svcs:
-                try:
-                    self.upsert_service(svc)
-                except Exception as exc:  # noqa: BLE001
-                    errors[svc.key] = exc
-            return errors
+        upsert_services = upsert_each   # as Datapath.upsert_services: failures per service
 
         def delete_service(self, key):
             return self.programmed.pop(key, None) is not None

@@ -8,6 +8,7 @@ from agent.datapath.capacity import Capacity
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
 from agent.reconcilers.errors import ErrorBook
 from agent.reconcilers.services import ServiceReconciler, desired_services
+from tests.unit.daemon.fake_datapath import upsert_each
 
 SVC = """\
 apiVersion: v1
@@ -86,14 +87,7 @@ class RecordingDatapath:
         self.calls.append(("upsert", str(svc.key)))
         self.programmed[svc.key] = svc
 
-    def upsert_services(self, svcs):   # as Datapath.upsert_services: failures per service
-        errors = {}
-        for svc in svcs:
-            try:
-                self.upsert_service(svc)
-            except Exception as exc:  # noqa: BLE001
-                errors[svc.key] = exc
-        return errors
+    upsert_services = upsert_each   # as Datapath.upsert_services: failures per service
 
     def delete_service(self, key):
         self.calls.append(("delete", str(key)))
