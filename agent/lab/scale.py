@@ -251,6 +251,17 @@ class ScaleLab:
         data = json.loads(out) if out.strip() else {}
         return bool(data.get("paths"))
 
+    def routed(self, prefix: str) -> bool:
+        """The router's kernel forwards ``prefix`` by a BGP route: zebra installed it. FRR's BGP
+        table has it first; a client connecting in between gets EHOSTUNREACH/ENETUNREACH."""
+        return bool(self.router.run("ip", "route", "show", "exact", prefix, "proto", "bgp").strip())
+
+    def wait_routed(self, prefix: str, timeout: float = 30) -> None:
+        """Until ``prefix`` is in FRR's BGP table and in the router's kernel."""
+        from agent.lab import wait_until
+        wait_until(lambda: self.has_route(prefix) and self.routed(prefix), timeout=timeout, interval=0.1,
+                   what=f"{prefix} in FRR's BGP table and the router's kernel")
+
     def connect(self, address: str, port: int = 80, n: int = 1) -> list[str]:
         out = subprocess.run(self.router.exec_argv([sys.executable, "-c", TCP_CLIENT, address, str(port), str(n)]),
                              capture_output=True, text=True, timeout=60)

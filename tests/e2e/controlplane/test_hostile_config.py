@@ -180,7 +180,7 @@ def test_hostile_input_keeps_sessions_traffic_and_api_and_the_fix_applies(env):
         # the fix: a good file applies
         probe.label = "fix"
         env.write("more.yaml", service_docs(3, ports=1, pods=env.pod_ips, node_name="node1"))
-        wait_until(lambda: env.has_route(f"{vip_of(3)}/32"), timeout=30, what="the 4th VIP at FRR")
+        env.wait_routed(f"{vip_of(3)}/32")
         assert env.connect(vip_of(3))[0].startswith("p")
         state, established, dropped, accepted = frr_counters(env)
         assert (state, established, dropped, accepted) == (*baseline[:3], 4)

@@ -106,6 +106,8 @@ def scale_lab(name: str, count: int, *extra: str, ports: int = 1, backends: int 
             env.write_services(count, ports=ports, backends=backends)
             startup = start_and_converge(env, count, *extra, metrics_port=metrics_port)
             print(f"\n{count:,} x {ports}: process start -> {count:,} prefixes at FRR in {startup:.1f} s")
+            wait_until(lambda: env.kernel_routes() >= count, timeout=120, interval=0.5,
+                       what=f"{count:,} BGP routes in the router's kernel")   # zebra lags bgpd
             yield env
     finally:
         if env is not None:
@@ -194,7 +196,7 @@ def test_services_that_cannot_be_programmed_are_never_announced_and_are_reported
         (addrs[name],) = entry["loadBalancerIngress"]
     (good_ip,) = doc["services"]["scale/good"]["loadBalancerIngress"]
     # the good one in the same file is announced and answers; the other two never were
-    wait_until(lambda: env.has_route(f"{good_ip}/32"), timeout=30, what="the good Service announced")
+    env.wait_routed(f"{good_ip}/32")
     assert env.connect(good_ip, 80, 2) == [f"p{10003 % 4}"] * 2
     for name, ip in addrs.items():
         assert not env.has_route(f"{ip}/32"), name
@@ -225,6 +227,7 @@ def test_growing_the_maps_keeps_an_established_connection():
         env.write_services(2010, ports=1)          # rewrites the file: Services 0..2009
         wait_until(lambda: env.accepted() >= 2010, timeout=120, interval=0.5, what="2,010 prefixes at FRR")
         assert '"datapath grown"' in env.log()
+        env.wait_routed(f"{vip_of(2009)}/32")
         assert "vipd_datapath_reloads_total 1.0" in env.metrics(METRICS_PORT + 1)
         conn.stdin.write("after\n"); conn.stdin.flush()
         assert conn.stdout.readline().strip() == "after"     # the same connection, same backend

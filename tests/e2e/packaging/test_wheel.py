@@ -133,7 +133,7 @@ def test_installed_vipd_serves_a_vip_through_the_shipped_datapath(installed):
             wait_until(lambda: env.accepted() >= 1 or env.proc.poll() is not None, timeout=90, interval=0.5,
                        what=f"FRR accepts the VIP from the wheel's vipd at {NODE_IP}")
             assert env.proc.poll() is None, env.log()[-3000:]
-            assert env.has_route(f"{vip_of(0)}/32")
+            env.wait_routed(f"{vip_of(0)}/32")
             answers = env.connect(vip_of(0), 80, n=3)
             assert all(a.startswith("p") for a in answers), (answers, env.log()[-3000:])
             status = run([venv / "bin" / "vipctl", "--socket", str(env.socket), "status"], cwd=cwd)
