@@ -19,13 +19,13 @@ def test_writes_of_many_services_come_out_grouped_by_phase_in_a_safe_order():
         c.put(Phase.MEMBERS, "svc_backends_v1", bytes([i, i]), b"\1")
         c.slots("maglev_v1", 10 * i, [i] * 3)
         c.put(Phase.FRONTENDS, "services_v2", bytes([i]), b"svc%d" % i)
-    c.delete(Phase.CLEANUP, "services_v2", b"\9")
+    c.delete(Phase.CLEANUP, "services_v2", b"\\9")
     assert runs(c) == [
         ("backends_v2", "update", [b"\1", b"\2"], [b"be1", b"be2"]),        # backends before slots name them
         ("svc_backends_v1", "update", [b"\1\1", b"\2\2"], [b"\1", b"\1"]),
         ("maglev_v1", "update", [10, 11, 12, 20, 21, 22], [1, 1, 1, 2, 2, 2]),  # tables before frontends
         ("services_v2", "update", [b"\1", b"\2"], [b"svc1", b"svc2"]),
-        ("services_v2", "delete", [b"\9"], None),                             # clean-ups last
+        ("services_v2", "delete", [b"\\9"], None),                             # clean-ups last
     ]
     assert len(c) == 2 + 2 + 6 + 2 + 1
 
