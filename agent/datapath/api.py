@@ -208,7 +208,7 @@ class Datapath:
 
     def __init__(self, instance: str, *, pin_root: str | os.PathLike = "/sys/fs/bpf/vipd",
                  features: Features = Features(), table_builder: TableBuilder | None = None,
-                 bpf_cache: ProgramCache | None | str = FROM_ENV):
+                 bpf_cache: ProgramCache | None | str = FROM_ENV, bpf_dir: Path | None = None):
         if not instance or "/" in instance or instance.startswith("."):
             raise ValueError(f"instance must be a plain name, got {instance!r}")
         self.instance = instance
@@ -216,6 +216,7 @@ class Datapath:
         self.features = features
         # compiled programs by content (objcache.py); None: always compile
         self.bpf_cache = ProgramCache.from_env() if bpf_cache == FROM_ENV else bpf_cache
+        self.bpf_dir = bpf_dir   # the C sources (None: the installed bpf/)
         # what the maps program and the rules that turn service changes into writes (pure);
         # its map layouts arrive with the loaded maps
         self._plan = Planner(None, Limits.of(features), table_builder=table_builder)
@@ -246,7 +247,7 @@ class Datapath:
     def start_loading(self) -> PendingLoad:
         """Start getting the programs now: from the program cache, or a child compiling them
         while the caller does other work; pass the result to ``load(child=)``."""
-        return start_loading(self.loader_defines(), cache=self.bpf_cache)
+        return start_loading(self.loader_defines(), cache=self.bpf_cache, bpf_dir=self.bpf_dir)
 
     def load(self, capacity=None, *, child: PendingLoad | None = None) -> None:
         """Compile both programs and open (or create) the pinned maps, then adopt their state.
@@ -295,7 +296,7 @@ class Datapath:
             child.kill()
             child = None
         if child is None:
-            child = start_loading(defines, cache=self.bpf_cache)
+            child = start_loading(defines, cache=self.bpf_cache, bpf_dir=self.bpf_dir)
         sizes = {d: int(defines[d]) for d in SIZE_DEFINES}
         try:
             return child.finish(sized_pin_dir, sizes)
