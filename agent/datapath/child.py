@@ -479,7 +479,8 @@ def main(argv: list[str]) -> int:
     try:
         compiled = compile_programs(req["defines"], req["key"], Path(req["bpf_dir"]))
     except Exception as exc:  # noqa: BLE001 - reported to the agent, which names it to the user
-        sock.send(json.dumps({"error": f"compiling the BPF programs failed: {exc}"}).encode())
+        # one datagram: keep the end of a long compiler message (the error is last)
+        sock.send(json.dumps({"error": f"compiling the BPF programs failed: {str(exc)[-16000:]}"}).encode())
         return 1
     fd = os.memfd_create("vipd-bpf-programs")
     try:

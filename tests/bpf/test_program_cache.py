@@ -4,6 +4,7 @@
   the next load of the same sources is a hit that starts no child (so neither bcc nor clang
   runs), logs "bpf programs loaded from cache <key>", loads programs the verifier walks
   exactly as the compiled ones, and they carry traffic (the local-NAT packet test).
+* An entry whose programs the kernel refuses is compiled again and replaced.
 * A truncated, corrupted, foreign-version or misnamed entry, an entry writable by others and a
   cache directory writable by others are all misses with a warning naming the file: never a
   crash, never bytecode from a file someone else could have written.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ import pytest
 from agent.datapath.api import Datapath
 from agent.datapath.child import LoaderChild, program_key, start_loading
 from agent.datapath.loader import BPF_DIR
-from agent.datapath.objcache import ProgramCache
+from agent.datapath.objcache import CompiledPrograms, ProgramCache
 from tests.bpf.conftest import PIN_ROOT, TEST_FEATURES
 from tests.bpf import test_local_nat as local_nat
 
@@ -155,3 +157,22 @@ def test_bad_or_untrusted_entries_are_misses_with_a_warning(module_dp, tmp_path,
         assert warned and "writable by group or others" in warned[0]["reason"], _events(caplog)
         os.chmod(path, 0o600 if path.is_file() else 0o700)
     assert _start(module_dp, cache).from_cache
+
+
+def test_an_entry_the_kernel_refuses_is_compiled_again_and_replaced(module_dp, tmp_path, caplog, datapaths):
+    key = module_dp._loaded.cache_key
+    good = CompiledPrograms.from_bytes(ProgramCache.from_env().path(key).read_bytes())
+    exit_only = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])   # "exit" without setting r0: the verifier refuses it
+    bad = replace(good, programs=tuple(replace(p, insns=exit_only, relocs=()) if p.func == "xdp_lb" else p
+                                       for p in good.programs))
+    cache = ProgramCache(tmp_path / "cache")
+    cache.put(bad)
+    caplog.set_level(logging.INFO)
+    children = LoaderChild.spawned
+    dp = datapaths("refused", bpf_cache=cache)
+    assert LoaderChild.spawned == children + 1 and not dp._loaded.from_cache
+    warned = _named(_events(caplog, logging.WARNING), "bpf programs from the cache did not load; compiling them again")
+    assert len(warned) == 1 and "xdp_lb" in warned[0]["error"], _events(caplog)
+    assert cache.get(key) == replace(good, compile_s=cache.get(key).compile_s)
+    local_nat.test_dnat_to_local_backend_and_reverse_nat_of_the_reply(dp, local_nat.CLIENT4, local_nat.VIP4,
+                                                                       "10.1.0.5", "tcp")
