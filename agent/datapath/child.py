@@ -368,6 +368,7 @@ def _remove_stale_scratch(pin_dir: Path) -> None:
 
 
 _PINNED_DECL = re.compile(r"\bBPF_TABLE_PINNED\s*\(")
+_C_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
 
 
 def _sized_define(name: str, n: int) -> tuple[str, int]:
@@ -444,7 +445,7 @@ def compile_programs(defines: dict[str, object], key: str, bpf_dir: Path) -> Com
                     key_desc=json.loads(lib.bpf_table_key_desc(b.module, name.encode()).decode()),
                     leaf_desc=json.loads(lib.bpf_table_leaf_desc(b.module, name.encode()).decode())))
             # a pin under another file name than the map's would be missed above: losing state
-            declared = len(_PINNED_DECL.findall(texts[source]))
+            declared = len(_PINNED_DECL.findall(_C_COMMENT.sub("", texts[source])))
             found = sum(1 for m in decls if m.pin)
             if declared != found:
                 raise LoaderError(f"{source}: {declared} BPF_TABLE_PINNED declarations but {found} maps found "
