@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="forwarding to remote backends: snat (default) or dsr (Cilium's loadBalancer.mode)")
     run.add_argument("--bpf-pin-root", default="/sys/fs/bpf/vipd", metavar="DIR",
                      help="bpffs directory of the pinned maps (default /sys/fs/bpf/vipd)")
+    run.add_argument("--bpf-cache-dir", default=None, metavar="DIR",
+                     help="compiled BPF programs are kept here and loaded without bcc/clang when the "
+                          "sources, flags, bcc and kernel are unchanged (default $VIPD_BPF_CACHE_DIR, "
+                          "else <state-dir>/bpf-cache; '' turns the cache off)")
     run.add_argument("--maglev-table-size", default="auto", type=_maglev_size, metavar="auto|auto:M|M",
                      help="Maglev table size M per service: 'auto' (default: the smallest of "
                           "Cilium's primes >= 100 x the service's backends, at least 251), "
@@ -138,6 +142,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def _bpf_cache(args, state_dir: Path):
+    """The compiled-program cache: --bpf-cache-dir, else $VIPD_BPF_CACHE_DIR, else
+    <state-dir>/bpf-cache; an empty value turns it off (every start compiles)."""
+    from agent.datapath.objcache import ENV_VAR, ProgramCache
+    d = args.bpf_cache_dir if args.bpf_cache_dir is not None else os.environ.get(ENV_VAR)
+    if d is None:
+        d = str(state_dir / "bpf-cache")
+    return ProgramCache(d) if d else None
 
 
 def _initial_capacity(store, state_dir: Path, args, log, memo=None, services_memo=None):
@@ -245,10 +259,11 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     else:
         source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
                             cache_dir=state_dir / "config-cache", parser=parser)
-    loader = None
+    loader = bpf_cache = None
     if args.lb_interface:   # the BPF compile (seconds) overlaps the parsing; map sizes come later
         from agent.reconcilers.services import start_datapath_loader
-        loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root)
+        bpf_cache = _bpf_cache(args, state_dir)
+        loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
     await source.reload()   # parsed in the worker process, like every later reload
     datapath = services = None
     from agent.controlplane.memo import Memo
@@ -264,7 +279,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
             datapath = await asyncio.to_thread(open_datapath, store.objects().node(args.node_name),
                                                args.node_name, args.lb_interface,
                                                pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity,
-                                               loader=loader)
+                                               loader=loader, bpf_cache=bpf_cache)
         except Exception as exc:  # noqa: BLE001 - asked for a datapath that cannot load: say why, stop
             log.error("datapath failed to load", error=str(exc), interfaces=args.lb_interface)
             return 1

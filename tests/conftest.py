@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,23 @@ import pytest
 
 TIERS = ("unit", "bpf", "e2e")
 _ran: Counter[str] = Counter()
+_bpf_cache_dir: str | None = None
+
+
+def pytest_configure(config):
+    """One compiled-program cache per session (agent/datapath/objcache.py): every Datapath and
+    every ``vipd run`` the tests start (they inherit the environment) compiles each distinct
+    program set once. A cache directory given by the caller is used as it is and kept."""
+    global _bpf_cache_dir
+    from agent.datapath.objcache import ENV_VAR
+    if not os.environ.get(ENV_VAR):
+        _bpf_cache_dir = tempfile.mkdtemp(prefix="vipd-test-bpf-cache-")   # mode 0700
+        os.environ[ENV_VAR] = _bpf_cache_dir
+
+
+def pytest_unconfigure(config):
+    if _bpf_cache_dir is not None:
+        shutil.rmtree(_bpf_cache_dir, ignore_errors=True)
 
 
 def _tier_of(path: Path) -> str | None:

@@ -38,12 +38,13 @@ from typing import Iterable
 from agent.datapath import abi, bpfsys
 from agent.datapath.abi import BackendFlag, CtDir, CtFlag, DropReason, Hook, MapName, Stat, SvcFlag
 from agent.datapath.changes import MapChanges, Phase
-from agent.datapath.child import SIZE_DEFINES, Loaded, LoaderChild
+from agent.datapath.child import SIZE_DEFINES, Loaded, PendingLoad, start_loading
 from agent.datapath.loader import ensure_bpffs
 from agent.datapath.model import (
     Backend, IPAddress, Mode, Proto, Service, ServiceKey,
 )
 from agent.datapath.netns import in_netns
+from agent.datapath.objcache import FROM_ENV, ProgramCache
 from agent.datapath.planner import (
     CapacityError, DatapathError, Layouts, Limits, Planner, Programmed, ServiceChange, TableBuilder,
     htons as _htons, words as _words,
@@ -206,12 +207,16 @@ class Datapath:
     """Load, attach and program vipd's BPF datapath (see module docstring)."""
 
     def __init__(self, instance: str, *, pin_root: str | os.PathLike = "/sys/fs/bpf/vipd",
-                 features: Features = Features(), table_builder: TableBuilder | None = None):
+                 features: Features = Features(), table_builder: TableBuilder | None = None,
+                 bpf_cache: ProgramCache | None | str = FROM_ENV, bpf_dir: Path | None = None):
         if not instance or "/" in instance or instance.startswith("."):
             raise ValueError(f"instance must be a plain name, got {instance!r}")
         self.instance = instance
         self.pin_dir = Path(pin_root) / instance
         self.features = features
+        # compiled programs by content (objcache.py); None: always compile
+        self.bpf_cache = ProgramCache.from_env() if bpf_cache == FROM_ENV else bpf_cache
+        self.bpf_dir = bpf_dir   # the C sources (None: the installed bpf/)
         # what the maps program and the rules that turn service changes into writes (pure);
         # its map layouts arrive with the loaded maps
         self._plan = Planner(None, Limits.of(features), table_builder=table_builder)
@@ -236,14 +241,20 @@ class Datapath:
 
     def loader_defines(self) -> dict[str, object]:
         """The compile-time defines a loader child needs before the sizes are known
-        (``LoaderChild.start(dp.loader_defines())`` as early as possible, then ``load(child=)``)."""
+        (:meth:`start_loading` does that as early as possible, then ``load(child=)``)."""
         return self.features.defines(self.pin_dir)
 
-    def load(self, capacity=None, *, child: LoaderChild | None = None) -> None:
+    def start_loading(self) -> PendingLoad:
+        """Start getting the programs now: from the program cache, or a child compiling them
+        while the caller does other work; pass the result to ``load(child=)``."""
+        return start_loading(self.loader_defines(), cache=self.bpf_cache, bpf_dir=self.bpf_dir)
+
+    def load(self, capacity=None, *, child: PendingLoad | None = None) -> None:
         """Compile both programs and open (or create) the pinned maps, then adopt their state.
 
-        Compiling and loading happen in a child process (agent/datapath/child.py): ``child``
-        is one started earlier with :meth:`loader_defines`, so its compile overlapped other work.
+        The programs come from the program cache or are compiled in a child process
+        (agent/datapath/child.py): ``child`` is a load begun earlier with :meth:`start_loading`,
+        so a compile overlapped other work.
         Sized maps that are already pinned are adopted at their pinned size (never shrunk);
         without pins they are created at ``Features``' capacity. With ``capacity`` (a
         :class:`~agent.datapath.capacity.Capacity`, e.g. from ``plan_capacity``) maps that are
@@ -263,6 +274,7 @@ class Datapath:
         self._hz = _kernel_hz(self._fns["clock-probe"].fd)
         self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
+                 programs_from="cache" if self._loaded.from_cache else "compile",
                  compile_s=round(self._loaded.compile_s, 2), waited_s=round(time.monotonic() - t0, 2),
                  loader_child_peak_rss_mb=round(self._loaded.child_peak_rss_mb),
                  capacity=str(self.features.capacity),
@@ -274,8 +286,8 @@ class Datapath:
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
 
-    def _compile(self, features: Features, sized_pin_dir: Path, child: LoaderChild | None = None) -> Loaded:
-        """Programs and maps from a loader child; the sized maps are created at ``features``'
+    def _compile(self, features: Features, sized_pin_dir: Path, child: PendingLoad | None = None) -> Loaded:
+        """Programs and maps from the program cache or a loader child; the sized maps are created at ``features``'
         capacity under ``sized_pin_dir`` unless pinned there already."""
         defines = features.defines(self.pin_dir)
         if child is not None and _without_sizes(child.defines) != _without_sizes(defines):
@@ -284,7 +296,7 @@ class Datapath:
             child.kill()
             child = None
         if child is None:
-            child = LoaderChild.start(defines)
+            child = start_loading(defines, cache=self.bpf_cache, bpf_dir=self.bpf_dir)
         sizes = {d: int(defines[d]) for d in SIZE_DEFINES}
         try:
             return child.finish(sized_pin_dir, sizes)

@@ -39,6 +39,11 @@ def import_bcc():
     return sys.modules["bcc"]
 
 
+def include_dirs(bpf_dir: Path) -> tuple[Path, ...]:
+    """Where ``bundle`` looks for our headers in a tree laid out like bpf/."""
+    return (bpf_dir / "include", bpf_dir)
+
+
 def bundle(path: Path, *, include_dirs: tuple[Path, ...] = (INCLUDE_DIR, BPF_DIR)) -> str:
     """Return the source of ``path`` with our local includes expanded (each file once)."""
     seen: set[Path] = set()
@@ -73,10 +78,13 @@ def cflag_defines(defines: dict[str, object]) -> list[str]:
     return out
 
 
+BASE_CFLAGS = ("-Wno-unused-function", "-Wno-unused-variable")   # part of the program cache's key
+
+
 def compile_program(source: str, defines: dict[str, object], extra_cflags: list[str] = ()):
     """Compile one bundled source with bcc; returns the ``bcc.BPF`` object (maps created/pinned)."""
     bcc = import_bcc()
-    cflags = ["-Wno-unused-function", "-Wno-unused-variable", *cflag_defines(defines), *extra_cflags]
+    cflags = [*BASE_CFLAGS, *cflag_defines(defines), *extra_cflags]
     # bcc needs the kernel headers; a Debian -amd64 tree works when build/ points at it.
     if not Path(f"/lib/modules/{os.uname().release}/build").exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise RuntimeError(
@@ -96,7 +104,8 @@ _BPF_PROG_LOAD = 5
 _NR_BPF = 321   # x86_64
 
 
-def load_insns(code: bytes, name: str, prog_type: int, *, prog_flags: int = 0) -> tuple[int, int | None]:
+def load_insns(code: bytes, name: str, prog_type: int, *, prog_flags: int = 0,
+               license: str = "GPL") -> tuple[int, int | None]:
     """BPF_PROG_LOAD of raw instructions (map fds already in them); returns (fd, the
     verifier's "processed" count). bcc 0.26's ``load_func`` cannot pass ``prog_flags``
     (``BPF_F_XDP_HAS_FRAGS``: an XDP program that accepts multi-buffer frames, which veth
@@ -115,7 +124,7 @@ def load_insns(code: bytes, name: str, prog_type: int, *, prog_flags: int = 0) -
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     insns = ctypes.create_string_buffer(code, len(code))
-    lic = ctypes.create_string_buffer(b"GPL")
+    lic = ctypes.create_string_buffer(license.encode())
     for log_level, size in ((4, 1 << 12), (1, 1 << 24)):   # stats only; the full log on failure
         log = ctypes.create_string_buffer(size)
         attr = Attr(prog_type=prog_type, insn_cnt=len(code) // 8, insns=ctypes.addressof(insns),

@@ -38,6 +38,7 @@ from typing import Any
 from agent.controlplane.frontends import (  # noqa: F401 - the pure half (agent.controlplane), re-exported
     CAPACITY, DATAPATH_ERROR, MAGLEV_TOO_SMALL, FrontendFailure, _canonical, blocked_vips, check_service,
     desired_services)
+from agent.datapath.objcache import FROM_ENV
 from agent.reconcilers.errors import ErrorBook
 
 __all__ = ["desired_services", "ServiceReconciler", "FrontendFailure", "blocked_vips", "check_service"]
@@ -311,24 +312,25 @@ def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, m
     return clamp(plan_capacity(s for s in desired.values() if check_service(s) is None), map_max)
 
 
-def start_datapath_loader(node_name: str, *, pin_root: str):
-    """Start compiling the BPF programs in a child process now (agent/datapath/child.py);
-    ``open_datapath(..., loader=)`` finishes the load once the map sizes are planned."""
+def start_datapath_loader(node_name: str, *, pin_root: str, bpf_cache=FROM_ENV):
+    """Start getting the BPF programs now: from ``bpf_cache`` (a ProgramCache) or compiled in
+    a child process (agent/datapath/child.py); ``open_datapath(..., loader=)`` finishes the
+    load once the map sizes are planned."""
     from agent.datapath.api import Datapath
-    from agent.datapath.child import LoaderChild
 
-    return LoaderChild.start(Datapath(instance=node_name, pin_root=pin_root).loader_defines())
+    return Datapath(instance=node_name, pin_root=pin_root, bpf_cache=bpf_cache).start_loading()
 
 
 def open_datapath(node, node_name: str, interfaces: list[str], *, pin_root: str, log=None,
-                  capacity=None, loader=None) -> Any:
+                  capacity=None, loader=None, bpf_cache=FROM_ENV) -> Any:
     """Load (or adopt) the datapath and attach it to the uplinks: XDP for services and SNAT
     replies, tc ingress/egress for DSR and local-backend replies. Synchronous. ``capacity``:
     the sized maps are created (or grown) to at least this (``plan_for``). ``loader``: a
-    child from ``start_datapath_loader`` (compiling since then)."""
+    child from ``start_datapath_loader`` (compiling since then). ``bpf_cache``: where compiled
+    programs are kept (a ProgramCache; None: none; default $VIPD_BPF_CACHE_DIR)."""
     from agent.datapath.api import Datapath
 
-    dp = Datapath(instance=node_name, pin_root=pin_root)
+    dp = Datapath(instance=node_name, pin_root=pin_root, bpf_cache=bpf_cache)
     dp.load(capacity=capacity, child=loader)
     v4 = node.addresses(4) if node is not None else []
     v6 = node.addresses(6) if node is not None else []

@@ -34,8 +34,9 @@ from agent.lab.scale import NODE_IP, NODE_NAME, ScaleLab, service_docs, vip_of
 ROOT = Path(__file__).resolve().parents[3]
 SEED = ROOT / "tests" / "golden" / "seeds" / "002"
 EXAMPLE_CONFIG = ROOT / "deploy" / "vagrant" / "vipd"
-# The installed commands must not see the checkout: no PYTHONPATH, cwd elsewhere.
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+# The installed commands must not see the checkout: no PYTHONPATH, cwd elsewhere; nor the
+# session's program cache (the installed vipd must compile the shipped sources itself).
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIPD_BPF_CACHE_DIR")}
 
 
 def run(argv, *, cwd, check=True, timeout=120) -> subprocess.CompletedProcess:
@@ -134,6 +135,7 @@ def test_installed_vipd_serves_a_vip_through_the_shipped_datapath(installed):
                        what=f"FRR accepts the VIP from the wheel's vipd at {NODE_IP}")
             assert env.proc.poll() is None, env.log()[-3000:]
             env.wait_routed(f"{vip_of(0)}/32")
+            assert '"event": "bpf programs compiled"' in env.log(), env.log()[-3000:]
             answers = env.connect(vip_of(0), 80, n=3)
             assert all(a.startswith("p") for a in answers), (answers, env.log()[-3000:])
             status = run([venv / "bin" / "vipctl", "--socket", str(env.socket), "status"], cwd=cwd)

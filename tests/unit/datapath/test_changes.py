@@ -4,7 +4,7 @@ fd relocation (agent/datapath/child.py): pure, no kernel."""
 import struct
 
 from agent.datapath.changes import MapChanges, Phase
-from agent.datapath.child import relocate_map_fds
+from agent.datapath.child import map_references, patch_map_fds
 
 
 def runs(changes):
@@ -62,10 +62,12 @@ def test_only_map_references_are_relocated_to_the_real_maps():
         insn(0xB7, regs=1, imm=5),                          # mov r1, 5
         insn(0x95),                                         # exit
     ])
-    out = relocate_map_fds(code, {5: 50, 6: 60})
+    refs = map_references(code)
+    assert refs == [(0, 5), (2, 6)]
+    out = patch_map_fds(code, {0: 50, 2: 60})
     imms = [INSN.unpack_from(out, i)[3] for i in range(0, len(out), 8)]
     assert imms == [50, 0, 60, 0, 5, 0, 5, 0]
-    assert relocate_map_fds(code, {}) == code
+    assert patch_map_fds(code, {}) == code
 
 
 def test_a_long_batch_hands_over_its_early_phases_and_keeps_the_rest_in_order():
