@@ -376,6 +376,8 @@ class Controller:
                 ("maxServices", "maxBackends", "maxMemberships", "maglevSlots"),
                 dp.capacity.astuple())), "reloads": dp.reloads,
                 "unprogrammedFrontends": len(dp.failed)}
+            if dp.maps is None:   # vipd started its sessions; no VIP is announced until this is over
+                doc["datapath"]["loading"] = True
         if self.lbipam is not None:   # pools have conditions with or without a datapath
             doc["ciliumLoadBalancerIPPools"] = {
                 name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)
