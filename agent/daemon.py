@@ -313,6 +313,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     # follow in the pass after the datapath programmed them (never announce what is not).
     loading = None
     if services is not None:
+        # graceful restart: End-of-RIB (peers drop what is still stale) waits for the VIPs
+        controller.neighbors.hold_end_of_rib = True
         capacity = await asyncio.to_thread(_initial_capacity, store, state_dir, args, dp_log, memo,
                                            services_memo)
         loading = asyncio.create_task(asyncio.to_thread(
@@ -337,6 +339,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
             await controller.reconcile_once()
         except Exception as exc:  # noqa: BLE001 - as above
             controller.record_failed_pass(exc)
+        controller.neighbors.release_end_of_rib()
     # The configuration and what the first pass derived from it live as long as the agent:
     # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
     # ~0.5 s, paid at random points of later passes). Freed objects are still freed.

@@ -6,7 +6,10 @@ ScaleLab, a real FRR peer with zebra):
   routes the pool to the node statically, so the probe does not depend on BGP);
 * no VIP reaches the router before it is served: the moment the router installs a VIP's /32, a
   TCP connection to it is answered by the right pod, on the first try;
-* a warm restart (same state dir and pinned datapath) announces everything again.
+* graceful restart (FRR and vipd with gracefulRestart enabled): across a warm restart (SIGTERM,
+  same state dir and pinned datapath) the router never removes a VIP route: the new agent holds
+  End-of-RIB until every programmed VIP is in its table again, so FRR keeps the stale ones
+  until then; every file comes from the parse cache.
 
 5,000 Services: loading and programming them takes seconds, so the window is wide.
 """
@@ -34,6 +37,9 @@ def _config_with_pod_cidr() -> str:
     node = f'metadata: {{name: {NODE_NAME}, labels: {{bgp: "yes"}}}}\n'
     assert node in text
     text = text.replace(node, node + f"spec: {{podCIDRs: [{POD_CIDR}]}}\n")
+    timers = "  timers: {connectRetryTimeSeconds: 1}\n"
+    assert timers in text
+    text = text.replace(timers, timers + "  gracefulRestart: {enabled: true, restartTimeSeconds: 120}\n")
     return text + """---
 apiVersion: cilium.io/v2
 kind: CiliumBGPAdvertisement
@@ -48,19 +54,24 @@ class RouteWatch:
     """`ip monitor route` in the router: on each BGP route installed, ``on_route(prefix)`` runs
     at once (in the watcher thread), so a probe sees the datapath at that moment."""
 
-    def __init__(self, env: ScaleLab, on_route):
+    def __init__(self, env: ScaleLab, on_route, on_delete=None):
         self.proc = subprocess.Popen(env.router.exec_argv(["ip", "-4", "monitor", "route"]),
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         env.lab._procs.append(self.proc)
         self.on_route = on_route
+        self.on_delete = on_delete
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         time.sleep(0.2)   # subscribed
 
     def _run(self):
         for line in self.proc.stdout:
-            if "proto bgp" in line and not line.startswith("Deleted"):
+            if "proto bgp" not in line:
+                continue
+            if not line.startswith("Deleted"):
                 self.on_route(line.split()[0])
+            elif self.on_delete is not None:
+                self.on_delete(line.split()[1])
 
     def stop(self):
         self.proc.kill()
@@ -70,7 +81,7 @@ class RouteWatch:
 def test_session_up_before_the_datapath_and_no_vip_announced_before_it_answers():
     first, last = vip_of(1), vip_of(N - 1)
     with Lab("sstart") as lab:
-        env = ScaleLab(lab)
+        env = ScaleLab(lab, graceful_restart=True)
         try:
             (env.config_dir / "bgp.yaml").write_text(_config_with_pod_cidr())
             env.write_services(N, ports=1)
@@ -84,7 +95,7 @@ def test_session_up_before_the_datapath_and_no_vip_announced_before_it_answers()
 
             watch = RouteWatch(env, on_route)
             try:
-                env.start("--shutdown-mode", "notify")
+                env.start()
                 wait_until(lambda: env.accepted() >= N + 1 or env.proc.poll() is not None, timeout=120,
                            interval=0.5, what=f"{N} VIPs and the Pod CIDR at FRR")
                 assert env.proc.poll() is None, env.log()[-3000:]
@@ -99,16 +110,25 @@ def test_session_up_before_the_datapath_and_no_vip_announced_before_it_answers()
             status = env.vipctl("status")
             assert "Reconcile errors: none" in status, status[-2000:]
 
-            # Warm restart: same state dir (parse cache, allocations), pinned datapath adopted.
-            env.proc.terminate()
-            env.proc.wait(timeout=60)
-            wait_until(lambda: env.frr.sessions().get(NODE_IP) is None
-                       or env.frr.sessions()[NODE_IP].state != "established", timeout=30,
-                       what="the session closed (Cease)")
-            env.start("--shutdown-mode", "notify")
-            wait_until(lambda: env.accepted() >= N + 1 or env.proc.poll() is not None, timeout=120,
-                       interval=0.5, what=f"{N} VIPs and the Pod CIDR at FRR after the restart")
-            assert env.proc.poll() is None, env.log()[-3000:]
+            # Warm restart, graceful: FRR keeps the routes as stale; not one VIP route may go.
+            deleted: list[str] = []
+            watch = RouteWatch(env, lambda prefix: None, deleted.append)
+            try:
+                env.proc.terminate()
+                env.proc.wait(timeout=60)
+                wait_until(lambda: env.frr.sessions().get(NODE_IP) is None
+                           or env.frr.sessions()[NODE_IP].state != "established", timeout=30,
+                           what="the session closed")
+                env.start()
+                wait_until(lambda: env.proc.poll() is not None or (
+                    '"vipd running"' in env.log().rsplit('"vipd stopped"', 1)[-1] and env.accepted() >= N + 1),
+                    timeout=120, interval=0.5, what=f"the restarted agent running, {N} VIPs at FRR")
+                assert env.proc.poll() is None, env.log()[-3000:]
+                time.sleep(2.0)    # End-of-RIB processed: FRR has dropped whatever stayed stale
+            finally:
+                watch.stop()
+            assert deleted == [], f"routes removed at the router across the restart: {deleted[:5]}"
+            assert env.accepted() == N + 1
             assert env.connect(last, 80, 2) == [f"p{(N - 1) % 4}"] * 2
             loads = [json.loads(line) for line in env.log().splitlines()
                      if line.startswith("{") and '"configuration loaded"' in line]
