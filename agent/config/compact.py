@@ -21,44 +21,71 @@ _SHARE_DICT_ITEMS = 4     # small dicts (labels, selectors) are shared by value;
 
 
 class Compactor:
-    """One per load: its tables hold the canonical objects (strings, fields-sets, small dicts)."""
+    """One per load: its tables hold the canonical objects (strings, fields-sets, small dicts,
+    nested models)."""
 
     def __init__(self) -> None:
         self._strings: dict[str, str] = {}
         self._sets: dict[frozenset, set] = {}
         self._dicts: dict[tuple, dict] = {}
+        self._models: dict[tuple, BaseModel] = {}
 
     def compact(self, obj):
-        """``obj`` (a model) with its repeated parts shared; changed in place, returned."""
-        self._model(obj)
+        """``obj`` (a resource) with its repeated parts shared: equal nested models (a port,
+        an empty status, endpoint conditions) become one object. ``obj`` itself is changed in
+        place and returned (two resources are never merged)."""
+        self._fields(obj)
         return obj
 
-    def _model(self, m: BaseModel) -> None:
+    def _fields(self, m: BaseModel) -> tuple:
+        """Share ``m``'s fields-set and field values in place; -> a key of its value (the
+        fields' keys: equal keys, equal models)."""
         fs = m.__pydantic_fields_set__
         shared = self._sets.setdefault(frozenset(fs), fs)
         if shared is not fs:
             object.__setattr__(m, "__pydantic_fields_set__", shared)
         d = m.__dict__
+        key = [type(m), id(shared)]
         for k, v in d.items():
-            new = self._value(v)
+            new, vkey = self._value(v)
             if new is not v:
                 d[k] = new
+            key.append(k)
+            key.append(vkey)
+        return tuple(key)
 
     def _value(self, v):
+        """-> (the shared value, a key of it: equal keys, equal values)."""
         t = type(v)
         if t is str:
-            return self._strings.setdefault(v, v)
+            v = self._strings.setdefault(v, v)
+            return v, v
+        if t is int or t is bool or v is None or t is float:
+            return v, (t, v)
         if t is list:
+            keys = []
             for i, item in enumerate(v):
-                new = self._value(item)
+                new, k = self._value(item)
                 if new is not item:
                     v[i] = new
-            return v
+                keys.append(k)
+            return v, (list, *keys)
         if t is dict:
-            items = tuple((self._value(k), self._value(x)) for k, x in v.items())
-            if len(items) <= _SHARE_DICT_ITEMS and all(type(x) in (str, int, bool) for _, x in items):
-                return self._dicts.setdefault(items, dict(items))
-            return dict(items)
+            items, keys = [], []
+            for k, x in v.items():
+                k2, kk = self._value(k)
+                x2, xk = self._value(x)
+                items.append((k2, x2))
+                keys.append((kk, xk))
+            key = (dict, *keys)
+            if len(items) <= _SHARE_DICT_ITEMS:
+                shared = self._dicts.get(key)
+                if shared is None:
+                    shared = self._dicts[key] = dict(items)
+                return shared, (dict, id(shared))
+            return dict(items), key
         if isinstance(v, BaseModel):
-            self._model(v)
-        return v
+            key = self._fields(v)
+            shared = self._models.setdefault(key, v)
+            return shared, (BaseModel, id(shared))
+        return v, (object, id(v))      # anything else stays itself, compared by identity
