@@ -140,18 +140,17 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _initial_capacity(store, state_dir: Path, args, log, memo=None, services_memo=None):
+def _initial_capacity(store, allocations, args, log, memo=None, services_memo=None):
     """Size the datapath maps for the configuration at hand (so the first pass needs no
     growth): the same LB-IPAM allocation and desired services the first pass will compute —
     with the controller's and the ServiceReconciler's memos, so that pass reuses the work
     (at 20,000 Services it is seconds of start-up)."""
     from agent.controlplane import effective_services, lbipam
-    from agent.reconcilers.controller import load_allocations
     from agent.reconcilers.services import plan_for
 
     try:
         objects = store.objects()
-        lb = lbipam.allocate(objects, load_allocations(state_dir), memo)
+        lb = lbipam.allocate(objects, allocations, memo)
         return plan_for(effective_services(objects, lb, memo), args.node_name, mode=args.lb_mode,
                         maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
                         memo=services_memo)
@@ -315,8 +314,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     if services is not None:
         # graceful restart: End-of-RIB (peers drop what is still stale) waits for the VIPs
         controller.neighbors.hold_end_of_rib = True
-        capacity = await asyncio.to_thread(_initial_capacity, store, state_dir, args, dp_log, memo,
-                                           services_memo)
+        capacity = await asyncio.to_thread(_initial_capacity, store, dict(controller.state.view().allocations),
+                                           args, dp_log, memo, services_memo)
         loading = asyncio.create_task(asyncio.to_thread(
             open_datapath, store.objects().node(args.node_name), args.node_name, args.lb_interface,
             pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity, loader=loader))
