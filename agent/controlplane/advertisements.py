@@ -289,6 +289,8 @@ def _walk(objects: ObjectSet, node_name: str, peer: PeerSpec, options: AgentOpti
                 elif entry.advertisement_type == "Service":
                     if entry.selector is None:
                         continue   # nil selector selects no service (Cilium's rule)
+                    if vip_ready is nothing_ready:
+                        continue   # the datapath is still loading: no Service address is ready
                     for svc in services:
                         owner = f"{svc.namespace}/{svc.name}"
                         for sel in _entry_service_selections(objects, svc, entry, family, common, node_name,
@@ -300,6 +302,12 @@ def _walk(objects: ObjectSet, node_name: str, peer: PeerSpec, options: AgentOpti
                     if pfx:
                         yield None, Selection(family, "Interface", entry.interface.name, pfx, **common)
                 # CiliumPodIPPool: multi-pool IPAM does not exist in vipd; nothing to advertise.
+
+
+def nothing_ready(address: str) -> bool:
+    """The announce rule while the datapath is loading: no Service address is programmed (and
+    none is looked at: the start-up pass announces Pod CIDRs without walking 20,000 Services)."""
+    return False
 
 
 def _entry_service_selections(objects, svc, entry, family, common, node_name, options, vips, vip_ready,

@@ -290,6 +290,7 @@ class DatapathView:
         self.failed = MappingProxyType(rec.failed)          # ServiceKey -> FrontendFailure
         self.failure_counts = MappingProxyType(rec.failure_counts)
         self.maps = rec.dp                # None while the datapath is loading
+        self.loading = rec.dp is None
 
     def unprogrammed_services(self) -> dict[str, list]:
         return self._rec.unprogrammed_services()
