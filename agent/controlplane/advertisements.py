@@ -64,7 +64,7 @@ class _Attrs:
         self.incomplete_origin = self.incomplete_origin or incomplete
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Selection:
     """One advertisement entry's contribution to one peer/family."""
 
