@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from agent.config.meta import ObjectMeta
+
 __all__ = ["Compactor"]
 
 _SHARE_DICT_ITEMS = 4     # small dicts (labels, selectors) are shared by value; larger ones not
@@ -34,17 +36,23 @@ class Compactor:
         """``obj`` (a resource) with its repeated parts shared: equal nested models (a port,
         an empty status, endpoint conditions) become one object. ``obj`` itself is changed in
         place and returned (two resources are never merged)."""
-        self._fields(obj)
+        self._fields(obj, keyed=False)
         return obj
 
-    def _fields(self, m: BaseModel) -> tuple:
+    def _fields(self, m: BaseModel, keyed: bool = True) -> tuple | None:
         """Share ``m``'s fields-set and field values in place; -> a key of its value (the
-        fields' keys: equal keys, equal models)."""
+        fields' keys: equal keys, equal models), or None when not ``keyed``."""
         fs = m.__pydantic_fields_set__
         shared = self._sets.setdefault(frozenset(fs), fs)
         if shared is not fs:
             object.__setattr__(m, "__pydantic_fields_set__", shared)
         d = m.__dict__
+        if not keyed:
+            for k, v in d.items():
+                new = self._value(v)[0]
+                if new is not v:
+                    d[k] = new
+            return None
         key = [type(m), id(shared)]
         for k, v in d.items():
             new, vkey = self._value(v)
@@ -84,6 +92,9 @@ class Compactor:
                     shared = self._dicts[key] = dict(items)
                 return shared, (dict, id(shared))
             return dict(items), key
+        if t is ObjectMeta:       # names the object: never equal to another one's
+            self._fields(v, keyed=False)
+            return v, (object, id(v))
         if isinstance(v, BaseModel):
             key = self._fields(v)
             shared = self._models.setdefault(key, v)
