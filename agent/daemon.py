@@ -154,18 +154,17 @@ def _bpf_cache(args, state_dir: Path):
     return ProgramCache(d) if d else None
 
 
-def _initial_capacity(store, state_dir: Path, args, log, memo=None, services_memo=None):
+def _initial_capacity(store, allocations, args, log, memo=None, services_memo=None):
     """Size the datapath maps for the configuration at hand (so the first pass needs no
     growth): the same LB-IPAM allocation and desired services the first pass will compute —
     with the controller's and the ServiceReconciler's memos, so that pass reuses the work
     (at 20,000 Services it is seconds of start-up)."""
     from agent.controlplane import effective_services, lbipam
-    from agent.reconcilers.controller import load_allocations
     from agent.reconcilers.services import plan_for
 
     try:
         objects = store.objects()
-        lb = lbipam.allocate(objects, load_allocations(state_dir), memo)
+        lb = lbipam.allocate(objects, allocations, memo)
         return plan_for(effective_services(objects, lb, memo), args.node_name, mode=args.lb_mode,
                         maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
                         memo=services_memo)
@@ -265,25 +264,16 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         bpf_cache = _bpf_cache(args, state_dir)
         loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
     await source.reload()   # parsed in the worker process, like every later reload
-    datapath = services = None
+    services = None
     from agent.controlplane.memo import Memo
 
-    memo, services_memo = Memo(), Memo()  # shared by the capacity plan and the first pass
+    memo, services_memo = Memo(), Memo()  # shared by the first passes and the capacity plan
     if args.lb_interface:
         from agent.reconcilers.services import ServiceReconciler, open_datapath
 
         dp_log = get_logger("lb", node=args.node_name)
-        capacity = await asyncio.to_thread(_initial_capacity, store, state_dir, args, dp_log, memo,
-                                           services_memo)
-        try:
-            datapath = await asyncio.to_thread(open_datapath, store.objects().node(args.node_name),
-                                               args.node_name, args.lb_interface,
-                                               pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity,
-                                               loader=loader, bpf_cache=bpf_cache)
-        except Exception as exc:  # noqa: BLE001 - asked for a datapath that cannot load: say why, stop
-            log.error("datapath failed to load", error=str(exc), interfaces=args.lb_interface)
-            return 1
-        services = ServiceReconciler(datapath, args.node_name, mode=args.lb_mode, log=dp_log,
+        # attached once loaded (below): until then no VIP is programmed and none is announced
+        services = ServiceReconciler(None, args.node_name, mode=args.lb_mode, log=dp_log,
                                      maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
                                      memo=services_memo)
     host = HostSource()
@@ -332,10 +322,38 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                                        per_service=args.metrics_per_service)
 
     # The first pass runs before the API opens: neighbors and their full tables are in place.
+    # With a datapath, it runs while the datapath loads (in a thread, after the capacity plan
+    # that the pass reuses): the BGP sessions come up and Pod CIDRs are announced at once; VIPs
+    # follow in the pass after the datapath programmed them (never announce what is not).
+    loading = None
+    if services is not None:
+        # graceful restart: End-of-RIB (peers drop what is still stale) waits for the VIPs
+        controller.neighbors.hold_end_of_rib = True
+        capacity = await asyncio.to_thread(_initial_capacity, store, dict(controller.state.view().allocations),
+                                           args, dp_log, memo, services_memo)
+        loading = asyncio.create_task(asyncio.to_thread(
+            open_datapath, store.objects().node(args.node_name), args.node_name, args.lb_interface,
+            pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity, loader=loader, bpf_cache=bpf_cache))
     try:
         await controller.reconcile_once()
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
         controller.record_failed_pass(exc)  # logged there; vipctl status shows it until a pass succeeds
+    datapath = None
+    if loading is not None:
+        try:
+            datapath = await loading
+        except Exception as exc:  # noqa: BLE001 - asked for a datapath that cannot load: say why, stop
+            log.error("datapath failed to load", error=str(exc), interfaces=args.lb_interface)
+            await controller.shutdown(graceful=False)   # the sessions started: close them (Cease)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            return 1
+        services.attach(datapath)
+        try:
+            await controller.reconcile_once()
+        except Exception as exc:  # noqa: BLE001 - as above
+            controller.record_failed_pass(exc)
+        controller.neighbors.release_end_of_rib()
     # The configuration and what the first pass derived from it live as long as the agent:
     # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
     # ~0.5 s, paid at random points of later passes). Freed objects are still freed.

@@ -21,6 +21,26 @@ SUBSYSTEMS = ("bgp-control-plane", "datapath", "lb", "routes", "config", "host",
 
 _configured = False
 
+# Start-up milestones (and each pass): their log lines carry the process's memory, so a slow or
+# fat start can be read from the log (benchmarks/agent_scale.py prints them).
+MEMORY_EVENTS = frozenset({"configuration loaded", "datapath loaded", "datapath attached",
+                           "services programmed", "session established", "vipd running",
+                           "reconcile pass"})
+
+
+def add_memory(_logger, _method, event_dict):
+    """``rss_mb`` / ``peak_rss_mb`` (VmRSS / VmHWM) on the lines of MEMORY_EVENTS."""
+    if event_dict.get("event") in MEMORY_EVENTS:
+        try:
+            with open("/proc/self/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith((b"VmRSS:", b"VmHWM:")):
+                        key = "rss_mb" if line.startswith(b"VmRSS:") else "peak_rss_mb"
+                        event_dict[key] = round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+    return event_dict
+
 
 def configure(level: str | int = "INFO", *, json: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger. Idempotent; later calls only change level."""
@@ -33,6 +53,7 @@ def configure(level: str | int = "INFO", *, json: bool | None = None) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_memory,
     ]
     renderer = (
         structlog.processors.JSONRenderer()

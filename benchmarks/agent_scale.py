@@ -5,7 +5,11 @@ Per N (default 1,000 / 10,000 / 20,000 Services, one TCP port each; agent/lab/sc
 
 * **start -> all**: seconds from spawning the process (``vipd run`` / ``bird``) until FRR's
   received-prefix counter for the node reaches N (FRR polled every 0.2 s);
-* **peak RSS** of the agent (``VmHWM``);
+* **peak RSS** of the agent (``VmHWM``), and its RSS at each start-up milestone (the agent logs
+  ``rss_mb`` / ``peak_rss_mb`` on those lines);
+* **warm restart** (unless ``--no-restart``): the agent stopped (Cease: FRR withdraws) and started
+  again with the same state dir (parse cache, LB-IPAM allocations) and the pinned datapath:
+  start -> all, RSS and milestones again;
 * at the largest N, **one change**: one more Service written to the config directory (atomic
   rename); seconds until (a) a TCP connection from the router to its VIP is answered by a pod
   (the datapath serves it; the router has a static route to the pool, so this does not wait
@@ -128,11 +132,13 @@ MILESTONES = ("configuration loaded", "datapath loaded", "datapath attached", "s
               "session established", "vipd running")
 
 
-def timeline(log: str, started: float) -> dict:
-    """Seconds from the process start to the first log line of each milestone."""
+def timeline(log: str, started: float) -> tuple[dict, dict]:
+    """-> (seconds from the process start to the first log line of each milestone, the agent's
+    resident memory in MB at it: VmRSS, and the peak so far, VmHWM). Lines before ``started``
+    (an earlier run appending to the same log) are skipped."""
     from datetime import datetime
 
-    out = {}
+    out, rss = {}, {}
     for line in log.splitlines():
         if not line.startswith("{"):
             continue
@@ -143,38 +149,58 @@ def timeline(log: str, started: float) -> dict:
         ev = rec.get("event")
         if ev in MILESTONES and ev not in out and "timestamp" in rec:
             at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+            if at < started:
+                continue
             out[ev] = round(at - started, 2)
+            if "rss_mb" in rec:
+                rss[ev] = {"rss_mb": rec["rss_mb"], "peak_rss_mb": rec.get("peak_rss_mb")}
+    return out, rss
+
+
+def start_and_measure(env: ScaleLab, n: int, timeout: float) -> dict:
+    """Start the agent; seconds until FRR has all n prefixes, peak RSS, the milestones."""
+    started = time.time()
+    env.start("--shutdown-mode", "notify")
+
+    def alive():
+        if env.proc.poll() is not None:
+            raise RuntimeError(f"vipd exited ({env.proc.returncode}):\n{env.log()[-3000:]}")
+    seconds = wait_all(env, n, started, alive, timeout)
+    out = {"start_to_all_seconds": round(seconds, 3),
+           "peak_rss_mb": round(pid_vm_hwm_kib(env.proc.pid) / 1024, 1)}
+    out["timeline_seconds"], out["rss_at_milestones_mb"] = timeline(env.log(), started)
+    passes = [rec for rec in (json.loads(line) for line in env.log().splitlines()
+                              if line.startswith("{") and '"reconcile pass"' in line)
+              if rec.get("timestamp", "") >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))]
+    if passes:
+        out["first_passes_seconds"] = [{k: v for k, v in p.items() if isinstance(v, float)} for p in passes[:2]]
     return out
 
 
-def run_vipd(n: int, timeout: float, change: bool) -> dict:
+def stop_agent(env: ScaleLab, timeout: float = 60) -> None:
+    """SIGTERM with --shutdown-mode notify: the sessions close with a Cease, FRR withdraws."""
+    env.proc.terminate()
+    env.proc.wait(timeout=timeout)
+    wait_until(lambda: frr_received(env) == 0, timeout=30, what="FRR withdrew the stopped agent's routes")
+
+
+def run_vipd(n: int, timeout: float, change: bool, restart: bool) -> dict:
     with Lab("cagsc") as lab:
         env = ScaleLab(lab)
         try:
             env.write_services(n, ports=1)
             # the datapath probe must not depend on BGP: the pool is routed to the node statically
             env.router.route(POOL, via=NODE_IP)
-            started = time.time()
-            env.start("--shutdown-mode", "notify")
-
-            def alive():
-                if env.proc.poll() is not None:
-                    raise RuntimeError(f"vipd exited ({env.proc.returncode}):\n{env.log()[-3000:]}")
-            seconds = wait_all(env, n, started, alive, timeout)
-            rss = pid_vm_hwm_kib(env.proc.pid) / 1024
-            out = {"sender": "vipd", "services": n, "start_to_all_seconds": round(seconds, 3),
-                   "peak_rss_mb": round(rss, 1)}
-            out["timeline_seconds"] = timeline(env.log(), started)
-            passes = [json.loads(line) for line in env.log().splitlines()
-                      if line.startswith("{") and '"reconcile pass"' in line]
-            if passes:
-                out["first_pass_seconds"] = {k: v for k, v in passes[0].items() if isinstance(v, float)}
+            out = {"sender": "vipd", "services": n, **start_and_measure(env, n, timeout)}
             if change:
                 time.sleep(2.0)  # steady state: the router's zebra installed the initial flood
                 out["one_change"] = one_change(env, n)
                 out["peak_rss_mb"] = round(pid_vm_hwm_kib(env.proc.pid) / 1024, 1)
-            env.proc.terminate()
-            env.proc.wait(timeout=30)
+            stop_agent(env)
+            if restart:
+                # warm: the same state dir (parse cache, allocations) and the pinned datapath
+                out["warm_restart"] = start_and_measure(env, n + (1 if change else 0), timeout)
+                stop_agent(env)
             return out
         finally:
             env.cleanup_pins()
@@ -204,13 +230,15 @@ def main() -> int:
     p.add_argument("--services", default="1000,10000,20000", help="comma-separated Service counts")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--no-restart", action="store_true",
+                   help="skip the warm restart (same state dir and pinned maps) after the cold start")
     args = p.parse_args()
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, XDP)")
     counts = [int(x) for x in args.services.split(",")]
     results = []
     for n in counts:
-        v = run_vipd(n, args.timeout, change=n == max(counts))
+        v = run_vipd(n, args.timeout, change=n == max(counts), restart=not args.no_restart)
         print(f"  vipd {n}: {json.dumps(v)}", flush=True)
         b = run_bird(n, args.timeout)
         print(f"  bird {n}: {json.dumps(b)}", flush=True)
@@ -219,11 +247,18 @@ def main() -> int:
 
     print(f"\nprocess start -> all prefixes at FRR (bgpd + zebra), vipd run --lb-interface vs BIRD 2 "
           f"static routes; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"  {'services':>8} {'vipd (s)':>9} {'BIRD (s)':>9} {'ratio':>6} {'vipd RSS (MB)':>14}")
+    print(f"  {'services':>8} {'start':>6} {'vipd (s)':>9} {'BIRD (s)':>9} {'ratio':>6} {'vipd RSS (MB)':>14}")
     for r in results:
-        print(f"  {r['services']:>8} {r['vipd']['start_to_all_seconds']:>9.2f} "
-              f"{r['bird']['start_to_all_seconds']:>9.2f} {r['ratio_vipd_over_bird']:>6.2f} "
-              f"{r['vipd']['peak_rss_mb']:>14.1f}")
+        runs = [("cold", r["vipd"])] + ([("warm", r["vipd"]["warm_restart"])] if "warm_restart" in r["vipd"] else [])
+        for kind, v in runs:
+            print(f"  {r['services']:>8} {kind:>6} {v['start_to_all_seconds']:>9.2f} "
+                  f"{r['bird']['start_to_all_seconds']:>9.2f} "
+                  f"{v['start_to_all_seconds'] / r['bird']['start_to_all_seconds']:>6.2f} {v['peak_rss_mb']:>14.1f}")
+            marks = v.get("timeline_seconds", {})
+            mem = v.get("rss_at_milestones_mb", {})
+            print("           " + ", ".join(
+                f"{ev} {at:.2f} s" + (f" ({mem[ev]['rss_mb']:.0f} MB)" if ev in mem else "")
+                for ev, at in sorted(marks.items(), key=lambda kv: kv[1])))
     verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
     top = results[-1]
     print(f"  at {top['services']}: ratio {top['ratio_vipd_over_bird']:.2f}x (target <= {TARGET_RATIO}x): "

@@ -234,6 +234,11 @@ class Session:
         self._reset_connection_state()
         self.last_error: str | None = None
         self.established_at: float | None = None
+        # RFC 4724 §2: End-of-RIB follows the *initial* table. While the owner's table is not
+        # complete yet (vipd starts its sessions while the datapath loads; VIPs follow), the
+        # marker waits for release_end_of_rib(): a graceful-restart peer keeps its stale routes.
+        self.hold_end_of_rib = False
+        self._eor_held = False
 
     def _reset_connection_state(self) -> None:
         self.local_address: str | None = None
@@ -621,8 +626,23 @@ class Session:
             rib.pending = {}
             rib.previous = {}
             rib.live += 1  # from now on changes are recorded as pending (see AdjRibOut)
-        self._bulk.append(self._table_stream(tables, eor=True))
+        self._eor_held = self.hold_end_of_rib
+        self._bulk.append(self._table_stream(tables, eor=not self._eor_held))
         self._events.append(SessionEstablished(self.hold_time or 0, self.keepalive_time or 0, self.families))
+
+    def release_end_of_rib(self) -> list[SessionEvent]:
+        """The owner's table is complete: a held End-of-RIB goes out after the changes still
+        pending (sessions established from now on send it right after their table)."""
+        self.hold_end_of_rib = False
+        if self._eor_held and self.state is State.ESTABLISHED:
+            self._eor_held = False
+            self._bulk.append(self._end_of_rib_after_pending())
+        return []
+
+    def _end_of_rib_after_pending(self) -> Iterator[bytes]:
+        yield from self._pending_updates()
+        for family in self.families:
+            yield end_of_rib(family)
 
     def _table_stream(self, tables, *, eor: bool = False, refresh: bool = False) -> Iterator[bytes]:
         enc = self.encoder

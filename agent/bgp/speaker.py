@@ -97,6 +97,8 @@ class BgpSpeaker:
         # in, a session went down (its routes were dropped), a neighbor was removed. The
         # daemon's route reconciler uses it to import received routes into the kernel.
         self.on_rib_in_change = None
+        # True: sessions hold End-of-RIB until release_end_of_rib() (Session.hold_end_of_rib)
+        self.hold_end_of_rib = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -385,6 +387,13 @@ class BgpSpeaker:
         except (KeyError, ValueError):
             raise KeyError(f"no neighbor {address}") from None
 
+    def release_end_of_rib(self) -> None:
+        """Every path is in the Adj-RIB-Outs: End-of-RIB to every peer that is waiting for it."""
+        self.hold_end_of_rib = False
+        for peer in self._peers.values():
+            for d in self._drivers(peer):
+                d.call(d.session.release_end_of_rib)
+
     def _sync_advertiser(self) -> None:
         self._advertiser.set_interfaces({z for z in (zone_of(p.cfg.address) for p in self._peers.values()) if z})
 
@@ -416,6 +425,7 @@ class BgpSpeaker:
     def _new_driver(self, peer: _Peer) -> SessionDriver:
         session = Session(self._session_config(peer.cfg), peer.rib_out, rng=self._rng,
                           restarting=not peer.ever_established)
+        session.hold_end_of_rib = self.hold_end_of_rib
         return SessionDriver(session, self._loop, lambda d, evs, p=peer: self._on_events(p, d, evs),
                              link_local_next_hop=peer.cfg.link_local_next_hop)
 

@@ -148,6 +148,9 @@ def serve_one(request: dict, send) -> None:
     if refused is not None:
         send(("done", str(refused), [str(f) for f in files]))
         return
+    from agent.config.compact import Compactor
+
+    compactor = Compactor()
     for f in files:
         path = str(f)
         error, data = read_file(f, limits)
@@ -184,6 +187,8 @@ def serve_one(request: dict, send) -> None:
             fp = file_error(path, "nested too deeply to parse")
             fp.digest = digest
         objects, fp.parsed = fp.parsed, []
+        for obj, _index in objects:      # repeated strings, sets and labels: one object each
+            compactor.compact(obj)
         frames = [encode(("file", fp))]
         frames += [encode(("objects", path, objects[start:start + CHUNK]))
                    for start in range(0, len(objects), CHUNK)]

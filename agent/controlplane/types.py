@@ -54,7 +54,7 @@ class AgentOptions:
     status_report: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Condition:
     """metav1.Condition as computed (timestamps are the daemon's business)."""
 

@@ -185,7 +185,7 @@ class ScaleLab:
     Services whose endpoints are spread over the pods, announced to the router over BGP and
     served by the node's XDP datapath (local backends: DNAT, reply rewritten by tc)."""
 
-    def __init__(self, lab, *, pods: int = 4):
+    def __init__(self, lab, *, pods: int = 4, graceful_restart: bool = False):
         from agent.lab.peers import FrrPeer, Neighbor
 
         self.lab = lab
@@ -206,7 +206,9 @@ class ScaleLab:
         for k, pod in enumerate(self.pods):
             pod.spawn([sys.executable, "-c", POD_SERVER, f"p{k}"])
         self.frr = lab.frr(self.router, FrrPeer(asn=ROUTER_ASN, router_id=ROUTER_IP, zebra=True,
-                                                neighbors=[Neighbor(NODE_IP, NODE_ASN)]))
+                                                graceful_restart=graceful_restart,
+                                                neighbors=[Neighbor(NODE_IP, NODE_ASN,
+                                                                    graceful_restart=graceful_restart)]))
         base = lab.workdir / "vipd"
         self.config_dir, self.state_dir = base / "config", base / "state"
         self.socket = base / "run" / "vipd.sock"

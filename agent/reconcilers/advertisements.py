@@ -74,6 +74,9 @@ class AdvertisementReconciler:
         # desired frontend at it is programmed (the datapath view's vip_ready).
         datapath = self.ready() if self.ready is not None else None
         vip_ready = datapath.vip_ready if datapath is not None else None
+        if getattr(datapath, "loading", False):
+            from agent.controlplane.advertisements import nothing_ready
+            vip_ready = nothing_ready
         # the held-back addresses; unknown (None) never equals a previous pass's
         token = () if datapath is None else (datapath.blocked if datapath.blocked is not None else object())
         self._states = plan.path_states

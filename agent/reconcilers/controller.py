@@ -154,9 +154,16 @@ class Controller:
         if self.routes is not None:
             out.append(self.routes)
         # last: announcing does not wait for a 20,000-entry file; a restart recomputes the same
-        # allocations from the previous file and the objects (LB-IPAM is deterministic)
-        out.append(self.state)
+        # allocations from the previous file and the objects (LB-IPAM is deterministic). Not
+        # in the start-up pass while the datapath loads: it would take CPU from the loader,
+        # and the next pass writes the same allocations.
+        if not self._datapath_loading:
+            out.append(self.state)
         return out
+
+    @property
+    def _datapath_loading(self) -> bool:
+        return bool(getattr(self.services, "loading", False))
 
     def settings(self):
         from agent.controlplane.plan import DatapathSettings, PlanSettings
@@ -237,7 +244,8 @@ class Controller:
         self.last_pass = mark.done()
         # one line per pass (passes follow changes): its phases are the one-change timeline
         self._log("info", "reconcile pass", generation=snap.generation, **self.last_pass)
-        await self.write_status_async()
+        if not self._datapath_loading:    # the pass after the datapath loaded writes it
+            await self.write_status_async()
 
     async def _apply(self, reconciler, plan, now: float, mark: _Marks) -> None:
         await reconciler.apply(plan, self.errors, now)
@@ -376,6 +384,8 @@ class Controller:
                 ("maxServices", "maxBackends", "maxMemberships", "maglevSlots"),
                 dp.capacity.astuple())), "reloads": dp.reloads,
                 "unprogrammedFrontends": len(dp.failed)}
+            if dp.maps is None:   # vipd started its sessions; no VIP is announced until this is over
+                doc["datapath"]["loading"] = True
         if self.lbipam is not None:   # pools have conditions with or without a datapath
             doc["ciliumLoadBalancerIPPools"] = {
                 name: {"conditions": [self.conditions.stamp(f"CiliumLoadBalancerIPPool/{name}", c)

@@ -92,6 +92,17 @@ class NeighborReconciler:
         self.settle_seconds = settle_seconds
         self.running: dict[str, RunningInstance] = {}
         self.log = log
+        # While True, new speakers hold End-of-RIB (the daemon's start-up while the datapath
+        # loads: the VIPs are not in the table yet); release_end_of_rib() ends it.
+        self.hold_end_of_rib = False
+
+    def release_end_of_rib(self) -> None:
+        """The table is complete (every programmed VIP is in it): End-of-RIB to the peers."""
+        self.hold_end_of_rib = False
+        for run in list(self.running.values()):
+            release = getattr(run.speaker, "release_end_of_rib", None)
+            if release is not None:
+                release()
 
     async def apply(self, plan, errors: ErrorBook, now: float) -> None:
         await self.reconcile(plan.node_config, errors, now)
@@ -142,6 +153,8 @@ class NeighborReconciler:
             await self._settle()
         if run is None:
             speaker = self.speaker_factory(inst)
+            if self.hold_end_of_rib:
+                speaker.hold_end_of_rib = True
             try:
                 await speaker.start()
             except BaseException:

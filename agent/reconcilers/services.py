@@ -60,7 +60,9 @@ class ServiceReconciler:
         self.last: dict = {}
         self.owners: dict = {}                      # ServiceKey -> "namespace/name"
         self.failed: dict = {}                      # ServiceKey -> FrontendFailure (desired, not programmed)
-        self.blocked: frozenset | None = frozenset()  # VIP addresses not to announce (None: see vip_ready)
+        # VIP addresses not to announce (None: only programmed ones go, see vip_ready). While the
+        # datapath is still loading (``datapath`` None, see ``attach``) nothing is programmed.
+        self.blocked: frozenset | None = frozenset() if datapath is not None else None
         self.programmed_vips: frozenset = frozenset()
         self.failure_counts: dict[str, int] = {}    # reason -> frontends that entered failure (metric)
         self.growth_error: str | None = None
@@ -69,6 +71,16 @@ class ServiceReconciler:
         self.memo = memo or Memo()                  # frontends of unchanged Services
         self._last_objects = None
         self.deletions = ServiceDeletions(self)
+
+    @property
+    def loading(self) -> bool:
+        """The datapath is still being loaded: no VIP is programmed, none is announced."""
+        return self.dp is None
+
+    def attach(self, datapath) -> None:
+        """The datapath finished loading (the daemon starts the BGP sessions before that, so
+        Pod CIDRs are announced at once): the next pass programs and announces the VIPs."""
+        self.dp = datapath
 
     def vip_ready(self, address: str) -> bool:
         """The announce rule: False while a desired frontend at ``address`` is not programmed.
@@ -113,6 +125,8 @@ class ServiceReconciler:
     async def _program(self, desired, owners, why: str | None, errors: ErrorBook, now: float,
                        phase: str) -> None:
         """``desired``: ServiceKey -> datapath Service (None: could not be computed, ``why``)."""
+        if self.dp is None:       # still loading: nothing programmed, nothing announced
+            return
         try:
             if desired is None:
                 raise RuntimeError(f"desired services not computed: {why}")
@@ -276,18 +290,22 @@ class DatapathView:
         self.owners = MappingProxyType(rec.owners)          # ServiceKey -> "namespace/name"
         self.failed = MappingProxyType(rec.failed)          # ServiceKey -> FrontendFailure
         self.failure_counts = MappingProxyType(rec.failure_counts)
-        self.maps = rec.dp
+        self.maps = rec.dp                # None while the datapath is loading
+        self.loading = rec.dp is None
 
     def unprogrammed_services(self) -> dict[str, list]:
         return self._rec.unprogrammed_services()
 
     @property
     def capacity(self):
+        if self.maps is None:
+            from agent.datapath.capacity import Capacity
+            return Capacity(0, 0, 0, 0)
         return self.maps.capacity
 
     @property
     def reloads(self) -> int:
-        return self.maps.reloads
+        return self.maps.reloads if self.maps is not None else 0
 
     @property
     def maglev_builds(self) -> int:

@@ -79,6 +79,29 @@ def test_table_then_end_of_rib_byte_exact():
     assert p.b.rib_in[V4].routes[encode_prefix(net("10.9.0.0/24"))][2] == NextHop(IPv4Address("10.0.0.1"))
 
 
+def test_held_end_of_rib_follows_the_paths_added_before_the_release():
+    # vipd's start-up: the session comes up while the datapath loads (Pod CIDR only); the VIPs
+    # join later, and only then End-of-RIB, so a graceful-restart peer keeps its stale VIPs.
+    p = ebgp_pair()
+    p.a.hold_end_of_rib = True
+    p.a.rib_out[V4].advertise(encode_prefix(net("10.244.0.0/24")), PA())
+    p.connect()
+    assert p.of_type("b", EndOfRibReceived) == []
+    assert encode_prefix(net("10.244.0.0/24")) in p.b.rib_in[V4].routes
+    p.a.rib_out[V4].advertise(encode_prefix(net("172.16.0.1/32")), PA())
+    p.call("a", p.a.release_end_of_rib)
+    p.run()
+    assert p.of_type("b", EndOfRibReceived) == [EndOfRibReceived(V4), EndOfRibReceived(V6)]
+    last = messages(b"".join(p.wire["a"]))
+    eor_at = next(i for i, m in enumerate(last) if isinstance(m, Update) and not m.nlri and not m.withdrawn
+                  and not m.attributes)
+    assert any(isinstance(m, Update) and net("172.16.0.1/32") in m.nlri for m in last[:eor_at]), last
+    assert encode_prefix(net("172.16.0.1/32")) in p.b.rib_in[V4].routes
+    p.call("a", p.a.release_end_of_rib)    # once only
+    p.run()
+    assert len(p.of_type("b", EndOfRibReceived)) == 2
+
+
 def test_hold_time_is_the_minimum_and_keepalive_a_third():
     p = ebgp_pair(b_hold_time=9).connect()
     assert (p.a.hold_time, p.a.keepalive_time) == (9, 3)
