@@ -188,8 +188,9 @@ def _kernel_hz(probe_fd: int) -> int:
 # ---------------------------------------------------------------------------- byte helpers
 
 def _addr_from_words(words, family: int) -> IPAddress:
-    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
-    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
+    if family == 4:
+        return ipaddress.IPv4Address(_struct.pack("<I", words[0]))
+    return ipaddress.IPv6Address(_struct.pack("<4I", *words))
 
 
 def _ntohs(v: int) -> int:
@@ -222,6 +223,7 @@ class Datapath:
         self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
         self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
         self.reloads = 0                                           # growths done by this process
+        self.entries_written = 0   # map entries and Maglev slots written or deleted by this process
 
     @property
     def maglev_builds(self) -> int:
@@ -460,18 +462,19 @@ class Datapath:
         maglev = self.table(MapName.MAGLEV)
         members: dict[int, set[int]] = {}
         member_keys = []
-        for k, _ in self.table(MapName.SVC_BACKENDS).items():
+        mtbl = self.table(MapName.SVC_BACKENDS)
+        for k, _ in _hash_items(mtbl):
             members.setdefault(k.svc_id, set()).add(k.backend_id)
-            member_keys.append(k)
+            member_keys.append(mtbl.Key.from_buffer_copy(k))
         wildcards = []
         svc_ids = set()
-        for k, v in self.table(MapName.SERVICES).items():
+        for k, v in _hash_items(self.table(MapName.SERVICES)):   # batched reads: 20,000 in ~5 calls
             addr = _addr_from_words(k.addr, k.family)
             if v.flags & SvcFlag.WILDCARD:
                 wildcards.append((k.family, addr))
                 continue
             key = ServiceKey(addr, _ntohs(k.port), Proto(k.proto))
-            table = array("I", _array_read_range(maglev, v.table_off, v.table_size) if v.table_size else ())
+            table = _array_read_range(maglev, v.table_off, v.table_size) if v.table_size else array("I")
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
                 for a, plen in ranges.get(v.id, ()))
@@ -603,7 +606,8 @@ class Datapath:
                         local=bool(self._plan.backend_vals[i][2] & BackendFlag.LOCAL),
                         terminating=bool(self._plan.backend_vals[i][2] & BackendFlag.TERMINATING), id=i)
                 for i in ids if i in self._plan.backend_vals)
-            out[key] = Service(
+            # kept: the next call (each reconcile pass) hands back the same object
+            out[key] = p.service = Service(
                 key, backends, traffic_policy_local=bool(p.flags & SvcFlag.LOCAL_ONLY),
                 mode=Mode.DSR if p.flags & SvcFlag.DSR else Mode.SNAT,
                 affinity_timeout=p.affinity_timeout if p.flags & SvcFlag.AFFINITY else 0,
@@ -688,7 +692,7 @@ class Datapath:
             self._batching = False
             try:
                 for changes in self._plan.take_changes():
-                    apply(changes, self._loaded.tables)
+                    self.entries_written += apply(changes, self._loaded.tables)
             except WriteError as exc:
                 raise self._recover(exc) from exc
 
@@ -711,9 +715,9 @@ class Datapath:
             return
         try:
             if len(self._plan.first):   # what must land before any of the rest
-                apply(self._plan.first, self._loaded.tables)
+                self.entries_written += apply(self._plan.first, self._loaded.tables)
                 self._plan.first = MapChanges()
-            apply(self._plan.changes.take_through(Phase.SLOTS), self._loaded.tables)
+            self.entries_written += apply(self._plan.changes.take_through(Phase.SLOTS), self._loaded.tables)
         except WriteError as exc:
             self._plan.take_changes()   # the rest is not written: the maps are read back
             raise self._recover(exc) from exc
@@ -897,8 +901,12 @@ class Datapath:
 
 # ---------------------------------------------------------------------------- map helpers
 
-def _array_read_range(tbl, start: int, count: int) -> list[int]:
-    """Read ``count`` u32 slots of an array starting at ``start`` (batch lookup)."""
+def _array_read_range(tbl, start: int, count: int) -> array:
+    """Read ``count`` u32 slots of an array starting at ``start``: a copy out of the mapped
+    array (BPF_F_MMAPABLE), else by batch lookup."""
+    view = tbl.u32_view()
+    if view is not None:
+        return array("I", view[start:start + count])
     keys = (ctypes.c_uint32 * count)()
     vals = (ctypes.c_uint32 * count)()
     out_batch = ctypes.c_uint32(0)
@@ -908,8 +916,8 @@ def _array_read_range(tbl, start: int, count: int) -> list[int]:
     if rc == 0 or n:
         got = {keys[i]: vals[i] for i in range(n)}
         if all(start + i in got for i in range(count)):
-            return [got[start + i] for i in range(count)]
-    return [tbl[tbl.Key(start + i)].value for i in range(count)]
+            return array("I", [got[start + i] for i in range(count)])
+    return array("I", [tbl[tbl.Key(start + i)].value for i in range(count)])
 
 
 def _hash_items(tbl, chunk: int = 4096):
