@@ -906,7 +906,7 @@ def _array_read_range(tbl, start: int, count: int) -> array:
     array (BPF_F_MMAPABLE), else by batch lookup."""
     view = tbl.u32_view()
     if view is not None:
-        return array("I", view[start:start + count])
+        return array("I", view[start:start + count].tobytes())
     keys = (ctypes.c_uint32 * count)()
     vals = (ctypes.c_uint32 * count)()
     out_batch = ctypes.c_uint32(0)

@@ -102,17 +102,21 @@ class MapTable:
         """The array's elements as a writable memoryview of u32 (format "I") over an mmap of
         the map, or None when the map is not an mmap-able u32 array (BPF_F_MMAPABLE; a pin
         created before the flag). Stores through it are plain memory writes the programs see
-        at once: 4-byte aligned, so each element changes atomically. Do not keep slices of
-        it beyond their use (they pin the mapping until released)."""
+        at once: 4-byte aligned, so each element changes atomically. The kernel spaces array
+        elements 8 bytes apart (elem_size = round_up(value_size, 8)): the view is strided, so
+        ``view[a:b] = array("I", ...)`` is a C-level strided copy (use ``view[a:b].tobytes()``
+        to read a range out). Do not keep slices of it beyond their use (they pin the mapping
+        until released)."""
         if self._view is None and self._mmap is None and self.map_fd >= 0:
             ok = (self.is_array and not self.percpu and ct.sizeof(self.Key) == 4 and ct.sizeof(self.sLeaf) == 4
                   and bpfsys.map_info(self.map_fd).map_flags & BPF_F_MMAPABLE)
             if not ok:
                 self._mmap = False   # checked: not mmap-able
                 return None
-            length = -(-self.max_entries * 4 // mmap.PAGESIZE) * mmap.PAGESIZE
+            elem = 8   # kernel/bpf/arraymap.c: round_up(value_size, 8)
+            length = -(-self.max_entries * elem // mmap.PAGESIZE) * mmap.PAGESIZE
             self._mmap = mmap.mmap(self.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self._view = memoryview(self._mmap).cast("I")[:self.max_entries]
+            self._view = memoryview(self._mmap).cast("I")[::elem // 4][:self.max_entries]
         return self._view or None
 
     def _key(self, key):
