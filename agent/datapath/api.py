@@ -196,6 +196,10 @@ def _addr_from_words(words, family: int) -> IPAddress:
 def _ntohs(v: int) -> int:
     return _htons(v)
 
+_WILDCARD, _LOCAL_ONLY, _DSR = int(SvcFlag.WILDCARD), int(SvcFlag.LOCAL_ONLY), int(SvcFlag.DSR)
+_AFFINITY, _STATELESS = int(SvcFlag.AFFINITY), int(SvcFlag.STATELESS)
+_BE_LOCAL, _BE_TERMINATING = int(BackendFlag.LOCAL), int(BackendFlag.TERMINATING)
+
 _HOOK_NAMES = {Hook.XDP: "xdp", Hook.TC_INGRESS: "tc_ingress", Hook.TC_EGRESS: "tc_egress"}
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -468,13 +472,26 @@ class Datapath:
             member_keys.append(mtbl.Key.from_buffer_copy(k))
         wildcards = []
         svc_ids = set()
-        for k, v in _hash_items(self.table(MapName.SERVICES)):   # batched reads: 20,000 in ~5 calls
-            addr = _addr_from_words(k.addr, k.family)
-            if v.flags & SvcFlag.WILDCARD:
-                wildcards.append((k.family, addr))
-                continue
-            key = ServiceKey(addr, _ntohs(k.port), Proto(k.proto))
-            table = _array_read_range(maglev, v.table_off, v.table_size) if v.table_size else array("I")
+        stbl = self.table(MapName.SERVICES)
+        fronts = []
+        for k, v in _hash_items(stbl):   # batched reads: 20,000 in ~5 calls
+            if v.flags & _WILDCARD:
+                wildcards.append((k.family, _addr_from_words(k.addr, k.family)))
+            else:
+                fronts.append((stbl.Key.from_buffer_copy(k), stbl.Leaf.from_buffer_copy(v)))
+        # every table at once out of the mapping (one strided copy), sliced per service
+        view = maglev.u32_view()
+        top = max((v.table_off + v.table_size for _, v in fronts), default=0)
+        slots = array("I", view[:top].tobytes()) if view is not None else None
+        protos = {int(p): p for p in Proto}
+        for k, v in fronts:
+            key = ServiceKey(_addr_from_words(k.addr, k.family), _ntohs(k.port), protos.get(k.proto, k.proto))
+            if not v.table_size:
+                table = array("I")
+            elif slots is not None:
+                table = slots[v.table_off:v.table_off + v.table_size]
+            else:
+                table = _array_read_range(maglev, v.table_off, v.table_size)
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
                 for a, plen in ranges.get(v.id, ()))
@@ -484,6 +501,7 @@ class Datapath:
                 table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
                 refs=frozenset(table) | mem, members=mem, backend_gen=v.backend_gen))
             svc_ids.add(v.id)
+        del slots, fronts
         with self._writes():   # leftover wildcards without services are deleted
             plan.adopt_done(wildcards, revnat_svc)
         for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
@@ -596,23 +614,30 @@ class Datapath:
     def services(self) -> dict[ServiceKey, Service]:
         """The services the maps program now (reconstructed from maps after adoption)."""
         out = {}
+        vals = self._plan.backend_vals
+        made: dict[int, Backend] = {}   # one Backend per id (shared by the services listing it)
+
+        def backend(i: int) -> Backend:
+            b = made.get(i)
+            if b is None:
+                addr, port, flags = vals[i]
+                b = made[i] = Backend(addr, port, local=bool(flags & _BE_LOCAL),
+                                      terminating=bool(flags & _BE_TERMINATING), id=i)
+            return b
+
         for key, p in self._plan.programmed.items():
             if p.service is not None:
                 out[key] = p.service
                 continue
-            ids = sorted(set(p.table))
-            backends = tuple(
-                Backend(self._plan.backend_vals[i][0], self._plan.backend_vals[i][1],
-                        local=bool(self._plan.backend_vals[i][2] & BackendFlag.LOCAL),
-                        terminating=bool(self._plan.backend_vals[i][2] & BackendFlag.TERMINATING), id=i)
-                for i in ids if i in self._plan.backend_vals)
+            backends = tuple(backend(i) for i in sorted(set(p.table)) if i in vals)
+            f = p.flags   # plain int tests: IntFlag arithmetic costs ~2 us each
             # kept: the next call (each reconcile pass) hands back the same object
             out[key] = p.service = Service(
-                key, backends, traffic_policy_local=bool(p.flags & SvcFlag.LOCAL_ONLY),
-                mode=Mode.DSR if p.flags & SvcFlag.DSR else Mode.SNAT,
-                affinity_timeout=p.affinity_timeout if p.flags & SvcFlag.AFFINITY else 0,
+                key, backends, traffic_policy_local=bool(f & _LOCAL_ONLY),
+                mode=Mode.DSR if f & _DSR else Mode.SNAT,
+                affinity_timeout=p.affinity_timeout if f & _AFFINITY else 0,
                 source_ranges=tuple(sorted(p.ranges, key=str)),
-                stateless=bool(p.flags & SvcFlag.STATELESS), maglev_m=p.table_cap)
+                stateless=bool(f & _STATELESS), maglev_m=p.table_cap)
         return out
 
     def service_id(self, key: ServiceKey) -> int | None:
