@@ -21,6 +21,7 @@ cache lands; "load - compile" is what is left of it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import os
 import sys
@@ -28,14 +29,14 @@ import time
 from array import array
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not os.environ.get("PYTHONPATH"):   # PYTHONPATH=<other checkout>: measure that one
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.datapath import bpfsys  # noqa: E402
 from agent.datapath.abi import MapName  # noqa: E402
 from agent.datapath.api import Datapath, Features  # noqa: E402
 from agent.datapath.capacity import plan_capacity  # noqa: E402
 from agent.datapath.model import Backend, Proto, Service, ServiceKey  # noqa: E402
-from agent.datapath.writer import _buffer  # noqa: E402
 from agent.reconcilers.services import ServiceReconciler  # noqa: E402
 
 PIN_ROOT = "/sys/fs/bpf/vipd-bench-dpstart"
@@ -64,21 +65,29 @@ def start(instance: str, desired: dict) -> dict:
     t3 = time.monotonic()
     assert not failed, list(failed.items())[:3]
     return {"dp": dp, "plan_s": t1 - t0, "load_s": t2 - t1, "compile_s": dp._loaded.compile_s,
-            "adopted": adopted, "pass_s": t3 - t2, "written": dp.entries_written,
-            "mmap": dp.table(MapName.MAGLEV).u32_view() is not None}
+            "adopted": adopted, "pass_s": t3 - t2, "written": getattr(dp, "entries_written", "?"),
+            "mmap": _view(dp.table(MapName.MAGLEV)) is not None}
+
+
+def _view(tbl):
+    """The mmap'ed slots (None: syscalls; also for a vipd from before the mapping, so this
+    script can measure a checkout of that for comparison)."""
+    return tbl.u32_view() if hasattr(tbl, "u32_view") else None
 
 
 def syscall_reference(dp: Datapath, slots: int) -> float:
     """Seconds to write ``slots`` Maglev slots (their current values) with BPF_MAP_UPDATE_BATCH."""
     tbl = dp.table(MapName.MAGLEV)
     chunk = 1 << 16
-    view = tbl.u32_view()
+    view = _view(tbl)
     t0 = time.monotonic()
     for start_ in range(0, slots, chunk):
         n = min(chunk, slots - start_)
         keys = array("I", range(start_, start_ + n))
         vals = array("I", view[start_:start_ + n].tobytes()) if view is not None else array("I", bytes(4 * n))
-        done, rc = bpfsys.update_batch(tbl.map_fd, _buffer(keys), _buffer(vals), n)
+        kbuf = (ctypes.c_char * (4 * n)).from_buffer(keys)
+        vbuf = (ctypes.c_char * (4 * n)).from_buffer(vals)
+        done, rc = bpfsys.update_batch(tbl.map_fd, kbuf, vbuf, n)
         if rc:
             raise OSError(-rc, os.strerror(-rc))
     return time.monotonic() - t0
