@@ -484,14 +484,15 @@ class Datapath:
         top = max((v.table_off + v.table_size for _, v in fronts), default=0)
         slots = array("I", view[:top].tobytes()) if view is not None else None
         protos = {int(p): p for p in Proto}
+        same: dict[bytes, array] = {}
         for k, v in fronts:
             key = ServiceKey(_addr_from_words(k.addr, k.family), _ntohs(k.port), protos.get(k.proto, k.proto))
             if not v.table_size:
                 table = array("I")
-            elif slots is not None:
-                table = slots[v.table_off:v.table_off + v.table_size]
             else:
-                table = _array_read_range(maglev, v.table_off, v.table_size)
+                table = (slots[v.table_off:v.table_off + v.table_size] if slots is not None
+                         else _array_read_range(maglev, v.table_off, v.table_size))
+                table = same.setdefault(table.tobytes(), table)   # equal tables: one array
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
                 for a, plen in ranges.get(v.id, ()))
@@ -501,7 +502,7 @@ class Datapath:
                 table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
                 refs=frozenset(table) | mem, members=mem, backend_gen=v.backend_gen))
             svc_ids.add(v.id)
-        del slots, fronts
+        del slots, fronts, same
         with self._writes():   # leftover wildcards without services are deleted
             plan.adopt_done(wildcards, revnat_svc)
         for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
