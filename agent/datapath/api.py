@@ -485,6 +485,7 @@ class Datapath:
         slots = array("I", view[:top].tobytes()) if view is not None else None
         protos = {int(p): p for p in Proto}
         same: dict[bytes, array] = {}
+        table_ids: dict[int, frozenset] = {}   # id(table) -> its backend ids (tables live in ``same``)
         for k, v in fronts:
             key = ServiceKey(_addr_from_words(k.addr, k.family), _ntohs(k.port), protos.get(k.proto, k.proto))
             if not v.table_size:
@@ -495,14 +496,17 @@ class Datapath:
                 table = same.setdefault(table.tobytes(), table)   # equal tables: one array
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
-                for a, plen in ranges.get(v.id, ()))
+                for a, plen in ranges[v.id]) if v.id in ranges else frozenset()
             mem = frozenset(members.get(v.id, ()))
+            ids = table_ids.get(id(table))
+            if ids is None:   # shared tables: their backend set once
+                ids = table_ids[id(table)] = frozenset(table)
             plan.adopt_service(key, Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
                 table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
-                refs=frozenset(table) | mem, members=mem, backend_gen=v.backend_gen))
+                refs=ids | mem if mem - ids else ids, members=mem, backend_gen=v.backend_gen))
             svc_ids.add(v.id)
-        del slots, fronts, same
+        del slots, fronts, same, table_ids
         with self._writes():   # leftover wildcards without services are deleted
             plan.adopt_done(wildcards, revnat_svc)
         for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
