@@ -91,6 +91,11 @@ class Layouts:
             raise DatapathError(f"map layouts lack {', '.join(missing)}: the loaded program "
                                 "does not declare them (another bpf/ build?)")
         self.types = {str(k): v for k, v in types.items()}
+        self._packers: dict[tuple, object] = {}
+        # the planner's hot writes, resolved once (None: build ctypes objects instead)
+        self.addr_key_st = {m: self.packer(m, "key", _ADDR_KEY) for m in (_SERVICES, _REVNAT)}
+        self.svc_val_st = self.packer(_SERVICES, "leaf", _SVC_VAL)
+        self.member_key_st = self.packer(_MEMBERS, "key", ("svc_id", "backend_id"))
 
     @classmethod
     def from_descs(cls, descs: Mapping[str, tuple[object, object]]) -> "Layouts":
@@ -114,11 +119,10 @@ class Layouts:
         has elements), or None when the C layout is not exactly those fields of u8/u16/u32
         (then the caller builds a ctypes object). ~1 us instead of ~5 us per entry, which
         counts at 20,000 services x several entries."""
-        cache = self.__dict__.setdefault("_packers", {})
         ck = (name, which, fields)
-        if ck not in cache:
-            cache[ck] = _struct_for(self.types[name][0 if which == "key" else 1], fields)
-        return cache[ck]
+        if ck not in self._packers:
+            self._packers[ck] = _struct_for(self.types[name][0 if which == "key" else 1], fields)
+        return self._packers[ck]
 
     def leaf(self, name: str):
         return self.types[name][1]
@@ -591,7 +595,7 @@ class Planner:
         if not bids:
             return
         Key = self.layouts.key(_MEMBERS)
-        st = self.layouts.packer(_MEMBERS, "key", ("svc_id", "backend_id"))
+        st = self.layouts.member_key_st
         one = bytes(ctypes.c_uint32(1))
         for bid in bids:
             if st is not None:
@@ -672,7 +676,7 @@ class Planner:
         return self._addr_key(_SERVICES, vip, port, proto)
 
     def _addr_key(self, map_name: str, addr: IPAddress, port: int, proto: int) -> bytes:
-        st = self.layouts.packer(map_name, "key", _ADDR_KEY)
+        st = self.layouts.addr_key_st.get(map_name)
         if st is not None:
             return st.pack(*words(addr), htons(port), int(proto), addr.version)
         k = self.layouts.key(map_name)()
@@ -684,7 +688,7 @@ class Planner:
         return bytes(k)
 
     def _write_service(self, key: ServiceKey, svc_id, flags, off, size, cap, affinity_timeout, gen) -> None:
-        st = self.layouts.packer(_SERVICES, "leaf", _SVC_VAL)
+        st = self.layouts.svc_val_st
         if st is not None:
             self.changes.put(Phase.FRONTENDS, _SERVICES, self._svc_key(key.vip, key.port, key.proto),
                              st.pack(svc_id, int(flags), off, size, affinity_timeout, cap, gen))
