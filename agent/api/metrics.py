@@ -32,6 +32,8 @@ With the datapath (``--lb-interface``):
     vipd_service_program_failures_total{reason}                  frontends that entered that failure
     vipd_datapath_capacity{map}                                  entries the sized maps hold
     vipd_datapath_reloads_total                                  growths (reloads keeping flows)
+    vipd_datapath_map_writes_total                               map entries + Maglev slots written by
+                                                                 this process (0: a restart wrote nothing)
     vipd_datapath_drops_total{reason}                            packets dropped, by drop reason
     vipd_datapath_packets_total{hook, outcome}                   per-hook outcomes (xdp tx, tc revnat, ...)
     vipd_datapath_conntrack_entries{direction}                   service / reply entries in the CT map
@@ -209,7 +211,10 @@ def _datapath_families(svc):
     builds = CounterMetricFamily("vipd_maglev_builds", "Maglev lookup tables computed (a table shared by "
                                  "Services with the same backends and size is built once)")
     builds.add_metric([], svc.maglev_builds)
-    yield from (unprog, fronts, total, cap, reloads, builds)
+    writes = CounterMetricFamily("vipd_datapath_map_writes", "Map entries and Maglev slots written or deleted "
+                                 "by this agent process (0 after a restart that found the maps as configured)")
+    writes.add_metric([], getattr(svc, "map_writes", 0))
+    yield from (unprog, fronts, total, cap, reloads, builds, writes)
 
 
 class DatapathCollector:

@@ -189,12 +189,17 @@ def _kernel_hz(probe_fd: int) -> int:
 # ---------------------------------------------------------------------------- byte helpers
 
 def _addr_from_words(words, family: int) -> IPAddress:
-    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
-    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
+    if family == 4:
+        return ipaddress.IPv4Address(_struct.pack("<I", words[0]))
+    return ipaddress.IPv6Address(_struct.pack("<4I", *words))
 
 
 def _ntohs(v: int) -> int:
     return _htons(v)
+
+_WILDCARD, _LOCAL_ONLY, _DSR = int(SvcFlag.WILDCARD), int(SvcFlag.LOCAL_ONLY), int(SvcFlag.DSR)
+_AFFINITY, _STATELESS = int(SvcFlag.AFFINITY), int(SvcFlag.STATELESS)
+_BE_LOCAL, _BE_TERMINATING = int(BackendFlag.LOCAL), int(BackendFlag.TERMINATING)
 
 _HOOK_NAMES = {Hook.XDP: "xdp", Hook.TC_INGRESS: "tc_ingress", Hook.TC_EGRESS: "tc_egress"}
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -227,6 +232,7 @@ class Datapath:
         self._attached: list[tuple[str, str, str | None]] = []   # (ifname, hook, netns)
         self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
         self.reloads = 0                                           # growths done by this process
+        self.entries_written = 0   # map entries and Maglev slots written or deleted by this process
 
     @property
     def maglev_builds(self) -> int:
@@ -472,27 +478,47 @@ class Datapath:
         maglev = self.table(MapName.MAGLEV)
         members: dict[int, set[int]] = {}
         member_keys = []
-        for k, _ in self.table(MapName.SVC_BACKENDS).items():
+        mtbl = self.table(MapName.SVC_BACKENDS)
+        for k, _ in _hash_items(mtbl):
             members.setdefault(k.svc_id, set()).add(k.backend_id)
-            member_keys.append(k)
+            member_keys.append(mtbl.Key.from_buffer_copy(k))
         wildcards = []
         svc_ids = set()
-        for k, v in self.table(MapName.SERVICES).items():
-            addr = _addr_from_words(k.addr, k.family)
-            if v.flags & SvcFlag.WILDCARD:
-                wildcards.append((k.family, addr))
-                continue
-            key = ServiceKey(addr, _ntohs(k.port), Proto(k.proto))
-            table = array("I", _array_read_range(maglev, v.table_off, v.table_size) if v.table_size else ())
+        stbl = self.table(MapName.SERVICES)
+        fronts = []
+        for k, v in _hash_items(stbl):   # batched reads: 20,000 in ~5 calls
+            if v.flags & _WILDCARD:
+                wildcards.append((k.family, _addr_from_words(k.addr, k.family)))
+            else:
+                fronts.append((stbl.Key.from_buffer_copy(k), stbl.Leaf.from_buffer_copy(v)))
+        # every table at once out of the mapping (one strided copy), sliced per service
+        view = maglev.u32_view()
+        top = max((v.table_off + v.table_size for _, v in fronts), default=0)
+        slots = array("I", view[:top].tobytes()) if view is not None else None
+        protos = {int(p): p for p in Proto}
+        same: dict[bytes, array] = {}
+        table_ids: dict[int, frozenset] = {}   # id(table) -> its backend ids (tables live in ``same``)
+        for k, v in fronts:
+            key = ServiceKey(_addr_from_words(k.addr, k.family), _ntohs(k.port), protos.get(k.proto, k.proto))
+            if not v.table_size:
+                table = array("I")
+            else:
+                table = (slots[v.table_off:v.table_off + v.table_size] if slots is not None
+                         else _array_read_range(maglev, v.table_off, v.table_size))
+                table = same.setdefault(table.tobytes(), table)   # equal tables: one array
             nets = frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
-                for a, plen in ranges.get(v.id, ()))
+                for a, plen in ranges[v.id]) if v.id in ranges else frozenset()
             mem = frozenset(members.get(v.id, ()))
+            ids = table_ids.get(id(table))
+            if ids is None:   # shared tables: their backend set once
+                ids = table_ids[id(table)] = frozenset(table)
             plan.adopt_service(key, Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
                 table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
-                refs=frozenset(table) | mem, members=mem, backend_gen=v.backend_gen))
+                refs=ids | mem if mem - ids else ids, members=mem, backend_gen=v.backend_gen))
             svc_ids.add(v.id)
+        del slots, fronts, same, table_ids
         with self._writes():   # leftover wildcards without services are deleted
             plan.adopt_done(wildcards, revnat_svc)
         for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
@@ -605,22 +631,30 @@ class Datapath:
     def services(self) -> dict[ServiceKey, Service]:
         """The services the maps program now (reconstructed from maps after adoption)."""
         out = {}
+        vals = self._plan.backend_vals
+        made: dict[int, Backend] = {}   # one Backend per id (shared by the services listing it)
+
+        def backend(i: int) -> Backend:
+            b = made.get(i)
+            if b is None:
+                addr, port, flags = vals[i]
+                b = made[i] = Backend(addr, port, local=bool(flags & _BE_LOCAL),
+                                      terminating=bool(flags & _BE_TERMINATING), id=i)
+            return b
+
         for key, p in self._plan.programmed.items():
             if p.service is not None:
                 out[key] = p.service
                 continue
-            ids = sorted(set(p.table))
-            backends = tuple(
-                Backend(self._plan.backend_vals[i][0], self._plan.backend_vals[i][1],
-                        local=bool(self._plan.backend_vals[i][2] & BackendFlag.LOCAL),
-                        terminating=bool(self._plan.backend_vals[i][2] & BackendFlag.TERMINATING), id=i)
-                for i in ids if i in self._plan.backend_vals)
-            out[key] = Service(
-                key, backends, traffic_policy_local=bool(p.flags & SvcFlag.LOCAL_ONLY),
-                mode=Mode.DSR if p.flags & SvcFlag.DSR else Mode.SNAT,
-                affinity_timeout=p.affinity_timeout if p.flags & SvcFlag.AFFINITY else 0,
+            backends = tuple(backend(i) for i in sorted(set(p.table)) if i in vals)
+            f = p.flags   # plain int tests: IntFlag arithmetic costs ~2 us each
+            # kept: the next call (each reconcile pass) hands back the same object
+            out[key] = p.service = Service(
+                key, backends, traffic_policy_local=bool(f & _LOCAL_ONLY),
+                mode=Mode.DSR if f & _DSR else Mode.SNAT,
+                affinity_timeout=p.affinity_timeout if f & _AFFINITY else 0,
                 source_ranges=tuple(sorted(p.ranges, key=str)),
-                stateless=bool(p.flags & SvcFlag.STATELESS), maglev_m=p.table_cap)
+                stateless=bool(f & _STATELESS), maglev_m=p.table_cap)
         return out
 
     def service_id(self, key: ServiceKey) -> int | None:
@@ -700,7 +734,7 @@ class Datapath:
             self._batching = False
             try:
                 for changes in self._plan.take_changes():
-                    apply(changes, self._loaded.tables)
+                    self.entries_written += apply(changes, self._loaded.tables)
             except WriteError as exc:
                 raise self._recover(exc) from exc
 
@@ -723,9 +757,9 @@ class Datapath:
             return
         try:
             if len(self._plan.first):   # what must land before any of the rest
-                apply(self._plan.first, self._loaded.tables)
+                self.entries_written += apply(self._plan.first, self._loaded.tables)
                 self._plan.first = MapChanges()
-            apply(self._plan.changes.take_through(Phase.SLOTS), self._loaded.tables)
+            self.entries_written += apply(self._plan.changes.take_through(Phase.SLOTS), self._loaded.tables)
         except WriteError as exc:
             self._plan.take_changes()   # the rest is not written: the maps are read back
             raise self._recover(exc) from exc
@@ -909,8 +943,12 @@ class Datapath:
 
 # ---------------------------------------------------------------------------- map helpers
 
-def _array_read_range(tbl, start: int, count: int) -> list[int]:
-    """Read ``count`` u32 slots of an array starting at ``start`` (batch lookup)."""
+def _array_read_range(tbl, start: int, count: int) -> array:
+    """Read ``count`` u32 slots of an array starting at ``start``: a copy out of the mapped
+    array (BPF_F_MMAPABLE), else by batch lookup."""
+    view = tbl.u32_view()
+    if view is not None:
+        return array("I", view[start:start + count].tobytes())
     keys = (ctypes.c_uint32 * count)()
     vals = (ctypes.c_uint32 * count)()
     out_batch = ctypes.c_uint32(0)
@@ -920,8 +958,8 @@ def _array_read_range(tbl, start: int, count: int) -> list[int]:
     if rc == 0 or n:
         got = {keys[i]: vals[i] for i in range(n)}
         if all(start + i in got for i in range(count)):
-            return [got[start + i] for i in range(count)]
-    return [tbl[tbl.Key(start + i)].value for i in range(count)]
+            return array("I", [got[start + i] for i in range(count)])
+    return array("I", [tbl[tbl.Key(start + i)].value for i in range(count)])
 
 
 def _hash_items(tbl, chunk: int = 4096):

@@ -53,7 +53,7 @@ class MapChanges:
         # (phase, map) -> {key: value (bytes) or None (delete)}, insertion-ordered
         self._writes: dict[tuple[Phase, str], dict[bytes, bytes | None]] = {}
         self._phase_of: dict[tuple[str, bytes], Phase] = {}
-        self._slots: list[tuple[array, array]] = []     # (slot indices, values) in write order
+        self._slots: list[tuple[int | array, array]] = []   # (first index or indices, values), in order
         self.pending_slots = 0                           # slots in _slots
         self.slots_map: str | None = None
 
@@ -91,11 +91,13 @@ class MapChanges:
         self.put(phase, map_name, key, None)
 
     def slots(self, map_name: str, first: int, values: Sequence[int]) -> None:
-        """Maglev slots ``first``, ``first + 1``, ... get ``values`` (u32 array map)."""
+        """Maglev slots ``first``, ``first + 1``, ... get ``values`` (u32 array map). An
+        ``array("I")`` is kept as is (not copied): the caller must not change it afterwards."""
         if not values:
             return
         self.slots_map = map_name
-        self._slots.append((array("I", range(first, first + len(values))), array("I", values)))
+        self._slots.append((first, values if isinstance(values, array) and values.typecode == "I"
+                            else array("I", values)))
         self.pending_slots += len(values)
 
     def slot_items(self, map_name: str, items: Sequence[tuple[int, int]]) -> None:
@@ -106,11 +108,17 @@ class MapChanges:
         self._slots.append((array("I", [k for k, _ in items]), array("I", [v for _, v in items])))
         self.pending_slots += len(items)
 
+    def slot_runs(self) -> Iterator[tuple[int | array, array]]:
+        """The recorded slots in write order: (first index, values) for a contiguous run,
+        (indices, values) for scattered slots (a writer with the map mmap'ed copies runs as
+        they are)."""
+        return iter(self._slots)
+
     def _slot_batches(self, chunk: int = SLOT_CHUNK) -> Iterator[Batch]:
-        """The recorded slots in runs of about ``chunk`` (not one copy of all of them)."""
+        """The recorded slots as key/value runs of about ``chunk`` (not one copy of all of them)."""
         keys, vals = array("I"), array("I")
         for k, v in self._slots:
-            keys.extend(k)
+            keys.extend(range(k, k + len(v)) if isinstance(k, int) else k)
             vals.extend(v)
             if len(keys) >= chunk:
                 yield Batch(self.slots_map, "update", keys, vals)
@@ -118,11 +126,16 @@ class MapChanges:
         if keys:
             yield Batch(self.slots_map, "update", keys, vals)
 
-    def batches(self) -> Iterator[Batch]:
-        """The runs in write order: by phase; within a phase by map, updates before deletes."""
+    def batches(self, *, slots: bool = True) -> Iterator[Batch]:
+        """The runs in write order: by phase; within a phase by map, updates before deletes.
+        ``slots=False``: without the Maglev slots (the caller writes them itself, through
+        :meth:`slot_runs`, when the SLOTS phase comes: see writer.apply)."""
         for phase in Phase:
             if phase is Phase.SLOTS:
-                yield from self._slot_batches()
+                if slots:
+                    yield from self._slot_batches()
+                else:
+                    yield _SLOTS_HERE
             for (ph, map_name), writes in self._writes.items():
                 if ph != phase or not writes:
                     continue
@@ -132,3 +145,6 @@ class MapChanges:
                     yield Batch(map_name, "update", [k for k, _ in ups], [v for _, v in ups])
                 if dels:
                     yield Batch(map_name, "delete", dels, None)
+
+
+_SLOTS_HERE = Batch("", "slots", [], None)   # batches(slots=False): where the slots go

@@ -107,7 +107,7 @@ def read_maglev(dp, front: FrontendRow) -> list[int]:
     """Backend id per slot of the frontend's Maglev table as the kernel holds it."""
     if not front.table_size:
         return []
-    return _array_read_range(dp.table(MapName.MAGLEV), front.table_off, front.table_size)
+    return _array_read_range(dp.table(MapName.MAGLEV), front.table_off, front.table_size).tolist()
 
 
 def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:

@@ -11,12 +11,15 @@ uses (``Key``, ``Leaf``, ``sLeaf``, ``map_fd``, ``max_entries``, item get/set/de
 from __future__ import annotations
 
 import ctypes as ct
+import mmap
 import os
 from dataclasses import dataclass
 
 from agent.datapath import bpfsys
 
-__all__ = ["decode_type", "MapSpec", "MapTable"]
+__all__ = ["decode_type", "MapSpec", "MapTable", "BPF_F_MMAPABLE"]
+
+BPF_F_MMAPABLE = 1 << 10   # include/uapi/linux/bpf.h: an array map user space may mmap
 
 _SCALARS = {
     "_Bool": ct.c_bool, "char": ct.c_char, "wchar_t": ct.c_wchar, "unsigned char": ct.c_ubyte,
@@ -92,6 +95,29 @@ class MapTable:
                 self.Leaf = None
         else:
             self.Leaf = self.sLeaf
+        self._mmap: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def u32_view(self) -> memoryview | None:
+        """The array's elements as a writable memoryview of u32 (format "I") over an mmap of
+        the map, or None when the map is not an mmap-able u32 array (BPF_F_MMAPABLE; a pin
+        created before the flag). Stores through it are plain memory writes the programs see
+        at once: 4-byte aligned, so each element changes atomically. The kernel spaces array
+        elements 8 bytes apart (elem_size = round_up(value_size, 8)): the view is strided, so
+        ``view[a:b] = array("I", ...)`` is a C-level strided copy (use ``view[a:b].tobytes()``
+        to read a range out). Do not keep slices of it beyond their use (they pin the mapping
+        until released)."""
+        if self._view is None and self._mmap is None and self.map_fd >= 0:
+            ok = (self.is_array and not self.percpu and ct.sizeof(self.Key) == 4 and ct.sizeof(self.sLeaf) == 4
+                  and bpfsys.map_info(self.map_fd).map_flags & BPF_F_MMAPABLE)
+            if not ok:
+                self._mmap = False   # checked: not mmap-able
+                return None
+            elem = 8   # kernel/bpf/arraymap.c: round_up(value_size, 8)
+            length = -(-self.max_entries * elem // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mmap = mmap.mmap(self.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._view = memoryview(self._mmap).cast("I")[::elem // 4][:self.max_entries]
+        return self._view or None
 
     def _key(self, key):
         return self.Key(key) if isinstance(key, int) else key
@@ -171,6 +197,15 @@ class MapTable:
             tin.value, first = tout.value, False
 
     def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._mmap:
+            try:
+                self._mmap.close()
+            except BufferError:   # a caller still holds a slice: the mapping goes with it
+                pass
+        self._mmap = None
         if self.map_fd >= 0:
             os.close(self.map_fd)
             self.map_fd = -1

@@ -1,6 +1,12 @@
 """The thin map writer: applies :class:`~agent.datapath.changes.MapChanges` with batched bpf(2)
 calls (BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, Linux >= 5.6; one call per 64k entries),
-falling back to one call per entry where a map type has no batch operations."""
+falling back to one call per entry where a map type has no batch operations.
+
+Maglev slots go straight into the mmap'ed array (``MapTable.u32_view``; the map is declared
+BPF_F_MMAPABLE): one memcpy per table, in the SLOTS phase, so still after the backends and
+memberships and before the frontend entries that point at them (those are bpf(2) calls, which
+order the stores before them). Each 4-byte slot store is atomic, so a slot updated in place
+names either its old or its new backend. A pin from before the flag is written by syscalls."""
 
 from __future__ import annotations
 
@@ -42,7 +48,11 @@ def apply(changes: MapChanges, tables: dict) -> int:
     """Write ``changes`` into ``tables`` (name -> MapTable); returns the entries written or
     deleted. Raises :class:`WriteError` at the first refused write (earlier runs stay written)."""
     done_total = 0
-    for b in changes.batches():
+    view = tables[changes.slots_map].u32_view() if changes.slots_map else None
+    for b in changes.batches(slots=view is None):
+        if b.op == "slots":
+            done_total += _copy_slots(view, changes)
+            continue
         tbl = tables[b.map]
         for i in range(0, len(b.keys), CHUNK):
             keys = b.keys[i:i + CHUNK]
@@ -59,6 +69,19 @@ def apply(changes: MapChanges, tables: dict) -> int:
                 _delete(tbl, b.map, keys)
             done_total += n
     return done_total
+
+
+def _copy_slots(view: memoryview, changes: MapChanges) -> int:
+    """The recorded Maglev slots into the mapped array: a run as one slice copy (memcpy)."""
+    n = 0
+    for first, values in changes.slot_runs():
+        if isinstance(first, int):
+            view[first:first + len(values)] = values
+        else:
+            for i, v in zip(first, values):
+                view[i] = v
+        n += len(values)
+    return n
 
 
 def _one_by_one(tbl, name: str, keys, vals) -> None:

@@ -311,6 +311,12 @@ class DatapathView:
     def maglev_builds(self) -> int:
         return getattr(self.maps, "maglev_builds", 0)
 
+    @property
+    def map_writes(self) -> int:
+        """Map entries and Maglev slots this process wrote or deleted (0 after a restart that
+        found the pinned maps programmed as configured)."""
+        return getattr(self.maps, "entries_written", 0)
+
 
 def clamp(capacity, map_max: int | None):
     """``--bpf-lb-map-max``: at most ``map_max`` frontends and backends (ids 1..map_max)."""

@@ -25,8 +25,11 @@ BPF_TABLE_PINNED("hash", struct svc_member_key, __u32, svc_backends_v1, MAX_MEMB
 /* local backend {addr, port, proto, family} -> its designated service frontend (tc egress) */
 BPF_TABLE_PINNED("hash", struct svc_key, struct revnat_val, revnat_v1, MAX_BACKENDS,
 		 SIZED_PIN_DIR "/revnat_v1", BPF_F_NO_PREALLOC);
-/* all Maglev tables: service s owns slots [table_off, table_off + table_size) */
-BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "/maglev_v1");
+/* all Maglev tables: service s owns slots [table_off, table_off + table_size). Mmap-able: the
+ * agent writes a service's table as one memcpy into the mapping and reads tables back from it
+ * (no syscall per 64 Ki slots); a pin created before this flag still works through syscalls. */
+BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "/maglev_v1",
+		 BPF_F_MMAPABLE);
 /* connection tracking: flows keep their backend; replies find their rewrite */
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v2, CT_SIZE, PIN_DIR "/ct_v2",
 		 CT_MAP_FLAGS);

@@ -177,6 +177,8 @@ def test_operator_sees_the_service_its_backend_table_flows_and_counters(env):
     # the service's Maglev table was built (once: frontends with the same backends share it);
     # every pass step is timed, the pure plan and each reconciler
     assert _metric(metrics, "vipd_maglev_builds_total") >= 1
+    # this agent programmed the service: its entries and Maglev slots were written
+    assert _metric(metrics, "vipd_datapath_map_writes_total") >= 251
     for step in ("plan", "services", "neighbors", "advertisements", "services-delete"):
         assert _metric(metrics, "vipd_reconcile_duration_seconds_count", reconciler=step) >= 1
 

@@ -293,6 +293,7 @@ def test_with_a_datapath_a_vip_that_cannot_be_programmed_is_withdrawn_and_report
     assert 'vipd_service_program_failures_total{reason="DatapathError"} 1.0' in text   # the LB IP
     assert 'vipd_datapath_capacity{map="services"} 1.048576e+06' in text
     assert "vipd_maglev_builds_total 0.0" in text      # this fake datapath builds no tables
+    assert "vipd_datapath_map_writes_total 0.0" in text   # ... and writes no map
     assert 'vipd_reconcile_duration_seconds_count{reconciler="services-delete"} 2.0' in text
 
     dp.broken = False
