@@ -18,13 +18,36 @@ from types import SimpleNamespace
 from agent.datapath.abi import CtDir, CtFlag, MapName
 from agent.datapath.flowhash import flow_hash
 
-__all__ = ["snat_slot_index", "SnatSlot", "read_slots", "clear_slots", "migrate_reply_entries"]
+__all__ = ["snat_slot_index", "snat_search_start", "snat_port_candidate", "SnatSlot", "read_slots",
+           "clear_slots", "migrate_reply_entries"]
+
+_M32 = 0xFFFFFFFF
 
 
 def snat_slot_index(backend, bport: int, nat_port: int, proto: int, seed: int, slots: int) -> int:
     """The slot of ``{backend:bport -> node:nat_port}`` (host-order ports), as the datapath
     computes it: the flow hash of (backend, nat_port, bport, proto), masked to the array."""
     return flow_hash(backend, nat_port, bport, proto, seed) & (slots - 1)
+
+
+def snat_search_start(client, cport: int, vip, vport: int, proto: int, seed: int) -> int:
+    """Where a flow's node-port search starts (bpf/include/lb.h snat_port_for): the flow hash
+    Maglev uses, xor the VIP's first and last address words (as the datapath loads them)."""
+    raw = ipaddress.ip_address(vip).packed.ljust(16, b"\0")
+    return flow_hash(client, cport, vport, proto, seed) ^ int.from_bytes(raw[:4], "little") ^ \
+        int.from_bytes(raw[12:], "little")
+
+
+def snat_port_candidate(start: int, i: int, port_min: int, port_max: int) -> int:
+    """The i-th node-port candidate from ``start`` (lb.h snat_port_candidate): a 32-bit mix of
+    start + i*phi scaled to the range, so candidates are independent of each other."""
+    x = (start + i * 0x9E3779B9) & _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return port_min + ((x * (port_max - port_min + 1)) >> 32)
 
 
 @dataclass(frozen=True)

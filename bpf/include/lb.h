@@ -376,6 +376,25 @@ static __always_inline int snat_slot_stale(const struct snat_slot *s, __u32 now)
 	       age >= (s->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S);
 }
 
+/* The i-th node-port candidate of a search that starts at start: a 32-bit mix of start + i·φ,
+ * scaled to the range (multiply-shift, no division). Each candidate depends on the whole 32-bit
+ * start, so two flows that meet on one port part again at the next candidate. (The earlier
+ * (start + i·7919) mod range made every flow walk the same cyclic order of ports — linear probing
+ * in disguise: busy ports clustered along it and 8 consecutive candidates were all busy far
+ * more often than the occupancy predicts; at 75 % of a backend's ports busy, 8.8 % of SYNs
+ * were refused instead of 1 %.) agent/datapath/snatports.py snat_port_candidate mirrors it. */
+static __always_inline __be16 snat_port_candidate(__u32 start, __u32 i)
+{
+	__u32 x = start + i * 0x9e3779b9;
+
+	x ^= x >> 16;   /* lowbias32 (C. Wellons' hash prospector) */
+	x *= 0x7feb352d;
+	x ^= x >> 15;
+	x *= 0x846ca68b;
+	x ^= x >> 16;
+	return bpf_htons(SNAT_PORT_MIN + (__u32)(((__u64)x * (SNAT_PORT_MAX - SNAT_PORT_MIN + 1)) >> 32));
+}
+
 /* Claim a node port towards backend baddr:bport for the client flow p: up to SNAT_PORT_TRIES
  * candidates from start (snat_port_for: first a hash of the flow, then a random one). A
  * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's
@@ -390,7 +409,7 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 
 #pragma unroll
 	for (int i = 0; i < SNAT_PORT_TRIES; i++) {
-		__be16 port = bpf_htons(SNAT_PORT_MIN + (start + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
+		__be16 port = snat_port_candidate(start, i);
 		__u32 idx = snat_slot_index(baddr, p->family, bport, port, p->proto);
 		struct snat_slot *s = snat_ports_v1.lookup(&idx);
 		if (!s)
@@ -427,7 +446,11 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		addr_copy(s->vaddr, p->daddr);
 		s->cport = p->sport;
 		s->vport = p->dport;
-		__sync_fetch_and_add(&s->seq, 1);
+		/* release: a plain store of seq + 2, not an increment, so a slot the agent zeroed
+		 * meanwhile (clear_slots) ends even, never stuck odd (skipped by every claim and
+		 * distrusted by every reply for good) */
+		asm volatile("" ::: "memory");
+		*(volatile __u64 *)&s->seq = seq + 2;
 		got = port;
 		break;
 	}
@@ -444,12 +467,16 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
  * (client, ports, VIP), so a retransmitted SYN or a new connection from a reused client port
  * walks the same candidates and takes back the slot that is already its own (Linux's NAT also
  * starts its port search at a hash of the tuple); if all are busy, as many from a random start,
- * so a retried SYN is not refused by the same busy ports again. */
+ * so a retried SYN is not refused by the same busy ports again. fh: the flow hash Maglev just
+ * computed (flow_hash(p, p->sport)), or 0 when it did not (affinity, a conntrack hit): the
+ * candidate mix spreads it, and the VIP words make two VIPs' searches differ. */
 static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					    __u32 svc_id)
+					    __u32 svc_id, __u32 fh)
 {
 	__u32 now = now_s();
-	__u32 start = jhash_2words(flow_hash(p, p->sport), p->daddr[0] ^ p->daddr[3], HASH_SEED);
+	if (!fh)
+		fh = flow_hash(p, p->sport);
+	__u32 start = fh ^ p->daddr[0] ^ p->daddr[3];
 	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, now, start);
 
 	if (!port)
@@ -512,6 +539,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	__u32 svc_id = svc->id, flags = svc->flags, bid = 0;
 	__be16 nat_port = 0;
 	int new_flow = 0;
+	__u32 fh = 0;   /* the flow hash, when Maglev computed it (snat_port_for) */
 
 	/* large temporaries live in the per-CPU scratch slot (scr): the BPF stack is 512 bytes */
 	struct ct_val *vp = &scr->v;
@@ -587,7 +615,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 		if (!bid) {
 			/* with affinity the source port is not hashed: one client, one backend */
-			__u32 slot = svc->table_off + flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport) % m;
+			__u32 h = flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport);
+			__u32 slot = svc->table_off + h % m;
+			if (!(flags & SVC_F_AFFINITY))
+				fh = h;   /* SNAT's port search starts from it too */
 			__u32 *sb = maglev_v1.lookup(&slot);
 			if (sb)
 				bid = *sb;
@@ -697,7 +728,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 	}
 	if (!nat_port) {
-		nat_port = snat_port_for(p, baddr, bport, bid, svc_id);
+		nat_port = snat_port_for(p, baddr, bport, bid, svc_id, fh);
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
 		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
