@@ -129,15 +129,27 @@ def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:
     # SNAT flows' reply direction lives in the node-port slots, shown as the REPLY entries
     # they replaced: {backend:bport -> node:nat_port} rewritten to VIP:vport -> client
     nodes = _node_addresses(dp)
+    # ... and their forward direction too, unless the flow has a SERVICE entry (its flow-index
+    # entry was another flow's): {client:cport -> VIP:vport} via backend and node port
+    with_entry = {(r.saddr, r.sport, r.daddr, r.dport, r.proto) for r in rows if r.direction == "service"}
     for s in read_slots(dp):
-        total += 1
-        if limit is not None and len(rows) >= limit:
-            continue
-        rows.append(CtEntry(
-            direction="reply", proto=Proto(s.proto), saddr=s.backend, sport=s.bport,
-            daddr=nodes.get(s.backend.version, s.backend), dport=s.nat_port, backend_id=s.backend_id,
-            service_id=s.svc_id, flags=CtFlag(s.flags), rewrite_saddr=s.vip, rewrite_sport=s.vport,
-            nat_port=0))
+        for direction in ("service", "reply"):
+            if direction == "service" and (s.client, s.cport, s.vip, s.vport, Proto(s.proto)) in with_entry:
+                continue
+            total += 1
+            if limit is not None and len(rows) >= limit:
+                continue
+            if direction == "service":
+                rows.append(CtEntry(
+                    direction="service", proto=Proto(s.proto), saddr=s.client, sport=s.cport, daddr=s.vip,
+                    dport=s.vport, backend_id=s.backend_id, service_id=s.svc_id, flags=CtFlag(s.flags),
+                    rewrite_saddr=None, rewrite_sport=None, nat_port=s.nat_port))
+            else:
+                rows.append(CtEntry(
+                    direction="reply", proto=Proto(s.proto), saddr=s.backend, sport=s.bport,
+                    daddr=nodes.get(s.backend.version, s.backend), dport=s.nat_port, backend_id=s.backend_id,
+                    service_id=s.svc_id, flags=CtFlag(s.flags), rewrite_saddr=s.vip, rewrite_sport=s.vport,
+                    nat_port=0))
     return rows, total
 
 

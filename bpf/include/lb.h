@@ -364,6 +364,48 @@ static __always_inline int snat_slot_of(const struct snat_slot *s, const struct 
 	       addr_eq(s->vaddr, p->daddr);
 }
 
+/* ---- SNAT flow index -------------------------------------------------------------------
+ * A SNAT flow's forward state (backend, node port, service generation) is its port slot; the
+ * flow finds it through snat_flows, an array of u32 at an index hashed from the client flow
+ * (client:cport -> VIP:vport, proto), holding the slot's index + 1. So a SNAT SYN writes one
+ * word where it inserted a SERVICE entry into the conntrack LRU (~200 ns here: issue 8's SYN
+ * cost), and its later packets read two array elements instead of probing the LRU. The slot
+ * is the truth: an index entry is trusted only if the slot it names is claimed and names this
+ * client flow, so an entry left by a flow whose port was freed or taken over is a miss. Two
+ * live flows of one index: the second gets a SERVICE entry as before (snat_flow_link fails),
+ * and every SNAT-mode packet that misses the index probes conntrack as before. */
+static __always_inline __u32 snat_search_start(__u32 fh, const __u32 *vaddr)
+{
+	return fh ^ vaddr[0] ^ vaddr[3];   /* fh: flow_hash(client flow, cport) */
+}
+
+static __always_inline int snat_slot_of_tuple(const struct snat_slot *s, const __u32 *caddr, const __u32 *vaddr,
+					      __be16 cport, __be16 vport, __u8 proto, __u8 family)
+{
+	return s->backend_id && s->cport == cport && s->vport == vport && s->proto == proto &&
+	       s->family == family && addr_eq(s->caddr, caddr) && addr_eq(s->vaddr, vaddr);
+}
+
+/* The claimed port slot of the client flow caddr:cport -> vaddr:vport (start: its
+ * snat_search_start), or NULL. A slot being written (odd or changed seq) is not trusted. */
+static __always_inline struct snat_slot *snat_flow_find(__u32 start, const __u32 *caddr, const __u32 *vaddr,
+							__be16 cport, __be16 vport, __u8 proto, __u8 family)
+{
+	__u32 fi = start & (SNAT_SLOTS - 1);
+	__u32 *fe = snat_flows_v1.lookup(&fi);
+	if (!fe || !*fe)
+		return NULL;
+	__u32 idx = *fe - 1;
+	struct snat_slot *s = snat_ports_v1.lookup(&idx);
+	if (!s)
+		return NULL;
+	__u64 seq = *(volatile __u64 *)&s->seq;
+	if ((seq & 1) || !snat_slot_of_tuple(s, caddr, vaddr, cport, vport, proto, family) ||
+	    *(volatile __u64 *)&s->seq != seq)
+		return NULL;
+	return s;
+}
+
 /* May this claimed port be given to another flow? Its flow closed (FIN/RST) CT_CLOSE_TIMEOUT_S
  * ago, never had a reply for CT_SYN_TIMEOUT_S (a SYN that moved to another backend, a scan, a
  * dead backend), or had no reply for the protocol's idle timeout. */
@@ -401,9 +443,9 @@ static __always_inline __be16 snat_port_candidate(__u32 start, __u32 i)
  * flow loses its SERVICE entry too if that entry still uses this port (the client port may
  * carry a newer flow, which lives on). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					 __u32 svc_id, __u32 now, __u32 start)
+					 __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
+					 struct ct_key *fk)
 {
-	struct ct_key fk = {};   /* a taken-over flow's SERVICE key (one, outside the loop: stack) */
 	__be16 got = 0, old_port = 0;
 	__u32 old_bid = 0;
 
@@ -421,13 +463,16 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 			if (snat_slot_is(s, baddr, p->family, bport, port, p->proto) && snat_slot_of(s, p)) {
 				s->flags &= ~CT_F_CLOSING;   /* ours already: live again */
 				s->last_seen = now;
+				s->svc_id = svc_id;
+				s->svc_gen = gen;
+				*idx_out = idx;
 				return port;
 			}
 			if (!snat_slot_stale(s, now))
 				continue;   /* a live flow's port (or another key's slot): busy */
 			old_port = s->nat_port;
 			old_bid = s->backend_id;
-			ct_key_set(&fk, s->caddr, s->vaddr, s->cport, s->vport, s->proto, s->family, CT_DIR_SERVICE);
+			ct_key_set(fk, s->caddr, s->vaddr, s->cport, s->vport, s->proto, s->family, CT_DIR_SERVICE);
 		}
 		if (__sync_val_compare_and_swap(&s->seq, seq, seq + 1) != seq) {
 			old_bid = 0;
@@ -442,6 +487,7 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		s->flags = CT_F_SNAT;
 		s->last_seen = now;
 		s->svc_id = svc_id;
+		s->svc_gen = gen;
 		addr_copy(s->caddr, p->saddr);
 		addr_copy(s->vaddr, p->daddr);
 		s->cport = p->sport;
@@ -452,12 +498,13 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		asm volatile("" ::: "memory");
 		*(volatile __u64 *)&s->seq = seq + 2;
 		got = port;
+		*idx_out = idx;
 		break;
 	}
 	if (got && old_bid) {
-		struct ct_val *fv = ct_v2.lookup(&fk);
+		struct ct_val *fv = ct_v2.lookup(fk);
 		if (fv && fv->nat_port == old_port && fv->backend_id == old_bid)
-			ct_v2.delete(&fk);
+			ct_v2.delete(fk);
 		stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
 	}
 	return got;
@@ -471,17 +518,39 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
  * computed (flow_hash(p, p->sport)), or 0 when it did not (affinity, a conntrack hit): the
  * candidate mix spreads it, and the VIP words make two VIPs' searches differ. */
 static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					    __u32 svc_id, __u32 fh)
+					    __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
+					    struct ct_key *fk)
 {
-	__u32 now = now_s();
-	if (!fh)
-		fh = flow_hash(p, p->sport);
-	__u32 start = fh ^ p->daddr[0] ^ p->daddr[3];
-	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, now, start);
+	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, start, idx_out, fk);
 
 	if (!port)
-		port = snat_claim(p, baddr, bport, bid, svc_id, now, bpf_get_prandom_u32());
+		port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, bpf_get_prandom_u32(), idx_out, fk);
 	return port;
+}
+
+/* Point the flow index of p (start: its snat_search_start) at port slot idx. Refused (0) only
+ * when the index entry names the live slot of another flow of the same index: that flow keeps
+ * it, and this one gets a SERVICE entry. An entry whose slot was freed, taken over by a flow
+ * of another index, or went stale is overwritten. */
+static __always_inline int snat_flow_link(const struct pkt *p, __u32 start, __u32 idx, __u32 now)
+{
+	__u32 fi = start & (SNAT_SLOTS - 1);
+	__u32 *fe = snat_flows_v1.lookup(&fi);
+	if (!fe)
+		return 0;
+	__u32 cur = *fe;
+	if (cur == idx + 1)
+		return 1;
+	if (cur) {
+		__u32 oidx = cur - 1;
+		struct snat_slot *os = snat_ports_v1.lookup(&oidx);
+		if (os && os->backend_id && !snat_slot_of(os, p) && !snat_slot_stale(os, now) &&
+		    (snat_search_start(flow_hash_tuple(os->caddr, os->family, os->cport, os->vport, os->proto),
+				       os->vaddr) & (SNAT_SLOTS - 1)) == fi)
+			return 0;
+	}
+	*fe = idx + 1;
+	return 1;
 }
 
 /* SNAT's two rewrites in one pass (XDP): destination -> backend:bport, source -> node:nat_port,
@@ -567,7 +636,32 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	 * port candidates are a function of the flow, and the first slot that is already this
 	 * flow's is taken back (snat_claim). */
 	int syn_new = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	if (!(flags & SVC_F_STATELESS) && !syn_new) {
+	struct snat_slot *fs = NULL;
+	if (!(flags & (SVC_F_STATELESS | SVC_F_DSR)) && !syn_new) {
+		/* a SNAT flow: its port slot, through the flow index (no SERVICE entry) */
+		fh = flow_hash(p, p->sport);
+		fs = snat_flow_find(snat_search_start(fh, p->daddr), p->saddr, p->daddr, p->sport, p->dport,
+				    p->proto, p->family);
+		if (fs) {
+			bid = fs->backend_id;
+			nat_port = fs->nat_port;
+			be = backends_v2.lookup(&bid);
+			/* the same rules as a conntrack hit below */
+			if (be && (!(be->flags & BE_F_ACTIVE) ||
+				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
+				be = NULL;
+			if (be && (fs->svc_gen != svc->backend_gen || fs->svc_id != svc_id) &&
+			    (fs->bport != be->port || !addr_eq(fs->baddr, be->addr)))
+				be = NULL;
+			if (be && !member_of(svc, svc_id, bid, &fs->svc_id, &fs->svc_gen, 1))
+				be = NULL;
+			if (be)
+				stat_inc(HOOK_XDP, STAT_CT_HIT);
+			else
+				nat_port = 0;
+		}
+	}
+	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs) {
 		cv = ct_v2.lookup(&ck);
 		if (cv) {
 			bid = cv->backend_id;
@@ -615,10 +709,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 		if (!bid) {
 			/* with affinity the source port is not hashed: one client, one backend */
-			__u32 h = flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport);
+			__u32 h = (flags & SVC_F_AFFINITY) ? flow_hash(p, 0) : (fh ? fh : flow_hash(p, p->sport));
 			__u32 slot = svc->table_off + h % m;
 			if (!(flags & SVC_F_AFFINITY))
-				fh = h;   /* SNAT's port search starts from it too */
+				fh = h;   /* SNAT's port search and flow index start from it too */
 			__u32 *sb = maglev_v1.lookup(&slot);
 			if (sb)
 				bid = *sb;
@@ -710,11 +804,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	int fr = nh_resolve(ctx, p, bid, naddr, baddr, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
-	if (nat_port && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
-		/* only SYN/FIN/RST look at the port's slot (established packets pay nothing) */
-		struct snat_slot *s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
-		if (!s || !snat_slot_of(s, p)) {
+	if (nat_port && (!fs || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))) {
+		/* a flow found through the index holds its slot already; one with a SERVICE entry
+		 * (the index was another flow's) checks that the port is still its own */
+		struct snat_slot *s = fs;
+		if (!s) {
+			s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
+			if (s && !snat_slot_of(s, p))
+				s = NULL;
+		}
+		if (!s) {
 			nat_port = 0;   /* the port was freed or given to another flow: a new port */
+		} else if (!(p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+			/* established: nothing to mark */
 		} else if (p->tcp_flags & TCP_FLAG_SYN) {
 			/* a new connection from a reused client port (or a retransmitted SYN): live, so
 			 * the closed predecessor's CLOSING mark must not let the port be taken over */
@@ -728,13 +830,23 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 	}
 	if (!nat_port) {
-		nat_port = snat_port_for(p, baddr, bport, bid, svc_id, fh);
+		__u32 now = now_s(), idx = 0;
+		if (!fh)
+			fh = flow_hash(p, p->sport);
+		__u32 start = snat_search_start(fh, p->daddr);
+		/* rk (the local path's REPLY key) is free here: the key of a taken-over flow */
+		nat_port = snat_port_for(p, baddr, bport, bid, svc_id, svc->backend_gen, now, start, &idx, &rk);
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
-		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
-		addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
-		vp->rport = bport;
-		ct_v2.update(&ck, vp);
+		if (!snat_flow_link(p, start, idx, now)) {
+			/* the flow index is another live flow's: a SERVICE entry, as before the index */
+			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
+			addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
+			vp->rport = bport;
+			ct_v2.update(&ck, vp);
+		} else if (cv) {
+			ct_v2.delete(&ck);   /* a re-balanced flow's SERVICE entry: its slot is its state now */
+		}
 	}
 	if (snat_rewrite(ctx, p, baddr, bport, naddr, nat_port))
 		return drop(DROP_REWRITE);
