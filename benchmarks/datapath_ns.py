@@ -66,7 +66,7 @@ from scapy.packet import Raw  # noqa: E402
 
 from agent.datapath.abi import MapName  # noqa: E402
 from agent.datapath.api import Datapath, Features  # noqa: E402
-from agent.datapath.snatports import snat_slot_index  # noqa: E402
+from agent.datapath.snatports import snat_search_start, snat_slot_index  # noqa: E402
 from agent.datapath.loader import BPF_DIR, bundle, compile_program, import_bcc, verified_insns  # noqa: E402
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey  # noqa: E402
 from agent.datapath.netns import in_netns  # noqa: E402
@@ -155,11 +155,15 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
     fd = tbl.map_fd
     fwd = ct_key(tbl, CLIENT, 31337, vip, 80, 1)
     # local: the REPLY entry of a non-designated flow (absent for designated ones: no-op);
-    # SNAT: the node port's slot {backend:8080 -> node:nat_port}, nat_port read from each output
+    # SNAT: the node port's slot {backend:8080 -> node:nat_port}, nat_port read from each
+    # output, and the flow's index entry (SNAT flows have no SERVICE entry)
     rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2)
     slots = dp.table(MapName.SNAT_PORTS)
     free_slot = slots.Leaf()
     seed, nslots = dp.features.hash_seed, dp.features.snat_slots
+    flows_fd = dp.table("snat_flows_v1").map_fd
+    flow_idx = ctypes.c_uint32(snat_search_start(CLIENT, 31337, vip, 80, 6, seed) & (nslots - 1))
+    no_flow = ctypes.c_uint32(0)
     delete, update = bpfsys.delete, bpfsys.update
     outbuf = runner.output_buffer   # the output frame: SNAT's node port is its TCP source port
     run = runner.run_loaded
@@ -170,6 +174,7 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
             nat_port = struct.unpack_from("!H", outbuf, SPORT_OFF)[0]
             idx = ctypes.c_uint32(snat_slot_index(backend, 8080, nat_port, 6, seed, nslots))
             update(slots.map_fd, idx, free_slot)
+            update(flows_fd, flow_idx, no_flow)
         elif mode == "local":
             delete(fd, rep)
         rv, dur = run()
@@ -178,17 +183,18 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
 
 
 def clear_flows(dp: Datapath) -> None:
-    """Forget every flow: conntrack and the SNAT node-port slots (an array: zeroed in one batch)."""
+    """Forget every flow: conntrack, the SNAT node-port slots and flow index (arrays: zeroed in
+    one batch each)."""
     from agent.datapath import bpfsys
     ct = dp.table(MapName.CT)
     keys = [k for k, _ in ct.items_lookup_batch()]
     if keys:
         bpfsys.delete_batch(ct.map_fd, (ct.Key * len(keys))(*keys), len(keys))
-    slots = dp.table(MapName.SNAT_PORTS)
-    n = slots.max_entries
-    _, rc = bpfsys.update_batch(slots.map_fd, (slots.Key * n)(*range(n)), (slots.Leaf * n)(), n)
-    if rc:
-        raise SystemExit(f"clearing {slots.name}: {os.strerror(-rc)}")
+    for tbl in (dp.table(MapName.SNAT_PORTS), dp.table("snat_flows_v1")):
+        n = tbl.max_entries
+        _, rc = bpfsys.update_batch(tbl.map_fd, (tbl.Key * n)(*range(n)), (tbl.Leaf * n)(), n)
+        if rc:
+            raise SystemExit(f"clearing {tbl.name}: {os.strerror(-rc)}")
 
 
 def add_fillers(dp: Datapath, have: int, want: int) -> None:

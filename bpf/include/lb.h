@@ -68,6 +68,30 @@ static __always_inline int member_of(const struct svc_val *svc, __u32 svc_id, __
 	return 1;
 }
 
+/* The backend an established flow goes on with (bid, from its conntrack entry or SNAT port
+ * slot), or NULL: re-balance. Gone: re-balance; terminating: keep the flow but a new SYN
+ * re-balances; removed from this service (even if another still uses it): re-balance. A SNAT
+ * flow records its backend's address and port (e_bport != 0: the address its node port was
+ * allocated towards): when a backend left this service since the entry was checked (the
+ * generation differs) and the id now names another address (ids of removed backends are
+ * reused), re-balance. e_svc_id/e_gen: the entry's, brought up to date when still valid. */
+static __always_inline struct backend *flow_backend(const struct pkt *p, const struct svc_val *svc, __u32 svc_id,
+						    __u32 bid, __u32 *e_svc_id, __u32 *e_gen, __be16 e_bport,
+						    const __u32 *e_baddr)
+{
+	struct backend *be = backends_v2.lookup(&bid);
+
+	if (!be || !(be->flags & BE_F_ACTIVE) ||
+	    ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN)))
+		return NULL;
+	if (e_bport && (*e_gen != svc->backend_gen || *e_svc_id != svc_id) &&
+	    (e_bport != be->port || !addr_eq(e_baddr, be->addr)))
+		return NULL;
+	if (!member_of(svc, svc_id, bid, e_svc_id, e_gen, 1))
+		return NULL;
+	return be;
+}
+
 /* Seconds since boot, from jiffies: bpf_jiffies64() is inlined by the verifier, while
  * bpf_ktime_get_coarse_ns() is a helper call (~35 ns here), paid per SNAT flow and per SNAT
  * reply. jiffies_64 starts at INITIAL_JIFFIES, (u32)(-300 * HZ); neigh_cfg carries the HZ the
@@ -645,20 +669,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (fs) {
 			bid = fs->backend_id;
 			nat_port = fs->nat_port;
-			be = backends_v2.lookup(&bid);
-			/* the same rules as a conntrack hit below */
-			if (be && (!(be->flags & BE_F_ACTIVE) ||
-				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
-				be = NULL;
-			if (be && (fs->svc_gen != svc->backend_gen || fs->svc_id != svc_id) &&
-			    (fs->bport != be->port || !addr_eq(fs->baddr, be->addr)))
-				be = NULL;
-			if (be && !member_of(svc, svc_id, bid, &fs->svc_id, &fs->svc_gen, 1))
-				be = NULL;
-			if (be)
-				stat_inc(HOOK_XDP, STAT_CT_HIT);
-			else
-				nat_port = 0;
+			be = flow_backend(p, svc, svc_id, bid, &fs->svc_id, &fs->svc_gen, fs->bport, fs->baddr);
 		}
 	}
 	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs) {
@@ -666,26 +677,14 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (cv) {
 			bid = cv->backend_id;
 			nat_port = cv->nat_port;
-			be = backends_v2.lookup(&bid);
-			/* gone: re-balance; terminating: keep the flow but a new SYN re-balances;
-			 * removed from this service (even if another still uses it): re-balance */
-			if (be && (!(be->flags & BE_F_ACTIVE) ||
-				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
-				be = NULL;
-			/* a SNAT entry records its backend's address (rport != 0): a backend left this
-			 * service since the entry was checked (generation differs), and the id now names
-			 * another address (ids of removed backends are reused): re-balance, the port was
-			 * allocated towards the old address */
-			if (be && cv->rport && (cv->svc_gen != svc->backend_gen || cv->svc_id != svc_id) &&
-			    (cv->rport != be->port || !addr_eq(cv->raddr, be->addr)))
-				be = NULL;
-			if (be && !member_of(svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, 1))
-				be = NULL;
-			if (be)
-				stat_inc(HOOK_XDP, STAT_CT_HIT);
-			else
-				nat_port = 0;
+			be = flow_backend(p, svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, cv->rport, cv->raddr);
 		}
+	}
+	if (fs || cv) {
+		if (be)
+			stat_inc(HOOK_XDP, STAT_CT_HIT);
+		else
+			nat_port = 0;
 	}
 	if (!be) {
 		__u32 m = svc->table_size;
