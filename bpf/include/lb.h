@@ -92,6 +92,14 @@ static __always_inline struct backend *flow_backend(const struct pkt *p, const s
 	return be;
 }
 
+static __always_inline void flow_hit(const struct backend *be, __be16 *nat_port)
+{
+	if (be)
+		stat_inc(HOOK_XDP, STAT_CT_HIT);
+	else
+		*nat_port = 0;
+}
+
 /* Seconds since boot, from jiffies: bpf_jiffies64() is inlined by the verifier, while
  * bpf_ktime_get_coarse_ns() is a helper call (~35 ns here), paid per SNAT flow and per SNAT
  * reply. jiffies_64 starts at INITIAL_JIFFIES, (u32)(-300 * HZ); neigh_cfg carries the HZ the
@@ -388,6 +396,15 @@ static __always_inline int snat_slot_of(const struct snat_slot *s, const struct 
 	       addr_eq(s->vaddr, p->daddr);
 }
 
+/* Is the slot of {baddr:bport -> node:nat_port} claimed by the client flow p? */
+static __always_inline int snat_slot_is_flows(const __u32 *baddr, const struct pkt *p, __be16 bport,
+					      __be16 nat_port)
+{
+	struct snat_slot *s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
+
+	return s && snat_slot_of(s, p);
+}
+
 /* ---- SNAT flow index -------------------------------------------------------------------
  * A SNAT flow's forward state (backend, node port, service generation) is its port slot; the
  * flow finds it through snat_flows, an array of u32 at an index hashed from the client flow
@@ -467,7 +484,7 @@ static __always_inline __be16 snat_port_candidate(__u32 start, __u32 i)
  * flow loses its SERVICE entry too if that entry still uses this port (the client port may
  * carry a newer flow, which lives on). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					 __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
+					 __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 fi, __u32 *idx_out,
 					 struct ct_key *fk)
 {
 	__be16 got = 0, old_port = 0;
@@ -512,6 +529,7 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		s->last_seen = now;
 		s->svc_id = svc_id;
 		s->svc_gen = gen;
+		s->flow_idx = fi;
 		addr_copy(s->caddr, p->saddr);
 		addr_copy(s->vaddr, p->daddr);
 		s->cport = p->sport;
@@ -545,10 +563,11 @@ static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *ba
 					    __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
 					    struct ct_key *fk)
 {
-	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, start, idx_out, fk);
+	__u32 fi = start & (SNAT_SLOTS - 1);
+	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, start, fi, idx_out, fk);
 
 	if (!port)
-		port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, bpf_get_prandom_u32(), idx_out, fk);
+		port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, bpf_get_prandom_u32(), fi, idx_out, fk);
 	return port;
 }
 
@@ -568,9 +587,7 @@ static __always_inline int snat_flow_link(const struct pkt *p, __u32 start, __u3
 	if (cur) {
 		__u32 oidx = cur - 1;
 		struct snat_slot *os = snat_ports_v1.lookup(&oidx);
-		if (os && os->backend_id && !snat_slot_of(os, p) && !snat_slot_stale(os, now) &&
-		    (snat_search_start(flow_hash_tuple(os->caddr, os->family, os->cport, os->vport, os->proto),
-				       os->vaddr) & (SNAT_SLOTS - 1)) == fi)
+		if (os && os->backend_id && os->flow_idx == fi && !snat_slot_of(os, p) && !snat_slot_stale(os, now))
 			return 0;
 	}
 	*fe = idx + 1;
@@ -670,6 +687,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			bid = fs->backend_id;
 			nat_port = fs->nat_port;
 			be = flow_backend(p, svc, svc_id, bid, &fs->svc_id, &fs->svc_gen, fs->bport, fs->baddr);
+			flow_hit(be, &nat_port);
 		}
 	}
 	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs) {
@@ -678,13 +696,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			bid = cv->backend_id;
 			nat_port = cv->nat_port;
 			be = flow_backend(p, svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, cv->rport, cv->raddr);
+			/* a SNAT flow with a SERVICE entry (its index entry was another flow's): is the
+			 * port still its own? (the slot can have been freed or taken over, and a later
+			 * connection of this client flow may have left this entry behind) */
+			if (be && nat_port && !snat_slot_is_flows(cv->raddr, p, cv->rport, nat_port))
+				nat_port = 0;   /* a new port, same backend */
+			flow_hit(be, &nat_port);
 		}
-	}
-	if (fs || cv) {
-		if (be)
-			stat_inc(HOOK_XDP, STAT_CT_HIT);
-		else
-			nat_port = 0;
 	}
 	if (!be) {
 		__u32 m = svc->table_size;
@@ -803,19 +821,11 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	int fr = nh_resolve(ctx, p, bid, naddr, baddr, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
-	if (nat_port && (!fs || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))) {
-		/* a flow found through the index holds its slot already; one with a SERVICE entry
-		 * (the index was another flow's) checks that the port is still its own */
-		struct snat_slot *s = fs;
-		if (!s) {
-			s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
-			if (s && !snat_slot_of(s, p))
-				s = NULL;
-		}
-		if (!s) {
+	if (nat_port && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		/* only SYN/FIN/RST look at the port's slot again (established packets pay nothing) */
+		struct snat_slot *s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
+		if (!s || !snat_slot_of(s, p)) {
 			nat_port = 0;   /* the port was freed or given to another flow: a new port */
-		} else if (!(p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
-			/* established: nothing to mark */
 		} else if (p->tcp_flags & TCP_FLAG_SYN) {
 			/* a new connection from a reused client port (or a retransmitted SYN): live, so
 			 * the closed predecessor's CLOSING mark must not let the port be taken over */
@@ -843,8 +853,6 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
 			vp->rport = bport;
 			ct_v2.update(&ck, vp);
-		} else if (cv) {
-			ct_v2.delete(&ck);   /* a re-balanced flow's SERVICE entry: its slot is its state now */
 		}
 	}
 	if (snat_rewrite(ctx, p, baddr, bport, naddr, nat_port))

@@ -88,6 +88,7 @@ struct snat_slot {          /* snat_ports[snat_slot_index(backend, bport, nat_po
 	__u32 last_seen;    /* now_s() of the claim or the last reply */
 	__u32 svc_id;
 	__u32 svc_gen;      /* svc_val.backend_gen when the backend was last known a member (as ct_val) */
+	__u32 flow_idx;     /* the flow's snat_flows index (lb.h snat_flow_link: is an index entry still its?) */
 	__u32 caddr[4];     /* replies go back to the client caddr:cport */
 	__u32 vaddr[4];     /* from the VIP vaddr:vport */
 	__be16 cport;
