@@ -164,10 +164,21 @@ def _node_addresses(dp) -> dict[int, IPAddress]:
 
 
 def count_conntrack(dp) -> dict[str, int]:
+    """Flows by direction; a SNAT flow's slot counts as its reply direction and, unless the
+    flow also has a SERVICE entry (its flow-index entry was another flow's), as its service
+    direction (as in read_conntrack)."""
     counts = {"service": 0, "reply": 0}
+    with_entry = set()
     for k, _ in _hash_items(dp.table(MapName.CT)):
-        counts["reply" if k.dir == CtDir.REPLY else "service"] += 1
-    counts["reply"] += sum(1 for _ in claimed_slots(dp.table(MapName.SNAT_PORTS)))
+        if k.dir == CtDir.REPLY:
+            counts["reply"] += 1
+        else:
+            counts["service"] += 1
+            with_entry.add((tuple(k.saddr), k.sport, tuple(k.daddr), k.dport, k.proto))
+    for _, v in claimed_slots(dp.table(MapName.SNAT_PORTS)):
+        counts["reply"] += 1
+        if (tuple(v.caddr), v.cport, tuple(v.vaddr), v.vport, v.proto) not in with_entry:
+            counts["service"] += 1
     return counts
 
 

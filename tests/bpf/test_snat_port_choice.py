@@ -23,6 +23,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from agent.datapath.abi import MapName, XdpAction
+from agent.datapath.inspect import count_conntrack
 from agent.datapath.model import Backend, Mode, Proto, Service, ServiceKey
 from agent.datapath.netns import in_netns
 from agent.datapath.snatports import snat_port_candidate, snat_search_start, snat_slot_index
@@ -109,3 +110,6 @@ def test_port_refusals_follow_the_occupancy_math(dp, net):
     assert random_round <= 0.16 * PROBES, f"{random_round} of {PROBES} flows found all 8 hashed ports busy"
     assert predicted + random_round + refused == PROBES
     assert counted == refused, "every refusal is counted as drops{reason=SNAT_NO_PORT}"
+    # the live flows, as vipctl / the conntrack metric count them: both directions are the slot
+    counts = count_conntrack(dp)
+    assert counts["reply"] == BUSY and counts["service"] >= BUSY, counts
