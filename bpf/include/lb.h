@@ -381,7 +381,7 @@ static __always_inline struct snat_slot *snat_slot_find(const __u32 *baddr, __u8
 							__be16 nat_port, __u8 proto)
 {
 	__u32 idx = snat_slot_index(baddr, family, bport, nat_port, proto);
-	struct snat_slot *s = snat_ports_v1.lookup(&idx);
+	struct snat_slot *s = snat_ports_v2.lookup(&idx);
 
 	if (!s || !snat_slot_is(s, baddr, family, bport, nat_port, proto))
 		return NULL;
@@ -437,7 +437,7 @@ static __always_inline struct snat_slot *snat_flow_find(__u32 start, const __u32
 	if (!fe || !*fe)
 		return NULL;
 	__u32 idx = *fe - 1;
-	struct snat_slot *s = snat_ports_v1.lookup(&idx);
+	struct snat_slot *s = snat_ports_v2.lookup(&idx);
 	if (!s)
 		return NULL;
 	__u64 seq = *(volatile __u64 *)&s->seq;
@@ -494,7 +494,7 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 	for (int i = 0; i < SNAT_PORT_TRIES; i++) {
 		__be16 port = snat_port_candidate(start, i);
 		__u32 idx = snat_slot_index(baddr, p->family, bport, port, p->proto);
-		struct snat_slot *s = snat_ports_v1.lookup(&idx);
+		struct snat_slot *s = snat_ports_v2.lookup(&idx);
 		if (!s)
 			continue;
 		__u64 seq = *(volatile __u64 *)&s->seq;
@@ -586,7 +586,7 @@ static __always_inline int snat_flow_link(const struct pkt *p, __u32 start, __u3
 		return 1;
 	if (cur) {
 		__u32 oidx = cur - 1;
-		struct snat_slot *os = snat_ports_v1.lookup(&oidx);
+		struct snat_slot *os = snat_ports_v2.lookup(&oidx);
 		if (os && os->backend_id && os->flow_idx == fi && !snat_slot_of(os, p) && !snat_slot_stale(os, now))
 			return 0;
 	}
