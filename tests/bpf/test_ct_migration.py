@@ -65,6 +65,18 @@ def _old_conntrack(pin: str) -> None:
         old.cleanup()
 
 
+def _service_entry(before: Datapath, key: ServiceKey) -> None:
+    """The ct_v2 SERVICE entry of the SNAT flow client:40000 -> VIP:80 (backend id 1, NAT_PORT)."""
+    ct = before.table(MapName.CT)
+    fwd_k, fwd_v = ct.Key(), ct.Leaf()
+    fwd_k.saddr[0], fwd_k.daddr[0] = _word(CLIENT), _word(VIP)
+    fwd_k.sport, fwd_k.dport, fwd_k.proto, fwd_k.family, fwd_k.dir = _be16(40000), _be16(80), 6, 4, 1
+    fwd_v.raddr[0], fwd_v.rport = _word(BACKEND), _be16(8080)
+    fwd_v.nat_port, fwd_v.flags, fwd_v.backend_id, fwd_v.svc_id = _be16(NAT_PORT), 2, 1, 1
+    fwd_v.svc_gen = before.table(MapName.SERVICES)[before._svc_key(key.vip, 80, 6)].backend_gen
+    ct[fwd_k] = fwd_v
+
+
 def _old_agent(instance: str, key: ServiceKey, features) -> Datapath:
     """The old agent's datapath: the SNAT service with backend id 1, service id 1."""
     before = Datapath(instance, pin_root=PIN_ROOT, features=features)
@@ -104,19 +116,14 @@ def test_a_snat_flow_with_a_reply_conntrack_entry_survives_the_upgrade(net):
     try:
         before = _old_agent(instance, key, one_port)
         ct = before.table(MapName.CT)
-        fwd_k, fwd_v = ct.Key(), ct.Leaf()
-        fwd_k.saddr[0], fwd_k.daddr[0] = _word(CLIENT), _word(VIP)
-        fwd_k.sport, fwd_k.dport, fwd_k.proto, fwd_k.family, fwd_k.dir = _be16(40000), _be16(80), 6, 4, 1
-        fwd_v.raddr[0], fwd_v.rport = _word(BACKEND), _be16(8080)
-        fwd_v.nat_port, fwd_v.flags, fwd_v.backend_id, fwd_v.svc_id = _be16(NAT_PORT), 2, 1, 1
-        fwd_v.svc_gen = before.table(MapName.SERVICES)[before._svc_key(key.vip, 80, 6)].backend_gen
+        _service_entry(before, key)
         rep_k, rep_v = ct.Key(), ct.Leaf()
         rep_k.saddr[0], rep_k.daddr[0] = _word(BACKEND), _word(NODE4)
         rep_k.sport, rep_k.dport, rep_k.proto, rep_k.family, rep_k.dir = _be16(8080), _be16(NAT_PORT), 6, 4, 2
         rep_v.raddr[0], rep_v.rport, rep_v.rdaddr[0], rep_v.rdport = _word(VIP), _be16(80), _word(CLIENT), _be16(40000)
         rep_v.flags, rep_v.backend_id, rep_v.svc_id = 2, 1, 1
         rep_v.last_seen = int(time.clock_gettime(time.CLOCK_MONOTONIC))
-        ct[fwd_k], ct[rep_k] = fwd_v, rep_v
+        ct[rep_k] = rep_v
         before.close()
         (before.pin_dir / MapName.SNAT_PORTS.value).unlink()   # the old build had no slots
 
@@ -147,14 +154,7 @@ def test_a_snat_flow_of_the_slot_layout_before_the_flow_index_survives_the_upgra
     dp = Datapath(instance, pin_root=PIN_ROOT, features=one_port)
     try:
         before = _old_agent(instance, key, one_port)
-        ct = before.table(MapName.CT)
-        fwd_k, fwd_v = ct.Key(), ct.Leaf()
-        fwd_k.saddr[0], fwd_k.daddr[0] = _word(CLIENT), _word(VIP)
-        fwd_k.sport, fwd_k.dport, fwd_k.proto, fwd_k.family, fwd_k.dir = _be16(40000), _be16(80), 6, 4, 1
-        fwd_v.raddr[0], fwd_v.rport = _word(BACKEND), _be16(8080)
-        fwd_v.nat_port, fwd_v.flags, fwd_v.backend_id, fwd_v.svc_id = _be16(NAT_PORT), 2, 1, 1
-        fwd_v.svc_gen = before.table(MapName.SERVICES)[before._svc_key(key.vip, 80, 6)].backend_gen
-        ct[fwd_k] = fwd_v
+        _service_entry(before, key)
         before.close()
         (before.pin_dir / MapName.SNAT_PORTS.value).unlink()   # the old build had v1 slots
         (before.pin_dir / "snat_flows_v1").unlink()            # ... and no flow index
