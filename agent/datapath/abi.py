@@ -113,7 +113,7 @@ class MapName(str, enum.Enum):
     REVNAT = "revnat_v1"
     MAGLEV = "maglev_v1"
     CT = "ct_v2"
-    SNAT_PORTS = "snat_ports_v1"
+    SNAT_PORTS = "snat_ports_v2"
     AFFINITY = "affinity_v1"
     SRC_RANGES = "src_ranges_v1"
     NODE_CFG = "node_cfg_v1"

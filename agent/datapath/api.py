@@ -455,8 +455,12 @@ class Datapath:
 
     def _migrate_snat_replies(self) -> None:
         """SNAT REPLY conntrack entries of a vipd from before port slots move into
-        ``snat_ports_v1`` (agent/datapath/snatports.py), so its SNAT flows survive the upgrade."""
-        from agent.datapath.snatports import migrate_reply_entries
+        ``snat_ports_v2`` (agent/datapath/snatports.py), so its SNAT flows survive the upgrade;
+        so do the slots of ``snat_ports_v1`` (vipd before the SNAT flow index)."""
+        from agent.datapath.snatports import migrate_reply_entries, migrate_v1_slots
+        slots_v1 = migrate_v1_slots(self)
+        if slots_v1:
+            log.info("SNAT node-port slots migrated from snat_ports_v1", slots=slots_v1, pin_dir=str(self.pin_dir))
         moved, lost = migrate_reply_entries(self)
         if moved or lost:
             log.info("SNAT REPLY conntrack entries moved into node-port slots", moved=moved,

@@ -129,15 +129,27 @@ def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:
     # SNAT flows' reply direction lives in the node-port slots, shown as the REPLY entries
     # they replaced: {backend:bport -> node:nat_port} rewritten to VIP:vport -> client
     nodes = _node_addresses(dp)
+    # ... and their forward direction too, unless the flow has a SERVICE entry (its flow-index
+    # entry was another flow's): {client:cport -> VIP:vport} via backend and node port
+    with_entry = {(r.saddr, r.sport, r.daddr, r.dport, r.proto) for r in rows if r.direction == "service"}
     for s in read_slots(dp):
-        total += 1
-        if limit is not None and len(rows) >= limit:
-            continue
-        rows.append(CtEntry(
-            direction="reply", proto=Proto(s.proto), saddr=s.backend, sport=s.bport,
-            daddr=nodes.get(s.backend.version, s.backend), dport=s.nat_port, backend_id=s.backend_id,
-            service_id=s.svc_id, flags=CtFlag(s.flags), rewrite_saddr=s.vip, rewrite_sport=s.vport,
-            nat_port=0))
+        for direction in ("service", "reply"):
+            if direction == "service" and (s.client, s.cport, s.vip, s.vport, Proto(s.proto)) in with_entry:
+                continue
+            total += 1
+            if limit is not None and len(rows) >= limit:
+                continue
+            if direction == "service":
+                rows.append(CtEntry(
+                    direction="service", proto=Proto(s.proto), saddr=s.client, sport=s.cport, daddr=s.vip,
+                    dport=s.vport, backend_id=s.backend_id, service_id=s.svc_id, flags=CtFlag(s.flags),
+                    rewrite_saddr=None, rewrite_sport=None, nat_port=s.nat_port))
+            else:
+                rows.append(CtEntry(
+                    direction="reply", proto=Proto(s.proto), saddr=s.backend, sport=s.bport,
+                    daddr=nodes.get(s.backend.version, s.backend), dport=s.nat_port, backend_id=s.backend_id,
+                    service_id=s.svc_id, flags=CtFlag(s.flags), rewrite_saddr=s.vip, rewrite_sport=s.vport,
+                    nat_port=0))
     return rows, total
 
 
@@ -152,10 +164,21 @@ def _node_addresses(dp) -> dict[int, IPAddress]:
 
 
 def count_conntrack(dp) -> dict[str, int]:
+    """Flows by direction; a SNAT flow's slot counts as its reply direction and, unless the
+    flow also has a SERVICE entry (its flow-index entry was another flow's), as its service
+    direction (as in read_conntrack)."""
     counts = {"service": 0, "reply": 0}
+    with_entry = set()
     for k, _ in _hash_items(dp.table(MapName.CT)):
-        counts["reply" if k.dir == CtDir.REPLY else "service"] += 1
-    counts["reply"] += sum(1 for _ in claimed_slots(dp.table(MapName.SNAT_PORTS)))
+        if k.dir == CtDir.REPLY:
+            counts["reply"] += 1
+        else:
+            counts["service"] += 1
+            with_entry.add((tuple(k.saddr), k.sport, tuple(k.daddr), k.dport, k.proto))
+    for _, v in claimed_slots(dp.table(MapName.SNAT_PORTS)):
+        counts["reply"] += 1
+        if (tuple(v.caddr), v.cport, tuple(v.vaddr), v.vport, v.proto) not in with_entry:
+            counts["service"] += 1
     return counts
 
 

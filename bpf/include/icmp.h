@@ -180,8 +180,22 @@ static __always_inline int icmp_error_to_flow(struct xdp_md *ctx, struct pkt *p)
 	__u32 bid = 0;
 	__be16 nat_port = 0;
 	__u16 ct_flags = 0;
-	struct ct_val *cv = ct_v2.lookup(&ck);
-	if (cv) {
+	struct snat_slot *fs = NULL;
+	struct ct_val *cv = NULL;
+	if (!(svc->flags & (SVC_F_DSR | SVC_F_STATELESS)))   /* a SNAT flow: its slot (lb.h "SNAT flow index") */
+		fs = snat_flow_find(snat_search_start(flow_hash_tuple(ck.saddr, ck.family, ck.sport, ck.dport, ck.proto),
+						      ck.daddr),
+				    ck.saddr, ck.daddr, ck.sport, ck.dport, ck.proto, ck.family);
+	if (!fs)
+		cv = ct_v2.lookup(&ck);
+	if (fs) {
+		bid = fs->backend_id;
+		nat_port = fs->nat_port;
+		ct_flags = fs->flags;
+		__u32 esvc = fs->svc_id, egen = fs->svc_gen;
+		if (!member_of(svc, svc->id, bid, &esvc, &egen, 0))
+			bid = 0;
+	} else if (cv) {
 		bid = cv->backend_id;
 		nat_port = cv->nat_port;
 		ct_flags = cv->flags;

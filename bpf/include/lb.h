@@ -68,6 +68,38 @@ static __always_inline int member_of(const struct svc_val *svc, __u32 svc_id, __
 	return 1;
 }
 
+/* The backend an established flow goes on with (bid, from its conntrack entry or SNAT port
+ * slot), or NULL: re-balance. Gone: re-balance; terminating: keep the flow but a new SYN
+ * re-balances; removed from this service (even if another still uses it): re-balance. A SNAT
+ * flow records its backend's address and port (e_bport != 0: the address its node port was
+ * allocated towards): when a backend left this service since the entry was checked (the
+ * generation differs) and the id now names another address (ids of removed backends are
+ * reused), re-balance. e_svc_id/e_gen: the entry's, brought up to date when still valid. */
+static __always_inline struct backend *flow_backend(const struct pkt *p, const struct svc_val *svc, __u32 svc_id,
+						    __u32 bid, __u32 *e_svc_id, __u32 *e_gen, __be16 e_bport,
+						    const __u32 *e_baddr)
+{
+	struct backend *be = backends_v2.lookup(&bid);
+
+	if (!be || !(be->flags & BE_F_ACTIVE) ||
+	    ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN)))
+		return NULL;
+	if (e_bport && (*e_gen != svc->backend_gen || *e_svc_id != svc_id) &&
+	    (e_bport != be->port || !addr_eq(e_baddr, be->addr)))
+		return NULL;
+	if (!member_of(svc, svc_id, bid, e_svc_id, e_gen, 1))
+		return NULL;
+	return be;
+}
+
+static __always_inline void flow_hit(const struct backend *be, __be16 *nat_port)
+{
+	if (be)
+		stat_inc(HOOK_XDP, STAT_CT_HIT);
+	else
+		*nat_port = 0;
+}
+
 /* Seconds since boot, from jiffies: bpf_jiffies64() is inlined by the verifier, while
  * bpf_ktime_get_coarse_ns() is a helper call (~35 ns here), paid per SNAT flow and per SNAT
  * reply. jiffies_64 starts at INITIAL_JIFFIES, (u32)(-300 * HZ); neigh_cfg carries the HZ the
@@ -349,7 +381,7 @@ static __always_inline struct snat_slot *snat_slot_find(const __u32 *baddr, __u8
 							__be16 nat_port, __u8 proto)
 {
 	__u32 idx = snat_slot_index(baddr, family, bport, nat_port, proto);
-	struct snat_slot *s = snat_ports_v1.lookup(&idx);
+	struct snat_slot *s = snat_ports_v2.lookup(&idx);
 
 	if (!s || !snat_slot_is(s, baddr, family, bport, nat_port, proto))
 		return NULL;
@@ -364,6 +396,57 @@ static __always_inline int snat_slot_of(const struct snat_slot *s, const struct 
 	       addr_eq(s->vaddr, p->daddr);
 }
 
+/* Is the slot of {baddr:bport -> node:nat_port} claimed by the client flow p? */
+static __always_inline int snat_slot_is_flows(const __u32 *baddr, const struct pkt *p, __be16 bport,
+					      __be16 nat_port)
+{
+	struct snat_slot *s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
+
+	return s && snat_slot_of(s, p);
+}
+
+/* ---- SNAT flow index -------------------------------------------------------------------
+ * A SNAT flow's forward state (backend, node port, service generation) is its port slot; the
+ * flow finds it through snat_flows, an array of u32 at an index hashed from the client flow
+ * (client:cport -> VIP:vport, proto), holding the slot's index + 1. So a SNAT SYN writes one
+ * word where it inserted a SERVICE entry into the conntrack LRU (~200 ns here: issue 8's SYN
+ * cost), and its later packets read two array elements instead of probing the LRU. The slot
+ * is the truth: an index entry is trusted only if the slot it names is claimed and names this
+ * client flow, so an entry left by a flow whose port was freed or taken over is a miss. Two
+ * live flows of one index: the second gets a SERVICE entry as before (snat_flow_link fails),
+ * and every SNAT-mode packet that misses the index probes conntrack as before. */
+static __always_inline __u32 snat_search_start(__u32 fh, const __u32 *vaddr)
+{
+	return fh ^ vaddr[0] ^ vaddr[3];   /* fh: flow_hash(client flow, cport) */
+}
+
+static __always_inline int snat_slot_of_tuple(const struct snat_slot *s, const __u32 *caddr, const __u32 *vaddr,
+					      __be16 cport, __be16 vport, __u8 proto, __u8 family)
+{
+	return s->backend_id && s->cport == cport && s->vport == vport && s->proto == proto &&
+	       s->family == family && addr_eq(s->caddr, caddr) && addr_eq(s->vaddr, vaddr);
+}
+
+/* The claimed port slot of the client flow caddr:cport -> vaddr:vport (start: its
+ * snat_search_start), or NULL. A slot being written (odd or changed seq) is not trusted. */
+static __always_inline struct snat_slot *snat_flow_find(__u32 start, const __u32 *caddr, const __u32 *vaddr,
+							__be16 cport, __be16 vport, __u8 proto, __u8 family)
+{
+	__u32 fi = start & (SNAT_SLOTS - 1);
+	__u32 *fe = snat_flows_v1.lookup(&fi);
+	if (!fe || !*fe)
+		return NULL;
+	__u32 idx = *fe - 1;
+	struct snat_slot *s = snat_ports_v2.lookup(&idx);
+	if (!s)
+		return NULL;
+	__u64 seq = *(volatile __u64 *)&s->seq;
+	if ((seq & 1) || !snat_slot_of_tuple(s, caddr, vaddr, cport, vport, proto, family) ||
+	    *(volatile __u64 *)&s->seq != seq)
+		return NULL;
+	return s;
+}
+
 /* May this claimed port be given to another flow? Its flow closed (FIN/RST) CT_CLOSE_TIMEOUT_S
  * ago, never had a reply for CT_SYN_TIMEOUT_S (a SYN that moved to another backend, a scan, a
  * dead backend), or had no reply for the protocol's idle timeout. */
@@ -376,23 +459,42 @@ static __always_inline int snat_slot_stale(const struct snat_slot *s, __u32 now)
 	       age >= (s->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S);
 }
 
+/* The i-th node-port candidate of a search that starts at start: a 32-bit mix of start + i·φ,
+ * scaled to the range (multiply-shift, no division). Each candidate depends on the whole 32-bit
+ * start, so two flows that meet on one port part again at the next candidate. (The earlier
+ * (start + i·7919) mod range made every flow walk the same cyclic order of ports — linear probing
+ * in disguise: busy ports clustered along it and 8 consecutive candidates were all busy far
+ * more often than the occupancy predicts; at 75 % of a backend's ports busy, 8.8 % of SYNs
+ * were refused instead of 1 %.) agent/datapath/snatports.py snat_port_candidate mirrors it. */
+static __always_inline __be16 snat_port_candidate(__u32 start, __u32 i)
+{
+	__u32 x = start + i * 0x9e3779b9;
+
+	x ^= x >> 16;   /* lowbias32 (C. Wellons' hash prospector) */
+	x *= 0x7feb352d;
+	x ^= x >> 15;
+	x *= 0x846ca68b;
+	x ^= x >> 16;
+	return bpf_htons(SNAT_PORT_MIN + (__u32)(((__u64)x * (SNAT_PORT_MAX - SNAT_PORT_MIN + 1)) >> 32));
+}
+
 /* Claim a node port towards backend baddr:bport for the client flow p: up to SNAT_PORT_TRIES
  * candidates from start (snat_port_for: first a hash of the flow, then a random one). A
  * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's
  * flow loses its SERVICE entry too if that entry still uses this port (the client port may
  * carry a newer flow, which lives on). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					 __u32 svc_id, __u32 now, __u32 start)
+					 __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 fi, __u32 *idx_out,
+					 struct ct_key *fk)
 {
-	struct ct_key fk = {};   /* a taken-over flow's SERVICE key (one, outside the loop: stack) */
 	__be16 got = 0, old_port = 0;
 	__u32 old_bid = 0;
 
 #pragma unroll
 	for (int i = 0; i < SNAT_PORT_TRIES; i++) {
-		__be16 port = bpf_htons(SNAT_PORT_MIN + (start + i * 7919) % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
+		__be16 port = snat_port_candidate(start, i);
 		__u32 idx = snat_slot_index(baddr, p->family, bport, port, p->proto);
-		struct snat_slot *s = snat_ports_v1.lookup(&idx);
+		struct snat_slot *s = snat_ports_v2.lookup(&idx);
 		if (!s)
 			continue;
 		__u64 seq = *(volatile __u64 *)&s->seq;
@@ -402,13 +504,16 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 			if (snat_slot_is(s, baddr, p->family, bport, port, p->proto) && snat_slot_of(s, p)) {
 				s->flags &= ~CT_F_CLOSING;   /* ours already: live again */
 				s->last_seen = now;
+				s->svc_id = svc_id;
+				s->svc_gen = gen;
+				*idx_out = idx;
 				return port;
 			}
 			if (!snat_slot_stale(s, now))
 				continue;   /* a live flow's port (or another key's slot): busy */
 			old_port = s->nat_port;
 			old_bid = s->backend_id;
-			ct_key_set(&fk, s->caddr, s->vaddr, s->cport, s->vport, s->proto, s->family, CT_DIR_SERVICE);
+			ct_key_set(fk, s->caddr, s->vaddr, s->cport, s->vport, s->proto, s->family, CT_DIR_SERVICE);
 		}
 		if (__sync_val_compare_and_swap(&s->seq, seq, seq + 1) != seq) {
 			old_bid = 0;
@@ -423,18 +528,25 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		s->flags = CT_F_SNAT;
 		s->last_seen = now;
 		s->svc_id = svc_id;
+		s->svc_gen = gen;
+		s->flow_idx = fi;
 		addr_copy(s->caddr, p->saddr);
 		addr_copy(s->vaddr, p->daddr);
 		s->cport = p->sport;
 		s->vport = p->dport;
-		__sync_fetch_and_add(&s->seq, 1);
+		/* release: a plain store of seq + 2, not an increment, so a slot the agent zeroed
+		 * meanwhile (clear_slots) ends even, never stuck odd (skipped by every claim and
+		 * distrusted by every reply for good) */
+		asm volatile("" ::: "memory");
+		*(volatile __u64 *)&s->seq = seq + 2;
 		got = port;
+		*idx_out = idx;
 		break;
 	}
 	if (got && old_bid) {
-		struct ct_val *fv = ct_v2.lookup(&fk);
+		struct ct_val *fv = ct_v2.lookup(fk);
 		if (fv && fv->nat_port == old_port && fv->backend_id == old_bid)
-			ct_v2.delete(&fk);
+			ct_v2.delete(fk);
 		stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
 	}
 	return got;
@@ -444,17 +556,42 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
  * (client, ports, VIP), so a retransmitted SYN or a new connection from a reused client port
  * walks the same candidates and takes back the slot that is already its own (Linux's NAT also
  * starts its port search at a hash of the tuple); if all are busy, as many from a random start,
- * so a retried SYN is not refused by the same busy ports again. */
+ * so a retried SYN is not refused by the same busy ports again. fh: the flow hash Maglev just
+ * computed (flow_hash(p, p->sport)), or 0 when it did not (affinity, a conntrack hit): the
+ * candidate mix spreads it, and the VIP words make two VIPs' searches differ. */
 static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					    __u32 svc_id)
+					    __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
+					    struct ct_key *fk)
 {
-	__u32 now = now_s();
-	__u32 start = jhash_2words(flow_hash(p, p->sport), p->daddr[0] ^ p->daddr[3], HASH_SEED);
-	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, now, start);
+	__u32 fi = start & (SNAT_SLOTS - 1);
+	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, start, fi, idx_out, fk);
 
 	if (!port)
-		port = snat_claim(p, baddr, bport, bid, svc_id, now, bpf_get_prandom_u32());
+		port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, bpf_get_prandom_u32(), fi, idx_out, fk);
 	return port;
+}
+
+/* Point the flow index of p (start: its snat_search_start) at port slot idx. Refused (0) only
+ * when the index entry names the live slot of another flow of the same index: that flow keeps
+ * it, and this one gets a SERVICE entry. An entry whose slot was freed, taken over by a flow
+ * of another index, or went stale is overwritten. */
+static __always_inline int snat_flow_link(const struct pkt *p, __u32 start, __u32 idx, __u32 now)
+{
+	__u32 fi = start & (SNAT_SLOTS - 1);
+	__u32 *fe = snat_flows_v1.lookup(&fi);
+	if (!fe)
+		return 0;
+	__u32 cur = *fe;
+	if (cur == idx + 1)
+		return 1;
+	if (cur) {
+		__u32 oidx = cur - 1;
+		struct snat_slot *os = snat_ports_v2.lookup(&oidx);
+		if (os && os->backend_id && os->flow_idx == fi && !snat_slot_of(os, p) && !snat_slot_stale(os, now))
+			return 0;
+	}
+	*fe = idx + 1;
+	return 1;
 }
 
 /* SNAT's two rewrites in one pass (XDP): destination -> backend:bport, source -> node:nat_port,
@@ -512,6 +649,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	__u32 svc_id = svc->id, flags = svc->flags, bid = 0;
 	__be16 nat_port = 0;
 	int new_flow = 0;
+	__u32 fh = 0;   /* the flow hash, when Maglev computed it (snat_port_for) */
 
 	/* large temporaries live in the per-CPU scratch slot (scr): the BPF stack is 512 bytes */
 	struct ct_val *vp = &scr->v;
@@ -539,30 +677,31 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	 * port candidates are a function of the flow, and the first slot that is already this
 	 * flow's is taken back (snat_claim). */
 	int syn_new = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	if (!(flags & SVC_F_STATELESS) && !syn_new) {
+	struct snat_slot *fs = NULL;
+	if (!(flags & (SVC_F_STATELESS | SVC_F_DSR)) && !syn_new) {
+		/* a SNAT flow: its port slot, through the flow index (no SERVICE entry) */
+		fh = flow_hash(p, p->sport);
+		fs = snat_flow_find(snat_search_start(fh, p->daddr), p->saddr, p->daddr, p->sport, p->dport,
+				    p->proto, p->family);
+		if (fs) {
+			bid = fs->backend_id;
+			nat_port = fs->nat_port;
+			be = flow_backend(p, svc, svc_id, bid, &fs->svc_id, &fs->svc_gen, fs->bport, fs->baddr);
+			flow_hit(be, &nat_port);
+		}
+	}
+	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs) {
 		cv = ct_v2.lookup(&ck);
 		if (cv) {
 			bid = cv->backend_id;
 			nat_port = cv->nat_port;
-			be = backends_v2.lookup(&bid);
-			/* gone: re-balance; terminating: keep the flow but a new SYN re-balances;
-			 * removed from this service (even if another still uses it): re-balance */
-			if (be && (!(be->flags & BE_F_ACTIVE) ||
-				   ((be->flags & BE_F_TERMINATING) && (p->tcp_flags & TCP_FLAG_SYN))))
-				be = NULL;
-			/* a SNAT entry records its backend's address (rport != 0): a backend left this
-			 * service since the entry was checked (generation differs), and the id now names
-			 * another address (ids of removed backends are reused): re-balance, the port was
-			 * allocated towards the old address */
-			if (be && cv->rport && (cv->svc_gen != svc->backend_gen || cv->svc_id != svc_id) &&
-			    (cv->rport != be->port || !addr_eq(cv->raddr, be->addr)))
-				be = NULL;
-			if (be && !member_of(svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, 1))
-				be = NULL;
-			if (be)
-				stat_inc(HOOK_XDP, STAT_CT_HIT);
-			else
-				nat_port = 0;
+			be = flow_backend(p, svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, cv->rport, cv->raddr);
+			/* a SNAT flow with a SERVICE entry (its index entry was another flow's): is the
+			 * port still its own? (the slot can have been freed or taken over, and a later
+			 * connection of this client flow may have left this entry behind) */
+			if (be && nat_port && !snat_slot_is_flows(cv->raddr, p, cv->rport, nat_port))
+				nat_port = 0;   /* a new port, same backend */
+			flow_hit(be, &nat_port);
 		}
 	}
 	if (!be) {
@@ -587,7 +726,10 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 		if (!bid) {
 			/* with affinity the source port is not hashed: one client, one backend */
-			__u32 slot = svc->table_off + flow_hash(p, (flags & SVC_F_AFFINITY) ? 0 : p->sport) % m;
+			__u32 h = (flags & SVC_F_AFFINITY) ? flow_hash(p, 0) : (fh ? fh : flow_hash(p, p->sport));
+			__u32 slot = svc->table_off + h % m;
+			if (!(flags & SVC_F_AFFINITY))
+				fh = h;   /* SNAT's port search and flow index start from it too */
 			__u32 *sb = maglev_v1.lookup(&slot);
 			if (sb)
 				bid = *sb;
@@ -680,7 +822,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	if (fr == FIB_FAIL)
 		return drop(DROP_FIB_LOOKUP);
 	if (nat_port && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {
-		/* only SYN/FIN/RST look at the port's slot (established packets pay nothing) */
+		/* only SYN/FIN/RST look at the port's slot again (established packets pay nothing) */
 		struct snat_slot *s = snat_slot_find(baddr, p->family, bport, nat_port, p->proto);
 		if (!s || !snat_slot_of(s, p)) {
 			nat_port = 0;   /* the port was freed or given to another flow: a new port */
@@ -697,13 +839,21 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		}
 	}
 	if (!nat_port) {
-		nat_port = snat_port_for(p, baddr, bport, bid, svc_id);
+		__u32 now = now_s(), idx = 0;
+		if (!fh)
+			fh = flow_hash(p, p->sport);
+		__u32 start = snat_search_start(fh, p->daddr);
+		/* rk (the local path's REPLY key) is free here: the key of a taken-over flow */
+		nat_port = snat_port_for(p, baddr, bport, bid, svc_id, svc->backend_gen, now, start, &idx, &rk);
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
-		fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
-		addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
-		vp->rport = bport;
-		ct_v2.update(&ck, vp);
+		if (!snat_flow_link(p, start, idx, now)) {
+			/* the flow index is another live flow's: a SERVICE entry, as before the index */
+			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
+			addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
+			vp->rport = bport;
+			ct_v2.update(&ck, vp);
+		}
 	}
 	if (snat_rewrite(ctx, p, baddr, bport, naddr, nat_port))
 		return drop(DROP_REWRITE);

@@ -36,7 +36,11 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v2, CT_SIZE, PIN_D
 /* SNAT node ports: one slot per claimed (backend, bport, node port, proto), at an index hashed
  * from exactly what a reply carries; replaces the per-flow REPLY conntrack entry (an array
  * write instead of an LRU insert on the SYN path; docs/datapath.md "SNAT port slots") */
-BPF_TABLE_PINNED("array", __u32, struct snat_slot, snat_ports_v1, SNAT_SLOTS, PIN_DIR "/snat_ports_v1");
+BPF_TABLE_PINNED("array", __u32, struct snat_slot, snat_ports_v2, SNAT_SLOTS, PIN_DIR "/snat_ports_v2");
+/* SNAT flow index: at snat_flow_index(client flow) the port slot's index + 1 (0: none), so a
+ * SNAT flow's packets find backend and node port in its slot and its SYN writes one word
+ * instead of inserting a SERVICE entry into the conntrack LRU (lb.h "SNAT flow index") */
+BPF_TABLE_PINNED("array", __u32, __u32, snat_flows_v1, SNAT_SLOTS, PIN_DIR "/snat_flows_v1");
 /* ClientIP session affinity */
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_val, affinity_v1, AFFINITY_SIZE,
 		 PIN_DIR "/affinity_v1");

@@ -74,7 +74,8 @@ struct ct_val {
 	__u32 rdaddr[4];    /* REPLY with CT_F_SNAT: new destination address (the client) */
 };  /* no timestamp: reading the clock cost ~40 ns per call on the new-flow path; the LRU ages entries */
 
-struct snat_slot {          /* snat_ports[snat_slot_index(backend, bport, nat_port, proto)]: a claimed node port */
+struct snat_slot {          /* snat_ports[snat_slot_index(backend, bport, nat_port, proto)]: a claimed node port
+			     * and, found through snat_flows, the flow's forward state (no SERVICE entry) */
 	__u64 seq;          /* even: stable; odd: being written (a claim: cmpxchg s -> s+1, fields, s+2);
 			     * 64 bits: bcc's clang has 64-bit BPF atomics only */
 	__u32 backend_id;   /* 0: free */
@@ -86,6 +87,8 @@ struct snat_slot {          /* snat_ports[snat_slot_index(backend, bport, nat_po
 	__u16 flags;        /* CT_F_SNAT, CT_F_CLOSING */
 	__u32 last_seen;    /* now_s() of the claim or the last reply */
 	__u32 svc_id;
+	__u32 svc_gen;      /* svc_val.backend_gen when the backend was last known a member (as ct_val) */
+	__u32 flow_idx;     /* the flow's snat_flows index (lb.h snat_flow_link: is an index entry still its?) */
 	__u32 caddr[4];     /* replies go back to the client caddr:cport */
 	__u32 vaddr[4];     /* from the VIP vaddr:vport */
 	__be16 cport;
