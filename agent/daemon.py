@@ -160,14 +160,16 @@ def _initial_capacity(store, allocations, args, log, memo=None, services_memo=No
     with the controller's and the ServiceReconciler's memos, so that pass reuses the work
     (at 20,000 Services it is seconds of start-up)."""
     from agent.controlplane import effective_services, lbipam
+    from agent.datapath.api import Datapath
     from agent.reconcilers.services import plan_for
 
     try:
         objects = store.objects()
         lb = lbipam.allocate(objects, allocations, memo)
+        pinned = Datapath(instance=args.node_name, pin_root=args.bpf_pin_root, bpf_cache=None).pinned_capacity()
         return plan_for(effective_services(objects, lb, memo), args.node_name, mode=args.lb_mode,
                         maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
-                        memo=services_memo)
+                        memo=services_memo, current=pinned)
     except Exception as exc:  # noqa: BLE001 - the first pass grows the maps if needed
         log.warning("could not plan the datapath capacity; using the defaults", error=str(exc))
         return None

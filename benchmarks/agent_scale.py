@@ -101,6 +101,8 @@ def one_change(env: ScaleLab, n: int) -> dict:
             "timeline_seconds": change_timeline(env.log(), written)}
 
 
+KEEP_LOG: str | None = None   # --keep-log
+
 CHANGE_MILESTONES = ("configuration loaded", "services programmed", "advertisements changed", "reconcile pass")
 
 
@@ -203,6 +205,8 @@ def run_vipd(n: int, timeout: float, change: bool, restart: bool) -> dict:
                 stop_agent(env)
             return out
         finally:
+            if KEEP_LOG:
+                Path(KEEP_LOG).write_text(env.log())
             env.cleanup_pins()
 
 
@@ -230,9 +234,12 @@ def main() -> int:
     p.add_argument("--services", default="1000,10000,20000", help="comma-separated Service counts")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--keep-log", help="write the last vipd run's log (cold start and warm restart) here")
     p.add_argument("--no-restart", action="store_true",
                    help="skip the warm restart (same state dir and pinned maps) after the cold start")
     args = p.parse_args()
+    global KEEP_LOG
+    KEEP_LOG = args.keep_log
     if os.geteuid() != 0:
         p.error("needs root (network namespaces, XDP)")
     counts = [int(x) for x in args.services.split(",")]

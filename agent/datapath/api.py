@@ -267,7 +267,7 @@ class Datapath:
         smaller are grown right after adoption (:meth:`grow`)."""
         ensure_bpffs(self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        pinned = self._pinned_capacity()
+        pinned = self.pinned_capacity()
         if pinned is not None:
             self.features = self.features.with_capacity(pinned)
         elif capacity is not None:
@@ -285,10 +285,12 @@ class Datapath:
                  loader_child_peak_rss_mb=round(self._loaded.child_peak_rss_mb),
                  capacity=str(self.features.capacity),
                  verified_insns={k: f.verified_insns for k, f in self._fns.items()})
-        self._check_pins()
-        self._migrate_ct_v1()
-        self._migrate_snat_replies()
-        self._adopt()
+        steps = {}
+        for step in (self._check_pins, self._migrate_ct_v1, self._migrate_snat_replies, self._adopt):
+            t_step = time.monotonic()
+            step()
+            steps[step.__name__.lstrip("_")] = round(time.monotonic() - t_step, 3)
+        log.info("datapath state read", instance=self.instance, seconds=steps)
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
 
@@ -309,8 +311,10 @@ class Datapath:
         except Exception as exc:
             raise DatapathError(f"datapath {self.instance}: {exc}") from exc
 
-    def _pinned_capacity(self):
-        """The capacity of the sized maps pinned now (None when they are not all pinned)."""
+    def pinned_capacity(self):
+        """The capacity of the sized maps pinned now (None when they are not all pinned): a
+        restarting agent plans against it, so it grows the maps only when they cannot hold
+        the configuration, not because a fresh plan's headroom differs."""
         from agent.datapath.capacity import Capacity
         sizes = {}
         for name in SIZED_MAPS:

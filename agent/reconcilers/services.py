@@ -328,12 +328,13 @@ def clamp(capacity, map_max: int | None):
 
 
 def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, map_max: int | None = None,
-             memo=None):
+             memo=None, current=None):
     """The Capacity the datapath should be created with for these (effective) objects.
-    ``memo``: the ServiceReconciler's, so its first pass reuses the frontends planned here."""
+    ``memo``: the ServiceReconciler's, so its first pass reuses the frontends planned here.
+    ``current``: the capacity of maps already pinned (a restart): kept when it suffices."""
     from agent.datapath.capacity import plan_capacity
     desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size, memo=memo)
-    return clamp(plan_capacity(s for s in desired.values() if check_service(s) is None), map_max)
+    return clamp(plan_capacity((s for s in desired.values() if check_service(s) is None), current), map_max)
 
 
 def start_datapath_loader(node_name: str, *, pin_root: str, bpf_cache=FROM_ENV):
