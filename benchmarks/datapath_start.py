@@ -110,6 +110,10 @@ def main() -> int:
         warm["dp"].close()
     finally:
         Datapath(instance, pin_root=PIN_ROOT).destroy()
+        try:
+            Path(PIN_ROOT).rmdir()   # only when empty: another run may be using it
+        except OSError:
+            pass
     for name, r in (("cold", cold), ("warm", warm)):
         print(f"{name}: plan {r['plan_s']:.3f} s, load {r['load_s']:.2f} s (compile {r['compile_s']:.2f} s, "
               f"rest {r['load_s'] - r['compile_s']:.2f} s; adopted {r['adopted']}), first pass {r['pass_s']:.2f} s, "
