@@ -289,9 +289,14 @@ class ScaleLab:
         return self.node.run(sys.executable, "-c", code, timeout=30)
 
     def allocations(self) -> dict[str, list[str]]:
-        """LB-IPAM's allocations ("namespace/name" -> addresses) as persisted by the agent."""
+        """LB-IPAM's allocations ("namespace/name" -> addresses) as persisted by the agent. The
+        start-up pass that announces the VIPs writes the state dir last, so wait for the file."""
         import yaml
-        text = (self.state_dir / "lbipam-allocations.yaml").read_text()
+
+        from agent.lab import wait_until
+        path = self.state_dir / "lbipam-allocations.yaml"
+        wait_until(path.exists, timeout=30, interval=0.2, what=f"{path} written")
+        text = path.read_text()
         return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["allocations"]
 
     def map_memory(self) -> int:

@@ -31,15 +31,22 @@ def test_sessions_come_up_with_frr_bfdd_ipv4_and_ipv6(bfd_lab_factory, ms):
     ours = b.our_bfd()
     for addr in (R4, R6):
         assert ours[addr]["transmitIntervalMs"] == ms and ours[addr]["detectionTimeMs"] == 3 * ms
-        assert ours[addr]["remoteState"] == "up" and ours[addr]["downTransitions"] == 0
+        assert ours[addr]["remoteState"] == "up"
+    # FRR's bfdd can restart a session once right after bgpd reaches Established and registers
+    # the peer (seen once in CI-like runs: both families signalled Down by FRR 31 ms after Up, at
+    # the same instant). So: at most that one restart, and none once up at the final timers.
+    assert all(ours[a]["downTransitions"] <= 1 for a in (R4, R6)), ours
+    downs = {a: ours[a]["downTransitions"] for a in (R4, R6)}
     table = b.vipctl("bfd", "peers")
     assert "10.77.0.1" in table and "fd77::1" in table and table.count(" up ") >= 2
     wait_until(b.pod_cidr_at_router, timeout=10, what="PodCIDR at FRR")
     time.sleep(2.0)   # a few hundred packets at 50 ms: no flap
-    assert all(p["downTransitions"] == 0 and p["upTransitions"] == 1 for p in b.our_bfd().values())
+    now = b.our_bfd()
+    assert all(now[a]["downTransitions"] == downs[a] and now[a]["upTransitions"] == downs[a] + 1
+               for a in (R4, R6)), now
     metrics = b.node.run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:9477/metrics")
     assert f'vipd_bfd_session_state{{local="{N4}",neighbor="{R4}"}} 1.0' in metrics
-    assert f'vipd_bfd_session_up_transitions_total{{neighbor="{R6}"}} 1.0' in metrics
+    assert f'vipd_bfd_session_up_transitions_total{{neighbor="{R6}"}} {downs[R6] + 1}.0' in metrics
     sent = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("vipd_bfd_packets_out_total")]
     assert len(sent) == 2 and min(sent) >= 2.0 / (ms / 1000) * 0.5
 
