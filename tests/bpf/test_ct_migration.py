@@ -106,13 +106,18 @@ def test_a_snat_flow_of_the_old_layout_survives_the_upgrade(net):
         dp.destroy()
 
 
+def _one_port_datapath(tag: str):
+    """(instance, service key, features with the single node port NAT_PORT, the new agent's
+    Datapath, not loaded yet): an upgrade test's starting point."""
+    instance = f"{tag}-{os.getpid()}"
+    one_port = dataclasses.replace(TEST_FEATURES, snat_port_min=NAT_PORT, snat_port_max=NAT_PORT)
+    return instance, ServiceKey(VIP, 80, Proto.TCP), one_port, Datapath(instance, pin_root=PIN_ROOT, features=one_port)
+
+
 def test_a_snat_flow_with_a_reply_conntrack_entry_survives_the_upgrade(net):
     """The last layout before node-port slots: ct_v2 holding the flow's SERVICE and REPLY
     entries, no node-port slots."""
-    instance = f"ctmig2-{os.getpid()}"
-    key = ServiceKey(VIP, 80, Proto.TCP)
-    one_port = dataclasses.replace(TEST_FEATURES, snat_port_min=NAT_PORT, snat_port_max=NAT_PORT)
-    dp = Datapath(instance, pin_root=PIN_ROOT, features=one_port)
+    instance, key, one_port, dp = _one_port_datapath("ctmig2")
     try:
         before = _old_agent(instance, key, one_port)
         ct = before.table(MapName.CT)
@@ -148,10 +153,7 @@ def test_a_snat_flow_of_the_slot_layout_before_the_flow_index_survives_the_upgra
     """The layout before the SNAT flow index: the flow's SERVICE entry in ct_v2 and its slot in
     snat_ports_v1 (80 B). The new agent moves the slot into snat_ports_v2."""
     from agent.datapath.snatports import SLOT_V1, snat_slot_index
-    instance = f"ctmig3-{os.getpid()}"
-    key = ServiceKey(VIP, 80, Proto.TCP)
-    one_port = dataclasses.replace(TEST_FEATURES, snat_port_min=NAT_PORT, snat_port_max=NAT_PORT)
-    dp = Datapath(instance, pin_root=PIN_ROOT, features=one_port)
+    instance, key, one_port, dp = _one_port_datapath("ctmig3")
     try:
         before = _old_agent(instance, key, one_port)
         _service_entry(before, key)
