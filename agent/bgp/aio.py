@@ -162,8 +162,9 @@ class SessionDriver:
 
     def _after(self, events: list) -> None:
         self.transmit()
-        if any(isinstance(e, CloseConnection) for e in events):
-            self._drop_transport()
+        closes = [e for e in events if isinstance(e, CloseConnection)]
+        if closes:
+            self._drop_transport(half_close=any(e.until_peer_closes for e in closes))
         if events:
             self.on_events(self, events)
         self.arm_timer()
@@ -256,7 +257,7 @@ class SessionDriver:
         reason = f"{exc}" if exc else "closed by the peer"
         self.call(self.session.connection_failed, self.loop.time(), reason)
 
-    def _drop_transport(self) -> None:
+    def _drop_transport(self, *, half_close: bool = False) -> None:
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -265,7 +266,11 @@ class SessionDriver:
         if p is not None:
             p.driver = None  # no more callbacks into the session from this connection
             self._closing = [c for c in self._closing if not c.lost.is_set()] + [p]
-        if t is not None:
+        if t is not None and half_close and t.can_write_eof():
+            # FIN after what is buffered; the transport closes when the peer's FIN arrives
+            # (wait_closed() bounds the wait and aborts)
+            t.write_eof()
+        elif t is not None:
             t.close()  # flushes what is buffered (the NOTIFICATION), then FIN
 
     async def wait_closed(self, timeout: float = 2.0) -> None:

@@ -104,9 +104,13 @@ class ConnectRequested(SessionEvent):
 
 @dataclass(frozen=True, slots=True)
 class CloseConnection(SessionEvent):
-    """Flush data_to_send() and close the TCP connection (or abandon the connect attempt)."""
+    """Flush data_to_send() and close the TCP connection (or abandon the connect attempt).
+    ``until_peer_closes``: send FIN and keep reading until the peer closes its side (graceful
+    restart): a peer that answered our FIN has seen the close, so it is in graceful-restart
+    helper mode before anything we signal next (BFD AdminDown) can reach it."""
 
     reason: str
+    until_peer_closes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,7 +488,7 @@ class Session:
         self._t_idle_hold = self._t_connect = self._t_hold = self._t_keepalive = None
 
     def _close(self, reason: str, *, sent: Notification | None = None, received: Notification | None = None,
-               restart: bool = True, failed: bool = True) -> None:
+               restart: bool = True, failed: bool = True, until_peer_closes: bool = False) -> None:
         was_connected = self.state in _CONNECTED
         was_established = self.state is State.ESTABLISHED
         if sent is not None:
@@ -510,7 +514,7 @@ class Session:
             retry = self._backoff(min(IDLE_HOLD_TIME, self.config.connect_retry))
             self._t_idle_hold = self._now + retry
         self.established_at = None
-        self._events.append(CloseConnection(reason))
+        self._events.append(CloseConnection(reason, until_peer_closes and was_connected))
         if was_connected:
             self._events.append(SessionDown(reason, sent, received, was_established, retry))
         self._reset_connection_state()
@@ -721,7 +725,8 @@ class Session:
             self._close("stopped by configuration", restart=False, failed=False)
 
     def _act_stop_silent(self) -> None:
-        self._close("stopped for graceful restart (no NOTIFICATION)", restart=False, failed=False)
+        self._close("stopped for graceful restart (no NOTIFICATION)", restart=False, failed=False,
+                    until_peer_closes=True)
 
     def _act_peer_closed(self) -> None:
         n = self._received_notification

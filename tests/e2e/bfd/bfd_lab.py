@@ -147,6 +147,23 @@ class BfdLab:
                 and all(ours.get(a, {}).get("state") == "up" for a in (R4, R6))
                 and all(self.frr_bgp_state(a) == "established" for a in (N4, N6)))
 
+    def wait_settled(self, timeout: float = 40) -> dict[str, dict]:
+        """Wait until BFD is up both ways and FRR has had BGP Established for a second; return
+        our BFD sessions at that point, for tests to count transitions from.
+
+        FRR 8.4's bgpd registers the BFD session before it knows the connection's local address
+        and interface, and re-registers it when BGP reaches Established
+        (bgp_peer_bfd_update_source); bfdd then replaces the session, so when BFD came up first
+        both sides see one Down a few ms after Established, and BGP restarts once (2 of 8 lab
+        starts here). One second into Established that has happened or will not."""
+        def settled() -> bool:
+            if not self.all_up():
+                return False
+            sessions = self.frr.sessions()
+            return all((sessions[a].uptime or 0) >= 1.0 for a in (N4, N6))
+        wait_until(settled, timeout=timeout, what="BFD up and BGP established for 1 s on both families")
+        return self.our_bfd()
+
     def pod_cidr_at_router(self) -> bool:
         return any(r.prefix == POD_CIDR for r in self.frr.routes("ipv4"))
 

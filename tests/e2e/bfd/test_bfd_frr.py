@@ -53,7 +53,7 @@ def test_sessions_come_up_with_frr_bfdd_ipv4_and_ipv6(bfd_lab_factory, ms):
 
 def test_link_cut_takes_bgp_down_within_detection_time_and_routes_leave_frr(bfd_lab_factory):
     b = bfd_lab_factory(50)
-    wait_until(b.all_up, timeout=40, what="BFD up at 50 ms x 3")
+    base = b.wait_settled()
     wait_until(lambda: all(p["detectionTimeMs"] == 150 for p in b.our_bfd().values()), timeout=10,
                what="fast timers in effect")
     wait_until(b.pod_cidr_at_router, timeout=10, what="PodCIDR at FRR")
@@ -76,12 +76,14 @@ def test_link_cut_takes_bgp_down_within_detection_time_and_routes_leave_frr(bfd_
     b.heal()
     wait_until(b.all_up, timeout=40, what="BFD and BGP back after the link heals")
     wait_until(b.pod_cidr_at_router, timeout=10, what="PodCIDR back at FRR")
-    assert all(p["upTransitions"] == 2 and p["downTransitions"] == 1 for p in b.our_bfd().values())
+    now = b.our_bfd()
+    assert all(now[a]["upTransitions"] == base[a]["upTransitions"] + 1
+               and now[a]["downTransitions"] == base[a]["downTransitions"] + 1 for a in (R4, R6)), now
 
 
 def test_poll_sequence_renegotiates_timers_both_ways_without_a_flap(bfd_lab_factory):
     b = bfd_lab_factory(300)
-    wait_until(b.all_up, timeout=40, what="BFD up at 300 ms")
+    base = b.wait_settled()
     # Our side: the annotation changes, vipd reloads the directory, a Poll carries the change.
     b.set_peer_config("receiveInterval=100,transmitInterval=100,detectMultiplier=4")
     wait_until(lambda: all(p["remote-transmit-interval"] == 100 and p["remote-receive-interval"] == 100
@@ -98,7 +100,8 @@ def test_poll_sequence_renegotiates_timers_both_ways_without_a_flap(bfd_lab_fact
     assert all(p["transmit-interval"] == 200 and p["receive-interval"] == 150 for p in frr.values())
     assert all(p["status"] == "up" for p in frr.values())
     ours = b.our_bfd()
-    assert all(p["upTransitions"] == 1 and p["downTransitions"] == 0 for p in ours.values()), ours
+    assert all(ours[a]["upTransitions"] == base[a]["upTransitions"]
+               and ours[a]["downTransitions"] == base[a]["downTransitions"] for a in (R4, R6)), ours
     assert all(b.frr_bgp_state(a) == "established" for a in (N4, N6))
     # Annotation removed: vipd sends AdminDown (diag 7) and stops BFD. FRR 8.4 treats that as
     # BFD Down (RFC 5882 §3.2 suggests it should not) and resets BGP once; BGP then runs without
@@ -155,7 +158,7 @@ def test_malformed_packet_corpus_never_crashes_or_flaps(bfd_lab_factory):
     import sys
 
     b = bfd_lab_factory(50)
-    wait_until(b.all_up, timeout=40, what="BFD up at 50 ms")
+    b.wait_settled()
     wait_until(lambda: all(p["detectionTimeMs"] == 150 for p in b.our_bfd().values()), timeout=10,
                what="fast timers in effect")
     before = b.our_bfd()
@@ -167,7 +170,8 @@ def test_malformed_packet_corpus_never_crashes_or_flaps(bfd_lab_factory):
     assert b.proc.poll() is None, "vipd died"
     after = b.our_bfd()
     for peer in (R4, R6):
-        assert after[peer]["state"] == "up" and after[peer]["downTransitions"] == 0, after[peer]
+        assert after[peer]["state"] == "up", after[peer]
+        assert after[peer]["downTransitions"] == before[peer]["downTransitions"], after[peer]
         dropped = {d["reason"]: d["packets"] for d in after[peer]["dropped"]}
         assert dropped.get("ttl", 0) >= 9 and dropped.get("truncated", 0) >= 3 * 24
         for reason in ("bad_version", "bad_length", "bad_detect_mult", "multipoint", "zero_my_discriminator",
@@ -181,16 +185,17 @@ def test_malformed_packet_corpus_never_crashes_or_flaps(bfd_lab_factory):
 
 
 def test_graceful_restart_keeps_routes_at_frr_with_bfd(bfd_lab_factory):
-    """SIGTERM (graceful): vipd closes TCP without NOTIFICATION, then sends BFD AdminDown. FRR
-    is in graceful-restart helper mode by then and keeps our routes although BFD went down; the
-    restarted vipd brings BFD and BGP back."""
+    """SIGTERM (graceful): vipd closes TCP without NOTIFICATION, waits for FRR to close its side,
+    then sends BFD AdminDown. FRR is in graceful-restart helper mode by then and keeps our routes
+    although BFD went down; the restarted vipd brings BFD and BGP back. (Sending AdminDown right
+    after our FIN lost the route in 1 of 14 runs: bfdd's Down reached bgpd first.)"""
     import signal
 
     # 300 ms x 3: at 50 ms a loaded CI machine can starve the loop past the detection time
     # before SIGTERM is handled, and FRR's BFD Down then comes before the GR close (a false
     # Down, not what this test is about; the 50 ms tests above cover fast timers)
     b = bfd_lab_factory(300, graceful_restart=True)
-    wait_until(b.all_up, timeout=40, what="BFD up, BGP established with graceful restart")
+    b.wait_settled()
     wait_until(b.pod_cidr_at_router, timeout=10, what="PodCIDR at FRR")
     b.proc.send_signal(signal.SIGTERM)
     assert b.proc.wait(timeout=20) == 0

@@ -413,7 +413,9 @@ def test_graceful_restart_r_bit_only_until_the_first_established_session():
     assert p.b.remote_open.capability(GracefulRestart).restart_state is True
     p.call("a", p.a.stop, p.now, notify=False)
     assert p.a.data_to_send() == b""  # no NOTIFICATION: the peer keeps our routes (RFC 4724)
-    assert p.of_type("a", CloseConnection)
+    # half close: the driver waits for the peer's FIN (so the peer is in helper mode before our
+    # BFD AdminDown can reach it); an administrative stop closes at once
+    assert [c.until_peer_closes for c in p.of_type("a", CloseConnection)] == [True]
     s = p.a
     s.start(p.now)
     s.connection_made(p.now, "10.0.0.1", "10.0.0.2", outgoing=True)
@@ -425,6 +427,7 @@ def test_stop_sends_administrative_shutdown_with_message():
     p.call("a", p.a.stop, p.now, subcode=2, data=b"\x0bmaintenance")
     p.run()
     assert p.wire["a"][-1] == h(M + "0021 03 06 02 0b") + b"maintenance"
+    assert [c.until_peer_closes for c in p.of_type("a", CloseConnection)] == [False]
     assert "Administrative Shutdown: maintenance" in p.b.last_error
     assert p.a.state is State.IDLE and p.a.next_deadline() is None  # no automatic restart
 
