@@ -126,6 +126,19 @@ def test_stop_sends_administrative_shutdown_with_the_message():
     asyncio.run(main())
 
 
+def test_graceful_stop_returns_only_after_the_peer_has_closed_its_side():
+    """A graceful stop (no NOTIFICATION) sends FIN and waits for the peer's: when stop() returns,
+    the peer has seen the close, so what comes next (BFD AdminDown) cannot overtake it."""
+    async def main():
+        a, b, la, lb = await pair()
+        await a.stop(notify=False)
+        assert state(b, "127.0.0.1").state != "established"
+        assert any(e.get("peer") == "127.0.0.1" for e in lb.events("session down"))
+        await b.stop()
+
+    asyncio.run(main())
+
+
 def test_update_neighbor_resets_only_for_open_fields():
     async def main():
         a, b, la, lb = await pair()
