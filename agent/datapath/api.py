@@ -517,17 +517,17 @@ class Datapath:
                 table = same.get(raw)
                 if table is None:
                     table = same[raw] = array("I", raw)
-            nets = frozenset(
+            nets = plan.shared_set(frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
-                for a, plen in ranges[v.id]) if v.id in ranges else frozenset()
-            mem = frozenset(members.get(v.id, ()))
+                for a, plen in ranges[v.id]) if v.id in ranges else frozenset())
+            mem = plan.shared_set(frozenset(members.get(v.id, ())))
             ids = table_ids.get(id(table))
             if ids is None:   # shared tables: their backend set once
-                ids = table_ids[id(table)] = frozenset(table)
+                ids = table_ids[id(table)] = plan.shared_set(frozenset(table))
             plan.adopt_service(key, Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
                 table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
-                refs=ids | mem if mem - ids else ids, members=mem, backend_gen=v.backend_gen))
+                refs=plan.shared_set(ids | mem) if mem - ids else ids, members=mem, backend_gen=v.backend_gen))
             svc_ids.add(v.id)
         if window is not None:
             window.close()
