@@ -26,7 +26,7 @@ _configured = False
 # fat start can be read from the log (benchmarks/agent_scale.py prints them).
 MEMORY_EVENTS = frozenset({"configuration loaded", "datapath loaded", "datapath attached",
                            "services programmed", "session established", "vipd running",
-                           "reconcile pass"})
+                           "reconcile pass", "heap trimmed", "api listening"})
 
 
 def add_memory(_logger, _method, event_dict):
