@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from agent.memory import trim_heap
 from agent.reconcilers.advertisements import AdvertisementReconciler
 from agent.reconcilers.errors import ErrorBook
 from agent.reconcilers.neighbors import NeighborReconciler
@@ -287,6 +288,9 @@ class Controller:
                         self.errors.clear("controller", "")
                     except Exception as exc:  # noqa: BLE001 - a bug in one pass must not stop the agent
                         self.record_failed_pass(exc)
+                    # what the reload and the pass dropped goes back to the kernel before the
+                    # next change piles on it (agent/memory.py; ~0-30 ms, off the loop)
+                    await asyncio.to_thread(trim_heap)
                 retry_at = self.errors.next_retry()
                 timeout = None if retry_at is None else max(0.05, retry_at - time.monotonic())
                 waiters = [asyncio.ensure_future(self.store.wait_for_change(generation)),
