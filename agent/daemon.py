@@ -175,6 +175,16 @@ def _initial_capacity(store, allocations, args, log, memo=None, services_memo=No
         return None
 
 
+def _trim_heap(log, after: str) -> None:
+    """Free heap pages back to the kernel after a start-up pass (agent/memory.py): the
+    start-up's peak RSS is what an operator sizes the node's memory for."""
+    from agent.memory import rss_mb, trim_heap
+
+    before = rss_mb()
+    if trim_heap():
+        log.info("heap trimmed", after=after, rss_before_mb=round(before, 1), rss_after_mb=round(rss_mb(), 1))
+
+
 def speaker_factory(instance):
     """One BGP speaker per instance (Cilium runs one GoBGP server per instance)."""
     from agent.bgp.api import BgpSpeaker, SpeakerConfig
@@ -340,6 +350,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         await controller.reconcile_once()
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
         controller.record_failed_pass(exc)  # logged there; vipctl status shows it until a pass succeeds
+    _trim_heap(log, "first pass")
     datapath = None
     if loading is not None:
         try:
@@ -356,6 +367,7 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         except Exception as exc:  # noqa: BLE001 - as above
             controller.record_failed_pass(exc)
         controller.neighbors.release_end_of_rib()
+        _trim_heap(log, "services pass")
     # The configuration and what the first pass derived from it live as long as the agent:
     # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
     # ~0.5 s, paid at random points of later passes). Freed objects are still freed.

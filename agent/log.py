@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tracemalloc
 
 import structlog
 
@@ -25,12 +26,15 @@ _configured = False
 # fat start can be read from the log (benchmarks/agent_scale.py prints them).
 MEMORY_EVENTS = frozenset({"configuration loaded", "datapath loaded", "datapath attached",
                            "services programmed", "session established", "vipd running",
-                           "reconcile pass"})
+                           "reconcile pass", "heap trimmed", "api listening"})
 
 
 def add_memory(_logger, _method, event_dict):
-    """``rss_mb`` / ``peak_rss_mb`` (VmRSS / VmHWM) on the lines of MEMORY_EVENTS."""
+    """``rss_mb`` / ``peak_rss_mb`` (VmRSS / VmHWM) on the lines of MEMORY_EVENTS; with
+    Python's own ``PYTHONTRACEMALLOC=1`` also where the memory is (see :func:`_traced`)."""
     if event_dict.get("event") in MEMORY_EVENTS:
+        if tracemalloc.is_tracing():
+            _traced(event_dict)
         try:
             with open("/proc/self/status", "rb") as fh:
                 for line in fh:
@@ -40,6 +44,20 @@ def add_memory(_logger, _method, event_dict):
         except OSError:
             pass
     return event_dict
+
+
+def _traced(event_dict) -> None:
+    """A diagnosis aid (docs/operations.md, "Where the memory goes"): Python-heap MB now
+    (``traced_mb``), the peak since the previous milestone (``traced_peak_mb``), and the
+    source lines holding most now (``top_allocations``). Slow at scale: not for production."""
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    stats = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)]).statistics("lineno")
+    event_dict["traced_mb"] = round(current / 2**20, 1)
+    event_dict["traced_peak_mb"] = round(peak / 2**20, 1)
+    event_dict["top_allocations"] = [f"{'/'.join(s.traceback[0].filename.rsplit('/', 2)[-2:])}:{s.traceback[0].lineno} "
+                                     f"{s.size / 2**20:.1f} MB ({s.count})" for s in stats[:12]]
 
 
 def configure(level: str | int = "INFO", *, json: bool | None = None) -> None:

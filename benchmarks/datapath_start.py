@@ -72,7 +72,13 @@ def start(instance: str, desired: dict) -> dict:
 def _view(tbl):
     """The mmap'ed slots (None: syscalls; also for a vipd from before the mapping, so this
     script can measure a checkout of that for comparison)."""
+    if hasattr(tbl, "u32_window"):
+        return tbl.u32_window()
     return tbl.u32_view() if hasattr(tbl, "u32_view") else None
+
+
+def _read(view, start_: int, n: int) -> bytes:
+    return view.read(start_, n) if hasattr(view, "read") else view[start_:start_ + n].tobytes()
 
 
 def syscall_reference(dp: Datapath, slots: int) -> float:
@@ -84,7 +90,7 @@ def syscall_reference(dp: Datapath, slots: int) -> float:
     for start_ in range(0, slots, chunk):
         n = min(chunk, slots - start_)
         keys = array("I", range(start_, start_ + n))
-        vals = array("I", view[start_:start_ + n].tobytes()) if view is not None else array("I", bytes(4 * n))
+        vals = array("I", _read(view, start_, n)) if view is not None else array("I", bytes(4 * n))
         kbuf = (ctypes.c_char * (4 * n)).from_buffer(keys)
         vbuf = (ctypes.c_char * (4 * n)).from_buffer(vals)
         done, rc = bpfsys.update_batch(tbl.map_fd, kbuf, vbuf, n)

@@ -499,10 +499,11 @@ class Datapath:
                 wildcards.append((k.family, _addr_from_words(k.addr, k.family)))
             else:
                 fronts.append((stbl.Key.from_buffer_copy(k), stbl.Leaf.from_buffer_copy(v)))
-        # every table at once out of the mapping (one strided copy), sliced per service
-        view = maglev.u32_view()
-        top = max((v.table_off + v.table_size for _, v in fronts), default=0)
-        slots = array("I", view[:top].tobytes()) if view is not None else None
+        # the tables out of the mapping in slot order (a few MiB mapped at a time), one
+        # array per distinct table (equal tables share it: 20,000 Services over a few pods
+        # hold a few tables, not 20,000 copies)
+        fronts.sort(key=lambda kv: kv[1].table_off)
+        window = maglev.u32_window()
         protos = {int(p): p for p in Proto}
         same: dict[bytes, array] = {}
         table_ids: dict[int, frozenset] = {}   # id(table) -> its backend ids (tables live in ``same``)
@@ -511,22 +512,26 @@ class Datapath:
             if not v.table_size:
                 table = array("I")
             else:
-                table = (slots[v.table_off:v.table_off + v.table_size] if slots is not None
-                         else _array_read_range(maglev, v.table_off, v.table_size))
-                table = same.setdefault(table.tobytes(), table)   # equal tables: one array
-            nets = frozenset(
+                raw = (window.read(v.table_off, v.table_size) if window is not None
+                       else _array_read_range(maglev, v.table_off, v.table_size).tobytes())
+                table = same.get(raw)
+                if table is None:
+                    table = same[raw] = array("I", raw)
+            nets = plan.shared_set(frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
-                for a, plen in ranges[v.id]) if v.id in ranges else frozenset()
-            mem = frozenset(members.get(v.id, ()))
+                for a, plen in ranges[v.id]) if v.id in ranges else frozenset())
+            mem = plan.shared_set(frozenset(members.get(v.id, ())))
             ids = table_ids.get(id(table))
             if ids is None:   # shared tables: their backend set once
-                ids = table_ids[id(table)] = frozenset(table)
+                ids = table_ids[id(table)] = plan.shared_set(frozenset(table))
             plan.adopt_service(key, Programmed(
                 svc_id=v.id, flags=v.flags, table_off=v.table_off, table_cap=v.table_cap,
                 table=table, affinity_timeout=v.affinity_timeout, ranges=nets, service=None,
-                refs=ids | mem if mem - ids else ids, members=mem, backend_gen=v.backend_gen))
+                refs=plan.shared_set(ids | mem) if mem - ids else ids, members=mem, backend_gen=v.backend_gen))
             svc_ids.add(v.id)
-        del slots, fronts, same, table_ids
+        if window is not None:
+            window.close()
+        del fronts, same, table_ids
         with self._writes():   # leftover wildcards without services are deleted
             plan.adopt_done(wildcards, revnat_svc)
         for k in member_keys:   # memberships of no frontend: left by a batch a full map cut short
@@ -954,9 +959,10 @@ class Datapath:
 def _array_read_range(tbl, start: int, count: int) -> array:
     """Read ``count`` u32 slots of an array starting at ``start``: a copy out of the mapped
     array (BPF_F_MMAPABLE), else by batch lookup."""
-    view = tbl.u32_view()
-    if view is not None:
-        return array("I", view[start:start + count].tobytes())
+    window = tbl.u32_window()
+    if window is not None:
+        with window:
+            return array("I", window.read(start, count))
     keys = (ctypes.c_uint32 * count)()
     vals = (ctypes.c_uint32 * count)()
     out_batch = ctypes.c_uint32(0)

@@ -51,13 +51,15 @@ def _check_port(port: int, what: str, *args) -> None:
         raise ValueError(f"{what.format(*args)} must be an integer 1..65535, got {port!r}")
 
 
-@dataclass(frozen=True, order=True)
+# slots: one ServiceKey, Service and Backend per frontend (20,000+ of each), no __dict__
+@dataclass(frozen=True, order=True, slots=True)
 class ServiceKey:
     """A frontend: the (VIP, port, protocol) the datapath matches on."""
 
     vip: IPAddress
     port: int
     proto: Proto = Proto.TCP
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "vip", _addr(self.vip))
@@ -78,7 +80,7 @@ class ServiceKey:
         return f"{host}:{self.port}/{self.proto.name}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     """One endpoint of a service.
 
@@ -118,7 +120,7 @@ def backend_name(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     """A frontend with its backends and per-service datapath flags.
 

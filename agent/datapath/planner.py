@@ -128,9 +128,10 @@ class Layouts:
         return self.types[name][1]
 
 
-@dataclass
+@dataclass(slots=True)
 class Programmed:
-    """What the maps currently hold for one frontend."""
+    """What the maps currently hold for one frontend (one per frontend, 20,000+: slots, and
+    the sets shared between frontends with equal ones, see ``Planner.shared_set``)."""
 
     svc_id: int
     flags: int
@@ -230,6 +231,8 @@ def htons(v: int) -> int:
     return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF)
 
 
+_EMPTY: frozenset = frozenset()
+
 # flag values as plain ints for the per-service hot path
 _BE_ACTIVE, _BE_LOCAL, _BE_TERMINATING = int(BackendFlag.ACTIVE), int(BackendFlag.LOCAL), int(BackendFlag.TERMINATING)
 _SVC_LOCAL_ONLY, _SVC_DSR, _SVC_AFFINITY = int(SvcFlag.LOCAL_ONLY), int(SvcFlag.DSR), int(SvcFlag.AFFINITY)
@@ -258,6 +261,7 @@ class Planner:
         self._table_builder = table_builder
         self._tables: dict[tuple, tuple[int, ...]] = {}  # (backends, M) -> Maglev table
         self._id_tables: dict[tuple, array] = {}         # ... with backend ids: shared arrays
+        self._sets: dict[frozenset, frozenset] = {}      # one object per distinct id / range set
         self.maglev_builds = 0
         self.changes = MapChanges()
         self.first = MapChanges()   # applied before ``changes`` (see _set_revnat)
@@ -360,8 +364,8 @@ class Planner:
         # 2. membership before any slot names a new backend; a backend that leaves is removed
         #    now and announced by the generation bump in the frontend entry (step 4): flows
         #    whose conntrack entry names it re-balance even when another service still uses it
-        members = frozenset(ids)
-        old_members = old.members if old else frozenset()
+        members = self.shared_set(frozenset(ids))
+        old_members = old.members if old else _EMPTY
         self._write_members(svc_id, members - old_members, present=True)
         self._write_members(svc_id, old_members - members, present=False)
         self.member_count += len(members) - len(old_members)
@@ -369,8 +373,8 @@ class Planner:
         gen &= 0xFFFFFFFF
 
         # 2b. source ranges before the flag that enforces them
-        old_ranges = old.ranges if old else frozenset()
-        new_ranges = frozenset(svc.source_ranges)
+        old_ranges = old.ranges if old else _EMPTY
+        new_ranges = self.shared_set(frozenset(svc.source_ranges)) if svc.source_ranges else _EMPTY
         self._write_ranges(svc_id, new_ranges - old_ranges, present=True)
 
         # 3. table: delta in place, or fill a fresh range and swap
@@ -405,7 +409,7 @@ class Planner:
 
         # 5. clean-ups after the switch
         self._write_ranges(svc_id, old_ranges - new_ranges, present=False)
-        refs = frozenset(ids)   # the table names only listed backends
+        refs = members   # the table names only listed backends
         # array('I'): 4 bytes a slot, not a list's 8 (20,000 tables of 251 slots: 20 MB less);
         # the same array the changes hold for the write (never modified in place)
         self.programmed[key] = Programmed(svc_id, flags, off, cap, table, svc.affinity_timeout,
@@ -478,6 +482,13 @@ class Planner:
         if after > limit:
             raise CapacityError("memberships", f"service {svc.key}: service memberships map full "
                                 f"({limit}): {len(svc.backends)} backends do not fit beside {in_use} in use")
+
+    def shared_set(self, ids: frozenset) -> frozenset:
+        """``ids``, or an equal set kept earlier: 20,000 frontends over a few pods hold a few
+        sets, not 20,000 (~200 bytes each, several per frontend)."""
+        if len(self._sets) >= TABLE_CACHE_SIZE:
+            self._sets.clear()
+        return self._sets.setdefault(ids, ids)
 
     def _id_table(self, selectable: Sequence[Backend], sel_ids: list[int], m: int) -> array:
         """The Maglev table of backend ids (``array("I")``, M slots; empty without backends).

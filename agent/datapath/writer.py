@@ -2,8 +2,8 @@
 calls (BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, Linux >= 5.6; one call per 64k entries),
 falling back to one call per entry where a map type has no batch operations.
 
-Maglev slots go straight into the mmap'ed array (``MapTable.u32_view``; the map is declared
-BPF_F_MMAPABLE): one memcpy per table, in the SLOTS phase, so still after the backends and
+Maglev slots go straight into the mmap'ed array (``MapTable.u32_window``; the map is declared
+BPF_F_MMAPABLE; a few MiB of it mapped at a time): one strided copy per table, in the SLOTS phase, so still after the backends and
 memberships and before the frontend entries that point at them (those are bpf(2) calls, which
 order the stores before them). Each 4-byte slot store is atomic, so a slot updated in place
 names either its old or its new backend. A pin from before the flag is written by syscalls."""
@@ -48,38 +48,47 @@ def apply(changes: MapChanges, tables: dict) -> int:
     """Write ``changes`` into ``tables`` (name -> MapTable); returns the entries written or
     deleted. Raises :class:`WriteError` at the first refused write (earlier runs stay written)."""
     done_total = 0
-    view = tables[changes.slots_map].u32_view() if changes.slots_map else None
-    for b in changes.batches(slots=view is None):
-        if b.op == "slots":
-            done_total += _copy_slots(view, changes)
-            continue
-        tbl = tables[b.map]
-        for i in range(0, len(b.keys), CHUNK):
-            keys = b.keys[i:i + CHUNK]
-            n = len(keys)
-            if b.op == "update":
-                vals = b.values[i:i + CHUNK]
-                kbuf, vbuf = _buffer(keys), _buffer(vals)
-                done, rc = bpfsys.update_batch(tbl.map_fd, kbuf, vbuf, n)
-                if rc and -rc in _NO_BATCH and done == 0:
-                    _one_by_one(tbl, b.map, keys, vals)
-                elif rc:
-                    raise WriteError(b.map, -rc, "update")
-            else:
-                _delete(tbl, b.map, keys)
-            done_total += n
+    window = tables[changes.slots_map].u32_window() if changes.slots_map else None
+    try:
+        for b in changes.batches(slots=window is None):
+            if b.op == "slots":
+                done_total += _copy_slots(window, changes)
+                window.close()   # unmapped before the frontend entries: nothing else needs it
+                continue
+            done_total += _write_batch(tables[b.map], b)
+    finally:
+        if window is not None:
+            window.close()
     return done_total
 
 
-def _copy_slots(view: memoryview, changes: MapChanges) -> int:
-    """The recorded Maglev slots into the mapped array: a run as one slice copy (memcpy)."""
+def _write_batch(tbl, b) -> int:
+    done_total = 0
+    for i in range(0, len(b.keys), CHUNK):
+        keys = b.keys[i:i + CHUNK]
+        n = len(keys)
+        if b.op == "update":
+            vals = b.values[i:i + CHUNK]
+            kbuf, vbuf = _buffer(keys), _buffer(vals)
+            done, rc = bpfsys.update_batch(tbl.map_fd, kbuf, vbuf, n)
+            if rc and -rc in _NO_BATCH and done == 0:
+                _one_by_one(tbl, b.map, keys, vals)
+            elif rc:
+                raise WriteError(b.map, -rc, "update")
+        else:
+            _delete(tbl, b.map, keys)
+        done_total += n
+    return done_total
+
+
+def _copy_slots(window, changes: MapChanges) -> int:
+    """The recorded Maglev slots into the mapped array: a run as one slice copy."""
     n = 0
     for first, values in changes.slot_runs():
         if isinstance(first, int):
-            view[first:first + len(values)] = values
+            window.write(first, values)
         else:
-            for i, v in zip(first, values):
-                view[i] = v
+            window.write_items(first, values)
         n += len(values)
     return n
 
