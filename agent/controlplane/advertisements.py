@@ -19,6 +19,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
+from agent.addresses import host_network, ip_address
 from agent.config import ObjectSet
 from agent.config.cilium import (
     BGP_LOAD_BALANCER_CLASS,
@@ -201,12 +202,10 @@ def service_vips(objects: ObjectSet, svc: Service, address_type: str, node_name:
 @functools.lru_cache(maxsize=1 << 17)
 def _host_prefix(ip: str, aggregate_v4: int | None, aggregate_v6: int | None,
                  local_policy: bool) -> Prefix:
-    addr = ipaddress.ip_address(ip)
-    length = addr.max_prefixlen
+    addr = ip_address(ip)
     agg = aggregate_v4 if addr.version == 4 else aggregate_v6
-    if agg is not None and not local_policy:   # aggregation is ignored under Local policy
-        length = agg
-    return ipaddress.ip_network(f"{addr}/{length}", strict=False)
+    # aggregation is ignored under Local policy
+    return host_network(addr, agg if agg is not None and not local_policy else None)
 
 
 def _in_family(prefixes, family: Family) -> tuple[Prefix, ...]:

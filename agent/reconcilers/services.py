@@ -332,8 +332,13 @@ def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, m
     """The Capacity the datapath should be created with for these (effective) objects.
     ``memo``: the ServiceReconciler's, so its first pass reuses the frontends planned here.
     ``current``: the capacity of maps already pinned (a restart): kept when it suffices."""
-    from agent.datapath.capacity import plan_capacity
     desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size, memo=memo)
+    return capacity_for(desired, map_max=map_max, current=current)
+
+
+def capacity_for(desired: dict, *, map_max: int | None = None, current=None):
+    """The Capacity for ``desired`` frontends (a plan's ``frontends``); see :func:`plan_for`."""
+    from agent.datapath.capacity import plan_capacity
     return clamp(plan_capacity((s for s in desired.values() if check_service(s) is None), current), map_max)
 
 
