@@ -273,20 +273,31 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     else:
         source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
                             cache_dir=state_dir / "config-cache", parser=parser)
-    loader = bpf_cache = None
+    loader = bpf_cache = maps = None
+    dp_log = get_logger("lb", node=args.node_name)
     if args.lb_interface:   # the BPF compile (seconds) overlaps the parsing; map sizes come later
-        from agent.reconcilers.services import start_datapath_loader
+        from agent.reconcilers.services import load_datapath, start_datapath_loader
         bpf_cache = _bpf_cache(args, state_dir)
         loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
+
+        def load(capacity):
+            return asyncio.create_task(asyncio.to_thread(
+                load_datapath, args.node_name, pin_root=args.bpf_pin_root, capacity=capacity, loader=loader,
+                bpf_cache=bpf_cache))
+
+        # A restart adopts the pinned maps at their size while the configuration is read (the
+        # first pass grows them if the configuration outgrew them); a first start sizes new
+        # maps from the start-up plan (below).
+        if await asyncio.to_thread(_pinned_capacity, args, dp_log) is not None:
+            maps = load(None)
     await source.reload()   # parsed in the worker process, like every later reload
     services = None
     from agent.controlplane.memo import Memo
 
     memo, services_memo = Memo(), Memo()   # per-Service results kept from pass to pass
     if args.lb_interface:
-        from agent.reconcilers.services import ServiceReconciler, open_datapath
+        from agent.reconcilers.services import ServiceReconciler, attach_datapath
 
-        dp_log = get_logger("lb", node=args.node_name)
         # attached once loaded (below): until then no VIP is programmed and none is announced
         services = ServiceReconciler(None, args.node_name, mode=args.lb_mode, log=dp_log,
                                      maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
@@ -337,33 +348,32 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                                        per_service=args.metrics_per_service)
 
     # The first pass runs before the API opens: neighbors and their full tables are in place.
-    # With a datapath, it runs while the datapath loads (in a thread): the BGP sessions come up and Pod CIDRs are announced at once; VIPs
-    # follow in the pass after the datapath programmed them (never announce what is not).
+    # With a datapath, it runs while the datapath loads (in a thread): the BGP sessions come up
+    # and Pod CIDRs are announced at once; VIPs follow in the pass after the datapath
+    # programmed them (never announce what is not).
     loading = planned = None
     if services is not None:
         # graceful restart: End-of-RIB (peers drop what is still stale) waits for the VIPs
         controller.neighbors.hold_end_of_rib = True
 
-        def load(capacity):
-            return asyncio.create_task(asyncio.to_thread(
-                open_datapath, store.objects().node(args.node_name), args.node_name, args.lb_interface,
-                pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity, loader=loader, bpf_cache=bpf_cache))
-
-        # The start-up plan (LB-IPAM, frontends: seconds at 20,000 Services) is made once, in a
-        # thread, and is the first pass's plan. A restart adopts the pinned maps at their size
-        # while it is made (the pass grows them if the configuration outgrew them); a first
-        # start sizes the new maps from it.
-        if await asyncio.to_thread(_pinned_capacity, args, dp_log) is not None:
-            loading = load(None)
+        # The start-up plan (LB-IPAM, frontends, the VIPs' paths: seconds at 20,000 Services)
+        # is made once, in a thread, and is the first pass's plan; a first start sizes the
+        # datapath maps from it.
         try:
             planned = await asyncio.to_thread(_plan_ahead, controller)
-        except Exception as exc:  # noqa: BLE001 - the pass below plans again and records the failure
-            log.warning("start-up plan failed", error=str(exc))
-        if loading is None:
-            loading = load(_initial_capacity(planned, args) if planned is not None else None)
-        if planned is not None:
             dp_log.info("start-up plan", seconds=round(controller.last_plan_seconds, 3),
                         frontends=len(planned.frontends or ()))
+        except Exception as exc:  # noqa: BLE001 - the pass below plans again and records the failure
+            log.warning("start-up plan failed", error=str(exc))
+        if maps is None:
+            maps = load(_initial_capacity(planned, args) if planned is not None else None)
+
+        async def attached():
+            dp = await maps
+            await asyncio.to_thread(attach_datapath, dp, store.objects().node(args.node_name), args.lb_interface,
+                                    log=dp_log)
+            return dp
+        loading = asyncio.create_task(attached())
     try:
         await (controller.reconcile_once(planned) if planned is not None else controller.reconcile_once())
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
