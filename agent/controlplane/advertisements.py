@@ -138,11 +138,18 @@ def _shared_fields_set(names) -> set:
     return found
 
 
+_EMPTY: dict[type, object] = {}   # class -> an instance with every field at its default
+
+
 def _built(cls, **values):
-    """``cls.model_construct(**values)`` with a shared fields-set."""
-    new = cls.model_construct(**values)
-    object.__setattr__(new, "__pydantic_fields_set__", _shared_fields_set(values))
-    return new
+    """``cls.model_construct(**values)`` with a shared fields-set: a copy of one all-defaults
+    instance (model_construct per object cost ~20 % of the 20,000 effective copies).
+    Only for models whose defaults are immutable (None, not a list or dict factory)."""
+    empty = _EMPTY.get(cls)
+    if empty is None:
+        empty = _EMPTY[cls] = cls.model_construct()
+        object.__setattr__(empty, "__pydantic_fields_set__", _shared_fields_set(()))
+    return _replaced(empty, **values)
 
 
 def _replaced(model, **changes):
@@ -524,6 +531,10 @@ def desired_paths_changed(objects: ObjectSet, node_name: str, instance: BgpInsta
 
 
 def _merge_into_attrs(sels, ibgp: bool | None) -> PathAttributes:
+    if len(sels) == 1:   # the common case (one Selection per VIP): nothing to merge
+        s = sels[0]
+        return _path_attributes_of(tuple(sorted(set(s.communities))), tuple(sorted(set(s.large))), s.local_pref,
+                                   s.incomplete_origin, ibgp)
     acc = _Attrs()
     for s in sels:
         acc.merge(s.communities, s.large, s.local_pref, s.incomplete_origin)
