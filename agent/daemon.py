@@ -154,24 +154,14 @@ def _bpf_cache(args, state_dir: Path):
     return ProgramCache(d) if d else None
 
 
-def _initial_capacity(store, allocations, args, log, memo=None, services_memo=None):
-    """Size the datapath maps for the configuration at hand (so the first pass needs no
-    growth): the same LB-IPAM allocation and desired services the first pass will compute —
-    with the controller's and the ServiceReconciler's memos, so that pass reuses the work
-    (at 20,000 Services it is seconds of start-up)."""
-    from agent.controlplane import effective_services, lbipam
+def _pinned_capacity(args, log):
+    """The capacity of the datapath maps a previous agent left pinned (None: none, a first start)."""
     from agent.datapath.api import Datapath
-    from agent.reconcilers.services import plan_for
 
     try:
-        objects = store.objects()
-        lb = lbipam.allocate(objects, allocations, memo)
-        pinned = Datapath(instance=args.node_name, pin_root=args.bpf_pin_root, bpf_cache=None).pinned_capacity()
-        return plan_for(effective_services(objects, lb, memo), args.node_name, mode=args.lb_mode,
-                        maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
-                        memo=services_memo, current=pinned)
-    except Exception as exc:  # noqa: BLE001 - the first pass grows the maps if needed
-        log.warning("could not plan the datapath capacity; using the defaults", error=str(exc))
+        return Datapath(instance=args.node_name, pin_root=args.bpf_pin_root, bpf_cache=None).pinned_capacity()
+    except Exception as exc:  # noqa: BLE001 - the load itself reports a broken pin; plan as on a first start
+        log.warning("could not read the pinned datapath maps' sizes", error=str(exc), pin_root=args.bpf_pin_root)
         return None
 
 
@@ -183,6 +173,24 @@ def _trim_heap(log, after: str) -> None:
     before = rss_mb()
     if trim_heap():
         log.info("heap trimmed", after=after, rss_before_mb=round(before, 1), rss_after_mb=round(rss_mb(), 1))
+
+
+def _initial_capacity(plan, args):
+    """Map sizes for a first start: what the start-up plan's frontends need (so the first pass
+    needs no growth); None when the plan could not compute them (the pass grows the maps)."""
+    from agent.reconcilers.services import capacity_for
+
+    if plan.frontends is None:
+        return None
+    return capacity_for(plan.frontends, map_max=args.bpf_lb_map_max)
+
+
+def _plan_ahead(controller):
+    """The start-up plan, with every peer's paths for once the datapath programmed the VIPs
+    (the pass after the load then only applies them): pure work, run in a worker thread."""
+    plan = controller.make_plan()
+    plan.anticipate_paths()
+    return plan
 
 
 def speaker_factory(instance):
@@ -238,6 +246,11 @@ class StateDirLock:
 
 
 async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
+    from agent.profiling import StartupProfile
+
+    profile = StartupProfile.from_env()   # VIPD_PROFILE=FILE: where start-up spends its CPU
+    if profile is not None:
+        profile.start()
     parser = None
     if not args.kubernetes:
         # first: the configuration parser process imports its models while this one imports
@@ -258,6 +271,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     # thresholds (700, 10, 10) the cyclic GC then costs ~30 % of the pass. Refcounting frees
     # them anyway (the agent's data has no reference cycles to speak of).
     gc.set_threshold(100_000, 20, 20)
+    # Start-up (parsing, the first plan, the first passes: millions of objects) runs with the
+    # cyclic GC off: its collections would only rescan what start-up keeps (~10 % of the
+    # CPU to "all prefixes announced"). It is back on, with that data frozen, below.
+    gc.disable()
     store = Store()
     from agent.config.safeyaml import parse_limits
 
@@ -270,20 +287,31 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     else:
         source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
                             cache_dir=state_dir / "config-cache", parser=parser)
-    loader = bpf_cache = None
+    loader = bpf_cache = maps = None
+    dp_log = get_logger("lb", node=args.node_name)
     if args.lb_interface:   # the BPF compile (seconds) overlaps the parsing; map sizes come later
-        from agent.reconcilers.services import start_datapath_loader
+        from agent.reconcilers.services import load_datapath, start_datapath_loader
         bpf_cache = _bpf_cache(args, state_dir)
         loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
+
+        def load(capacity):
+            return asyncio.create_task(asyncio.to_thread(
+                load_datapath, args.node_name, pin_root=args.bpf_pin_root, capacity=capacity, loader=loader,
+                bpf_cache=bpf_cache))
+
+        # A restart adopts the pinned maps at their size while the configuration is read (the
+        # first pass grows them if the configuration outgrew them); a first start sizes new
+        # maps from the start-up plan (below).
+        if await asyncio.to_thread(_pinned_capacity, args, dp_log) is not None:
+            maps = load(None)
     await source.reload()   # parsed in the worker process, like every later reload
     services = None
     from agent.controlplane.memo import Memo
 
-    memo, services_memo = Memo(), Memo()  # shared by the first passes and the capacity plan
+    memo, services_memo = Memo(), Memo()   # per-Service results kept from pass to pass
     if args.lb_interface:
-        from agent.reconcilers.services import ServiceReconciler, open_datapath
+        from agent.reconcilers.services import ServiceReconciler, attach_datapath
 
-        dp_log = get_logger("lb", node=args.node_name)
         # attached once loaded (below): until then no VIP is programmed and none is announced
         services = ServiceReconciler(None, args.node_name, mode=args.lb_mode, log=dp_log,
                                      maglev_size=args.maglev_table_size, map_max=args.bpf_lb_map_max,
@@ -334,20 +362,34 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
                                        per_service=args.metrics_per_service)
 
     # The first pass runs before the API opens: neighbors and their full tables are in place.
-    # With a datapath, it runs while the datapath loads (in a thread, after the capacity plan
-    # that the pass reuses): the BGP sessions come up and Pod CIDRs are announced at once; VIPs
-    # follow in the pass after the datapath programmed them (never announce what is not).
-    loading = None
+    # With a datapath, it runs while the datapath loads (in a thread): the BGP sessions come up
+    # and Pod CIDRs are announced at once; VIPs follow in the pass after the datapath
+    # programmed them (never announce what is not).
+    loading = planned = None
     if services is not None:
         # graceful restart: End-of-RIB (peers drop what is still stale) waits for the VIPs
         controller.neighbors.hold_end_of_rib = True
-        capacity = await asyncio.to_thread(_initial_capacity, store, dict(controller.state.view().allocations),
-                                           args, dp_log, memo, services_memo)
-        loading = asyncio.create_task(asyncio.to_thread(
-            open_datapath, store.objects().node(args.node_name), args.node_name, args.lb_interface,
-            pin_root=args.bpf_pin_root, log=dp_log, capacity=capacity, loader=loader, bpf_cache=bpf_cache))
+
+        # The start-up plan (LB-IPAM, frontends, the VIPs' paths: seconds at 20,000 Services)
+        # is made once, in a thread, and is the first pass's plan; a first start sizes the
+        # datapath maps from it.
+        try:
+            planned = await asyncio.to_thread(_plan_ahead, controller)
+            dp_log.info("start-up plan", seconds=round(controller.last_plan_seconds, 3),
+                        frontends=len(planned.frontends or ()))
+        except Exception as exc:  # noqa: BLE001 - the pass below plans again and records the failure
+            log.warning("start-up plan failed", error=str(exc))
+        if maps is None:
+            maps = load(_initial_capacity(planned, args) if planned is not None else None)
+
+        async def attached():
+            dp = await maps
+            await asyncio.to_thread(attach_datapath, dp, store.objects().node(args.node_name), args.lb_interface,
+                                    log=dp_log)
+            return dp
+        loading = asyncio.create_task(attached())
     try:
-        await controller.reconcile_once()
+        await (controller.reconcile_once(planned) if planned is not None else controller.reconcile_once())
     except Exception as exc:  # noqa: BLE001 - the controller loop retries; the agent stays up
         controller.record_failed_pass(exc)  # logged there; vipctl status shows it until a pass succeeds
     _trim_heap(log, "first pass")
@@ -372,6 +414,9 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     # keep them out of the cyclic GC's scans (at 20,000 Services a full collection cost
     # ~0.5 s, paid at random points of later passes). Freed objects are still freed.
     gc.freeze()
+    gc.enable()
+    if profile is not None:
+        log.info("start-up profile written", path=profile.write())
     await api.start()
     _sd_notify("READY=1")
     log.info("vipd running", config=store.current.source, state_dir=str(state_dir),

@@ -5,6 +5,8 @@ Per N (default 1,000 / 10,000 / 20,000 Services, one TCP port each; agent/lab/sc
 
 * **start -> all**: seconds from spawning the process (``vipd run`` / ``bird``) until FRR's
   received-prefix counter for the node reaches N (FRR polled every 0.2 s);
+* **agent CPU**: CPU seconds (user + system, all threads) of the agent process until then, the
+  figure to compare on a busy machine (the parser and BPF loader child processes not in it);
 * **peak RSS** of the agent (``VmHWM``, read once FRR has all and the agent logged "vipd running",
   the end of its start-up; at the largest N again after the one change), and its RSS at each
   start-up milestone (the agent logs ``rss_mb`` / ``peak_rss_mb`` on those lines);
@@ -170,11 +172,12 @@ def start_and_measure(env: ScaleLab, n: int, timeout: float) -> dict:
         if env.proc.poll() is not None:
             raise RuntimeError(f"vipd exited ({env.proc.returncode}):\n{env.log()[-3000:]}")
     seconds = wait_all(env, n, started, alive, timeout)
+    cpu = cpu_seconds(env.proc.pid)
     # the peak of the whole start-up: the agent may still be finishing it (last pass, API)
     # when FRR has every prefix
     wait_until(lambda: alive() or env.log().count('"vipd running"') > runs_before, timeout=60,
                what="vipd running")
-    out = {"start_to_all_seconds": round(seconds, 3),
+    out = {"start_to_all_seconds": round(seconds, 3), "agent_cpu_seconds": round(cpu, 2),
            "peak_rss_mb": round(pid_vm_hwm_kib(env.proc.pid) / 1024, 1)}
     out["timeline_seconds"], out["rss_at_milestones_mb"] = timeline(env.log(), started)
     passes = [rec for rec in (json.loads(line) for line in env.log().splitlines()
@@ -183,6 +186,14 @@ def start_and_measure(env: ScaleLab, n: int, timeout: float) -> dict:
     if passes:
         out["first_passes_seconds"] = [{k: v for k, v in p.items() if isinstance(v, float)} for p in passes[:2]]
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) the process used so far: unlike the wall clock,
+    hardly moved by other work on the machine (the parser and loader child processes are
+    not in it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_agent(env: ScaleLab, timeout: float = 60) -> None:
@@ -260,13 +271,15 @@ def main() -> int:
 
     print(f"\nprocess start -> all prefixes at FRR (bgpd + zebra), vipd run --lb-interface vs BIRD 2 "
           f"static routes; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"  {'services':>8} {'start':>6} {'vipd (s)':>9} {'BIRD (s)':>9} {'ratio':>6} {'vipd RSS (MB)':>14}")
+    print(f"  {'services':>8} {'start':>6} {'vipd (s)':>9} {'BIRD (s)':>9} {'ratio':>6} {'vipd RSS (MB)':>14} "
+          f"{'agent CPU (s)':>14}")
     for r in results:
         runs = [("cold", r["vipd"])] + ([("warm", r["vipd"]["warm_restart"])] if "warm_restart" in r["vipd"] else [])
         for kind, v in runs:
             print(f"  {r['services']:>8} {kind:>6} {v['start_to_all_seconds']:>9.2f} "
                   f"{r['bird']['start_to_all_seconds']:>9.2f} "
-                  f"{v['start_to_all_seconds'] / r['bird']['start_to_all_seconds']:>6.2f} {v['peak_rss_mb']:>14.1f}")
+                  f"{v['start_to_all_seconds'] / r['bird']['start_to_all_seconds']:>6.2f} {v['peak_rss_mb']:>14.1f} "
+                  f"{v['agent_cpu_seconds']:>14.2f}")
             marks = v.get("timeline_seconds", {})
             mem = v.get("rss_at_milestones_mb", {})
             print("           " + ", ".join(

@@ -13,6 +13,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from agent.addresses import ip_address
+
 __all__ = ["desired_services", "desired_services_changed", "FrontendFailure", "blocked_vips", "check_service",
            "CAPACITY", "MAGLEV_TOO_SMALL", "DATAPATH_ERROR"]
 
@@ -44,7 +46,7 @@ def check_service(svc) -> FrontendFailure | None:
 @functools.lru_cache(maxsize=1 << 16)
 def _canonical(address: str) -> str:
     try:
-        return str(ipaddress.ip_address(address))
+        return str(ip_address(address))
     except ValueError:
         return address
 
@@ -85,7 +87,7 @@ def _backends(objects, svc, port, node_name: str):
             if not (active or draining):
                 continue
             for addr in ep.addresses:
-                key = (ipaddress.ip_address(addr), target)
+                key = (ip_address(addr), target)
                 if key in found and not found[key].terminating:
                     continue
                 found[key] = Backend(addr, target, local=ep.node_name == node_name, terminating=draining)

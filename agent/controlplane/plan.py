@@ -73,6 +73,9 @@ class NodePlan:
     previous_paths: Mapping | None = None          # the previous plan's path_states
     frontends_contested: bool = False              # a frontend claimed by two Services (age decides)
     path_states: dict = field(default_factory=dict)  # (instance, peer) -> PeerPaths, filled by paths()
+    # (instance, peer) -> PeerPaths the next plan starts from instead of path_states (see
+    # anticipate_paths)
+    next_paths: dict = field(default_factory=dict)
 
     @property
     def allocations(self) -> dict[str, tuple[str, ...]]:
@@ -98,13 +101,37 @@ class NodePlan:
             return desired_paths(self.effective, name, instance, peer, None, options, self.interfaces,
                                  vip_ready=vip_ready, memo=self.memo)
         key = (instance.name, peer.address)
-        inputs = (instance, peer, self.effective.node(name), tuple(self.effective.advertisements),
-                  self.settings, self.interfaces, ready_token)
         state = desired_paths_changed(
             self.effective, name, instance, peer, options, self.interfaces, vip_ready, self.memo,
-            inputs=inputs, previous=(self.previous_paths or {}).get(key), changed=self.changed_services)
+            inputs=self._paths_inputs(instance, peer, ready_token), previous=(self.previous_paths or {}).get(key),
+            changed=self.changed_services)
         self.path_states[key] = state
         return state.result
+
+    def _paths_inputs(self, instance, peer, ready_token) -> tuple:
+        """What a peer's paths depend on besides the Services and EndpointSlices."""
+        return (instance, peer, self.effective.node(self.settings.node_name), tuple(self.effective.advertisements),
+                self.settings, self.interfaces, ready_token)
+
+    def anticipate_paths(self) -> None:
+        """Every peer's paths for when every desired frontend is programmed (the announce rule
+        holding nothing back: ``ready_token`` ``frozenset()``), kept for the next plan. At
+        start-up the pass that runs while the datapath loads announces no VIP; the pass after
+        it then finds its 20,000 VIPs' paths made (in the worker thread, while the kernel
+        loads the programs) and only applies them. Pure; if something was held back after
+        all, the next plan's inputs differ and it builds the paths anew."""
+        from agent.controlplane.advertisements import desired_paths_changed
+
+        if self.node_config is None:
+            return
+        name, options = self.settings.node_name, self.settings.options
+        for instance in self.node_config.instances:
+            if instance.legacy is not None:
+                continue
+            for peer in instance.peers:
+                self.next_paths[(instance.name, peer.address)] = desired_paths_changed(
+                    self.effective, name, instance, peer, options, self.interfaces, None, self.memo,
+                    inputs=self._paths_inputs(instance, peer, frozenset()), previous=None, changed=None)
 
     def policies(self) -> list:
         """Cilium's GoBGP route policies as data (``vipctl bgp route-policies``); costly at
@@ -213,7 +240,7 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
                     cluster_conditions=cluster_conditions, peer_conditions=peer_conditions,
                     failures=failures, memo=memo,
                     changed_services=changed, frontends_contested=bool(contested),
-                    previous_paths=previous.path_states if previous is not None else None)
+                    previous_paths={**previous.path_states, **previous.next_paths} if previous is not None else None)
 
 
 def _same(a, b) -> bool:

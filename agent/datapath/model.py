@@ -12,6 +12,8 @@ import enum
 import ipaddress
 from dataclasses import dataclass, field
 
+from agent.addresses import ip_address
+
 __all__ = [
     "Proto", "Mode", "ServiceKey", "Backend", "Service", "MAGLEV_PRIMES", "DEFAULT_MAGLEV_M",
     "IPAddress", "IPNetwork", "backend_name",
@@ -41,7 +43,7 @@ class Mode(enum.Enum):
 
 def _addr(value) -> IPAddress:
     return value if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)) \
-        else ipaddress.ip_address(value)
+        else ip_address(value)   # parsed once per process
 
 
 def _check_port(port: int, what: str, *args) -> None:

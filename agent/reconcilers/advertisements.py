@@ -190,20 +190,27 @@ class AdvertisementReconciler:
         # 1. withdraw everything that is no longer desired, in every family
         for fam in self.families:
             want = desired.get(fam, {})
-            for prefix in [p for p in current[fam] if p not in want]:
-                speaker.withdraw(address, fam, prefix)
+            gone = [p for p in current[fam] if p not in want]
+            if gone:
+                speaker.withdraw_many(address, fam, gone)
+            for prefix in gone:
                 self.advertised_at.pop((instance, address, fam, prefix), None)
-                withdrawn += 1
-        # 2. then advertise what is new or has different attributes
+            withdrawn += len(gone)
+        # 2. then advertise what is new or has different attributes: one call per attribute
+        # set (thousands of VIPs share one), which hands full UPDATEs to TCP as it goes
         for fam, want in desired.items():
             have = current.get(fam, {})
+            todo: dict = {}
             for prefix, attrs in want.items():
                 if have.get(prefix) == attrs:
                     self.advertised_at.setdefault((instance, address, fam, prefix), wall)
                     continue
-                speaker.advertise(address, fam, prefix, attrs)
-                self.advertised_at[(instance, address, fam, prefix)] = wall
-                advertised += 1
+                todo.setdefault(attrs, []).append(prefix)
+            for attrs, prefixes in todo.items():
+                speaker.advertise_many(address, fam, prefixes, attrs)
+                for prefix in prefixes:
+                    self.advertised_at[(instance, address, fam, prefix)] = wall
+                advertised += len(prefixes)
         return (withdrawn, advertised) if withdrawn or advertised else None
 
     def _log(self, level: str, event: str, **kw) -> None:

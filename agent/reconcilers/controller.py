@@ -143,6 +143,8 @@ class Controller:
         self._unprogrammed_seen: set[str] = set()
         self._entries: dict = {}   # status document: Service -> (condition, addresses, entry)
         self._condition_lists: dict[tuple, list] = {}   # see _shared_conditions
+        self.last_plan_seconds = 0.0   # the last make_plan()'s duration
+        self._planned_after = -1   # passes done when make_plan() last ran
 
     @property
     def reconcilers(self) -> list:
@@ -208,11 +210,27 @@ class Controller:
         return dict(self.plan.peer_conditions) if self.plan is not None else {}
 
     # -- one pass -------------------------------------------------------------------------------
-    async def reconcile_once(self) -> None:
+    def make_plan(self):
+        """The pure step of a pass (no effects) for the store's snapshot and host facts now.
+        The daemon runs the start-up one in a worker thread and hands it to
+        :meth:`reconcile_once` (the datapath's map sizes come from the same plan)."""
         from agent.controlplane.plan import plan as make_plan
 
         snap = self.store.current
-        objects = self.store.objects()
+        state = self.state.view()
+        t0 = time.monotonic()
+        plan = make_plan(self.store.objects(), self.host.facts if self.host is not None else None,
+                         self.settings(), self.plan, generation=snap.generation,
+                         cluster_config_order=state.cluster_config_order, allocations=dict(state.allocations),
+                         memo=self.memo, frontends_memo=self.services.memo if self.services is not None else None)
+        self.last_plan_seconds = time.monotonic() - t0
+        self._planned_after = self.passes
+        return plan
+
+    async def reconcile_once(self, planned=None) -> None:
+        """One pass. ``planned``: a plan from :meth:`make_plan` made since the last pass; used
+        when the snapshot and host facts are still the ones it was made from."""
+        snap = self.store.current
         now = time.monotonic()
         self.passes += 1
         mark = _Marks()
@@ -220,11 +238,12 @@ class Controller:
         facts = self.host.facts if self.host is not None else None
         if self.host is not None:
             self.attempted_host_generation = self.host.generation
-        state = self.state.view()
-        plan = make_plan(objects, facts, self.settings(), self.plan, generation=snap.generation,
-                         cluster_config_order=state.cluster_config_order, allocations=dict(state.allocations),
-                         memo=self.memo, frontends_memo=self.services.memo if self.services is not None else None)
-        self.durations.observe("plan", mark("plan"))
+        fresh = (planned is not None and self._planned_after == self.passes - 1
+                 and planned.generation == snap.generation and planned.facts is facts)
+        plan = planned if fresh else self.make_plan()
+        mark("plan")
+        mark.phases["plan"] = round(self.last_plan_seconds, 3)   # made here or ahead of the pass
+        self.durations.observe("plan", self.last_plan_seconds)
         for part in ("lbipam", "node-config", "status"):   # the others: their reconcilers record them
             if part in plan.failures:
                 self._record(part, "", plan.failures[part], now)

@@ -332,8 +332,13 @@ def plan_for(objects, node_name: str, *, mode: str = "snat", maglev_size=None, m
     """The Capacity the datapath should be created with for these (effective) objects.
     ``memo``: the ServiceReconciler's, so its first pass reuses the frontends planned here.
     ``current``: the capacity of maps already pinned (a restart): kept when it suffices."""
-    from agent.datapath.capacity import plan_capacity
     desired = desired_services(objects, node_name, mode=mode, maglev_size=maglev_size, memo=memo)
+    return capacity_for(desired, map_max=map_max, current=current)
+
+
+def capacity_for(desired: dict, *, map_max: int | None = None, current=None):
+    """The Capacity for ``desired`` frontends (a plan's ``frontends``); see :func:`plan_for`."""
+    from agent.datapath.capacity import plan_capacity
     return clamp(plan_capacity((s for s in desired.values() if check_service(s) is None), current), map_max)
 
 
@@ -348,15 +353,29 @@ def start_datapath_loader(node_name: str, *, pin_root: str, bpf_cache=FROM_ENV):
 
 def open_datapath(node, node_name: str, interfaces: list[str], *, pin_root: str, log=None,
                   capacity=None, loader=None, bpf_cache=FROM_ENV) -> Any:
-    """Load (or adopt) the datapath and attach it to the uplinks: XDP for services and SNAT
-    replies, tc ingress/egress for DSR and local-backend replies. Synchronous. ``capacity``:
-    the sized maps are created (or grown) to at least this (``plan_for``). ``loader``: a
-    child from ``start_datapath_loader`` (compiling since then). ``bpf_cache``: where compiled
-    programs are kept (a ProgramCache; None: none; default $VIPD_BPF_CACHE_DIR)."""
+    """Load (or adopt) the datapath and attach it to the uplinks (:func:`load_datapath`, then
+    :func:`attach_datapath`). Synchronous."""
+    dp = load_datapath(node_name, pin_root=pin_root, capacity=capacity, loader=loader, bpf_cache=bpf_cache)
+    attach_datapath(dp, node, interfaces, log=log)
+    return dp
+
+
+def load_datapath(node_name: str, *, pin_root: str, capacity=None, loader=None, bpf_cache=FROM_ENV) -> Any:
+    """Load the programs and create (or adopt the pinned) maps; attaches nothing, reads no
+    configuration, so a restart runs it while the configuration is still being read.
+    ``capacity``: the sized maps are created (or grown) to at least this (``plan_for``).
+    ``loader``: a child from ``start_datapath_loader`` (compiling since then). ``bpf_cache``:
+    where compiled programs are kept (a ProgramCache; None: none; default $VIPD_BPF_CACHE_DIR)."""
     from agent.datapath.api import Datapath
 
     dp = Datapath(instance=node_name, pin_root=pin_root, bpf_cache=bpf_cache)
     dp.load(capacity=capacity, child=loader)
+    return dp
+
+
+def attach_datapath(dp, node, interfaces: list[str], *, log=None) -> None:
+    """Give the loaded datapath this node's addresses and attach it to the uplinks: XDP for
+    services and SNAT replies, tc ingress/egress for DSR and local-backend replies."""
     v4 = node.addresses(4) if node is not None else []
     v6 = node.addresses(6) if node is not None else []
     dp.set_node_addresses(v4=v4[0] if v4 else None, v6=v6[0] if v6 else None)
@@ -366,4 +385,3 @@ def open_datapath(node, node_name: str, interfaces: list[str], *, pin_root: str,
         dp.attach_tc(ifname, "egress")
         if log is not None:
             log.info("datapath attached", interface=ifname, v4=v4[:1], v6=v6[:1])
-    return dp

@@ -15,7 +15,7 @@ PURE = ["agent.bgp.messages", "agent.bgp.codec", "agent.bgp.fsm", "agent.bgp.ses
         "agent.controlplane.lbipam", "agent.controlplane.conditions", "agent.controlplane.migrate",
         "agent.lb.maglev", "agent.routing.model", "agent.routing.desired", "agent.config.cilium",
         "agent.config.core", "agent.config.loader", "agent.datapath.capacity", "agent.controlplane.plan", "agent.controlplane.frontends",
-        "agent.datapath.changes", "agent.datapath.planner"]
+        "agent.datapath.changes", "agent.datapath.planner", "agent.addresses"]
 EFFECTS = ("asyncio", "agent.bgp.speaker", "agent.bgp.aio", "agent.bfd.transport", "pyroute2", "grpc", "bcc")
 
 

@@ -214,3 +214,31 @@ def test_paths_and_frontends_of_one_change_equal_those_computed_from_scratch():
             i = rng.choice(list(docs))
             docs[i] = doc(i)
     assert incremental > 20 and seen_kinds == {24, 32}
+
+
+def test_paths_made_ahead_while_the_datapath_loads_are_used_only_if_nothing_is_held_back():
+    """The daemon's start-up plan makes every peer's paths for once all VIPs are programmed
+    (anticipate_paths) while the pass that runs during the datapath load announces no VIP.
+    The pass after the load reuses them when the announce rule holds nothing back; when a VIP
+    is not programmed after all, it is not in the paths."""
+    from agent.controlplane.advertisements import desired_paths, nothing_ready
+
+    objs = objects(demo.nodes_yaml(), demo.V2_BGP_YAML, demo.service_yaml())
+    settings = PlanSettings(NODE, datapath=DatapathSettings())
+    memo = Memo()
+    first = plan(objs, None, settings, memo=memo, generation=1)
+    first.anticipate_paths()
+    (inst,) = first.node_config.instances
+    (peer,) = inst.peers
+    (vip,) = first.allocations["default/web"]
+    assert list(map(str, first.paths(inst, peer, nothing_ready, object())[V4])) == ["10.1.3.0/24"]
+    ahead = first.next_paths[(inst.name, peer.address)]
+
+    everything = plan(objs, None, settings, first, memo=memo, generation=1)
+    got = everything.paths(inst, peer, lambda ip: True, frozenset())
+    assert {f: dict(x) for f, x in got.items()} == desired_paths(everything.effective, NODE, inst, peer)
+    assert everything.path_states[(inst.name, peer.address)].base == ahead.serial   # reused, not rebuilt
+
+    held_back = plan(objs, None, settings, first, memo=memo, generation=1)
+    got = held_back.paths(inst, peer, lambda ip: ip != vip, frozenset({vip}))
+    assert list(map(str, got[V4])) == ["10.1.3.0/24"]

@@ -282,3 +282,25 @@ def test_a_failing_reconcile_pass_is_in_status_conditions_and_metrics_until_it_s
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
+
+
+def test_vipd_profile_writes_a_profile_of_the_start_up_with_its_worker_threads(tmp_path, monkeypatch):
+    """VIPD_PROFILE=FILE (docs/operations.md "Profiling the start-up"): the agent writes a
+    cProfile of its start-up, the worker threads' work included, once the first passes are
+    done; ``{pid}`` becomes the agent's PID so a restart does not overwrite it."""
+    import pstats
+
+    monkeypatch.setenv("VIPD_PROFILE", str(tmp_path / "startup.{pid}.prof"))
+    proc, cfg, state, sock = start(tmp_path)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="API socket")
+        assert proc.poll() is None, proc.stdout.read()
+        written = tmp_path / f"startup.{proc.pid}.prof"
+        assert written.exists()
+        functions = {(Path(file).name, name) for file, _line, name in pstats.Stats(str(written)).stats}
+        assert ("controller.py", "reconcile_once") in functions     # the event loop's thread
+        assert ("loader.py", "assemble") in functions               # a worker thread (asyncio.to_thread)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert "start-up profile written" in out
