@@ -42,6 +42,11 @@ local no worse than before; flat from 1 to 20,000 services. The verifier's proce
 instructions of every program are printed too.
 
 Run:  sudo .venv/bin/python benchmarks/datapath_ns.py [--runs 100000] [--services 1,20000]
+A/B:  ... --ab-bpf /path/to/other/bpf  also loads the programs of another version of the C
+      sources (same map and field names: e.g. a layout change reverted), runs every round on
+      both with the order alternating, and prints the per-round paired differences: on a
+      machine whose load moves a case by +-100 ns between invocations, the only comparison
+      that holds (the targets and ratios above are this build's).
 """
 
 from __future__ import annotations
@@ -289,6 +294,10 @@ def main() -> int:
     ap.add_argument("--cpu", type=int, default=0)
     ap.add_argument("--modes", default="local,DSR,SNAT", help="a subset of local,DSR,SNAT (targets need all)")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--ab-bpf", type=Path, metavar="DIR",
+                    help="also load the programs built from DIR (another version of bpf/ with the same map and "
+                         "field names), run every round on both builds, alternating which goes first, and "
+                         "print each case's paired difference: an A/B that holds on a busy machine")
     ap.add_argument("--snat-slots", type=int, default=1 << 18,
                     help="SNAT node-port slots (power of 2; default: the agent's default, 256 Ki)")
     args = ap.parse_args()
@@ -308,8 +317,13 @@ def main() -> int:
     feats = Features(max_services=max(65536, 2 * max(counts) + 8), maglev_slots=1 << need_slots.bit_length(),
                      ct_size=1 << 20, snat_slots=args.snat_slots, snat_port_min=1024)
     dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats)
+    # the A/B build: its own maps, the same services and flows, its rounds interleaved with ours
+    other = (Datapath(f"bench-ab-{os.getpid()}", pin_root=PIN_ROOT, features=feats, bpf_dir=args.ab_bpf)
+             if args.ab_bpf else None)
+    dps = [d for d in (dp, other) if d is not None]
     t0 = time.monotonic()
-    dp.load()
+    for d in dps:
+        d.load()
     insns = {"xdp_lb": verified_insns(dp.program_fd("xdp")),
              "tc_egress": verified_insns(dp.program_fd("tc-egress")),
              "tc_ingress": verified_insns(dp.program_fd("tc-ingress")),
@@ -318,6 +332,7 @@ def main() -> int:
           f"rounds: {args.rounds}; flows: {args.flows}; CPU {args.cpu}")
     # (services, case, median ns, ratio, spread of the rounds' medians, IQM ns, IQM ratio)
     rows: list[tuple[int, str, float, float, float, float, float]] = []
+    ab: list[tuple[int, str, list[float], list[float]]] = []   # (services, case, ours, other's) per round
     try:
         with Lab("dpbench") as lab:
             node = lab.host("node", forwarding=True)
@@ -328,27 +343,34 @@ def main() -> int:
             peer_mac = json.loads(peer.run("ip", "-j", "link", "show", p_if))[0]["address"]
             node.run("ip", "neigh", "replace", PEER, "lladdr", peer_mac, "dev", n_if, "nud", "permanent")
             ifindex = json.loads(node.run("ip", "-j", "link", "show", n_if))[0]["ifindex"]
-            runners = {"lb": TestRunner(dp.program_fd("xdp"), ingress_ifindex=ifindex),
-                       "pass": TestRunner(fn_pass.fd, ingress_ifindex=ifindex),
-                       "parse": TestRunner(fn_parse.fd, ingress_ifindex=ifindex),
-                       "tc": TestRunner(dp.program_fd("tc-egress"))}
-            dp.set_node_addresses(v4=NODE)
+            runners = {id(d): {"lb": TestRunner(d.program_fd("xdp"), ingress_ifindex=ifindex),
+                               "pass": TestRunner(fn_pass.fd, ingress_ifindex=ifindex),
+                               "parse": TestRunner(fn_parse.fd, ingress_ifindex=ifindex),
+                               "tc": TestRunner(d.program_fd("tc-egress"))} for d in dps}
+            for d in dps:
+                d.set_node_addresses(v4=NODE)
             have = 0
             for n_idx, n in enumerate(counts):
                 t0 = time.monotonic()
                 svcs = measured_services()
-                for s in svcs:
-                    dp.delete_service(s.key)
                 want = max(0, n - len(svcs))   # n services in all
-                add_fillers(dp, have, want)
+                for d in dps:
+                    for s in svcs:
+                        d.delete_service(s.key)
+                    add_fillers(d, have, want)
+                    for s in svcs:
+                        d.upsert_service(s)      # local first: its backends' designated service
                 have = max(have, want)
-                for s in svcs:
-                    dp.upsert_service(s)      # local first: its backends' designated service
                 print(f"# {n} services programmed (setup {time.monotonic() - t0:.1f}s)", flush=True)
-                rounds = []
+                rounds, other_rounds = [], []
                 for r in range(args.rounds):
                     base = int(ipaddress.ip_address(FLOWS_BASE)) + (n_idx * args.rounds + r) * 0x100000
-                    rounds.append(in_netns(node.ns, lambda: one_round(dp, runners, args, base)))
+                    for d in (dps if r % 2 == 0 else dps[::-1]):
+                        res = in_netns(node.ns, lambda: one_round(d, runners[id(d)], args, base))
+                        (rounds if d is dp else other_rounds).append(res)
+                for case in (rounds[0] if other_rounds else ()):
+                    ab.append((n, case, [statistics.median(rd[case]) for rd in rounds],
+                               [statistics.median(rd[case]) for rd in other_rounds]))
                 for case in rounds[0]:
                     meds = [statistics.median(rd[case]) for rd in rounds]
                     ratios = [statistics.median(rd[case]) / statistics.median(rd["floor xdp_pass"]) for rd in rounds]
@@ -361,7 +383,8 @@ def main() -> int:
         print(f"# counters: ct_new={c.stat('xdp', 'ct_new')} ct_hit={c.stat('xdp', 'ct_hit')} "
               f"tx={c.stat('xdp', 'tx')} neigh_punt={c.stat('xdp', 'neigh_punt')} "
               f"snat_reuse={c.stat('xdp', 'snat_reuse')} drops={ {k: v for k, v in c.drops.items() if v} }")
-        dp.destroy()
+        for d in dps:
+            d.destroy()
         shutil.rmtree(PIN_ROOT, ignore_errors=True)
 
     print()
@@ -373,6 +396,17 @@ def main() -> int:
           f"{'IQM ns':>9}{'x IQM floor':>13}")
     for n, case, ns, ratio, spread, iqm_ns, iqm_ratio in rows:
         print(f"{n:>9}  {case:<24}{ns:>10.0f}{ratio:>11.2f}x{spread:>8.0f}{iqm_ns:>9.0f}{iqm_ratio:>12.2f}x")
+
+    if ab:
+        print()
+        print(f"A/B against {args.ab_bpf} (rounds interleaved; diff = this build - that build, per round)")
+        print(f"{'services':>9}  {'case':<24}{'this ns':>9}{'that ns':>9}{'diff median':>13}{'diff mean':>11}"
+              f"{'this faster':>13}")
+        for n, case, ours, theirs in ab:
+            diffs = [a - b for a, b in zip(ours, theirs)]
+            print(f"{n:>9}  {case:<24}{statistics.median(ours):>9.0f}{statistics.median(theirs):>9.0f}"
+                  f"{statistics.median(diffs):>+13.0f}{statistics.mean(diffs):>+11.0f}"
+                  f"{sum(x < 0 for x in diffs):>8}/{len(diffs)}")
 
     print()
     ok = True
