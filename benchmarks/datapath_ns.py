@@ -322,8 +322,14 @@ def main() -> int:
              if args.ab_bpf else None)
     dps = [d for d in (dp, other) if d is not None]
     t0 = time.monotonic()
-    for d in dps:
-        d.load()
+    try:
+        for d in dps:
+            d.load()
+    except BaseException:   # e.g. an --ab-bpf build whose maps this agent does not know: no pins left
+        for d in dps:
+            d.destroy()
+        shutil.rmtree(PIN_ROOT, ignore_errors=True)
+        raise
     insns = {"xdp_lb": verified_insns(dp.program_fd("xdp")),
              "tc_egress": verified_insns(dp.program_fd("tc-egress")),
              "tc_ingress": verified_insns(dp.program_fd("tc-ingress")),
