@@ -370,6 +370,13 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         # graceful restart: End-of-RIB (peers drop what is still stale) waits for the VIPs
         controller.neighbors.hold_end_of_rib = True
 
+        # The BGP sessions first: their configuration needs no Services, and their TCP/OPEN
+        # exchange then overlaps the start-up plan (the first pass announces; End-of-RIB waits).
+        try:
+            await controller.start_sessions(await asyncio.to_thread(controller.sessions_config))
+        except Exception as exc:  # noqa: BLE001 - the first pass starts them and records the failure
+            log.info("sessions start with the first pass instead", reason=str(exc))
+
         # The start-up plan (LB-IPAM, frontends, the VIPs' paths: seconds at 20,000 Services)
         # is made once, in a thread, and is the first pass's plan; a first start sizes the
         # datapath maps from it.
