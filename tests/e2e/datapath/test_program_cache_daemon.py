@@ -50,6 +50,7 @@ def _start_and_serve(env: ScaleLab, cache_dir) -> None:
     wait_until(lambda: env.accepted() >= 1 or env.proc.poll() is not None, timeout=120, interval=0.5,
                what="the VIP at FRR")
     assert env.proc.poll() is None, env.log()[-3000:]
+    env.wait_routed(f"{vip_of(0)}/32")     # zebra installs the route a moment after bgpd accepts it
     assert env.connect(vip_of(0)) == ["p0"], env.log()[-3000:]
 
 
