@@ -43,6 +43,7 @@ class CtFlag(enum.IntFlag):        # CT_F_*
     STATELESS = 1 << 3
     CLOSING = 1 << 4
     REPLIED = 1 << 5
+    ESTABLISHED = 1 << 6
 
 
 class Hook(enum.IntEnum):          # HOOK_*
@@ -113,6 +114,7 @@ class MapName(str, enum.Enum):
     REVNAT = "revnat_v1"
     MAGLEV = "maglev_v1"
     CT = "ct_v2"
+    DSR_FLOWS = "dsr_flows_v1"
     SNAT_PORTS = "snat_ports_v2"
     AFFINITY = "affinity_v1"
     SRC_RANGES = "src_ranges_v1"

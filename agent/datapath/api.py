@@ -101,13 +101,19 @@ class Features:
             "MAX_SERVICES": self.max_services,
             "MAX_BACKENDS": self.max_backends, "MAX_MEMBERS": self.max_memberships,
             "MAGLEV_SLOTS": self.maglev_slots,
-            "CT_SIZE": self.ct_size, "SNAT_SLOTS": self.snat_slots, "AFFINITY_SIZE": self.affinity_size,
+            "CT_SIZE": self.ct_size, "DSR_FLOW_SLOTS": self.dsr_flow_slots, "SNAT_SLOTS": self.snat_slots, "AFFINITY_SIZE": self.affinity_size,
             "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
             "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
             "CT_CLOSE_TIMEOUT_S": self.ct_close_timeout, "CT_TCP_IDLE_TIMEOUT_S": self.ct_tcp_idle_timeout,
             "CT_UDP_IDLE_TIMEOUT_S": self.ct_udp_idle_timeout, "CT_SYN_TIMEOUT_S": self.ct_syn_timeout,
             "DERIVE_LOCAL_REPLIES": int(self.derive_local_replies),
         }
+
+    @property
+    def dsr_flow_slots(self) -> int:
+        """Slots of the DSR flow table (dsr_flows_v1): ct_size rounded up to a power of 2, so
+        every DSR flow conntrack could hold has a slot (64 B each: 16 MiB at 256 Ki)."""
+        return 1 << max(self.ct_size - 1, 1).bit_length()
 
     @property
     def capacity(self):

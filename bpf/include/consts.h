@@ -27,6 +27,13 @@
 #ifndef SNAT_SLOTS
 #define SNAT_SLOTS (1 << 18)      /* SNAT node-port slots (power of 2; keep live SNAT flows below ~half) */
 #endif
+#ifndef DSR_FLOW_SLOTS
+#define DSR_FLOW_SLOTS (1 << 18)  /* DSR flow table slots (power of 2; the agent: ct_size rounded up) */
+#endif
+#ifndef DSR_FLOW_PROBES
+#define DSR_FLOW_PROBES 4         /* adjacent slots a DSR flow may sit in (then conntrack takes it) */
+#endif
+#define DSR_TICK_SHIFT 8          /* dsr_flow.last_seen ticks: jiffies >> 8 (0.26-2.6 s by HZ) */
 #ifndef CT_MAP_FLAGS
 #define CT_MAP_FLAGS 0   /* common LRU (BPF_F_NO_COMMON_LRU measured no faster here) */
 #endif
@@ -100,6 +107,7 @@
 #define CT_F_STATELESS (1 << 3)
 #define CT_F_CLOSING   (1 << 4)   /* SNAT: FIN or RST seen; the port frees CT_CLOSE_TIMEOUT_S later */
 #define CT_F_REPLIED   (1 << 5)   /* SNAT port slot: a reply came back (else it frees CT_SYN_TIMEOUT_S later) */
+#define CT_F_ESTABLISHED (1 << 6) /* DSR flow slot: a packet after the first came (else it frees CT_SYN_TIMEOUT_S later) */
 
 /* ---- hooks: index into stats (hook * NUM_STATS + stat) ---- */
 #define HOOK_XDP        0

@@ -115,6 +115,149 @@ static __always_inline __u32 now_s(void)
 	return bpf_ktime_get_coarse_ns() / 1000000000ULL;
 }
 
+/* ---- DSR flow table -------------------------------------------------------------------
+ * A DSR flow (client:cport -> VIP:vport, proto) keeps its backend in dsr_flows, an array of
+ * 64-B slots that hold the tuple as well, at one of DSR_FLOW_PROBES adjacent slots from an
+ * index hashed from the flow (dsr_flow_start). A cold established packet so reads one cache
+ * line (and its TLB miss) where a conntrack hit reads the LRU's bucket and then its element:
+ * two misses in a row (docs/datapath.md, "The 100k-flow ACK"). A new flow takes its own slot,
+ * else the first free or stale one (compare-and-swap on seq, as SNAT port slots); when every
+ * probe holds a live flow it gets a conntrack SERVICE entry as before, so no flow loses its
+ * backend. Non-SYN DSR packets look in the table, then in conntrack (the overflow, and flows
+ * from before the table: no migration), then Maglev. Slots are never evicted, only reused
+ * when stale (dsr_flow_stale); no slot is ever emptied, so a probe stops at a free one. */
+static __always_inline __u32 dsr_ticks(void)
+{
+	return bpf_jiffies64() >> DSR_TICK_SHIFT;   /* inlined, unlike the clock helpers */
+}
+
+static __always_inline __u32 dsr_flow_start(__u32 fh, const __u32 *vaddr)
+{
+	__u32 v = vaddr[0] ^ vaddr[3];
+
+	v ^= v >> 16;   /* the VIP's varying octets reach the low (index) bits */
+	v *= 0x7feb352d;
+	v ^= v >> 15;
+	return fh ^ v;   /* fh: flow_hash(p, p->sport), what Maglev uses */
+}
+
+static __always_inline int dsr_flow_is(const struct dsr_flow *s, const struct pkt *p)
+{
+	return s->backend_id && s->sport == p->sport && s->dport == p->dport && s->proto == p->proto &&
+	       s->family == p->family && addr_eq(s->saddr, p->saddr) && addr_eq(s->daddr, p->daddr);
+}
+
+/* The slot of DSR flow p, read stable (not being written), or NULL */
+static __always_inline struct dsr_flow *dsr_flow_find(const struct pkt *p, __u32 start)
+{
+#pragma unroll
+	for (int i = 0; i < DSR_FLOW_PROBES; i++) {
+		__u32 idx = (start + i) & (DSR_FLOW_SLOTS - 1);
+		struct dsr_flow *s = dsr_flows_v1.lookup(&idx);
+		if (!s)
+			return NULL;
+		__u64 seq = *(volatile __u64 *)&s->seq;
+		if (seq & 1)
+			continue;          /* being written on another CPU: not trusted */
+		if (!s->backend_id)
+			return NULL;       /* a claim takes the first free slot: nothing of p beyond */
+		if (dsr_flow_is(s, p) && *(volatile __u64 *)&s->seq == seq)
+			return s;
+	}
+	return NULL;
+}
+
+/* May a live-looking slot be given to another flow? Closed (FIN/RST) CT_CLOSE_TIMEOUT_S after
+ * its last packet, never a second packet for CT_SYN_TIMEOUT_S (a scan, a SYN flood), or idle
+ * for the protocol's timeout. Ticks, not seconds: no division per packet; hz: neigh_cfg's
+ * (0 before the loader measured it: 1000, the largest, so ages read short, never long). */
+static __always_inline int dsr_flow_stale(const struct dsr_flow *s, __u32 now, __u32 hz)
+{
+	__u32 age = now - s->last_seen;
+	__u32 idle = s->proto == IPPROTO_TCP ? CT_TCP_IDLE_TIMEOUT_S : CT_UDP_IDLE_TIMEOUT_S;
+
+	if (!hz)
+		hz = 1000;
+#define S_TO_TICKS(S) ((__u32)(((__u64)(S) * hz) >> DSR_TICK_SHIFT) + 1)
+	return ((s->flags & CT_F_CLOSING) && age >= S_TO_TICKS(CT_CLOSE_TIMEOUT_S)) ||
+	       (!(s->flags & CT_F_ESTABLISHED) && age >= S_TO_TICKS(CT_SYN_TIMEOUT_S)) ||
+	       age >= S_TO_TICKS(idle);
+#undef S_TO_TICKS
+}
+
+/* An established packet of the flow in slot s: its last_seen and flags, each written only when
+ * it changes (an established packet does not dirty the line for nothing). */
+static __always_inline void dsr_flow_touch(struct dsr_flow *s, const struct pkt *p)
+{
+	__u32 now = dsr_ticks();
+	__u16 f = s->flags, nf = f | CT_F_ESTABLISHED;
+
+	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		nf |= CT_F_CLOSING;   /* reusable CT_CLOSE_TIMEOUT_S after its last packet */
+	if (s->last_seen != now)
+		s->last_seen = now;
+	if (nf != f)
+		s->flags = nf;
+}
+
+/* Place the new DSR flow p (backend bid) in its own slot, else the first free or stale one
+ * among the probes. 0: every probe holds another live flow (or a claim race was lost): the
+ * caller gives the flow a conntrack entry. */
+static __always_inline int dsr_flow_claim(const struct pkt *p, __u32 start, __u32 bid, __u32 svc_id, __u32 gen)
+{
+	__u32 zero = 0;
+	struct neigh_cfg *cfg = neigh_cfg_v1.lookup(&zero);
+	__u32 hz = cfg ? cfg->hz : 0, now = dsr_ticks();
+	struct dsr_flow *t = NULL;
+	__u64 tseq = 0;
+
+#pragma unroll
+	for (int i = 0; i < DSR_FLOW_PROBES; i++) {
+		__u32 idx = (start + i) & (DSR_FLOW_SLOTS - 1);
+		struct dsr_flow *s = dsr_flows_v1.lookup(&idx);
+		if (!s)
+			break;
+		__u64 seq = *(volatile __u64 *)&s->seq;
+		if (seq & 1)
+			continue;   /* another CPU is writing it */
+		if (dsr_flow_is(s, p)) {
+			t = s;      /* its own (a SYN of a known flow, a re-balance): rewritten in place */
+			tseq = seq;
+			break;
+		}
+		if (!s->backend_id) {
+			if (!t) {
+				t = s;
+				tseq = seq;
+			}
+			break;      /* nothing of p beyond a free slot */
+		}
+		if (!t && dsr_flow_stale(s, now, hz)) {
+			t = s;
+			tseq = seq;
+		}
+	}
+	if (!t)
+		return 0;
+	if (__sync_val_compare_and_swap(&t->seq, tseq, tseq + 1) != tseq)
+		return 0;   /* lost the race for it */
+	addr_copy(t->saddr, p->saddr);
+	addr_copy(t->daddr, p->daddr);
+	t->sport = p->sport;
+	t->dport = p->dport;
+	t->proto = p->proto;
+	t->family = p->family;
+	t->flags = CT_F_DSR;
+	t->backend_id = bid;
+	t->svc_id = svc_id;
+	t->svc_gen = gen;
+	t->last_seen = now;
+	/* release: a plain store of seq + 2 (see snat_claim) */
+	asm volatile("" ::: "memory");
+	*(volatile __u64 *)&t->seq = tseq + 2;
+	return 1;
+}
+
 #define FIB_OK    0
 #define FIB_PUNT  1   /* route found, neighbour unresolved: rewrite and let the stack resolve it */
 #define FIB_FAIL -1
@@ -690,7 +833,20 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			flow_hit(be, &nat_port);
 		}
 	}
-	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs) {
+	struct dsr_flow *df = NULL;
+	if ((flags & (SVC_F_STATELESS | SVC_F_DSR)) == SVC_F_DSR && !syn_new) {
+		/* a DSR flow: its slot in the flow table (one cache line), else conntrack below */
+		fh = flow_hash(p, p->sport);
+		df = dsr_flow_find(p, dsr_flow_start(fh, p->daddr));
+		if (df) {
+			bid = df->backend_id;
+			be = flow_backend(p, svc, svc_id, bid, &df->svc_id, &df->svc_gen, 0, NULL);
+			flow_hit(be, &nat_port);
+			if (be)
+				dsr_flow_touch(df, p);
+		}
+	}
+	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs && !df) {
 		cv = ct_v2.lookup(&ck);
 		if (cv) {
 			bid = cv->backend_id;
@@ -791,8 +947,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (fr == FIB_FAIL)
 			return drop(DROP_FIB_LOOKUP);
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
-			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_DSR, 0);
-			ct_v2.update(&ck, vp);
+			if (!fh)
+				fh = flow_hash(p, p->sport);   /* affinity chose the backend */
+			if (!dsr_flow_claim(p, dsr_flow_start(fh, p->daddr), bid, svc_id, svc->backend_gen)) {
+				/* every probe holds a live flow: conntrack keeps this one's backend */
+				fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_DSR, 0);
+				ct_v2.update(&ck, vp);
+			}
 		}
 		__u32 vip[4];
 		__be16 vport = p->dport;

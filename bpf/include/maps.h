@@ -33,6 +33,13 @@ BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "
 /* connection tracking: flows keep their backend; replies find their rewrite */
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v2, CT_SIZE, PIN_DIR "/ct_v2",
 		 CT_MAP_FLAGS);
+/* DSR flow table: a DSR flow's backend in one 64-B slot that holds its tuple too, so an
+ * established packet costs one dependent cache miss, not two (the LRU's bucket, then its
+ * element). Mmap-able only for the alignment: its values start on a page, so every slot is one
+ * cache line (a plain array's values start at 56 mod 64). Flows that find no free slot, and
+ * those from before this map, live in ct_v2 (lb.h "DSR flow table"). */
+BPF_TABLE_PINNED("array", __u32, struct dsr_flow, dsr_flows_v1, DSR_FLOW_SLOTS, PIN_DIR "/dsr_flows_v1",
+		 BPF_F_MMAPABLE);
 /* SNAT node ports: one slot per claimed (backend, bport, node port, proto), at an index hashed
  * from exactly what a reply carries; replaces the per-flow REPLY conntrack entry (an array
  * write instead of an LRU insert on the SYN path; docs/datapath.md "SNAT port slots") */

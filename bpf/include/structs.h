@@ -95,6 +95,22 @@ struct snat_slot {          /* snat_ports[snat_slot_index(backend, bport, nat_po
 	__be16 vport;
 };
 
+struct dsr_flow {           /* dsr_flows[dsr_flow_start(flow) + 0..DSR_FLOW_PROBES-1]: one DSR flow in
+			     * one 64-B cache line, key and state inline (lb.h "DSR flow table") */
+	__u64 seq;          /* even: stable; odd: being written (claim: cmpxchg s -> s+1, fields, s+2) */
+	__u32 saddr[4];     /* the client flow: client address, */
+	__u32 daddr[4];     /* VIP, */
+	__be16 sport;       /* client port, */
+	__be16 dport;       /* service port, */
+	__u8 proto;         /* protocol */
+	__u8 family;        /* and family */
+	__u16 flags;        /* CT_F_DSR, CT_F_ESTABLISHED, CT_F_CLOSING */
+	__u32 backend_id;   /* 0: free */
+	__u32 svc_id;
+	__u32 svc_gen;      /* svc_val.backend_gen when the backend was last known a member (as ct_val) */
+	__u32 last_seen;    /* ticks (jiffies >> DSR_TICK_SHIFT) of the last packet; written only when it changes */
+};
+
 struct affinity_key {
 	__u32 addr[4];      /* client address */
 	__u32 svc_id;

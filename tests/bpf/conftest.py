@@ -59,7 +59,17 @@ def dp(module_dp):
     module_dp.reconcile([])
     for name in (MapName.CT, MapName.AFFINITY):
         module_dp.table(name).clear()
+    zero_array(module_dp.table(MapName.DSR_FLOWS))
     module_dp.set_node_addresses()
+
+
+def zero_array(tbl) -> None:
+    """Zero every element of an array map in one batch (a per-element clear() of a 64 Ki-slot
+    table is 64 Ki syscalls)."""
+    from agent.datapath import bpfsys
+    n = tbl.max_entries
+    _, rc = bpfsys.update_batch(tbl.map_fd, (tbl.Key * n)(*range(n)), (tbl.Leaf * n)(), n)
+    assert not rc, f"zeroing {tbl.name}: {os.strerror(-rc)}"
 
 
 NODE4, PEER4, NODE6, PEER6 = "10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"
