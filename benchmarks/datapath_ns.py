@@ -188,18 +188,27 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
 
 
 def clear_flows(dp: Datapath) -> None:
-    """Forget every flow: conntrack, the SNAT node-port slots and flow index (arrays: zeroed in
-    one batch each)."""
+    """Forget every flow: conntrack, the SNAT node-port slots and flow index, the DSR flow table
+    (arrays: zeroed in one batch each; an --ab-bpf build without the DSR table skips it)."""
     from agent.datapath import bpfsys
     ct = dp.table(MapName.CT)
     keys = [k for k, _ in ct.items_lookup_batch()]
     if keys:
         bpfsys.delete_batch(ct.map_fd, (ct.Key * len(keys))(*keys), len(keys))
-    for tbl in (dp.table(MapName.SNAT_PORTS), dp.table("snat_flows_v1")):
+    arrays = [MapName.SNAT_PORTS, "snat_flows_v1"] + [MapName.DSR_FLOWS] * has_map(dp, MapName.DSR_FLOWS)
+    for tbl in map(dp.table, arrays):
         n = tbl.max_entries
         _, rc = bpfsys.update_batch(tbl.map_fd, (tbl.Key * n)(*range(n)), (tbl.Leaf * n)(), n)
         if rc:
             raise SystemExit(f"clearing {tbl.name}: {os.strerror(-rc)}")
+
+
+def has_map(dp: Datapath, name: str) -> bool:
+    try:
+        dp.table(name)
+    except KeyError:
+        return False
+    return True
 
 
 def add_fillers(dp: Datapath, have: int, want: int) -> None:

@@ -80,6 +80,7 @@ class Features:
     maglev_slots: int = 1 << 22       # u32 slots shared by all services' Maglev tables (16 MiB)
     ct_size: int = 1 << 18
     snat_slots: int = 1 << 18         # SNAT node-port slots (power of 2): live SNAT flows well below this
+    dsr_flow_slots: int = 0           # DSR flow table slots (power of 2); 0: from ct_size (dsr_slots)
     affinity_size: int = 65536
     src_range_size: int = 16384
     hash_seed: int = 0x4A4C6676       # flow hash seed: equal on every node
@@ -101,7 +102,7 @@ class Features:
             "MAX_SERVICES": self.max_services,
             "MAX_BACKENDS": self.max_backends, "MAX_MEMBERS": self.max_memberships,
             "MAGLEV_SLOTS": self.maglev_slots,
-            "CT_SIZE": self.ct_size, "DSR_FLOW_SLOTS": self.dsr_flow_slots, "SNAT_SLOTS": self.snat_slots, "AFFINITY_SIZE": self.affinity_size,
+            "CT_SIZE": self.ct_size, "DSR_FLOW_SLOTS": self.dsr_slots, "SNAT_SLOTS": self.snat_slots, "AFFINITY_SIZE": self.affinity_size,
             "SRC_RANGE_SIZE": self.src_range_size, "HASH_SEED": self.hash_seed,
             "SNAT_PORT_MIN": self.snat_port_min, "SNAT_PORT_MAX": self.snat_port_max,
             "CT_CLOSE_TIMEOUT_S": self.ct_close_timeout, "CT_TCP_IDLE_TIMEOUT_S": self.ct_tcp_idle_timeout,
@@ -110,10 +111,11 @@ class Features:
         }
 
     @property
-    def dsr_flow_slots(self) -> int:
-        """Slots of the DSR flow table (dsr_flows_v1): ct_size rounded up to a power of 2, so
-        every DSR flow conntrack could hold has a slot (64 B each: 16 MiB at 256 Ki)."""
-        return 1 << max(self.ct_size - 1, 1).bit_length()
+    def dsr_slots(self) -> int:
+        """Slots of the DSR flow table (dsr_flows_v1): ``dsr_flow_slots``, by default ct_size
+        rounded up to a power of 2, so every DSR flow conntrack could hold has a slot (64 B
+        each: 16 MiB at 256 Ki)."""
+        return self.dsr_flow_slots or 1 << max(self.ct_size - 1, 1).bit_length()
 
     @property
     def capacity(self):

@@ -21,7 +21,7 @@ from agent.datapath.snatports import claimed_slots, read_slots
 
 __all__ = [
     "BackendRow", "FrontendRow", "read_backends", "read_frontends", "read_maglev",
-    "read_conntrack", "count_conntrack", "ct_flag_names", "read_drops", "read_stats", "read_service_counters", "svc_flag_names",
+    "read_conntrack", "read_dsr_flows", "count_conntrack", "ct_flag_names", "read_drops", "read_stats", "read_service_counters", "svc_flag_names",
     "backend_state",
 ]
 
@@ -110,14 +110,40 @@ def read_maglev(dp, front: FrontendRow) -> list[int]:
     return _array_read_range(dp.table(MapName.MAGLEV), front.table_off, front.table_size).tolist()
 
 
+def read_dsr_flows(dp) -> list[CtEntry]:
+    """The DSR flow table's flows (dsr_flows_v1: one slot per flow, client -> VIP tuple and
+    backend), as the SERVICE entries they replace; a slot of a closed or idle flow stays until
+    a new flow reuses it, as an LRU entry stays until evicted."""
+    rows = []
+    for _, v in claimed_slots(dp.table(MapName.DSR_FLOWS)):
+        fam = v.family
+        rows.append(CtEntry(
+            direction="service", proto=Proto(v.proto), saddr=_addr_from_words(v.saddr, fam),
+            sport=_ntohs(v.sport), daddr=_addr_from_words(v.daddr, fam), dport=_ntohs(v.dport),
+            backend_id=int(v.backend_id), service_id=int(v.svc_id), flags=CtFlag(v.flags)))
+    return rows
+
+
+def _flow_of(e: CtEntry) -> tuple:
+    return (e.saddr, e.sport, e.daddr, e.dport, e.proto)
+
+
 def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:
-    """(up to ``limit`` entries, total entries)."""
-    rows, total = [], 0
+    """(up to ``limit`` entries, total entries). DSR flows come from the DSR flow table first;
+    a conntrack SERVICE entry of the same flow (left from before it was re-balanced into the
+    table) is shadowed there, so it is not shown."""
+    dsr = read_dsr_flows(dp)
+    in_table = {_flow_of(e) for e in dsr}
+    rows, total = dsr[:limit], len(dsr)
     for k, v in _hash_items(dp.table(MapName.CT)):
+        fam = k.family
+        if k.dir == CtDir.SERVICE and in_table and (
+                (_addr_from_words(k.saddr, fam), _ntohs(k.sport), _addr_from_words(k.daddr, fam), _ntohs(k.dport),
+                 Proto(k.proto)) in in_table):
+            continue
         total += 1
         if limit is not None and len(rows) >= limit:
             continue
-        fam = k.family
         reply = k.dir == CtDir.REPLY
         rows.append(CtEntry(
             direction="reply" if reply else "service", proto=Proto(k.proto),
@@ -169,12 +195,16 @@ def count_conntrack(dp) -> dict[str, int]:
     direction (as in read_conntrack)."""
     counts = {"service": 0, "reply": 0}
     with_entry = set()
+    dsr = {(tuple(v.saddr), v.sport, tuple(v.daddr), v.dport, v.proto)
+           for _, v in claimed_slots(dp.table(MapName.DSR_FLOWS))}
+    counts["service"] += len(dsr)   # DSR flows in the flow table (their SERVICE entries shadowed)
     for k, _ in _hash_items(dp.table(MapName.CT)):
         if k.dir == CtDir.REPLY:
             counts["reply"] += 1
         else:
-            counts["service"] += 1
-            with_entry.add((tuple(k.saddr), k.sport, tuple(k.daddr), k.dport, k.proto))
+            flow = (tuple(k.saddr), k.sport, tuple(k.daddr), k.dport, k.proto)
+            counts["service"] += flow not in dsr
+            with_entry.add(flow)
     for _, v in claimed_slots(dp.table(MapName.SNAT_PORTS)):
         counts["reply"] += 1
         if (tuple(v.caddr), v.cport, tuple(v.vaddr), v.vport, v.proto) not in with_entry:
