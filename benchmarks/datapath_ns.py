@@ -307,6 +307,11 @@ def main() -> int:
                     help="also load the programs built from DIR (another version of bpf/ with the same map and "
                          "field names), run every round on both builds, alternating which goes first, and "
                          "print each case's paired difference: an A/B that holds on a busy machine")
+    ap.add_argument("--bpf", type=Path, metavar="DIR",
+                    help="this build's C sources (default: the repository's bpf/); with --ab-bpf, swapping the two "
+                         "dirs between two invocations cancels a bias of the load order")
+    ap.add_argument("--dsr-slots", type=int, default=0,
+                    help="DSR flow table slots (power of 2; default: the agent's rule, conntrack's size rounded up)")
     ap.add_argument("--snat-slots", type=int, default=1 << 18,
                     help="SNAT node-port slots (power of 2; default: the agent's default, 256 Ki)")
     args = ap.parse_args()
@@ -324,8 +329,8 @@ def main() -> int:
     # default 256 Ki port slots hold them at <= 38 % (16 independent candidates: ~1e-3 refusals
     # per round expected, and a refusal stops the run)
     feats = Features(max_services=max(65536, 2 * max(counts) + 8), maglev_slots=1 << need_slots.bit_length(),
-                     ct_size=1 << 20, snat_slots=args.snat_slots, snat_port_min=1024)
-    dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats)
+                     ct_size=1 << 20, snat_slots=args.snat_slots, snat_port_min=1024, dsr_flow_slots=args.dsr_slots)
+    dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats, bpf_dir=args.bpf)
     # the A/B build: its own maps, the same services and flows, its rounds interleaved with ours
     other = (Datapath(f"bench-ab-{os.getpid()}", pin_root=PIN_ROOT, features=feats, bpf_dir=args.ab_bpf)
              if args.ab_bpf else None)
