@@ -46,10 +46,11 @@ A/B:  ... --ab-bpf /path/to/other/bpf  also loads the programs of another versio
       sources (same map and field names: e.g. a layout change reverted), runs every round on
       both with the order alternating, and prints the per-round paired differences: on a
       machine whose load moves a case by +-100 ns between invocations, the only comparison
-      that holds (the targets and ratios above are this build's). The build loaded first
-      ("this") read 60-230 ns slower in the 100k-flow cases even with identical code (the SNAT
-      rows of a DSR-only change), so run it twice with the dirs swapped (--bpf DIR gives this
-      build's sources) and take both orders' differences, or watch an unchanged mode's rows.
+      that holds (the targets and ratios above are this build's). Identical code still
+      differed by up to +-230 ns in the 100k-flow cases of one invocation (the SNAT rows of a
+      DSR-only change; mostly the build loaded first read slower), so run it again with the
+      dirs swapped (--bpf DIR: this build's sources), take both orders' differences and watch
+      an unchanged mode's rows as the control.
 """
 
 from __future__ import annotations
