@@ -22,6 +22,7 @@ C4, C6 = "192.0.2.10", "2001:db8::10"
 B4 = [f"10.2.0.{i}" for i in range(5, 9)]
 B6 = [f"fd00:2::{i}" for i in range(5, 9)]
 TICK_SHIFT = 8   # bpf/include/consts.h DSR_TICK_SHIFT
+PORT80 = 0x5000  # port 80 as the maps hold it (network order, read as a little-endian u16)
 
 
 def _svc(vip, backends, proto=Proto.TCP):
@@ -166,3 +167,31 @@ def test_a_slot_being_written_is_never_acted_on(tdp, net):
     v.seq += 1                                   # the write completes: the slot is the truth
     tbl[tbl.Key(idx)] = v
     assert _send(tdp, net, C4, VIP4, 46000, "A") == other
+
+
+def test_flows_of_a_vipd_from_before_the_table_keep_their_conntrack_backend(dp, net):
+    """An upgrade needs no migration: a DSR flow's conntrack SERVICE entry (all an older vipd
+    wrote) is still found after a table miss, even where Maglev would pick another backend."""
+    import ipaddress
+    dp.upsert_service(_svc(VIP4, B4[:2]))
+    front = dp.table(MapName.SERVICES)
+    (svc,) = [v for k, v in front.items() if k.port == PORT80]   # not the VIP's wildcard entry
+    ct = dp.table(MapName.CT)
+    sports = range(47000, 47010)
+    moved = {}
+    for s in sports:
+        maglev = _send(dp, net, C4, VIP4, s, "S")
+        moved[s] = B4[1] if maglev == B4[0] else B4[0]
+    zero_array(dp.table(MapName.DSR_FLOWS))   # as before the upgrade: conntrack only
+    ct.clear()
+    for s in sports:
+        k, v = ct.Key(), ct.Leaf()
+        k.saddr[0], k.daddr[0] = (int.from_bytes(ipaddress.ip_address(a).packed, "little") for a in (C4, VIP4))
+        k.sport, k.dport = int.from_bytes(s.to_bytes(2, "big"), "little"), PORT80
+        k.proto, k.family, k.dir = 6, 4, 1
+        v.backend_id, v.svc_id, v.svc_gen, v.flags = dp.backend_id(moved[s], 8080), svc.id, svc.backend_gen, CtFlag.DSR
+        ct[k] = v
+    for s in sports:
+        assert _send(dp, net, C4, VIP4, s, "A") == moved[s]
+    from agent.datapath.inspect import read_dsr_flows
+    assert read_dsr_flows(dp) == []   # a conntrack hit stays in conntrack
