@@ -316,7 +316,10 @@ def main() -> int:
                          "dirs between two invocations cancels a bias of the load order")
     ap.add_argument("--dsr-slots", type=int, default=1 << 18,
                     help="DSR flow table slots (power of 2; default: the agent's default, 256 Ki; 0: conntrack's "
-                         "size here, 1 Mi)")
+                         "size, --ct-size)")
+    ap.add_argument("--ct-size", type=int, default=1 << 20,
+                    help="conntrack entries (default 1 Mi, as in every earlier run here; the agent's default is "
+                         "256 Ki: compare a change of a map's size with both builds at the agent's sizes)")
     ap.add_argument("--snat-slots", type=int, default=1 << 18,
                     help="SNAT node-port slots (power of 2; default: the agent's default, 256 Ki)")
     args = ap.parse_args()
@@ -334,7 +337,7 @@ def main() -> int:
     # default 256 Ki port slots hold them at <= 38 % (16 independent candidates: ~1e-3 refusals
     # per round expected, and a refusal stops the run)
     feats = Features(max_services=max(65536, 2 * max(counts) + 8), maglev_slots=1 << need_slots.bit_length(),
-                     ct_size=1 << 20, snat_slots=args.snat_slots, snat_port_min=1024, dsr_flow_slots=args.dsr_slots)
+                     ct_size=args.ct_size, snat_slots=args.snat_slots, snat_port_min=1024, dsr_flow_slots=args.dsr_slots)
     dp = Datapath(f"bench-{os.getpid()}", pin_root=PIN_ROOT, features=feats, bpf_dir=args.bpf)
     # the A/B build: its own maps, the same services and flows, its rounds interleaved with ours
     other = (Datapath(f"bench-ab-{os.getpid()}", pin_root=PIN_ROOT, features=feats, bpf_dir=args.ab_bpf)
