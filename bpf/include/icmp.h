@@ -186,9 +186,21 @@ static __always_inline int icmp_error_to_flow(struct xdp_md *ctx, struct pkt *p)
 		fs = snat_flow_find(snat_search_start(flow_hash_tuple(ck.saddr, ck.family, ck.sport, ck.dport, ck.proto),
 						      ck.daddr),
 				    ck.saddr, ck.daddr, ck.sport, ck.dport, ck.proto, ck.family);
-	if (!fs)
+	struct dsr_flow *df = NULL;
+	__u32 dbid = 0;
+	if ((svc->flags & (SVC_F_DSR | SVC_F_STATELESS)) == SVC_F_DSR)   /* a DSR flow: its slot (lb.h "DSR flow table") */
+		df = dsr_flow_find(ck.saddr, ck.daddr, ck.sport, ck.dport, ck.proto, ck.family,
+				   dsr_flow_start(flow_hash_tuple(ck.saddr, ck.family, ck.sport, ck.dport, ck.proto),
+						  ck.daddr), &dbid);
+	if (!fs && !df)
 		cv = ct_v2.lookup(&ck);
-	if (fs) {
+	if (df) {
+		bid = dbid;
+		ct_flags = df->flags;
+		__u32 esvc = df->svc_id, egen = df->svc_gen;
+		if (!member_of(svc, svc->id, bid, &esvc, &egen, 0))
+			bid = 0;   /* the flow's backend left the service: its next packet re-balances */
+	} else if (fs) {
 		bid = fs->backend_id;
 		nat_port = fs->nat_port;
 		ct_flags = fs->flags;

@@ -141,14 +141,24 @@ static __always_inline __u32 dsr_flow_start(__u32 fh, const __u32 *vaddr)
 	return fh ^ v;   /* fh: flow_hash(p, p->sport), what Maglev uses */
 }
 
-static __always_inline int dsr_flow_is(const struct dsr_flow *s, const struct pkt *p)
+static __always_inline int dsr_flow_is_tuple(const struct dsr_flow *s, const __u32 *saddr, const __u32 *daddr,
+					     __be16 sport, __be16 dport, __u8 proto, __u8 family)
 {
-	return s->backend_id && s->sport == p->sport && s->dport == p->dport && s->proto == p->proto &&
-	       s->family == p->family && addr_eq(s->saddr, p->saddr) && addr_eq(s->daddr, p->daddr);
+	return s->backend_id && s->sport == sport && s->dport == dport && s->proto == proto &&
+	       s->family == family && addr_eq(s->saddr, saddr) && addr_eq(s->daddr, daddr);
 }
 
-/* The slot of DSR flow p, read stable (not being written), or NULL */
-static __always_inline struct dsr_flow *dsr_flow_find(const struct pkt *p, __u32 start)
+static __always_inline int dsr_flow_is(const struct dsr_flow *s, const struct pkt *p)
+{
+	return dsr_flow_is_tuple(s, p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family);
+}
+
+/* The slot of DSR flow (client saddr:sport -> VIP daddr:dport), read stable (not being
+ * written), or NULL; *bid: its backend, read before the stability check (a slot taken over
+ * after the check cannot hand this flow another flow's backend) */
+static __always_inline struct dsr_flow *dsr_flow_find(const __u32 *saddr, const __u32 *daddr, __be16 sport,
+						      __be16 dport, __u8 proto, __u8 family, __u32 start,
+						      __u32 *bid)
 {
 #pragma unroll
 	for (int i = 0; i < DSR_FLOW_PROBES; i++) {
@@ -161,8 +171,14 @@ static __always_inline struct dsr_flow *dsr_flow_find(const struct pkt *p, __u32
 			continue;          /* being written on another CPU: not trusted */
 		if (!s->backend_id)
 			return NULL;       /* a claim takes the first free slot: nothing of p beyond */
-		if (dsr_flow_is(s, p) && *(volatile __u64 *)&s->seq == seq)
-			return s;
+		if (dsr_flow_is_tuple(s, saddr, daddr, sport, dport, proto, family)) {
+			__u32 b = *(volatile __u32 *)&s->backend_id;
+			asm volatile("" ::: "memory");
+			if (*(volatile __u64 *)&s->seq == seq) {
+				*bid = b;
+				return s;
+			}
+		}
 	}
 	return NULL;
 }
@@ -837,9 +853,9 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	if ((flags & (SVC_F_STATELESS | SVC_F_DSR)) == SVC_F_DSR && !syn_new) {
 		/* a DSR flow: its slot in the flow table (one cache line), else conntrack below */
 		fh = flow_hash(p, p->sport);
-		df = dsr_flow_find(p, dsr_flow_start(fh, p->daddr));
+		df = dsr_flow_find(p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family,
+				   dsr_flow_start(fh, p->daddr), &bid);
 		if (df) {
-			bid = df->backend_id;
 			be = flow_backend(p, svc, svc_id, bid, &df->svc_id, &df->svc_gen, 0, NULL);
 			flow_hit(be, &nat_port);
 			if (be)
