@@ -465,6 +465,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     except TimeoutError:
         log.warning("speakers did not stop in time; exiting anyway", timeout=SHUTDOWN_TIMEOUT)
     await api.stop()
+    try:   # the next start's first plan (agent/controlplane/startmemo.py)
+        await asyncio.to_thread(controller.save_start_memo)
+    except Exception as exc:  # noqa: BLE001 - the next start computes the plan instead
+        log.warning("could not write the start-up plan memo", error=str(exc), state_dir=str(state_dir))
     if datapath is not None:
         datapath.close()   # drop our handles only: programs stay attached, maps stay pinned
     if metrics_server is not None:
