@@ -102,6 +102,12 @@ def _built(cls, fields: dict):
     return cls(**fields)
 
 
+def _satisfied():
+    from agent.controlplane.lbipam import _SATISFIED
+
+    return _SATISFIED
+
+
 def _v4(n: int):
     return ipaddress.IPv4Address(n)
 
@@ -111,17 +117,20 @@ def _net(cls, n: int, length: int):
 
 
 @functools.lru_cache(maxsize=1)
-def _classes() -> tuple[dict, type, type]:
+def _classes() -> tuple[dict, type, type, Any]:
     from agent.bgp.messages import PathAttributes
+    from agent.controlplane.lbipam import _SATISFIED
     from agent.datapath.model import Backend, Service, ServiceKey
 
-    return {cls: tuple(cls.__slots__) for cls in (Backend, Service)}, ServiceKey, PathAttributes
+    return {cls: tuple(cls.__slots__) for cls in (Backend, Service)}, ServiceKey, PathAttributes, _SATISFIED
 
 
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj):
         t = type(obj)
-        slotted, service_key, path_attributes = _classes()
+        slotted, service_key, path_attributes, satisfied = _classes()
+        if obj is satisfied:   # LB-IPAM's one "satisfied" condition: its next pass checks identity
+            return _satisfied, ()
         names = slotted.get(t)
         if names is not None:   # frozen, validated when computed: rebuilt field by field
             return _slotted, (t, names, tuple(getattr(obj, n) for n in names))

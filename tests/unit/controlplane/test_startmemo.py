@@ -30,9 +30,9 @@ def _config(d, n=30):
                                          local_asn=NODE_ASN, peer_asn=ROUTER_ASN))
 
 
-def _store(d) -> Store:
+def _store(d, cache=None) -> Store:
     store = Store()
-    store.replace(load_dir(d).objects, source=str(d), fingerprint=fingerprint(yaml_files(d)))
+    store.replace(load_dir(d, cache).objects, source=str(d), fingerprint=fingerprint(yaml_files(d)))
     return store
 
 
@@ -153,3 +153,31 @@ def test_no_memo_is_written_for_a_plan_that_is_not_clean(tmp_path):
     c.plan = dataclasses.replace(p, failures={"services": "boom"})
     assert not c.save_start_memo()
     assert not (state / startmemo.FILE).exists()   # the older memo is removed too
+
+
+def test_the_pass_after_a_memo_start_stays_incremental(tmp_path, monkeypatch):
+    """The plan after one loaded from the memo redoes only what changed (LB-IPAM's shortcut
+    needs its own "satisfied" condition back, by identity) and gives what computing gives."""
+    from agent.config.loader import ParseCache
+    from agent.controlplane import lbipam
+    from agent.lab.scale import service_docs
+
+    cfg, state = tmp_path / "cfg", tmp_path / "state"
+    _config(cfg)
+    _stopped_agent(_store(cfg), state)
+    cache = ParseCache()   # unchanged files give the same objects, as in the daemon
+    store = _store(cfg, cache)
+    c = _controller(store, state)
+    c.plan = _plan(c)
+    assert c.plan.from_memo
+    (cfg / "extra.yaml").write_text(service_docs(99, ports=1, pods=PODS, node_name=NODE_NAME))
+    new = _store(cfg, cache)
+    store.replace(new.current.objects, source=str(cfg), fingerprint=new.current.fingerprint)
+    full = []
+    monkeypatch.setattr(lbipam, "allocate", lambda *a, **k: full.append(1) or pytest.fail("full LB-IPAM"))
+    after = c.make_plan()
+    assert full == [] and "scale/svc-00099" in after.allocations
+    monkeypatch.undo()
+    startmemo.discard(state)
+    computed = _plan(_controller(store, state))
+    assert after.allocations == computed.allocations and after.frontends == computed.frontends
