@@ -655,11 +655,14 @@ class Datapath:
                                       terminating=bool(flags & _BE_TERMINATING), id=i)
             return b
 
+        listed: dict[int, tuple] = {}   # id(table) -> its backends: equal tables are one array
         for key, p in self._plan.programmed.items():
             if p.service is not None:
                 out[key] = p.service
                 continue
-            backends = tuple(backend(i) for i in sorted(set(p.table)) if i in vals)
+            backends = listed.get(id(p.table))
+            if backends is None:   # a table has M (>= 251) slots: read each distinct one once
+                backends = listed[id(p.table)] = tuple(backend(i) for i in sorted(set(p.table)) if i in vals)
             f = p.flags   # plain int tests: IntFlag arithmetic costs ~2 us each
             # kept: the next call (each reconcile pass) hands back the same object
             out[key] = p.service = Service(
