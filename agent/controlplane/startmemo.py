@@ -82,13 +82,6 @@ def inputs_digest(*, config_fingerprint: str, kept: tuple, allocations: Mapping,
 _new, _set = object.__new__, object.__setattr__
 
 
-def _slotted(cls, names, values):
-    obj = _new(cls)
-    for name, value in zip(names, values):
-        _set(obj, name, value)
-    return obj
-
-
 def _service_key(cls, vip, port: int, proto):
     key = _new(cls)
     _set(key, "vip", vip)
@@ -117,23 +110,24 @@ def _net(cls, n: int, length: int):
 
 
 @functools.lru_cache(maxsize=1)
-def _classes() -> tuple[dict, type, type, Any]:
+def _classes() -> tuple[dict, type, type, Any, Any]:
     from agent.bgp.messages import PathAttributes
     from agent.controlplane.lbipam import _SATISFIED
-    from agent.datapath.model import Backend, Service, ServiceKey
+    from agent.datapath.model import Backend, Service, ServiceKey, trusted
 
-    return {cls: tuple(cls.__slots__) for cls in (Backend, Service)}, ServiceKey, PathAttributes, _SATISFIED
+    return ({cls: tuple(cls.__slots__) for cls in (Backend, Service)}, ServiceKey, PathAttributes, _SATISFIED,
+            trusted)
 
 
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj):
         t = type(obj)
-        slotted, service_key, path_attributes, satisfied = _classes()
+        slotted, service_key, path_attributes, satisfied, trusted = _classes()
         if obj is satisfied:   # LB-IPAM's one "satisfied" condition: its next pass checks identity
             return _satisfied, ()
         names = slotted.get(t)
         if names is not None:   # frozen, validated when computed: rebuilt field by field
-            return _slotted, (t, names, tuple(getattr(obj, n) for n in names))
+            return trusted, (t, *(getattr(obj, n) for n in names))
         if t is service_key:
             return _service_key, (t, obj.vip, obj.port, obj.proto)
         if t is path_attributes:   # a few shared ones; the constructor hashes them anew
