@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import ipaddress
 import os
 import pickle
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["FILE", "PlanMemo", "inputs_digest", "encode", "decode", "load", "save"]
+__all__ = ["FILE", "PlanMemo", "inputs_digest", "write", "read", "load", "save", "discard"]
 
 FILE = "plan-memo.pickle"
 FORMAT = b"vipd-plan-memo 1\n"
@@ -139,24 +138,34 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-def encode(memo: PlanMemo) -> bytes:
-    buf = io.BytesIO()
-    buf.write(FORMAT)
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(memo)
-    return buf.getvalue()
+def write(fh, memo: PlanMemo) -> None:
+    """The header, the digest, then the parts as separate pickles straight into ``fh``: a
+    reader checks the digest before unpickling anything else, and the writer's pickle memo
+    (one entry per object) holds one part at a time (writing all at once at 20,000 Services
+    raised the stopping agent's peak RSS by ~35 MB)."""
+    fh.write(FORMAT)
+    pickler = _Pickler(fh, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dump(memo.digest)
+    for group in (("lbipam",), ("frontends", "owners", "contested"), ("paths",)):
+        pickler.clear_memo()
+        pickler.dump(tuple(getattr(memo, name) for name in group))
 
 
-def decode(data: bytes, digest: str) -> PlanMemo | None:
-    """The memo in ``data`` if it was made for ``digest``; None for anything else."""
-    if not data.startswith(FORMAT):
+def read(fh, digest: str) -> PlanMemo | None:
+    """The memo in ``fh`` if it was made for ``digest``; None for anything else."""
+    if fh.read(len(FORMAT)) != FORMAT:
         return None
     try:
-        memo = pickle.loads(memoryview(data)[len(FORMAT):])
+        if pickle.load(fh) != digest:
+            return None
+        (lbipam,) = pickle.load(fh)
+        frontends, owners, contested = pickle.load(fh)
+        (paths,) = pickle.load(fh)
     except Exception:  # noqa: BLE001 - truncated, corrupt, or classes this build lacks: recompute
         return None
-    if not isinstance(memo, PlanMemo) or memo.digest != digest:
+    if fh.read(1):   # trailing bytes: not a file this code wrote
         return None
-    return memo
+    return PlanMemo(digest, lbipam, frontends, owners, contested, paths)
 
 
 # -- the file (the controller owns the state dir) ---------------------------------------------
@@ -165,26 +174,26 @@ def load(state_dir: Path, digest: str | None) -> PlanMemo | None:
     if digest is None:
         return None
     try:
-        data = (Path(state_dir) / FILE).read_bytes()
+        with open(Path(state_dir) / FILE, "rb", buffering=1 << 20) as fh:
+            return read(fh, digest)
     except OSError:
         return None
-    return decode(data, digest)
 
 
 def save(state_dir: Path, memo: PlanMemo) -> int:
     """Write atomically (temp file, fsync, rename); returns the size in bytes."""
     path = Path(state_dir) / FILE
-    data = encode(memo)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        with open(tmp, "wb", buffering=1 << 20) as fh:
+            write(fh, memo)
             fh.flush()
             os.fsync(fh.fileno())
+            size = fh.tell()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(data)
+    return size
 
 
 def discard(state_dir: Path) -> None:

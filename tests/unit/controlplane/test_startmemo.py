@@ -131,7 +131,7 @@ def test_a_change_of_any_input_is_not_served_from_the_memo(tmp_path, monkeypatch
     assert _plan(_controller(_store(cfg), state)).from_memo
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other-format"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other-format", "trailing"])
 def test_a_damaged_memo_file_is_recomputed(tmp_path, damage):
     cfg, state = tmp_path / "cfg", tmp_path / "state"
     _config(cfg, n=10)
@@ -139,7 +139,8 @@ def test_a_damaged_memo_file_is_recomputed(tmp_path, damage):
     path = state / startmemo.FILE
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": data[:40] + b"\x00junk" * 50,
-                      "empty": b"", "other-format": b"vipd-plan-memo 0\n" + data[len(startmemo.FORMAT):]}[damage])
+                      "empty": b"", "other-format": b"vipd-plan-memo 0\n" + data[len(startmemo.FORMAT):],
+                      "trailing": data + b"\x80"}[damage])
     p = _plan(_controller(_store(cfg), state))
     assert not p.from_memo and len(p.frontends) == 20
 
