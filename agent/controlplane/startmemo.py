@@ -49,12 +49,16 @@ class PlanMemo:
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """The agent's version and the content of its Python modules: another build never reads
-    this build's memo."""
+    """The agent's version, the content of its Python modules, and the Python and pydantic
+    versions (whose objects are pickled): another build never reads this build's memo."""
+    import sys
+
+    import pydantic
+
     from agent.version import version
 
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256(version().encode())
+    h = hashlib.sha256(f"{version()}\0{sys.version}\0{pydantic.VERSION}".encode())
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
