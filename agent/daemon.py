@@ -258,6 +258,25 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
 
         parser = ParserProcess()
         await parser.spawn()
+    state_dir = Path(args.state_dir)
+    loader = bpf_cache = maps = None
+    dp_log = get_logger("lb", node=args.node_name)
+    if args.lb_interface:   # the BPF compile (seconds) overlaps the parsing; map sizes come later
+        from agent.reconcilers.services import load_datapath, start_datapath_loader
+        bpf_cache = _bpf_cache(args, state_dir)
+        loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
+
+        def load(capacity):
+            return asyncio.create_task(asyncio.to_thread(
+                load_datapath, args.node_name, pin_root=args.bpf_pin_root, capacity=capacity, loader=loader,
+                bpf_cache=bpf_cache))
+
+        # A restart adopts the pinned maps at their size while the configuration is read (the
+        # first pass grows them if the configuration outgrew them); a first start sizes new
+        # maps from the start-up plan (below). Before the API's imports (grpc: ~0.3 s): the
+        # kernel verifies the programs meanwhile.
+        if await asyncio.to_thread(_pinned_capacity, args, dp_log) is not None:
+            maps = load(None)
     from agent.api.provider import ControllerProvider
     from agent.api.server import ApiServer
     from agent.reconcilers.controller import Controller
@@ -266,7 +285,6 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     from agent.store import Store
 
     log = get_logger("daemon", node=args.node_name)
-    state_dir = Path(args.state_dir)
     # A pass at 20,000 Services allocates ~10^5 short-lived containers; at Python's default
     # thresholds (700, 10, 10) the cyclic GC then costs ~30 % of the pass. Refcounting frees
     # them anyway (the agent's data has no reference cycles to speak of).
@@ -287,23 +305,6 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     else:
         source = FileSource(args.config, store, limits=parse_limits(args.config_limit),
                             cache_dir=state_dir / "config-cache", parser=parser)
-    loader = bpf_cache = maps = None
-    dp_log = get_logger("lb", node=args.node_name)
-    if args.lb_interface:   # the BPF compile (seconds) overlaps the parsing; map sizes come later
-        from agent.reconcilers.services import load_datapath, start_datapath_loader
-        bpf_cache = _bpf_cache(args, state_dir)
-        loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
-
-        def load(capacity):
-            return asyncio.create_task(asyncio.to_thread(
-                load_datapath, args.node_name, pin_root=args.bpf_pin_root, capacity=capacity, loader=loader,
-                bpf_cache=bpf_cache))
-
-        # A restart adopts the pinned maps at their size while the configuration is read (the
-        # first pass grows them if the configuration outgrew them); a first start sizes new
-        # maps from the start-up plan (below).
-        if await asyncio.to_thread(_pinned_capacity, args, dp_log) is not None:
-            maps = load(None)
     await source.reload()   # parsed in the worker process, like every later reload
     services = None
     from agent.controlplane.memo import Memo
@@ -465,6 +466,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
     except TimeoutError:
         log.warning("speakers did not stop in time; exiting anyway", timeout=SHUTDOWN_TIMEOUT)
     await api.stop()
+    try:   # the next start's first plan (agent/controlplane/startmemo.py)
+        await asyncio.to_thread(controller.save_start_memo)
+    except Exception as exc:  # noqa: BLE001 - the next start computes the plan instead
+        log.warning("could not write the start-up plan memo", error=str(exc), state_dir=str(state_dir))
     if datapath is not None:
         datapath.close()   # drop our handles only: programs stay attached, maps stay pinned
     if metrics_server is not None:

@@ -76,6 +76,10 @@ class NodePlan:
     # (instance, peer) -> PeerPaths the next plan starts from instead of path_states (see
     # anticipate_paths)
     next_paths: dict = field(default_factory=dict)
+    # (instance, peer) -> PeerPaths from the start-up memo (agent.controlplane.startmemo), used
+    # by anticipate_paths when they were built from the same inputs
+    stored_paths: Mapping = field(default_factory=dict)
+    from_memo: bool = False                        # LB-IPAM and frontends came from the memo
 
     @property
     def allocations(self) -> dict[str, tuple[str, ...]]:
@@ -129,9 +133,14 @@ class NodePlan:
             if instance.legacy is not None:
                 continue
             for peer in instance.peers:
-                self.next_paths[(instance.name, peer.address)] = desired_paths_changed(
+                key, inputs = (instance.name, peer.address), self._paths_inputs(instance, peer, frozenset())
+                stored = self.stored_paths.get(key)
+                if stored is not None and stored.inputs == inputs:
+                    self.next_paths[key] = stored
+                    continue
+                self.next_paths[key] = desired_paths_changed(
                     self.effective, name, instance, peer, options, self.interfaces, None, self.memo,
-                    inputs=self._paths_inputs(instance, peer, frozenset()), previous=None, changed=None)
+                    inputs=inputs, previous=None, changed=None)
 
     def policies(self) -> list:
         """Cilium's GoBGP route policies as data (``vipctl bgp route-policies``); costly at
@@ -147,11 +156,14 @@ class NodePlan:
 def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = None, *,
          generation: int = 0, cluster_config_order: tuple[str, ...] = (),
          allocations: Mapping[str, tuple[str, ...]] | None = None, memo=None,
-         frontends_memo=None) -> NodePlan:
+         frontends_memo=None, start_memo=None) -> NodePlan:
     """The NodePlan for ``objects`` (a Store snapshot's ObjectSet) and ``facts`` (HostFacts or
     None). ``previous``: the last plan (its LB-IPAM result and routes are kept when this
     pass's computation fails). ``cluster_config_order`` / ``allocations``: the persisted
-    state the first plan starts from (later plans take them from ``previous``)."""
+    state the first plan starts from (later plans take them from ``previous``).
+    ``start_memo``: a first plan's LB-IPAM result, frontends and paths kept by the previous
+    agent for exactly these inputs (agent.controlplane.startmemo; the caller checked the
+    digest), used instead of computing them."""
     from agent.controlplane import effective_services, lbipam as lbipam_mod
     from agent.controlplane.conditions import cluster_config_conditions, peer_config_conditions
     from agent.controlplane.nodeconfig import derive_node_config
@@ -169,9 +181,14 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
     delta = _service_delta(previous.objects, objects) if previous is not None else None
     lb = previous.lbipam if previous is not None else None
     incremental = False
+    if previous is not None or (start_memo is not None and start_memo.frontends is None
+                                and settings.datapath is not None):
+        start_memo = None
     try:
         new = None
-        if (delta is not None and lb is not None and "lbipam" not in previous.failures
+        if start_memo is not None:
+            new = start_memo.lbipam
+        elif (delta is not None and lb is not None and "lbipam" not in previous.failures
                 and _same(previous.objects.lb_pools, objects.lb_pools)):
             new = lbipam_mod.allocate_changed(objects, lb, delta[0], delta[1], memo)
             incremental = new is not None
@@ -199,7 +216,11 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
         dp = settings.datapath
         try:
             done = None
-            if (changed is not None and previous.frontends is not None and not previous.frontends_contested
+            if start_memo is not None:
+                done = dict(start_memo.frontends), dict(start_memo.owners)
+                if start_memo.contested:
+                    contested.append(None)
+            elif (changed is not None and previous.frontends is not None and not previous.frontends_contested
                     and previous.settings == settings):
                 done = desired_services_changed(effective, node_name, previous.frontends, previous.owners,
                                                 changed, mode=dp.mode, maglev_size=dp.maglev_size)
@@ -240,7 +261,9 @@ def plan(objects, facts, settings: PlanSettings, previous: NodePlan | None = Non
                     cluster_conditions=cluster_conditions, peer_conditions=peer_conditions,
                     failures=failures, memo=memo,
                     changed_services=changed, frontends_contested=bool(contested),
-                    previous_paths={**previous.path_states, **previous.next_paths} if previous is not None else None)
+                    previous_paths={**previous.path_states, **previous.next_paths} if previous is not None else None,
+                    stored_paths=start_memo.paths if start_memo is not None else {},
+                    from_memo=start_memo is not None)
 
 
 def _same(a, b) -> bool:

@@ -41,7 +41,7 @@ from agent.datapath.changes import MapChanges, Phase
 from agent.datapath.child import SIZE_DEFINES, Loaded, PendingLoad, start_loading
 from agent.datapath.loader import ensure_bpffs
 from agent.datapath.model import (
-    Backend, IPAddress, Mode, Proto, Service, ServiceKey,
+    Backend, IPAddress, Mode, Proto, Service, ServiceKey, trusted,
 )
 from agent.datapath.netns import in_netns
 from agent.datapath.objcache import FROM_ENV, ProgramCache
@@ -513,6 +513,7 @@ class Datapath:
         fronts.sort(key=lambda kv: kv[1].table_off)
         window = maglev.u32_window()
         protos = {int(p): p for p in Proto}
+        no_ranges = plan.shared_set(frozenset())
         same: dict[bytes, array] = {}
         table_ids: dict[int, frozenset] = {}   # id(table) -> its backend ids (tables live in ``same``)
         for k, v in fronts:
@@ -527,7 +528,7 @@ class Datapath:
                     table = same[raw] = array("I", raw)
             nets = plan.shared_set(frozenset(
                 ipaddress.ip_network((_addr_from_words(a, k.family), plen))
-                for a, plen in ranges[v.id]) if v.id in ranges else frozenset())
+                for a, plen in ranges[v.id])) if v.id in ranges else no_ranges
             mem = plan.shared_set(frozenset(members.get(v.id, ())))
             ids = table_ids.get(id(table))
             if ids is None:   # shared tables: their backend set once
@@ -663,19 +664,21 @@ class Datapath:
                                       terminating=bool(flags & _BE_TERMINATING), id=i)
             return b
 
+        listed: dict[int, tuple] = {}   # id(table) -> its backends: equal tables are one array
         for key, p in self._plan.programmed.items():
             if p.service is not None:
                 out[key] = p.service
                 continue
-            backends = tuple(backend(i) for i in sorted(set(p.table)) if i in vals)
+            backends = listed.get(id(p.table))
+            if backends is None:   # a table has M (>= 251) slots: read each distinct one once
+                backends = listed[id(p.table)] = tuple(backend(i) for i in sorted(set(p.table)) if i in vals)
             f = p.flags   # plain int tests: IntFlag arithmetic costs ~2 us each
             # kept: the next call (each reconcile pass) hands back the same object
-            out[key] = p.service = Service(
-                key, backends, traffic_policy_local=bool(f & _LOCAL_ONLY),
-                mode=Mode.DSR if f & _DSR else Mode.SNAT,
-                affinity_timeout=p.affinity_timeout if f & _AFFINITY else 0,
-                source_ranges=tuple(sorted(p.ranges, key=str)),
-                stateless=bool(f & _STATELESS), maglev_m=p.table_cap)
+            # the values of the maps this agent (or the one before) wrote: no checks again
+            out[key] = p.service = trusted(
+                Service, key, backends, bool(f & _LOCAL_ONLY), Mode.DSR if f & _DSR else Mode.SNAT,
+                p.affinity_timeout if f & _AFFINITY else 0, tuple(sorted(p.ranges, key=str)) if p.ranges else (),
+                bool(f & _STATELESS), p.table_cap)
         return out
 
     def service_id(self, key: ServiceKey) -> int | None:

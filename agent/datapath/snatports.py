@@ -178,6 +178,8 @@ def migrate_reply_entries(dp) -> tuple[int, int]:
     seed, n = dp.features.hash_seed, dp.features.snat_slots
     entries = [(ct.Key.from_buffer_copy(k), ct.Leaf.from_buffer_copy(v)) for k, v in _hash_items(ct)
                if k.dir == reply and v.flags & snat]
+    if not entries:   # the usual start: nothing to move, no need to read the 256 Ki slots
+        return 0, 0
     moved = lost = 0
     taken = {i for i, _ in claimed_slots(slots)}
     for k, v in entries:

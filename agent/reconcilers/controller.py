@@ -219,13 +219,58 @@ class Controller:
         snap = self.store.current
         state = self.state.view()
         t0 = time.monotonic()
+        settings = self.settings()
+        start_memo = self._load_start_memo(snap, state, settings) if self.plan is None else None
         plan = make_plan(self.store.objects(), self.host.facts if self.host is not None else None,
-                         self.settings(), self.plan, generation=snap.generation,
+                         settings, self.plan, generation=snap.generation,
                          cluster_config_order=state.cluster_config_order, allocations=dict(state.allocations),
-                         memo=self.memo, frontends_memo=self.services.memo if self.services is not None else None)
+                         memo=self.memo, frontends_memo=self.services.memo if self.services is not None else None,
+                         start_memo=start_memo)
         self.last_plan_seconds = time.monotonic() - t0
         self._planned_after = self.passes
         return plan
+
+    def _load_start_memo(self, snap, state, settings):
+        """The previous agent's memo of the first plan's costly parts, if made for exactly
+        these inputs (agent.controlplane.startmemo); None: compute them."""
+        from agent.controlplane import startmemo
+
+        t0 = time.monotonic()
+        digest = startmemo.inputs_digest(config_fingerprint=snap.fingerprint, kept=snap.kept,
+                                         allocations=state.allocations,
+                                         cluster_config_order=state.cluster_config_order, settings=settings)
+        memo = startmemo.load(self.state_dir, digest)
+        self._log("info", "start-up plan memo", used=memo is not None, seconds=round(time.monotonic() - t0, 3),
+                  reason=None if memo is not None else ("not applicable" if digest is None
+                                                        else "no memo for these inputs"))
+        return memo
+
+    def save_start_memo(self) -> bool:
+        """Keep the applied plan's LB-IPAM result, frontends and paths for the next start
+        (the daemon calls it when it stops), under the digest of the inputs that start will
+        read: this plan's configuration and the state files as written. Nothing is kept
+        (and an older memo is removed) when the plan is not a clean one for those inputs."""
+        from agent.controlplane import startmemo
+
+        plan, snap, state = self.plan, self.store.current, self.state.view()
+        digest = None
+        if (plan is not None and not plan.failures and plan.lbipam is not None
+                and plan.generation == snap.generation and not plan.frontends_contested
+                and plan.cluster_config_order == state.cluster_config_order
+                and plan.lbipam.allocations == state.allocations):
+            digest = startmemo.inputs_digest(config_fingerprint=snap.fingerprint, kept=snap.kept,
+                                             allocations=state.allocations,
+                                             cluster_config_order=state.cluster_config_order,
+                                             settings=plan.settings)
+        if digest is None:
+            startmemo.discard(self.state_dir)
+            return False
+        paths = {**plan.path_states, **plan.next_paths}
+        size = startmemo.save(self.state_dir, startmemo.PlanMemo(
+            digest=digest, lbipam=plan.lbipam, frontends=plan.frontends, owners=plan.owners,
+            contested=plan.frontends_contested, paths=paths))
+        self._log("info", "start-up plan memo written", path=str(self.state_dir / startmemo.FILE), bytes=size)
+        return True
 
     def sessions_config(self):
         """The node's BGP instances and peers alone (no Services, so no LB-IPAM and no

@@ -70,6 +70,7 @@ class ServiceReconciler:
         from agent.controlplane.memo import Memo
         self.memo = memo or Memo()                  # frontends of unchanged Services
         self._last_objects = None
+        self._keys_after_upsert = None              # frontends programmed before this pass's upserts
         self.deletions = ServiceDeletions(self)
 
     @property
@@ -190,7 +191,13 @@ class ServiceReconciler:
         from agent.datapath.api import CapacityError
         from agent.datapath.capacity import plan_capacity
 
-        current = self.dp.services()
+        if phase == "delete" and self._keys_after_upsert is not None:
+            # the same pass's upsert read the maps a moment ago and only added to them: its
+            # keys are what may need deleting (reading 20,000 frontends back twice cost ~0.2 s)
+            current = dict.fromkeys(self._keys_after_upsert)
+        else:
+            current = self.dp.services()
+        self._keys_after_upsert = None
         deleted = upserted = 0
         failed: dict = {}
         delete_failed: dict[str, str] = {}
@@ -241,6 +248,8 @@ class ServiceReconciler:
                         msg = str(exc2) + (f" (growth failed: {self.growth_error})" if self.growth_error else "")
                         failed[key] = FrontendFailure("", reason, msg)
         changed = (deleted, upserted) if deleted or upserted else None
+        if phase == "upsert":
+            self._keys_after_upsert = current.keys()
         if phase in ("all", "delete"):
             self.delete_failed = delete_failed
         return changed, failed
