@@ -35,6 +35,31 @@ def pytest_configure(config):
         os.environ[ENV_VAR] = _bpf_cache_dir
 
 
+    _ipv6_frames_without_neighbour_solicitation()
+
+
+def _ipv6_frames_without_neighbour_solicitation() -> None:
+    """A scapy frame ``Ether() / IPv6(dst=...)`` built in this process gets its destination
+    MAC from scapy's getmacbyip6, which sends a neighbour solicitation and waits 1 s for an
+    answer that never comes for the test addresses, then uses broadcast. Resolve as scapy does
+    for multicast and for its neighbour cache, and use broadcast at once otherwise: the same
+    bytes, a second sooner per frame (~1 s per IPv6 packet test)."""
+    import socket
+
+    from scapy.config import conf
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.utils6 import in6_getnsmac, in6_ismaddr
+
+    def resolve(l2, l3) -> str:
+        dst = str(l3.dst)
+        if in6_ismaddr(dst):
+            return in6_getnsmac(socket.inet_pton(socket.AF_INET6, dst))
+        return conf.netcache.in6_neighbor.get(dst) or "ff:ff:ff:ff:ff:ff"
+
+    conf.neighbor.register_l3(Ether, IPv6, resolve)
+
+
 def pytest_unconfigure(config):
     if _bpf_cache_dir is not None:
         shutil.rmtree(_bpf_cache_dir, ignore_errors=True)
