@@ -21,7 +21,7 @@ from agent.datapath.snatports import claimed_slots, read_slots
 
 __all__ = [
     "BackendRow", "FrontendRow", "read_backends", "read_frontends", "read_maglev",
-    "read_conntrack", "read_dsr_flows", "count_conntrack", "ct_flag_names", "read_drops", "read_stats", "read_service_counters", "svc_flag_names",
+    "read_conntrack", "read_flow_lines", "count_conntrack", "ct_flag_names", "read_drops", "read_stats", "read_service_counters", "svc_flag_names",
     "backend_state",
 ]
 
@@ -110,17 +110,24 @@ def read_maglev(dp, front: FrontendRow) -> list[int]:
     return _array_read_range(dp.table(MapName.MAGLEV), front.table_off, front.table_size).tolist()
 
 
-def read_dsr_flows(dp) -> list[CtEntry]:
-    """The DSR flow table's flows (dsr_flows_v1: one slot per flow, client -> VIP tuple and
-    backend), as the SERVICE entries they replace; a slot of a closed or idle flow stays until
-    a new flow reuses it, as an LRU entry stays until evicted."""
+def _lines(dp):
+    """The flow table's lines that name a flow (claimed, not a tombstone: proto 0)."""
+    return ((i, v) for i, v in claimed_slots(dp.table(MapName.DSR_FLOWS)) if v.proto)
+
+
+def read_flow_lines(dp) -> list[CtEntry]:
+    """The flow table's flows (dsr_flows_v1: one line per DSR or SNAT flow, client -> VIP tuple,
+    backend and, for SNAT, node port), as the SERVICE entries they replace; a line of a closed
+    or idle flow stays until a new flow reuses it, as an LRU entry stays until evicted."""
     rows = []
-    for _, v in claimed_slots(dp.table(MapName.DSR_FLOWS)):
+    for _, v in _lines(dp):
         fam = v.family
+        flags = CtFlag(v.flags)
         rows.append(CtEntry(
             direction="service", proto=Proto(v.proto), saddr=_addr_from_words(v.saddr, fam),
             sport=_ntohs(v.sport), daddr=_addr_from_words(v.daddr, fam), dport=_ntohs(v.dport),
-            backend_id=int(v.backend_id), service_id=int(v.svc_id), flags=CtFlag(v.flags)))
+            backend_id=int(v.backend_id), service_id=int(v.svc_id), flags=flags,
+            nat_port=_ntohs(v.nat_port) if flags & CtFlag.SNAT else 0))
     return rows
 
 
@@ -129,12 +136,12 @@ def _flow_of(e: CtEntry) -> tuple:
 
 
 def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:
-    """(up to ``limit`` entries, total entries). DSR flows come from the DSR flow table first;
-    a conntrack SERVICE entry of the same flow (left from before it was re-balanced into the
-    table) is shadowed there, so it is not shown."""
-    dsr = read_dsr_flows(dp)
-    in_table = {_flow_of(e) for e in dsr}
-    rows, total = dsr[:limit], len(dsr)
+    """(up to ``limit`` entries, total entries). DSR and SNAT flows come from the flow table
+    first; a conntrack SERVICE entry of the same flow (left from before it was re-balanced into
+    the table) is shadowed there, so it is not shown."""
+    lines = read_flow_lines(dp)
+    in_table = {_flow_of(e) for e in lines}
+    rows, total = lines[:limit], len(lines)
     for k, v in _hash_items(dp.table(MapName.CT)):
         fam = k.family
         if k.dir == CtDir.SERVICE and in_table and (
@@ -155,9 +162,10 @@ def read_conntrack(dp, limit: int | None = None) -> tuple[list[CtEntry], int]:
     # SNAT flows' reply direction lives in the node-port slots, shown as the REPLY entries
     # they replaced: {backend:bport -> node:nat_port} rewritten to VIP:vport -> client
     nodes = _node_addresses(dp)
-    # ... and their forward direction too, unless the flow has a SERVICE entry (its flow-index
-    # entry was another flow's): {client:cport -> VIP:vport} via backend and node port
-    with_entry = {(r.saddr, r.sport, r.daddr, r.dport, r.proto) for r in rows if r.direction == "service"}
+    # ... and the forward direction of flows of vipd before SNAT lines (found through the old
+    # flow index), unless the flow has a line or a SERVICE entry: {client:cport -> VIP:vport}
+    # via backend and node port
+    with_entry = in_table | {_flow_of(r) for r in rows if r.direction == "service"}
     for s in read_slots(dp):
         for direction in ("service", "reply"):
             if direction == "service" and (s.client, s.cport, s.vip, s.vport, Proto(s.proto)) in with_entry:
@@ -191,13 +199,12 @@ def _node_addresses(dp) -> dict[int, IPAddress]:
 
 def count_conntrack(dp) -> dict[str, int]:
     """Flows by direction; a SNAT flow's slot counts as its reply direction and, unless the
-    flow also has a SERVICE entry (its flow-index entry was another flow's), as its service
+    flow also has a line or a SERVICE entry (a flow of vipd before SNAT lines), as its service
     direction (as in read_conntrack)."""
     counts = {"service": 0, "reply": 0}
-    with_entry = set()
-    dsr = {(tuple(v.saddr), v.sport, tuple(v.daddr), v.dport, v.proto)
-           for _, v in claimed_slots(dp.table(MapName.DSR_FLOWS))}
-    counts["service"] += len(dsr)   # DSR flows in the flow table (their SERVICE entries shadowed)
+    dsr = {(tuple(v.saddr), v.sport, tuple(v.daddr), v.dport, v.proto) for _, v in _lines(dp)}
+    counts["service"] += len(dsr)   # flows in the flow table (their SERVICE entries shadowed)
+    with_entry = set(dsr)
     for k, _ in _hash_items(dp.table(MapName.CT)):
         if k.dir == CtDir.REPLY:
             counts["reply"] += 1

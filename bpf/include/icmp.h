@@ -182,21 +182,25 @@ static __always_inline int icmp_error_to_flow(struct xdp_md *ctx, struct pkt *p)
 	__u16 ct_flags = 0;
 	struct snat_slot *fs = NULL;
 	struct ct_val *cv = NULL;
-	if (!(svc->flags & (SVC_F_DSR | SVC_F_STATELESS)))   /* a SNAT flow: its slot (lb.h "SNAT flow index") */
-		fs = snat_flow_find(snat_search_start(flow_hash_tuple(ck.saddr, ck.family, ck.sport, ck.dport, ck.proto),
-						      ck.daddr),
-				    ck.saddr, ck.daddr, ck.sport, ck.dport, ck.proto, ck.family);
 	struct dsr_flow *df = NULL;
-	__u32 dbid = 0;
-	if ((svc->flags & (SVC_F_DSR | SVC_F_STATELESS)) == SVC_F_DSR)   /* a DSR flow: its slot (lb.h "DSR flow table") */
+	__u64 st = 0;
+	__u32 fh = flow_hash_tuple(ck.saddr, ck.family, ck.sport, ck.dport, ck.proto);
+	if (!(svc->flags & SVC_F_STATELESS)) {   /* a DSR or SNAT flow: its line (lb.h "Flow table") */
 		df = dsr_flow_find(ck.saddr, ck.daddr, ck.sport, ck.dport, ck.proto, ck.family,
-				   dsr_flow_start(flow_hash_tuple(ck.saddr, ck.family, ck.sport, ck.dport, ck.proto),
-						  ck.daddr), &dbid);
+				   dsr_flow_start(fh, ck.daddr), &st);
+		if (df && (LINE_FLAGS(st) & CT_F_SNAT) != (svc->flags & SVC_F_DSR ? 0 : CT_F_SNAT))
+			df = NULL;   /* a line of the service's other mode: the flow re-balances */
+	}
+	if (!df && !(svc->flags & (SVC_F_DSR | SVC_F_STATELESS)))   /* a SNAT flow of before lines (lb.h "SNAT flow index") */
+		fs = snat_flow_find(snat_search_start(fh, ck.daddr), ck.saddr, ck.daddr, ck.sport, ck.dport, ck.proto,
+				    ck.family);
 	if (!fs && !df)
 		cv = ct_v2.lookup(&ck);
 	if (df) {
-		bid = dbid;
-		ct_flags = df->flags;
+		bid = LINE_BID(st);
+		ct_flags = LINE_FLAGS(st);
+		if (ct_flags & CT_F_SNAT)
+			nat_port = LINE_NAT_PORT(st);
 		__u32 esvc = df->svc_id, egen = df->svc_gen;
 		if (!member_of(svc, svc->id, bid, &esvc, &egen, 0))
 			bid = 0;   /* the flow's backend left the service: its next packet re-balances */

@@ -115,7 +115,7 @@ static __always_inline __u32 now_s(void)
 	return bpf_ktime_get_coarse_ns() / 1000000000ULL;
 }
 
-/* ---- DSR flow table -------------------------------------------------------------------
+/* ---- Flow table (DSR and SNAT flows) ------------------------------------------------------
  * A DSR flow (client:cport -> VIP:vport, proto) keeps its backend in dsr_flows, an array of
  * 64-B slots that hold the tuple as well, at one of DSR_FLOW_PROBES adjacent slots from an
  * index hashed from the flow (dsr_flow_start). A cold established packet so reads one cache
@@ -125,7 +125,9 @@ static __always_inline __u32 now_s(void)
  * probe holds a live flow it gets a conntrack SERVICE entry as before, so no flow loses its
  * backend. Non-SYN DSR packets look in the table, then in conntrack (the overflow, and flows
  * from before the table: no migration), then Maglev. Slots are never evicted, only reused
- * when stale (dsr_flow_stale); no slot is ever emptied, so a probe stops at a free one. */
+ * when stale (dsr_flow_stale); no slot is ever emptied, so a probe stops at a free one.
+ * SNAT flows have lines in the same table (CT_F_SNAT, with the node port where a DSR line
+ * keeps its clock): see "Flow table: SNAT lines" below. */
 static __always_inline __u32 dsr_ticks(void)
 {
 	return bpf_jiffies64() >> DSR_TICK_SHIFT;   /* inlined, unlike the clock helpers */
@@ -153,12 +155,17 @@ static __always_inline int dsr_flow_is(const struct dsr_flow *s, const struct pk
 	return dsr_flow_is_tuple(s, p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family);
 }
 
-/* The slot of DSR flow (client saddr:sport -> VIP daddr:dport), read stable (not being
- * written), or NULL; *bid: its backend, read before the stability check (a slot taken over
- * after the check cannot hand this flow another flow's backend) */
+/* The line of flow (client saddr:sport -> VIP daddr:dport), read stable (not being written),
+ * or NULL; *st: its backend, flags and (SNAT line) node port (LINE_BID, LINE_FLAGS,
+ * LINE_NAT_PORT), read before the stability check (a line taken over after the check cannot
+ * hand this flow another flow's backend or port). One u64, not three out-parameters: each
+ * would take a slot of the 512-B stack. */
+#define LINE_BID(st)      ((__u32)(st))
+#define LINE_FLAGS(st)    ((__u16)((st) >> 32))
+#define LINE_NAT_PORT(st) ((__be16)((st) >> 48))
 static __always_inline struct dsr_flow *dsr_flow_find(const __u32 *saddr, const __u32 *daddr, __be16 sport,
 						      __be16 dport, __u8 proto, __u8 family, __u32 start,
-						      __u32 *bid)
+						      __u64 *st)
 {
 #pragma unroll
 	for (int i = 0; i < DSR_FLOW_PROBES; i++) {
@@ -173,9 +180,11 @@ static __always_inline struct dsr_flow *dsr_flow_find(const __u32 *saddr, const 
 			return NULL;       /* a claim takes the first free slot: nothing of p beyond */
 		if (dsr_flow_is_tuple(s, saddr, daddr, sport, dport, proto, family)) {
 			__u32 b = *(volatile __u32 *)&s->backend_id;
+			__u16 f = *(volatile __u16 *)&s->flags;
+			__be16 np = *(volatile __be16 *)&s->nat_port;
 			asm volatile("" ::: "memory");
 			if (*(volatile __u64 *)&s->seq == seq) {
-				*bid = b;
+				*st = b | ((__u64)f << 32) | ((__u64)np << 48);
 				return s;
 			}
 		}
@@ -214,64 +223,6 @@ static __always_inline void dsr_flow_touch(struct dsr_flow *s, const struct pkt 
 		s->last_seen = now;
 	if (nf != f)
 		s->flags = nf;
-}
-
-/* Place the new DSR flow p (backend bid) in its own slot, else the first free or stale one
- * among the probes. 0: every probe holds another live flow (or a claim race was lost): the
- * caller gives the flow a conntrack entry. */
-static __always_inline int dsr_flow_claim(const struct pkt *p, __u32 start, __u32 bid, __u32 svc_id, __u32 gen)
-{
-	__u32 zero = 0;
-	struct neigh_cfg *cfg = neigh_cfg_v1.lookup(&zero);
-	__u32 hz = cfg ? cfg->hz : 0, now = dsr_ticks();
-	struct dsr_flow *t = NULL;
-	__u64 tseq = 0;
-
-#pragma unroll
-	for (int i = 0; i < DSR_FLOW_PROBES; i++) {
-		__u32 idx = (start + i) & (DSR_FLOW_SLOTS - 1);
-		struct dsr_flow *s = dsr_flows_v1.lookup(&idx);
-		if (!s)
-			break;
-		__u64 seq = *(volatile __u64 *)&s->seq;
-		if (seq & 1)
-			continue;   /* another CPU is writing it */
-		if (dsr_flow_is(s, p)) {
-			t = s;      /* its own (a SYN of a known flow, a re-balance): rewritten in place */
-			tseq = seq;
-			break;
-		}
-		if (!s->backend_id) {
-			if (!t) {
-				t = s;
-				tseq = seq;
-			}
-			break;      /* nothing of p beyond a free slot */
-		}
-		if (!t && dsr_flow_stale(s, now, hz)) {
-			t = s;
-			tseq = seq;
-		}
-	}
-	if (!t)
-		return 0;
-	if (__sync_val_compare_and_swap(&t->seq, tseq, tseq + 1) != tseq)
-		return 0;   /* lost the race for it */
-	addr_copy(t->saddr, p->saddr);
-	addr_copy(t->daddr, p->daddr);
-	t->sport = p->sport;
-	t->dport = p->dport;
-	t->proto = p->proto;
-	t->family = p->family;
-	t->flags = CT_F_DSR;
-	t->backend_id = bid;
-	t->svc_id = svc_id;
-	t->svc_gen = gen;
-	t->last_seen = now;
-	/* release: a plain store of seq + 2 (see snat_claim) */
-	asm volatile("" ::: "memory");
-	*(volatile __u64 *)&t->seq = tseq + 2;
-	return 1;
 }
 
 #define FIB_OK    0
@@ -564,16 +515,15 @@ static __always_inline int snat_slot_is_flows(const __u32 *baddr, const struct p
 	return s && snat_slot_of(s, p);
 }
 
-/* ---- SNAT flow index -------------------------------------------------------------------
- * A SNAT flow's forward state (backend, node port, service generation) is its port slot; the
- * flow finds it through snat_flows, an array of u32 at an index hashed from the client flow
- * (client:cport -> VIP:vport, proto), holding the slot's index + 1. So a SNAT SYN writes one
- * word where it inserted a SERVICE entry into the conntrack LRU (~200 ns here: issue 8's SYN
- * cost), and its later packets read two array elements instead of probing the LRU. The slot
- * is the truth: an index entry is trusted only if the slot it names is claimed and names this
- * client flow, so an entry left by a flow whose port was freed or taken over is a miss. Two
- * live flows of one index: the second gets a SERVICE entry as before (snat_flow_link fails),
- * and every SNAT-mode packet that misses the index probes conntrack as before. */
+/* ---- SNAT flow index (read-only: flows of vipd before SNAT lines) -----------------------
+ * vipd before SNAT lines kept a SNAT flow's forward state in its port slot only, found through
+ * snat_flows, an array of u32 at snat_search_start(client flow) & (SNAT_SLOTS - 1) holding the
+ * slot's index + 1. New flows get a line in the flow table instead ("Flow table: SNAT lines");
+ * the index is still read after a line miss, so flows established under the old program keep
+ * their backend and node port across the upgrade, and nothing writes it any more. An entry is
+ * trusted only if the slot it names is claimed and names this client flow, so an entry left by
+ * a flow whose port was freed or taken over is a miss. snat_search_start is also where a new
+ * flow's node-port search starts. */
 static __always_inline __u32 snat_search_start(__u32 fh, const __u32 *vaddr)
 {
 	return fh ^ vaddr[0] ^ vaddr[3];   /* fh: flow_hash(client flow, cport) */
@@ -637,14 +587,131 @@ static __always_inline __be16 snat_port_candidate(__u32 start, __u32 i)
 	return bpf_htons(SNAT_PORT_MIN + (__u32)(((__u64)x * (SNAT_PORT_MAX - SNAT_PORT_MIN + 1)) >> 32));
 }
 
+/* ---- Flow table: SNAT lines ------------------------------------------------------------
+ * A SNAT flow keeps its forward state in the flow table too (one 64-B line, as a DSR flow), so
+ * its established packets read one cache line, not the flow index and then the 88-B port slot
+ * (docs/datapath.md "The 100k-flow ACK"). A SNAT line (CT_F_SNAT) holds the client tuple,
+ * backend, service generation and node port; the port slot stays the truth for replies and for
+ * the port's life: a SNAT line has no clock of its own and is stale when its slot (found from
+ * the backend's address and port + nat_port) no longer names the flow or is snat_slot_stale —
+ * checked only on the claim path. A claim that takes over a stale port invalidates the old
+ * flow's line if it still holds that port (snat_line_kill: proto 0, a tombstone that matches
+ * no flow and is reused by the next claim); the old flow's next packet then gets a new port,
+ * never the taken one. Flows of vipd before SNAT lines keep their
+ * snat_flows index entry: looked up (read-only) after a line miss. */
+static __always_inline int snat_line_stale(const struct dsr_flow *l, __u32 now)
+{
+	__u32 bid = l->backend_id;
+	struct backend *be = backends_v2.lookup(&bid);
+	if (!be)
+		return 1;
+	struct snat_slot *s = snat_slot_find(be->addr, l->family, be->port, l->nat_port, l->proto);
+	return !s || !snat_slot_of_tuple(s, l->saddr, l->daddr, l->sport, l->dport, l->proto, l->family) ||
+	       snat_slot_stale(s, now);
+}
+
+/* The port slot {backend:bport -> node:port} was taken over from the flow fk (backend
+ * old_bid): that flow's line, if it still holds this port, becomes a tombstone. Found as the
+ * flow's own packets find it (the takeover of a stale port is rare: no link kept per SYN). */
+static __always_inline void snat_line_kill(const struct ct_key *fk, __be16 port, __u32 old_bid)
+{
+	__u64 st = 0;
+	__u32 fh = flow_hash_tuple(fk->saddr, fk->family, fk->sport, fk->dport, fk->proto);
+	struct dsr_flow *l = dsr_flow_find(fk->saddr, fk->daddr, fk->sport, fk->dport, fk->proto, fk->family,
+					   dsr_flow_start(fh, fk->daddr), &st);
+	if (!l || LINE_BID(st) != old_bid || !(LINE_FLAGS(st) & CT_F_SNAT) || LINE_NAT_PORT(st) != port)
+		return;
+	__u64 seq = *(volatile __u64 *)&l->seq;
+	if ((seq & 1) || __sync_val_compare_and_swap(&l->seq, seq, seq + 1) != seq)
+		return;   /* being rewritten: no longer that flow's */
+	if (l->nat_port == port && l->backend_id == old_bid)
+		l->proto = 0;
+	asm volatile("" ::: "memory");
+	*(volatile __u64 *)&l->seq = seq + 2;
+}
+
+/* Place the new flow p (backend bid; a SNAT flow: nat_port != 0) in its own line, else the
+ * first free, tombstoned or stale one among the probes (a DSR line by its clock; of the SNAT
+ * lines, the first other flow's is checked through its port slot). 0: every probe holds
+ * another live flow (or a claim race was lost): the caller gives the flow a conntrack entry. */
+static __always_inline int dsr_flow_claim(const struct pkt *p, __u32 start, __u32 bid, __u32 svc_id, __u32 gen,
+					  __be16 nat_port)
+{
+	__u32 zero = 0;
+	struct neigh_cfg *cfg = neigh_cfg_v1.lookup(&zero);
+	__u32 hz = cfg ? cfg->hz : 0, now = dsr_ticks();
+	struct dsr_flow *t = NULL, *cand = NULL;
+	__u64 tseq = 0, cseq = 0;
+
+#pragma unroll
+	for (int i = 0; i < DSR_FLOW_PROBES; i++) {
+		__u32 idx = (start + i) & (DSR_FLOW_SLOTS - 1);
+		struct dsr_flow *s = dsr_flows_v1.lookup(&idx);
+		if (!s)
+			break;
+		__u64 seq = *(volatile __u64 *)&s->seq;
+		if (seq & 1)
+			continue;   /* another CPU is writing it */
+		if (dsr_flow_is(s, p)) {
+			t = s;      /* its own (a SYN of a known flow, a re-balance): rewritten in place */
+			tseq = seq;
+			break;
+		}
+		if (!s->backend_id) {
+			if (!t) {
+				t = s;
+				tseq = seq;
+				}
+			break;      /* nothing of p beyond a free slot */
+		}
+		if (t)
+			continue;
+		if (!s->proto || (!(s->flags & CT_F_SNAT) && dsr_flow_stale(s, now, hz))) {
+			t = s;      /* a tombstone, or a stale DSR line */
+			tseq = seq;
+		} else if ((s->flags & CT_F_SNAT) && !cand) {
+			cand = s;
+			cseq = seq;
+		}
+	}
+	if (!t && cand && snat_line_stale(cand, now_s())) {
+		t = cand;
+		tseq = cseq;
+	}
+	if (!t)
+		return 0;
+	if (__sync_val_compare_and_swap(&t->seq, tseq, tseq + 1) != tseq)
+		return 0;   /* lost the race for it */
+	addr_copy(t->saddr, p->saddr);
+	addr_copy(t->daddr, p->daddr);
+	t->sport = p->sport;
+	t->dport = p->dport;
+	t->proto = p->proto;
+	t->family = p->family;
+	t->backend_id = bid;
+	t->svc_id = svc_id;
+	t->svc_gen = gen;
+	if (nat_port) {
+		t->flags = CT_F_SNAT;
+		t->nat_port = nat_port;
+		t->nat_pad = 0;
+	} else {
+		t->flags = CT_F_DSR;
+		t->last_seen = now;
+	}
+	/* release: a plain store of seq + 2 (see snat_claim) */
+	asm volatile("" ::: "memory");
+	*(volatile __u64 *)&t->seq = tseq + 2;
+	return 1;
+}
+
 /* Claim a node port towards backend baddr:bport for the client flow p: up to SNAT_PORT_TRIES
  * candidates from start (snat_port_for: first a hash of the flow, then a random one). A
- * candidate is taken when its slot is free, already this flow's, or stale; a stale slot's
- * flow loses its SERVICE entry too if that entry still uses this port (the client port may
- * carry a newer flow, which lives on). Returns the port (network order) or 0. */
+ * candidate is taken when its slot is free, already this flow's, or stale (*prev: the stale
+ * slot's flow's backend and port; fk: its key). Returns the port (network order) or 0. */
 static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
-					 __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 fi, __u32 *idx_out,
-					 struct ct_key *fk)
+					 __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
+					 struct ct_key *fk, struct snat_prev *prev)
 {
 	__be16 got = 0, old_port = 0;
 	__u32 old_bid = 0;
@@ -688,7 +755,7 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		s->last_seen = now;
 		s->svc_id = svc_id;
 		s->svc_gen = gen;
-		s->flow_idx = fi;
+		s->flow_idx = 0;    /* (vipd before SNAT lines: its snat_flows index) */
 		addr_copy(s->caddr, p->saddr);
 		addr_copy(s->vaddr, p->daddr);
 		s->cport = p->sport;
@@ -703,10 +770,8 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
 		break;
 	}
 	if (got && old_bid) {
-		struct ct_val *fv = ct_v2.lookup(fk);
-		if (fv && fv->nat_port == old_port && fv->backend_id == old_bid)
-			ct_v2.delete(fk);
-		stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
+		prev->bid = old_bid;
+		prev->port = old_port;
 	}
 	return got;
 }
@@ -720,37 +785,24 @@ static __always_inline __be16 snat_claim(const struct pkt *p, const __u32 *baddr
  * candidate mix spreads it, and the VIP words make two VIPs' searches differ. */
 static __always_inline __be16 snat_port_for(const struct pkt *p, const __u32 *baddr, __be16 bport, __u32 bid,
 					    __u32 svc_id, __u32 gen, __u32 now, __u32 start, __u32 *idx_out,
-					    struct ct_key *fk)
+					    struct ct_key *fk, struct snat_prev *prev)
 {
-	__u32 fi = start & (SNAT_SLOTS - 1);
-	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, start, fi, idx_out, fk);
+	prev->bid = 0;
+	__be16 port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, start, idx_out, fk, prev);
 
 	if (!port)
-		port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, bpf_get_prandom_u32(), fi, idx_out, fk);
-	return port;
-}
-
-/* Point the flow index of p (start: its snat_search_start) at port slot idx. Refused (0) only
- * when the index entry names the live slot of another flow of the same index: that flow keeps
- * it, and this one gets a SERVICE entry. An entry whose slot was freed, taken over by a flow
- * of another index, or went stale is overwritten. */
-static __always_inline int snat_flow_link(const struct pkt *p, __u32 start, __u32 idx, __u32 now)
-{
-	__u32 fi = start & (SNAT_SLOTS - 1);
-	__u32 *fe = snat_flows_v1.lookup(&fi);
-	if (!fe)
-		return 0;
-	__u32 cur = *fe;
-	if (cur == idx + 1)
-		return 1;
-	if (cur) {
-		__u32 oidx = cur - 1;
-		struct snat_slot *os = snat_ports_v2.lookup(&oidx);
-		if (os && os->backend_id && os->flow_idx == fi && !snat_slot_of(os, p) && !snat_slot_stale(os, now))
-			return 0;
+		port = snat_claim(p, baddr, bport, bid, svc_id, gen, now, bpf_get_prandom_u32(), idx_out, fk, prev);
+	if (port && prev->bid) {
+		/* a stale flow's port was taken over: that flow loses its SERVICE entry if the entry
+		 * still uses this port (the client port may carry a newer flow, which lives on), and
+		 * its line (so its next packet gets a new port, never this one) */
+		struct ct_val *fv = ct_v2.lookup(fk);
+		if (fv && fv->nat_port == prev->port && fv->backend_id == prev->bid)
+			ct_v2.delete(fk);
+		snat_line_kill(fk, prev->port, prev->bid);
+		stat_inc(HOOK_XDP, STAT_SNAT_REUSE);
 	}
-	*fe = idx + 1;
-	return 1;
+	return port;
 }
 
 /* SNAT's two rewrites in one pass (XDP): destination -> backend:bport, source -> node:nat_port,
@@ -836,10 +888,35 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	 * port candidates are a function of the flow, and the first slot that is already this
 	 * flow's is taken back (snat_claim). */
 	int syn_new = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	struct snat_slot *fs = NULL;
-	if (!(flags & (SVC_F_STATELESS | SVC_F_DSR)) && !syn_new) {
-		/* a SNAT flow: its port slot, through the flow index (no SERVICE entry) */
+	struct dsr_flow *df = NULL;
+	__u16 snat_line = flags & SVC_F_DSR ? 0 : CT_F_SNAT;   /* the kind of line this service's flows have */
+	if (!(flags & SVC_F_STATELESS) && !syn_new) {
+		/* a DSR or SNAT flow: its line in the flow table (one cache line), else below */
+		__u64 st = 0;
 		fh = flow_hash(p, p->sport);
+		df = dsr_flow_find(p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family,
+				   dsr_flow_start(fh, p->daddr), &st);
+		if (df && (LINE_FLAGS(st) & CT_F_SNAT) != snat_line)
+			df = NULL;   /* the service changed mode since: re-balanced into its own kind */
+		if (df) {
+			/* IP reuse of a backend id matters only when a backend left the service since:
+			 * then a SNAT line checks that its port slot (tagged with the backend's address)
+			 * still names the flow */
+			int regen = snat_line && (df->svc_gen != svc->backend_gen || df->svc_id != svc_id);
+			bid = LINE_BID(st);
+			be = flow_backend(p, svc, svc_id, bid, &df->svc_id, &df->svc_gen, 0, NULL);
+			nat_port = LINE_NAT_PORT(st);
+			if (be && regen && !snat_slot_is_flows(be->addr, p, be->port, nat_port))
+				be = NULL;
+			flow_hit(be, &nat_port);
+			if (be && !snat_line)
+				dsr_flow_touch(df, p);
+		}
+	}
+	struct snat_slot *fs = NULL;
+	if (snat_line && !(flags & SVC_F_STATELESS) && !syn_new && !df) {
+		/* a SNAT flow of vipd before SNAT lines: its port slot through the flow index
+		 * (read-only: new flows get lines) */
 		fs = snat_flow_find(snat_search_start(fh, p->daddr), p->saddr, p->daddr, p->sport, p->dport,
 				    p->proto, p->family);
 		if (fs) {
@@ -849,26 +926,13 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			flow_hit(be, &nat_port);
 		}
 	}
-	struct dsr_flow *df = NULL;
-	if ((flags & (SVC_F_STATELESS | SVC_F_DSR)) == SVC_F_DSR && !syn_new) {
-		/* a DSR flow: its slot in the flow table (one cache line), else conntrack below */
-		fh = flow_hash(p, p->sport);
-		df = dsr_flow_find(p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family,
-				   dsr_flow_start(fh, p->daddr), &bid);
-		if (df) {
-			be = flow_backend(p, svc, svc_id, bid, &df->svc_id, &df->svc_gen, 0, NULL);
-			flow_hit(be, &nat_port);
-			if (be)
-				dsr_flow_touch(df, p);
-		}
-	}
 	if (!(flags & SVC_F_STATELESS) && !syn_new && !fs && !df) {
 		cv = ct_v2.lookup(&ck);
 		if (cv) {
 			bid = cv->backend_id;
 			nat_port = cv->nat_port;
 			be = flow_backend(p, svc, svc_id, bid, &cv->svc_id, &cv->svc_gen, cv->rport, cv->raddr);
-			/* a SNAT flow with a SERVICE entry (its index entry was another flow's): is the
+			/* a SNAT flow with a SERVICE entry (every probe of its line was taken): is the
 			 * port still its own? (the slot can have been freed or taken over, and a later
 			 * connection of this client flow may have left this entry behind) */
 			if (be && nat_port && !snat_slot_is_flows(cv->raddr, p, cv->rport, nat_port))
@@ -965,7 +1029,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 		if (new_flow && !(flags & SVC_F_STATELESS)) {
 			if (!fh)
 				fh = flow_hash(p, p->sport);   /* affinity chose the backend */
-			if (!dsr_flow_claim(p, dsr_flow_start(fh, p->daddr), bid, svc_id, svc->backend_gen)) {
+			if (!dsr_flow_claim(p, dsr_flow_start(fh, p->daddr), bid, svc_id, svc->backend_gen, 0)) {
 				/* every probe holds a live flow: conntrack keeps this one's backend */
 				fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_DSR, 0);
 				ct_v2.update(&ck, vp);
@@ -992,8 +1056,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 	struct node_addr *na = node_cfg_v1.lookup(&nidx);
 	if (!na || !na->valid)
 		return drop(DROP_NO_NODE_ADDR);
-	__u32 naddr[4];
-	addr_copy(naddr, na->addr);
+	const __u32 *naddr = na->addr;   /* not copied: the 512-B stack is full on this path */
 	struct neigh_entry *ne = NULL;
 	int fr = nh_resolve(ctx, p, bid, naddr, baddr, p->l3_end - p->l3_off, fib, &ne);
 	if (fr == FIB_FAIL)
@@ -1021,11 +1084,12 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct pkt *p, struct s
 			fh = flow_hash(p, p->sport);
 		__u32 start = snat_search_start(fh, p->daddr);
 		/* rk (the local path's REPLY key) is free here: the key of a taken-over flow */
-		nat_port = snat_port_for(p, baddr, bport, bid, svc_id, svc->backend_gen, now, start, &idx, &rk);
+		nat_port = snat_port_for(p, baddr, bport, bid, svc_id, svc->backend_gen, now, start, &idx, &rk,
+					 &scr->prev);
 		if (!nat_port)
 			return drop(DROP_SNAT_NO_PORT);
-		if (!snat_flow_link(p, start, idx, now)) {
-			/* the flow index is another live flow's: a SERVICE entry, as before the index */
+		if (!dsr_flow_claim(p, dsr_flow_start(fh, p->daddr), bid, svc_id, svc->backend_gen, nat_port)) {
+			/* every probe holds another live flow: a SERVICE entry, as before the table */
 			fill_fwd_val(vp, bid, svc_id, svc->backend_gen, CT_F_SNAT, nat_port);
 			addr_copy(vp->raddr, baddr);   /* the address the port was allocated towards */
 			vp->rport = bport;

@@ -33,20 +33,22 @@ BPF_TABLE_PINNED("array", __u32, __u32, maglev_v1, MAGLEV_SLOTS, SIZED_PIN_DIR "
 /* connection tracking: flows keep their backend; replies find their rewrite */
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, ct_v2, CT_SIZE, PIN_DIR "/ct_v2",
 		 CT_MAP_FLAGS);
-/* DSR flow table: a DSR flow's backend in one 64-B slot that holds its tuple too, so an
- * established packet costs one dependent cache miss, not two (the LRU's bucket, then its
- * element). Mmap-able only for the alignment: its values start on a page, so every slot is one
- * cache line (a plain array's values start at 56 mod 64). Flows that find no free slot, and
- * those from before this map, live in ct_v2 (lb.h "DSR flow table"). */
+/* Flow table: a DSR or SNAT flow's backend (and a SNAT flow's node port) in one 64-B slot that
+ * holds its tuple too, so an established packet costs one dependent cache miss, not two (the
+ * LRU's bucket, then its element; for SNAT: the flow index, then the port slot). Mmap-able only
+ * for the alignment: its values start on a page, so every slot is one cache line (a plain
+ * array's values start at 56 mod 64). Flows that find no free slot, and DSR flows from before
+ * this map, live in ct_v2 (lb.h "Flow table"). The name stays from when it held DSR flows only
+ * (a new name would drop the DSR flows of a running node). */
 BPF_TABLE_PINNED("array", __u32, struct dsr_flow, dsr_flows_v1, DSR_FLOW_SLOTS, PIN_DIR "/dsr_flows_v1",
 		 BPF_F_MMAPABLE);
 /* SNAT node ports: one slot per claimed (backend, bport, node port, proto), at an index hashed
  * from exactly what a reply carries; replaces the per-flow REPLY conntrack entry (an array
  * write instead of an LRU insert on the SYN path; docs/datapath.md "SNAT port slots") */
 BPF_TABLE_PINNED("array", __u32, struct snat_slot, snat_ports_v2, SNAT_SLOTS, PIN_DIR "/snat_ports_v2");
-/* SNAT flow index: at snat_flow_index(client flow) the port slot's index + 1 (0: none), so a
- * SNAT flow's packets find backend and node port in its slot and its SYN writes one word
- * instead of inserting a SERVICE entry into the conntrack LRU (lb.h "SNAT flow index") */
+/* SNAT flow index of vipd before SNAT lines: at snat_search_start(client flow) the port slot's
+ * index + 1 (0: none). Read-only, after a flow-table miss, so SNAT flows established under the
+ * old program keep backend and node port (lb.h "SNAT flow index"); nothing writes it now. */
 BPF_TABLE_PINNED("array", __u32, __u32, snat_flows_v1, SNAT_SLOTS, PIN_DIR "/snat_flows_v1");
 /* ClientIP session affinity */
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_val, affinity_v1, AFFINITY_SIZE,
@@ -62,9 +64,18 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, drops_v1, DROP_MAX, PIN_DIR "/dro
 BPF_TABLE_PINNED("percpu_array", __u32, struct svc_counter, svc_stats_v1, MAX_SERVICES,
 		 SIZED_PIN_DIR "/svc_stats_v1");
 
+/* What a SNAT port claim took over: the stale slot's flow's backend and port (lb.h
+ * snat_port_for cleans up after it) */
+struct snat_prev {
+	__u32 bid;          /* 0: the slot was free (or already this flow's) */
+	__be16 port;
+	__u16 pad;
+};
+
 /* per-CPU scratch space for large temporaries (not pinned: holds no state between packets) */
 struct scratch {
 	struct ct_val v;
+	struct snat_prev prev;
 	struct bpf_fib_lookup fib;
 	__u32 opaque;   /* see lb_handle: hides a value from the verifier's constant tracking */
 };

@@ -88,15 +88,17 @@ struct snat_slot {          /* snat_ports[snat_slot_index(backend, bport, nat_po
 	__u32 last_seen;    /* now_s() of the claim or the last reply */
 	__u32 svc_id;
 	__u32 svc_gen;      /* svc_val.backend_gen when the backend was last known a member (as ct_val) */
-	__u32 flow_idx;     /* the flow's snat_flows index (lb.h snat_flow_link: is an index entry still its?) */
+	__u32 flow_idx;     /* a slot of vipd before SNAT lines: the flow's snat_flows index; now 0 (a
+			     * SNAT flow's forward state is its line in dsr_flows, lb.h "Flow table") */
 	__u32 caddr[4];     /* replies go back to the client caddr:cport */
 	__u32 vaddr[4];     /* from the VIP vaddr:vport */
 	__be16 cport;
 	__be16 vport;
 };
 
-struct dsr_flow {           /* dsr_flows[dsr_flow_start(flow) + 0..DSR_FLOW_PROBES-1]: one DSR flow in
-			     * one 64-B cache line, key and state inline (lb.h "DSR flow table") */
+struct dsr_flow {           /* dsr_flows[dsr_flow_start(flow) + 0..DSR_FLOW_PROBES-1]: one DSR or SNAT
+			     * flow in one 64-B cache line, key and state inline (lb.h "Flow table").
+			     * backend_id != 0 with proto 0: a tombstone (matches no flow, reusable) */
 	__u64 seq;          /* even: stable; odd: being written (claim: cmpxchg s -> s+1, fields, s+2) */
 	__u32 saddr[4];     /* the client flow: client address, */
 	__u32 daddr[4];     /* VIP, */
@@ -108,7 +110,14 @@ struct dsr_flow {           /* dsr_flows[dsr_flow_start(flow) + 0..DSR_FLOW_PROB
 	__u32 backend_id;   /* 0: free */
 	__u32 svc_id;
 	__u32 svc_gen;      /* svc_val.backend_gen when the backend was last known a member (as ct_val) */
-	__u32 last_seen;    /* ticks (jiffies >> DSR_TICK_SHIFT) of the last packet; written only when it changes */
+	union {
+		__u32 last_seen;    /* DSR line: ticks (jiffies >> DSR_TICK_SHIFT) of the last packet;
+				     * written only when it changes */
+		struct {
+			__be16 nat_port;   /* SNAT line (CT_F_SNAT): the node port of its port slot, */
+			__u16 nat_pad;     /* whose state (last_seen, CLOSING) is the line's too */
+		};
+	};
 };
 
 struct affinity_key {

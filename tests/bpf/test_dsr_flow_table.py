@@ -95,8 +95,8 @@ def tdp(tiny_dp):
 
 
 def _table_ports(dp) -> set[int]:
-    from agent.datapath.inspect import read_dsr_flows
-    return {e.sport for e in read_dsr_flows(dp)}
+    from agent.datapath.inspect import read_flow_lines
+    return {e.sport for e in read_flow_lines(dp)}
 
 
 def _age_slots(dp, seconds: int, only=lambda v: True) -> None:
@@ -193,5 +193,5 @@ def test_flows_of_a_vipd_from_before_the_table_keep_their_conntrack_backend(dp, 
         ct[k] = v
     for s in sports:
         assert _send(dp, net, C4, VIP4, s, "A") == moved[s]
-    from agent.datapath.inspect import read_dsr_flows
-    assert read_dsr_flows(dp) == []   # a conntrack hit stays in conntrack
+    from agent.datapath.inspect import read_flow_lines
+    assert read_flow_lines(dp) == []   # a conntrack hit stays in conntrack
