@@ -165,7 +165,9 @@ def time_syn(dp: Datapath, runner: TestRunner, data: bytes, runs: int, mode: str
     fwd = ct_key(tbl, CLIENT, 31337, vip, 80, 1)
     # local: the REPLY entry of a non-designated flow (absent for designated ones: no-op);
     # SNAT: the node port's slot {backend:8080 -> node:nat_port}, nat_port read from each
-    # output, and the flow's index entry (SNAT flows have no SERVICE entry)
+    # output, and the flow's index entry (an --ab-bpf build from before SNAT lines; SNAT flows
+    # have no SERVICE entry). A flow-table line (DSR, and SNAT since SNAT lines) stays: the SYN
+    # takes it back in place, as a retransmitted or re-balanced SYN does
     rep = ct_key(tbl, backend, 8080, CLIENT, 31337, 2)
     slots = dp.table(MapName.SNAT_PORTS)
     free_slot = slots.Leaf()
