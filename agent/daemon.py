@@ -292,6 +292,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         from agent.reconcilers.services import load_datapath, start_datapath_loader
         bpf_cache = _bpf_cache(args, state_dir)
         loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
+        if parser is not None and not loader.from_cache:
+            # the compile (seconds of clang in the loader child) is the first start's critical
+            # path: the configuration's parse does not take a second CPU from it
+            parser.parallel_first_load = False
 
         def load(capacity):
             return asyncio.create_task(asyncio.to_thread(

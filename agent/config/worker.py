@@ -3,7 +3,8 @@
 loop that keeps the BGP sessions alive.
 
     parent --request--> worker: {"dir", "known": {path: digest}, "poison": {path: digest}, "limits",
-                                 "urgent": the daemon's first load (not niced)}
+                                 "urgent": the daemon's first load (not niced),
+                                 "parallel": an urgent load may fork a helper (default true)}
     worker --messages--> parent, one per line of work, each a length-prefixed pickle:
         ("begin", path)                   about to parse path (names the culprit of a crash)
         ("same", path, digest)            content unchanged since the parent's last load
@@ -154,7 +155,8 @@ def serve_one(request: dict, send) -> None:
     from agent.config.compact import Compactor
 
     compactor = Compactor()
-    helper = _Helper.start(files, request, limits, known, poison, cache) if request.get("urgent") else None
+    helper = (_Helper.start(files, request, limits, known, poison, cache)
+              if request.get("urgent") and request.get("parallel", True) else None)
     for f in files:
         path = str(f)
         error, data = read_file(f, limits)
@@ -382,6 +384,8 @@ class ParserProcess:
         self.log = log
         self.cache_dir: Path | None = None
         self.cached = 0               # files of the last parse_dir served by the parse cache
+        # the first load may fork a helper (_Helper); off while a BPF compile competes for the CPUs
+        self.parallel_first_load = True
 
     async def spawn(self) -> None:
         """Start the process without waiting for it: its imports (~0.5 s) overlap the caller's
@@ -435,7 +439,8 @@ class ParserProcess:
             proc = await self._start(limits)
             self.cached = 0
             proc.stdin.write(encode({"dir": str(directory), "limits": limits, "poison": self.poison,
-                                     "urgent": urgent, "cache_dir": self.cache_dir and str(self.cache_dir),
+                                     "urgent": urgent, "parallel": self.parallel_first_load,
+                                     "cache_dir": self.cache_dir and str(self.cache_dir),
                                      "known": {p: fp.digest for p, fp in known.items() if fp.digest}}))
             files: list[FileParse] = []
             current: tuple[str, str] | None = None

@@ -109,6 +109,8 @@ def test_later_loads_and_small_ones_parse_in_one_process(config_dir, monkeypatch
     started = _spy(monkeypatch)
     _load(config_dir)                         # not urgent: a reload yields the CPU, no helper
     assert started == []
+    _load(config_dir, urgent=True, parallel=False)   # the daemon's first start while a BPF compile runs
+    assert started == []
     monkeypatch.setattr(worker, "PARALLEL_MIN_BYTES", 1 << 30)
     _load(config_dir, urgent=True)
     assert started == [None]
