@@ -1,4 +1,5 @@
-"""vipd, the node agent: ``vipd run --config DIR --node-name NAME`` (or ``--kubernetes``).
+"""vipd, the node agent: ``vipd run --config DIR --node-name NAME`` (or ``--kubernetes``);
+``vipd prepare`` compiles the BPF programs into the program cache at install time.
 
 Wiring only (the logic lives in the pure control plane and the reconcilers):
 
