@@ -182,12 +182,13 @@ def _jiffies32(probe_fd: int) -> int:
     return test_run(probe_fd, bytes(64)).retval
 
 
-def _kernel_hz(probe_fd: int, meanwhile=None) -> int:
+def _kernel_hz(probe_fd: int, meanwhile=None, start: tuple[int, float] | None = None) -> int:
     """CONFIG_HZ of the running kernel, measured (jiffies over >= 120 ms of CLOCK_MONOTONIC),
     rounded to the nearest of Linux's choices. An overestimate would make cached next hops
     live longer than NEIGH_TTL_S, so a measurement that fits no choice is used as measured.
-    ``meanwhile()``, if given, runs inside the interval (it only has to wait out the rest)."""
-    j0, t0 = _jiffies32(probe_fd), time.monotonic()
+    ``meanwhile()``, if given, runs inside the interval (it only has to wait out the rest);
+    ``start``: (jiffies, monotonic seconds) read earlier through the same probe."""
+    j0, t0 = start if start is not None else (_jiffies32(probe_fd), time.monotonic())
     if meanwhile is not None:
         meanwhile()
     time.sleep(max(0.0, 0.12 - (time.monotonic() - t0)))
@@ -305,7 +306,8 @@ class Datapath:
                 step()
                 steps[step.__name__.lstrip("_")] = round(time.monotonic() - t_step, 3)
         # the clock measurement's 120 ms pass while the pinned state is read back
-        self._hz = _kernel_hz(self._fns["clock-probe"].fd, meanwhile=read_state)
+        # (from when the probe loaded, while the other programs were still being verified)
+        self._hz = _kernel_hz(self._fns["clock-probe"].fd, meanwhile=read_state, start=self._loaded.clock_start)
         self._write_neigh_cfg(gen=0)
         log.info("datapath state read", instance=self.instance, seconds=steps)
         if capacity is not None and not self.features.capacity.covers(capacity):
