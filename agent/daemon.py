@@ -1,4 +1,5 @@
-"""vipd, the node agent: ``vipd run --config DIR --node-name NAME`` (or ``--kubernetes``).
+"""vipd, the node agent: ``vipd run --config DIR --node-name NAME`` (or ``--kubernetes``);
+``vipd prepare`` compiles the BPF programs into the program cache at install time.
 
 Wiring only (the logic lives in the pure control plane and the reconcilers):
 
@@ -109,7 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
                           "parser-memory-bytes, parser-timeout-seconds (docs/configuration.md)")
     run.add_argument("--log-level", default=os.environ.get("VIPD_LOG_LEVEL", "info"))
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    prep = sub.add_parser("prepare", help="compile the BPF programs into the program cache and exit "
+                                          "(at install time: the first `vipd run --lb-interface` "
+                                          "then loads them instead of compiling)")
+    prep.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                      help=f"as for `vipd run` (default {DEFAULT_STATE_DIR}): the cache is "
+                           "<state-dir>/bpf-cache unless --bpf-cache-dir says otherwise")
+    prep.add_argument("--bpf-cache-dir", default=None, metavar="DIR",
+                      help="as for `vipd run` (default $VIPD_BPF_CACHE_DIR, else <state-dir>/bpf-cache)")
+    prep.add_argument("--bpf-pin-root", default="/sys/fs/bpf/vipd", metavar="DIR",
+                      help="bpffs directory for the compile's scratch pins, removed afterwards "
+                           "(default /sys/fs/bpf/vipd)")
+    prep.add_argument("--log-level", default=os.environ.get("VIPD_LOG_LEVEL", "warning"))
+    prep.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     return parser
+
+
+def cmd_prepare(args) -> int:
+    """``vipd prepare``: the program cache holds this kernel's compiled datapath afterwards.
+    Prints what it did; exit 0 (compiled or cached), 1 with a message on stderr otherwise."""
+    from agent.datapath.prepare import PrepareError, prepare_programs
+
+    cache = _bpf_cache(args, Path(args.state_dir))
+    if cache is None:
+        print("vipd prepare: the program cache is turned off (--bpf-cache-dir '' or "
+              "VIPD_BPF_CACHE_DIR=''): nothing to prepare", file=sys.stderr)
+        return 1
+    try:
+        done = prepare_programs(cache, pin_root=args.bpf_pin_root)
+    except PrepareError as exc:
+        print(f"vipd prepare: {exc}", file=sys.stderr)
+        return 1
+    if done.cached:
+        print(f"vipd prepare: cached: {done.path} ({done.seconds:.2f} s)")
+    else:
+        print(f"vipd prepare: compiled in {done.compile_s:.1f} s, stored {done.path}")
+    return 0
 
 
 def _maglev_size(text: str):
@@ -185,14 +221,6 @@ def _initial_capacity(plan, args):
     return capacity_for(plan.frontends, map_max=args.bpf_lb_map_max)
 
 
-def _plan_ahead(controller):
-    """The start-up plan, with every peer's paths for once the datapath programmed the VIPs
-    (the pass after the load then only applies them): pure work, run in a worker thread."""
-    plan = controller.make_plan()
-    plan.anticipate_paths()
-    return plan
-
-
 def speaker_factory(instance):
     """One BGP speaker per instance (Cilium runs one GoBGP server per instance)."""
     from agent.bgp.api import BgpSpeaker, SpeakerConfig
@@ -265,6 +293,10 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         from agent.reconcilers.services import load_datapath, start_datapath_loader
         bpf_cache = _bpf_cache(args, state_dir)
         loader = start_datapath_loader(args.node_name, pin_root=args.bpf_pin_root, bpf_cache=bpf_cache)
+        if parser is not None and not loader.from_cache:
+            # the compile (seconds of clang in the loader child) is the first start's critical
+            # path: the configuration's parse does not take a second CPU from it
+            parser.parallel_first_load = False
 
         def load(capacity):
             return asyncio.create_task(asyncio.to_thread(
@@ -381,14 +413,22 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
         # The start-up plan (LB-IPAM, frontends, the VIPs' paths: seconds at 20,000 Services)
         # is made once, in a thread, and is the first pass's plan; a first start sizes the
         # datapath maps from it.
+        # A first start loads the datapath (BPF_PROG_LOAD: the kernel's verifier, ~1 s of
+        # CPU outside the GIL) as soon as the plan's frontends size its maps, while the peers'
+        # paths are still being computed.
         try:
-            planned = await asyncio.to_thread(_plan_ahead, controller)
+            planned = await asyncio.to_thread(controller.make_plan)
             dp_log.info("start-up plan", seconds=round(controller.last_plan_seconds, 3),
                         frontends=len(planned.frontends or ()))
         except Exception as exc:  # noqa: BLE001 - the pass below plans again and records the failure
             log.warning("start-up plan failed", error=str(exc))
         if maps is None:
             maps = load(_initial_capacity(planned, args) if planned is not None else None)
+        if planned is not None:
+            try:
+                await asyncio.to_thread(planned.anticipate_paths)
+            except Exception as exc:  # noqa: BLE001 - the pass computes them instead
+                log.warning("start-up paths failed", error=str(exc))
 
         async def attached():
             dp = await maps
@@ -481,6 +521,8 @@ async def run_agent(args, *, speaker_factory=speaker_factory) -> int:
 def main(argv: Sequence[str] | None = None, *, speaker_factory=speaker_factory) -> int:
     args = build_parser().parse_args(argv)
     configure(args.log_level, json=None if args.log_format == "auto" else args.log_format == "json")
+    if args.cmd == "prepare":
+        return cmd_prepare(args)
     if args.cmd == "run":
         if args.kubeconfig and not args.kubernetes:
             print("vipd: --kubeconfig is used with --kubernetes only", file=sys.stderr)

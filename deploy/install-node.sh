@@ -8,7 +8,9 @@
 # builds the wheel, fetching hatchling and grpcio-tools for the build only).
 # Creates: /opt/vipd/venv (vipd + vipctl, Debian's bcc via system site packages),
 # /usr/local/bin/{vipd,vipctl} symlinks, /etc/vipd (manifests), /etc/default/vipd (node name,
-# extra `vipd run` flags; kept if present), /etc/systemd/system/vipd.service.
+# extra `vipd run` flags; kept if present), /etc/systemd/system/vipd{,-prepare}.service, and
+# (on this machine, not with --root) runs `vipd prepare`: the BPF programs compiled into the
+# program cache, so vipd's first start loads them instead of compiling.
 # systemd itself creates /run/vipd and /var/lib/vipd (RuntimeDirectory=, StateDirectory=).
 # --root DIR installs below DIR instead of / (packaging tests); --no-apt skips apt-get.
 set -euo pipefail
@@ -55,7 +57,14 @@ ln -sfn /opt/vipd/venv/bin/vipd "$ROOT/usr/local/bin/vipd"
 ln -sfn /opt/vipd/venv/bin/vipctl "$ROOT/usr/local/bin/vipctl"
 [ -e "$ROOT/etc/default/vipd" ] || install -m 0644 "$HERE/vipd.default" "$ROOT/etc/default/vipd"
 install -m 0644 "$HERE/vipd.service" "$ROOT/etc/systemd/system/vipd.service"
+install -m 0644 "$HERE/vipd-prepare.service" "$ROOT/etc/systemd/system/vipd-prepare.service"
 if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
+fi
+if [ "$ROOT" = / ]; then
+  # not fatal: a node without kernel headers can still run vipd without --lb-interface
+  # (vipd-prepare.service tries again at every boot)
+  "$venv/bin/vipd" prepare --state-dir /var/lib/vipd \
+    || log "vipd prepare failed (above); vipd run --lb-interface will compile at its first start"
 fi
 log "ok: $("$venv/bin/vipd" --version); put manifests in /etc/vipd, then: systemctl enable --now vipd"

@@ -182,12 +182,16 @@ def _jiffies32(probe_fd: int) -> int:
     return test_run(probe_fd, bytes(64)).retval
 
 
-def _kernel_hz(probe_fd: int) -> int:
-    """CONFIG_HZ of the running kernel, measured (jiffies over 120 ms of CLOCK_MONOTONIC),
+def _kernel_hz(probe_fd: int, meanwhile=None, start: tuple[int, float] | None = None) -> int:
+    """CONFIG_HZ of the running kernel, measured (jiffies over >= 120 ms of CLOCK_MONOTONIC),
     rounded to the nearest of Linux's choices. An overestimate would make cached next hops
-    live longer than NEIGH_TTL_S, so a measurement that fits no choice is used as measured."""
-    j0, t0 = _jiffies32(probe_fd), time.monotonic()
-    time.sleep(0.12)
+    live longer than NEIGH_TTL_S, so a measurement that fits no choice is used as measured.
+    ``meanwhile()``, if given, runs inside the interval (it only has to wait out the rest);
+    ``start``: (jiffies, monotonic seconds) read earlier through the same probe."""
+    j0, t0 = start if start is not None else (_jiffies32(probe_fd), time.monotonic())
+    if meanwhile is not None:
+        meanwhile()
+    time.sleep(max(0.0, 0.12 - (time.monotonic() - t0)))
     j1, t1 = _jiffies32(probe_fd), time.monotonic()
     hz = ((j1 - j0) & 0xFFFFFFFF) / (t1 - t0)
     best = min(_HZ_CHOICES, key=lambda c: abs(c - hz))
@@ -241,6 +245,7 @@ class Datapath:
         self._xdp_modes: dict[tuple[str, str | None], str] = {}   # (ifname, netns) -> mode
         self.reloads = 0                                           # growths done by this process
         self.entries_written = 0   # map entries and Maglev slots written or deleted by this process
+        self._fresh_snat_slots = False   # load() created the SNAT slot map (nothing to sweep in it)
 
     @property
     def maglev_builds(self) -> int:
@@ -276,6 +281,8 @@ class Datapath:
         ensure_bpffs(self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         pinned = self.pinned_capacity()
+        # created by this load: all free, no slot to sweep (the scan reads 256 Ki slots)
+        self._fresh_snat_slots = not (self.pin_dir / MapName.SNAT_PORTS.value).exists()
         if pinned is not None:
             self.features = self.features.with_capacity(pinned)
         elif capacity is not None:
@@ -285,8 +292,6 @@ class Datapath:
         self._fns = self._loaded.programs
         self._plan.layouts = Layouts.from_tables(self._loaded.tables)
         self._plan.set_limits(Limits.of(self.features))
-        self._hz = _kernel_hz(self._fns["clock-probe"].fd)
-        self._write_neigh_cfg(gen=0)
         log.info("datapath loaded", instance=self.instance, pin_dir=str(self.pin_dir),
                  programs_from="cache" if self._loaded.from_cache else "compile",
                  compile_s=round(self._loaded.compile_s, 2), waited_s=round(time.monotonic() - t0, 2),
@@ -294,10 +299,16 @@ class Datapath:
                  capacity=str(self.features.capacity),
                  verified_insns={k: f.verified_insns for k, f in self._fns.items()})
         steps = {}
-        for step in (self._check_pins, self._migrate_ct_v1, self._migrate_snat_replies, self._adopt):
-            t_step = time.monotonic()
-            step()
-            steps[step.__name__.lstrip("_")] = round(time.monotonic() - t_step, 3)
+
+        def read_state():
+            for step in (self._check_pins, self._migrate_ct_v1, self._migrate_snat_replies, self._adopt):
+                t_step = time.monotonic()
+                step()
+                steps[step.__name__.lstrip("_")] = round(time.monotonic() - t_step, 3)
+        # the clock measurement's 120 ms pass while the pinned state is read back
+        # (from when the probe loaded, while the other programs were still being verified)
+        self._hz = _kernel_hz(self._fns["clock-probe"].fd, meanwhile=read_state, start=self._loaded.clock_start)
+        self._write_neigh_cfg(gen=0)
         log.info("datapath state read", instance=self.instance, seconds=steps)
         if capacity is not None and not self.features.capacity.covers(capacity):
             self.grow(capacity)
@@ -938,7 +949,7 @@ class Datapath:
         (DSR replies recorded on a backend's node) are left alone."""
         live = {bid: (tuple(_words(addr)), _htons(port)) for bid, (addr, port, _) in self._plan.backend_vals.items()}
         return self._sweep_replies(lambda bid, k: bid != 0 and live.get(bid) != (tuple(k.saddr), k.sport),
-                                   "stale at load")
+                                   "stale at load", slots=not self._fresh_snat_slots)
 
     def _sweep_replies(self, doomed_if, why: str, slots: bool = True) -> int:
         """Delete the REPLY entries, and (``slots``) free the SNAT node-port slots, for which

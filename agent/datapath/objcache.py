@@ -35,7 +35,7 @@ from pathlib import Path
 from agent.log import get_logger
 
 __all__ = ["ProgramCache", "CompiledPrograms", "MapDecl", "ProgramCode", "cache_key", "FORMAT_VERSION",
-           "ENV_VAR", "FROM_ENV", "CacheError"]
+           "ENV_VAR", "FROM_ENV", "CacheError", "untrusted"]
 
 log = get_logger("datapath")
 
@@ -171,7 +171,7 @@ def cache_key(sources: dict[str, str], defines: dict[str, object], cflags: list[
 
 # ------------------------------------------------------------------------------ the store
 
-def _untrusted(st: os.stat_result) -> str | None:
+def untrusted(st: os.stat_result) -> str | None:
     """Why a file or directory with this stat may not be trusted (None: it may)."""
     if st.st_uid not in (os.geteuid(), 0):
         return f"owned by uid {st.st_uid}, not by this user ({os.geteuid()}) or root"
@@ -208,7 +208,7 @@ class ProgramCache:
             st = os.lstat(self.directory)
         except FileNotFoundError:
             return False
-        why = "not a directory (or a symlink)" if not stat.S_ISDIR(st.st_mode) else _untrusted(st)
+        why = "not a directory (or a symlink)" if not stat.S_ISDIR(st.st_mode) else untrusted(st)
         if why:
             log.warning("bpf program cache directory not trusted, not used: loading bytecode from it "
                         "would run whatever someone else put there in the kernel; make it root-owned "
@@ -232,7 +232,7 @@ class ProgramCache:
             return None
         try:
             st = os.fstat(fd)
-            why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
+            why = "not a regular file" if not stat.S_ISREG(st.st_mode) else untrusted(st)
             if why:
                 log.warning("bpf program cache entry not trusted, not used; compiling", entry=str(path),
                             reason=why)

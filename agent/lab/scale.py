@@ -46,6 +46,19 @@ def service_docs(i: int, *, ports: int, pods: list[str], node_name: str, backend
             f"ports: [{slice_ports}]\nendpoints:\n{eps}")
 
 
+def log_events(text: str) -> list[dict]:
+    """The JSON log lines of ``text`` (a vipd log, ``--log-format json``) as dicts."""
+    out = []
+    for line in text.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            out.append(ev)
+    return out
+
+
 def write_services(directory: Path, count: int, *, ports: int, pods: list[str], node_name: str,
                    backends: int = 1, per_file: int = 2000) -> list[Path]:
     """Services 0..count-1 in files of ``per_file`` Services each (``services-NNN.yaml``)."""

@@ -157,6 +157,9 @@ def test_installed_systemd_unit_verifies(installed):
     shutil.copytree("/lib/systemd/system", root / "usr" / "lib" / "systemd" / "system", symlinks=True)
     out = run(["systemd-analyze", "verify", f"--root={root}", "vipd.service"], cwd=cwd, check=False)
     assert out.returncode == 0 and "vipd.service" not in out.stderr, out.stderr
+    # the oneshot that fills the program cache before it (pulled in by vipd.service)
+    out = run(["systemd-analyze", "verify", f"--root={root}", "vipd-prepare.service"], cwd=cwd, check=False)
+    assert out.returncode == 0 and "vipd-prepare.service" not in out.stderr, out.stderr
     # and a unit whose ExecStart does not exist fails (the check above can fail)
     unit = root / "etc" / "systemd" / "system" / "vipd.service"
     unit.write_text(unit.read_text().replace("/opt/vipd/venv/bin/vipd", "/opt/vipd/.venv/bin/vipd"))

@@ -67,3 +67,65 @@ def test_cilium_crds_are_generated_and_cover_every_cilium_kind_vipd_uses():
         assert [n for n, v in versions.items() if v["storage"]] == [storage], kind
         if kind in written:
             assert "status" in versions["v2"]["subresources"], kind
+
+
+def _container_state_dir(container: dict) -> str:
+    parsed = vipd_parser().parse_args([a.replace("$(NODE_NAME)", "node1") for a in container["args"]])
+    return parsed.state_dir
+
+
+def test_daemonsets_prepare_the_program_cache_the_agent_reads_in_an_init_container():
+    """Both DaemonSets run `vipd prepare` first, from the same image, with the state dir (hence
+    <state-dir>/bpf-cache), bpffs and kernel headers the agent container has: the agent's first
+    start loads the programs instead of compiling."""
+    for path in (ROOT / "deploy" / "kubernetes" / "vipd.yaml", ROOT / "deploy" / "daemonset.yaml"):
+        [ds] = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "DaemonSet"]
+        spec = ds["spec"]["template"]["spec"]
+        [init], [agent] = spec["initContainers"], spec["containers"]
+        args = vipd_parser().parse_args(init["args"])
+        assert args.cmd == "prepare" and args.bpf_cache_dir is None, path
+        assert init["image"] == agent["image"], path
+        assert args.state_dir == _container_state_dir(agent), path
+        mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+        agent_mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+        for mount in ("/sys/fs/bpf", args.state_dir, "/lib/modules", "/usr/src"):
+            assert mount in mounts and mounts[mount] == agent_mounts[mount], (path, mount)
+        assert init["securityContext"]["privileged"] is True
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    """[Section] key=value lines of a systemd unit (continuation lines joined)."""
+    out: dict[str, list[str]] = {}
+    text = (ROOT / "deploy" / name).read_text().replace("\\\n", " ")
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out.setdefault(f"{section}.{k}", []).append(v)
+    return out
+
+
+def test_systemd_prepare_unit_runs_once_before_vipd_and_fills_the_cache_vipd_reads():
+    """vipd.service pulls vipd-prepare.service in (Wants: a failed prepare does not stop vipd)
+    and starts after it; the oneshot stays 'active' (RemainAfterExit), so a restart of vipd does
+    not run it again; both units read /etc/default/vipd (VIPD_BPF_CACHE_DIR) and name the same
+    state dir."""
+    vipd, prep = _unit("vipd.service"), _unit("vipd-prepare.service")
+    assert "vipd-prepare.service" in " ".join(vipd["Unit.Wants"]).split()
+    assert "vipd-prepare.service" in " ".join(vipd["Unit.After"]).split()
+    assert "Unit.Requires" not in vipd
+    assert prep["Service.Type"] == ["oneshot"] and prep["Service.RemainAfterExit"] == ["yes"]
+    assert prep["Service.EnvironmentFile"] == vipd["Service.EnvironmentFile"]
+    [run_cmd], [prep_cmd] = vipd["Service.ExecStart"], prep["Service.ExecStart"]
+    run_argv, prep_argv = run_cmd.split(), prep_cmd.split()
+    assert run_argv[0] == prep_argv[0] == "/opt/vipd/venv/bin/vipd"
+    run_args = vipd_parser().parse_args([a.replace("${VIPD_NODE_NAME}", "n1") for a in run_argv[1:]
+                                         if a != "$VIPD_ARGS"])
+    prep_args = vipd_parser().parse_args(prep_argv[1:])
+    assert prep_args.cmd == "prepare" and prep_args.state_dir == run_args.state_dir
+    assert prep_args.bpf_cache_dir is None and run_args.bpf_cache_dir is None
+    install = (ROOT / "deploy" / "install-node.sh").read_text()
+    assert '"$HERE/vipd-prepare.service"' in install and '"$venv/bin/vipd" prepare' in install
