@@ -188,7 +188,16 @@ def _capture(env, vips, action) -> list:
     proc = env.router.spawn(["tcpdump", "-Z", "root", "--immediate-mode", "-i", "eth-lan", "-n", "-U", "-w", str(pcap), flt])
     wait_until(lambda: "listening on" in Path(proc.log_path).read_text(), timeout=10, what="tcpdump")
     action()
-    time.sleep(0.3)
+    # the last replies (FIN/ACKs) can land after the client returned: stop once tcpdump's file
+    # has stopped growing for 0.5 s (a fixed 0.3 s lost one reply on a loaded machine)
+    size, still_since, deadline = -1, time.monotonic(), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now_size = pcap.stat().st_size if pcap.exists() else 0
+        if now_size != size:
+            size, still_since = now_size, time.monotonic()
+        elif time.monotonic() - still_since >= 0.5:
+            break
+        time.sleep(0.05)
     proc.terminate()
     proc.wait(timeout=5)
     out = []
